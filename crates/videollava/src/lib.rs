@@ -1,0 +1,16 @@
+//! # videollava
+//!
+//! A native engine for Video-LLaVA (`VideoLlavaForConditionalGeneration`). Data flows through the
+//! modules in this order:
+//!
+//! - [`config`]: the checkpoint's Hugging Face JSON files, with transformers' defaults filled in;
+//! - [`media`]: decoding images and videos to RGB u8 and choosing video frames;
+//! - [`processor`]: pixels (a Pillow-exact image processor), prompt expansion, tokens, batches.
+
+pub mod config;
+pub mod error;
+pub mod media;
+pub mod output;
+pub mod processor;
+
+pub use error::{Error, Result};

@@ -1,0 +1,607 @@
+//! Port of Hugging Face transformers' `VideoLlavaImageProcessor` (PIL path, transformers 4.57,
+//! identical to 4.46.3 for images) for 8-bit RGB input.
+//!
+//! Per image, in this order (each step only when its `do_*` flag is set):
+//! 1. **Resize** with Pillow's `Image.resize` on `u8` data ([`resize`]): with
+//!    `size = {shortest_edge: s}` the shorter side becomes `s` and the longer side
+//!    `int(s * long / short)` (Python float division, truncated); with `{height, width}` the
+//!    image is resized to exactly that. The result is still `u8`.
+//! 2. **Center crop** to `crop_size` (`top = (h - ch) // 2`, `left = (w - cw) // 2`); a side that is
+//!    smaller than the crop is zero-padded, the image placed at `ceil((crop - side) / 2)`.
+//! 3. **Rescale**: `(x as f64 * rescale_factor) as f32`.
+//! 4. **Normalize** in `f32`: `(x - mean as f32) / std as f32`. When rescale was skipped the `u8`
+//!    values are first converted to `f32` (as numpy's `astype(np.float32)`).
+//! 5. Transpose HWC → CHW.
+//!
+//! Output: [`ProcessedImage`], `f32` in CHW layout. With both rescale and normalize off the values
+//! are the `u8` pixels converted to `f32` (transformers would return a `uint8` array with the
+//! same values).
+//!
+//! Known divergence: transformers infers the channel axis from the array shape and treats an
+//! image whose height is 1 or 3 pixels as channels-first, which scrambles it; here the input is
+//! always HWC, whatever its height.
+
+use crate::error::{Error, Result};
+use crate::media::RgbImage;
+use crate::processor::resize::{resize, Resample};
+
+/// The OpenAI CLIP mean (`OPENAI_CLIP_MEAN`), the default `image_mean`.
+pub const OPENAI_CLIP_MEAN: [f64; 3] = [0.48145466, 0.4578275, 0.40821073];
+/// The OpenAI CLIP standard deviation (`OPENAI_CLIP_STD`), the default `image_std`.
+pub const OPENAI_CLIP_STD: [f64; 3] = [0.26862954, 0.26130258, 0.27577711];
+
+/// A transformers size dictionary. `preprocessor_config.json` may hold a dict, a bare integer
+/// or a `[height, width]` list; they are converted as `get_size_dict` does (a bare integer means
+/// `{shortest_edge: n}` for `size` and `{height: n, width: n}` for `crop_size`).
+/// The set of keys present must be one of transformers' `VALID_SIZE_DICT_KEYS`
+/// (checked by [`ImageProcessor::new`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SizeDict {
+    #[serde(default)]
+    pub height: Option<usize>,
+    #[serde(default)]
+    pub width: Option<usize>,
+    #[serde(default)]
+    pub shortest_edge: Option<usize>,
+    #[serde(default)]
+    pub longest_edge: Option<usize>,
+    #[serde(default)]
+    pub max_height: Option<usize>,
+    #[serde(default)]
+    pub max_width: Option<usize>,
+}
+
+impl SizeDict {
+    /// `{shortest_edge: n}`.
+    pub fn shortest_edge(n: usize) -> Self {
+        Self {
+            shortest_edge: Some(n),
+            ..Self::default()
+        }
+    }
+
+    /// `{height, width}`.
+    pub fn height_width(height: usize, width: usize) -> Self {
+        Self {
+            height: Some(height),
+            width: Some(width),
+            ..Self::default()
+        }
+    }
+
+    /// `is_valid_size_dict`: the keys present form one of the allowed sets.
+    fn is_valid(&self) -> bool {
+        let keys = [
+            self.height.is_some(),
+            self.width.is_some(),
+            self.shortest_edge.is_some(),
+            self.longest_edge.is_some(),
+            self.max_height.is_some(),
+            self.max_width.is_some(),
+        ];
+        matches!(
+            keys,
+            [true, true, false, false, false, false]
+                | [false, false, true, false, false, false]
+                | [false, false, true, true, false, false]
+                | [false, false, false, true, false, false]
+                | [false, false, false, false, true, true]
+        )
+    }
+
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        for (name, v) in [
+            ("height", self.height),
+            ("width", self.width),
+            ("shortest_edge", self.shortest_edge),
+            ("longest_edge", self.longest_edge),
+            ("max_height", self.max_height),
+            ("max_width", self.max_width),
+        ] {
+            if let Some(v) = v {
+                parts.push(format!("{name}: {v}"));
+            }
+        }
+        format!("{{{}}}", parts.join(", "))
+    }
+}
+
+/// Mirror of `preprocessor_config.json` for `VideoLlavaImageProcessor`, as transformers writes it.
+/// Absent fields take transformers' defaults; unknown fields (`image_processor_type`,
+/// `processor_class`, ...) are ignored. A JSON `null` for `size`, `crop_size`, `image_mean` or
+/// `image_std` also means the default (transformers' `x if x is not None else default`), and a
+/// `null` flag counts as false (Python's `None` is falsy).
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct ImageProcessorConfig {
+    #[serde(default = "default_true", deserialize_with = "de_flag")]
+    pub do_resize: bool,
+    #[serde(default = "default_size", deserialize_with = "de_size")]
+    pub size: SizeDict,
+    /// A `PIL.Image.Resampling` code (0 NEAREST, 1 LANCZOS, 2 BILINEAR, 3 BICUBIC, 4 BOX, 5 HAMMING).
+    #[serde(default = "default_resample")]
+    pub resample: i64,
+    #[serde(default = "default_true", deserialize_with = "de_flag")]
+    pub do_center_crop: bool,
+    #[serde(default = "default_crop_size", deserialize_with = "de_crop_size")]
+    pub crop_size: SizeDict,
+    #[serde(default = "default_true", deserialize_with = "de_flag")]
+    pub do_rescale: bool,
+    #[serde(default = "default_rescale_factor")]
+    pub rescale_factor: f64,
+    #[serde(default = "default_true", deserialize_with = "de_flag")]
+    pub do_normalize: bool,
+    /// Per-channel mean (R, G, B); a single number in the JSON applies to all channels.
+    #[serde(default = "default_mean", deserialize_with = "de_mean")]
+    pub image_mean: Vec<f64>,
+    /// Per-channel standard deviation (R, G, B); a single number applies to all channels.
+    #[serde(default = "default_std", deserialize_with = "de_std")]
+    pub image_std: Vec<f64>,
+    /// Only affects PIL images in other modes in transformers; [`RgbImage`] input is already RGB.
+    #[serde(default = "default_true", deserialize_with = "de_flag")]
+    pub do_convert_rgb: bool,
+}
+
+impl Default for ImageProcessorConfig {
+    fn default() -> Self {
+        Self {
+            do_resize: true,
+            size: default_size(),
+            resample: default_resample(),
+            do_center_crop: true,
+            crop_size: default_crop_size(),
+            do_rescale: true,
+            rescale_factor: default_rescale_factor(),
+            do_normalize: true,
+            image_mean: default_mean(),
+            image_std: default_std(),
+            do_convert_rgb: true,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_size() -> SizeDict {
+    SizeDict::shortest_edge(224)
+}
+fn default_resample() -> i64 {
+    3
+}
+fn default_crop_size() -> SizeDict {
+    SizeDict::height_width(224, 224)
+}
+fn default_rescale_factor() -> f64 {
+    1.0 / 255.0
+}
+fn default_mean() -> Vec<f64> {
+    OPENAI_CLIP_MEAN.to_vec()
+}
+fn default_std() -> Vec<f64> {
+    OPENAI_CLIP_STD.to_vec()
+}
+
+fn de_flag<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    use serde::Deserialize;
+    Ok(Option::<bool>::deserialize(d)?.unwrap_or(false))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Int(usize),
+    List(Vec<usize>),
+    Dict(SizeDict),
+}
+
+fn convert_size<E: serde::de::Error>(
+    raw: Option<RawSize>,
+    default_to_square: bool,
+    default: SizeDict,
+) -> std::result::Result<SizeDict, E> {
+    Ok(match raw {
+        None => default,
+        Some(RawSize::Dict(d)) => d,
+        Some(RawSize::Int(n)) if default_to_square => SizeDict::height_width(n, n),
+        Some(RawSize::Int(n)) => SizeDict::shortest_edge(n),
+        Some(RawSize::List(l)) if l.len() == 2 => SizeDict::height_width(l[0], l[1]),
+        Some(RawSize::List(l)) => {
+            return Err(E::custom(format!(
+                "a size list must be [height, width], got {} values",
+                l.len()
+            )))
+        }
+    })
+}
+
+fn de_size<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<SizeDict, D::Error> {
+    use serde::Deserialize;
+    convert_size(Option::<RawSize>::deserialize(d)?, false, default_size())
+}
+
+fn de_crop_size<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<SizeDict, D::Error> {
+    use serde::Deserialize;
+    convert_size(Option::<RawSize>::deserialize(d)?, true, default_crop_size())
+}
+
+#[derive(serde::Deserialize)]
+#[serde(untagged)]
+enum RawChannels {
+    One(f64),
+    Many(Vec<f64>),
+}
+
+fn convert_channels(raw: Option<RawChannels>, default: Vec<f64>) -> Vec<f64> {
+    match raw {
+        None => default,
+        Some(RawChannels::One(v)) => vec![v; 3],
+        Some(RawChannels::Many(v)) => v,
+    }
+}
+
+fn de_mean<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<f64>, D::Error> {
+    use serde::Deserialize;
+    Ok(convert_channels(Option::<RawChannels>::deserialize(d)?, default_mean()))
+}
+
+fn de_std<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Vec<f64>, D::Error> {
+    use serde::Deserialize;
+    Ok(convert_channels(Option::<RawChannels>::deserialize(d)?, default_std()))
+}
+
+/// How the resize step sizes its output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ResizeRule {
+    ShortestEdge(usize),
+    Exact { height: usize, width: usize },
+}
+
+/// A preprocessed image: `f32`, channels-first, `data[c * height * width + y * width + x]`
+/// with `c` in R, G, B.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProcessedImage {
+    pub height: usize,
+    pub width: usize,
+    pub data: Vec<f32>,
+}
+
+/// `VideoLlavaImageProcessor` for one image at a time (video frames go through it one by one).
+#[derive(Debug, Clone)]
+pub struct ImageProcessor {
+    config: ImageProcessorConfig,
+    resize_rule: Option<ResizeRule>,
+    filter: Resample,
+    crop: Option<(usize, usize)>,
+    mean: [f32; 3],
+    std: [f32; 3],
+}
+
+impl ImageProcessor {
+    /// Checks the configuration: size dictionaries with a valid key set (and usable by the steps
+    /// that are on), sizes > 0, a known resample code, 3 mean and 3 std values, no zero std.
+    /// Errors are [`Error::Input`] with a message naming the field; callers that read a file may
+    /// rewrap them as [`Error::Config`].
+    pub fn new(config: ImageProcessorConfig) -> Result<Self> {
+        let bad = |field: &str, msg: String| Error::Input(format!("image processor config: `{field}`: {msg}"));
+        for (field, s) in [("size", &config.size), ("crop_size", &config.crop_size)] {
+            if !s.is_valid() {
+                return Err(bad(
+                    field,
+                    format!(
+                        "{} must have one of the key sets {{height, width}}, {{shortest_edge}}, \
+                         {{shortest_edge, longest_edge}}, {{longest_edge}}, {{max_height, max_width}}",
+                        s.describe()
+                    ),
+                ));
+            }
+        }
+        let resize_rule = if config.do_resize {
+            let s = &config.size;
+            // `longest_edge` next to `shortest_edge` is ignored by VideoLlavaImageProcessor.resize.
+            let rule = match (s.shortest_edge, s.height, s.width) {
+                (Some(e), _, _) => ResizeRule::ShortestEdge(e),
+                (None, Some(height), Some(width)) => ResizeRule::Exact { height, width },
+                _ => {
+                    return Err(bad(
+                        "size",
+                        format!(
+                            "{} must contain either 'shortest_edge' or 'height' and 'width'",
+                            s.describe()
+                        ),
+                    ))
+                }
+            };
+            match rule {
+                ResizeRule::ShortestEdge(0) => return Err(bad("size", "shortest_edge must be > 0".into())),
+                ResizeRule::Exact { height, width } if height == 0 || width == 0 => {
+                    return Err(bad("size", "height and width must be > 0".into()))
+                }
+                _ => {}
+            }
+            Some(rule)
+        } else {
+            None
+        };
+        let filter = Resample::from_pil_code(config.resample).ok_or_else(|| {
+            bad(
+                "resample",
+                format!(
+                    "unsupported filter code {} (0 NEAREST, 1 LANCZOS, 2 BILINEAR, 3 BICUBIC, 4 BOX, 5 HAMMING)",
+                    config.resample
+                ),
+            )
+        })?;
+        let crop = if config.do_center_crop {
+            match (config.crop_size.height, config.crop_size.width) {
+                (Some(h), Some(w)) if h > 0 && w > 0 => Some((h, w)),
+                (Some(_), Some(_)) => return Err(bad("crop_size", "height and width must be > 0".into())),
+                _ => {
+                    return Err(bad(
+                        "crop_size",
+                        format!("{} must have keys 'height' and 'width'", config.crop_size.describe()),
+                    ))
+                }
+            }
+        } else {
+            None
+        };
+        if config.do_rescale && !config.rescale_factor.is_finite() {
+            return Err(bad(
+                "rescale_factor",
+                format!("must be a finite number, got {}", config.rescale_factor),
+            ));
+        }
+        let mut mean = [0f32; 3];
+        let mut std = [0f32; 3];
+        if config.do_normalize {
+            for (field, values, out) in [
+                ("image_mean", &config.image_mean, &mut mean),
+                ("image_std", &config.image_std, &mut std),
+            ] {
+                if values.len() != 3 {
+                    return Err(bad(
+                        field,
+                        format!("must have 3 elements (one per channel), got {}", values.len()),
+                    ));
+                }
+                for (o, &v) in out.iter_mut().zip(values.iter()) {
+                    // numpy: `np.array(mean, dtype=np.float32)`: round to nearest f32.
+                    *o = v as f32;
+                }
+            }
+            if std.iter().any(|&s| s == 0.0 || !s.is_finite()) || mean.iter().any(|m| !m.is_finite()) {
+                return Err(bad(
+                    "image_std",
+                    format!("must be finite and non-zero, got {:?}", config.image_std),
+                ));
+            }
+        }
+        Ok(Self {
+            config,
+            resize_rule,
+            filter,
+            crop,
+            mean,
+            std,
+        })
+    }
+
+    /// The configuration this processor was built from.
+    pub fn config(&self) -> &ImageProcessorConfig {
+        &self.config
+    }
+
+    /// Size `(height, width)` after the resize step (the input size when resizing is off), as
+    /// `get_resize_output_image_size` computes it.
+    pub fn resized_size(&self, height: usize, width: usize) -> (usize, usize) {
+        match self.resize_rule {
+            None => (height, width),
+            Some(ResizeRule::Exact { height, width }) => (height, width),
+            Some(ResizeRule::ShortestEdge(size)) => {
+                let (short, long) = if width <= height {
+                    (width, height)
+                } else {
+                    (height, width)
+                };
+                // Python: `int(size * long / short)`, integer product then float true division.
+                let new_long = ((size as u128 * long as u128) as f64 / short as f64) as usize;
+                if width <= height {
+                    (new_long, size)
+                } else {
+                    (size, new_long)
+                }
+            }
+        }
+    }
+
+    /// Final `(height, width)` of [`preprocess`](Self::preprocess) for an input of this size.
+    pub fn output_size(&self, height: usize, width: usize) -> (usize, usize) {
+        match self.crop {
+            Some(hw) => hw,
+            None => self.resized_size(height, width),
+        }
+    }
+
+    /// Runs the processor on one HWC `u8` RGB image; returns CHW `f32`.
+    pub fn preprocess(&self, image: &RgbImage) -> Result<ProcessedImage> {
+        if image.width == 0 || image.height == 0 || image.data.len() != image.width * image.height * 3 {
+            return Err(Error::Input(format!(
+                "image of size {}x{} with {} bytes is not a valid RGB image",
+                image.width,
+                image.height,
+                image.data.len()
+            )));
+        }
+        // 1. Resize (u8).
+        let resized;
+        let img: &RgbImage = if self.resize_rule.is_some() {
+            let (h, w) = self.resized_size(image.height, image.width);
+            resized = resize(image, w, h, self.filter);
+            &resized
+        } else {
+            image
+        };
+        let (in_h, in_w) = (img.height, img.width);
+
+        // 2. Center crop (u8, zero padding); expressed as a source offset per axis.
+        let (out_h, out_w, place_y, place_x) = match self.crop {
+            None => (in_h, in_w, Placement::identity(), Placement::identity()),
+            Some((ch, cw)) => (ch, cw, Placement::new(in_h, ch), Placement::new(in_w, cw)),
+        };
+
+        // 3 + 4 + 5: per-value lookup table (u8 -> f32 per channel), then CHW layout.
+        let mut lut = [[0f32; 256]; 3];
+        for (c, table) in lut.iter_mut().enumerate() {
+            for (v, t) in table.iter_mut().enumerate() {
+                *t = self.value(v as u8, c);
+            }
+        }
+        let plane = out_h * out_w;
+        let mut data = vec![0f32; 3 * plane];
+        for y in 0..out_h {
+            let sy = place_y.source(y);
+            for x in 0..out_w {
+                let px = match (sy, place_x.source(x)) {
+                    (Some(sy), Some(sx)) => {
+                        let i = (sy * in_w + sx) * 3;
+                        [img.data[i], img.data[i + 1], img.data[i + 2]]
+                    }
+                    _ => [0, 0, 0],
+                };
+                for c in 0..3 {
+                    data[c * plane + y * out_w + x] = lut[c][px[c] as usize];
+                }
+            }
+        }
+        Ok(ProcessedImage {
+            height: out_h,
+            width: out_w,
+            data,
+        })
+    }
+
+    /// Rescale and normalize of one `u8` value of channel `c`, with transformers' dtypes.
+    fn value(&self, v: u8, c: usize) -> f32 {
+        let x = if self.config.do_rescale {
+            // `image.astype(np.float64) * scale`, then `.astype(np.float32)`.
+            (v as f64 * self.config.rescale_factor) as f32
+        } else {
+            // `normalize` casts non-float images with `astype(np.float32)`; without normalize
+            // the values stay u8, which f32 holds exactly.
+            v as f32
+        };
+        if self.config.do_normalize {
+            (x - self.mean[c]) / self.std[c]
+        } else {
+            x
+        }
+    }
+}
+
+/// Where output index `i` of a center-cropped axis reads from: source `i + offset` when it lies in
+/// `0..len`, zero padding otherwise.
+#[derive(Debug, Clone, Copy)]
+struct Placement {
+    offset: isize,
+    len: usize,
+}
+
+impl Placement {
+    fn identity() -> Self {
+        Self {
+            offset: 0,
+            len: usize::MAX,
+        }
+    }
+
+    /// transformers `center_crop` along one axis of length `len` to `crop`: a floor offset when
+    /// cropping, the image placed at `ceil((crop - len) / 2)` when padding.
+    fn new(len: usize, crop: usize) -> Self {
+        let offset = if crop <= len {
+            ((len - crop) / 2) as isize
+        } else {
+            -(((crop - len).div_ceil(2)) as isize)
+        };
+        Self { offset, len }
+    }
+
+    fn source(&self, i: usize) -> Option<usize> {
+        let s = i as isize + self.offset;
+        (s >= 0 && (s as usize) < self.len).then_some(s as usize)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(json: &str) -> ImageProcessorConfig {
+        serde_json::from_str(json).unwrap()
+    }
+
+    #[test]
+    fn defaults_and_size_forms() {
+        let c = cfg(r#"{"image_processor_type": "VideoLlavaImageProcessor"}"#);
+        assert_eq!(c.size, SizeDict::shortest_edge(224));
+        assert_eq!(c.crop_size, SizeDict::height_width(224, 224));
+        assert_eq!(c.resample, 3);
+        assert_eq!(c.image_mean, OPENAI_CLIP_MEAN.to_vec());
+        assert_eq!(c.rescale_factor, 1.0 / 255.0);
+        let c = cfg(r#"{"size": 32, "crop_size": 28, "image_mean": 0.5, "image_std": [1, 2, 3]}"#);
+        assert_eq!(c.size, SizeDict::shortest_edge(32));
+        assert_eq!(c.crop_size, SizeDict::height_width(28, 28));
+        assert_eq!(c.image_mean, vec![0.5; 3]);
+        assert_eq!(c.image_std, vec![1.0, 2.0, 3.0]);
+        let c = cfg(r#"{"size": [40, 60], "crop_size": null}"#);
+        assert_eq!(c.size, SizeDict::height_width(40, 60));
+        assert_eq!(c.crop_size, SizeDict::height_width(224, 224));
+        assert!(serde_json::from_str::<ImageProcessorConfig>(r#"{"size": {"short": 3}}"#).is_err());
+    }
+
+    #[test]
+    fn validation() {
+        assert!(ImageProcessor::new(cfg("{}")).is_ok());
+        for bad in [
+            r#"{"resample": 7}"#,
+            r#"{"size": {"height": 3}}"#,
+            r#"{"size": {"longest_edge": 3}}"#,
+            r#"{"size": 0}"#,
+            r#"{"crop_size": {"shortest_edge": 3}}"#,
+            r#"{"image_mean": [0.5, 0.5]}"#,
+            r#"{"image_std": [0.5, 0.0, 0.5]}"#,
+        ] {
+            assert!(ImageProcessor::new(cfg(bad)).is_err(), "{bad}");
+        }
+        // Unused settings are not checked beyond their key set, as in transformers.
+        assert!(ImageProcessor::new(cfg(r#"{"do_resize": false, "size": {"longest_edge": 3}}"#)).is_ok());
+    }
+
+    #[test]
+    fn output_sizes() {
+        let p = ImageProcessor::new(cfg(r#"{"do_center_crop": false}"#)).unwrap();
+        assert_eq!(p.output_size(480, 640), (224, 298));
+        assert_eq!(p.output_size(720, 1280), (224, 398));
+        assert_eq!(p.output_size(517, 333), (347, 224));
+        let p = ImageProcessor::new(cfg("{}")).unwrap();
+        assert_eq!(p.output_size(10, 5000), (224, 224));
+    }
+
+    #[test]
+    fn crop_pads_with_zeros_centred() {
+        let p = ImageProcessor::new(cfg(
+            r#"{"do_resize": false, "crop_size": {"height": 4, "width": 2}, "do_rescale": false, "do_normalize": false}"#,
+        ))
+        .unwrap();
+        // 1 row x 3 columns -> 4 x 2: rows padded top 2 (ceil(3/2)), columns cropped from offset 0.
+        let im = RgbImage {
+            width: 3,
+            height: 1,
+            data: vec![1, 2, 3, 4, 5, 6, 7, 8, 9],
+        };
+        let out = p.preprocess(&im).unwrap();
+        assert_eq!((out.height, out.width), (4, 2));
+        assert_eq!(&out.data[0..8], &[0., 0., 0., 0., 1., 4., 0., 0.]);
+    }
+}

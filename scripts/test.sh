@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The project's test command: installs what the build lacks, then runs every test of the workspace.
+# Tests that read ../shared (real media, the real tokenizer) skip with a message when it is absent,
+# and fail when CI is set.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-system-deps.sh
+cargo test --workspace --locked "$@"
