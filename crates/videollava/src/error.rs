@@ -39,6 +39,10 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
+    /// Weights are missing or malformed, or the tensor library failed.
+    #[error("{0}")]
+    Model(String),
+
     /// Writing an output file failed.
     #[error("{}: {message}", path.display())]
     Output { path: PathBuf, message: String },
@@ -58,5 +62,11 @@ impl Error {
     /// Shorthand for [`Error::Io`].
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
+    }
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Error::Model(e.to_string())
     }
 }

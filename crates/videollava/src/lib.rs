@@ -5,11 +5,13 @@
 //!
 //! - [`config`]: the checkpoint's Hugging Face JSON files, with transformers' defaults filled in;
 //! - [`media`]: decoding images and videos to RGB u8 and choosing video frames;
-//! - [`processor`]: pixels (a Pillow-exact image processor), prompt expansion, tokens, batches.
+//! - [`processor`]: pixels (a Pillow-exact image processor), prompt expansion, tokens, batches;
+//! - [`model`]: the CLIP towers, projector and Llama/Mistral decoder: weights in, logits out.
 
 pub mod config;
 pub mod error;
 pub mod media;
+pub mod model;
 pub mod output;
 pub mod processor;
 

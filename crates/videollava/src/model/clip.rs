@@ -1,0 +1,206 @@
+//! The CLIP vision transformer (`CLIPVisionModel`), one per modality in Video-LLaVA.
+//!
+//! Shapes: pixels `[N, 3, S, S]` (S = `image_size`) -> patches `[N, (S/p)^2, D]` -> with the class
+//! token and positions `[N, 1 + (S/p)^2, D]` -> `pre_layrnorm` -> pre-norm encoder layers.
+//! `hidden_states[0]` is the encoder input (after `pre_layrnorm`), `hidden_states[i]` the output of
+//! layer `i - 1`; `post_layernorm` is never applied (Video-LLaVA takes raw hidden states).
+//! Activations are in the compute dtype; layer norms and softmax run in f32.
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::{linear, Linear, VarBuilder};
+
+use crate::config::VisionConfig;
+use crate::error::{Error, Result};
+
+/// LayerNorm computed in f32 whatever the activation dtype, cast back afterwards.
+#[derive(Debug, Clone)]
+pub struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub fn load(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            weight: vb.get(size, "weight")?.to_dtype(DType::F32)?,
+            bias: vb.get(size, "bias")?.to_dtype(DType::F32)?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let x = x.to_dtype(DType::F32)?;
+        let y = candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?;
+        Ok(y.to_dtype(dtype)?)
+    }
+}
+
+/// The activations CLIP configs name.
+pub(crate) fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
+    Ok(match name {
+        "quick_gelu" => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
+        "gelu" => x.gelu_erf()?,
+        "gelu_new" | "gelu_pytorch_tanh" => x.gelu()?,
+        "relu" => x.relu()?,
+        "silu" | "swish" => x.silu()?,
+        other => return Err(Error::Model(format!("unsupported activation `{other}`"))),
+    })
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
+    num_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        let d = cfg.hidden_size;
+        Ok(Self {
+            q_proj: linear(d, d, vb.pp("q_proj"))?,
+            k_proj: linear(d, d, vb.pp("k_proj"))?,
+            v_proj: linear(d, d, vb.pp("v_proj"))?,
+            out_proj: linear(d, d, vb.pp("out_proj"))?,
+            num_heads: cfg.num_attention_heads,
+            head_dim: d / cfg.num_attention_heads,
+        })
+    }
+
+    /// `x`: `[N, L, D]`; full (unmasked) attention over the L tokens of each image.
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (n, l, d) = x.dims3()?;
+        let heads = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((n, l, self.num_heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+        };
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let q = heads((self.q_proj.forward(x)? * scale)?)?;
+        let k = heads(self.k_proj.forward(x)?)?;
+        let v = heads(self.v_proj.forward(x)?)?;
+        let scores = q.matmul(&k.t()?)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, l, d))?;
+        Ok(self.out_proj.forward(&out)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct EncoderLayer {
+    self_attn: Attention,
+    layer_norm1: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    layer_norm2: LayerNorm,
+    act: String,
+}
+
+impl EncoderLayer {
+    fn load(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            self_attn: Attention::load(cfg, vb.pp("self_attn"))?,
+            layer_norm1: LayerNorm::load(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
+            fc1: linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("mlp").pp("fc1"))?,
+            fc2: linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("mlp").pp("fc2"))?,
+            layer_norm2: LayerNorm::load(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
+            act: cfg.hidden_act.clone(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = (x + self.self_attn.forward(&self.layer_norm1.forward(x)?)?)?;
+        let m = self.fc2.forward(&activation(&self.act, &self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?)?;
+        Ok((h + m)?)
+    }
+}
+
+/// One CLIP vision tower (`image_tower` or `video_tower`).
+#[derive(Debug, Clone)]
+pub struct ClipVisionTower {
+    /// The patch convolution as a matrix `[D, 3 * p * p]` (no bias).
+    patch_weight: Tensor,
+    class_embedding: Tensor,
+    position_embedding: Tensor,
+    pre_layrnorm: LayerNorm,
+    layers: Vec<EncoderLayer>,
+    cfg: VisionConfig,
+}
+
+impl ClipVisionTower {
+    /// Loads from `vb` positioned at `…_tower.vision_model`. Only the first `num_layers` encoder
+    /// layers are loaded (those the selected hidden states need).
+    pub fn load(cfg: &VisionConfig, num_layers: usize, vb: VarBuilder) -> Result<Self> {
+        let (d, p, c) = (cfg.hidden_size, cfg.patch_size, cfg.num_channels);
+        let emb = vb.pp("embeddings");
+        let patch_weight = emb.get((d, c, p, p), "patch_embedding.weight")?.reshape((d, c * p * p))?;
+        let num_positions = cfg.patches_per_side() * cfg.patches_per_side() + 1;
+        let layers = (0..num_layers)
+            .map(|i| EncoderLayer::load(cfg, vb.pp("encoder").pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            patch_weight,
+            class_embedding: emb.get(d, "class_embedding")?,
+            position_embedding: emb.get((num_positions, d), "position_embedding.weight")?,
+            pre_layrnorm: LayerNorm::load(d, cfg.layer_norm_eps, vb.pp("pre_layrnorm"))?,
+            layers,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Patch + class + position embeddings: `[N, 3, S, S]` -> `[N, 1 + (S/p)^2, D]`.
+    fn embed(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (n, c, h, w) = pixels.dims4()?;
+        let s = self.cfg.image_size;
+        if (c, h, w) != (self.cfg.num_channels, s, s) {
+            return Err(Error::Input(format!(
+                "pixel values are {c}x{h}x{w} but the vision tower takes {}x{s}x{s} (image_size {s})",
+                self.cfg.num_channels
+            )));
+        }
+        let p = self.cfg.patch_size;
+        let g = s / p;
+        let pixels = if g * p != s { pixels.narrow(2, 0, g * p)?.narrow(3, 0, g * p)? } else { pixels.clone() };
+        // [N, C, g, p, g, p] -> [N, g, g, C, p, p] -> [N, g*g, C*p*p]: the convolution as a matmul.
+        let patches = pixels
+            .to_dtype(self.patch_weight.dtype())?
+            .reshape((n, c, g, p, g, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .contiguous()?
+            .reshape((n, g * g, c * p * p))?;
+        let d = self.cfg.hidden_size;
+        let x = patches.broadcast_matmul(&self.patch_weight.t()?)?;
+        let cls = self.class_embedding.reshape((1, 1, d))?.broadcast_as((n, 1, d))?;
+        let x = Tensor::cat(&[&cls, &x], 1)?;
+        Ok(x.broadcast_add(&self.position_embedding.unsqueeze(0)?)?)
+    }
+
+    /// Hidden states `0..=max_index` (index 0 after `pre_layrnorm`), each `[N, 1 + (S/p)^2, D]`.
+    pub fn hidden_states(&self, pixels: &Tensor, max_index: usize) -> Result<Vec<Tensor>> {
+        if max_index > self.layers.len() {
+            return Err(Error::Model(format!(
+                "hidden state {max_index} requested but only {} vision layers are loaded",
+                self.layers.len()
+            )));
+        }
+        let mut x = self.pre_layrnorm.forward(&self.embed(pixels)?)?;
+        let mut states = vec![x.clone()];
+        for layer in &self.layers[..max_index] {
+            x = layer.forward(&x)?;
+            states.push(x.clone());
+        }
+        Ok(states)
+    }
+
+    /// The hidden states at `indices` (resolved, non-negative), concatenated on the feature axis:
+    /// `[N, 1 + (S/p)^2, D * indices.len()]`.
+    pub fn select_features(&self, pixels: &Tensor, indices: &[usize]) -> Result<Tensor> {
+        let max = indices.iter().copied().max().unwrap_or(0);
+        let states = self.hidden_states(pixels, max)?;
+        let picked: Vec<&Tensor> = indices.iter().map(|&i| &states[i]).collect();
+        Ok(if picked.len() == 1 { picked[0].clone() } else { Tensor::cat(&picked, D::Minus1)? })
+    }
+}

@@ -1,0 +1,368 @@
+//! The Llama / Mistral decoder that Video-LLaVA's language model is.
+//!
+//! Shapes: embeddings `[B, L, H]` in the compute dtype; `position_ids` `[B, L]` (u32, they follow
+//! left padding: `cumsum(mask) - 1`); `attention_mask` `[B, P + L]` (u32 1/0 over the cached
+//! and new positions). Keys and values are cached per layer as `[B, kv_heads, P + L, head_dim]`.
+//! RMSNorm is computed in f32 then cast back before the weight multiply (as transformers does);
+//! RoPE tables are computed in f32; attention scores and softmax are in f32.
+//! The causal and sliding-window masks follow cache positions (the index in the padded sequence),
+//! the padding mask hides padded keys, as transformers' mask builders do.
+
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{linear_b, Linear, VarBuilder};
+
+use crate::config::{RopeScaling, TextConfig, TextModelType};
+use crate::error::{Error, Result};
+
+/// RMSNorm: `w * (x / sqrt(mean(x^2) + eps))`, the normalisation in f32.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    pub fn load(size: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { weight: vb.get(size, "weight")?, eps })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let xf = x.to_dtype(DType::F32)?;
+        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
+        let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
+        Ok(normed.broadcast_mul(&self.weight)?)
+    }
+}
+
+/// RoPE inverse frequencies `[head_dim / 2]` (f32), with the configured scaling applied.
+pub fn inverse_frequencies(cfg: &TextConfig) -> Result<Vec<f32>> {
+    let dim = cfg.head_dim;
+    let base = cfg.rope_theta as f32;
+    let mut inv: Vec<f32> = (0..dim).step_by(2).map(|i| 1.0f32 / base.powf(i as f32 / dim as f32)).collect();
+    match &cfg.rope_scaling {
+        RopeScaling::None => {}
+        RopeScaling::Linear { factor } => {
+            let f = *factor as f32;
+            inv.iter_mut().for_each(|v| *v /= f);
+        }
+        RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+            let (factor, low, high) = (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32);
+            let old = *original_max_position_embeddings as f32;
+            let low_wavelen = old / low;
+            let high_wavelen = old / high;
+            for v in inv.iter_mut() {
+                let wavelen = 2.0 * std::f32::consts::PI / *v;
+                if wavelen > low_wavelen {
+                    *v /= factor;
+                } else if wavelen >= high_wavelen {
+                    let smooth = (old / wavelen - low) / (high - low);
+                    *v = (1.0 - smooth) * *v / factor + smooth * *v;
+                }
+            }
+        }
+        RopeScaling::Dynamic { .. } => {
+            return Err(Error::Model(
+                "rope_scaling type `dynamic` is not supported yet (supported: default, linear, llama3)".into(),
+            ))
+        }
+    }
+    Ok(inv)
+}
+
+/// cos / sin tables `[B, L, head_dim / 2]` for `position_ids` `[B, L]`, in `dtype`.
+fn rope_tables(inv_freq: &[f32], position_ids: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let (b, l) = position_ids.dims2()?;
+    let pos = position_ids.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+    let half = inv_freq.len();
+    let mut cos = Vec::with_capacity(b * l * half);
+    let mut sin = Vec::with_capacity(b * l * half);
+    for row in &pos {
+        for &p in row {
+            for &f in inv_freq {
+                let angle = p * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+    }
+    let dev = position_ids.device();
+    let cos = Tensor::from_vec(cos, (b, l, half), dev)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (b, l, half), dev)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+#[derive(Debug, Clone)]
+struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    num_heads: usize,
+    num_kv_heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn load(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, hd) = (cfg.hidden_size, cfg.head_dim);
+        let bias = cfg.attention_bias;
+        Ok(Self {
+            q_proj: linear_b(h, cfg.num_attention_heads * hd, bias, vb.pp("q_proj"))?,
+            k_proj: linear_b(h, cfg.num_key_value_heads * hd, bias, vb.pp("k_proj"))?,
+            v_proj: linear_b(h, cfg.num_key_value_heads * hd, bias, vb.pp("v_proj"))?,
+            o_proj: linear_b(cfg.num_attention_heads * hd, h, bias, vb.pp("o_proj"))?,
+            num_heads: cfg.num_attention_heads,
+            num_kv_heads: cfg.num_key_value_heads,
+            head_dim: hd,
+        })
+    }
+
+    /// `x` `[B, L, H]`, `mask` additive f32 `[B, 1, L, P + L]`; appends to `cache`.
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: &mut Option<(Tensor, Tensor)>) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let split = |t: Tensor, n: usize| -> Result<Tensor> {
+            Ok(t.reshape((b, l, n, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = split(self.q_proj.forward(x)?, self.num_heads)?;
+        let k = split(self.k_proj.forward(x)?, self.num_kv_heads)?;
+        let v = split(self.v_proj.forward(x)?, self.num_kv_heads)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
+        let (k, v) = match cache.take() {
+            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            None => (k, v),
+        };
+        *cache = Some((k.clone(), v.clone()));
+        let rep = self.num_heads / self.num_kv_heads;
+        let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
+        let scores = scores.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, self.num_heads * self.head_dim))?;
+        Ok(self.o_proj.forward(&out)?)
+    }
+}
+
+/// `[B, kv, T, d]` -> `[B, kv * rep, T, d]`, each kv head serving `rep` query heads in a row.
+fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
+    if rep == 1 {
+        return Ok(x.clone());
+    }
+    let (b, kv, t, d) = x.dims4()?;
+    Ok(x.unsqueeze(2)?.broadcast_as((b, kv, rep, t, d))?.reshape((b, kv * rep, t, d))?)
+}
+
+#[derive(Debug, Clone)]
+struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+    act: String,
+}
+
+impl Mlp {
+    fn load(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
+        Ok(Self {
+            gate_proj: linear_b(h, i, bias, vb.pp("gate_proj"))?,
+            up_proj: linear_b(h, i, bias, vb.pp("up_proj"))?,
+            down_proj: linear_b(i, h, bias, vb.pp("down_proj"))?,
+            act: cfg.hidden_act.clone(),
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = super::clip::activation(&self.act, &self.gate_proj.forward(x)?)?;
+        Ok(self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)?)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct DecoderLayer {
+    self_attn: Attention,
+    mlp: Mlp,
+    input_layernorm: RmsNorm,
+    post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    fn load(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            self_attn: Attention::load(cfg, vb.pp("self_attn"))?,
+            mlp: Mlp::load(cfg, vb.pp("mlp"))?,
+            input_layernorm: RmsNorm::load(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("input_layernorm"))?,
+            post_attention_layernorm: RmsNorm::load(cfg.hidden_size, cfg.rms_norm_eps, vb.pp("post_attention_layernorm"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor, cache: &mut Option<(Tensor, Tensor)>) -> Result<Tensor> {
+        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?)?;
+        Ok((&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+    }
+}
+
+/// Per-layer key/value cache plus the attention mask of everything cached so far.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache {
+    layers: Vec<Option<(Tensor, Tensor)>>,
+    /// `[B, P]` u32: which cached positions are real tokens.
+    mask: Option<Tensor>,
+}
+
+impl KvCache {
+    /// Number of cached positions.
+    pub fn len(&self) -> usize {
+        self.mask.as_ref().map(|m| m.dim(1).unwrap_or(0)).unwrap_or(0)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Output of [`LanguageModel::forward`].
+#[derive(Debug)]
+pub struct DecoderOutput {
+    /// Final hidden states after the last norm, `[B, L, H]`.
+    pub last_hidden: Tensor,
+    /// With `output_hidden_states`: the embeddings then each layer's output (`num_layers + 1`
+    /// entries; the last one replaced by the normed output, as transformers returns it).
+    pub hidden_states: Option<Vec<Tensor>>,
+}
+
+/// The decoder stack plus embeddings and LM head (`LlamaForCausalLM` / `MistralForCausalLM`).
+#[derive(Debug, Clone)]
+pub struct LanguageModel {
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    norm: RmsNorm,
+    lm_head: Linear,
+    inv_freq: Vec<f32>,
+    pub cfg: TextConfig,
+}
+
+impl LanguageModel {
+    /// Loads from `vb` at the root of the canonical names (`language_model.model.…`,
+    /// `language_model.lm_head.weight`).
+    pub fn load(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
+        let m = vb.pp("language_model").pp("model");
+        let embed_tokens = m.get((cfg.vocab_size, cfg.hidden_size), "embed_tokens.weight")?;
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| DecoderLayer::load(cfg, m.pp("layers").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let head = vb.pp("language_model").pp("lm_head");
+        let lm_head = if cfg.tie_word_embeddings && !head.contains_tensor("weight") {
+            Linear::new(embed_tokens.clone(), None)
+        } else {
+            Linear::new(head.get((cfg.vocab_size, cfg.hidden_size), "weight")?, None)
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: RmsNorm::load(cfg.hidden_size, cfg.rms_norm_eps, m.pp("norm"))?,
+            lm_head,
+            inv_freq: inverse_frequencies(cfg)?,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Token embeddings `[B, L, H]` for ids `[B, L]` (u32); ids must be below `vocab_size`.
+    pub fn embed(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (b, l) = input_ids.dims2()?;
+        let flat = input_ids.flatten_all()?;
+        let max = flat.max(0)?.to_scalar::<u32>()?;
+        if max as usize >= self.cfg.vocab_size {
+            return Err(Error::Input(format!(
+                "token id {max} is outside the model's vocabulary of {} tokens",
+                self.cfg.vocab_size
+            )));
+        }
+        Ok(self.embed_tokens.index_select(&flat, 0)?.reshape((b, l, self.cfg.hidden_size))?)
+    }
+
+    /// The additive f32 mask `[B, 1, L, P + L]` for `L` new positions after `P` cached ones.
+    fn build_mask(&self, full_mask: &Tensor, l: usize, device: &Device) -> Result<Tensor> {
+        let (b, total) = full_mask.dims2()?;
+        let past = total - l;
+        let keep = full_mask.to_vec2::<u32>()?;
+        let window = match self.cfg.model_type {
+            TextModelType::Mistral => self.cfg.sliding_window,
+            TextModelType::Llama => None,
+        };
+        let min = f32::MIN;
+        let mut data = vec![0f32; b * l * total];
+        for (bi, row) in keep.iter().enumerate() {
+            for qi in 0..l {
+                let q = past + qi;
+                let out = &mut data[(bi * l + qi) * total..(bi * l + qi + 1) * total];
+                for (k, v) in out.iter_mut().enumerate() {
+                    let visible = k <= q && row[k] != 0 && window.is_none_or(|w| q - k < w);
+                    if !visible {
+                        *v = min;
+                    }
+                }
+            }
+        }
+        Ok(Tensor::from_vec(data, (b, 1, l, total), device)?)
+    }
+
+    /// Runs the decoder over `embeds` `[B, L, H]` at `position_ids` `[B, L]` (u32), where
+    /// `attention_mask` `[B, L]` (u32) marks the real tokens among the new ones. With `cache`, the
+    /// keys and values are appended to it and earlier ones attended to.
+    pub fn forward(
+        &self,
+        embeds: &Tensor,
+        position_ids: &Tensor,
+        attention_mask: &Tensor,
+        cache: Option<&mut KvCache>,
+        output_hidden_states: bool,
+    ) -> Result<DecoderOutput> {
+        let (b, l, _) = embeds.dims3()?;
+        if position_ids.dims2()? != (b, l) || attention_mask.dims2()? != (b, l) {
+            return Err(Error::Input(format!(
+                "position_ids {:?} and attention_mask {:?} must both be [{b}, {l}]",
+                position_ids.dims(),
+                attention_mask.dims()
+            )));
+        }
+        let max_pos = position_ids.flatten_all()?.max(0)?.to_scalar::<u32>()? as usize;
+        if max_pos >= self.cfg.max_position_embeddings {
+            return Err(Error::Input(format!(
+                "position {max_pos} is beyond the model's context of {} tokens (max_position_embeddings)",
+                self.cfg.max_position_embeddings
+            )));
+        }
+        let mut scratch = KvCache::default();
+        let cache = cache.unwrap_or(&mut scratch);
+        if cache.layers.is_empty() {
+            cache.layers = vec![None; self.layers.len()];
+        }
+        let full_mask = match &cache.mask {
+            Some(m) => Tensor::cat(&[m, attention_mask], 1)?,
+            None => attention_mask.clone(),
+        };
+        let mask = self.build_mask(&full_mask, l, embeds.device())?;
+        let (cos, sin) = rope_tables(&self.inv_freq, position_ids, embeds.dtype())?;
+
+        let mut x = embeds.clone();
+        let mut states = output_hidden_states.then(Vec::new);
+        for (layer, layer_cache) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            if let Some(s) = states.as_mut() {
+                s.push(x.clone());
+            }
+            x = layer.forward(&x, &cos, &sin, &mask, layer_cache)?;
+        }
+        cache.mask = Some(full_mask);
+        let last_hidden = self.norm.forward(&x)?;
+        if let Some(s) = states.as_mut() {
+            s.push(last_hidden.clone());
+        }
+        Ok(DecoderOutput { last_hidden, hidden_states: states })
+    }
+
+    /// Logits `[B, L, V]` for hidden states `[B, L, H]`.
+    pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.lm_head.forward(hidden)?)
+    }
+}

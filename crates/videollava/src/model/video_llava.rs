@@ -1,0 +1,292 @@
+//! `VideoLlavaForConditionalGeneration`: two CLIP towers -> selected hidden states -> projector ->
+//! features written over the placeholder embeddings -> Llama/Mistral decoder -> logits.
+//!
+//! Conventions: `input_ids` `[B, L]` u32, `attention_mask` / `position_ids` `[B, L]` u32,
+//! `pixel_values_images` `[N, 3, S, S]`, `pixel_values_videos` `[M, T, 3, S, S]` (any float dtype;
+//! cast to the compute dtype), `labels` `[B, L]` i64 with -100 ignored. Logits are returned as f32.
+
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, D};
+
+use crate::config::{FeatureSelectStrategy, VideoLlavaConfig};
+use crate::error::{Error, Result};
+use crate::model::clip::ClipVisionTower;
+use crate::model::llama::{KvCache, LanguageModel};
+use crate::model::projector::Projector;
+use crate::model::weights::CheckpointWeights;
+
+/// Which positions to compute logits for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogitsSelection {
+    /// Every position: `[B, L, V]`.
+    All,
+    /// The last position of each row: `[B, 1, V]` (what generation needs).
+    Last,
+    /// No logits (hidden states or features only).
+    None,
+}
+
+/// Inputs of one forward pass.
+#[derive(Debug, Clone, Copy)]
+pub struct ForwardInput<'a> {
+    pub input_ids: &'a Tensor,
+    /// Default: all ones.
+    pub attention_mask: Option<&'a Tensor>,
+    /// Default: `cumsum(attention_mask) - 1` with padded positions set to 1 (what `generate` uses),
+    /// offset by the positions already in the cache.
+    pub position_ids: Option<&'a Tensor>,
+    pub pixel_values_images: Option<&'a Tensor>,
+    pub pixel_values_videos: Option<&'a Tensor>,
+    pub labels: Option<&'a Tensor>,
+    pub logits: LogitsSelection,
+    pub output_hidden_states: bool,
+}
+
+impl<'a> ForwardInput<'a> {
+    /// Plain inputs: all logits, no labels, no hidden states.
+    pub fn new(input_ids: &'a Tensor) -> Self {
+        Self {
+            input_ids,
+            attention_mask: None,
+            position_ids: None,
+            pixel_values_images: None,
+            pixel_values_videos: None,
+            labels: None,
+            logits: LogitsSelection::All,
+            output_hidden_states: false,
+        }
+    }
+}
+
+/// Outputs of one forward pass.
+#[derive(Debug)]
+pub struct ForwardOutput {
+    /// f32 `[B, L, V]` or `[B, 1, V]`.
+    pub logits: Option<Tensor>,
+    /// Mean cross-entropy over the shifted labels (f32), when labels were given.
+    pub loss: Option<f32>,
+    /// The decoder's hidden states (`num_layers + 1`, the last after the final norm).
+    pub hidden_states: Option<Vec<Tensor>>,
+    /// Projected image features `[N, tokens, H]`.
+    pub image_features: Option<Tensor>,
+    /// Projected video features `[M * T, tokens, H]`.
+    pub video_features: Option<Tensor>,
+}
+
+/// The whole model.
+#[derive(Debug, Clone)]
+pub struct VideoLlava {
+    image_tower: ClipVisionTower,
+    video_tower: ClipVisionTower,
+    projector: Projector,
+    language_model: LanguageModel,
+    feature_layers: Vec<usize>,
+    pub config: VideoLlavaConfig,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl VideoLlava {
+    /// Loads `config.json` and the weights of checkpoint `dir`, computing in `dtype` on `device`.
+    pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        let config = VideoLlavaConfig::from_file(&dir.join("config.json"))?;
+        let weights = CheckpointWeights::open(dir)?;
+        let vb = weights.var_builder(dtype, device);
+        Self::from_var_builder(config, vb)
+    }
+
+    /// Builds the model from a config and a [`candle_nn::VarBuilder`] over canonical names.
+    pub fn from_var_builder(config: VideoLlavaConfig, vb: candle_nn::VarBuilder) -> Result<Self> {
+        let vc = &config.vision_config;
+        let feature_layers = config.vision_feature_layer.resolved(vc.num_hidden_layers);
+        let needed = feature_layers.iter().copied().max().unwrap_or(0);
+        let image_tower = ClipVisionTower::load(vc, needed, vb.pp("image_tower").pp("vision_model"))?;
+        let video_tower = ClipVisionTower::load(vc, needed, vb.pp("video_tower").pp("vision_model"))?;
+        let projector = Projector::load(&config, vb.pp("multi_modal_projector"))?;
+        let language_model = LanguageModel::load(&config.text_config, vb.clone())?;
+        for (what, id) in [("image_token_index", config.image_token_id), ("video_token_index", config.video_token_id)] {
+            if id as usize >= config.text_config.vocab_size {
+                return Err(Error::Model(format!(
+                    "config.json: {what} {id} is outside the embedding table of {} rows",
+                    config.text_config.vocab_size
+                )));
+            }
+        }
+        Ok(Self {
+            image_tower,
+            video_tower,
+            projector,
+            language_model,
+            feature_layers,
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+            config,
+        })
+    }
+
+    /// The language model (for generation code that drives the decoder directly).
+    pub fn language_model(&self) -> &LanguageModel {
+        &self.language_model
+    }
+
+    /// Projected image features `[N, tokens, H]`: CLS dropped under strategy `default`.
+    pub fn image_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let feats = self.image_tower.select_features(&pixel_values.to_dtype(self.dtype)?, &self.feature_layers)?;
+        let feats = match self.config.vision_feature_select_strategy {
+            FeatureSelectStrategy::Default => {
+                let n = feats.dim(1)?;
+                feats.narrow(1, 1, n - 1)?
+            }
+            FeatureSelectStrategy::Full => feats,
+        };
+        self.projector.forward(&feats)
+    }
+
+    /// Projected video features `[M * T, tokens + 1, H]`: frames through the video tower as one
+    /// batch, CLS always kept.
+    pub fn video_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
+        let (m, t, c, h, w) = pixel_values.dims5().map_err(|_| {
+            Error::Input(format!("pixel_values_videos must be [videos, frames, 3, H, W], got {:?}", pixel_values.dims()))
+        })?;
+        let frames = pixel_values.reshape((m * t, c, h, w))?.to_dtype(self.dtype)?;
+        let feats = self.video_tower.select_features(&frames, &self.feature_layers)?;
+        self.projector.forward(&feats)
+    }
+
+    /// Token embeddings with image, then video, features written over their placeholders in
+    /// row-major (batch, then sequence) order. Returns `[B, L, H]`.
+    pub fn merge_embeddings(&self, input_ids: &Tensor, image_features: Option<&Tensor>, video_features: Option<&Tensor>) -> Result<Tensor> {
+        let embeds = self.language_model.embed(input_ids)?;
+        if image_features.is_none() && video_features.is_none() {
+            return Ok(embeds);
+        }
+        let (b, l, h) = embeds.dims3()?;
+        let ids = input_ids.flatten_all()?.to_vec1::<u32>()?;
+        let mut table = vec![embeds.reshape((b * l, h))?];
+        let mut index: Vec<u32> = (0..(b * l) as u32).collect();
+        let mut offset = b * l;
+        for (features, token, what) in [
+            (image_features, self.config.image_token_id, "Image"),
+            (video_features, self.config.video_token_id, "Video"),
+        ] {
+            let Some(features) = features else { continue };
+            let positions: Vec<usize> = ids.iter().enumerate().filter(|(_, &t)| t == token).map(|(i, _)| i).collect();
+            let (n, tokens, fh) = features.dims3()?;
+            let lower = what.to_lowercase();
+            if positions.len() != n * tokens {
+                return Err(Error::Input(format!(
+                    "{what} features and {lower} tokens do not match: tokens: {}, features {}",
+                    positions.len(),
+                    n * tokens
+                )));
+            }
+            if fh != h {
+                return Err(Error::Model(format!("{lower} features have width {fh}, the language model {h}")));
+            }
+            for (k, &p) in positions.iter().enumerate() {
+                index[p] = (offset + k) as u32;
+            }
+            offset += n * tokens;
+            table.push(features.to_dtype(embeds.dtype())?.reshape((n * tokens, h))?);
+        }
+        let table = Tensor::cat(&table, 0)?;
+        let index = Tensor::from_vec(index, b * l, embeds.device())?;
+        Ok(table.index_select(&index, 0)?.reshape((b, l, h))?)
+    }
+
+    /// One forward pass. With `cache`, keys and values are appended to it (prefill or decode).
+    pub fn forward(&self, input: &ForwardInput, cache: Option<&mut KvCache>) -> Result<ForwardOutput> {
+        let ids = input.input_ids.to_dtype(DType::U32)?;
+        let (b, l) = ids.dims2().map_err(|_| Error::Input(format!("input_ids must be [batch, seq], got {:?}", ids.dims())))?;
+        if l == 0 {
+            return Err(Error::Input("empty input_ids".into()));
+        }
+        let mask = match input.attention_mask {
+            Some(m) => m.to_dtype(DType::U32)?,
+            None => Tensor::ones((b, l), DType::U32, &self.device)?,
+        };
+        let past = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let positions = match input.position_ids {
+            Some(p) => p.to_dtype(DType::U32)?,
+            None => default_position_ids(&mask, past)?,
+        };
+
+        let image_features = input.pixel_values_images.map(|p| self.image_features(p)).transpose()?;
+        let video_features = input.pixel_values_videos.map(|p| self.video_features(p)).transpose()?;
+        let embeds = self.merge_embeddings(&ids, image_features.as_ref(), video_features.as_ref())?;
+
+        let out = self.language_model.forward(&embeds, &positions, &mask, cache, input.output_hidden_states)?;
+        let need_all = input.logits == LogitsSelection::All || input.labels.is_some();
+        let logits = match input.logits {
+            LogitsSelection::None if !need_all => None,
+            LogitsSelection::Last if !need_all => {
+                Some(self.language_model.lm_head(&out.last_hidden.narrow(1, l - 1, 1)?)?.to_dtype(DType::F32)?)
+            }
+            _ => Some(self.language_model.lm_head(&out.last_hidden)?.to_dtype(DType::F32)?),
+        };
+        let loss = match (input.labels, &logits) {
+            (Some(labels), Some(logits)) => Some(causal_lm_loss(logits, labels)?),
+            _ => None,
+        };
+        let logits = match (input.logits, logits) {
+            (LogitsSelection::None, _) => None,
+            (LogitsSelection::Last, Some(lg)) if lg.dim(1)? == l && l > 1 => Some(lg.narrow(1, l - 1, 1)?),
+            (_, lg) => lg,
+        };
+        Ok(ForwardOutput { logits, loss, hidden_states: out.hidden_states, image_features, video_features })
+    }
+}
+
+/// `cumsum(mask) - 1` per row, padded positions set to 1, shifted by `past` cached positions.
+pub fn default_position_ids(mask: &Tensor, past: usize) -> Result<Tensor> {
+    let rows = mask.to_vec2::<u32>()?;
+    let (b, l) = (rows.len(), rows.first().map(Vec::len).unwrap_or(0));
+    let mut out = Vec::with_capacity(b * l);
+    for row in rows {
+        let mut count = 0u32;
+        for m in row {
+            count += m;
+            out.push(if m == 0 { 1 } else { past as u32 + count - 1 });
+        }
+    }
+    Ok(Tensor::from_vec(out, (b, l), mask.device())?)
+}
+
+/// Mean cross-entropy of `logits[:, :-1]` (f32 `[B, L, V]`) against `labels[:, 1:]`, ignoring -100.
+pub fn causal_lm_loss(logits: &Tensor, labels: &Tensor) -> Result<f32> {
+    let (b, l, v) = logits.dims3()?;
+    if labels.dims2()? != (b, l) {
+        return Err(Error::Input(format!("labels {:?} must match input_ids [{b}, {l}]", labels.dims())));
+    }
+    if l < 2 {
+        return Err(Error::Input("a loss needs at least two positions".into()));
+    }
+    let labels = labels.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+    let logp = candle_nn::ops::log_softmax(&logits.narrow(1, 0, l - 1)?.to_dtype(DType::F32)?, D::Minus1)?;
+    let logp = logp.reshape((b * (l - 1), v))?;
+    let mut picks = Vec::new();
+    let mut rows = Vec::new();
+    for (bi, row) in labels.iter().enumerate() {
+        for t in 0..l - 1 {
+            let target = row[t + 1];
+            if target == -100 {
+                continue;
+            }
+            if target < 0 || target as usize >= v {
+                return Err(Error::Input(format!("label {target} is outside the vocabulary of {v} tokens")));
+            }
+            rows.push((bi * (l - 1) + t) as u32);
+            picks.push(target as u32);
+        }
+    }
+    if rows.is_empty() {
+        return Ok(f32::NAN);
+    }
+    let n = rows.len();
+    let dev = logits.device();
+    let selected = logp.index_select(&Tensor::from_vec(rows, n, dev)?, 0)?;
+    let chosen = selected.gather(&Tensor::from_vec(picks, (n, 1), dev)?, 1)?;
+    let total = chosen.sum_all()?.to_scalar::<f32>()?;
+    Ok(-total / n as f32)
+}
