@@ -328,12 +328,13 @@ def greedy(model, inputs):
                            return_dict_in_generate=True)
     L = inputs["input_ids"].shape[1]
     new = g.sequences[:, L:]
-    logprobs = []
+    logprobs, margins = [], []
     for step, s in enumerate(g.scores):
         lp = torch.log_softmax(s.float(), -1)
         logprobs.append(lp.gather(-1, new[:, step : step + 1])[:, 0])
-    logprobs = torch.stack(logprobs, 1) if logprobs else torch.zeros(new.shape)
-    return new.tolist(), logprobs.tolist()
+        top2 = lp.topk(2, -1).values
+        margins.append(top2[:, 0] - top2[:, 1])
+    return new.tolist(), torch.stack(logprobs, 1).tolist(), torch.stack(margins, 1).tolist()
 
 
 def variant_checks(model, name, spec, load_dir, media, checks):
@@ -399,10 +400,20 @@ def main():
                 f"transformers 4.57.6, float32, sdpa, {spec['dtype']} checkpoint; position_ids = cumsum(mask)-1 "
                 "with pads 1; labels -100 at pads, placeholders and first real token; loss = transformers "
                 "ForCausalLMLoss (mean over shifted non -100 labels, no mask filtering); hidden_states[-1] is "
-                "after the final norm; video pixels from the Pillow image processor frame by frame"
+                "after the final norm; video pixels from the Pillow image processor frame by frame; logits and hidden "
+                "states at pad positions are implementation-defined (torch sdpa gives a zero attention output for "
+                "a fully masked query row, eager a uniform average): compare only where attention_mask == 1"
             )
             checks = {}
-            greedy_out = {"checkpoint": name, "max_new_tokens": 8, "cases": {}}
+            greedy_out = {
+                "checkpoint": name,
+                "max_new_tokens": 8,
+                "notes": "model.generate(input_ids, attention_mask, pixel values as stored in "
+                         "model/<checkpoint>-<case>.safetensors, max_new_tokens=8, do_sample=False); float32, "
+                         "sdpa; generate builds position_ids = cumsum(mask)-1 (pads 1) itself; logprobs = "
+                         "log_softmax(scores) in f32 of the chosen token; ids >= 803 are unused padded vocab rows",
+                "cases": {},
+            }
             for case in CASES:
                 inputs, out, arrays, meta = run_case(model, name, load_dir, media, case, notes, checks)
                 pos, lab = torch.from_numpy(arrays["position_ids"]), torch.from_numpy(arrays["labels"])
@@ -421,12 +432,13 @@ def main():
                 print(f"  {case}: L={arrays['input_ids'].shape} loss={float(arrays['loss']):.4f} "
                       f"logits std={arrays['logits'].std():.3f} {os.path.getsize(fn)} B")
                 if case in GREEDY_CASES:
-                    ids, lps = greedy(model, inputs)
+                    ids, lps, margins = greedy(model, inputs)
                     greedy_out["cases"][case] = {
                         "prompts": CASES[case][0],
                         "prompt_length": int(inputs["input_ids"].shape[1]),
                         "new_tokens": ids,
                         "logprobs": lps,
+                        "top1_minus_top2_logprob": margins,
                     }
             variant_checks(model, name, spec, load_dir, media, checks)
             with open(os.path.join(model_dir, f"{name}-greedy.json"), "w") as f:

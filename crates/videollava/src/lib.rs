@@ -6,10 +6,12 @@
 //! - [`config`]: the checkpoint's Hugging Face JSON files, with transformers' defaults filled in;
 //! - [`media`]: decoding images and videos to RGB u8 and choosing video frames;
 //! - [`processor`]: pixels (a Pillow-exact image processor), prompt expansion, tokens, batches;
-//! - [`model`]: the CLIP towers, projector and Llama/Mistral decoder: weights in, logits out.
+//! - [`model`]: the CLIP towers, projector and Llama/Mistral decoder: weights in, logits out;
+//! - [`generate`]: KV cache, sampling, stopping, streaming.
 
 pub mod config;
 pub mod error;
+pub mod generate;
 pub mod media;
 pub mod model;
 pub mod output;

@@ -219,6 +219,23 @@ impl KvCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Number of rows (sequences) in the cache.
+    pub fn batch_size(&self) -> usize {
+        self.mask.as_ref().map(|m| m.dim(0).unwrap_or(0)).unwrap_or(0)
+    }
+
+    /// Keeps only the rows `rows` (in that order): finished sequences stop costing compute.
+    pub fn retain_rows(&mut self, rows: &[usize]) -> Result<()> {
+        let Some(mask) = &self.mask else { return Ok(()) };
+        let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), mask.device())?;
+        self.mask = Some(mask.index_select(&idx, 0)?);
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.index_select(&idx, 0)?;
+            *v = v.index_select(&idx, 0)?;
+        }
+        Ok(())
+    }
 }
 
 /// Output of [`LanguageModel::forward`].

@@ -238,6 +238,28 @@ impl VideoLlava {
     }
 }
 
+impl VideoLlava {
+    /// Runs the decoder on ready-made embeddings `[B, L, H]` (see [`VideoLlava::merge_embeddings`])
+    /// and returns f32 logits of the last position `[B, V]` (`last_only`) or of all `[B, L, V]`.
+    pub fn forward_embeddings(
+        &self,
+        embeds: &Tensor,
+        attention_mask: &Tensor,
+        position_ids: &Tensor,
+        cache: Option<&mut KvCache>,
+        last_only: bool,
+    ) -> Result<Tensor> {
+        let out = self.language_model.forward(embeds, position_ids, attention_mask, cache, false)?;
+        let l = out.last_hidden.dim(1)?;
+        if last_only {
+            let last = out.last_hidden.narrow(1, l - 1, 1)?.squeeze(1)?;
+            Ok(self.language_model.lm_head(&last)?.to_dtype(DType::F32)?)
+        } else {
+            Ok(self.language_model.lm_head(&out.last_hidden)?.to_dtype(DType::F32)?)
+        }
+    }
+}
+
 /// `cumsum(mask) - 1` per row, padded positions set to 1, shifted by `past` cached positions.
 pub fn default_position_ids(mask: &Tensor, past: usize) -> Result<Tensor> {
     let rows = mask.to_vec2::<u32>()?;
