@@ -15,8 +15,8 @@ import os
 
 # The hub's chat_template.json of LanguageBind/Video-LLaVA-7B-hf is not available offline. This is
 # transformers' `chat_vicuna` template from convert_llava_next_video_weights_to_hf.py with the
-# `<video>` loop of the llava-hf video checkpoints added; with json.dumps(indent=2) it makes a
-# 669-byte chat_template.json, the size of the hub file. It renders
+# `<video>` loop of the llava-hf video checkpoints added; json.dumps(indent=2) of it is 669 bytes,
+# the size of the hub file (670 with the newline transformers' save_pretrained appends). It renders
 # "USER: <video>\nWhy is this video funny? ASSISTANT:" as transformers' LLaVA-NeXT-Video tests expect.
 DEFAULT_TEMPLATE = (
     "{% for message in messages %}"
@@ -131,8 +131,15 @@ CHATML_TOJSON = """{%- if tools is not none %}{{ raise_exception('tools are not 
 {{ messages | map(attribute='role') | join(',') }}|{{ (messages | last).role | default('none') }}
 """
 
+# Printing non-strings: jinja2 writes Python's str() of the value.
+PYTHON_VALUES = (
+    "{{ add_generation_prompt }}|{{ tools }}|{{ documents }}|{{ messages | length }}|{{ 2.5 }}|{{ 1e20 }}|{{ 10 // 3 }}"
+    "|{{ 7 / 2 }}|{{ messages[0].content }}|{{ messages[0] }}|{{ undefined_name }}|{{ messages[-1].role | upper }}"
+)
+
 TEMPLATES = {
     "default": DEFAULT_TEMPLATE,
+    "python_values": PYTHON_VALUES,
     "llava_1_5": LLAVA_15,
     "vicuna_strict": VICUNA_STRICT,
     "chatml_tojson": CHATML_TOJSON,
@@ -251,6 +258,8 @@ def main():
         "eos_token": tok.eos_token,
         "templates": {**TEMPLATES, **MALFORMED},
         "conversations": CONVERSATIONS,
+        # The same as JSON text, so readers that sort object keys still see Python's key order.
+        "conversations_json": {k: json.dumps(v, ensure_ascii=False) for k, v in CONVERSATIONS.items()},
         "cases": cases,
     }
     with open(os.path.join(args.out, "cases.json"), "w", encoding="utf-8") as f:
@@ -259,7 +268,8 @@ def main():
     with open(os.path.join(args.out, "default_template.jinja"), "w", encoding="utf-8") as f:
         f.write(DEFAULT_TEMPLATE)
     with open(os.path.join(args.out, "chat_template.json"), "w", encoding="utf-8") as f:
-        f.write(json.dumps({"chat_template": DEFAULT_TEMPLATE}, indent=2))
+        # As transformers' save_pretrained writes it (670 bytes; 669 without the final newline).
+        f.write(json.dumps({"chat_template": DEFAULT_TEMPLATE}, indent=2, sort_keys=True) + "\n")
     n_err = sum(c["error"] is not None for c in cases)
     print(f"{len(cases)} cases ({n_err} errors) -> {args.out}")
 

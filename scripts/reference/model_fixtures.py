@@ -385,7 +385,10 @@ def main():
             path, load_dir, mem_model = write_variant(ckpt_root, name, spec, work)
             # The expected outputs come from the checkpoint as transformers loads it back, in float32
             # (for bf16 that is the bf16-rounded weights upcast).
-            model = VideoLlavaForConditionalGeneration.from_pretrained(load_dir, dtype=torch.float32).eval()
+            model, info = VideoLlavaForConditionalGeneration.from_pretrained(
+                load_dir, dtype=torch.float32, output_loading_info=True)
+            model.eval()
+            assert not any(info.values()), f"{name}: loading info {info}"
             eager = VideoLlavaForConditionalGeneration.from_pretrained(
                 load_dir, dtype=torch.float32, attn_implementation="eager").eval()
             print(f"{name}: attn {model.config._attn_implementation}, "

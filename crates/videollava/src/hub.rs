@@ -126,10 +126,7 @@ fn read_token_file(path: &Path) -> Option<String> {
 /// and with surrounding spaces ignored, as `huggingface_hub` reads them. Unset or anything else is
 /// false.
 pub fn parse_bool_env(value: Option<&str>) -> bool {
-    matches!(
-        value.map(|v| v.trim().to_ascii_lowercase()).as_deref(),
-        Some("1" | "true" | "yes" | "on")
-    )
+    matches!(value.map(|v| v.trim().to_ascii_lowercase()).as_deref(), Some("1" | "true" | "yes" | "on"))
 }
 
 /// A hub model id with its revision (a branch, tag or commit hash; `main` when not given).
@@ -383,10 +380,7 @@ fn resolve_online(id: &ModelId, options: &HubOptions) -> Result<PathBuf> {
                 Some(401 | 403 | 404) => " (check the id, the revision and that the token has access)",
                 _ => "",
             };
-            return Err(Error::Input(format!(
-                "model `{model}`: the hub refused it: {}{hint}",
-                one_line(&e)
-            )));
+            return Err(Error::Input(format!("model `{model}`: the hub refused it: {}{hint}", one_line(&e))));
         }
     };
     let commit = info.sha.trim().to_string();
@@ -409,10 +403,7 @@ fn resolve_online(id: &ModelId, options: &HubOptions) -> Result<PathBuf> {
             Ok(path) => path,
             Err(e) if optional && http_status(&e) == Some(404) => return Ok(None),
             Err(e) => {
-                return Err(Error::Input(format!(
-                    "model `{model}`: downloading {file} failed: {}",
-                    one_line(&e)
-                )))
+                return Err(Error::Input(format!("model `{model}`: downloading {file} failed: {}", one_line(&e))))
             }
         };
         if path != local {
@@ -458,9 +449,10 @@ fn resolve_online(id: &ModelId, options: &HubOptions) -> Result<PathBuf> {
     }
 
     if id.revision != commit {
-        cache.repo(id.repo()).create_ref(&commit).map_err(|e| {
-            Error::io(repo_folder(&options.cache_dir, id).join("refs").join(&id.revision), e)
-        })?;
+        cache
+            .repo(id.repo())
+            .create_ref(&commit)
+            .map_err(|e| Error::io(repo_folder(&options.cache_dir, id).join("refs").join(&id.revision), e))?;
     }
     Ok(snapshot)
 }
@@ -477,9 +469,18 @@ mod tests {
         let id = ModelId::parse("org/name@refs/pr/3").unwrap();
         assert_eq!(id.revision, "refs/pr/3");
         assert_eq!(id.display(), "org/name@refs/pr/3");
-        for bad in ["name", "/abs/path", "a/b/c", "./x", "org/", "org/na me", "org/name@", "o--x/n", "org/.hidden",
-            "org/name@../x"]
-        {
+        for bad in [
+            "name",
+            "/abs/path",
+            "a/b/c",
+            "./x",
+            "org/",
+            "org/na me",
+            "org/name@",
+            "o--x/n",
+            "org/.hidden",
+            "org/name@../x",
+        ] {
             assert!(ModelId::parse(bad).is_none(), "{bad}");
         }
     }
@@ -498,8 +499,14 @@ mod tests {
         let o = HubOptions::from_vars(vars(&[("XDG_CACHE_HOME", "/x")]), home.clone());
         assert_eq!(o.cache_dir, PathBuf::from("/x/huggingface/hub"));
         let o = HubOptions::from_vars(
-            vars(&[("HF_HUB_CACHE", "/c"), ("HF_HOME", "/h"), ("HF_HUB_OFFLINE", "Yes"), ("HF_TOKEN", "hf_x"),
-                ("HF_HUB_DISABLE_PROGRESS_BARS", "1"), ("HF_ENDPOINT", "http://mirror/")]),
+            vars(&[
+                ("HF_HUB_CACHE", "/c"),
+                ("HF_HOME", "/h"),
+                ("HF_HUB_OFFLINE", "Yes"),
+                ("HF_TOKEN", "hf_x"),
+                ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                ("HF_ENDPOINT", "http://mirror/"),
+            ]),
             home,
         );
         assert_eq!(o.cache_dir, PathBuf::from("/c"));

@@ -7,11 +7,15 @@
 //! - [`media`]: decoding images and videos to RGB u8 and choosing video frames;
 //! - [`processor`]: pixels (a Pillow-exact image processor), prompt expansion, tokens, batches;
 //! - [`model`]: the CLIP towers, projector and Llama/Mistral decoder: weights in, logits out;
-//! - [`generate`]: KV cache, sampling, stopping, streaming.
+//! - [`generate`]: KV cache, sampling, stopping, streaming;
+//! - [`engine`]: one loaded checkpoint that the CLI and the server drive;
+//! - [`hub`]: `--model` as a local directory or a Hugging Face hub id.
 
 pub mod config;
+pub mod engine;
 pub mod error;
 pub mod generate;
+pub mod hub;
 pub mod media;
 pub mod model;
 pub mod output;

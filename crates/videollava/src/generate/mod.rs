@@ -130,6 +130,22 @@ pub fn generate(
     options: &GenerateOptions,
     on_token: &mut dyn FnMut(TokenEvent),
 ) -> Result<(Vec<GeneratedSequence>, GenerateTimings)> {
+    let mut cache = KvCache::default();
+    generate_continuing(model, tokenizer, inputs, options, &mut cache, on_token)
+}
+
+/// Like [`generate`], but `inputs` continue the sequences already held by `cache` (a chat
+/// session's earlier turns; an empty cache starts afresh). Positions continue after the cached
+/// real tokens. On return the cache holds everything but the last chosen token of each row, which
+/// the next continuation must feed first.
+pub fn generate_continuing(
+    model: &VideoLlava,
+    tokenizer: &TextTokenizer,
+    inputs: &ProcessorOutput,
+    options: &GenerateOptions,
+    cache: &mut KvCache,
+    on_token: &mut dyn FnMut(TokenEvent),
+) -> Result<(Vec<GeneratedSequence>, GenerateTimings)> {
     options.sampling.validate().map_err(Error::Input)?;
     if options.max_new_tokens == 0 {
         return Err(Error::Input("max_new_tokens must be at least 1".into()));
@@ -144,11 +160,15 @@ pub fn generate(
     let ids = Tensor::from_vec(ids_u32.clone(), (b, l), &device)?;
     let mask = Tensor::from_vec(mask_u32.clone(), (b, l), &device)?;
 
+    let past_real = cache.real_tokens_per_row()?;
+    if !cache.is_empty() && past_real.len() != b {
+        return Err(Error::Input(format!("the cache holds {} sequences but {b} prompts were given", past_real.len())));
+    }
     let mut rows: Vec<Row> = (0..b)
         .map(|i| {
             let row_ids = &ids_u32[i * l..(i + 1) * l];
             let row_mask = &mask_u32[i * l..(i + 1) * l];
-            let prompt_tokens = row_mask.iter().filter(|&&m| m != 0).count();
+            let prompt_tokens = row_mask.iter().filter(|&&m| m != 0).count() + past_real.get(i).copied().unwrap_or(0);
             Row {
                 index: i,
                 seen: row_ids.iter().zip(row_mask).filter(|(_, &m)| m != 0).map(|(&t, _)| t).collect(),
@@ -179,9 +199,8 @@ pub fn generate(
     let t1 = Instant::now();
     let embeds = model.merge_embeddings(&ids, image_features.as_ref(), video_features.as_ref())?;
     drop((image_features, video_features));
-    let positions = crate::model::video_llava::default_position_ids(&mask, 0)?;
-    let mut cache = KvCache::default();
-    let mut logits = model.forward_embeddings(&embeds, &mask, &positions, Some(&mut cache), true)?;
+    let positions = position_ids_after(&mask_u32, b, l, &past_real, &device)?;
+    let mut logits = model.forward_embeddings(&embeds, &mask, &positions, Some(&mut *cache), true)?;
     drop(embeds);
     timings.prefill_ms = t1.elapsed().as_secs_f64() * 1e3;
 
@@ -233,7 +252,7 @@ pub fn generate(
         let embeds = model.merge_embeddings(&next, None, None)?;
         let step_mask = Tensor::ones((n, 1), DType::U32, &device)?;
         let pos = Tensor::from_vec(pos, (n, 1), &device)?;
-        logits = model.forward_embeddings(&embeds, &step_mask, &pos, Some(&mut cache), true)?;
+        logits = model.forward_embeddings(&embeds, &step_mask, &pos, Some(&mut *cache), true)?;
         timings.decode_steps += 1;
     }
     timings.decode_ms = t2.elapsed().as_secs_f64() * 1e3;
@@ -250,4 +269,17 @@ pub fn generate(
         })
         .collect();
     Ok((results, timings))
+}
+
+/// Position ids `[B, L]`: `cumsum(mask) - 1` after `past[b]` real cached tokens, pads at 1.
+fn position_ids_after(mask: &[u32], b: usize, l: usize, past: &[usize], device: &Device) -> Result<Tensor> {
+    let mut out = Vec::with_capacity(b * l);
+    for row in 0..b {
+        let mut count = past.get(row).copied().unwrap_or(0) as u32;
+        for &m in &mask[row * l..(row + 1) * l] {
+            count += m;
+            out.push(if m == 0 { 1 } else { count - 1 });
+        }
+    }
+    Ok(Tensor::from_vec(out, (b, l), device)?)
 }

@@ -220,6 +220,14 @@ impl KvCache {
         self.len() == 0
     }
 
+    /// Real (unpadded) tokens held for each row.
+    pub fn real_tokens_per_row(&self) -> Result<Vec<usize>> {
+        match &self.mask {
+            None => Ok(Vec::new()),
+            Some(m) => Ok(m.to_vec2::<u32>()?.iter().map(|r| r.iter().filter(|&&x| x != 0).count()).collect()),
+        }
+    }
+
     /// Number of rows (sequences) in the cache.
     pub fn batch_size(&self) -> usize {
         self.mask.as_ref().map(|m| m.dim(0).unwrap_or(0)).unwrap_or(0)

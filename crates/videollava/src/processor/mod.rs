@@ -6,6 +6,7 @@
 //! of their placeholders across the whole batch; batches are padded with the pad token on the
 //! tokenizer's padding side (left for Video-LLaVA) with an attention mask.
 
+pub mod chat;
 pub mod image_processor;
 pub mod resize;
 pub mod tokenizer;
@@ -197,6 +198,16 @@ impl Processor {
     /// Processes a batch: `prompts` hold `<image>` / `<video>` placeholders, consumed in order
     /// across the whole batch by `images` and `videos`.
     pub fn process(&self, prompts: &[&str], images: &[RgbImage], videos: &[Video]) -> Result<ProcessorOutput> {
+        self.process_inner(prompts, images, videos, true)
+    }
+
+    /// Like [`Processor::process`] but without the tokenizer's special tokens (no BOS): text that
+    /// continues a conversation already in the model's cache.
+    pub fn process_continuation(&self, prompts: &[&str], images: &[RgbImage], videos: &[Video]) -> Result<ProcessorOutput> {
+        self.process_inner(prompts, images, videos, false)
+    }
+
+    fn process_inner(&self, prompts: &[&str], images: &[RgbImage], videos: &[Video], add_special_tokens: bool) -> Result<ProcessorOutput> {
         if prompts.is_empty() {
             return Err(Error::Input("no prompt given".into()));
         }
@@ -234,7 +245,7 @@ impl Processor {
             if video_tokens_per_item > 0 {
                 text = text.replace(video_token, &video_token.repeat(video_tokens_per_item));
             }
-            rows.push(self.tokenizer.encode(&text, true)?);
+            rows.push(self.tokenizer.encode(&text, add_special_tokens)?);
         }
 
         // The tokenizer must have turned every placeholder string into exactly one token.

@@ -1,0 +1,171 @@
+//! `videollava chat`: an interactive session that keeps the KV cache between turns.
+//!
+//! Each turn feeds the model only the new text (and the media attached to it): the conversation
+//! is rendered with the chat template, and the part after what the cache already holds is
+//! tokenized without BOS and prefilled on top of the cache.
+
+use std::io::{BufRead, Write};
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use videollava::engine::Engine;
+use videollava::generate::{generate_continuing, GenerateOptions, SamplingParams};
+use videollava::media::image::decode_image_file;
+use videollava::media::video::decode_video_file;
+use videollava::media::{RgbImage, Video};
+use videollava::model::llama::KvCache;
+use videollava::processor::chat::{ChatMessage, ContentPart};
+
+use crate::common::{MediaArgs, ModelArgs};
+
+#[derive(Args)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Media attached to the first question (more with /image and /video).
+    #[command(flatten)]
+    media: MediaArgs,
+    /// Most tokens per answer.
+    #[arg(long, default_value_t = 512, value_name = "N")]
+    max_new_tokens: usize,
+    /// Sampling temperature; 0 decodes greedily.
+    #[arg(long, default_value_t = 0.0, value_name = "T")]
+    temperature: f64,
+    #[arg(long, default_value_t = 1.0, value_name = "P")]
+    top_p: f64,
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    seed: u64,
+}
+
+struct Session {
+    history: Vec<ChatMessage>,
+    /// The rendered text the cache corresponds to.
+    rendered: String,
+    cache: KvCache,
+    /// A chosen token not yet in the cache (the last one of the previous answer).
+    pending: Option<u32>,
+    images: Vec<RgbImage>,
+    videos: Vec<Video>,
+}
+
+impl Session {
+    fn new() -> Self {
+        Self { history: Vec::new(), rendered: String::new(), cache: KvCache::default(), pending: None, images: Vec::new(), videos: Vec::new() }
+    }
+}
+
+fn render(engine: &Engine, messages: &[ChatMessage], generation_prompt: bool) -> Result<String> {
+    let tok = engine.tokenizer();
+    let name = |id: Option<u32>| id.and_then(|i| tok.inner().id_to_token(i)).unwrap_or_default();
+    Ok(videollava::processor::chat::apply_chat_template(
+        tok.chat_template.as_deref(),
+        messages,
+        generation_prompt,
+        &name(tok.bos_token_id),
+        &name(tok.eos_token_id),
+    )?)
+}
+
+/// Runs one user turn; streams the answer to `out`.
+fn turn(engine: &Engine, s: &mut Session, question: &str, options: &GenerateOptions, out: &mut dyn Write) -> Result<()> {
+    let mut content: Vec<ContentPart> = Vec::new();
+    content.extend(std::iter::repeat_n(ContentPart::Image, s.images.len()));
+    content.extend(std::iter::repeat_n(ContentPart::Video, s.videos.len()));
+    content.push(ContentPart::Text(question.to_string()));
+    s.history.push(ChatMessage { role: "user".into(), content });
+    let full = render(engine, &s.history, true)?;
+    let first = s.cache.is_empty();
+    let new_text = if first {
+        full.clone()
+    } else {
+        full.strip_prefix(s.rendered.as_str())
+            .map(str::to_string)
+            .context("the chat template does not extend the previous turns; use /reset")?
+    };
+    let (images, videos) = (std::mem::take(&mut s.images), std::mem::take(&mut s.videos));
+    let mut inputs = if first {
+        engine.processor.process(&[new_text.as_str()], &images, &videos)?
+    } else {
+        engine.processor.process_continuation(&[new_text.as_str()], &images, &videos)?
+    };
+    if let Some(tok) = s.pending.take() {
+        let eos = engine.default_options().eos_token_ids;
+        if !eos.contains(&tok) {
+            inputs.input_ids.insert(0, tok as i64);
+            inputs.attention_mask.insert(0, 1);
+            inputs.seq_len += 1;
+        }
+    }
+    let (results, _) = generate_continuing(&engine.model, engine.tokenizer(), &inputs, options, &mut s.cache, &mut |ev| {
+        let _ = out.write_all(ev.text_delta.as_bytes());
+        let _ = out.flush();
+    })?;
+    writeln!(out)?;
+    let answer = &results[0];
+    s.pending = answer.token_ids.last().copied();
+    s.history.push(ChatMessage { role: "assistant".into(), content: vec![ContentPart::Text(answer.text.clone())] });
+    s.rendered = render(engine, &s.history, false)?;
+    Ok(())
+}
+
+fn attach(s: &mut Session, kind: &str, path: &str, args: &MediaArgs) -> Result<String> {
+    let p = Path::new(path.trim());
+    if kind == "image" {
+        s.images.push(decode_image_file(p)?);
+    } else {
+        s.videos.push(decode_video_file(p, &args.video_options())?);
+    }
+    Ok(format!("attached {kind} {} to the next question", p.display()))
+}
+
+pub fn run(args: ChatArgs) -> Result<()> {
+    let engine = args.model.load()?;
+    let mut options = engine.default_options();
+    options.max_new_tokens = args.max_new_tokens;
+    options.sampling = SamplingParams { temperature: args.temperature, top_p: args.top_p, seed: args.seed, ..Default::default() };
+    let mut s = Session::new();
+    let (images, videos, _) = args.media.load()?;
+    s.images = images;
+    s.videos = videos;
+
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout().lock();
+    let interactive = std::io::IsTerminal::is_terminal(&stdin);
+    if interactive {
+        eprintln!("videollava chat: /image PATH, /video PATH attach media to the next question; /reset; /quit");
+    }
+    for line in stdin.lock().lines() {
+        let line = line?;
+        let line = line.trim();
+        if line.is_empty() {
+            continue;
+        }
+        let result = if line == "/quit" || line == "/exit" {
+            break;
+        } else if line == "/reset" {
+            s = Session::new();
+            Ok("conversation reset".to_string())
+        } else if let Some(p) = line.strip_prefix("/image ") {
+            attach(&mut s, "image", p, &args.media)
+        } else if let Some(p) = line.strip_prefix("/video ") {
+            attach(&mut s, "video", p, &args.media)
+        } else if line.starts_with('/') {
+            Ok(format!("unknown command {line} (use /image PATH, /video PATH, /reset, /quit)"))
+        } else {
+            turn(&engine, &mut s, line, &options, &mut out).map(|_| String::new())
+        };
+        match result {
+            Ok(msg) if !msg.is_empty() => eprintln!("{msg}"),
+            Ok(_) => {}
+            // A bad turn (unreadable file, too long) is reported; the session goes on.
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                if s.history.last().is_some_and(|m| m.role == "user") {
+                    s.history.pop();
+                }
+            }
+        }
+    }
+    Ok(())
+}

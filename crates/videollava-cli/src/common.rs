@@ -1,0 +1,93 @@
+//! Arguments and steps the subcommands share: model source, media, dtype, threads.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use videollava::engine::{DTypeChoice, Engine};
+use videollava::hub::{resolve_model, HubOptions, DEFAULT_MODEL};
+use videollava::media::image::decode_image_file;
+use videollava::media::video::{decode_video_file, FrameSampling, VideoOptions};
+use videollava::media::{RgbImage, Video};
+
+#[derive(Args, Clone)]
+pub struct MediaArgs {
+    /// Image file, consumed by the `<image>` placeholders in order (repeatable).
+    #[arg(long = "image", value_name = "PATH")]
+    pub images: Vec<PathBuf>,
+    /// Video file, consumed by the `<video>` placeholders in order (repeatable).
+    #[arg(long = "video", value_name = "PATH")]
+    pub videos: Vec<PathBuf>,
+    /// Frames taken from each video.
+    #[arg(long, default_value_t = 8, value_name = "N")]
+    pub num_frames: usize,
+    /// How frames are chosen: `uniform` (floor(i*total/N), the Hugging Face default) or
+    /// `linspace` (the original Video-LLaVA repo: linspace(0, total-1, N)).
+    #[arg(long, default_value = "uniform", value_name = "uniform|linspace")]
+    pub frame_sampling: FrameSampling,
+}
+
+impl MediaArgs {
+    pub fn video_options(&self) -> VideoOptions {
+        VideoOptions { num_frames: self.num_frames, sampling: self.frame_sampling }
+    }
+
+    /// Decodes every image and video; returns them with the time it took (ms).
+    pub fn load(&self) -> Result<(Vec<RgbImage>, Vec<Video>, f64)> {
+        let t = Instant::now();
+        let images = self.images.iter().map(|p| decode_image_file(p)).collect::<videollava::Result<Vec<_>>>()?;
+        let options = self.video_options();
+        let videos = self.videos.iter().map(|p| decode_video_file(p, &options)).collect::<videollava::Result<Vec<_>>>()?;
+        Ok((images, videos, t.elapsed().as_secs_f64() * 1e3))
+    }
+}
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// Checkpoint directory, or a Hugging Face hub id (`org/name[@revision]`), resolved through
+    /// the hub cache (HF_HOME, HF_HUB_CACHE; HF_HUB_OFFLINE=1 uses the cache only).
+    #[arg(long, default_value = DEFAULT_MODEL, value_name = "DIR|HUB_ID")]
+    pub model: String,
+    /// Compute dtype: auto (the checkpoint's), f32, bf16 or f16.
+    #[arg(long, default_value = "auto", value_name = "auto|f32|bf16|f16")]
+    pub dtype: DTypeChoice,
+    /// CPU threads for the tensor kernels (default: all cores).
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+}
+
+impl ModelArgs {
+    /// Resolves `--model` to a directory (downloading if needed).
+    pub fn resolve(&self) -> Result<PathBuf> {
+        Ok(resolve_model(&self.model, &HubOptions::from_env())?)
+    }
+
+    /// Resolves and loads the checkpoint.
+    pub fn load(&self) -> Result<Engine> {
+        if let Some(n) = self.threads {
+            // candle's CPU kernels read this before their first use.
+            std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+        }
+        let dir = self.resolve()?;
+        let spinner = progress_spinner(&format!("loading {}", dir.display()));
+        let engine = Engine::load(&dir, self.dtype, &candle_core::Device::Cpu)
+            .with_context(|| format!("loading the checkpoint {}", dir.display()))?;
+        if let Some(s) = spinner {
+            s.finish_and_clear();
+        }
+        Ok(engine)
+    }
+}
+
+/// A spinner on stderr when it is a terminal.
+pub fn progress_spinner(message: &str) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_message(message.to_string());
+    bar.enable_steady_tick(std::time::Duration::from_millis(120));
+    Some(bar)
+}

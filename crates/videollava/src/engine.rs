@@ -1,0 +1,151 @@
+//! The engine: one loaded checkpoint (model + processor) that the CLI and the server drive.
+//!
+//! It turns requests (prompts plus decoded media) into generated text, timing each stage.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+
+use crate::config::CheckpointConfig;
+use crate::error::{Error, Result};
+use crate::generate::{generate, GenerateOptions, GenerateTimings, GeneratedSequence, TokenEvent};
+use crate::media::{RgbImage, Video};
+use crate::model::VideoLlava;
+use crate::processor::tokenizer::TextTokenizer;
+use crate::processor::{Processor, ProcessorOutput};
+
+/// The compute dtype requested at load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DTypeChoice {
+    /// The dtype the checkpoint says it was saved in (`torch_dtype` / `dtype`), else f32.
+    #[default]
+    Auto,
+    F32,
+    BF16,
+    F16,
+}
+
+impl std::str::FromStr for DTypeChoice {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "auto" => Ok(Self::Auto),
+            "f32" | "float32" => Ok(Self::F32),
+            "bf16" | "bfloat16" => Ok(Self::BF16),
+            "f16" | "float16" | "half" => Ok(Self::F16),
+            other => Err(Error::Input(format!("unknown dtype `{other}` (expected auto, f32, bf16 or f16)"))),
+        }
+    }
+}
+
+impl DTypeChoice {
+    /// The concrete dtype for a checkpoint whose config states `saved` (e.g. "bfloat16").
+    pub fn resolve(self, saved: Option<&str>) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::BF16 => DType::BF16,
+            Self::F16 => DType::F16,
+            Self::Auto => match saved {
+                Some("bfloat16") => DType::BF16,
+                Some("float16") => DType::F16,
+                _ => DType::F32,
+            },
+        }
+    }
+}
+
+/// Stage timings of one request, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct StageTimings {
+    pub load_ms: f64,
+    pub media_ms: f64,
+    pub preprocess_ms: f64,
+    pub vision_ms: f64,
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+}
+
+impl StageTimings {
+    fn with_generation(mut self, g: &GenerateTimings) -> Self {
+        self.vision_ms = g.vision_ms;
+        self.prefill_ms = g.prefill_ms;
+        self.decode_ms = g.decode_ms;
+        self
+    }
+}
+
+/// A loaded checkpoint.
+pub struct Engine {
+    pub model: VideoLlava,
+    pub processor: Processor,
+    pub checkpoint: CheckpointConfig,
+    pub model_dir: PathBuf,
+    pub load_ms: f64,
+}
+
+impl Engine {
+    /// Loads the checkpoint directory `dir` (use [`crate::hub::resolve_model`] for hub ids).
+    pub fn load(dir: &Path, dtype: DTypeChoice, device: &Device) -> Result<Self> {
+        let t = Instant::now();
+        let checkpoint = CheckpointConfig::from_dir(dir)?;
+        let tokenizer = TextTokenizer::from_dir(dir)?;
+        let processor = Processor::new(&checkpoint, tokenizer)?;
+        let dtype = dtype.resolve(checkpoint.model.dtype.as_deref());
+        let model = VideoLlava::load(dir, dtype, device)?;
+        Ok(Self { model, processor, checkpoint, model_dir: dir.to_path_buf(), load_ms: t.elapsed().as_secs_f64() * 1e3 })
+    }
+
+    pub fn tokenizer(&self) -> &TextTokenizer {
+        &self.processor.tokenizer
+    }
+
+    /// Default generation options from `generation_config.json` (EOS ids, limits).
+    pub fn default_options(&self) -> GenerateOptions {
+        let g = &self.checkpoint.generation;
+        let mut eos = g.eos_token_ids.clone();
+        if let Some(e) = self.tokenizer().eos_token_id {
+            if !eos.contains(&e) {
+                eos.push(e);
+            }
+        }
+        GenerateOptions { eos_token_ids: eos, max_new_tokens: g.max_new_tokens.unwrap_or(256), ..Default::default() }
+    }
+
+    /// Wraps a plain question in the checkpoint's chat format with `images` `<image>` and
+    /// `videos` `<video>` placeholders (images first).
+    pub fn question_prompt(&self, question: &str, images: usize, videos: usize) -> Result<String> {
+        let tok = self.tokenizer();
+        let name = |id: Option<u32>| id.and_then(|i| tok.inner().id_to_token(i)).unwrap_or_default();
+        crate::processor::chat::question_prompt(
+            tok.chat_template.as_deref(),
+            question,
+            images,
+            videos,
+            &name(tok.bos_token_id),
+            &name(tok.eos_token_id),
+        )
+    }
+
+    /// Runs the processor over prompts and media (timed as `preprocess`).
+    pub fn preprocess(&self, prompts: &[&str], images: &[RgbImage], videos: &[Video]) -> Result<(ProcessorOutput, f64)> {
+        let t = Instant::now();
+        let out = self.processor.process(prompts, images, videos)?;
+        Ok((out, t.elapsed().as_secs_f64() * 1e3))
+    }
+
+    /// Generates for a batch of prompts; `on_token` sees every token as it is produced.
+    pub fn generate(
+        &self,
+        prompts: &[&str],
+        images: &[RgbImage],
+        videos: &[Video],
+        options: &GenerateOptions,
+        on_token: &mut dyn FnMut(TokenEvent),
+    ) -> Result<(Vec<GeneratedSequence>, StageTimings)> {
+        let (inputs, preprocess_ms) = self.preprocess(prompts, images, videos)?;
+        let (out, g) = generate(&self.model, self.tokenizer(), &inputs, options, on_token)?;
+        let timings = StageTimings { load_ms: self.load_ms, preprocess_ms, ..Default::default() }.with_generation(&g);
+        Ok((out, timings))
+    }
+}
