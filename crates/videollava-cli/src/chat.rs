@@ -36,6 +36,9 @@ pub struct ChatArgs {
     top_p: f64,
     #[arg(long, default_value_t = 0, value_name = "S")]
     seed: u64,
+    /// After each answer, print to stderr how many tokens were prefilled and how many came from the cache.
+    #[arg(long)]
+    stats: bool,
 }
 
 struct Session {
@@ -68,7 +71,14 @@ fn render(engine: &Engine, messages: &[ChatMessage], generation_prompt: bool) ->
 }
 
 /// Runs one user turn; streams the answer to `out`.
-fn turn(engine: &Engine, s: &mut Session, question: &str, options: &GenerateOptions, out: &mut dyn Write) -> Result<()> {
+/// Token counts of one turn.
+struct TurnStats {
+    cached: usize,
+    prefilled: usize,
+    generated: usize,
+}
+
+fn turn(engine: &Engine, s: &mut Session, question: &str, options: &GenerateOptions, out: &mut dyn Write) -> Result<TurnStats> {
     let mut content: Vec<ContentPart> = Vec::new();
     content.extend(std::iter::repeat_n(ContentPart::Image, s.images.len()));
     content.extend(std::iter::repeat_n(ContentPart::Video, s.videos.len()));
@@ -97,6 +107,8 @@ fn turn(engine: &Engine, s: &mut Session, question: &str, options: &GenerateOpti
             inputs.seq_len += 1;
         }
     }
+    let cached = s.cache.len();
+    let prefilled = inputs.seq_len;
     let (results, _) = generate_continuing(&engine.model, engine.tokenizer(), &inputs, options, &mut s.cache, &mut |ev| {
         let _ = out.write_all(ev.text_delta.as_bytes());
         let _ = out.flush();
@@ -106,7 +118,7 @@ fn turn(engine: &Engine, s: &mut Session, question: &str, options: &GenerateOpti
     s.pending = answer.token_ids.last().copied();
     s.history.push(ChatMessage { role: "assistant".into(), content: vec![ContentPart::Text(answer.text.clone())] });
     s.rendered = render(engine, &s.history, false)?;
-    Ok(())
+    Ok(TurnStats { cached, prefilled, generated: answer.token_ids.len() })
 }
 
 fn attach(s: &mut Session, kind: &str, path: &str, args: &MediaArgs) -> Result<String> {
@@ -153,7 +165,13 @@ pub fn run(args: ChatArgs) -> Result<()> {
         } else if line.starts_with('/') {
             Ok(format!("unknown command {line} (use /image PATH, /video PATH, /reset, /quit)"))
         } else {
-            turn(&engine, &mut s, line, &options, &mut out).map(|_| String::new())
+            turn(&engine, &mut s, line, &options, &mut out).map(|t| {
+                if args.stats {
+                    format!("[turn: {} tokens prefilled after {} cached, {} generated]", t.prefilled, t.cached, t.generated)
+                } else {
+                    String::new()
+                }
+            })
         };
         match result {
             Ok(msg) if !msg.is_empty() => eprintln!("{msg}"),

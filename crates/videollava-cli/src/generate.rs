@@ -78,20 +78,23 @@ fn build_prompts(engine: &Engine, args: &GenerateArgs, n_images: usize, n_videos
         // The user placed the media: wrap the text as is.
         return args.prompts.iter().map(|p| Ok(engine.question_prompt(p, 0, 0)?)).collect();
     }
+    // Which media go with which question: all to a single question; otherwise one medium per
+    // question (images first, then videos), or one image and one video each.
     let n = args.prompts.len();
-    let per_prompt = |count: usize, what: &str| -> Result<Vec<usize>> {
-        match count {
-            0 => Ok(vec![0; n]),
-            c if n == 1 => Ok(vec![c]),
-            c if c == n => Ok(vec![1; n]),
-            c => bail!(
-                "{c} {what}s for {n} prompts: give one {what} per prompt, or put <{what}> placeholders in the prompts \
-                 (or use --raw-prompt)"
-            ),
-        }
+    let (images, videos): (Vec<usize>, Vec<usize>) = if n == 1 {
+        (vec![n_images], vec![n_videos])
+    } else if n_images + n_videos == n {
+        ((0..n).map(|i| usize::from(i < n_images)).collect(), (0..n).map(|i| usize::from(i >= n_images)).collect())
+    } else if n_images == n && n_videos == n {
+        (vec![1; n], vec![1; n])
+    } else if n_images + n_videos == 0 {
+        (vec![0; n], vec![0; n])
+    } else {
+        bail!(
+            "{n_images} images and {n_videos} videos for {n} prompts: give one medium per prompt, or put <image>/<video> \
+             placeholders in the prompts (or use --raw-prompt)"
+        )
     };
-    let images = per_prompt(n_images, "image")?;
-    let videos = per_prompt(n_videos, "video")?;
     args.prompts.iter().enumerate().map(|(i, q)| Ok(engine.question_prompt(q, images[i], videos[i])?)).collect()
 }
 
