@@ -1,0 +1,153 @@
+//! Model behaviour beyond one forward pass: the KV cache, 16-bit compute, and bad input.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use common::{fixtures_dir, read_safetensors};
+use videollava::model::llama::KvCache;
+use videollava::model::{ForwardInput, LogitsSelection, VideoLlava};
+
+fn load(name: &str, dtype: DType) -> VideoLlava {
+    VideoLlava::load(&fixtures_dir().join("checkpoints").join(name), dtype, &Device::Cpu).unwrap()
+}
+
+/// input_ids `[1, L]` (u32), pixel values, and f32 reference logits `[1, L, V]` of a single-row case.
+fn case(name: &str) -> (Tensor, Option<Tensor>, Option<Tensor>, Tensor) {
+    let (t, _) = read_safetensors(&fixtures_dir().join("model").join(format!("{name}.safetensors")));
+    let dev = Device::Cpu;
+    let ids = Tensor::from_vec(t["input_ids"].i64s(), t["input_ids"].shape.clone(), &dev).unwrap().to_dtype(DType::U32).unwrap();
+    let px = |k: &str| t.get(k).map(|p| Tensor::from_vec(p.f32s(), p.shape.clone(), &dev).unwrap());
+    let logits = Tensor::from_vec(t["logits"].f32s(), t["logits"].shape.clone(), &dev).unwrap();
+    (ids, px("pixel_values_images"), px("pixel_values_videos"), logits)
+}
+
+fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+}
+
+#[test]
+fn prefill_then_decode_with_the_cache_equals_one_full_pass() {
+    let model = load("model-llama", DType::F32);
+    let (ids, _, videos, want) = case("model-llama-video");
+    let l = ids.dim(1).unwrap();
+    let mut cache = KvCache::default();
+    let head = ids.narrow(1, 0, l - 1).unwrap();
+    let prefill = ForwardInput { pixel_values_videos: videos.as_ref(), logits: LogitsSelection::Last, ..ForwardInput::new(&head) };
+    model.forward(&prefill, Some(&mut cache)).unwrap();
+    assert_eq!(cache.len(), l - 1);
+    let tail = ids.narrow(1, l - 1, 1).unwrap();
+    let step = ForwardInput { logits: LogitsSelection::Last, ..ForwardInput::new(&tail) };
+    let out = model.forward(&step, Some(&mut cache)).unwrap();
+    let got = out.logits.unwrap().i((0, 0)).unwrap();
+    let d = max_abs(&got, &want.i((0, l - 1)).unwrap());
+    assert!(d <= 1e-4, "cached decode differs from the full pass by {d}");
+    assert_eq!(cache.len(), l);
+}
+
+#[test]
+fn bf16_and_f16_compute_track_f32() {
+    let (ids, images, videos, want) = case("model-llama-image_video");
+    for (dtype, bound) in [(DType::BF16, 0.25f32), (DType::F16, 0.05f32)] {
+        let model = load("model-llama", dtype);
+        let input = ForwardInput { pixel_values_images: images.as_ref(), pixel_values_videos: videos.as_ref(), ..ForwardInput::new(&ids) };
+        let got = model.forward(&input, None).unwrap().logits.unwrap();
+        assert_eq!(got.dtype(), DType::F32, "logits are returned as f32");
+        let d = max_abs(&got, &want);
+        let agree = got.argmax(2).unwrap().eq(&want.argmax(2).unwrap()).unwrap().to_dtype(DType::F32).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+        eprintln!("{dtype:?}: max abs logit diff {d:.4}, argmax agreement {agree:.3}");
+        assert!(d < bound, "{dtype:?}: logits differ from f32 by {d}");
+        assert!(agree > 0.9, "{dtype:?}: argmax agreement {agree}");
+    }
+}
+
+#[test]
+fn placeholder_count_mismatch_is_an_error() {
+    let model = load("model-llama", DType::F32);
+    let (ids, images, _, _) = case("model-llama-image");
+    let mut v = ids.flatten_all().unwrap().to_vec1::<u32>().unwrap();
+    let first = v.iter().position(|&t| t == model.config.image_token_id).unwrap();
+    v[first] = 5;
+    let ids = Tensor::from_vec(v, ids.dims(), &Device::Cpu).unwrap();
+    let input = ForwardInput { pixel_values_images: images.as_ref(), ..ForwardInput::new(&ids) };
+    let err = model.forward(&input, None).unwrap_err().to_string();
+    assert_eq!(err, "Image features and image tokens do not match: tokens: 15, features 16");
+}
+
+#[test]
+fn images_of_the_wrong_size_are_an_error() {
+    let model = load("model-llama", DType::F32);
+    let (ids, _, _, _) = case("model-llama-image");
+    let wrong = Tensor::zeros((1, 3, 32, 32), DType::F32, &Device::Cpu).unwrap();
+    let input = ForwardInput { pixel_values_images: Some(&wrong), ..ForwardInput::new(&ids) };
+    let err = model.forward(&input, None).unwrap_err().to_string();
+    assert!(err.contains("3x32x32") && err.contains("image_size 28"), "{err}");
+    let five_d = Tensor::zeros((1, 3, 28, 28), DType::F32, &Device::Cpu).unwrap();
+    let input = ForwardInput { pixel_values_videos: Some(&five_d), ..ForwardInput::new(&ids) };
+    assert!(model.forward(&input, None).unwrap_err().to_string().contains("pixel_values_videos must be"));
+}
+
+#[test]
+fn positions_beyond_the_context_and_unknown_ids_are_errors() {
+    let model = load("model-llama", DType::F32);
+    let ids = Tensor::from_vec(vec![1u32, 5, 6], (1, 3), &Device::Cpu).unwrap();
+    let far = Tensor::from_vec(vec![0u32, 1, 4096], (1, 3), &Device::Cpu).unwrap();
+    let input = ForwardInput { position_ids: Some(&far), ..ForwardInput::new(&ids) };
+    let err = model.forward(&input, None).unwrap_err().to_string();
+    assert!(err.contains("beyond the model's context of 4096"), "{err}");
+    let bad = Tensor::from_vec(vec![1u32, 5, 900], (1, 3), &Device::Cpu).unwrap();
+    let err = model.forward(&ForwardInput::new(&bad), None).unwrap_err().to_string();
+    assert!(err.contains("token id 900 is outside the model's vocabulary of 832"), "{err}");
+}
+
+/// Copies checkpoint `name` to a temp dir, rewriting model.safetensors with `edit`.
+fn edited_checkpoint(test: &str, edit: impl Fn(&mut HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>)) -> PathBuf {
+    let src = fixtures_dir().join("checkpoints/model-llama");
+    let dir = std::env::temp_dir().join(format!("videollava-model-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in std::fs::read_dir(&src).unwrap() {
+        let f = f.unwrap().path();
+        std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
+    }
+    let (tensors, _) = read_safetensors(&src.join("model.safetensors"));
+    let mut map: HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)> =
+        tensors.into_iter().map(|(k, t)| (k, (t.dtype, t.shape, t.bytes))).collect();
+    edit(&mut map);
+    let views: Vec<(String, safetensors::tensor::TensorView)> = map
+        .iter()
+        .map(|(k, (d, s, b))| (k.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    dir
+}
+
+fn load_err(dir: &Path) -> String {
+    VideoLlava::load(dir, DType::F32, &Device::Cpu).map(|_| ()).unwrap_err().to_string()
+}
+
+#[test]
+fn missing_or_misshaped_weights_are_named() {
+    let dir = edited_checkpoint("missing", |m| {
+        m.remove("language_model.model.layers.1.mlp.up_proj.weight");
+    });
+    let err = load_err(&dir);
+    assert!(err.contains("language_model.model.layers.1.mlp.up_proj.weight"), "{err}");
+
+    let dir = edited_checkpoint("shape", |m| {
+        let t = m.get_mut("multi_modal_projector.linear_2.weight").unwrap();
+        t.1 = vec![t.1[1], t.1[0] / 2];
+        t.2.truncate(t.2.len() / 2);
+    });
+    let err = load_err(&dir);
+    assert!(err.contains("multi_modal_projector.linear_2.weight") || err.contains("shape"), "{err}");
+
+    let dir = edited_checkpoint("truncated", |_| {});
+    let file = dir.join("model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    std::fs::write(&file, &bytes[..bytes.len() / 2]).unwrap();
+    let err = load_err(&dir);
+    assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
+}
