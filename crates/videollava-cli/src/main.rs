@@ -1,5 +1,6 @@
 //! The `videollava` command: a thin layer over the `videollava` library.
 
+mod bench;
 mod chat;
 mod common;
 mod generate;
@@ -22,6 +23,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Talk to the model turn by turn; `/image PATH`, `/video PATH`, `/reset`, `/quit`.
     Chat(chat::ChatArgs),
+    /// Time each stage of one request (load, media, preprocess, vision, prefill, decode) and peak memory.
+    Bench(bench::BenchArgs),
     /// Run the processor only and write the model inputs (input_ids, attention_mask, pixel values)
     /// to a safetensors file: the tensors transformers' processor returns for the same input.
     Preprocess(preprocess::PreprocessArgs),
@@ -32,6 +35,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Bench(args) => bench::run(args),
         Command::Preprocess(args) => preprocess::run(args),
     };
     match result {

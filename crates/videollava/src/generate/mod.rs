@@ -109,17 +109,94 @@ fn to_tensor(t: &PixelTensor, device: &Device) -> Result<Tensor> {
     Ok(Tensor::from_slice(&t.data, t.shape.as_slice(), device)?)
 }
 
-struct Row {
-    index: usize,
+/// One sequence being generated: what it has produced and how to continue it.
+#[derive(Debug, Clone)]
+pub struct SequenceState {
+    /// Row of the caller's batch (prompt index).
+    pub index: usize,
     seen: Vec<u32>,
-    generated: Vec<u32>,
-    logprobs: Vec<f32>,
-    top: Vec<Vec<(u32, f32)>>,
-    next_position: u32,
+    pub generated: Vec<u32>,
+    pub logprobs: Vec<f32>,
+    pub top: Vec<Vec<(u32, f32)>>,
+    /// Position id of the next token to feed after the last chosen one.
+    pub next_position: u32,
     rng: Rng,
     stream: TextStream,
-    finish: Option<FinishReason>,
-    prompt_tokens: usize,
+    pub finish: Option<FinishReason>,
+    pub prompt_tokens: usize,
+}
+
+/// What one step produced for a sequence.
+#[derive(Debug, Clone)]
+pub struct StepOutput {
+    pub token_id: u32,
+    pub logprob: f32,
+    pub top_logprobs: Vec<(u32, f32)>,
+    /// Newly final text (possibly empty).
+    pub text_delta: String,
+}
+
+impl SequenceState {
+    /// A sequence whose prompt (real tokens `prompt`) has been prefilled.
+    pub fn new(index: usize, prompt: Vec<u32>, options: &GenerateOptions) -> Self {
+        let prompt_tokens = prompt.len();
+        Self {
+            index,
+            seen: prompt,
+            generated: Vec::new(),
+            logprobs: Vec::new(),
+            top: Vec::new(),
+            next_position: prompt_tokens as u32,
+            rng: Rng::new(options.sampling.seed.wrapping_add(index as u64)),
+            stream: TextStream::new(options.stop_strings.clone()),
+            finish: None,
+            prompt_tokens,
+        }
+    }
+
+    /// Chooses the next token from raw f32 `logits` `[V]`, updates text and stop state.
+    pub fn step(&mut self, logits: &[f32], options: &GenerateOptions, tokenizer: &TextTokenizer, max_ctx: usize) -> Result<StepOutput> {
+        let token = choose_token(logits, &self.seen, &options.sampling, &mut self.rng);
+        let lp = log_softmax(logits);
+        let top = if options.top_logprobs > 0 { top_k_of(&lp, options.top_logprobs) } else { Vec::new() };
+        self.logprobs.push(lp[token as usize]);
+        if options.top_logprobs > 0 {
+            self.top.push(top.clone());
+        }
+        self.generated.push(token);
+        self.seen.push(token);
+        self.next_position += 1;
+        let is_eos = options.eos_token_ids.contains(&token) && !options.ignore_eos;
+        let (mut delta, stopped) = if is_eos {
+            (self.stream.finish(tokenizer, &self.generated[..self.generated.len() - 1])?, false)
+        } else {
+            self.stream.push(tokenizer, &self.generated)?
+        };
+        if is_eos || stopped {
+            self.finish = Some(FinishReason::Stop);
+        } else if self.generated.len() >= options.max_new_tokens || self.next_position as usize >= max_ctx {
+            delta.push_str(&self.stream.finish(tokenizer, &self.generated)?);
+            self.finish = Some(FinishReason::Length);
+        }
+        Ok(StepOutput { token_id: token, logprob: lp[token as usize], top_logprobs: top, text_delta: delta })
+    }
+
+    /// The last chosen token (to feed at `next_position - 1`).
+    pub fn last_token(&self) -> u32 {
+        self.generated.last().copied().unwrap_or(0)
+    }
+
+    /// The finished result.
+    pub fn into_result(self) -> GeneratedSequence {
+        GeneratedSequence {
+            text: self.stream.text().to_string(),
+            token_ids: self.generated,
+            logprobs: self.logprobs,
+            top_logprobs: self.top,
+            finish_reason: self.finish.unwrap_or(FinishReason::Length),
+            prompt_tokens: self.prompt_tokens,
+        }
+    }
 }
 
 /// Generates for every prompt of `inputs`; `on_token` sees each token as it is chosen.
@@ -164,23 +241,15 @@ pub fn generate_continuing(
     if !cache.is_empty() && past_real.len() != b {
         return Err(Error::Input(format!("the cache holds {} sequences but {b} prompts were given", past_real.len())));
     }
-    let mut rows: Vec<Row> = (0..b)
+    let mut rows: Vec<SequenceState> = (0..b)
         .map(|i| {
             let row_ids = &ids_u32[i * l..(i + 1) * l];
             let row_mask = &mask_u32[i * l..(i + 1) * l];
-            let prompt_tokens = row_mask.iter().filter(|&&m| m != 0).count() + past_real.get(i).copied().unwrap_or(0);
-            Row {
-                index: i,
-                seen: row_ids.iter().zip(row_mask).filter(|(_, &m)| m != 0).map(|(&t, _)| t).collect(),
-                generated: Vec::new(),
-                logprobs: Vec::new(),
-                top: Vec::new(),
-                next_position: prompt_tokens as u32,
-                rng: Rng::new(options.sampling.seed.wrapping_add(i as u64)),
-                stream: TextStream::new(options.stop_strings.clone()),
-                finish: None,
-                prompt_tokens,
-            }
+            let prompt: Vec<u32> = row_ids.iter().zip(row_mask).filter(|(_, &m)| m != 0).map(|(&t, _)| t).collect();
+            let mut row = SequenceState::new(i, prompt, options);
+            row.prompt_tokens += past_real.get(i).copied().unwrap_or(0);
+            row.next_position = row.prompt_tokens as u32;
+            row
         })
         .collect();
     if let Some(r) = rows.iter().find(|r| r.prompt_tokens > max_ctx) {
@@ -210,32 +279,8 @@ pub fn generate_continuing(
         let logits_rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         for (slot, &ri) in active.iter().enumerate() {
             let row = &mut rows[ri];
-            let raw = &logits_rows[slot];
-            let token = choose_token(raw, &row.seen, &options.sampling, &mut row.rng);
-            let lp = log_softmax(raw);
-            row.logprobs.push(lp[token as usize]);
-            if options.top_logprobs > 0 {
-                row.top.push(top_k_of(&lp, options.top_logprobs));
-            }
-            row.generated.push(token);
-            row.seen.push(token);
-            row.next_position += 1;
-            let is_eos = options.eos_token_ids.contains(&token) && !options.ignore_eos;
-            let (delta, stopped) = if is_eos {
-                (row.stream.finish(tokenizer, &row.generated[..row.generated.len() - 1])?, false)
-            } else {
-                row.stream.push(tokenizer, &row.generated)?
-            };
-            on_token(TokenEvent { row: row.index, token_id: token, logprob: lp[token as usize], text_delta: &delta });
-            if is_eos || stopped {
-                row.finish = Some(FinishReason::Stop);
-            } else if row.generated.len() >= options.max_new_tokens || row.next_position as usize >= max_ctx {
-                let rest = row.stream.finish(tokenizer, &row.generated)?;
-                if !rest.is_empty() {
-                    on_token(TokenEvent { row: row.index, token_id: token, logprob: f32::NAN, text_delta: &rest });
-                }
-                row.finish = Some(FinishReason::Length);
-            }
+            let out = row.step(&logits_rows[slot], options, tokenizer, max_ctx)?;
+            on_token(TokenEvent { row: row.index, token_id: out.token_id, logprob: out.logprob, text_delta: &out.text_delta });
         }
         let keep: Vec<usize> = (0..active.len()).filter(|&s| rows[active[s]].finish.is_none()).collect();
         if keep.is_empty() {
@@ -246,7 +291,7 @@ pub fn generate_continuing(
             active = keep.iter().map(|&s| active[s]).collect();
         }
         let n = active.len();
-        let next: Vec<u32> = active.iter().map(|&ri| *rows[ri].generated.last().unwrap_or(&0)).collect();
+        let next: Vec<u32> = active.iter().map(|&ri| rows[ri].last_token()).collect();
         let pos: Vec<u32> = active.iter().map(|&ri| rows[ri].next_position - 1).collect();
         let next = Tensor::from_vec(next, (n, 1), &device)?;
         let embeds = model.merge_embeddings(&next, None, None)?;
@@ -257,17 +302,7 @@ pub fn generate_continuing(
     }
     timings.decode_ms = t2.elapsed().as_secs_f64() * 1e3;
 
-    let results = rows
-        .into_iter()
-        .map(|r| GeneratedSequence {
-            text: r.stream.text().to_string(),
-            token_ids: r.generated,
-            logprobs: r.logprobs,
-            top_logprobs: r.top,
-            finish_reason: r.finish.unwrap_or(FinishReason::Length),
-            prompt_tokens: r.prompt_tokens,
-        })
-        .collect();
+    let results = rows.into_iter().map(SequenceState::into_result).collect();
     Ok((results, timings))
 }
 
