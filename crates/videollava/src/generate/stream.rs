@@ -1,8 +1,9 @@
 //! Incremental detokenization for streaming.
 //!
 //! Each step decodes all generated ids (skipping special tokens) and releases only text that is
-//! final: never half of a UTF-8 character spelled by byte-fallback tokens (a trailing U+FFFD
-//! means "wait"), and never text that could be the start of a stop string. The concatenated
+//! final: never part of a run of byte-fallback tokens (`<0xNN>`, decoded together as one UTF-8
+//! sequence, so earlier bytes can change meaning when more arrive), and never text that could be
+//! the start of a stop string. The concatenated
 //! deltas equal the final text.
 
 use crate::error::Result;
@@ -59,7 +60,9 @@ impl TextStream {
         if let Some(pos) = self.find_stop(&full) {
             return Ok((self.release_up_to(&full, pos), true));
         }
-        if full.ends_with('\u{FFFD}') {
+        // A run of byte-fallback tokens is decoded as one UTF-8 sequence: its text is only final
+        // once a regular token closes the run.
+        if full.ends_with('\u{FFFD}') || generated.last().is_some_and(|&t| tokenizer.is_byte_token(t)) {
             return Ok((String::new(), false));
         }
         let end = full.len() - self.held_back(&full);

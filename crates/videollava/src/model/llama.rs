@@ -228,6 +228,65 @@ impl KvCache {
         }
     }
 
+    /// Appends the rows of `other` after this cache's rows. The shorter cache is left-padded
+    /// (masked positions), so each row keeps its keys' distances to the next query.
+    pub fn append_rows(&mut self, other: KvCache) -> Result<()> {
+        let (Some(mask_a), Some(mask_b)) = (self.mask.take(), other.mask.clone()) else {
+            if self.mask.is_none() {
+                *self = other;
+            }
+            return Ok(());
+        };
+        let (ta, tb) = (mask_a.dim(1)?, mask_b.dim(1)?);
+        let t = ta.max(tb);
+        let pad_mask = |m: Tensor, len: usize| -> Result<Tensor> {
+            if len == t {
+                return Ok(m);
+            }
+            let z = Tensor::zeros((m.dim(0)?, t - len), m.dtype(), m.device())?;
+            Ok(Tensor::cat(&[&z, &m], 1)?)
+        };
+        let pad_kv = |x: &Tensor, len: usize| -> Result<Tensor> {
+            if len == t {
+                return Ok(x.clone());
+            }
+            let (b, h, _, d) = x.dims4()?;
+            let z = Tensor::zeros((b, h, t - len, d), x.dtype(), x.device())?;
+            Ok(Tensor::cat(&[&z, x], 2)?)
+        };
+        self.mask = Some(Tensor::cat(&[&pad_mask(mask_a, ta)?, &pad_mask(mask_b, tb)?], 0)?);
+        if self.layers.len() != other.layers.len() {
+            return Err(Error::Model("cannot merge caches of different depths".into()));
+        }
+        for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
+            match (mine.as_mut(), theirs) {
+                (Some((ka, va)), Some((kb, vb))) => {
+                    *ka = Tensor::cat(&[&pad_kv(ka, ta)?, &pad_kv(&kb, tb)?], 0)?;
+                    *va = Tensor::cat(&[&pad_kv(va, ta)?, &pad_kv(&vb, tb)?], 0)?;
+                }
+                _ => return Err(Error::Model("cannot merge an unfilled cache".into())),
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops leading positions that are padding in every row (left behind by removed rows).
+    pub fn compact(&mut self) -> Result<()> {
+        let Some(mask) = &self.mask else { return Ok(()) };
+        let rows = mask.to_vec2::<u32>()?;
+        let t = mask.dim(1)?;
+        let lead = rows.iter().map(|r| r.iter().take_while(|&&m| m == 0).count()).min().unwrap_or(0);
+        if lead == 0 || lead == t {
+            return Ok(());
+        }
+        self.mask = Some(mask.narrow(1, lead, t - lead)?);
+        for (k, v) in self.layers.iter_mut().flatten() {
+            *k = k.narrow(2, lead, t - lead)?.contiguous()?;
+            *v = v.narrow(2, lead, t - lead)?.contiguous()?;
+        }
+        Ok(())
+    }
+
     /// Number of rows (sequences) in the cache.
     pub fn batch_size(&self) -> usize {
         self.mask.as_ref().map(|m| m.dim(0).unwrap_or(0)).unwrap_or(0)

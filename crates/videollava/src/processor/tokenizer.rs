@@ -244,6 +244,11 @@ impl TextTokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// Whether `id` is a byte-fallback token such as `<0x0A>`.
+    pub fn is_byte_token(&self, id: u32) -> bool {
+        self.inner.id_to_token(id).is_some_and(|t| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>'))
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)

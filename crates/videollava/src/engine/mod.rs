@@ -1,6 +1,14 @@
 //! The engine: one loaded checkpoint (model + processor) that the CLI and the server drive.
 //!
 //! It turns requests (prompts plus decoded media) into generated text, timing each stage.
+//! [`Scheduler`] serves many requests at once with continuous batching.
+
+pub mod scheduler;
+
+pub use scheduler::{
+    EngineInfo, GenerationRequest, RequestHandle, RequestTimings, Scheduler, SchedulerConfig, SchedulerStats, StreamEvent,
+    SubmitError,
+};
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;

@@ -1,0 +1,376 @@
+//! Continuous batching: one engine thread serves many requests.
+//!
+//! Requests wait in a bounded queue. At every decode step the engine thread admits waiting
+//! requests while the batch has room: each is preprocessed and prefilled on its own (visual
+//! features computed once), its first token is chosen, and its KV cache rows join the running
+//! batch's cache (left-padded so every row keeps its key distances). Then one decode step feeds the
+//! last token of every running row together. Rows that finish, and rows whose client went away
+//! (the event receiver was dropped), leave the batch at the next step.
+
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Tensor};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use super::Engine;
+use crate::error::{Error, Result};
+use crate::generate::{GenerateOptions, GeneratedSequence, SequenceState};
+use crate::media::{RgbImage, Video};
+use crate::model::llama::KvCache;
+use crate::processor::PixelTensor;
+
+/// Sizes of the batch and of the waiting queue.
+#[derive(Debug, Clone, Copy)]
+pub struct SchedulerConfig {
+    /// Most sequences decoded together.
+    pub max_batch_size: usize,
+    /// Most requests waiting for a place; `submit` refuses more.
+    pub max_queue: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self { max_batch_size: 8, max_queue: 64 }
+    }
+}
+
+/// One request: a rendered prompt with `<image>` / `<video>` placeholders and its media.
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    pub prompt: String,
+    pub images: Vec<RgbImage>,
+    pub videos: Vec<Video>,
+    pub options: GenerateOptions,
+}
+
+/// Time spent by one request in each stage, in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RequestTimings {
+    pub queue_ms: f64,
+    pub preprocess_ms: f64,
+    /// Vision towers and prompt prefill.
+    pub prefill_ms: f64,
+    pub decode_ms: f64,
+    /// From submission to the first token.
+    pub time_to_first_token_ms: f64,
+}
+
+/// What a request's receiver sees, in order: tokens, then one `Finished` or `Failed`.
+#[derive(Debug, Clone)]
+pub enum StreamEvent {
+    Token { token_id: u32, text: String, logprob: f32, top_logprobs: Vec<(u32, f32)> },
+    Finished { sequence: GeneratedSequence, timings: RequestTimings },
+    /// `client_error`: the request itself was at fault (bad media, placeholders, too long).
+    Failed { message: String, client_error: bool },
+}
+
+/// Why a request was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    #[error("the request queue is full")]
+    QueueFull,
+    #[error("the server is shutting down")]
+    ShuttingDown,
+}
+
+/// What clients of the scheduler need to know about the loaded checkpoint.
+#[derive(Debug, Clone)]
+pub struct EngineInfo {
+    pub model_dir: PathBuf,
+    pub chat_template: Option<String>,
+    pub bos_token: String,
+    pub eos_token: String,
+    pub max_position_embeddings: usize,
+    pub default_options: GenerateOptions,
+}
+
+/// Queue and batch occupancy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SchedulerStats {
+    pub queue_depth: usize,
+    pub running: usize,
+    pub max_batch_size: usize,
+}
+
+/// A submitted request. Dropping `events` cancels it.
+pub struct RequestHandle {
+    pub events: UnboundedReceiver<StreamEvent>,
+}
+
+struct Job {
+    request: GenerationRequest,
+    tx: UnboundedSender<StreamEvent>,
+    submitted: Instant,
+}
+
+struct Shared {
+    queue: Mutex<VecDeque<Job>>,
+    wake: Condvar,
+    closing: AtomicBool,
+    running: AtomicUsize,
+    config: SchedulerConfig,
+}
+
+/// A handle on the engine thread; cheap to clone, usable from any thread.
+#[derive(Clone)]
+pub struct Scheduler {
+    shared: Arc<Shared>,
+    info: Arc<EngineInfo>,
+    thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl Scheduler {
+    /// Starts the engine thread.
+    pub fn start(engine: Engine, config: SchedulerConfig) -> Scheduler {
+        let config = SchedulerConfig { max_batch_size: config.max_batch_size.max(1), max_queue: config.max_queue };
+        let tok = engine.tokenizer();
+        let name = |id: Option<u32>| id.and_then(|i| tok.inner().id_to_token(i)).unwrap_or_default();
+        let info = EngineInfo {
+            model_dir: engine.model_dir.clone(),
+            chat_template: tok.chat_template.clone(),
+            bos_token: name(tok.bos_token_id),
+            eos_token: name(tok.eos_token_id),
+            max_position_embeddings: engine.model.config.text_config.max_position_embeddings,
+            default_options: engine.default_options(),
+        };
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(VecDeque::new()),
+            wake: Condvar::new(),
+            closing: AtomicBool::new(false),
+            running: AtomicUsize::new(0),
+            config,
+        });
+        let worker = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("videollava-engine".into())
+            .spawn(move || run_loop(engine, worker))
+            .expect("spawn the engine thread");
+        Scheduler { shared, info: Arc::new(info), thread: Arc::new(Mutex::new(Some(thread))) }
+    }
+
+    /// Queues a request; its events arrive on the returned handle.
+    pub fn submit(&self, request: GenerationRequest) -> std::result::Result<RequestHandle, SubmitError> {
+        if self.shared.closing.load(Ordering::SeqCst) {
+            return Err(SubmitError::ShuttingDown);
+        }
+        let (tx, rx) = unbounded_channel();
+        {
+            let mut q = self.shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if q.len() >= self.shared.config.max_queue {
+                return Err(SubmitError::QueueFull);
+            }
+            q.push_back(Job { request, tx, submitted: Instant::now() });
+        }
+        self.shared.wake.notify_all();
+        Ok(RequestHandle { events: rx })
+    }
+
+    pub fn info(&self) -> &EngineInfo {
+        &self.info
+    }
+
+    pub fn stats(&self) -> SchedulerStats {
+        SchedulerStats {
+            queue_depth: self.shared.queue.lock().map(|q| q.len()).unwrap_or(0),
+            running: self.shared.running.load(Ordering::SeqCst),
+            max_batch_size: self.shared.config.max_batch_size,
+        }
+    }
+
+    /// Stops accepting requests, lets queued and running ones finish, and waits for the thread.
+    pub fn shutdown(&self) {
+        self.shared.closing.store(true, Ordering::SeqCst);
+        self.shared.wake.notify_all();
+        let handle = self.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+/// A request in the running batch (row `i` of the batch cache).
+struct Active {
+    state: SequenceState,
+    options: GenerateOptions,
+    tx: UnboundedSender<StreamEvent>,
+    timings: RequestTimings,
+    decode_started: Instant,
+}
+
+impl Active {
+    fn emit_step(&mut self, out: crate::generate::StepOutput) {
+        let _ = self.tx.send(StreamEvent::Token {
+            token_id: out.token_id,
+            text: out.text_delta,
+            logprob: out.logprob,
+            top_logprobs: out.top_logprobs,
+        });
+    }
+
+    fn finish(self) {
+        let mut timings = self.timings;
+        timings.decode_ms = self.decode_started.elapsed().as_secs_f64() * 1e3;
+        let _ = self.tx.send(StreamEvent::Finished { sequence: self.state.into_result(), timings });
+    }
+}
+
+fn failed(tx: &UnboundedSender<StreamEvent>, e: &Error) {
+    let client_error = matches!(e, Error::Input(_) | Error::Media { .. } | Error::Tokenizer(_));
+    let _ = tx.send(StreamEvent::Failed { message: e.to_string(), client_error });
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1e3
+}
+
+fn to_tensor(t: &PixelTensor, device: &candle_core::Device) -> Result<Tensor> {
+    Ok(Tensor::from_slice(&t.data, t.shape.as_slice(), device)?)
+}
+
+/// Preprocesses and prefills one request alone; returns its running state and its cache row.
+fn admit(engine: &Engine, job: Job) -> std::result::Result<(Active, KvCache), (UnboundedSender<StreamEvent>, Error)> {
+    let Job { request, tx, submitted } = job;
+    let run = || -> Result<(Active, KvCache)> {
+        request.options.sampling.validate().map_err(Error::Input)?;
+        if request.options.max_new_tokens == 0 {
+            return Err(Error::Input("max_new_tokens must be at least 1".into()));
+        }
+        let mut timings = RequestTimings { queue_ms: ms(submitted), ..Default::default() };
+        let t = Instant::now();
+        let inputs = engine.processor.process(&[request.prompt.as_str()], &request.images, &request.videos)?;
+        timings.preprocess_ms = ms(t);
+        let max_ctx = engine.model.config.text_config.max_position_embeddings;
+        if inputs.seq_len > max_ctx {
+            return Err(Error::Input(format!(
+                "the prompt has {} tokens, more than the model's context of {max_ctx} (max_position_embeddings)",
+                inputs.seq_len
+            )));
+        }
+        let t = Instant::now();
+        let model = &engine.model;
+        let device = model.device.clone();
+        let ids: Vec<u32> = inputs.input_ids.iter().map(|&x| x as u32).collect();
+        let l = ids.len();
+        let ids_t = Tensor::from_vec(ids.clone(), (1, l), &device)?;
+        let image_features = inputs.pixel_values_images.as_ref().map(|p| model.image_features(&to_tensor(p, &device)?)).transpose()?;
+        let video_features = inputs.pixel_values_videos.as_ref().map(|p| model.video_features(&to_tensor(p, &device)?)).transpose()?;
+        let embeds = model.merge_embeddings(&ids_t, image_features.as_ref(), video_features.as_ref())?;
+        let mask = Tensor::ones((1, l), DType::U32, &device)?;
+        let positions = Tensor::from_vec((0..l as u32).collect::<Vec<_>>(), (1, l), &device)?;
+        let mut cache = KvCache::default();
+        let logits = model.forward_embeddings(&embeds, &mask, &positions, Some(&mut cache), true)?;
+        timings.prefill_ms = ms(t);
+        let mut state = SequenceState::new(0, ids, &request.options);
+        let row = logits.to_vec2::<f32>()?.remove(0);
+        let out = state.step(&row, &request.options, engine.tokenizer(), max_ctx)?;
+        timings.time_to_first_token_ms = ms(submitted);
+        let mut active = Active { state, options: request.options.clone(), tx: tx.clone(), timings, decode_started: Instant::now() };
+        active.emit_step(out);
+        Ok((active, cache))
+    };
+    run().map_err(|e| (tx.clone(), e))
+}
+
+fn run_loop(engine: Engine, shared: Arc<Shared>) {
+    let mut cache = KvCache::default();
+    let mut rows: Vec<Active> = Vec::new();
+    let max_ctx = engine.model.config.text_config.max_position_embeddings;
+    loop {
+        // Admit waiting requests while the batch has room.
+        let jobs: Vec<Job> = {
+            let mut q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
+            if rows.is_empty() && q.is_empty() {
+                if shared.closing.load(Ordering::SeqCst) {
+                    return;
+                }
+                let (guard, _) = shared.wake.wait_timeout(q, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner());
+                q = guard;
+            }
+            let room = shared.config.max_batch_size.saturating_sub(rows.len());
+            let n = room.min(q.len());
+            q.drain(..n).collect()
+        };
+        for job in jobs {
+            if job.tx.is_closed() {
+                continue; // the client left while waiting
+            }
+            match admit(&engine, job) {
+                Ok((active, row_cache)) => {
+                    if let Err(e) = cache.append_rows(row_cache) {
+                        failed(&active.tx, &e);
+                        continue;
+                    }
+                    rows.push(active);
+                }
+                Err((tx, e)) => failed(&tx, &e),
+            }
+        }
+        shared.running.store(rows.len(), Ordering::SeqCst);
+        if rows.is_empty() {
+            continue;
+        }
+
+        // Drop finished rows and rows whose client went away.
+        let keep: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].state.finish.is_none() && !rows[i].tx.is_closed()).collect();
+        if keep.len() != rows.len() {
+            let mut kept = Vec::with_capacity(keep.len());
+            for (i, row) in rows.drain(..).enumerate() {
+                if keep.contains(&i) {
+                    kept.push(row);
+                } else if row.state.finish.is_some() {
+                    row.finish();
+                }
+            }
+            rows = kept;
+            let ok = if rows.is_empty() {
+                cache = KvCache::default();
+                Ok(())
+            } else {
+                cache.retain_rows(&keep).and_then(|_| cache.compact())
+            };
+            if let Err(e) = ok {
+                fail_all(&mut rows, &mut cache, &e);
+            }
+            shared.running.store(rows.len(), Ordering::SeqCst);
+            if rows.is_empty() {
+                continue;
+            }
+        }
+
+        // One decode step for the whole batch.
+        if let Err(e) = decode_step(&engine, &mut rows, &mut cache, max_ctx) {
+            fail_all(&mut rows, &mut cache, &e);
+            shared.running.store(0, Ordering::SeqCst);
+        }
+    }
+}
+
+fn decode_step(engine: &Engine, rows: &mut [Active], cache: &mut KvCache, max_ctx: usize) -> Result<()> {
+    let model = &engine.model;
+    let device = model.device.clone();
+    let n = rows.len();
+    let next: Vec<u32> = rows.iter().map(|r| r.state.last_token()).collect();
+    let pos: Vec<u32> = rows.iter().map(|r| r.state.next_position - 1).collect();
+    let embeds = model.merge_embeddings(&Tensor::from_vec(next, (n, 1), &device)?, None, None)?;
+    let mask = Tensor::ones((n, 1), DType::U32, &device)?;
+    let pos = Tensor::from_vec(pos, (n, 1), &device)?;
+    let logits = model.forward_embeddings(&embeds, &mask, &pos, Some(cache), true)?.to_vec2::<f32>()?;
+    for (row, lg) in rows.iter_mut().zip(&logits) {
+        let options = row.options.clone();
+        let out = row.state.step(lg, &options, engine.tokenizer(), max_ctx)?;
+        row.emit_step(out);
+    }
+    Ok(())
+}
+
+fn fail_all(rows: &mut Vec<Active>, cache: &mut KvCache, e: &Error) {
+    for row in rows.drain(..) {
+        let _ = row.tx.send(StreamEvent::Failed { message: e.to_string(), client_error: false });
+    }
+    *cache = KvCache::default();
+}

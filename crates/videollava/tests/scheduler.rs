@@ -1,0 +1,142 @@
+//! Continuous batching: requests served together give what each gives alone.
+
+mod common;
+
+use std::time::Duration;
+
+use candle_core::Device;
+use common::fixtures_dir;
+use videollava::engine::{DTypeChoice, Engine, GenerationRequest, Scheduler, SchedulerConfig, StreamEvent, SubmitError};
+use videollava::generate::{GenerateOptions, GeneratedSequence};
+use videollava::media::image::decode_image_file;
+use videollava::media::video::{decode_video_file, VideoOptions};
+use videollava::media::{RgbImage, Video};
+
+fn engine(name: &str) -> Engine {
+    Engine::load(&fixtures_dir().join("checkpoints").join(name), DTypeChoice::F32, &Device::Cpu).unwrap()
+}
+
+fn media() -> (RgbImage, Video) {
+    let m = fixtures_dir().join("media");
+    (
+        decode_image_file(&m.join("landscape.png")).unwrap(),
+        decode_video_file(&m.join("clip.mp4"), &VideoOptions { num_frames: 8, ..Default::default() }).unwrap(),
+    )
+}
+
+/// Varied requests: text, image, video; different lengths and token budgets.
+fn requests(engine: &Engine) -> Vec<GenerationRequest> {
+    let (image, video) = media();
+    let q = |text: &str, i: usize, v: usize| engine.question_prompt(text, i, v).unwrap();
+    let opts = |n: usize| GenerateOptions { max_new_tokens: n, ignore_eos: true, ..engine.default_options() };
+    vec![
+        GenerationRequest { prompt: q("What is this?", 1, 0), images: vec![image.clone()], videos: vec![], options: opts(9) },
+        GenerationRequest { prompt: q("Why is this video funny?", 0, 1), images: vec![], videos: vec![video.clone()], options: opts(14) },
+        GenerationRequest { prompt: q("Tell me a joke about rabbits and the forest.", 0, 0), images: vec![], videos: vec![], options: opts(5) },
+        GenerationRequest { prompt: q("Compare them.", 1, 1), images: vec![image.clone()], videos: vec![video.clone()], options: opts(11) },
+        GenerationRequest { prompt: q("Describe it.", 1, 0), images: vec![image.clone()], videos: vec![], options: opts(3) },
+        GenerationRequest { prompt: q("Hi", 0, 0), images: vec![], videos: vec![], options: opts(16) },
+        GenerationRequest { prompt: q("What happens next in the video?", 0, 1), images: vec![], videos: vec![video.clone()], options: opts(7) },
+        GenerationRequest { prompt: q("One word.", 1, 0), images: vec![image], videos: vec![], options: opts(1) },
+    ]
+}
+
+fn solo(engine: &Engine, r: &GenerationRequest) -> GeneratedSequence {
+    engine.generate(&[r.prompt.as_str()], &r.images, &r.videos, &r.options, &mut |_| {}).unwrap().0.remove(0)
+}
+
+/// Collects a request's events: streamed text and the final sequence.
+fn collect(mut h: videollava::engine::RequestHandle) -> (String, GeneratedSequence) {
+    let mut text = String::new();
+    loop {
+        match h.events.blocking_recv().expect("events end with Finished or Failed") {
+            StreamEvent::Token { text: t, .. } => text.push_str(&t),
+            StreamEvent::Finished { sequence, .. } => return (text, sequence),
+            StreamEvent::Failed { message, .. } => panic!("request failed: {message}"),
+        }
+    }
+}
+
+fn check_concurrent(name: &str) {
+    let reference = engine(name);
+    let reqs = requests(&reference);
+    let want: Vec<GeneratedSequence> = reqs.iter().map(|r| solo(&reference, r)).collect();
+    let scheduler = Scheduler::start(engine(name), SchedulerConfig { max_batch_size: 4, max_queue: 16 });
+    // Submit from several threads at staggered times so requests join a running batch.
+    let handles: Vec<_> = reqs
+        .into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let s = scheduler.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(7 * i as u64));
+                collect(s.submit(r).unwrap())
+            })
+        })
+        .collect();
+    for (i, (h, want)) in handles.into_iter().zip(&want).enumerate() {
+        let (streamed, got) = h.join().unwrap();
+        assert_eq!(got.token_ids, want.token_ids, "{name}: request {i} differs from running alone");
+        assert_eq!(got.text, want.text);
+        assert_eq!(streamed, got.text, "streamed deltas concatenate to the text");
+        let max = got.logprobs.iter().zip(&want.logprobs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(max < 1e-4, "{name}: request {i} logprobs differ by {max}");
+    }
+    scheduler.shutdown();
+}
+
+#[test]
+fn concurrent_requests_get_their_solo_answers_llama() {
+    check_concurrent("model-llama");
+}
+
+#[test]
+fn concurrent_requests_get_their_solo_answers_mistral_sliding_window() {
+    check_concurrent("model-mistral-full");
+}
+
+#[test]
+fn a_dropped_receiver_frees_its_slot_and_bad_requests_fail_alone() {
+    let e = engine("model-llama");
+    let mut reqs = requests(&e);
+    let long = GenerationRequest { options: GenerateOptions { max_new_tokens: 2000, ignore_eos: true, ..e.default_options() }, ..reqs[5].clone() };
+    let scheduler = Scheduler::start(e, SchedulerConfig { max_batch_size: 2, max_queue: 2 });
+    let mut h = scheduler.submit(long).unwrap();
+    // Wait until it runs, then leave.
+    assert!(matches!(h.events.blocking_recv(), Some(StreamEvent::Token { .. })));
+    assert_eq!(scheduler.stats().running, 1);
+    drop(h);
+    let t = std::time::Instant::now();
+    while scheduler.stats().running != 0 {
+        assert!(t.elapsed() < Duration::from_secs(20), "the cancelled request kept its slot");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    // A request with more placeholders than media fails alone; the next one is served.
+    let mut bad = reqs.remove(0);
+    bad.images.clear();
+    let mut hb = scheduler.submit(bad).unwrap();
+    match hb.events.blocking_recv() {
+        Some(StreamEvent::Failed { message, client_error }) => {
+            assert!(client_error);
+            assert!(message.contains("<image>"), "{message}");
+        }
+        other => panic!("expected Failed, got {other:?}"),
+    }
+    let (_, ok) = collect(scheduler.submit(reqs[1].clone()).unwrap());
+    assert_eq!(ok.token_ids.len(), 5);
+    scheduler.shutdown();
+    assert_eq!(scheduler.submit(reqs[1].clone()).err(), Some(SubmitError::ShuttingDown));
+}
+
+#[test]
+fn a_full_queue_refuses() {
+    let e = engine("model-llama");
+    let reqs = requests(&e);
+    let long = GenerationRequest { options: GenerateOptions { max_new_tokens: 300, ignore_eos: true, ..e.default_options() }, ..reqs[5].clone() };
+    let scheduler = Scheduler::start(e, SchedulerConfig { max_batch_size: 1, max_queue: 1 });
+    let mut first = scheduler.submit(long.clone()).unwrap();
+    assert!(matches!(first.events.blocking_recv(), Some(StreamEvent::Token { .. })));
+    let _queued = scheduler.submit(long.clone()).unwrap();
+    assert_eq!(scheduler.submit(long).err(), Some(SubmitError::QueueFull));
+}
