@@ -22,7 +22,6 @@ use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, GeneratedSequence, SequenceState};
 use crate::media::{RgbImage, Video};
 use crate::model::llama::KvCache;
-use crate::processor::PixelTensor;
 
 /// Sizes of the batch and of the waiting queue.
 #[derive(Debug, Clone, Copy)]
@@ -228,10 +227,6 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
-fn to_tensor(t: &PixelTensor, device: &candle_core::Device) -> Result<Tensor> {
-    Ok(Tensor::from_slice(&t.data, t.shape.as_slice(), device)?)
-}
-
 /// Preprocesses and prefills one request alone; returns its running state and its cache row.
 fn admit(engine: &Engine, job: Job) -> std::result::Result<(Active, KvCache), (UnboundedSender<StreamEvent>, Error)> {
     let Job { request, tx, submitted } = job;
@@ -251,20 +246,13 @@ fn admit(engine: &Engine, job: Job) -> std::result::Result<(Active, KvCache), (U
                 inputs.seq_len
             )));
         }
-        let t = Instant::now();
         let model = &engine.model;
-        let device = model.device.clone();
+        let l = inputs.seq_len;
         let ids: Vec<u32> = inputs.input_ids.iter().map(|&x| x as u32).collect();
-        let l = ids.len();
-        let ids_t = Tensor::from_vec(ids.clone(), (1, l), &device)?;
-        let image_features = inputs.pixel_values_images.as_ref().map(|p| model.image_features(&to_tensor(p, &device)?)).transpose()?;
-        let video_features = inputs.pixel_values_videos.as_ref().map(|p| model.video_features(&to_tensor(p, &device)?)).transpose()?;
-        let embeds = model.merge_embeddings(&ids_t, image_features.as_ref(), video_features.as_ref())?;
-        let mask = Tensor::ones((1, l), DType::U32, &device)?;
-        let positions = Tensor::from_vec((0..l as u32).collect::<Vec<_>>(), (1, l), &device)?;
+        let positions = Tensor::from_vec((0..l as u32).collect::<Vec<_>>(), (1, l), &model.device)?;
         let mut cache = KvCache::default();
-        let logits = model.forward_embeddings(&embeds, &mask, &positions, Some(&mut cache), true)?;
-        timings.prefill_ms = ms(t);
+        let (logits, vision_ms, decoder_ms) = model.prefill(&inputs, &positions, &mut cache)?;
+        timings.prefill_ms = vision_ms + decoder_ms;
         let mut state = SequenceState::new(0, ids, &request.options);
         let row = logits.to_vec2::<f32>()?.remove(0);
         let out = state.step(&row, &request.options, engine.tokenizer(), max_ctx)?;

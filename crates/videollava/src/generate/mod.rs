@@ -17,7 +17,7 @@ use crate::error::{Error, Result};
 use crate::model::llama::KvCache;
 use crate::model::VideoLlava;
 use crate::processor::tokenizer::TextTokenizer;
-use crate::processor::{PixelTensor, ProcessorOutput};
+use crate::processor::ProcessorOutput;
 pub use sampling::SamplingParams;
 use sampling::{choose_token, log_softmax, top_k_of, Rng};
 use stream::TextStream;
@@ -103,10 +103,6 @@ pub struct GenerateTimings {
     pub decode_ms: f64,
     /// Decode steps run (forward passes after prefill).
     pub decode_steps: usize,
-}
-
-fn to_tensor(t: &PixelTensor, device: &Device) -> Result<Tensor> {
-    Ok(Tensor::from_slice(&t.data, t.shape.as_slice(), device)?)
 }
 
 /// One sequence being generated: what it has produced and how to continue it.
@@ -234,8 +230,6 @@ pub fn generate_continuing(
 
     let ids_u32: Vec<u32> = inputs.input_ids.iter().map(|&t| t as u32).collect();
     let mask_u32: Vec<u32> = inputs.attention_mask.iter().map(|&t| t as u32).collect();
-    let ids = Tensor::from_vec(ids_u32.clone(), (b, l), &device)?;
-    let mask = Tensor::from_vec(mask_u32.clone(), (b, l), &device)?;
 
     let past_real = cache.real_tokens_per_row()?;
     if !cache.is_empty() && past_real.len() != b {
@@ -261,17 +255,10 @@ pub fn generate_continuing(
     }
 
     // Prefill: visual features once, then the whole prompt.
-    let t0 = Instant::now();
-    let image_features = inputs.pixel_values_images.as_ref().map(|p| model.image_features(&to_tensor(p, &device)?)).transpose()?;
-    let video_features = inputs.pixel_values_videos.as_ref().map(|p| model.video_features(&to_tensor(p, &device)?)).transpose()?;
-    timings.vision_ms = t0.elapsed().as_secs_f64() * 1e3;
-    let t1 = Instant::now();
-    let embeds = model.merge_embeddings(&ids, image_features.as_ref(), video_features.as_ref())?;
-    drop((image_features, video_features));
     let positions = position_ids_after(&mask_u32, b, l, &past_real, &device)?;
-    let mut logits = model.forward_embeddings(&embeds, &mask, &positions, Some(&mut *cache), true)?;
-    drop(embeds);
-    timings.prefill_ms = t1.elapsed().as_secs_f64() * 1e3;
+    let (mut logits, vision_ms, prefill_ms) = model.prefill(inputs, &positions, cache)?;
+    timings.vision_ms = vision_ms;
+    timings.prefill_ms = prefill_ms;
 
     let t2 = Instant::now();
     let mut active: Vec<usize> = (0..b).collect();

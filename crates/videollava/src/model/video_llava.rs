@@ -15,6 +15,7 @@ use crate::model::clip::ClipVisionTower;
 use crate::model::llama::{KvCache, LanguageModel};
 use crate::model::projector::Projector;
 use crate::model::weights::CheckpointWeights;
+use crate::processor::{PixelTensor, ProcessorOutput};
 
 /// Which positions to compute logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,6 +240,29 @@ impl VideoLlava {
 }
 
 impl VideoLlava {
+    /// Prefill of a processed batch: visual features computed once, merged into the placeholder
+    /// embeddings, then the whole prompt through the decoder into `cache`. `position_ids` `[B, L]`.
+    /// Returns f32 logits of the last position `[B, V]` and the milliseconds spent in the vision
+    /// towers and in the decoder.
+    pub fn prefill(&self, inputs: &ProcessorOutput, position_ids: &Tensor, cache: &mut KvCache) -> Result<(Tensor, f64, f64)> {
+        let device = &self.device;
+        let pixels = |p: &PixelTensor| Tensor::from_slice(&p.data, p.shape.as_slice(), device);
+        let t = std::time::Instant::now();
+        let image_features = inputs.pixel_values_images.as_ref().map(|p| self.image_features(&pixels(p)?)).transpose()?;
+        let video_features = inputs.pixel_values_videos.as_ref().map(|p| self.video_features(&pixels(p)?)).transpose()?;
+        let vision_ms = t.elapsed().as_secs_f64() * 1e3;
+        let t = std::time::Instant::now();
+        let (b, l) = (inputs.batch_size, inputs.seq_len);
+        let ids: Vec<u32> = inputs.input_ids.iter().map(|&x| x as u32).collect();
+        let mask: Vec<u32> = inputs.attention_mask.iter().map(|&x| x as u32).collect();
+        let ids = Tensor::from_vec(ids, (b, l), device)?;
+        let mask = Tensor::from_vec(mask, (b, l), device)?;
+        let embeds = self.merge_embeddings(&ids, image_features.as_ref(), video_features.as_ref())?;
+        drop((image_features, video_features));
+        let logits = self.forward_embeddings(&embeds, &mask, position_ids, Some(cache), true)?;
+        Ok((logits, vision_ms, t.elapsed().as_secs_f64() * 1e3))
+    }
+
     /// Runs the decoder on ready-made embeddings `[B, L, H]` (see [`VideoLlava::merge_embeddings`])
     /// and returns f32 logits of the last position `[B, V]` (`last_only`) or of all `[B, L, V]`.
     pub fn forward_embeddings(
