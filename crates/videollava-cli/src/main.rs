@@ -5,6 +5,7 @@ mod chat;
 mod common;
 mod generate;
 mod preprocess;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -23,6 +24,8 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Talk to the model turn by turn; `/image PATH`, `/video PATH`, `/reset`, `/quit`.
     Chat(chat::ChatArgs),
+    /// Serve an OpenAI-compatible API (`/v1/chat/completions` with image_url and video_url parts).
+    Serve(serve::ServeArgs),
     /// Time each stage of one request (load, media, preprocess, vision, prefill, decode) and peak memory.
     Bench(bench::BenchArgs),
     /// Run the processor only and write the model inputs (input_ids, attention_mask, pixel values)
@@ -36,6 +39,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Serve(args) => serve::run(args),
         Command::Preprocess(args) => preprocess::run(args),
     };
     match result {
