@@ -4,7 +4,9 @@
 #
 #   scripts/openai_client_test.sh                # builds target/release/videollava if missing
 #   VENV=/path/to/venv PORT=18080 scripts/openai_client_test.sh
+#   VIDEOLLAVA_BIN=target/debug/videollava scripts/openai_client_test.sh   # another build of the CLI
 #   SERVER_CMD="cargo run -p videollava-server --example serve_tiny --" scripts/openai_client_test.sh
+#     (SERVER_CMD is run as `$SERVER_CMD MODEL_DIR PORT`)
 #
 # The venv (default .venv-openai next to the repository, never inside it) gets `openai` installed
 # when it lacks it.
@@ -26,10 +28,11 @@ if [ -n "${SERVER_CMD:-}" ]; then
   # shellcheck disable=SC2086
   $SERVER_CMD "$MODEL" "$PORT" &
 else
-  if [ ! -x target/release/videollava ]; then
+  BIN="${VIDEOLLAVA_BIN:-target/release/videollava}"
+  if [ ! -x "$BIN" ]; then
     cargo build --release -p videollava-cli
   fi
-  target/release/videollava serve --model "$MODEL" --port "$PORT" &
+  "$BIN" serve --model "$MODEL" --port "$PORT" &
 fi
 SERVER_PID=$!
 cleanup() {

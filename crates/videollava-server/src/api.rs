@@ -2,13 +2,13 @@
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
+use std::future::Future as _;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::{Body, Bytes};
-use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -363,20 +363,15 @@ impl Drop for InFlight {
 pub async fn chat_completions(
     State(state): State<Arc<AppState>>,
     Extension(rid): Extension<RequestId>,
-    body: Result<Bytes, BytesRejection>,
+    headers: axum::http::HeaderMap,
+    body: Body,
 ) -> Response {
     let guard = InFlight::new(&state);
     let arrival = Instant::now();
     let timeout = state.config.limits.request_timeout;
     let deadline = TokioInstant::now() + timeout;
-    let result = async {
-        let body = body.map_err(|rej| {
-            if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::too_large(format!("the request body is over the limit of {} bytes", state.config.limits.max_body_bytes))
-            } else {
-                ApiError::new(rej.status(), "invalid_request_error", rej.body_text())
-            }
-        })?;
+    let result: Result<(Prepared, RequestHandle), ApiError> = async {
+        let body = read_body(&headers, body, state.config.limits.max_body_bytes).await?;
         let prepared = prepare(&body, &state)?;
         tracing::debug!(prompt = %prepared.prompt, media = prepared.media.len(), stream = prepared.stream, "request");
         let (images, videos) = match tokio::time::timeout_at(deadline, load_media(&state, &prepared.media)).await {
@@ -416,6 +411,47 @@ pub async fn chat_completions(
             }
         }
     }
+}
+
+/// Reads the body up to `limit` bytes. Over the limit the rest is still read and dropped (up to
+/// a bound, for a few seconds) so that the client, which may still be sending, reads the 413
+/// instead of a connection reset.
+async fn read_body(headers: &axum::http::HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    use tokio_stream::StreamExt as _;
+    let too_large = || ApiError::too_large(format!("the request body is over the limit of {limit} bytes"));
+    let drain_limit = limit.saturating_mul(2).max(limit.saturating_add(8 << 20));
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > drain_limit as u64) {
+        return Err(too_large());
+    }
+    let mut stream = body.into_data_stream();
+    let mut buf: Vec<u8> = Vec::with_capacity(declared.map(|n| n.min(limit as u64) as usize).unwrap_or(0));
+    let mut total = 0usize;
+    let read = async {
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ApiError::bad_request(format!("cannot read the request body: {e}")))?;
+            total = total.saturating_add(chunk.len());
+            if total > drain_limit {
+                break;
+            }
+            if total <= limit {
+                buf.extend_from_slice(&chunk);
+            }
+        }
+        Ok::<(), ApiError>(())
+    };
+    match tokio::time::timeout(std::time::Duration::from_secs(30), read).await {
+        Ok(r) => r?,
+        Err(_) if total > limit => return Err(too_large()),
+        Err(_) => return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", "the request body took too long to arrive")),
+    }
+    if total > limit {
+        return Err(too_large());
+    }
+    Ok(Bytes::from(buf))
 }
 
 fn log_error(e: &ApiError) {
@@ -725,6 +761,7 @@ impl SseStream {
                 }
                 self.out.push_back(Bytes::from_static(b"data: [DONE]\n\n"));
                 tracing::info!(
+                    id = %self.ctx.id,
                     prompt_tokens = sequence.prompt_tokens,
                     completion_tokens = sequence.token_ids.len(),
                     finish = reason,

@@ -116,7 +116,7 @@ fn probe_video(path: &Path, name: &str, limits: &Limits) -> Result<(), ApiError>
     use ffmpeg_next as ff;
     let bad = |m: String| ApiError::bad_param("video_url", m);
     let _ = ff::init();
-    ff::util::log::set_level(ff::util::log::Level::Fatal);
+    ff::util::log::set_level(ff::util::log::Level::Quiet);
     let ictx = ff::format::input(&path).map_err(|e| bad(format!("invalid video {name}: not a readable media file ({e})")))?;
     let duration = ictx.duration();
     if duration > 0 {
