@@ -163,3 +163,46 @@ fn decode_round_trips_text() {
     assert_eq!(p.decode(&ids, true).unwrap(), "Why is this video funny? café 🎉");
     assert!(p.decode(&ids, false).unwrap().starts_with("<s>"));
 }
+
+/// The real photos and bigbuckbunny.mp4 from `shared/` through decode + image processor (default
+/// 224 config) against transformers (`scripts/reference/shared_media_fixtures.py`): the f32 bytes
+/// must hash the same; a mismatch reports max/mean abs difference on a strided sample.
+#[test]
+fn shared_photos_and_video_pixel_values_match_transformers() {
+    use sha2::Digest;
+    let Some(media) = shared_dir("shared_photos_and_video_pixel_values_match_transformers", "fixtures/media") else {
+        return;
+    };
+    let config = CheckpointConfig::from_dir(&fixtures_dir().join("checkpoints/hub-config")).unwrap();
+    let processor = videollava::processor::image_processor::ImageProcessor::new(config.image_processor.clone()).unwrap();
+    let text = std::fs::read_to_string(fixtures_dir().join("processor/shared_media.json")).unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    assert_eq!(cases.len(), 5);
+    for case in &cases {
+        let file = case["file"].as_str().unwrap();
+        let frames: Vec<RgbImage> = if case["kind"] == "image" {
+            vec![decode_image_file(&media.join(file)).unwrap()]
+        } else {
+            let options = VideoOptions {
+                num_frames: case["num_frames"].as_u64().unwrap() as usize,
+                sampling: case["sampling"].as_str().unwrap().parse().unwrap(),
+            };
+            decode_video_file(&media.join(file), &options).unwrap().frames
+        };
+        let mut data = Vec::new();
+        for f in &frames {
+            data.extend(processor.preprocess(f).unwrap().data);
+        }
+        let want_shape: Vec<usize> = serde_json::from_value(case["shape"].clone()).unwrap();
+        assert_eq!(data.len(), want_shape.iter().product::<usize>(), "{file}: size");
+        let bytes: Vec<u8> = data.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let hash = format!("{:x}", sha2::Sha256::digest(&bytes));
+        let stride = case["stride"].as_u64().unwrap() as usize;
+        let sample: Vec<f32> = data.iter().step_by(stride).copied().collect();
+        let want: Vec<f32> = serde_json::from_value(case["sample"].clone()).unwrap();
+        let (max, mean) = abs_diff(&sample, &want);
+        eprintln!("{file} {:?}: sample max abs diff {max:.3e}, mean {mean:.3e}, hash equal {}", want_shape, hash == case["sha256"]);
+        assert!(max <= PIXEL_TOLERANCE, "{file}: max abs diff {max}");
+        assert_eq!(hash, case["sha256"].as_str().unwrap(), "{file}: pixel values are not bit-identical (sample max diff {max})");
+    }
+}
