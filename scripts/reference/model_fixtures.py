@@ -104,7 +104,7 @@ CASES = {
         1,
     ),
 }
-GREEDY_CASES = ["image", "video", "batch"]
+GREEDY_CASES = ("image", "video", "image_video", "batch")
 
 
 # ---------------------------------------------------------------------------------------------- weights
