@@ -8,8 +8,10 @@
 //! The causal and sliding-window masks follow cache positions (the index in the padded sequence),
 //! the padding mask hides padded keys, as transformers' mask builders do.
 
-use candle_core::{DType, Device, Module, Tensor, D};
-use candle_nn::{linear_b, Linear, VarBuilder};
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::{linear_b, VarBuilder};
+
+use super::linear::Linear;
 
 use crate::config::{RopeScaling, TextConfig, TextModelType};
 use crate::error::{Error, Result};
@@ -108,10 +110,10 @@ impl Attention {
         let (h, hd) = (cfg.hidden_size, cfg.head_dim);
         let bias = cfg.attention_bias;
         Ok(Self {
-            q_proj: linear_b(h, cfg.num_attention_heads * hd, bias, vb.pp("q_proj"))?,
-            k_proj: linear_b(h, cfg.num_key_value_heads * hd, bias, vb.pp("k_proj"))?,
-            v_proj: linear_b(h, cfg.num_key_value_heads * hd, bias, vb.pp("v_proj"))?,
-            o_proj: linear_b(cfg.num_attention_heads * hd, h, bias, vb.pp("o_proj"))?,
+            q_proj: linear_b(h, cfg.num_attention_heads * hd, bias, vb.pp("q_proj"))?.into(),
+            k_proj: linear_b(h, cfg.num_key_value_heads * hd, bias, vb.pp("k_proj"))?.into(),
+            v_proj: linear_b(h, cfg.num_key_value_heads * hd, bias, vb.pp("v_proj"))?.into(),
+            o_proj: linear_b(cfg.num_attention_heads * hd, h, bias, vb.pp("o_proj"))?.into(),
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: hd,
@@ -166,9 +168,9 @@ impl Mlp {
     fn load(cfg: &TextConfig, vb: VarBuilder) -> Result<Self> {
         let (h, i, bias) = (cfg.hidden_size, cfg.intermediate_size, cfg.mlp_bias);
         Ok(Self {
-            gate_proj: linear_b(h, i, bias, vb.pp("gate_proj"))?,
-            up_proj: linear_b(h, i, bias, vb.pp("up_proj"))?,
-            down_proj: linear_b(i, h, bias, vb.pp("down_proj"))?,
+            gate_proj: linear_b(h, i, bias, vb.pp("gate_proj"))?.into(),
+            up_proj: linear_b(h, i, bias, vb.pp("up_proj"))?.into(),
+            down_proj: linear_b(i, h, bias, vb.pp("down_proj"))?.into(),
             act: cfg.hidden_act.clone(),
         })
     }
@@ -447,6 +449,6 @@ impl LanguageModel {
 
     /// Logits `[B, L, V]` for hidden states `[B, L, H]`.
     pub fn lm_head(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(self.lm_head.forward(hidden)?)
+        self.lm_head.forward(hidden)
     }
 }
