@@ -1,8 +1,10 @@
 //! Finding and opening a checkpoint's safetensors, whatever layout of names it was saved with.
 //!
-//! Files are memory-mapped: a single `model.safetensors`, or the shards listed by
-//! `model.safetensors.index.json`. Tensors may be stored as F32, F16 or BF16; the
-//! [`VarBuilder`] converts each to the compute dtype chosen at load.
+//! Files: a single `model.safetensors`, or the shards listed by `model.safetensors.index.json`.
+//! Tensors may be stored as F32, F16 or BF16; the [`VarBuilder`] converts each to the compute
+//! dtype chosen at load. Each tensor is read with positioned reads straight into its own buffer
+//! (rather than through a memory map), so the file's pages never count as resident memory of the
+//! process next to the loaded copy: peak RSS stays near the size of the weights.
 //!
 //! Model code asks for the names of the hub checkpoint (transformers 4.46's on-disk layout,
 //! reference-spec §2): `image_tower.vision_model.…`, `video_tower.vision_model.…`,
@@ -12,10 +14,11 @@
 //! those names by prefix.
 
 use std::collections::{BTreeSet, HashMap};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device};
+use candle_core::{DType, Device, Shape, Tensor, WithDType};
+use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
 
 use crate::error::{Error, Result};
@@ -89,21 +92,96 @@ pub struct CheckpointWeights {
     pub files: Vec<PathBuf>,
     names: BTreeSet<String>,
     prefix_map: Vec<(String, String)>,
-    tensors: MmapedSafetensors,
+    tensors: SafetensorsReader,
+}
+
+/// Where one stored tensor lies.
+#[derive(Debug, Clone)]
+struct TensorEntry {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: u64,
+    end: u64,
+}
+
+/// Reads tensors of safetensors files on demand with positioned reads.
+struct SafetensorsReader {
+    files: Vec<(PathBuf, File)>,
+    entries: HashMap<String, TensorEntry>,
+}
+
+impl SafetensorsReader {
+    fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
+        let e = self.entries.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
+        let (path, file) = &self.files[e.file];
+        let n: usize = e.shape.iter().product();
+        if (e.end - e.start) as usize != n * e.dtype.size_in_bytes() {
+            candle_core::bail!("{}: tensor `{name}` has {} bytes for shape {:?} {:?}", path.display(), e.end - e.start, e.shape, e.dtype);
+        }
+        let read = |buf: &mut [u8]| -> candle_core::Result<()> {
+            use std::os::unix::fs::FileExt;
+            file.read_exact_at(buf, e.start)
+                .map_err(|err| candle_core::Error::Msg(format!("{}: reading tensor `{name}`: {err}", path.display())))
+        };
+        match e.dtype {
+            DType::F32 => read_typed::<f32>(n, &e.shape, dev, read),
+            DType::BF16 => read_typed::<half::bf16>(n, &e.shape, dev, read),
+            DType::F16 => read_typed::<half::f16>(n, &e.shape, dev, read),
+            other => candle_core::bail!("{}: tensor `{name}` is {other:?}; only F32, F16 and BF16 weights are supported", path.display()),
+        }
+    }
+}
+
+/// Reads `n` little-endian values of `T` into a fresh buffer and wraps it as a tensor.
+fn read_typed<T: WithDType>(
+    n: usize,
+    shape: &[usize],
+    dev: &Device,
+    read: impl FnOnce(&mut [u8]) -> candle_core::Result<()>,
+) -> candle_core::Result<Tensor> {
+    let mut v: Vec<T> = vec![T::from_f64(0.0); n];
+    // SAFETY: `v` owns `n` initialised values of a plain numeric type; viewing its memory as bytes
+    // to fill it is sound, and every bit pattern is a valid value of these types.
+    let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, n * std::mem::size_of::<T>()) };
+    read(bytes)?;
+    Tensor::from_vec(v, shape, dev)
+}
+
+impl SimpleBackend for SafetensorsReader {
+    fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let t = self.load(name, dev)?.to_dtype(dtype)?;
+        if t.shape() != &s {
+            Err(candle_core::Error::UnexpectedShape { msg: format!("shape mismatch for {name}"), expected: s, got: t.shape().clone() }
+                .bt())?
+        }
+        Ok(t)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.load(name, dev)?.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
 }
 
 impl CheckpointWeights {
     /// Memory-maps the weights of `dir`.
     pub fn open(dir: &Path) -> Result<Self> {
         let files = weight_files(dir)?;
-        for f in &files {
-            check_header(f)?;
+        let mut entries = HashMap::new();
+        let mut handles = Vec::new();
+        for (i, f) in files.iter().enumerate() {
+            for (name, entry) in read_header(f, i)? {
+                entries.insert(name, entry);
+            }
+            handles.push((f.clone(), File::open(f).map_err(|e| Error::io(f, e))?));
         }
-        // SAFETY: the files are memory-mapped read-only; like every mmap user we rely on them not
-        // being modified while the model is alive.
-        let tensors = unsafe { MmapedSafetensors::multi(&files) }
-            .map_err(|e| Error::Model(format!("{}: cannot map weights: {e}", dir.display())))?;
-        let names: BTreeSet<String> = tensors.tensors().into_iter().map(|(n, _)| n).collect();
+        let names: BTreeSet<String> = entries.keys().cloned().collect();
+        let tensors = SafetensorsReader { files: handles, entries };
         let mut prefix_map = Vec::new();
         for (canonical, alternatives) in PREFIX_ALTERNATIVES {
             // Longest stored prefix that some tensor name starts with, most specific first.
@@ -142,8 +220,8 @@ impl CheckpointWeights {
     /// Stored dtypes and how many tensors have each (for reporting).
     pub fn dtype_counts(&self) -> HashMap<String, usize> {
         let mut counts = HashMap::new();
-        for (_, view) in self.tensors.tensors() {
-            *counts.entry(format!("{:?}", view.dtype())).or_insert(0) += 1;
+        for e in self.tensors.entries.values() {
+            *counts.entry(format!("{:?}", e.dtype)).or_insert(0) += 1;
         }
         counts
     }
@@ -162,35 +240,56 @@ impl CheckpointWeights {
     }
 }
 
-/// Validates a safetensors header so a truncated or foreign file gives an error naming it.
-fn check_header(path: &Path) -> Result<()> {
+/// Reads and validates a safetensors header, so a truncated or foreign file gives an error naming
+/// it; returns where each tensor lies.
+fn read_header(path: &Path, file_index: usize) -> Result<Vec<(String, TensorEntry)>> {
     use std::io::Read;
-    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let bad = |why: String| Error::Model(format!("{}: {why}", path.display()));
+    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
     let len = f.metadata().map_err(|e| Error::io(path, e))?.len();
     let mut n = [0u8; 8];
-    f.read_exact(&mut n).map_err(|_| Error::Model(format!("{}: not a safetensors file (too short)", path.display())))?;
+    f.read_exact(&mut n).map_err(|_| bad("not a safetensors file (too short)".into()))?;
     let header_len = u64::from_le_bytes(n);
     if header_len == 0 || header_len > 100 << 20 || 8 + header_len > len {
-        return Err(Error::Model(format!("{}: not a safetensors file (bad header length)", path.display())));
+        return Err(bad("not a safetensors file (bad header length)".into()));
     }
     let mut header = vec![0u8; header_len as usize];
     f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
-    let json: serde_json::Value = serde_json::from_slice(&header)
-        .map_err(|e| Error::Model(format!("{}: corrupt safetensors header: {e}", path.display())))?;
-    let data_len = len - 8 - header_len;
-    if let Some(map) = json.as_object() {
-        for (name, info) in map {
-            if name == "__metadata__" {
-                continue;
-            }
-            let end = info.get("data_offsets").and_then(|o| o.get(1)).and_then(|v| v.as_u64()).unwrap_or(u64::MAX);
-            if end > data_len {
-                return Err(Error::Model(format!(
-                    "{}: tensor `{name}` lies past the end of the file (truncated download?)",
-                    path.display()
-                )));
-            }
+    let json: serde_json::Value =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("corrupt safetensors header: {e}")))?;
+    let map = json.as_object().ok_or_else(|| bad("corrupt safetensors header: not an object".into()))?;
+    let data_start = 8 + header_len;
+    let data_len = len - data_start;
+    let mut out = Vec::with_capacity(map.len());
+    for (name, info) in map {
+        if name == "__metadata__" {
+            continue;
         }
+        let offsets = info.get("data_offsets").and_then(|o| o.as_array());
+        let (start, end) = match offsets.map(|o| (o.first().and_then(|v| v.as_u64()), o.get(1).and_then(|v| v.as_u64()))) {
+            Some((Some(s), Some(e))) if s <= e => (s, e),
+            _ => return Err(bad(format!("tensor `{name}` has no valid data_offsets"))),
+        };
+        if end > data_len {
+            return Err(bad(format!("tensor `{name}` lies past the end of the file (truncated download?)")));
+        }
+        let dtype = match info.get("dtype").and_then(|d| d.as_str()) {
+            Some("F32") => DType::F32,
+            Some("F16") => DType::F16,
+            Some("BF16") => DType::BF16,
+            Some("F64") => DType::F64,
+            Some("I64") => DType::I64,
+            Some("U32") => DType::U32,
+            Some("U8") => DType::U8,
+            other => return Err(bad(format!("tensor `{name}` has unsupported dtype {other:?}"))),
+        };
+        let shape: Vec<usize> = info
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .map(|a| a.iter().map(|v| v.as_u64().map(|x| x as usize)).collect::<Option<Vec<_>>>())
+            .flatten()
+            .ok_or_else(|| bad(format!("tensor `{name}` has no valid shape")))?;
+        out.push((name.clone(), TensorEntry { file: file_index, dtype, shape, start: data_start + start, end: data_start + end }));
     }
-    Ok(())
+    Ok(out)
 }
