@@ -62,7 +62,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let options = GenerateOptions { max_new_tokens: args.max_new_tokens, ignore_eos: true, ..engine.default_options() };
     let mut stamps: Vec<Instant> = Vec::new();
     let t_gen = Instant::now();
-    let (out, timings) = generate(&engine.model, engine.tokenizer(), &inputs, &options, &mut |_| stamps.push(Instant::now()))?;
+    let (out, timings) =
+        generate(&engine.model, engine.tokenizer(), &inputs, &options, &mut |_| stamps.push(Instant::now()))?;
     let total_gen_s = t_gen.elapsed().as_secs_f64();
     let mut per_token: Vec<f64> = stamps.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
     let decode_tokens = per_token.len();
@@ -97,9 +98,23 @@ pub fn run(args: BenchArgs) -> Result<()> {
         ("media decode", format!("{:.3} s", media_ms / 1e3)),
         ("preprocess", format!("{preprocess_s:.3} s")),
         ("vision towers", format!("{:.2} s", timings.vision_ms / 1e3)),
-        ("prefill", format!("{:.2} s ({prompt_tokens} tokens, {:.1} tokens/s)", timings.prefill_ms / 1e3, report["prefill_tokens_per_s"].as_f64().unwrap_or(0.0))),
+        (
+            "prefill",
+            format!(
+                "{:.2} s ({prompt_tokens} tokens, {:.1} tokens/s)",
+                timings.prefill_ms / 1e3,
+                report["prefill_tokens_per_s"].as_f64().unwrap_or(0.0)
+            ),
+        ),
         ("time to first token", format!("{ttft_s:.2} s")),
-        ("decode", format!("{:.2} tokens/s ({decode_tokens} tokens, median {:.3} s/token)", report["decode_tokens_per_s"].as_f64().unwrap_or(0.0), report["decode_median_token_s"].as_f64().unwrap_or(0.0))),
+        (
+            "decode",
+            format!(
+                "{:.2} tokens/s ({decode_tokens} tokens, median {:.3} s/token)",
+                report["decode_tokens_per_s"].as_f64().unwrap_or(0.0),
+                report["decode_median_token_s"].as_f64().unwrap_or(0.0)
+            ),
+        ),
         ("peak RSS", format!("{:.0} MiB", report["peak_rss_mib"].as_f64().unwrap_or(f64::NAN))),
     ];
     for (k, v) in rows {

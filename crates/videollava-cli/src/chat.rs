@@ -54,7 +54,14 @@ struct Session {
 
 impl Session {
     fn new() -> Self {
-        Self { history: Vec::new(), rendered: String::new(), cache: KvCache::default(), pending: None, images: Vec::new(), videos: Vec::new() }
+        Self {
+            history: Vec::new(),
+            rendered: String::new(),
+            cache: KvCache::default(),
+            pending: None,
+            images: Vec::new(),
+            videos: Vec::new(),
+        }
     }
 }
 
@@ -78,7 +85,13 @@ struct TurnStats {
     generated: usize,
 }
 
-fn turn(engine: &Engine, s: &mut Session, question: &str, options: &GenerateOptions, out: &mut dyn Write) -> Result<TurnStats> {
+fn turn(
+    engine: &Engine,
+    s: &mut Session,
+    question: &str,
+    options: &GenerateOptions,
+    out: &mut dyn Write,
+) -> Result<TurnStats> {
     let mut content: Vec<ContentPart> = Vec::new();
     content.extend(std::iter::repeat_n(ContentPart::Image, s.images.len()));
     content.extend(std::iter::repeat_n(ContentPart::Video, s.videos.len()));
@@ -109,10 +122,11 @@ fn turn(engine: &Engine, s: &mut Session, question: &str, options: &GenerateOpti
     }
     let cached = s.cache.len();
     let prefilled = inputs.seq_len;
-    let (results, _) = generate_continuing(&engine.model, engine.tokenizer(), &inputs, options, &mut s.cache, &mut |ev| {
-        let _ = out.write_all(ev.text_delta.as_bytes());
-        let _ = out.flush();
-    })?;
+    let (results, _) =
+        generate_continuing(&engine.model, engine.tokenizer(), &inputs, options, &mut s.cache, &mut |ev| {
+            let _ = out.write_all(ev.text_delta.as_bytes());
+            let _ = out.flush();
+        })?;
     writeln!(out)?;
     let answer = &results[0];
     s.pending = answer.token_ids.last().copied();
@@ -135,7 +149,8 @@ pub fn run(args: ChatArgs) -> Result<()> {
     let engine = args.model.load()?;
     let mut options = engine.default_options();
     options.max_new_tokens = args.max_new_tokens;
-    options.sampling = SamplingParams { temperature: args.temperature, top_p: args.top_p, seed: args.seed, ..Default::default() };
+    options.sampling =
+        SamplingParams { temperature: args.temperature, top_p: args.top_p, seed: args.seed, ..Default::default() };
     let mut s = Session::new();
     let (images, videos, _) = args.media.load()?;
     s.images = images;
@@ -167,7 +182,10 @@ pub fn run(args: ChatArgs) -> Result<()> {
         } else {
             turn(&engine, &mut s, line, &options, &mut out).map(|t| {
                 if args.stats {
-                    format!("[turn: {} tokens prefilled after {} cached, {} generated]", t.prefilled, t.cached, t.generated)
+                    format!(
+                        "[turn: {} tokens prefilled after {} cached, {} generated]",
+                        t.prefilled, t.cached, t.generated
+                    )
                 } else {
                     String::new()
                 }

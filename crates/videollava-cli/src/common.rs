@@ -38,7 +38,8 @@ impl MediaArgs {
         let t = Instant::now();
         let images = self.images.iter().map(|p| decode_image_file(p)).collect::<videollava::Result<Vec<_>>>()?;
         let options = self.video_options();
-        let videos = self.videos.iter().map(|p| decode_video_file(p, &options)).collect::<videollava::Result<Vec<_>>>()?;
+        let videos =
+            self.videos.iter().map(|p| decode_video_file(p, &options)).collect::<videollava::Result<Vec<_>>>()?;
         Ok((images, videos, t.elapsed().as_secs_f64() * 1e3))
     }
 }

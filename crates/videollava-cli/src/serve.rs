@@ -49,7 +49,8 @@ pub fn run(args: ServeArgs) -> Result<()> {
     videollava_server::init_logging();
     let engine = args.model.load()?;
     let is_hub_id = !std::path::Path::new(&args.model.model).exists();
-    let scheduler = Scheduler::start(engine, SchedulerConfig { max_batch_size: args.max_batch_size, max_queue: args.max_queue });
+    let scheduler =
+        Scheduler::start(engine, SchedulerConfig { max_batch_size: args.max_batch_size, max_queue: args.max_queue });
     let config = ServerConfig {
         host: args.host,
         port: args.port,
@@ -64,6 +65,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         served_model_name: args.served_model_name.or_else(|| is_hub_id.then(|| args.model.model.clone())),
         model_aliases: vec![args.model.model.clone()],
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
+    let runtime =
+        tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;
     runtime.block_on(videollava_server::serve(config, scheduler))
 }

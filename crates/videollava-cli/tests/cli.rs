@@ -86,7 +86,8 @@ fn bad_inputs_fail_with_one_line_naming_the_problem() {
 
     let missing = dir.join("missing.mp4");
     let random = dir.join("random.mp4");
-    std::fs::write(&random, (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<_>>()).unwrap();
+    std::fs::write(&random, (0..4096u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect::<Vec<_>>())
+        .unwrap();
     let truncated = dir.join("truncated.mp4");
     let clip = std::fs::read(media("clip.mp4")).unwrap();
     std::fs::write(&truncated, &clip[..clip.len() / 3]).unwrap();
@@ -139,7 +140,8 @@ fn broken_checkpoint_files_name_file_and_field() {
     }
     let config_path = dir.join("config.json");
     let original = std::fs::read_to_string(&config_path).unwrap();
-    let run = || videollava(&["preprocess", "--model", dir.to_str().unwrap(), "--prompt", "hi", "--output", "/dev/null"]);
+    let run =
+        || videollava(&["preprocess", "--model", dir.to_str().unwrap(), "--prompt", "hi", "--output", "/dev/null"]);
 
     std::fs::write(&config_path, original.replace("\"num_key_value_heads\": 2", "\"num_key_value_heads\": 3")).unwrap();
     assert_clean_failure(&run(), &["config.json", "text_config.num_key_value_heads"]);

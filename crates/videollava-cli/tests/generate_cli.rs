@@ -47,8 +47,22 @@ fn greedy_json_output_equals_transformers_generate() {
     let n = want["max_new_tokens"].to_string();
     let out = run(
         &[
-            "generate", "--model", &checkpoint("model-llama"), "--raw-prompt", "--prompt", prompt, "--image",
-            &media("landscape.png"), "--max-new-tokens", &n, "--dtype", "f32", "--format", "json", "--top-logprobs", "3",
+            "generate",
+            "--model",
+            &checkpoint("model-llama"),
+            "--raw-prompt",
+            "--prompt",
+            prompt,
+            "--image",
+            &media("landscape.png"),
+            "--max-new-tokens",
+            &n,
+            "--dtype",
+            "f32",
+            "--format",
+            "json",
+            "--top-logprobs",
+            "3",
         ],
         &[],
     );
@@ -73,16 +87,34 @@ fn a_question_is_wrapped_in_the_chat_format_and_streams_as_text() {
     // The wrapped question must give exactly what the raw prompt gives.
     let raw = run(
         &[
-            "generate", "--model", &checkpoint("model-llama"), "--raw-prompt", "--prompt",
-            "USER: <image>\nWhat is shown in this picture? ASSISTANT:", "--image", &media("landscape.png"),
-            "--max-new-tokens", "6", "--dtype", "f32",
+            "generate",
+            "--model",
+            &checkpoint("model-llama"),
+            "--raw-prompt",
+            "--prompt",
+            "USER: <image>\nWhat is shown in this picture? ASSISTANT:",
+            "--image",
+            &media("landscape.png"),
+            "--max-new-tokens",
+            "6",
+            "--dtype",
+            "f32",
         ],
         &[],
     );
     let wrapped = run(
         &[
-            "generate", "--model", &checkpoint("model-llama"), "--prompt", "What is shown in this picture?", "--image",
-            &media("landscape.png"), "--max-new-tokens", "6", "--dtype", "f32",
+            "generate",
+            "--model",
+            &checkpoint("model-llama"),
+            "--prompt",
+            "What is shown in this picture?",
+            "--image",
+            &media("landscape.png"),
+            "--max-new-tokens",
+            "6",
+            "--dtype",
+            "f32",
         ],
         &[],
     );
@@ -96,9 +128,25 @@ fn sampling_is_reproducible_under_a_seed() {
     let args = |seed: &str| {
         run(
             &[
-                "generate", "--model", &checkpoint("model-llama"), "--prompt", "Describe the video.", "--video",
-                &media("clip.mp4"), "--max-new-tokens", "12", "--temperature", "1.0", "--top-p", "0.95", "--seed", seed,
-                "--dtype", "f32", "--format", "json",
+                "generate",
+                "--model",
+                &checkpoint("model-llama"),
+                "--prompt",
+                "Describe the video.",
+                "--video",
+                &media("clip.mp4"),
+                "--max-new-tokens",
+                "12",
+                "--temperature",
+                "1.0",
+                "--top-p",
+                "0.95",
+                "--seed",
+                seed,
+                "--dtype",
+                "f32",
+                "--format",
+                "json",
             ],
             &[],
         )
@@ -114,17 +162,42 @@ fn sampling_is_reproducible_under_a_seed() {
 fn a_batch_of_prompts_gives_one_json_line_each_equal_to_running_alone() {
     let batch = json_lines(&run(
         &[
-            "generate", "--model", &checkpoint("model-llama"), "--prompt", "What is this?", "--prompt",
-            "And what happens in this short video?", "--image", &media("landscape.png"), "--video", &media("clip.mp4"),
-            "--max-new-tokens", "5", "--dtype", "f32", "--format", "json",
+            "generate",
+            "--model",
+            &checkpoint("model-llama"),
+            "--prompt",
+            "What is this?",
+            "--prompt",
+            "And what happens in this short video?",
+            "--image",
+            &media("landscape.png"),
+            "--video",
+            &media("clip.mp4"),
+            "--max-new-tokens",
+            "5",
+            "--dtype",
+            "f32",
+            "--format",
+            "json",
         ],
         &[],
     ));
     assert_eq!(batch.len(), 2);
     let alone = json_lines(&run(
         &[
-            "generate", "--model", &checkpoint("model-llama"), "--prompt", "And what happens in this short video?",
-            "--video", &media("clip.mp4"), "--max-new-tokens", "5", "--dtype", "f32", "--format", "json",
+            "generate",
+            "--model",
+            &checkpoint("model-llama"),
+            "--prompt",
+            "And what happens in this short video?",
+            "--video",
+            &media("clip.mp4"),
+            "--max-new-tokens",
+            "5",
+            "--dtype",
+            "f32",
+            "--format",
+            "json",
         ],
         &[],
     ));
@@ -155,8 +228,19 @@ fn a_hub_id_resolves_offline_through_the_cache() {
     let env = [("HF_HUB_OFFLINE", "1"), ("HF_HUB_CACHE", cache.as_str())];
     let out = run(
         &[
-            "generate", "--model", "tiny-org/video-llava-tiny", "--prompt", "What is this?", "--image",
-            &media("landscape.png"), "--max-new-tokens", "3", "--dtype", "f32", "--format", "json",
+            "generate",
+            "--model",
+            "tiny-org/video-llava-tiny",
+            "--prompt",
+            "What is this?",
+            "--image",
+            &media("landscape.png"),
+            "--max-new-tokens",
+            "3",
+            "--dtype",
+            "f32",
+            "--format",
+            "json",
         ],
         &env,
     );
@@ -167,7 +251,17 @@ fn a_hub_id_resolves_offline_through_the_cache() {
     make_hub_cache(&home.join("hub"), "tiny-org/video-llava-tiny");
     let home_s = home.display().to_string();
     let out = run(
-        &["generate", "--model", "tiny-org/video-llava-tiny", "--prompt", "Hi", "--max-new-tokens", "2", "--format", "json"],
+        &[
+            "generate",
+            "--model",
+            "tiny-org/video-llava-tiny",
+            "--prompt",
+            "Hi",
+            "--max-new-tokens",
+            "2",
+            "--format",
+            "json",
+        ],
         &[("HF_HUB_OFFLINE", "1"), ("HF_HOME", home_s.as_str())],
     );
     assert_eq!(json_lines(&out).len(), 1);
@@ -183,8 +277,16 @@ fn a_hub_id_resolves_offline_through_the_cache() {
 fn chat_keeps_the_cache_between_turns() {
     let mut child = Command::new(env!("CARGO_BIN_EXE_videollava"))
         .args([
-            "chat", "--model", &checkpoint("model-llama"), "--image", &media("landscape.png"), "--max-new-tokens", "4",
-            "--dtype", "f32", "--stats",
+            "chat",
+            "--model",
+            &checkpoint("model-llama"),
+            "--image",
+            &media("landscape.png"),
+            "--max-new-tokens",
+            "4",
+            "--dtype",
+            "f32",
+            "--stats",
         ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -219,8 +321,11 @@ fn prompt_longer_than_the_context_is_refused() {
         std::fs::copy(&f, dir.join(f.file_name().unwrap())).unwrap();
     }
     let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap();
-    std::fs::write(dir.join("config.json"), cfg.replace("\"max_position_embeddings\": 4096", "\"max_position_embeddings\": 64"))
-        .unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        cfg.replace("\"max_position_embeddings\": 4096", "\"max_position_embeddings\": 64"),
+    )
+    .unwrap();
     let out = run(
         &["generate", "--model", dir.to_str().unwrap(), "--prompt", "Describe.", "--video", &media("clip.mp4")],
         &[],

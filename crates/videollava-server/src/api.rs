@@ -154,7 +154,8 @@ fn convert_messages(messages: &[Value]) -> Result<(Vec<ChatMessage>, Vec<MediaRe
             Some(Value::Array(parts)) => {
                 for (j, p) in parts.iter().enumerate() {
                     let pat = format!("{at}.content[{j}]");
-                    let po = p.as_object().ok_or_else(|| ApiError::bad_param(&pat, format!("`{pat}` must be an object")))?;
+                    let po =
+                        p.as_object().ok_or_else(|| ApiError::bad_param(&pat, format!("`{pat}` must be an object")))?;
                     match po.get("type").and_then(Value::as_str) {
                         Some("text") => {
                             let t = po.get("text").and_then(Value::as_str).ok_or_else(|| {
@@ -176,7 +177,12 @@ fn convert_messages(messages: &[Value]) -> Result<(Vec<ChatMessage>, Vec<MediaRe
                                 format!("unsupported content part type `{other}` (text, image_url or video_url)"),
                             ))
                         }
-                        None => return Err(ApiError::bad_param(&format!("{pat}.type"), format!("`{pat}.type` must be a string"))),
+                        None => {
+                            return Err(ApiError::bad_param(
+                                &format!("{pat}.type"),
+                                format!("`{pat}.type` must be a string"),
+                            ))
+                        }
                     }
                 }
                 if content.is_empty() {
@@ -206,15 +212,19 @@ fn random_seed() -> u64 {
 }
 
 fn prepare(body: &[u8], state: &AppState) -> Result<Prepared, ApiError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the request body is not valid JSON: {e}")))?;
     if !value.is_object() {
         return Err(ApiError::bad_request("the request body must be a JSON object"));
     }
     let req: ChatRequest = serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         let param = if path == "." { None } else { Some(path.clone()) };
-        let mut err = ApiError::bad_request(format!("invalid request: {}{}", if path == "." { String::new() } else { format!("{path}: ") }, e.inner()));
+        let mut err = ApiError::bad_request(format!(
+            "invalid request: {}{}",
+            if path == "." { String::new() } else { format!("{path}: ") },
+            e.inner()
+        ));
         err.param = param;
         err
     })?;
@@ -245,7 +255,9 @@ fn prepare(body: &[u8], state: &AppState) -> Result<Prepared, ApiError> {
     let info = state.scheduler.info();
     let mut options = info.default_options.clone();
     let max_ctx = info.max_position_embeddings;
-    if let Some((name, m)) = req.max_completion_tokens.map(|m| ("max_completion_tokens", m)).or(req.max_tokens.map(|m| ("max_tokens", m))) {
+    if let Some((name, m)) =
+        req.max_completion_tokens.map(|m| ("max_completion_tokens", m)).or(req.max_tokens.map(|m| ("max_tokens", m)))
+    {
         if m < 1 {
             return Err(ApiError::bad_param(name, format!("`{name}` must be at least 1, got {m}")));
         }
@@ -277,7 +289,10 @@ fn prepare(body: &[u8], state: &AppState) -> Result<Prepared, ApiError> {
     }
     if let Some(r) = req.repetition_penalty {
         if !(r.is_finite() && r > 0.0) {
-            return Err(ApiError::bad_param("repetition_penalty", format!("`repetition_penalty` must be > 0, got {r}")));
+            return Err(ApiError::bad_param(
+                "repetition_penalty",
+                format!("`repetition_penalty` must be > 0, got {r}"),
+            ));
         }
         options.sampling.repetition_penalty = r;
     }
@@ -304,7 +319,10 @@ fn prepare(body: &[u8], state: &AppState) -> Result<Prepared, ApiError> {
     let logprobs = req.logprobs.unwrap_or(false);
     match req.top_logprobs {
         Some(k) if !(0..=MAX_TOP_LOGPROBS).contains(&k) => {
-            return Err(ApiError::bad_param("top_logprobs", format!("`top_logprobs` must be in [0, {MAX_TOP_LOGPROBS}], got {k}")))
+            return Err(ApiError::bad_param(
+                "top_logprobs",
+                format!("`top_logprobs` must be in [0, {MAX_TOP_LOGPROBS}], got {k}"),
+            ))
         }
         Some(k) if k > 0 && !logprobs => {
             return Err(ApiError::bad_param("top_logprobs", "`top_logprobs` needs `logprobs: true`"));
@@ -380,7 +398,12 @@ pub async fn chat_completions(
         };
         let handle = state
             .scheduler
-            .submit(GenerationRequest { prompt: prepared.prompt.clone(), images, videos, options: prepared.options.clone() })
+            .submit(GenerationRequest {
+                prompt: prepared.prompt.clone(),
+                images,
+                videos,
+                options: prepared.options.clone(),
+            })
             .map_err(crate::submit_error)?;
         Ok((prepared, handle))
     }
@@ -420,10 +443,8 @@ async fn read_body(headers: &axum::http::HeaderMap, body: Body, limit: usize) ->
     use tokio_stream::StreamExt as _;
     let too_large = || ApiError::too_large(format!("the request body is over the limit of {limit} bytes"));
     let drain_limit = limit.saturating_mul(2).max(limit.saturating_add(8 << 20));
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > drain_limit as u64) {
         return Err(too_large());
     }
@@ -446,7 +467,13 @@ async fn read_body(headers: &axum::http::HeaderMap, body: Body, limit: usize) ->
     match tokio::time::timeout(std::time::Duration::from_secs(30), read).await {
         Ok(r) => r?,
         Err(_) if total > limit => return Err(too_large()),
-        Err(_) => return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, "invalid_request_error", "the request body took too long to arrive")),
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "the request body took too long to arrive",
+            ))
+        }
     }
     if total > limit {
         return Err(too_large());
@@ -586,7 +613,12 @@ fn token_text(state: &AppState, id: u32) -> (String, Vec<u8>) {
     (text, bytes)
 }
 
-async fn collect(ctx: &Completion, mut handle: RequestHandle, deadline: TokioInstant, timeout_s: f64) -> Result<Value, ApiError> {
+async fn collect(
+    ctx: &Completion,
+    mut handle: RequestHandle,
+    deadline: TokioInstant,
+    timeout_s: f64,
+) -> Result<Value, ApiError> {
     let mut first = true;
     loop {
         let ev = match tokio::time::timeout_at(deadline, handle.events.recv()).await {

@@ -139,7 +139,8 @@ impl AppState {
                 None
             }
         };
-        let created = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let created =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
         Arc::new(AppState {
             config,
             scheduler,
@@ -260,7 +261,8 @@ pub fn init_logging() {
 pub async fn serve(config: ServerConfig, scheduler: Scheduler) -> anyhow::Result<()> {
     init_logging();
     let addr = format!("{}:{}", config.host, config.port);
-    let listener = tokio::net::TcpListener::bind(&addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let listener =
+        tokio::net::TcpListener::bind(&addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let state = AppState::new(config, scheduler.clone());
     serve_on(listener, state, shutdown_signal()).await?;
     // Joins the engine thread: off the async workers.

@@ -71,7 +71,10 @@ pub fn load_image(url: &str, policy: &MediaPolicy) -> Result<RgbImage, ApiError>
     if pixels > policy.limits.max_pixels {
         return Err(ApiError::bad_param(
             "image_url",
-            format!("image {name} is {}x{} = {pixels} pixels, over the limit of {}", image.width, image.height, policy.limits.max_pixels),
+            format!(
+                "image {name} is {}x{} = {pixels} pixels, over the limit of {}",
+                image.width, image.height, policy.limits.max_pixels
+            ),
         ));
     }
     Ok(image)
@@ -84,23 +87,31 @@ pub fn load_video(url: &str, policy: &MediaPolicy) -> Result<Video, ApiError> {
     let (path, _guard) = match locate(url, MediaKind::Video, policy)? {
         Source::File(p) => (p, None),
         Source::Bytes(b) => {
-            let tmp = TempFile::write(&b).map_err(|e| ApiError::internal(format!("cannot write a temporary file: {e}")))?;
+            let tmp =
+                TempFile::write(&b).map_err(|e| ApiError::internal(format!("cannot write a temporary file: {e}")))?;
             (tmp.path.clone(), Some(tmp))
         }
     };
     probe_video(&path, &name, &policy.limits)?;
-    let video = decode_video_file(&path, &VideoOptions::default())
-        .map_err(|e| ApiError::bad_param("video_url", format!("invalid video {name}: {}", strip_path(&e.to_string(), &path))))?;
+    let video = decode_video_file(&path, &VideoOptions::default()).map_err(|e| {
+        ApiError::bad_param("video_url", format!("invalid video {name}: {}", strip_path(&e.to_string(), &path)))
+    })?;
     if video.total_frames as u64 > policy.limits.max_video_frames {
         return Err(ApiError::bad_param(
             "video_url",
-            format!("video {name} has {} frames, over the limit of {}", video.total_frames, policy.limits.max_video_frames),
+            format!(
+                "video {name} has {} frames, over the limit of {}",
+                video.total_frames, policy.limits.max_video_frames
+            ),
         ));
     }
     if let Some(f) = video.frames.first() {
         let pixels = f.width as u64 * f.height as u64;
         if pixels > policy.limits.max_pixels {
-            return Err(ApiError::bad_param("video_url", format!("video frames of {name} have {pixels} pixels, over the limit")));
+            return Err(ApiError::bad_param(
+                "video_url",
+                format!("video frames of {name} have {pixels} pixels, over the limit"),
+            ));
         }
     }
     Ok(video)
@@ -117,15 +128,22 @@ fn probe_video(path: &Path, name: &str, limits: &Limits) -> Result<(), ApiError>
     let bad = |m: String| ApiError::bad_param("video_url", m);
     let _ = ff::init();
     ff::util::log::set_level(ff::util::log::Level::Quiet);
-    let ictx = ff::format::input(&path).map_err(|e| bad(format!("invalid video {name}: not a readable media file ({e})")))?;
+    let ictx =
+        ff::format::input(&path).map_err(|e| bad(format!("invalid video {name}: not a readable media file ({e})")))?;
     let duration = ictx.duration();
     if duration > 0 {
         let seconds = duration as f64 / f64::from(ff::ffi::AV_TIME_BASE);
         if seconds > limits.max_video_seconds {
-            return Err(bad(format!("video {name} lasts {seconds:.1} s, over the limit of {} s", limits.max_video_seconds)));
+            return Err(bad(format!(
+                "video {name} lasts {seconds:.1} s, over the limit of {} s",
+                limits.max_video_seconds
+            )));
         }
     }
-    let stream = ictx.streams().best(ff::media::Type::Video).ok_or_else(|| bad(format!("invalid video {name}: no video stream")))?;
+    let stream = ictx
+        .streams()
+        .best(ff::media::Type::Video)
+        .ok_or_else(|| bad(format!("invalid video {name}: no video stream")))?;
     let frames = stream.frames();
     if frames > 0 && frames as u64 > limits.max_video_frames {
         return Err(bad(format!("video {name} has {frames} frames, over the limit of {}", limits.max_video_frames)));
@@ -161,7 +179,9 @@ fn locate(url: &str, kind: MediaKind, policy: &MediaPolicy) -> Result<Source, Ap
     }
     if lower.starts_with("file:") {
         let parsed = url::Url::parse(url).map_err(|e| ApiError::bad_param(param, format!("invalid file URL: {e}")))?;
-        let path = parsed.to_file_path().map_err(|_| ApiError::bad_param(param, "invalid file URL (needs an absolute local path)"))?;
+        let path = parsed
+            .to_file_path()
+            .map_err(|_| ApiError::bad_param(param, "invalid file URL (needs an absolute local path)"))?;
         return local(&path, kind, policy).map(Source::File);
     }
     if let Ok(parsed) = url::Url::parse(url) {
@@ -183,7 +203,10 @@ fn decode_data_uri(rest: &str, kind: MediaKind, max_bytes: u64) -> Result<Vec<u8
     }
     let approx = (data.len() as u64 / 4) * 3;
     if approx > max_bytes + 3 {
-        return Err(ApiError::too_large(format!("media item of about {approx} bytes is over the limit of {max_bytes} bytes")).with_param(param));
+        return Err(ApiError::too_large(format!(
+            "media item of about {approx} bytes is over the limit of {max_bytes} bytes"
+        ))
+        .with_param(param));
     }
     let cleaned: String;
     let data = if data.bytes().any(|b| b.is_ascii_whitespace()) {
@@ -203,21 +226,31 @@ fn decode_data_uri(rest: &str, kind: MediaKind, max_bytes: u64) -> Result<Vec<u8
         match e.decode(data) {
             Ok(b) => {
                 if b.len() as u64 > max_bytes {
-                    return Err(ApiError::too_large(format!("media item of {} bytes is over the limit of {max_bytes} bytes", b.len())).with_param(param));
+                    return Err(ApiError::too_large(format!(
+                        "media item of {} bytes is over the limit of {max_bytes} bytes",
+                        b.len()
+                    ))
+                    .with_param(param));
                 }
                 return Ok(b);
             }
             Err(err) => last = Some(err),
         }
     }
-    Err(ApiError::bad_param(param, format!("invalid base64 in data URI: {}", last.map(|e| e.to_string()).unwrap_or_default())))
+    Err(ApiError::bad_param(
+        param,
+        format!("invalid base64 in data URI: {}", last.map(|e| e.to_string()).unwrap_or_default()),
+    ))
 }
 
 /// A local path: must resolve (symlinks followed) to a regular file under the allowed directory.
 fn local(path: &Path, kind: MediaKind, policy: &MediaPolicy) -> Result<PathBuf, ApiError> {
     let param = kind.param();
     let Some(root) = &policy.allowed_media_dir else {
-        return Err(ApiError::forbidden("local media paths are disabled on this server (start it with --allowed-media-dir)").with_param(param));
+        return Err(ApiError::forbidden(
+            "local media paths are disabled on this server (start it with --allowed-media-dir)",
+        )
+        .with_param(param));
     };
     let root = root.canonicalize().map_err(|e| ApiError::internal(format!("allowed media directory: {e}")))?;
     let joined = if path.is_absolute() { path.to_path_buf() } else { root.join(path) };
@@ -228,14 +261,17 @@ fn local(path: &Path, kind: MediaKind, policy: &MediaPolicy) -> Result<PathBuf, 
             return Err(if lexically_inside(&joined, &root) {
                 ApiError::bad_param(param, format!("media file `{}` not found", path.display()))
             } else {
-                ApiError::forbidden(format!("media path `{}` is outside the allowed directory", path.display())).with_param(param)
+                ApiError::forbidden(format!("media path `{}` is outside the allowed directory", path.display()))
+                    .with_param(param)
             });
         }
     };
     if !canonical.starts_with(&root) {
-        return Err(ApiError::forbidden(format!("media path `{}` is outside the allowed directory", path.display())).with_param(param));
+        return Err(ApiError::forbidden(format!("media path `{}` is outside the allowed directory", path.display()))
+            .with_param(param));
     }
-    let meta = std::fs::metadata(&canonical).map_err(|e| ApiError::bad_param(param, format!("media file `{}`: {e}", path.display())))?;
+    let meta = std::fs::metadata(&canonical)
+        .map_err(|e| ApiError::bad_param(param, format!("media file `{}`: {e}", path.display())))?;
     if !meta.is_file() {
         return Err(ApiError::bad_param(param, format!("media path `{}` is not a regular file", path.display())));
     }
@@ -362,7 +398,11 @@ impl ureq::unversioned::resolver::Resolver for CheckedResolver {
     ) -> Result<ureq::unversioned::resolver::ResolvedSocketAddrs, ureq::Error> {
         match uri.scheme_str() {
             Some("http") | Some("https") => {}
-            other => return Err(ureq::Error::Other(Box::new(Refused(format!("scheme {other:?} is not allowed (http or https only)"))))),
+            other => {
+                return Err(ureq::Error::Other(Box::new(Refused(format!(
+                    "scheme {other:?} is not allowed (http or https only)"
+                )))))
+            }
         }
         let addrs = ureq::unversioned::resolver::DefaultResolver::default().resolve(uri, config, timeout)?;
         if !self.allow_private {
@@ -421,14 +461,15 @@ fn fetch(url: &str, kind: MediaKind, policy: &MediaPolicy) -> Result<Vec<u8>, Ap
 fn fetch_error(e: ureq::Error, name: &str, param: &str, limits: &Limits) -> ApiError {
     match e {
         ureq::Error::Other(inner) => match inner.downcast_ref::<Refused>() {
-            Some(r) => ApiError::bad_param(param, format!("refused to fetch {name}: {r}")).with_code("media_url_forbidden"),
+            Some(r) => {
+                ApiError::bad_param(param, format!("refused to fetch {name}: {r}")).with_code("media_url_forbidden")
+            }
             None => ApiError::bad_param(param, format!("cannot fetch {name}: {inner}")),
         },
-        ureq::Error::BodyExceedsLimit(_) => ApiError::too_large(format!(
-            "media at {name} is over the limit of {} bytes",
-            limits.max_media_bytes
-        ))
-        .with_param(param),
+        ureq::Error::BodyExceedsLimit(_) => {
+            ApiError::too_large(format!("media at {name} is over the limit of {} bytes", limits.max_media_bytes))
+                .with_param(param)
+        }
         ureq::Error::Timeout(_) => ApiError::bad_param(
             param,
             format!("fetching {name} took longer than {} s", limits.fetch_timeout.as_secs_f64()),
@@ -445,7 +486,8 @@ struct TempFile {
 impl TempFile {
     fn write(bytes: &[u8]) -> std::io::Result<Self> {
         static N: AtomicU64 = AtomicU64::new(0);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         let path = std::env::temp_dir().join(format!(
             "videollava-media-{}-{}-{nanos}",
             std::process::id(),
@@ -470,9 +512,26 @@ mod tests {
     #[test]
     fn forbidden_addresses() {
         for a in [
-            "127.0.0.1", "10.1.2.3", "172.16.0.1", "172.31.255.255", "192.168.1.1", "100.64.0.1", "169.254.169.254", "0.0.0.0",
-            "224.0.0.1", "255.255.255.255", "::1", "::", "fc00::1", "fd12::1", "fe80::1", "ff02::1", "::ffff:127.0.0.1",
-            "::ffff:10.0.0.1", "64:ff9b::a9fe:a9fe", "2002:7f00:1::",
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.255",
+            "192.168.1.1",
+            "100.64.0.1",
+            "169.254.169.254",
+            "0.0.0.0",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::1",
+            "::",
+            "fc00::1",
+            "fd12::1",
+            "fe80::1",
+            "ff02::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+            "2002:7f00:1::",
         ] {
             assert!(is_forbidden_ip(a.parse().unwrap()), "{a} should be refused");
         }

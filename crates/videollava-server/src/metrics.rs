@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 /// Latency buckets, seconds.
-const BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+const BUCKETS: &[f64] =
+    &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 
 #[derive(Default)]
 struct Histogram {
@@ -95,10 +96,34 @@ impl Metrics {
         let gauge = |out: &mut String, name: &str, kind: &str, help: &str, v: u64| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
         };
-        gauge(&mut out, "videollava_prompt_tokens_total", "counter", "Prompt tokens processed.", self.prompt_tokens.load(Ordering::Relaxed));
-        gauge(&mut out, "videollava_generated_tokens_total", "counter", "Tokens generated.", self.generated_tokens.load(Ordering::Relaxed));
-        gauge(&mut out, "videollava_requests_in_flight", "gauge", "Chat completion requests being handled.", self.in_flight.load(Ordering::Relaxed));
-        gauge(&mut out, "videollava_queue_depth", "gauge", "Requests waiting in the scheduler's queue.", queue_depth as u64);
+        gauge(
+            &mut out,
+            "videollava_prompt_tokens_total",
+            "counter",
+            "Prompt tokens processed.",
+            self.prompt_tokens.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "videollava_generated_tokens_total",
+            "counter",
+            "Tokens generated.",
+            self.generated_tokens.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "videollava_requests_in_flight",
+            "gauge",
+            "Chat completion requests being handled.",
+            self.in_flight.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "videollava_queue_depth",
+            "gauge",
+            "Requests waiting in the scheduler's queue.",
+            queue_depth as u64,
+        );
         gauge(&mut out, "videollava_running_requests", "gauge", "Requests in the running batch.", running as u64);
         gauge(&mut out, "videollava_max_batch_size", "gauge", "Largest running batch allowed.", max_batch as u64);
         self.ttft.lock().unwrap_or_else(|e| e.into_inner()).write(

@@ -34,10 +34,7 @@ fn non_streaming_answer_equals_engine_generate() {
     assert_eq!(body["choices"][0]["finish_reason"], want.finish_reason.as_str());
     assert_eq!(body["usage"]["prompt_tokens"].as_u64().unwrap() as usize, want.prompt_tokens);
     assert_eq!(body["usage"]["completion_tokens"].as_u64().unwrap() as usize, want.token_ids.len());
-    assert_eq!(
-        body["usage"]["total_tokens"].as_u64().unwrap() as usize,
-        want.prompt_tokens + want.token_ids.len()
-    );
+    assert_eq!(body["usage"]["total_tokens"].as_u64().unwrap() as usize, want.prompt_tokens + want.token_ids.len());
     assert!(body["id"].as_str().unwrap().starts_with("chatcmpl-"));
 
     // An image and a video as data URIs, text in between: the parts' order is kept.
@@ -170,9 +167,8 @@ fn eight_concurrent_clients_get_their_solo_answers() {
     let server = start(ServerConfig::default());
     let engine = load_engine(&model_dir());
     let image = decode_image_file(&media_path("landscape.png")).unwrap();
-    let cases: Vec<(String, bool, usize)> = (0..8)
-        .map(|i| (format!("Question number {i}: what do you see?"), i % 3 == 0, 4 + 2 * i))
-        .collect();
+    let cases: Vec<(String, bool, usize)> =
+        (0..8).map(|i| (format!("Question number {i}: what do you see?"), i % 3 == 0, 4 + 2 * i)).collect();
     let wants: Vec<String> = cases
         .iter()
         .map(|(q, img, n)| {
@@ -194,7 +190,9 @@ fn eight_concurrent_clients_get_their_solo_answers() {
             std::thread::spawn(move || {
                 let mut content = vec![];
                 if img {
-                    content.push(json!({"type": "image_url", "image_url": {"url": data_uri("landscape.png", "image/png")}}));
+                    content.push(
+                        json!({"type": "image_url", "image_url": {"url": data_uri("landscape.png", "image/png")}}),
+                    );
                 }
                 content.push(json!({"type": "text", "text": q}));
                 let mut body = chat_body(Value::Array(content), n);
@@ -274,16 +272,24 @@ fn bad_requests_get_4xx_and_the_server_keeps_answering() {
     };
     let server = start(config);
     let base = server.base.clone();
-    let image = |url: &str| chat_body(json!([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]), 3);
-    let video = |url: &str| chat_body(json!([{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "What is it?"}]), 3);
+    let image = |url: &str| {
+        chat_body(json!([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]), 3)
+    };
+    let video = |url: &str| {
+        chat_body(json!([{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "What is it?"}]), 3)
+    };
 
     let raw_cases: Vec<(&str, Vec<u8>, u16)> = vec![
         ("malformed JSON", b"{\"messages\": [".to_vec(), 400),
         ("not an object", b"[1, 2]".to_vec(), 400),
-        ("body over the limit", {
-            let big = "x".repeat(2 << 20);
-            serde_json::to_vec(&chat_body(json!(big), 3)).unwrap()
-        }, 413),
+        (
+            "body over the limit",
+            {
+                let big = "x".repeat(2 << 20);
+                serde_json::to_vec(&chat_body(json!(big), 3)).unwrap()
+            },
+            413,
+        ),
     ];
     for (what, bytes, want) in raw_cases {
         let (status, body) = post_raw(&base, "/v1/chat/completions", bytes);
@@ -301,7 +307,11 @@ fn bad_requests_get_4xx_and_the_server_keeps_answering() {
         ("n = 2", json!({"messages": [{"role": "user", "content": "Hi"}], "n": 2}), 400),
         ("temperature -1", json!({"messages": [{"role": "user", "content": "Hi"}], "temperature": -1}), 400),
         ("top_p 0", json!({"messages": [{"role": "user", "content": "Hi"}], "top_p": 0}), 400),
-        ("top_logprobs 50", json!({"messages": [{"role": "user", "content": "Hi"}], "logprobs": true, "top_logprobs": 50}), 400),
+        (
+            "top_logprobs 50",
+            json!({"messages": [{"role": "user", "content": "Hi"}], "logprobs": true, "top_logprobs": 50}),
+            400,
+        ),
         ("max_tokens 0", json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 0}), 400),
         ("stop of wrong type", json!({"messages": [{"role": "user", "content": "Hi"}], "stop": 5}), 400),
         ("data URI that is not an image", image(&not_image), 400),
@@ -320,15 +330,26 @@ fn bad_requests_get_4xx_and_the_server_keeps_answering() {
         ("text file as a video", video("notes.txt"), 400),
         ("data URI that is not a video", video(&not_image), 400),
         ("placeholder in text without media", chat_body(json!("Look: <image> what is it?"), 3), 400),
-        ("more placeholders than media", chat_body(json!([
-            {"type": "image_url", "image_url": {"url": "ok.png"}},
-            {"type": "text", "text": "and <image> and <video>"},
-        ]), 3), 400),
-        ("streaming with a bad image", {
-            let mut b = image(&not_image);
-            b["stream"] = json!(true);
-            b
-        }, 400),
+        (
+            "more placeholders than media",
+            chat_body(
+                json!([
+                    {"type": "image_url", "image_url": {"url": "ok.png"}},
+                    {"type": "text", "text": "and <image> and <video>"},
+                ]),
+                3,
+            ),
+            400,
+        ),
+        (
+            "streaming with a bad image",
+            {
+                let mut b = image(&not_image);
+                b["stream"] = json!(true);
+                b
+            },
+            400,
+        ),
     ];
     #[cfg(unix)]
     cases.push(("symlink out of the allowed dir", image("escape.png"), 403));
@@ -352,7 +373,10 @@ fn bad_requests_get_4xx_and_the_server_keeps_answering() {
     assert_eq!(resp["choices"][0]["message"]["content"], resp2["choices"][0]["message"]["content"]);
     let (_, metrics) = get(&base, "/metrics");
     assert!(metrics.contains("videollava_requests_total{route=\"/v1/chat/completions\",status=\"400\"}"), "{metrics}");
-    assert!(metrics.contains("videollava_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains("videollava_requests_total{route=\"/v1/chat/completions\",status=\"200\"} 2"),
+        "{metrics}"
+    );
     let _ = std::fs::remove_dir_all(&allowed);
     let _ = std::fs::remove_dir_all(&outside);
 }
@@ -375,8 +399,12 @@ fn media_limits() {
     // A server that accepts connections and never answers.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_url = format!("http://{}/x.png", silent.local_addr().unwrap());
-    let image = |url: String| chat_body(json!([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]), 3);
-    let video = |url: String| chat_body(json!([{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "?"}]), 3);
+    let image = |url: String| {
+        chat_body(json!([{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "?"}]), 3)
+    };
+    let video = |url: String| {
+        chat_body(json!([{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "?"}]), 3)
+    };
     // landscape.png is 7440 bytes: over 4000.
     let (status, body) = post(&server.base, &image(data_uri("landscape.png", "image/png")));
     assert_error(status, &body, 413, "media over the byte limit");
@@ -430,7 +458,11 @@ fn a_prompt_over_the_context_length_is_refused() {
     }
     let config = std::fs::read_to_string(dir.join("config.json")).unwrap();
     assert!(config.contains("\"max_position_embeddings\": 4096"));
-    std::fs::write(dir.join("config.json"), config.replace("\"max_position_embeddings\": 4096", "\"max_position_embeddings\": 64")).unwrap();
+    std::fs::write(
+        dir.join("config.json"),
+        config.replace("\"max_position_embeddings\": 4096", "\"max_position_embeddings\": 64"),
+    )
+    .unwrap();
     let server = start_with(
         ServerConfig { served_model_name: Some("model-llama".into()), ..ServerConfig::default() },
         &dir,
@@ -491,7 +523,10 @@ fn a_full_queue_answers_429() {
 
 #[test]
 fn request_timeout() {
-    let config = ServerConfig { limits: Limits { request_timeout: Duration::from_millis(300), ..Limits::default() }, ..ServerConfig::default() };
+    let config = ServerConfig {
+        limits: Limits { request_timeout: Duration::from_millis(300), ..Limits::default() },
+        ..ServerConfig::default()
+    };
     let server = start(config);
     let mut body = chat_body(json!("Go on and on."), 3000);
     body["ignore_eos"] = json!(true);

@@ -16,8 +16,8 @@ use crate::processor::image_processor::ImageProcessorConfig;
 /// Reads a JSON object from `path`, with errors that name the file.
 pub(crate) fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let value: Value = serde_json::from_str(&text)
-        .map_err(|e| Error::config(path, "", format!("not valid JSON: {e}")))?;
+    let value: Value =
+        serde_json::from_str(&text).map_err(|e| Error::config(path, "", format!("not valid JSON: {e}")))?;
     match value {
         Value::Object(map) => Ok(map),
         other => Err(Error::config(path, "", format!("expected a JSON object, found {}", kind(&other)))),
@@ -89,10 +89,7 @@ impl<'a> Fields<'a> {
     pub(crate) fn opt_i64(&self, key: &str) -> Result<Option<i64>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_i64()
-                .map(Some)
-                .ok_or_else(|| self.err(key, format!("expected an integer, found {v}"))),
+            Some(v) => v.as_i64().map(Some).ok_or_else(|| self.err(key, format!("expected an integer, found {v}"))),
         }
     }
 
@@ -302,8 +299,7 @@ impl TextConfig {
     /// `LlamaConfig()`: what `VideoLlavaConfig` builds when `text_config` is absent.
     pub fn llama_default() -> Self {
         let map = Map::new();
-        Self::from_fields(&Fields::new(Path::new("config.json"), "text_config", &map))
-            .expect("the defaults are valid")
+        Self::from_fields(&Fields::new(Path::new("config.json"), "text_config", &map)).expect("the defaults are valid")
     }
 
     fn from_fields(f: &Fields) -> Result<Self> {
@@ -311,10 +307,9 @@ impl TextConfig {
             "llama" => TextModelType::Llama,
             "mistral" => TextModelType::Mistral,
             other => {
-                return Err(f.err(
-                    "model_type",
-                    format!("unsupported language model `{other}` (supported: llama, mistral)"),
-                ))
+                return Err(
+                    f.err("model_type", format!("unsupported language model `{other}` (supported: llama, mistral)"))
+                )
             }
         };
         let mistral = model_type == TextModelType::Mistral;
@@ -338,7 +333,9 @@ impl TextConfig {
         if num_attention_heads % num_key_value_heads != 0 {
             return Err(f.err(
                 "num_key_value_heads",
-                format!("{num_attention_heads} attention heads are not a multiple of {num_key_value_heads} key/value heads"),
+                format!(
+                    "{num_attention_heads} attention heads are not a multiple of {num_key_value_heads} key/value heads"
+                ),
             ));
         }
         if head_dim % 2 != 0 {
@@ -369,7 +366,11 @@ impl TextConfig {
         }
 
         let sliding_window = if mistral {
-            if f.map.contains_key("sliding_window") { f.opt_usize("sliding_window")? } else { Some(4096) }
+            if f.map.contains_key("sliding_window") {
+                f.opt_usize("sliding_window")?
+            } else {
+                Some(4096)
+            }
         } else {
             None
         };
@@ -384,7 +385,8 @@ impl TextConfig {
             num_key_value_heads,
             head_dim,
             hidden_act,
-            max_position_embeddings: f.positive_or("max_position_embeddings", if mistral { 4096 * 32 } else { 2048 })?,
+            max_position_embeddings: f
+                .positive_or("max_position_embeddings", if mistral { 4096 * 32 } else { 2048 })?,
             rms_norm_eps: f.f64_or("rms_norm_eps", 1e-6)?,
             rope_theta,
             rope_scaling,
@@ -475,7 +477,9 @@ impl VideoLlavaConfig {
         let f = Fields::new(path, "", map);
         if let Some(t) = f.opt_str("model_type")? {
             if t != "video_llava" {
-                return Err(f.err("model_type", format!("`{t}` is not a Video-LLaVA checkpoint (expected video_llava)")));
+                return Err(
+                    f.err("model_type", format!("`{t}` is not a Video-LLaVA checkpoint (expected video_llava)"))
+                );
             }
         }
         let vision_config = match f.opt_object("vision_config")? {
@@ -511,7 +515,9 @@ impl VideoLlavaConfig {
             None => vec![-2],
             Some(Value::Array(items)) if !items.is_empty() => items
                 .iter()
-                .map(|v| v.as_i64().ok_or_else(|| f.err("vision_feature_layer", format!("expected integers, found {v}"))))
+                .map(|v| {
+                    v.as_i64().ok_or_else(|| f.err("vision_feature_layer", format!("expected integers, found {v}")))
+                })
                 .collect::<Result<Vec<_>>>()?,
             Some(v) => vec![v
                 .as_i64()
@@ -528,7 +534,10 @@ impl VideoLlavaConfig {
         }
 
         let projector_hidden_act = f.str_or("projector_hidden_act", "gelu")?.to_string();
-        if !matches!(projector_hidden_act.as_str(), "gelu" | "gelu_pytorch_tanh" | "gelu_new" | "quick_gelu" | "relu" | "silu") {
+        if !matches!(
+            projector_hidden_act.as_str(),
+            "gelu" | "gelu_pytorch_tanh" | "gelu_new" | "quick_gelu" | "relu" | "silu"
+        ) {
             return Err(f.err("projector_hidden_act", format!("unsupported activation `{projector_hidden_act}`")));
         }
 
@@ -822,12 +831,21 @@ mod tests {
     fn errors_name_the_field() {
         let cases = [
             (r#"{"text_config": {"hidden_size": "big"}}"#, "text_config.hidden_size"),
-            (r#"{"text_config": {"num_attention_heads": 32, "num_key_value_heads": 5}}"#, "text_config.num_key_value_heads"),
+            (
+                r#"{"text_config": {"num_attention_heads": 32, "num_key_value_heads": 5}}"#,
+                "text_config.num_key_value_heads",
+            ),
             (r#"{"vision_feature_select_strategy": "cls"}"#, "vision_feature_select_strategy"),
             (r#"{"vision_feature_layer": 30}"#, "vision_feature_layer"),
             (r#"{"text_config": {"model_type": "gpt2"}}"#, "text_config.model_type"),
-            (r#"{"text_config": {"rope_scaling": {"type": "yarn", "factor": 4}}}"#, "text_config.rope_scaling.rope_type"),
-            (r#"{"vision_config": {"hidden_size": 100, "num_attention_heads": 16}}"#, "vision_config.num_attention_heads"),
+            (
+                r#"{"text_config": {"rope_scaling": {"type": "yarn", "factor": 4}}}"#,
+                "text_config.rope_scaling.rope_type",
+            ),
+            (
+                r#"{"vision_config": {"hidden_size": 100, "num_attention_heads": 16}}"#,
+                "vision_config.num_attention_heads",
+            ),
             (r#"{"image_token_index": 32001}"#, "video_token_index"),
             (r#"{"model_type": "llava"}"#, "model_type"),
         ];

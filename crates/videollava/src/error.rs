@@ -20,11 +20,7 @@ pub enum Error {
     /// A configuration file is malformed or inconsistent. `field` is a dotted path such as
     /// `text_config.hidden_size`, or empty when the whole file is at fault.
     #[error("{}: {}{message}", file.display(), if field.is_empty() { String::new() } else { format!("field `{field}`: ") })]
-    Config {
-        file: PathBuf,
-        field: String,
-        message: String,
-    },
+    Config { file: PathBuf, field: String, message: String },
 
     /// A media input (image or video) could not be decoded or is unusable.
     /// `source_name` is the path, or a description such as `image #2` for in-memory input.

@@ -57,7 +57,8 @@ fn check_variant(variant: &str) -> usize {
             let max = got.logprobs.iter().zip(&lps[..n]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             eprintln!("{variant}/{case} row {row}: ids equal, logprob max abs diff {max:.2e}");
             assert!(max <= LOGPROB_TOL, "{variant}/{case} row {row}: logprob diff {max}");
-            let reason = if n < ids.len() || ids.last() == Some(&2) { FinishReason::Stop } else { FinishReason::Length };
+            let reason =
+                if n < ids.len() || ids.last() == Some(&2) { FinishReason::Stop } else { FinishReason::Length };
             assert_eq!(got.finish_reason, reason);
             checked += 1;
         }

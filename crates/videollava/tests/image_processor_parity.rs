@@ -46,44 +46,26 @@ fn image_processor_matches_transformers() {
             let (rh, rw) = processor.resized_size(h, w);
             let got = resize(&image, rw, rh, filter.unwrap());
             if want.shape != [rh, rw, 3] {
-                failures.push(format!(
-                    "{case}: resized shape [{rh}, {rw}, 3] != expected {:?}",
-                    want.shape
-                ));
+                failures.push(format!("{case}: resized shape [{rh}, {rw}, 3] != expected {:?}", want.shape));
             } else {
                 let want = want.u8s();
                 let differing = got.data.iter().zip(&want).filter(|(a, b)| a != b).count();
-                let worst = got
-                    .data
-                    .iter()
-                    .zip(&want)
-                    .map(|(a, b)| a.abs_diff(*b))
-                    .max()
-                    .unwrap_or(0);
+                let worst = got.data.iter().zip(&want).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0);
                 println!("{case:<28} resize {w}x{h} -> {rw}x{rh}: {differing} differing bytes (max {worst})");
                 if differing != 0 {
-                    failures.push(format!(
-                        "{case}: resize differs from Pillow in {differing} bytes (max {worst})"
-                    ));
+                    failures.push(format!("{case}: resize differs from Pillow in {differing} bytes (max {worst})"));
                 }
             }
         }
         let out = processor.preprocess(&image).unwrap_or_else(|e| panic!("{case}: {e}"));
-        assert_eq!(
-            processor.output_size(h, w),
-            (out.height, out.width),
-            "{case}: output_size"
-        );
+        assert_eq!(processor.output_size(h, w), (out.height, out.width), "{case}: output_size");
         let shape = vec![3, out.height, out.width];
         if shape != expected.shape {
             failures.push(format!("{case}: shape {shape:?} != expected {:?}", expected.shape));
             continue;
         }
         let (max, mean) = common::abs_diff(&out.data, &expected.f32s());
-        println!(
-            "{case:<28} {}x{} -> {}x{}: max abs diff {max:e}, mean {mean:e}",
-            w, h, out.width, out.height
-        );
+        println!("{case:<28} {}x{} -> {}x{}: max abs diff {max:e}, mean {mean:e}", w, h, out.width, out.height);
         if max.is_nan() || max > 1e-5 {
             failures.push(format!("{case}: max abs diff {max} > 1e-5 (mean {mean})"));
         }

@@ -18,7 +18,10 @@ fn load(name: &str, dtype: DType) -> VideoLlava {
 fn case(name: &str) -> (Tensor, Option<Tensor>, Option<Tensor>, Tensor) {
     let (t, _) = read_safetensors(&fixtures_dir().join("model").join(format!("{name}.safetensors")));
     let dev = Device::Cpu;
-    let ids = Tensor::from_vec(t["input_ids"].i64s(), t["input_ids"].shape.clone(), &dev).unwrap().to_dtype(DType::U32).unwrap();
+    let ids = Tensor::from_vec(t["input_ids"].i64s(), t["input_ids"].shape.clone(), &dev)
+        .unwrap()
+        .to_dtype(DType::U32)
+        .unwrap();
     let px = |k: &str| t.get(k).map(|p| Tensor::from_vec(p.f32s(), p.shape.clone(), &dev).unwrap());
     let logits = Tensor::from_vec(t["logits"].f32s(), t["logits"].shape.clone(), &dev).unwrap();
     (ids, px("pixel_values_images"), px("pixel_values_videos"), logits)
@@ -35,7 +38,11 @@ fn prefill_then_decode_with_the_cache_equals_one_full_pass() {
     let l = ids.dim(1).unwrap();
     let mut cache = KvCache::default();
     let head = ids.narrow(1, 0, l - 1).unwrap();
-    let prefill = ForwardInput { pixel_values_videos: videos.as_ref(), logits: LogitsSelection::Last, ..ForwardInput::new(&head) };
+    let prefill = ForwardInput {
+        pixel_values_videos: videos.as_ref(),
+        logits: LogitsSelection::Last,
+        ..ForwardInput::new(&head)
+    };
     model.forward(&prefill, Some(&mut cache)).unwrap();
     assert_eq!(cache.len(), l - 1);
     let tail = ids.narrow(1, l - 1, 1).unwrap();
@@ -52,11 +59,25 @@ fn bf16_and_f16_compute_track_f32() {
     let (ids, images, videos, want) = case("model-llama-image_video");
     for (dtype, bound) in [(DType::BF16, 0.25f32), (DType::F16, 0.05f32)] {
         let model = load("model-llama", dtype);
-        let input = ForwardInput { pixel_values_images: images.as_ref(), pixel_values_videos: videos.as_ref(), ..ForwardInput::new(&ids) };
+        let input = ForwardInput {
+            pixel_values_images: images.as_ref(),
+            pixel_values_videos: videos.as_ref(),
+            ..ForwardInput::new(&ids)
+        };
         let got = model.forward(&input, None).unwrap().logits.unwrap();
         assert_eq!(got.dtype(), DType::F32, "logits are returned as f32");
         let d = max_abs(&got, &want);
-        let agree = got.argmax(2).unwrap().eq(&want.argmax(2).unwrap()).unwrap().to_dtype(DType::F32).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+        let agree = got
+            .argmax(2)
+            .unwrap()
+            .eq(&want.argmax(2).unwrap())
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         eprintln!("{dtype:?}: max abs logit diff {d:.4}, argmax agreement {agree:.3}");
         assert!(d < bound, "{dtype:?}: logits differ from f32 by {d}");
         assert!(agree > 0.9, "{dtype:?}: argmax agreement {agree}");
@@ -103,7 +124,10 @@ fn positions_beyond_the_context_and_unknown_ids_are_errors() {
 }
 
 /// Copies checkpoint `name` to a temp dir, rewriting model.safetensors with `edit`.
-fn edited_checkpoint(test: &str, edit: impl Fn(&mut HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>)) -> PathBuf {
+fn edited_checkpoint(
+    test: &str,
+    edit: impl Fn(&mut HashMap<String, (safetensors::Dtype, Vec<usize>, Vec<u8>)>),
+) -> PathBuf {
     let src = fixtures_dir().join("checkpoints/model-llama");
     let dir = std::env::temp_dir().join(format!("videollava-model-{test}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);

@@ -50,7 +50,16 @@ fn masked_max_diff(got: &Tensor, want: &Tensor, mask: &[i64]) -> f32 {
 
 fn max_diff(got: &Tensor, want: &Tensor) -> f32 {
     assert_eq!(got.dims(), want.dims(), "shape");
-    (got.to_dtype(DType::F32).unwrap() - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    (got.to_dtype(DType::F32).unwrap() - want)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 fn run_case(path: &Path, models: &mut HashMap<String, VideoLlava>) {

@@ -46,7 +46,9 @@ fn run_case(path: &Path) {
     assert_eq!(out.input_ids, ids.i64s(), "{name}: input_ids differ");
     assert_eq!(out.attention_mask, expected["attention_mask"].i64s(), "{name}: attention_mask differs");
 
-    for (key, got) in [("pixel_values_images", &out.pixel_values_images), ("pixel_values_videos", &out.pixel_values_videos)] {
+    for (key, got) in
+        [("pixel_values_images", &out.pixel_values_images), ("pixel_values_videos", &out.pixel_values_videos)]
+    {
         match (expected.get(key), got) {
             (None, None) => {}
             (Some(want), Some(got)) => {
@@ -77,7 +79,8 @@ fn processor_matches_transformers_on_every_case() {
 
 #[test]
 fn real_llama_tokenizer_ids_match_transformers() {
-    let Some(tok_dir) = shared_dir("real_llama_tokenizer_ids_match_transformers", "fixtures/videollava-tokenizer") else {
+    let Some(tok_dir) = shared_dir("real_llama_tokenizer_ids_match_transformers", "fixtures/videollava-tokenizer")
+    else {
         return;
     };
     let config = CheckpointConfig::from_dir(&fixtures_dir().join("checkpoints/hub-config")).unwrap();
@@ -100,7 +103,11 @@ fn real_llama_tokenizer_ids_match_transformers() {
         assert_eq!(out.attention_mask, want_mask.concat(), "mask differs for {prompts:?}");
         for (b, row) in want_ids.iter().enumerate() {
             let row: Vec<u32> = row.iter().map(|&t| t as u32).collect();
-            assert_eq!(processor.decode(&row, false).unwrap(), case["decoded"][b].as_str().unwrap(), "decode {prompts:?}");
+            assert_eq!(
+                processor.decode(&row, false).unwrap(),
+                case["decoded"][b].as_str().unwrap(),
+                "decode {prompts:?}"
+            );
             assert_eq!(
                 processor.decode(&row, true).unwrap(),
                 case["decoded_skip_special"][b].as_str().unwrap(),
@@ -174,7 +181,8 @@ fn shared_photos_and_video_pixel_values_match_transformers() {
         return;
     };
     let config = CheckpointConfig::from_dir(&fixtures_dir().join("checkpoints/hub-config")).unwrap();
-    let processor = videollava::processor::image_processor::ImageProcessor::new(config.image_processor.clone()).unwrap();
+    let processor =
+        videollava::processor::image_processor::ImageProcessor::new(config.image_processor.clone()).unwrap();
     let text = std::fs::read_to_string(fixtures_dir().join("processor/shared_media.json")).unwrap();
     let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
     assert_eq!(cases.len(), 5);
@@ -201,8 +209,16 @@ fn shared_photos_and_video_pixel_values_match_transformers() {
         let sample: Vec<f32> = data.iter().step_by(stride).copied().collect();
         let want: Vec<f32> = serde_json::from_value(case["sample"].clone()).unwrap();
         let (max, mean) = abs_diff(&sample, &want);
-        eprintln!("{file} {:?}: sample max abs diff {max:.3e}, mean {mean:.3e}, hash equal {}", want_shape, hash == case["sha256"]);
+        eprintln!(
+            "{file} {:?}: sample max abs diff {max:.3e}, mean {mean:.3e}, hash equal {}",
+            want_shape,
+            hash == case["sha256"]
+        );
         assert!(max <= PIXEL_TOLERANCE, "{file}: max abs diff {max}");
-        assert_eq!(hash, case["sha256"].as_str().unwrap(), "{file}: pixel values are not bit-identical (sample max diff {max})");
+        assert_eq!(
+            hash,
+            case["sha256"].as_str().unwrap(),
+            "{file}: pixel values are not bit-identical (sample max diff {max})"
+        );
     }
 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use candle_core::Device;
 use common::fixtures_dir;
-use videollava::engine::{DTypeChoice, Engine, GenerationRequest, Scheduler, SchedulerConfig, StreamEvent, SubmitError};
+use videollava::engine::{
+    DTypeChoice, Engine, GenerationRequest, Scheduler, SchedulerConfig, StreamEvent, SubmitError,
+};
 use videollava::generate::{GenerateOptions, GeneratedSequence};
 use videollava::media::image::decode_image_file;
 use videollava::media::video::{decode_video_file, VideoOptions};
@@ -30,13 +32,43 @@ fn requests(engine: &Engine) -> Vec<GenerationRequest> {
     let q = |text: &str, i: usize, v: usize| engine.question_prompt(text, i, v).unwrap();
     let opts = |n: usize| GenerateOptions { max_new_tokens: n, ignore_eos: true, ..engine.default_options() };
     vec![
-        GenerationRequest { prompt: q("What is this?", 1, 0), images: vec![image.clone()], videos: vec![], options: opts(9) },
-        GenerationRequest { prompt: q("Why is this video funny?", 0, 1), images: vec![], videos: vec![video.clone()], options: opts(14) },
-        GenerationRequest { prompt: q("Tell me a joke about rabbits and the forest.", 0, 0), images: vec![], videos: vec![], options: opts(5) },
-        GenerationRequest { prompt: q("Compare them.", 1, 1), images: vec![image.clone()], videos: vec![video.clone()], options: opts(11) },
-        GenerationRequest { prompt: q("Describe it.", 1, 0), images: vec![image.clone()], videos: vec![], options: opts(3) },
+        GenerationRequest {
+            prompt: q("What is this?", 1, 0),
+            images: vec![image.clone()],
+            videos: vec![],
+            options: opts(9),
+        },
+        GenerationRequest {
+            prompt: q("Why is this video funny?", 0, 1),
+            images: vec![],
+            videos: vec![video.clone()],
+            options: opts(14),
+        },
+        GenerationRequest {
+            prompt: q("Tell me a joke about rabbits and the forest.", 0, 0),
+            images: vec![],
+            videos: vec![],
+            options: opts(5),
+        },
+        GenerationRequest {
+            prompt: q("Compare them.", 1, 1),
+            images: vec![image.clone()],
+            videos: vec![video.clone()],
+            options: opts(11),
+        },
+        GenerationRequest {
+            prompt: q("Describe it.", 1, 0),
+            images: vec![image.clone()],
+            videos: vec![],
+            options: opts(3),
+        },
         GenerationRequest { prompt: q("Hi", 0, 0), images: vec![], videos: vec![], options: opts(16) },
-        GenerationRequest { prompt: q("What happens next in the video?", 0, 1), images: vec![], videos: vec![video.clone()], options: opts(7) },
+        GenerationRequest {
+            prompt: q("What happens next in the video?", 0, 1),
+            images: vec![],
+            videos: vec![video.clone()],
+            options: opts(7),
+        },
         GenerationRequest { prompt: q("One word.", 1, 0), images: vec![image], videos: vec![], options: opts(1) },
     ]
 }
@@ -99,7 +131,10 @@ fn concurrent_requests_get_their_solo_answers_mistral_sliding_window() {
 fn a_dropped_receiver_frees_its_slot_and_bad_requests_fail_alone() {
     let e = engine("model-llama");
     let mut reqs = requests(&e);
-    let long = GenerationRequest { options: GenerateOptions { max_new_tokens: 2000, ignore_eos: true, ..e.default_options() }, ..reqs[5].clone() };
+    let long = GenerationRequest {
+        options: GenerateOptions { max_new_tokens: 2000, ignore_eos: true, ..e.default_options() },
+        ..reqs[5].clone()
+    };
     let scheduler = Scheduler::start(e, SchedulerConfig { max_batch_size: 2, max_queue: 2 });
     let mut h = scheduler.submit(long).unwrap();
     // Wait until it runs, then leave.
@@ -133,7 +168,10 @@ fn a_dropped_receiver_frees_its_slot_and_bad_requests_fail_alone() {
 fn a_full_queue_refuses() {
     let e = engine("model-llama");
     let reqs = requests(&e);
-    let long = GenerationRequest { options: GenerateOptions { max_new_tokens: 300, ignore_eos: true, ..e.default_options() }, ..reqs[5].clone() };
+    let long = GenerationRequest {
+        options: GenerateOptions { max_new_tokens: 300, ignore_eos: true, ..e.default_options() },
+        ..reqs[5].clone()
+    };
     let scheduler = Scheduler::start(e, SchedulerConfig { max_batch_size: 1, max_queue: 1 });
     let mut first = scheduler.submit(long.clone()).unwrap();
     assert!(matches!(first.events.blocking_recv(), Some(StreamEvent::Token { .. })));

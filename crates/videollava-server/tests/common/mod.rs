@@ -139,12 +139,21 @@ pub fn stream(base: &str, body: &Value) -> Streamed {
         .send(serde_json::to_vec(body).unwrap().as_slice())
         .expect("request sent");
     let status = resp.status().as_u16();
-    let is_sse = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("text/event-stream"));
+    let is_sse = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/event-stream"));
     let mut reader = BufReader::new(resp.into_body().into_reader());
     if !is_sse {
         let mut s = String::new();
         let _ = reader.read_to_string(&mut s);
-        return Streamed { status, chunks: vec![], done: false, error: serde_json::from_str(&s).unwrap_or(Value::Null) };
+        return Streamed {
+            status,
+            chunks: vec![],
+            done: false,
+            error: serde_json::from_str(&s).unwrap_or(Value::Null),
+        };
     }
     let mut chunks = Vec::new();
     let mut done = false;
@@ -201,7 +210,14 @@ pub fn solo(
 ) -> GeneratedSequence {
     let tok = engine.tokenizer();
     let name = |id: Option<u32>| id.and_then(|i| tok.inner().id_to_token(i)).unwrap_or_default();
-    let prompt = apply_chat_template(tok.chat_template.as_deref(), messages, true, &name(tok.bos_token_id), &name(tok.eos_token_id)).unwrap();
+    let prompt = apply_chat_template(
+        tok.chat_template.as_deref(),
+        messages,
+        true,
+        &name(tok.bos_token_id),
+        &name(tok.eos_token_id),
+    )
+    .unwrap();
     let options = GenerateOptions { max_new_tokens: max_tokens, top_logprobs: 3, ..engine.default_options() };
     engine.generate(&[prompt.as_str()], images, videos, &options, &mut |_| {}).unwrap().0.remove(0)
 }

@@ -6,8 +6,8 @@
 pub mod scheduler;
 
 pub use scheduler::{
-    EngineInfo, GenerationRequest, RequestHandle, RequestTimings, Scheduler, SchedulerConfig, SchedulerStats, StreamEvent,
-    SubmitError,
+    EngineInfo, GenerationRequest, RequestHandle, RequestTimings, Scheduler, SchedulerConfig, SchedulerStats,
+    StreamEvent, SubmitError,
 };
 
 use std::path::{Path, PathBuf};
@@ -101,7 +101,13 @@ impl Engine {
         let processor = Processor::new(&checkpoint, tokenizer)?;
         let dtype = dtype.resolve(checkpoint.model.dtype.as_deref());
         let model = VideoLlava::load(dir, dtype, device)?;
-        Ok(Self { model, processor, checkpoint, model_dir: dir.to_path_buf(), load_ms: t.elapsed().as_secs_f64() * 1e3 })
+        Ok(Self {
+            model,
+            processor,
+            checkpoint,
+            model_dir: dir.to_path_buf(),
+            load_ms: t.elapsed().as_secs_f64() * 1e3,
+        })
     }
 
     pub fn tokenizer(&self) -> &TextTokenizer {
@@ -136,7 +142,12 @@ impl Engine {
     }
 
     /// Runs the processor over prompts and media (timed as `preprocess`).
-    pub fn preprocess(&self, prompts: &[&str], images: &[RgbImage], videos: &[Video]) -> Result<(ProcessorOutput, f64)> {
+    pub fn preprocess(
+        &self,
+        prompts: &[&str],
+        images: &[RgbImage],
+        videos: &[Video],
+    ) -> Result<(ProcessorOutput, f64)> {
         let t = Instant::now();
         let out = self.processor.process(prompts, images, videos)?;
         Ok((out, t.elapsed().as_secs_f64() * 1e3))

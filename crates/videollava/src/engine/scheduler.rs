@@ -62,10 +62,21 @@ pub struct RequestTimings {
 /// What a request's receiver sees, in order: tokens, then one `Finished` or `Failed`.
 #[derive(Debug, Clone)]
 pub enum StreamEvent {
-    Token { token_id: u32, text: String, logprob: f32, top_logprobs: Vec<(u32, f32)> },
-    Finished { sequence: GeneratedSequence, timings: RequestTimings },
+    Token {
+        token_id: u32,
+        text: String,
+        logprob: f32,
+        top_logprobs: Vec<(u32, f32)>,
+    },
+    Finished {
+        sequence: GeneratedSequence,
+        timings: RequestTimings,
+    },
     /// `client_error`: the request itself was at fault (bad media, placeholders, too long).
-    Failed { message: String, client_error: bool },
+    Failed {
+        message: String,
+        client_error: bool,
+    },
 }
 
 /// Why a request was not queued.
@@ -257,7 +268,8 @@ fn admit(engine: &Engine, job: Job) -> std::result::Result<(Active, KvCache), (U
         let row = logits.to_vec2::<f32>()?.remove(0);
         let out = state.step(&row, &request.options, engine.tokenizer(), max_ctx)?;
         timings.time_to_first_token_ms = ms(submitted);
-        let mut active = Active { state, options: request.options.clone(), tx: tx.clone(), timings, decode_started: Instant::now() };
+        let mut active =
+            Active { state, options: request.options.clone(), tx: tx.clone(), timings, decode_started: Instant::now() };
         active.emit_step(out);
         Ok((active, cache))
     };
@@ -276,7 +288,8 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
                 if shared.closing.load(Ordering::SeqCst) {
                     return;
                 }
-                let (guard, _) = shared.wake.wait_timeout(q, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner());
+                let (guard, _) =
+                    shared.wake.wait_timeout(q, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner());
                 q = guard;
             }
             let room = shared.config.max_batch_size.saturating_sub(rows.len());
@@ -304,7 +317,8 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
         }
 
         // Drop finished rows and rows whose client went away.
-        let keep: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].state.finish.is_none() && !rows[i].tx.is_closed()).collect();
+        let keep: Vec<usize> =
+            (0..rows.len()).filter(|&i| rows[i].state.finish.is_none() && !rows[i].tx.is_closed()).collect();
         if keep.len() != rows.len() {
             let mut kept = Vec::with_capacity(keep.len());
             for (i, row) in rows.drain(..).enumerate() {

@@ -151,7 +151,13 @@ impl SequenceState {
     }
 
     /// Chooses the next token from raw f32 `logits` `[V]`, updates text and stop state.
-    pub fn step(&mut self, logits: &[f32], options: &GenerateOptions, tokenizer: &TextTokenizer, max_ctx: usize) -> Result<StepOutput> {
+    pub fn step(
+        &mut self,
+        logits: &[f32],
+        options: &GenerateOptions,
+        tokenizer: &TextTokenizer,
+        max_ctx: usize,
+    ) -> Result<StepOutput> {
         let token = choose_token(logits, &self.seen, &options.sampling, &mut self.rng);
         let lp = log_softmax(logits);
         let top = if options.top_logprobs > 0 { top_k_of(&lp, options.top_logprobs) } else { Vec::new() };
@@ -267,7 +273,12 @@ pub fn generate_continuing(
         for (slot, &ri) in active.iter().enumerate() {
             let row = &mut rows[ri];
             let out = row.step(&logits_rows[slot], options, tokenizer, max_ctx)?;
-            on_token(TokenEvent { row: row.index, token_id: out.token_id, logprob: out.logprob, text_delta: &out.text_delta });
+            on_token(TokenEvent {
+                row: row.index,
+                token_id: out.token_id,
+                logprob: out.logprob,
+                text_delta: &out.text_delta,
+            });
         }
         let keep: Vec<usize> = (0..active.len()).filter(|&s| rows[active[s]].finish.is_none()).collect();
         if keep.is_empty() {

@@ -507,7 +507,8 @@ fn decode_bmp(bytes: &[u8], name: &str) -> Result<RgbImage> {
 fn decode_bmp16(b: &[u8], name: &str) -> Result<Option<RgbImage>> {
     let u16_at = |o: usize| b.get(o..o + 2).map(|s| u16::from_le_bytes([s[0], s[1]]));
     let u32_at = |o: usize| b.get(o..o + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]));
-    let (Some(offset), Some(header_size), Some(bpp), Some(compression)) = (u32_at(10), u32_at(14), u16_at(28), u32_at(30))
+    let (Some(offset), Some(header_size), Some(bpp), Some(compression)) =
+        (u32_at(10), u32_at(14), u16_at(28), u32_at(30))
     else {
         return Ok(None);
     };

@@ -148,7 +148,10 @@ impl VideoLlava {
     /// batch, CLS always kept.
     pub fn video_features(&self, pixel_values: &Tensor) -> Result<Tensor> {
         let (m, t, c, h, w) = pixel_values.dims5().map_err(|_| {
-            Error::Input(format!("pixel_values_videos must be [videos, frames, 3, H, W], got {:?}", pixel_values.dims()))
+            Error::Input(format!(
+                "pixel_values_videos must be [videos, frames, 3, H, W], got {:?}",
+                pixel_values.dims()
+            ))
         })?;
         let frames = pixel_values.reshape((m * t, c, h, w))?.to_dtype(self.dtype)?;
         let feats = self.video_tower.select_features(&frames, &self.feature_layers)?;
@@ -157,7 +160,12 @@ impl VideoLlava {
 
     /// Token embeddings with image, then video, features written over their placeholders in
     /// row-major (batch, then sequence) order. Returns `[B, L, H]`.
-    pub fn merge_embeddings(&self, input_ids: &Tensor, image_features: Option<&Tensor>, video_features: Option<&Tensor>) -> Result<Tensor> {
+    pub fn merge_embeddings(
+        &self,
+        input_ids: &Tensor,
+        image_features: Option<&Tensor>,
+        video_features: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let embeds = self.language_model.embed(input_ids)?;
         if image_features.is_none() && video_features.is_none() {
             return Ok(embeds);
@@ -199,7 +207,8 @@ impl VideoLlava {
     /// One forward pass. With `cache`, keys and values are appended to it (prefill or decode).
     pub fn forward(&self, input: &ForwardInput, cache: Option<&mut KvCache>) -> Result<ForwardOutput> {
         let ids = input.input_ids.to_dtype(DType::U32)?;
-        let (b, l) = ids.dims2().map_err(|_| Error::Input(format!("input_ids must be [batch, seq], got {:?}", ids.dims())))?;
+        let (b, l) =
+            ids.dims2().map_err(|_| Error::Input(format!("input_ids must be [batch, seq], got {:?}", ids.dims())))?;
         if l == 0 {
             return Err(Error::Input("empty input_ids".into()));
         }
@@ -244,12 +253,19 @@ impl VideoLlava {
     /// embeddings, then the whole prompt through the decoder into `cache`. `position_ids` `[B, L]`.
     /// Returns f32 logits of the last position `[B, V]` and the milliseconds spent in the vision
     /// towers and in the decoder.
-    pub fn prefill(&self, inputs: &ProcessorOutput, position_ids: &Tensor, cache: &mut KvCache) -> Result<(Tensor, f64, f64)> {
+    pub fn prefill(
+        &self,
+        inputs: &ProcessorOutput,
+        position_ids: &Tensor,
+        cache: &mut KvCache,
+    ) -> Result<(Tensor, f64, f64)> {
         let device = &self.device;
         let pixels = |p: &PixelTensor| Tensor::from_slice(&p.data, p.shape.as_slice(), device);
         let t = std::time::Instant::now();
-        let image_features = inputs.pixel_values_images.as_ref().map(|p| self.image_features(&pixels(p)?)).transpose()?;
-        let video_features = inputs.pixel_values_videos.as_ref().map(|p| self.video_features(&pixels(p)?)).transpose()?;
+        let image_features =
+            inputs.pixel_values_images.as_ref().map(|p| self.image_features(&pixels(p)?)).transpose()?;
+        let video_features =
+            inputs.pixel_values_videos.as_ref().map(|p| self.video_features(&pixels(p)?)).transpose()?;
         let vision_ms = t.elapsed().as_secs_f64() * 1e3;
         let t = std::time::Instant::now();
         let (b, l) = (inputs.batch_size, inputs.seq_len);

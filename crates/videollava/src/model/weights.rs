@@ -28,8 +28,8 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let index = dir.join("model.safetensors.index.json");
     if index.exists() {
         let text = std::fs::read_to_string(&index).map_err(|e| Error::io(&index, e))?;
-        let json: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::config(&index, "", format!("not valid JSON: {e}")))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::config(&index, "", format!("not valid JSON: {e}")))?;
         let map = json
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -40,7 +40,11 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
                 .as_str()
                 .ok_or_else(|| Error::config(&index, format!("weight_map.{name}"), "expected a file name"))?;
             if file.contains('/') || file.contains('\\') || file.starts_with('.') {
-                return Err(Error::config(&index, format!("weight_map.{name}"), format!("`{file}` is not a plain file name")));
+                return Err(Error::config(
+                    &index,
+                    format!("weight_map.{name}"),
+                    format!("`{file}` is not a plain file name"),
+                ));
             }
             files.insert(file.to_string());
         }
@@ -48,7 +52,10 @@ pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
         if let Some(missing) = paths.iter().find(|p| !p.exists()) {
             return Err(Error::io(
                 missing,
-                std::io::Error::new(std::io::ErrorKind::NotFound, "shard listed in model.safetensors.index.json is missing"),
+                std::io::Error::new(
+                    std::io::ErrorKind::NotFound,
+                    "shard listed in model.safetensors.index.json is missing",
+                ),
             ));
         }
         return Ok(paths);
@@ -114,11 +121,20 @@ struct SafetensorsReader {
 
 impl SafetensorsReader {
     fn load(&self, name: &str, dev: &Device) -> candle_core::Result<Tensor> {
-        let e = self.entries.get(name).ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| candle_core::Error::CannotFindTensor { path: name.to_string() }.bt())?;
         let (path, file) = &self.files[e.file];
         let n: usize = e.shape.iter().product();
         if (e.end - e.start) as usize != n * e.dtype.size_in_bytes() {
-            candle_core::bail!("{}: tensor `{name}` has {} bytes for shape {:?} {:?}", path.display(), e.end - e.start, e.shape, e.dtype);
+            candle_core::bail!(
+                "{}: tensor `{name}` has {} bytes for shape {:?} {:?}",
+                path.display(),
+                e.end - e.start,
+                e.shape,
+                e.dtype
+            );
         }
         let read = |buf: &mut [u8]| -> candle_core::Result<()> {
             use std::os::unix::fs::FileExt;
@@ -129,7 +145,10 @@ impl SafetensorsReader {
             DType::F32 => read_typed::<f32>(n, &e.shape, dev, read),
             DType::BF16 => read_typed::<half::bf16>(n, &e.shape, dev, read),
             DType::F16 => read_typed::<half::f16>(n, &e.shape, dev, read),
-            other => candle_core::bail!("{}: tensor `{name}` is {other:?}; only F32, F16 and BF16 weights are supported", path.display()),
+            other => candle_core::bail!(
+                "{}: tensor `{name}` is {other:?}; only F32, F16 and BF16 weights are supported",
+                path.display()
+            ),
         }
     }
 }
@@ -153,8 +172,12 @@ impl SimpleBackend for SafetensorsReader {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let t = self.load(name, dev)?.to_dtype(dtype)?;
         if t.shape() != &s {
-            Err(candle_core::Error::UnexpectedShape { msg: format!("shape mismatch for {name}"), expected: s, got: t.shape().clone() }
-                .bt())?
+            Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: t.shape().clone(),
+            }
+            .bt())?
         }
         Ok(t)
     }
@@ -266,10 +289,11 @@ fn read_header(path: &Path, file_index: usize) -> Result<Vec<(String, TensorEntr
             continue;
         }
         let offsets = info.get("data_offsets").and_then(|o| o.as_array());
-        let (start, end) = match offsets.map(|o| (o.first().and_then(|v| v.as_u64()), o.get(1).and_then(|v| v.as_u64()))) {
-            Some((Some(s), Some(e))) if s <= e => (s, e),
-            _ => return Err(bad(format!("tensor `{name}` has no valid data_offsets"))),
-        };
+        let (start, end) =
+            match offsets.map(|o| (o.first().and_then(|v| v.as_u64()), o.get(1).and_then(|v| v.as_u64()))) {
+                Some((Some(s), Some(e))) if s <= e => (s, e),
+                _ => return Err(bad(format!("tensor `{name}` has no valid data_offsets"))),
+            };
         if end > data_len {
             return Err(bad(format!("tensor `{name}` lies past the end of the file (truncated download?)")));
         }
@@ -289,7 +313,10 @@ fn read_header(path: &Path, file_index: usize) -> Result<Vec<(String, TensorEntr
             .map(|a| a.iter().map(|v| v.as_u64().map(|x| x as usize)).collect::<Option<Vec<_>>>())
             .flatten()
             .ok_or_else(|| bad(format!("tensor `{name}` has no valid shape")))?;
-        out.push((name.clone(), TensorEntry { file: file_index, dtype, shape, start: data_start + start, end: data_start + end }));
+        out.push((
+            name.clone(),
+            TensorEntry { file: file_index, dtype, shape, start: data_start + start, end: data_start + end },
+        ));
     }
     Ok(out)
 }

@@ -55,19 +55,12 @@ pub struct SizeDict {
 impl SizeDict {
     /// `{shortest_edge: n}`.
     pub fn shortest_edge(n: usize) -> Self {
-        Self {
-            shortest_edge: Some(n),
-            ..Self::default()
-        }
+        Self { shortest_edge: Some(n), ..Self::default() }
     }
 
     /// `{height, width}`.
     pub fn height_width(height: usize, width: usize) -> Self {
-        Self {
-            height: Some(height),
-            width: Some(width),
-            ..Self::default()
-        }
+        Self { height: Some(height), width: Some(width), ..Self::default() }
     }
 
     /// `is_valid_size_dict`: the keys present form one of the allowed sets.
@@ -208,10 +201,7 @@ fn convert_size<E: serde::de::Error>(
         Some(RawSize::Int(n)) => SizeDict::shortest_edge(n),
         Some(RawSize::List(l)) if l.len() == 2 => SizeDict::height_width(l[0], l[1]),
         Some(RawSize::List(l)) => {
-            return Err(E::custom(format!(
-                "a size list must be [height, width], got {} values",
-                l.len()
-            )))
+            return Err(E::custom(format!("a size list must be [height, width], got {} values", l.len())))
         }
     })
 }
@@ -306,10 +296,7 @@ impl ImageProcessor {
                 _ => {
                     return Err(bad(
                         "size",
-                        format!(
-                            "{} must contain either 'shortest_edge' or 'height' and 'width'",
-                            s.describe()
-                        ),
+                        format!("{} must contain either 'shortest_edge' or 'height' and 'width'", s.describe()),
                     ))
                 }
             };
@@ -348,23 +335,16 @@ impl ImageProcessor {
             None
         };
         if config.do_rescale && !config.rescale_factor.is_finite() {
-            return Err(bad(
-                "rescale_factor",
-                format!("must be a finite number, got {}", config.rescale_factor),
-            ));
+            return Err(bad("rescale_factor", format!("must be a finite number, got {}", config.rescale_factor)));
         }
         let mut mean = [0f32; 3];
         let mut std = [0f32; 3];
         if config.do_normalize {
-            for (field, values, out) in [
-                ("image_mean", &config.image_mean, &mut mean),
-                ("image_std", &config.image_std, &mut std),
-            ] {
+            for (field, values, out) in
+                [("image_mean", &config.image_mean, &mut mean), ("image_std", &config.image_std, &mut std)]
+            {
                 if values.len() != 3 {
-                    return Err(bad(
-                        field,
-                        format!("must have 3 elements (one per channel), got {}", values.len()),
-                    ));
+                    return Err(bad(field, format!("must have 3 elements (one per channel), got {}", values.len())));
                 }
                 for (o, &v) in out.iter_mut().zip(values.iter()) {
                     // numpy: `np.array(mean, dtype=np.float32)`: round to nearest f32.
@@ -372,20 +352,10 @@ impl ImageProcessor {
                 }
             }
             if std.iter().any(|&s| s == 0.0 || !s.is_finite()) || mean.iter().any(|m| !m.is_finite()) {
-                return Err(bad(
-                    "image_std",
-                    format!("must be finite and non-zero, got {:?}", config.image_std),
-                ));
+                return Err(bad("image_std", format!("must be finite and non-zero, got {:?}", config.image_std)));
             }
         }
-        Ok(Self {
-            config,
-            resize_rule,
-            filter,
-            crop,
-            mean,
-            std,
-        })
+        Ok(Self { config, resize_rule, filter, crop, mean, std })
     }
 
     /// The configuration this processor was built from.
@@ -400,11 +370,7 @@ impl ImageProcessor {
             None => (height, width),
             Some(ResizeRule::Exact { height, width }) => (height, width),
             Some(ResizeRule::ShortestEdge(size)) => {
-                let (short, long) = if width <= height {
-                    (width, height)
-                } else {
-                    (height, width)
-                };
+                let (short, long) = if width <= height { (width, height) } else { (height, width) };
                 // Python: `int(size * long / short)`, integer product then float true division.
                 let new_long = ((size as u128 * long as u128) as f64 / short as f64) as usize;
                 if width <= height {
@@ -475,11 +441,7 @@ impl ImageProcessor {
                 }
             }
         }
-        Ok(ProcessedImage {
-            height: out_h,
-            width: out_w,
-            data,
-        })
+        Ok(ProcessedImage { height: out_h, width: out_w, data })
     }
 
     /// Rescale and normalize of one `u8` value of channel `c`, with transformers' dtypes.
@@ -510,20 +472,13 @@ struct Placement {
 
 impl Placement {
     fn identity() -> Self {
-        Self {
-            offset: 0,
-            len: usize::MAX,
-        }
+        Self { offset: 0, len: usize::MAX }
     }
 
     /// transformers `center_crop` along one axis of length `len` to `crop`: a floor offset when
     /// cropping, the image placed at `ceil((crop - len) / 2)` when padding.
     fn new(len: usize, crop: usize) -> Self {
-        let offset = if crop <= len {
-            ((len - crop) / 2) as isize
-        } else {
-            -(((crop - len).div_ceil(2)) as isize)
-        };
+        let offset = if crop <= len { ((len - crop) / 2) as isize } else { -(((crop - len).div_ceil(2)) as isize) };
         Self { offset, len }
     }
 
@@ -595,11 +550,7 @@ mod tests {
         ))
         .unwrap();
         // 1 row x 3 columns -> 4 x 2: rows padded top 2 (ceil(3/2)), columns cropped from offset 0.
-        let im = RgbImage {
-            width: 3,
-            height: 1,
-            data: vec![1, 2, 3, 4, 5, 6, 7, 8, 9],
-        };
+        let im = RgbImage { width: 3, height: 1, data: vec![1, 2, 3, 4, 5, 6, 7, 8, 9] };
         let out = p.preprocess(&im).unwrap();
         assert_eq!((out.height, out.width), (4, 2));
         assert_eq!(&out.data[0..8], &[0., 0., 0., 0., 1., 4., 0., 0.]);

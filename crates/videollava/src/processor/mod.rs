@@ -84,13 +84,16 @@ impl Processor {
 
     /// Builds the processor from parsed config files and a tokenizer, checking they agree.
     pub fn new(config: &CheckpointConfig, tokenizer: TextTokenizer) -> Result<Self> {
-        let image_processor = ImageProcessor::new(config.image_processor.clone()).map_err(|e| {
-            Error::config(config.dir.join("preprocessor_config.json"), "", e.to_string())
-        })?;
+        let image_processor = ImageProcessor::new(config.image_processor.clone())
+            .map_err(|e| Error::config(config.dir.join("preprocessor_config.json"), "", e.to_string()))?;
         let pc = config.processor.clone();
         let token_id = |token: &str, expected: u32, field: &str| -> Result<u32> {
             let id = tokenizer.token_to_id(token).ok_or_else(|| {
-                Error::config(config.dir.join("tokenizer.json"), "", format!("placeholder token `{token}` is not in the vocabulary"))
+                Error::config(
+                    config.dir.join("tokenizer.json"),
+                    "",
+                    format!("placeholder token `{token}` is not in the vocabulary"),
+                )
             })?;
             if id != expected {
                 return Err(Error::config(
@@ -186,7 +189,10 @@ impl Processor {
                 .chunks(chunk)
                 .map(|part| s.spawn(move || part.iter().map(|im| self.image_processor.preprocess(im)).collect()))
                 .collect();
-            handles.into_iter().map(|h| h.join().unwrap_or_else(|_| Err(Error::Input("image processor thread panicked".into())))).collect()
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(Error::Input("image processor thread panicked".into()))))
+                .collect()
         });
         let mut out = Vec::with_capacity(images.len());
         for r in results {
@@ -203,11 +209,22 @@ impl Processor {
 
     /// Like [`Processor::process`] but without the tokenizer's special tokens (no BOS): text that
     /// continues a conversation already in the model's cache.
-    pub fn process_continuation(&self, prompts: &[&str], images: &[RgbImage], videos: &[Video]) -> Result<ProcessorOutput> {
+    pub fn process_continuation(
+        &self,
+        prompts: &[&str],
+        images: &[RgbImage],
+        videos: &[Video],
+    ) -> Result<ProcessorOutput> {
         self.process_inner(prompts, images, videos, false)
     }
 
-    fn process_inner(&self, prompts: &[&str], images: &[RgbImage], videos: &[Video], add_special_tokens: bool) -> Result<ProcessorOutput> {
+    fn process_inner(
+        &self,
+        prompts: &[&str],
+        images: &[RgbImage],
+        videos: &[Video],
+        add_special_tokens: bool,
+    ) -> Result<ProcessorOutput> {
         if prompts.is_empty() {
             return Err(Error::Input("no prompt given".into()));
         }

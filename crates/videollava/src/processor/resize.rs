@@ -67,15 +67,8 @@ impl Resample {
 ///
 /// `width` and `height` must be at least 1 (Pillow raises otherwise); this function panics on 0.
 pub fn resize(image: &RgbImage, width: usize, height: usize, filter: Resample) -> RgbImage {
-    assert!(
-        width > 0 && height > 0,
-        "resize: height and width must be > 0, got {width}x{height}"
-    );
-    assert_eq!(
-        image.data.len(),
-        image.width * image.height * 3,
-        "resize: image buffer size mismatch"
-    );
+    assert!(width > 0 && height > 0, "resize: height and width must be > 0, got {width}x{height}");
+    assert_eq!(image.data.len(), image.width * image.height * 3, "resize: image buffer size mismatch");
     if width == image.width && height == image.height {
         return image.clone();
     }
@@ -97,26 +90,11 @@ struct Filter {
     support: f64,
 }
 
-const BOX: Filter = Filter {
-    func: box_filter,
-    support: 0.5,
-};
-const BILINEAR: Filter = Filter {
-    func: bilinear_filter,
-    support: 1.0,
-};
-const HAMMING: Filter = Filter {
-    func: hamming_filter,
-    support: 1.0,
-};
-const BICUBIC: Filter = Filter {
-    func: bicubic_filter,
-    support: 2.0,
-};
-const LANCZOS: Filter = Filter {
-    func: lanczos_filter,
-    support: 3.0,
-};
+const BOX: Filter = Filter { func: box_filter, support: 0.5 };
+const BILINEAR: Filter = Filter { func: bilinear_filter, support: 1.0 };
+const HAMMING: Filter = Filter { func: hamming_filter, support: 1.0 };
+const BICUBIC: Filter = Filter { func: bicubic_filter, support: 2.0 };
+const LANCZOS: Filter = Filter { func: lanczos_filter, support: 3.0 };
 
 fn box_filter(x: f64) -> f64 {
     if x > -0.5 && x <= 0.5 {
@@ -230,21 +208,12 @@ fn precompute_coeffs(in_size: usize, in0: f32, in1: f32, out_size: usize, filter
         let row = &mut kk[xx * ksize..xx * ksize + n];
         for (dst, &v) in row.iter_mut().zip(&k[..n]) {
             let scaled = v * (1u32 << PRECISION_BITS) as f64;
-            *dst = if v < 0.0 {
-                (-0.5 + scaled) as i32
-            } else {
-                (0.5 + scaled) as i32
-            };
+            *dst = if v < 0.0 { (-0.5 + scaled) as i32 } else { (0.5 + scaled) as i32 };
         }
         start.push(xmin as usize);
         count.push(n);
     }
-    Coeffs {
-        ksize,
-        start,
-        count,
-        kk,
-    }
+    Coeffs { ksize, start, count, kk }
 }
 
 #[inline(always)]
@@ -331,9 +300,7 @@ fn resample(image: &RgbImage, xsize: usize, ysize: usize, filter: &Filter) -> Rg
     let mut data: Option<Vec<u8>> = None; // None: still the input image
     if horizontal_first {
         if let Some(h) = &horiz {
-            let v = vert
-                .as_mut()
-                .expect("vertical coefficients exist when the horizontal pass runs first");
+            let v = vert.as_mut().expect("vertical coefficients exist when the horizontal pass runs first");
             let first = v.start[0];
             let last = v.start[ysize - 1] + v.count[ysize - 1];
             for s in v.start.iter_mut() {
@@ -355,11 +322,7 @@ fn resample(image: &RgbImage, xsize: usize, ysize: usize, filter: &Filter) -> Rg
         }
         data = Some(buf);
     }
-    RgbImage {
-        width: xsize,
-        height: ysize,
-        data: data.unwrap_or_else(|| image.data.clone()),
-    }
+    RgbImage { width: xsize, height: ysize, data: data.unwrap_or_else(|| image.data.clone()) }
 }
 
 /// Pillow's NEAREST resize: `ImagingTransform(AFFINE, a = [sx, 0, 0, 0, sy, 0], NEAREST, fill=1)`,
@@ -401,25 +364,15 @@ fn resize_nearest(image: &RgbImage, xsize: usize, ysize: usize) -> RgbImage {
         }
         yo += a4;
     }
-    RgbImage {
-        width: xsize,
-        height: ysize,
-        data: out,
-    }
+    RgbImage { width: xsize, height: ysize, data: out }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const ALL: [Resample; 6] = [
-        Resample::Nearest,
-        Resample::Lanczos,
-        Resample::Bilinear,
-        Resample::Bicubic,
-        Resample::Box,
-        Resample::Hamming,
-    ];
+    const ALL: [Resample; 6] =
+        [Resample::Nearest, Resample::Lanczos, Resample::Bilinear, Resample::Bicubic, Resample::Box, Resample::Hamming];
 
     fn img(w: usize, h: usize, f: impl Fn(usize, usize, usize) -> u8) -> RgbImage {
         let mut data = Vec::with_capacity(w * h * 3);
@@ -430,11 +383,7 @@ mod tests {
                 }
             }
         }
-        RgbImage {
-            width: w,
-            height: h,
-            data,
-        }
+        RgbImage { width: w, height: h, data }
     }
 
     #[test]
@@ -471,11 +420,7 @@ mod tests {
     #[test]
     fn box_halving_averages_pairs() {
         // 4x1 -> 2x1 with BOX: each output is the mean of two inputs, rounded half up.
-        let im = RgbImage {
-            width: 4,
-            height: 1,
-            data: vec![10, 0, 255, 21, 1, 0, 100, 2, 7, 200, 3, 8],
-        };
+        let im = RgbImage { width: 4, height: 1, data: vec![10, 0, 255, 21, 1, 0, 100, 2, 7, 200, 3, 8] };
         let out = resize(&im, 2, 1, Resample::Box);
         // (10+21)/2 = 15.5 -> 16; (0+1)/2 -> 1 (0.5 rounds up); (255+0)/2 = 127.5 -> 128; ...
         assert_eq!(out.data, vec![16, 1, 128, 150, 3, 8]);
@@ -487,11 +432,7 @@ mod tests {
         // out0 = in0 (only in0 within support after clipping at edge: weights 1 at x=0 -> 0.75, x=1 -> 0.25?)
         // Pillow: center=0.25, support=1, xmin=int(-0.25)=0, xmax=int(1.75)=1 -> only pixel 0.
         // out1: center 0.75, xmin=int(0.25)=0, xmax=int(2.25)->2: w0=f(0-0.75+0.5)=0.75, w1=0.25.
-        let im = RgbImage {
-            width: 2,
-            height: 1,
-            data: vec![0, 100, 255, 200, 0, 255],
-        };
+        let im = RgbImage { width: 2, height: 1, data: vec![0, 100, 255, 200, 0, 255] };
         let out = resize(&im, 4, 1, Resample::Bilinear);
         assert_eq!(out.data, vec![0, 100, 255, 50, 75, 255, 150, 25, 255, 200, 0, 255]);
     }
@@ -523,14 +464,8 @@ mod tests {
         for (i, o) in [(1280usize, 398usize), (517, 347), (61, 224), (5, 224), (300, 13440)] {
             let c = precompute_coeffs(i, 0.0, i as f32, o, &BICUBIC);
             for xx in 0..o {
-                let s: i64 = c.kk[xx * c.ksize..xx * c.ksize + c.count[xx]]
-                    .iter()
-                    .map(|&v| v as i64)
-                    .sum();
-                assert!(
-                    (s - (1 << PRECISION_BITS)).abs() <= c.count[xx] as i64,
-                    "{i}->{o} at {xx}: {s}"
-                );
+                let s: i64 = c.kk[xx * c.ksize..xx * c.ksize + c.count[xx]].iter().map(|&v| v as i64).sum();
+                assert!((s - (1 << PRECISION_BITS)).abs() <= c.count[xx] as i64, "{i}->{o} at {xx}: {s}");
             }
         }
     }

@@ -124,7 +124,10 @@ impl TextTokenizer {
                         return Err(Error::config(
                             &added_path,
                             content.as_str(),
-                            format!("added token id {id} does not follow the vocabulary of {} tokens", inner.get_vocab_size(true)),
+                            format!(
+                                "added token id {id} does not follow the vocabulary of {} tokens",
+                                inner.get_vocab_size(true)
+                            ),
                         ));
                     }
                     to_add.push(AddedToken::from(content.clone(), true).normalized(false));
@@ -146,7 +149,11 @@ impl TextTokenizer {
                     let content = token_content(v)
                         .ok_or_else(|| Error::config(&cfg_path, key, format!("expected a token string, found {v}")))?;
                     inner.token_to_id(content).map(Some).ok_or_else(|| {
-                        Error::config(&cfg_path, key, format!("token `{content}` is not in the vocabulary of tokenizer.json"))
+                        Error::config(
+                            &cfg_path,
+                            key,
+                            format!("token `{content}` is not in the vocabulary of tokenizer.json"),
+                        )
                     })
                 }
             }
@@ -165,7 +172,9 @@ impl TextTokenizer {
             let mut single = String::new();
             let mut pair_tail = String::new();
             let name = |id: Option<u32>, what: &str| -> Result<(String, u32)> {
-                let id = id.ok_or_else(|| Error::config(&cfg_path, what, format!("add_{what} is set but no {what} is defined")))?;
+                let id = id.ok_or_else(|| {
+                    Error::config(&cfg_path, what, format!("add_{what} is set but no {what} is defined"))
+                })?;
                 Ok((inner.id_to_token(id).unwrap_or_default(), id))
             };
             if add_bos {
@@ -196,7 +205,9 @@ impl TextTokenizer {
         let padding_side = match f.str_or("padding_side", "right")? {
             "left" => PaddingSide::Left,
             "right" => PaddingSide::Right,
-            other => return Err(Error::config(&cfg_path, "padding_side", format!("`{other}` is neither left nor right"))),
+            other => {
+                return Err(Error::config(&cfg_path, "padding_side", format!("`{other}` is neither left nor right")))
+            }
         };
         // transformers writes 1e30 (VERY_LARGE_INTEGER) when there is no limit.
         let model_max_length = match cfg.get("model_max_length").and_then(Value::as_f64) {
@@ -217,9 +228,12 @@ impl TextTokenizer {
         let ct_json = dir.join("chat_template.json");
         if ct_json.exists() {
             let m = read_json_object(&ct_json)?;
-            chat_template = Some(Fields::new(&ct_json, "", &m).opt_str("chat_template")?.map(str::to_string).ok_or_else(
-                || Error::config(&ct_json, "chat_template", "missing"),
-            )?);
+            chat_template = Some(
+                Fields::new(&ct_json, "", &m)
+                    .opt_str("chat_template")?
+                    .map(str::to_string)
+                    .ok_or_else(|| Error::config(&ct_json, "chat_template", "missing"))?,
+            );
         }
         let ct_jinja = dir.join("chat_template.jinja");
         if ct_jinja.exists() {
@@ -292,7 +306,10 @@ mod tests {
 
     #[test]
     fn clean_up_matches_transformers_rules() {
-        assert_eq!(clean_up_tokenization("Hello , world . I do n't know ! Is it ?"), "Hello, world. I don't know! Is it?");
+        assert_eq!(
+            clean_up_tokenization("Hello , world . I do n't know ! Is it ?"),
+            "Hello, world. I don't know! Is it?"
+        );
         assert_eq!(clean_up_tokenization("it 's they 're I 've I 'm"), "it's they're I've I'm");
     }
 }
