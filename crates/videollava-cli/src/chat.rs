@@ -67,7 +67,7 @@ impl Session {
 
 fn render(engine: &Engine, messages: &[ChatMessage], generation_prompt: bool) -> Result<String> {
     let tok = engine.tokenizer();
-    let name = |id: Option<u32>| id.and_then(|i| tok.inner().id_to_token(i)).unwrap_or_default();
+    let name = |id: Option<u32>| tok.token_name(id);
     Ok(videollava::processor::chat::apply_chat_template(
         tok.chat_template.as_deref(),
         messages,

@@ -209,7 +209,7 @@ pub fn solo(
     max_tokens: usize,
 ) -> GeneratedSequence {
     let tok = engine.tokenizer();
-    let name = |id: Option<u32>| id.and_then(|i| tok.inner().id_to_token(i)).unwrap_or_default();
+    let name = |id: Option<u32>| tok.token_name(id);
     let prompt = apply_chat_template(
         tok.chat_template.as_deref(),
         messages,

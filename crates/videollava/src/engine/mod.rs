@@ -130,7 +130,7 @@ impl Engine {
     /// `videos` `<video>` placeholders (images first).
     pub fn question_prompt(&self, question: &str, images: usize, videos: usize) -> Result<String> {
         let tok = self.tokenizer();
-        let name = |id: Option<u32>| id.and_then(|i| tok.inner().id_to_token(i)).unwrap_or_default();
+        let name = |id: Option<u32>| tok.token_name(id);
         crate::processor::chat::question_prompt(
             tok.chat_template.as_deref(),
             question,

@@ -139,7 +139,7 @@ impl Scheduler {
     pub fn start(engine: Engine, config: SchedulerConfig) -> Scheduler {
         let config = SchedulerConfig { max_batch_size: config.max_batch_size.max(1), max_queue: config.max_queue };
         let tok = engine.tokenizer();
-        let name = |id: Option<u32>| id.and_then(|i| tok.inner().id_to_token(i)).unwrap_or_default();
+        let name = |id: Option<u32>| tok.token_name(id);
         let info = EngineInfo {
             model_dir: engine.model_dir.clone(),
             chat_template: tok.chat_template.clone(),

@@ -258,6 +258,12 @@ impl TextTokenizer {
         self.inner.token_to_id(token)
     }
 
+    /// The text of special token `id` (`<s>`, `</s>`), or "" when there is none: what chat
+    /// templates receive as `bos_token` / `eos_token`.
+    pub fn token_name(&self, id: Option<u32>) -> String {
+        id.and_then(|i| self.inner.id_to_token(i)).unwrap_or_default()
+    }
+
     /// Whether `id` is a byte-fallback token such as `<0x0A>`.
     pub fn is_byte_token(&self, id: u32) -> bool {
         self.inner.id_to_token(id).is_some_and(|t| t.len() == 6 && t.starts_with("<0x") && t.ends_with('>'))
