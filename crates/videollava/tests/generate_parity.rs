@@ -3,10 +3,8 @@
 //! token ids identical, log-probabilities within 1e-4 (`model/<variant>-greedy.json`, made by
 //! `scripts/reference/model_fixtures.py` from the inputs stored in `model/<variant>-<case>.safetensors`).
 
-mod common;
-
+use crate::common::{fixtures_dir, read_safetensors};
 use candle_core::{DType, Device};
-use common::{fixtures_dir, read_safetensors};
 use videollava::generate::{generate, FinishReason, GenerateOptions, SamplingParams};
 use videollava::model::VideoLlava;
 use videollava::processor::tokenizer::TextTokenizer;

@@ -4,7 +4,7 @@
 //! like the hub (`/api/models/...` and `/resolve/...` with the hub's headers); nothing leaves the
 //! machine and the process environment is never changed.
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Write};

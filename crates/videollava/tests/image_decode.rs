@@ -3,7 +3,7 @@
 //! `np.asarray(Image.open(f).convert("RGB"))`, the shared photos must match their recorded sha256,
 //! and broken inputs must give one-line errors naming the file.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

@@ -3,7 +3,7 @@
 //! holds an input image, the processor kwargs and transformers' `pixel_values`, and for most cases
 //! that resize the whole Pillow-resized `u8` image (`resized`), which must match exactly.
 
-mod common;
+use crate::common;
 
 use videollava::media::RgbImage;
 use videollava::processor::image_processor::{ImageProcessor, ImageProcessorConfig};

@@ -1,12 +1,10 @@
 //! Model behaviour beyond one forward pass: the KV cache, 16-bit compute, and bad input.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::common::{fixtures_dir, read_safetensors};
 use candle_core::{DType, Device, IndexOp, Tensor};
-use common::{fixtures_dir, read_safetensors};
 use videollava::model::llama::KvCache;
 use videollava::model::{ForwardInput, LogitsSelection, VideoLlava};
 

@@ -4,13 +4,11 @@
 //! Tolerances: logits and decoder hidden states at every non-pad position within 1e-4 absolute,
 //! loss within 1e-5, projected image/video features within 1e-5.
 
-mod common;
-
 use std::collections::HashMap;
 use std::path::Path;
 
+use crate::common::{fixtures_dir, read_safetensors, FixtureTensor};
 use candle_core::{DType, Device, Tensor};
-use common::{fixtures_dir, read_safetensors, FixtureTensor};
 use videollava::model::{ForwardInput, LogitsSelection, VideoLlava};
 
 const LOGITS_TOL: f32 = 1e-4;

@@ -2,11 +2,9 @@
 //! `scripts/reference/processor_fixtures.py` (transformers 4.57.6). Token ids and attention masks
 //! must be identical; pixel values within 1e-5.
 
-mod common;
-
 use std::path::Path;
 
-use common::{abs_diff, fixtures_dir, read_safetensors, shared_dir};
+use crate::common::{abs_diff, fixtures_dir, read_safetensors, shared_dir};
 use videollava::config::CheckpointConfig;
 use videollava::media::image::decode_image_file;
 use videollava::media::video::{decode_video_file, FrameSampling, VideoOptions};

@@ -1,11 +1,9 @@
 //! Continuous batching: requests served together give what each gives alone.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::fixtures_dir;
 use candle_core::Device;
-use common::fixtures_dir;
 use videollava::engine::{
     DTypeChoice, Engine, GenerationRequest, Scheduler, SchedulerConfig, StreamEvent, SubmitError,
 };

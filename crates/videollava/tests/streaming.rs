@@ -1,9 +1,7 @@
 //! Streaming text: deltas never split a UTF-8 character spelled by byte-fallback tokens, hold back
 //! possible stop strings, and concatenate to the final text.
 
-mod common;
-
-use common::fixtures_dir;
+use crate::common::fixtures_dir;
 use videollava::generate::stream::TextStream;
 use videollava::processor::tokenizer::TextTokenizer;
 

@@ -2,7 +2,7 @@
 //!
 //! Fixtures come from `scripts/reference/video_fixtures.py` (PyAV 18.1, numpy); no Python runs here.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 
