@@ -10,6 +10,7 @@ use videollava::hub::{resolve_model, HubOptions, DEFAULT_MODEL};
 use videollava::media::image::decode_image_file;
 use videollava::media::video::{decode_video_file, FrameSampling, VideoOptions};
 use videollava::media::{RgbImage, Video};
+use videollava::model::{QuantCache, QuantFormat};
 
 #[derive(Args, Clone)]
 pub struct MediaArgs {
@@ -56,6 +57,14 @@ pub struct ModelArgs {
     /// CPU threads for the tensor kernels (default: all cores).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// Quantize the language model's linear layers at load: q8_0 (8-bit) or q4k (4-bit).
+    /// The result is saved in the cache directory, so the next load reads it instead.
+    #[arg(long, value_name = "q8_0|q4k")]
+    pub quantize: Option<QuantFormat>,
+    /// Where quantized weights are saved: a directory, or `off` [default: $VIDEOLLAVA_CACHE,
+    /// else $XDG_CACHE_HOME/videollava, else ~/.cache/videollava].
+    #[arg(long, value_name = "DIR|off")]
+    pub quantized_cache: Option<String>,
 }
 
 impl ModelArgs {
@@ -72,10 +81,37 @@ impl ModelArgs {
         }
         let dir = self.resolve()?;
         let spinner = progress_spinner(&format!("loading {}", dir.display()));
-        let engine = Engine::load(&dir, self.dtype, &candle_core::Device::Cpu)
+        let cache = match self.quantized_cache.as_deref() {
+            None => QuantCache::Default,
+            Some("off") => QuantCache::Off,
+            Some(d) => QuantCache::Dir(PathBuf::from(d)),
+        };
+        let engine = Engine::load_quantized(&dir, self.dtype, self.quantize, cache, &candle_core::Device::Cpu)
             .with_context(|| format!("loading the checkpoint {}", dir.display()))?;
         if let Some(s) = spinner {
             s.finish_and_clear();
+        }
+        if let Some(q) = &engine.model.quantization {
+            let mut kinds: Vec<String> = q.quantized.iter().map(|(k, n)| format!("{n} {k}")).collect();
+            kinds.sort();
+            let source = match (&q.cache_file, q.from_cache) {
+                (Some(f), n) if n > 0 => format!("{n} read from {}", f.display()),
+                (Some(f), _) => format!("saved to {}", f.display()),
+                (None, _) => "not saved".to_string(),
+            };
+            eprintln!(
+                "quantized {} linear layers ({}; {:.2} GB) in {:.1} s, {source}",
+                q.quantized.values().sum::<usize>(),
+                kinds.join(", "),
+                q.quantized_bytes as f64 / 1e9,
+                q.elapsed_ms / 1e3
+            );
+            if !q.kept_dense.is_empty() {
+                eprintln!("kept dense (row length fits no block): {}", q.kept_dense.join(", "));
+            }
+            if let Some(note) = &q.cache_note {
+                eprintln!("note: {note}");
+            }
         }
         Ok(engine)
     }

@@ -5,6 +5,7 @@ mod chat;
 mod common;
 mod generate;
 mod preprocess;
+mod quality;
 mod serve;
 
 use std::process::ExitCode;
@@ -28,6 +29,9 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Time each stage of one request (load, media, preprocess, vision, prefill, decode) and peak memory.
     Bench(bench::BenchArgs),
+    /// Compare a quantized model (--quantize) with the unquantized one: top-1 agreement and mean
+    /// KL divergence of next-token distributions over generated positions.
+    Quality(quality::QualityArgs),
     /// Run the processor only and write the model inputs (input_ids, attention_mask, pixel values)
     /// to a safetensors file: the tensors transformers' processor returns for the same input.
     Preprocess(preprocess::PreprocessArgs),
@@ -41,6 +45,7 @@ fn main() -> ExitCode {
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Preprocess(args) => preprocess::run(args),
+        Command::Quality(args) => quality::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

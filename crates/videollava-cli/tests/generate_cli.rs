@@ -335,3 +335,89 @@ fn prompt_longer_than_the_context_is_refused() {
     assert!(err.contains("more than the model's context of 64"), "{err}");
     assert!(!err.contains("panicked"));
 }
+
+/// `--quantize` quantizes at load, saves the blocks, and the next load reads them back: both runs
+/// answer the same, and the second says where it read from.
+#[test]
+fn quantize_saves_the_weights_and_the_next_load_reads_them() {
+    let cache = temp_dir("quant-cache");
+    let cache_s = cache.display().to_string();
+    let args = [
+        "generate",
+        "--model",
+        &checkpoint("model-llama"),
+        "--prompt",
+        "What is shown?",
+        "--image",
+        &media("landscape.png"),
+        "--max-new-tokens",
+        "6",
+        "--dtype",
+        "f32",
+        "--quantize",
+        "q8_0",
+        "--quantized-cache",
+        &cache_s,
+        "--format",
+        "json",
+    ];
+    let first = run(&args, &[]);
+    let first_err = String::from_utf8_lossy(&first.stderr).to_string();
+    assert!(first_err.contains("quantized 15 linear layers (15 Q8_0") && first_err.contains("saved to"), "{first_err}");
+    let files: Vec<_> = std::fs::read_dir(cache.join("quantized")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    assert!(files[0].extension().is_some_and(|e| e == "gguf"));
+    let second = run(&args, &[]);
+    let second_err = String::from_utf8_lossy(&second.stderr).to_string();
+    assert!(second_err.contains("15 read from"), "{second_err}");
+    let (a, b) = (json_lines(&first), json_lines(&second));
+    assert_eq!(a[0]["token_ids"], b[0]["token_ids"]);
+    assert_eq!(a[0]["token_ids"].as_array().map(|t| t.len()), Some(6));
+
+    // A corrupt cache file is reported and replaced, never loaded.
+    std::fs::write(&files[0], b"GGUF garbage").unwrap();
+    let third = run(&args, &[]);
+    let third_err = String::from_utf8_lossy(&third.stderr).to_string();
+    assert!(third_err.contains("note:") && third_err.contains("saved to"), "{third_err}");
+    assert_eq!(json_lines(&third)[0]["token_ids"], a[0]["token_ids"]);
+
+    let bad = run(&["generate", "--model", &checkpoint("model-llama"), "--prompt", "x", "--quantize", "nf3"], &[]);
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown quantization `nf3`"));
+    let _ = std::fs::remove_dir_all(cache);
+}
+
+/// `videollava quality` on the tiny checkpoint: 8-bit weights keep the f32 model's next-token
+/// choices on nearly every one of 128 generated positions.
+#[test]
+fn quality_reports_top1_agreement_and_kl_of_quantized_weights() {
+    let dir = temp_dir("quality");
+    let json_path = dir.join("q.json");
+    let out = run(
+        &[
+            "quality",
+            "--model",
+            &checkpoint("model-llama"),
+            "--quantize",
+            "q8_0",
+            "--quantized-cache",
+            "off",
+            "--image",
+            &media("landscape.png"),
+            "--positions",
+            "128",
+            "--json",
+            &json_path.display().to_string(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert_eq!(report["positions"], 128);
+    assert_eq!(report["reference_dtype"], "f32");
+    let top1 = report["top1_agreement"].as_f64().unwrap();
+    let kl = report["mean_kl"].as_f64().unwrap();
+    assert!(top1 >= 0.85 && top1 <= 1.0, "top-1 agreement {top1}");
+    assert!(kl > 0.0 && kl < 0.01, "mean KL {kl}");
+    let _ = std::fs::remove_dir_all(dir);
+}

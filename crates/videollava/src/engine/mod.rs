@@ -19,7 +19,7 @@ use crate::config::CheckpointConfig;
 use crate::error::{Error, Result};
 use crate::generate::{generate, GenerateOptions, GenerateTimings, GeneratedSequence, TokenEvent};
 use crate::media::{RgbImage, Video};
-use crate::model::VideoLlava;
+use crate::model::{LoadOptions, QuantCache, QuantFormat, VideoLlava};
 use crate::processor::tokenizer::TextTokenizer;
 use crate::processor::{Processor, ProcessorOutput};
 
@@ -95,12 +95,25 @@ pub struct Engine {
 impl Engine {
     /// Loads the checkpoint directory `dir` (use [`crate::hub::resolve_model`] for hub ids).
     pub fn load(dir: &Path, dtype: DTypeChoice, device: &Device) -> Result<Self> {
+        Self::load_quantized(dir, dtype, None, QuantCache::Default, device)
+    }
+
+    /// Loads `dir`, quantizing the language model's linear layers to `quantize` if given
+    /// (see [`crate::model::quantize`]).
+    pub fn load_quantized(
+        dir: &Path,
+        dtype: DTypeChoice,
+        quantize: Option<QuantFormat>,
+        quant_cache: QuantCache,
+        device: &Device,
+    ) -> Result<Self> {
         let t = Instant::now();
         let checkpoint = CheckpointConfig::from_dir(dir)?;
         let tokenizer = TextTokenizer::from_dir(dir)?;
         let processor = Processor::new(&checkpoint, tokenizer)?;
         let dtype = dtype.resolve(checkpoint.model.dtype.as_deref());
-        let model = VideoLlava::load(dir, dtype, device)?;
+        let options = LoadOptions { dtype, quantize, quant_cache };
+        let model = VideoLlava::load_with(dir, &options, device)?;
         Ok(Self {
             model,
             processor,

@@ -1,12 +1,19 @@
-//! Linear layers `y = x W^T + b` (`W` `[out, in]`, `x` `[..., in]`).
+//! Linear layers `y = x W^T + b` (`W` `[out, in]`, `x` `[..., in]`, `y` in `x`'s dtype).
 //!
-//! Large inputs (prefill, vision) use candle's matmul. For a few rows on the CPU with BF16
-//! weights (decoding) we use a kernel of our own: candle's CPU BF16 matmul widens the whole
-//! weight to f32 on every call (about 88 ms for one 4096x11008 matrix), while decoding only needs
-//! to stream the weight once. Ours reads the BF16 weight directly, widens each value in registers
-//! and accumulates in f32 (the output is rounded to BF16, as candle's would be); it is compiled
-//! for AVX2+FMA when the CPU has them and split across threads over output features.
+//! Dense weights: large inputs (prefill, vision) use candle's matmul. For a few rows on the CPU
+//! with BF16 weights (decoding) we use a kernel of our own: candle's CPU BF16 matmul widens the
+//! whole weight to f32 on every call (about 88 ms for one 4096x11008 matrix), while decoding only
+//! needs to stream the weight once. Ours reads the BF16 weight directly, widens each value in
+//! registers and accumulates in f32 (the output is rounded to BF16, as candle's would be); it is
+//! compiled for AVX2+FMA when the CPU has them and split across threads over output features.
+//!
+//! Quantized weights (`--quantize`, see [`super::quantize`]) are GGML blocks (Q8_0, Q4K) run by
+//! candle's quantized kernels (AVX-512 VNNI on this CPU): the input is quantized to 8 bits per
+//! block on the fly and dot products run in integers.
 
+use std::sync::Arc;
+
+use candle_core::quantized::QTensor;
 use candle_core::{DType, Device, Module, Tensor};
 use rayon::prelude::*;
 
@@ -17,41 +24,81 @@ const GEMV_MAX_ROWS: usize = 8;
 /// Output features per parallel task.
 const BLOCK: usize = 64;
 
+/// The weight of a linear layer: dense `[out, in]` or GGML-quantized blocks of the same shape.
+#[derive(Debug, Clone)]
+pub enum LinearWeight {
+    Dense(Tensor),
+    Quantized(Arc<QTensor>),
+}
+
 #[derive(Debug, Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
 }
 
 impl From<candle_nn::Linear> for Linear {
     fn from(l: candle_nn::Linear) -> Self {
-        Self { weight: l.weight().clone(), bias: l.bias().cloned() }
+        Self { weight: LinearWeight::Dense(l.weight().clone()), bias: l.bias().cloned() }
     }
 }
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Self {
-        Self { weight, bias }
+        Self { weight: LinearWeight::Dense(weight), bias }
     }
 
-    pub fn weight(&self) -> &Tensor {
+    pub fn weight(&self) -> &LinearWeight {
         &self.weight
     }
 
+    /// `(out_features, in_features)`.
+    pub fn dims(&self) -> Result<(usize, usize)> {
+        Ok(match &self.weight {
+            LinearWeight::Dense(w) => w.dims2()?,
+            LinearWeight::Quantized(q) => q.shape().dims2()?,
+        })
+    }
+
+    /// Replaces the weight (e.g. by its quantized form); the shape must stay the same.
+    pub fn set_weight(&mut self, weight: LinearWeight) -> Result<()> {
+        let new = match &weight {
+            LinearWeight::Dense(w) => w.dims2()?,
+            LinearWeight::Quantized(q) => q.shape().dims2()?,
+        };
+        let old = self.dims()?;
+        if new != old {
+            return Err(Error::Model(format!("replacing a {old:?} linear weight by one of shape {new:?}")));
+        }
+        self.weight = weight;
+        Ok(())
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (out_f, in_f) = self.weight.dims2()?;
+        let w = match &self.weight {
+            LinearWeight::Dense(w) => w,
+            LinearWeight::Quantized(q) => {
+                // candle's quantized matmul takes f32/f16/bf16 contiguous input of any rank.
+                let xs = match x.dtype() {
+                    DType::F32 | DType::BF16 | DType::F16 => x.contiguous()?,
+                    _ => x.to_dtype(DType::F32)?.contiguous()?,
+                };
+                let y = xs.apply_op1_no_bwd(q.as_ref())?.to_dtype(x.dtype())?;
+                return Ok(match &self.bias {
+                    Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
+                    None => y,
+                });
+            }
+        };
+        let (out_f, in_f) = w.dims2()?;
         let rows = x.elem_count() / in_f.max(1);
-        if rows <= GEMV_MAX_ROWS
-            && self.weight.dtype() == DType::BF16
-            && matches!(x.device(), Device::Cpu)
-            && self.weight.is_contiguous()
-        {
+        if rows <= GEMV_MAX_ROWS && w.dtype() == DType::BF16 && matches!(x.device(), Device::Cpu) && w.is_contiguous() {
             let mut dims = x.dims().to_vec();
             let last = dims.len() - 1;
             dims[last] = out_f;
             let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             let ys = {
-                let (storage, layout) = self.weight.storage_and_layout();
+                let (storage, layout) = w.storage_and_layout();
                 let candle_core::Storage::Cpu(cpu) = &*storage else {
                     return Err(Error::Model("bf16 weight not in CPU memory".into()));
                 };
@@ -66,7 +113,7 @@ impl Linear {
                 None => y,
             });
         }
-        let l = candle_nn::Linear::new(self.weight.clone(), self.bias.clone());
+        let l = candle_nn::Linear::new(w.clone(), self.bias.clone());
         Ok(l.forward(x)?)
     }
 }

@@ -1,9 +1,10 @@
 //! The model: weights in, logits out.
 //!
-//! - [`weights`]: safetensors files (single or sharded, any transformers naming) memory-mapped;
+//! - [`weights`]: safetensors files (single or sharded, any transformers naming) read on demand;
 //! - [`clip`]: the CLIP vision towers (image and video);
 //! - [`projector`]: the 2-layer GELU projector into the language model's width;
 //! - [`linear`]: linear layers, with our own BF16 matrix-vector kernel for decoding;
+//! - [`quantize`]: 8-bit and 4-bit weights for the language model's linear layers (`--quantize`);
 //! - [`llama`]: the Llama / Mistral decoder with its KV cache;
 //! - [`video_llava`]: the whole `VideoLlavaForConditionalGeneration`: features merged into the
 //!   placeholder positions, then the decoder.
@@ -12,7 +13,9 @@ pub mod clip;
 pub mod linear;
 pub mod llama;
 pub mod projector;
+pub mod quantize;
 pub mod video_llava;
 pub mod weights;
 
-pub use video_llava::{ForwardInput, ForwardOutput, LogitsSelection, VideoLlava};
+pub use quantize::{QuantCache, QuantFormat, QuantizeReport};
+pub use video_llava::{ForwardInput, ForwardOutput, LoadOptions, LogitsSelection, VideoLlava};

@@ -14,8 +14,26 @@ use crate::error::{Error, Result};
 use crate::model::clip::ClipVisionTower;
 use crate::model::llama::{KvCache, LanguageModel};
 use crate::model::projector::Projector;
+use crate::model::quantize::{self, CachedQuantized, QuantCache, QuantFormat, QuantizeReport};
 use crate::model::weights::CheckpointWeights;
 use crate::processor::{PixelTensor, ProcessorOutput};
+
+/// How to load a checkpoint: compute dtype and optional weight quantization.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Compute dtype of everything not quantized (and of activations).
+    pub dtype: DType,
+    /// Quantize the language model's linear layers to this format.
+    pub quantize: Option<QuantFormat>,
+    /// Where quantized weights are saved and looked up.
+    pub quant_cache: QuantCache,
+}
+
+impl LoadOptions {
+    pub fn new(dtype: DType) -> Self {
+        Self { dtype, quantize: None, quant_cache: QuantCache::Default }
+    }
+}
 
 /// Which positions to compute logits for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -86,15 +104,52 @@ pub struct VideoLlava {
     pub config: VideoLlavaConfig,
     pub dtype: DType,
     pub device: Device,
+    /// What `--quantize` did at load, if it was asked for.
+    pub quantization: Option<QuantizeReport>,
 }
 
 impl VideoLlava {
     /// Loads `config.json` and the weights of checkpoint `dir`, computing in `dtype` on `device`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with(dir, &LoadOptions::new(dtype), device)
+    }
+
+    /// Loads checkpoint `dir` as `options` say. With quantization, layers found in the
+    /// quantized-weights cache are read from it (their 16-bit weights are never read); the others
+    /// are loaded, quantized, and the cache file is (re)written.
+    pub fn load_with(dir: &Path, options: &LoadOptions, device: &Device) -> Result<Self> {
         let config = VideoLlavaConfig::from_file(&dir.join("config.json"))?;
-        let weights = CheckpointWeights::open(dir)?;
-        let vb = weights.var_builder(dtype, device);
-        Self::from_var_builder(config, vb)
+        let mut weights = CheckpointWeights::open(dir)?;
+        let Some(format) = options.quantize else {
+            return Self::from_var_builder(config, weights.var_builder(options.dtype, device));
+        };
+        if !device.is_cpu() {
+            return Err(Error::Input("--quantize is implemented for the CPU only".into()));
+        }
+        let key = quantize::source_key(&weights.files, format)?;
+        let cache_file = options.quant_cache.file_for(dir, &weights.files, format)?;
+        let mut note = None;
+        let cached = match cache_file.as_deref().map(|f| CachedQuantized::open(f, format, &key)) {
+            Some(Ok(c)) => c,
+            Some(Err(why)) => {
+                note = Some(why);
+                None
+            }
+            None => None,
+        };
+        if let Some(c) = &cached {
+            weights.defer(&c.shapes());
+        }
+        let mut model = Self::from_var_builder(config, weights.var_builder(options.dtype, device))?;
+        let save_to = cache_file.as_deref().map(|f| (f, key.as_str()));
+        let mut report =
+            quantize::quantize_linears(model.language_model.linears_mut(), format, cached.as_ref(), save_to)?;
+        quantize::summarize(model.language_model.linears(), &mut report);
+        if report.cache_note.is_none() {
+            report.cache_note = note;
+        }
+        model.quantization = Some(report);
+        Ok(model)
     }
 
     /// Builds the model from a config and a [`candle_nn::VarBuilder`] over canonical names.
@@ -122,6 +177,7 @@ impl VideoLlava {
             feature_layers,
             dtype: vb.dtype(),
             device: vb.device().clone(),
+            quantization: None,
             config,
         })
     }

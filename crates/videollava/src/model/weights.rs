@@ -13,7 +13,7 @@
 //! `model.image_tower.…`) or by transformers 5.x (no `vision_model.` level) are mapped onto
 //! those names by prefix.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -117,6 +117,9 @@ struct TensorEntry {
 struct SafetensorsReader {
     files: Vec<(PathBuf, File)>,
     entries: HashMap<String, TensorEntry>,
+    /// Stored names whose values come from elsewhere (a quantized-weights cache): `get` checks
+    /// their shape and returns a zero-byte broadcast placeholder instead of reading them.
+    deferred: HashSet<String>,
 }
 
 impl SafetensorsReader {
@@ -170,6 +173,9 @@ fn read_typed<T: WithDType>(
 
 impl SimpleBackend for SafetensorsReader {
     fn get(&self, s: Shape, name: &str, _: candle_nn::Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        if self.deferred.contains(name) {
+            return Tensor::zeros((), dtype, dev)?.broadcast_as(s);
+        }
         let t = self.load(name, dev)?.to_dtype(dtype)?;
         if t.shape() != &s {
             Err(candle_core::Error::UnexpectedShape {
@@ -204,7 +210,7 @@ impl CheckpointWeights {
             handles.push((f.clone(), File::open(f).map_err(|e| Error::io(f, e))?));
         }
         let names: BTreeSet<String> = entries.keys().cloned().collect();
-        let tensors = SafetensorsReader { files: handles, entries };
+        let tensors = SafetensorsReader { files: handles, entries, deferred: HashSet::new() };
         let mut prefix_map = Vec::new();
         for (canonical, alternatives) in PREFIX_ALTERNATIVES {
             // Longest stored prefix that some tensor name starts with, most specific first.
@@ -238,6 +244,21 @@ impl CheckpointWeights {
     /// Whether canonical tensor `name` is present.
     pub fn contains(&self, name: &str) -> bool {
         self.names.contains(&self.stored_name(name))
+    }
+
+    /// Marks canonical tensors as provided elsewhere (see [`SafetensorsReader::deferred`]): of
+    /// `tensors` (canonical name, shape), those stored here with that shape are not read. Returns
+    /// the canonical names deferred.
+    pub fn defer(&mut self, tensors: &[(String, Vec<usize>)]) -> Vec<String> {
+        let mut done = Vec::new();
+        for (name, shape) in tensors {
+            let stored = self.stored_name(name);
+            if self.tensors.entries.get(&stored).is_some_and(|e| &e.shape == shape) {
+                self.tensors.deferred.insert(stored);
+                done.push(name.clone());
+            }
+        }
+        done
     }
 
     /// Stored dtypes and how many tensors have each (for reporting).
