@@ -65,6 +65,10 @@ pub struct ModelArgs {
     /// else $XDG_CACHE_HOME/videollava, else ~/.cache/videollava].
     #[arg(long, value_name = "DIR|off")]
     pub quantized_cache: Option<String>,
+    /// MiB of projected image/video features kept by content, so another question about the
+    /// same media skips the vision towers (0: off).
+    #[arg(long, default_value_t = 256, value_name = "MIB")]
+    pub feature_cache_mib: usize,
 }
 
 impl ModelArgs {
@@ -91,6 +95,7 @@ impl ModelArgs {
         if let Some(s) = spinner {
             s.finish_and_clear();
         }
+        engine.model.set_feature_cache_capacity(self.feature_cache_mib << 20);
         if let Some(q) = &engine.model.quantization {
             let mut kinds: Vec<String> = q.quantized.iter().map(|(k, n)| format!("{n} {k}")).collect();
             kinds.sort();

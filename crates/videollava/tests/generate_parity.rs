@@ -72,3 +72,28 @@ fn greedy_ids_and_logprobs_match_transformers() {
     }
     assert!(rows >= 20, "only {rows} rows checked");
 }
+
+/// Asking again about the same image and video takes their features from the cache (no tower
+/// runs) and answers exactly as the first time; with the cache off, the towers run again.
+#[test]
+fn a_second_request_about_the_same_media_skips_the_towers_and_answers_the_same() {
+    let dir = fixtures_dir().join("checkpoints").join("model-llama");
+    let model = VideoLlava::load(&dir, DType::F32, &Device::Cpu).unwrap();
+    let tokenizer = TextTokenizer::from_dir(&dir).unwrap();
+    let batch = inputs("model-llama", "image_video");
+    let options = GenerateOptions { max_new_tokens: 6, eos_token_ids: vec![], ..Default::default() };
+    let run = || generate(&model, &tokenizer, &batch, &options, &mut |_| {}).unwrap().0;
+    let first = run();
+    let s1 = model.feature_cache_stats();
+    assert_eq!((s1.hits, s1.misses, s1.entries), (0, 2, 2), "one image and one video computed: {s1:?}");
+    let second = run();
+    let s2 = model.feature_cache_stats();
+    assert_eq!((s2.hits, s2.misses), (2, 2), "both taken from the cache: {s2:?}");
+    assert_eq!(first[0].token_ids, second[0].token_ids);
+    assert_eq!(first[0].logprobs, second[0].logprobs);
+    model.set_feature_cache_capacity(0);
+    let third = run();
+    let s3 = model.feature_cache_stats();
+    assert_eq!((s3.hits, s3.misses, s3.entries), (2, 4, 0), "cache off: towers again: {s3:?}");
+    assert_eq!(third[0].token_ids, first[0].token_ids);
+}

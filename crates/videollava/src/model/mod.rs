@@ -5,11 +5,13 @@
 //! - [`projector`]: the 2-layer GELU projector into the language model's width;
 //! - [`linear`]: linear layers, with our own BF16 matrix-vector kernel for decoding;
 //! - [`quantize`]: 8-bit and 4-bit weights for the language model's linear layers (`--quantize`);
+//! - [`feature_cache`]: projected visual features kept by pixel content across requests;
 //! - [`llama`]: the Llama / Mistral decoder with its KV cache;
 //! - [`video_llava`]: the whole `VideoLlavaForConditionalGeneration`: features merged into the
 //!   placeholder positions, then the decoder.
 
 pub mod clip;
+pub mod feature_cache;
 pub mod linear;
 pub mod llama;
 pub mod projector;

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor, D};
 use crate::config::{FeatureSelectStrategy, VideoLlavaConfig};
 use crate::error::{Error, Result};
 use crate::model::clip::ClipVisionTower;
+use crate::model::feature_cache::{FeatureCache, FeatureCacheStats, Tower, DEFAULT_CAPACITY_BYTES};
 use crate::model::llama::{KvCache, LanguageModel};
 use crate::model::projector::Projector;
 use crate::model::quantize::{self, CachedQuantized, QuantCache, QuantFormat, QuantizeReport};
@@ -106,6 +107,9 @@ pub struct VideoLlava {
     pub device: Device,
     /// What `--quantize` did at load, if it was asked for.
     pub quantization: Option<QuantizeReport>,
+    /// Projected features of recent images and videos, by pixel content (used by [`Self::prefill`];
+    /// shared by clones).
+    feature_cache: std::sync::Arc<std::sync::Mutex<FeatureCache>>,
 }
 
 impl VideoLlava {
@@ -178,6 +182,7 @@ impl VideoLlava {
             dtype: vb.dtype(),
             device: vb.device().clone(),
             quantization: None,
+            feature_cache: std::sync::Arc::new(std::sync::Mutex::new(FeatureCache::new(DEFAULT_CAPACITY_BYTES))),
             config,
         })
     }
@@ -305,7 +310,8 @@ impl VideoLlava {
 }
 
 impl VideoLlava {
-    /// Prefill of a processed batch: visual features computed once, merged into the placeholder
+    /// Prefill of a processed batch: visual features computed once (or taken from the feature
+    /// cache when the same pixels were seen before), merged into the placeholder
     /// embeddings, then the whole prompt through the decoder into `cache`. `position_ids` `[B, L]`.
     /// Returns f32 logits of the last position `[B, V]` and the milliseconds spent in the vision
     /// towers and in the decoder.
@@ -316,12 +322,11 @@ impl VideoLlava {
         cache: &mut KvCache,
     ) -> Result<(Tensor, f64, f64)> {
         let device = &self.device;
-        let pixels = |p: &PixelTensor| Tensor::from_slice(&p.data, p.shape.as_slice(), device);
         let t = std::time::Instant::now();
         let image_features =
-            inputs.pixel_values_images.as_ref().map(|p| self.image_features(&pixels(p)?)).transpose()?;
+            inputs.pixel_values_images.as_ref().map(|p| self.features_cached(p, Tower::Image)).transpose()?;
         let video_features =
-            inputs.pixel_values_videos.as_ref().map(|p| self.video_features(&pixels(p)?)).transpose()?;
+            inputs.pixel_values_videos.as_ref().map(|p| self.features_cached(p, Tower::Video)).transpose()?;
         let vision_ms = t.elapsed().as_secs_f64() * 1e3;
         let t = std::time::Instant::now();
         let (b, l) = (inputs.batch_size, inputs.seq_len);
@@ -333,6 +338,59 @@ impl VideoLlava {
         drop((image_features, video_features));
         let logits = self.forward_embeddings(&embeds, &mask, position_ids, Some(cache), true)?;
         Ok((logits, vision_ms, t.elapsed().as_secs_f64() * 1e3))
+    }
+
+    /// Projected features of every item of `p` (pixels `[N, ...]`), as [`Self::image_features`] or
+    /// [`Self::video_features`] return them, taking items seen before from the feature cache and
+    /// running the tower once over the others.
+    fn features_cached(&self, p: &PixelTensor, tower: Tower) -> Result<Tensor> {
+        let n = p.shape.first().copied().unwrap_or(0);
+        if n == 0 || p.data.len() % n != 0 {
+            return Err(Error::Input(format!("pixel values of shape {:?} hold no items", p.shape)));
+        }
+        let per = p.data.len() / n;
+        let item = |i: usize| &p.data[i * per..(i + 1) * per];
+        let keys: Vec<u64> = (0..n).map(|i| FeatureCache::key(tower, &p.shape[1..], item(i))).collect();
+        let lock = || self.feature_cache.lock().map_err(|_| Error::Model("feature cache lock poisoned".into()));
+        let mut found: Vec<Option<Tensor>> = {
+            let mut cache = lock()?;
+            keys.iter().map(|k| cache.get(*k)).collect()
+        };
+        let missing: Vec<usize> = (0..n).filter(|&i| found[i].is_none()).collect();
+        if !missing.is_empty() {
+            let mut data = Vec::with_capacity(missing.len() * per);
+            for &i in &missing {
+                data.extend_from_slice(item(i));
+            }
+            let mut shape = p.shape.clone();
+            shape[0] = missing.len();
+            let px = Tensor::from_vec(data, shape, &self.device)?;
+            let feats = match tower {
+                Tower::Image => self.image_features(&px)?,
+                Tower::Video => self.video_features(&px)?,
+            };
+            let rows = feats.dim(0)? / missing.len();
+            let mut cache = lock()?;
+            for (j, &i) in missing.iter().enumerate() {
+                let f = feats.narrow(0, j * rows, rows)?;
+                cache.insert(keys[i], &f)?;
+                found[i] = Some(f);
+            }
+        }
+        let parts: Vec<Tensor> = found.into_iter().flatten().collect();
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Hits, misses and size of the visual feature cache.
+    pub fn feature_cache_stats(&self) -> FeatureCacheStats {
+        self.feature_cache.lock().map(|c| c.stats()).unwrap_or_default()
+    }
+
+    /// Bounds the visual feature cache to `bytes` (0 turns it off).
+    pub fn set_feature_cache_capacity(&self, bytes: usize) {
+        if let Ok(mut c) = self.feature_cache.lock() {
+            c.set_capacity(bytes);
+        }
     }
 
     /// Runs the decoder on ready-made embeddings `[B, L, H]` (see [`VideoLlava::merge_embeddings`])
