@@ -202,6 +202,8 @@ def make(args):
                 t.normal_(1.0, 0.02, generator=g)
             elif kind == "bias":
                 t.normal_(0.0, 0.01, generator=g)
+            elif name.endswith("lm_head.weight"):
+                t.normal_(0.0, args.lm_head_std, generator=g)
             else:
                 t.normal_(0.0, 0.02, generator=g)
             tensors[name] = t
@@ -369,6 +371,9 @@ def main():
     m.add_argument("--tokenizer", default=DEFAULT_TOKENIZER)
     m.add_argument("--max-shard-gb", type=float, default=5.0)
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--lm-head-std", type=float, default=0.02,
+                   help="std of the LM head's random weights; larger makes next-token distributions "
+                        "peaked (decided), which quantization-quality measurements need")
     r = sub.add_parser("run")
     r.add_argument("--model", required=True)
     r.add_argument("--video", required=True)

@@ -101,15 +101,21 @@ pub fn run(args: QualityArgs) -> Result<()> {
         "top1_agreement": stats.top1_agreement,
         "mean_kl": stats.mean_kl,
         "max_kl": stats.max_kl,
+        "mean_reference_top1_prob": stats.mean_reference_top1_prob,
+        "mean_reference_margin": stats.mean_reference_margin,
+        "reference_answer": answer,
         "quantized_layers": quantized.model.quantization.as_ref().map(|q| json!(q.quantized)),
         "quantized_gb": quantized.model.quantization.as_ref().map(|q| q.quantized_bytes as f64 / 1e9),
     });
     eprintln!(
-        "{format} vs {ref_dtype} over {} positions: top-1 agreement {:.2}%, mean KL {:.5} nats (max {:.5})",
+        "{format} vs {ref_dtype} over {} positions: top-1 agreement {:.2}%, mean KL {:.5} nats (max {:.5}); \
+         reference top-1 probability {:.4}, margin {:.4} logits",
         stats.positions,
         stats.top1_agreement * 100.0,
         stats.mean_kl,
-        stats.max_kl
+        stats.max_kl,
+        stats.mean_reference_top1_prob,
+        stats.mean_reference_margin
     );
     let text = serde_json::to_string_pretty(&report)?;
     if let Some(path) = &args.json {

@@ -8,8 +8,9 @@
 //! Formats (weights `[out, in]` quantized along `in` in blocks):
 //! - `q8_0`: blocks of 32 values, one f16 scale + 32 int8 (8.5 bits/weight).
 //! - `q4k`: super-blocks of 256 values, 4-bit values with 6-bit sub-block scales and mins
-//!   (4.5 bits/weight). A layer whose `in` is not a multiple of 256 falls back to `q8_0`, and
-//!   one whose `in` is not a multiple of 32 stays dense; [`QuantizeReport`] lists them.
+//!   (4.5 bits/weight); the LM head gets `Q6K` (6.6 bits/weight) as in llama.cpp's Q4_K_M. A
+//!   layer whose `in` is not a multiple of 256 falls back to `q8_0`, and one whose `in` is not a
+//!   multiple of 32 stays dense; [`QuantizeReport`] lists them.
 //!
 //! Quantizing a 7B model takes tens of seconds, so the result is saved as a GGUF file in a cache
 //! directory keyed by the checkpoint's weight files (names, sizes, modification times) and the
@@ -75,6 +76,16 @@ impl QuantFormat {
     /// the row length does not fit its blocks, `None` (stay dense) when neither fits.
     pub fn for_row_length(self, in_features: usize) -> Option<GgmlDType> {
         [self.ggml(), GgmlDType::Q8_0].into_iter().find(|t| in_features % t.block_size() == 0)
+    }
+
+    /// The GGML type for layer `name`: like [`Self::for_row_length`], except that under `q4k` the
+    /// LM head gets 6 bits (`Q6K`), as llama.cpp's Q4_K_M does: 4-bit noise on 32,000 logits
+    /// flips the most likely token far more often than noise inside the decoder does.
+    pub fn for_layer(self, name: &str, in_features: usize) -> Option<GgmlDType> {
+        if self == Self::Q4K && name.ends_with("lm_head.weight") {
+            return [GgmlDType::Q6K, GgmlDType::Q8_0].into_iter().find(|t| in_features % t.block_size() == 0);
+        }
+        self.for_row_length(in_features)
     }
 }
 
@@ -222,7 +233,7 @@ pub fn quantize_linears(
         .into_par_iter()
         .map(|(name, linear)| {
             let (_, in_f) = linear.dims()?;
-            let Some(ggml) = format.for_row_length(in_f) else { return Ok(None) };
+            let Some(ggml) = format.for_layer(&name, in_f) else { return Ok(None) };
             let LinearWeight::Dense(w) = linear.weight() else { return Ok(None) };
             let q = Arc::new(
                 QTensor::quantize(w, ggml)
@@ -316,6 +327,11 @@ pub struct LogitAgreement {
     /// Mean over positions of KL(p_reference || p_quantized), in nats.
     pub mean_kl: f64,
     pub max_kl: f64,
+    /// Mean over positions of the reference's top-1 probability and of its logit margin over the
+    /// runner-up: how decided the reference is (random-weight checkpoints are nearly undecided,
+    /// so their argmax flips under tiny perturbations).
+    pub mean_reference_top1_prob: f64,
+    pub mean_reference_margin: f64,
 }
 
 /// Compares logits `reference` and `other`, both row-major `[positions, vocab]` f32.
@@ -336,10 +352,16 @@ pub fn compare_logits(reference: &[f32], other: &[f32], vocab: usize) -> Result<
         row.iter().enumerate().fold((0, f32::NEG_INFINITY), |b, (i, &v)| if v > b.1 { (i, v) } else { b }).0
     };
     let positions = reference.len() / vocab;
-    let (mut agree, mut kl_sum, mut kl_max) = (0usize, 0f64, 0f64);
+    let (mut agree, mut kl_sum, mut kl_max, mut p1_sum, mut margin_sum) = (0usize, 0f64, 0f64, 0f64, 0f64);
     for (r, o) in reference.chunks(vocab).zip(other.chunks(vocab)) {
-        agree += (argmax(r) == argmax(o)) as usize;
+        let top = argmax(r);
+        agree += (top == argmax(o)) as usize;
+        let runner_up = r.iter().enumerate().filter(|(i, _)| *i != top).fold(f32::NEG_INFINITY, |m, (_, &v)| m.max(v));
+        if runner_up.is_finite() {
+            margin_sum += (r[top] - runner_up) as f64;
+        }
         let (lr, lo) = (log_softmax(r), log_softmax(o));
+        p1_sum += lr[top].exp();
         let kl: f64 = lr.iter().zip(&lo).map(|(a, b)| a.exp() * (a - b)).sum::<f64>().max(0.0);
         kl_sum += kl;
         kl_max = kl_max.max(kl);
@@ -349,6 +371,8 @@ pub fn compare_logits(reference: &[f32], other: &[f32], vocab: usize) -> Result<
         top1_agreement: agree as f64 / positions.max(1) as f64,
         mean_kl: kl_sum / positions.max(1) as f64,
         max_kl: kl_max,
+        mean_reference_top1_prob: p1_sum / positions.max(1) as f64,
+        mean_reference_margin: margin_sum / positions.max(1) as f64,
     })
 }
 
@@ -372,6 +396,8 @@ mod tests {
         let want = 0.5 * (0.5f64 / 0.8).ln() + 0.5 * (0.5f64 / 0.2).ln();
         assert!((c.max_kl - want).abs() < 1e-6, "{} vs {want}", c.max_kl);
         assert!((c.mean_kl - want / 2.0).abs() < 1e-6);
+        assert_eq!(c.mean_reference_margin, 0.0); // the reference rows are ties
+        assert!((c.mean_reference_top1_prob - 0.5).abs() < 1e-9);
         assert!(compare_logits(&r, &o[..3], 2).is_err());
     }
 
@@ -384,6 +410,12 @@ mod tests {
         assert_eq!(QuantFormat::Q4K.for_row_length(4096), Some(GgmlDType::Q4K));
         assert_eq!(QuantFormat::Q4K.for_row_length(96), Some(GgmlDType::Q8_0));
         assert_eq!(QuantFormat::Q8_0.for_row_length(40), None);
+        assert_eq!(QuantFormat::Q4K.for_layer("language_model.lm_head.weight", 4096), Some(GgmlDType::Q6K));
+        assert_eq!(
+            QuantFormat::Q4K.for_layer("language_model.model.layers.0.mlp.up_proj.weight", 4096),
+            Some(GgmlDType::Q4K)
+        );
+        assert_eq!(QuantFormat::Q8_0.for_layer("language_model.lm_head.weight", 4096), Some(GgmlDType::Q8_0));
     }
 
     #[test]
