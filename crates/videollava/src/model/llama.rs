@@ -2,15 +2,20 @@
 //!
 //! Shapes: embeddings `[B, L, H]` in the compute dtype; `position_ids` `[B, L]` (u32, they follow
 //! left padding: `cumsum(mask) - 1`); `attention_mask` `[B, P + L]` (u32 1/0 over the cached
-//! and new positions). Keys and values are cached per layer as `[B, kv_heads, P + L, head_dim]`.
+//! and new positions). Keys and values are cached per layer in preallocated buffers
+//! `[B, kv_heads, capacity, head_dim]` ([`KvBuffer`]), the first `P + L` positions filled.
 //! RMSNorm is computed in f32 then cast back before the weight multiply (as transformers does);
 //! RoPE tables are computed in f32; attention scores and softmax are in f32.
 //! The causal and sliding-window masks follow cache positions (the index in the padded sequence),
-//! the padding mask hides padded keys, as transformers' mask builders do.
+//! the padding mask hides padded keys, as transformers' mask builders do. On the CPU these rules
+//! are applied inside the fused kernel ([`super::attention`]), which never materialises an
+//! `[L, P + L]` mask or score matrix; on other devices an additive `[B, 1, L, P + L]` f32 mask is
+//! built and candle's matmuls do the work.
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{linear_b, VarBuilder};
 
+use super::attention::{self, KvBuffer, MaskRules};
 use super::linear::Linear;
 
 use crate::config::{RopeScaling, TextConfig, TextModelType};
@@ -120,14 +125,15 @@ impl Attention {
         })
     }
 
-    /// `x` `[B, L, H]`, `mask` additive f32 `[B, 1, L, P + L]`; appends to `cache`.
+    /// `x` `[B, L, H]`; `mask` the masking of `L` new positions after `P` cached ones; appends
+    /// the new keys and values `[B, kv_heads, L, head_dim]` to `cache` in place.
     fn forward(
         &self,
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
-        cache: &mut Option<(Tensor, Tensor)>,
+        mask: &AttentionMask,
+        cache: &mut Option<KvBuffer>,
     ) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let split = |t: Tensor, n: usize| -> Result<Tensor> {
@@ -138,20 +144,66 @@ impl Attention {
         let v = split(self.v_proj.forward(x)?, self.num_kv_heads)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
-        let (k, v) = match cache.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
-            None => (k, v),
+        let buffer = match cache {
+            Some(buffer) => {
+                buffer.append(&k, &v)?;
+                buffer
+            }
+            None => cache.insert(KvBuffer::new(&k, &v)?),
         };
-        *cache = Some((k.clone(), v.clone()));
-        let rep = self.num_heads / self.num_kv_heads;
-        let (k, v) = (repeat_kv(&k, rep)?, repeat_kv(&v, rep)?);
+        // Strided views of the filled part of the cache: [B, kv_heads, P + L, head_dim].
+        let (k, v) = (buffer.keys()?, buffer.values()?);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
-        let scores = scores.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, self.num_heads * self.head_dim))?;
+        let out = match mask {
+            AttentionMask::Rules { key_valid, past, window } => {
+                let rules = MaskRules { key_valid, past: *past, causal: true, sliding_window: *window };
+                attention::attention(&q, &k, &v, scale as f32, &rules)?
+            }
+            AttentionMask::Additive(mask) => {
+                let rep = self.num_heads / self.num_kv_heads;
+                let (k, v) = (repeat_kv(&k.contiguous()?, rep)?, repeat_kv(&v.contiguous()?, rep)?);
+                let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
+                let scores = scores.broadcast_add(mask)?;
+                let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+                probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, self.num_heads * self.head_dim))?
+            }
+        };
         Ok(self.o_proj.forward(&out)?)
     }
+}
+
+/// How the attention of `L` new positions after `P` cached ones is masked.
+#[derive(Debug)]
+enum AttentionMask {
+    /// CPU: the rules, applied inside the fused kernel. `key_valid` `[B, P + L]` row-major (1 =
+    /// real token), `past` = `P`, `window` Mistral's sliding window.
+    Rules { key_valid: Vec<u32>, past: usize, window: Option<usize> },
+    /// Other devices: the additive f32 mask `[B, 1, L, P + L]` of [`LanguageModel::build_mask`].
+    Additive(Tensor),
+}
+
+/// The additive f32 mask `[B, 1, L, P + L]` for `L` new positions after `P` cached ones, from
+/// `full_mask` `[B, P + L]` (u32 1/0): `f32::MIN` where the key is padding, after the query, or
+/// (with `window`) `window` or more positions before it; 0 elsewhere.
+fn additive_mask(full_mask: &Tensor, l: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
+    let (b, total) = full_mask.dims2()?;
+    let past = total - l;
+    let keep = full_mask.to_vec2::<u32>()?;
+    let min = f32::MIN;
+    let mut data = vec![0f32; b * l * total];
+    for (bi, row) in keep.iter().enumerate() {
+        for qi in 0..l {
+            let q = past + qi;
+            let out = &mut data[(bi * l + qi) * total..(bi * l + qi + 1) * total];
+            for (k, v) in out.iter_mut().enumerate() {
+                let visible = k <= q && row[k] != 0 && window.is_none_or(|w| q - k < w);
+                if !visible {
+                    *v = min;
+                }
+            }
+        }
+    }
+    Ok(Tensor::from_vec(data, (b, 1, l, total), device)?)
 }
 
 /// `[B, kv, T, d]` -> `[B, kv * rep, T, d]`, each kv head serving `rep` query heads in a row.
@@ -215,8 +267,8 @@ impl DecoderLayer {
         x: &Tensor,
         cos: &Tensor,
         sin: &Tensor,
-        mask: &Tensor,
-        cache: &mut Option<(Tensor, Tensor)>,
+        mask: &AttentionMask,
+        cache: &mut Option<KvBuffer>,
     ) -> Result<Tensor> {
         let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?)?;
         Ok((&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
@@ -224,9 +276,12 @@ impl DecoderLayer {
 }
 
 /// Per-layer key/value cache plus the attention mask of everything cached so far.
+///
+/// Each layer keeps preallocated buffers ([`KvBuffer`]) that a forward pass appends to in place;
+/// a clone shares them until either side appends (copy on write), so clones stay independent.
 #[derive(Debug, Clone, Default)]
 pub struct KvCache {
-    layers: Vec<Option<(Tensor, Tensor)>>,
+    layers: Vec<Option<KvBuffer>>,
     /// `[B, P]` u32: which cached positions are real tokens.
     mask: Option<Tensor>,
 }
@@ -280,9 +335,10 @@ impl KvCache {
         }
         for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
             match (mine.as_mut(), theirs) {
-                (Some((ka, va)), Some((kb, vb))) => {
-                    *ka = Tensor::cat(&[&pad_kv(ka, ta)?, &pad_kv(&kb, tb)?], 0)?;
-                    *va = Tensor::cat(&[&pad_kv(va, ta)?, &pad_kv(&vb, tb)?], 0)?;
+                (Some(a), Some(b)) => {
+                    let k = Tensor::cat(&[&pad_kv(&a.keys()?, ta)?, &pad_kv(&b.keys()?, tb)?], 0)?;
+                    let v = Tensor::cat(&[&pad_kv(&a.values()?, ta)?, &pad_kv(&b.values()?, tb)?], 0)?;
+                    *a = KvBuffer::from_filled(k, v)?;
                 }
                 _ => return Err(Error::Model("cannot merge an unfilled cache".into())),
             }
@@ -300,9 +356,10 @@ impl KvCache {
             return Ok(());
         }
         self.mask = Some(mask.narrow(1, lead, t - lead)?);
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.narrow(2, lead, t - lead)?.contiguous()?;
-            *v = v.narrow(2, lead, t - lead)?.contiguous()?;
+        for layer in self.layers.iter_mut().flatten() {
+            let k = layer.keys()?.narrow(2, lead, t - lead)?;
+            let v = layer.values()?.narrow(2, lead, t - lead)?;
+            *layer = KvBuffer::from_filled(k, v)?;
         }
         Ok(())
     }
@@ -317,9 +374,8 @@ impl KvCache {
         let Some(mask) = &self.mask else { return Ok(()) };
         let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), mask.device())?;
         self.mask = Some(mask.index_select(&idx, 0)?);
-        for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.index_select(&idx, 0)?;
-            *v = v.index_select(&idx, 0)?;
+        for layer in self.layers.iter_mut().flatten() {
+            *layer = layer.index_rows(&idx)?;
         }
         Ok(())
     }
@@ -385,30 +441,18 @@ impl LanguageModel {
         Ok(self.embed_tokens.index_select(&flat, 0)?.reshape((b, l, self.cfg.hidden_size))?)
     }
 
-    /// The additive f32 mask `[B, 1, L, P + L]` for `L` new positions after `P` cached ones.
-    fn build_mask(&self, full_mask: &Tensor, l: usize, device: &Device) -> Result<Tensor> {
-        let (b, total) = full_mask.dims2()?;
-        let past = total - l;
-        let keep = full_mask.to_vec2::<u32>()?;
-        let window = match self.cfg.model_type {
+    /// The sliding window of the attention mask (Mistral only).
+    fn sliding_window(&self) -> Option<usize> {
+        match self.cfg.model_type {
             TextModelType::Mistral => self.cfg.sliding_window,
             TextModelType::Llama => None,
-        };
-        let min = f32::MIN;
-        let mut data = vec![0f32; b * l * total];
-        for (bi, row) in keep.iter().enumerate() {
-            for qi in 0..l {
-                let q = past + qi;
-                let out = &mut data[(bi * l + qi) * total..(bi * l + qi + 1) * total];
-                for (k, v) in out.iter_mut().enumerate() {
-                    let visible = k <= q && row[k] != 0 && window.is_none_or(|w| q - k < w);
-                    if !visible {
-                        *v = min;
-                    }
-                }
-            }
         }
-        Ok(Tensor::from_vec(data, (b, 1, l, total), device)?)
+    }
+
+    /// The additive f32 mask `[B, 1, L, P + L]` for `L` new positions after `P` cached ones
+    /// (non-CPU devices only: the CPU kernel applies the same rules without it).
+    fn build_mask(&self, full_mask: &Tensor, l: usize, device: &Device) -> Result<Tensor> {
+        additive_mask(full_mask, l, self.sliding_window(), device)
     }
 
     /// Runs the decoder over `embeds` `[B, L, H]` at `position_ids` `[B, L]` (u32), where
@@ -446,7 +490,13 @@ impl LanguageModel {
             Some(m) => Tensor::cat(&[m, attention_mask], 1)?,
             None => attention_mask.clone(),
         };
-        let mask = self.build_mask(&full_mask, l, embeds.device())?;
+        let mask = if embeds.device().is_cpu() {
+            let (_, total) = full_mask.dims2()?;
+            let key_valid = full_mask.flatten_all()?.to_vec1::<u32>()?;
+            AttentionMask::Rules { key_valid, past: total - l, window: self.sliding_window() }
+        } else {
+            AttentionMask::Additive(self.build_mask(&full_mask, l, embeds.device())?)
+        };
         let (cos, sin) = rope_tables(&self.inv_freq, position_ids, embeds.dtype())?;
 
         let mut x = embeds.clone();
@@ -509,5 +559,62 @@ impl LanguageModel {
         }
         out.push(("language_model.lm_head.weight".to_string(), &self.lm_head));
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The CPU kernel (mask rules) and the candle path (additive mask) agree through a prefill
+    /// with left padding, a chunked continuation and a decode step, with and without a window.
+    #[test]
+    fn fused_cpu_attention_matches_the_additive_mask_path() {
+        let dev = Device::Cpu;
+        let (hidden, heads, kv_heads, head_dim, b) = (32, 4, 2, 8, 2);
+        let w = |o: usize, i: usize| Tensor::randn(0f32, 0.3, (o, i), &dev).unwrap();
+        let weights = [w(heads * head_dim, hidden), w(kv_heads * head_dim, hidden), w(kv_heads * head_dim, hidden)];
+        let o_weight = w(hidden, heads * head_dim);
+        let inv_freq: Vec<f32> =
+            (0..head_dim / 2).map(|i| 1.0 / 100f32.powf(2.0 * i as f32 / head_dim as f32)).collect();
+        for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 2e-2)] {
+            let lin = |t: &Tensor| Linear::new(t.to_dtype(dtype).unwrap(), None);
+            let attn = Attention {
+                q_proj: lin(&weights[0]),
+                k_proj: lin(&weights[1]),
+                v_proj: lin(&weights[2]),
+                o_proj: lin(&o_weight),
+                num_heads: heads,
+                num_kv_heads: kv_heads,
+                head_dim,
+            };
+            for window in [None, Some(4)] {
+                let (mut fused, mut candle) = (None, None);
+                let mut full: Vec<Vec<u32>> = vec![Vec::new(); b];
+                // Row 1 starts with 3 padding positions.
+                for (step, l) in [7usize, 3, 1].into_iter().enumerate() {
+                    let past = full[0].len();
+                    for (r, row) in full.iter_mut().enumerate() {
+                        row.extend((0..l).map(|i| u32::from(!(r == 1 && step == 0 && i < 3))));
+                    }
+                    let total = past + l;
+                    let x = Tensor::randn(0f32, 1.0, (b, l, hidden), &dev).unwrap().to_dtype(dtype).unwrap();
+                    let pos: Vec<u32> = (0..b).flat_map(|_| past as u32..total as u32).collect();
+                    let pos = Tensor::from_vec(pos, (b, l), &dev).unwrap();
+                    let (cos, sin) = rope_tables(&inv_freq, &pos, dtype).unwrap();
+                    let mask = Tensor::from_vec(full.concat(), (b, total), &dev).unwrap();
+                    let rules = AttentionMask::Rules { key_valid: full.concat(), past, window };
+                    let additive = AttentionMask::Additive(additive_mask(&mask, l, window, &dev).unwrap());
+                    let a = attn.forward(&x, &cos, &sin, &rules, &mut fused).unwrap();
+                    let c = attn.forward(&x, &cos, &sin, &additive, &mut candle).unwrap();
+                    let (a, c) = (a.to_dtype(DType::F32).unwrap(), c.to_dtype(DType::F32).unwrap());
+                    let max_abs = |t: &Tensor| t.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+                    let d = max_abs(&(&a - &c).unwrap()).to_scalar::<f32>().unwrap();
+                    // Relative to the largest output (the candle path rounds bf16 scores to bf16).
+                    let d = d / max_abs(&c).to_scalar::<f32>().unwrap().max(1.0);
+                    assert!(d <= tol, "{dtype:?} window {window:?} step {step}: max diff {d} (relative)");
+                }
+            }
+        }
     }
 }

@@ -10,6 +10,7 @@
 //! - [`video_llava`]: the whole `VideoLlavaForConditionalGeneration`: features merged into the
 //!   placeholder positions, then the decoder.
 
+pub mod attention;
 pub mod clip;
 pub mod feature_cache;
 pub mod linear;

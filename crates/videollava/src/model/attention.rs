@@ -1,0 +1,935 @@
+//! Fused CPU attention for the decoder, and the preallocated key/value buffers it reads.
+//!
+//! [`attention`] computes `softmax(q k^T * scale + mask) v` without materialising the mask or the
+//! `[L, T]` score matrix: the masking *rules* (key validity per row, causal order from the first
+//! query's cache index, optional sliding window) are applied while scoring, one task per
+//! (batch row, key/value head, chunk of query rows), so no task holds more than `rows x T` f32
+//! scores. Grouped-query attention reads each key/value head once for all the query heads that
+//! share it (no `repeat_kv` copy).
+//!
+//! Numerics follow the previous candle path and transformers' eager attention: scores, softmax and
+//! the output accumulation are f32 (bf16/f16 inputs are widened element by element); for bf16/f16
+//! the probabilities are rounded to the input dtype before the weighted sum of the values, as
+//! `softmax(..., dtype=float32).to(query.dtype)` does; the output is written in the input dtype.
+//!
+//! [`KvBuffer`] keeps one layer's keys and values in buffers `[B, kv_heads, capacity, head_dim]`
+//! that grow geometrically; appending writes in place, so a decode step copies only its own token.
+
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Storage, Tensor, WithDType};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::error::{Error, Result};
+
+/// Which keys each query may attend to. Key `j` (a cache index, `0..T`) is visible to query `i`
+/// (`0..L`, at cache index `past + i`) iff `key_valid[b * T + j] != 0`, and, when `causal`,
+/// `j <= past + i`, and, with `sliding_window = Some(w)`, `past + i < j + w` (the rule of
+/// transformers' Mistral mask: the query's own position and the `w - 1` before it).
+///
+/// A query row that sees no key at all (a padding query in a left-padded batch) gets uniform
+/// probabilities `1 / T` over all `T` keys, which is what adding an `f32::MIN` mask to every score
+/// and taking the softmax produced on the previous path; such rows are never read.
+#[derive(Debug, Clone, Copy)]
+pub struct MaskRules<'a> {
+    /// `[B, T]` row-major (u32 1/0): which cached positions are real tokens.
+    pub key_valid: &'a [u32],
+    /// Cache index of the first query; `past + L <= T`.
+    pub past: usize,
+    /// Whether query `i` is limited to keys `j <= past + i`.
+    pub causal: bool,
+    /// Mistral's `sliding_window`: keys more than `w - 1` positions before the query are hidden.
+    pub sliding_window: Option<usize>,
+}
+
+/// Fused attention on the CPU.
+///
+/// - `q`: `[B, H, L, D]`; `k`, `v`: `[B, H_kv, T, D]`, possibly strided views (e.g.
+///   [`KvBuffer::keys`]) as long as the last dimension is contiguous (otherwise they are copied);
+/// - all three f32, bf16 or f16, the same dtype; `H` a multiple of `H_kv` (query head `hh` uses key/value
+///   head `hh / (H / H_kv)`);
+/// - `scale` multiplies the f32 dot products (`1 / sqrt(D)` for Llama).
+///
+/// Returns the attention output `[B, L, H * D]` in the input dtype (heads side by side, the layout
+/// `o_proj` takes).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, rules: &MaskRules) -> Result<Tensor> {
+    attention_with(q, k, v, scale, rules, simd_available())
+}
+
+/// [`attention`], with the AVX2/FMA kernels (`simd`, where detected) or the portable ones.
+fn attention_with(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, rules: &MaskRules, simd: bool) -> Result<Tensor> {
+    let (b, h, l, d) = q.dims4()?;
+    let (bk, hkv, t, dk) = k.dims4()?;
+    if v.dims4()? != (bk, hkv, t, dk) || bk != b || dk != d {
+        return Err(Error::Model(format!(
+            "attention: q {:?}, k {:?} and v {:?} do not fit [B, H, L, D] / [B, H_kv, T, D]",
+            q.dims(),
+            k.dims(),
+            v.dims()
+        )));
+    }
+    if hkv == 0 || h % hkv != 0 {
+        return Err(Error::Model(format!("attention: {h} query heads cannot share {hkv} key/value heads")));
+    }
+    if rules.past + l > t || rules.key_valid.len() != b * t {
+        return Err(Error::Model(format!(
+            "attention: {l} queries after {} cached positions with {t} keys and a key mask of {} entries \
+             for {b} rows",
+            rules.past,
+            rules.key_valid.len()
+        )));
+    }
+    let dtype = q.dtype();
+    if k.dtype() != dtype || v.dtype() != dtype {
+        return Err(Error::Model(format!(
+            "attention: q, k, v dtypes differ ({dtype:?}, {:?}, {:?})",
+            k.dtype(),
+            v.dtype()
+        )));
+    }
+    if !q.device().is_cpu() || !k.device().is_cpu() || !v.device().is_cpu() {
+        return Err(Error::Model("attention: the fused kernel runs on the CPU only".into()));
+    }
+    // The kernel reads rows of D contiguous elements.
+    let last_contiguous = |x: &Tensor| -> Result<Tensor> {
+        if x.stride()[3] == 1 || d <= 1 {
+            Ok(x.clone())
+        } else {
+            Ok(x.contiguous()?)
+        }
+    };
+    let (q, k, v) = (last_contiguous(q)?, last_contiguous(k)?, last_contiguous(v)?);
+    let shape = Shape { b, h, l, hkv, t, d };
+    match dtype {
+        DType::F32 => run::<f32>(&q, &k, &v, scale, rules, shape, simd),
+        DType::BF16 => run::<bf16>(&q, &k, &v, scale, rules, shape, simd),
+        DType::F16 => run::<f16>(&q, &k, &v, scale, rules, shape, simd),
+        other => Err(Error::Model(format!("attention: unsupported dtype {other:?} (f32, bf16 or f16)"))),
+    }
+}
+
+/// Element types the kernel reads and writes.
+trait Elem: WithDType + Copy + Send + Sync {
+    fn widen(self) -> f32;
+    fn narrow(x: f32) -> Self;
+    /// `x` rounded to this type's precision, back in f32 (identity for f32).
+    fn round(x: f32) -> f32;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn narrow(x: f32) -> Self {
+        x
+    }
+    #[inline(always)]
+    fn round(x: f32) -> f32 {
+        x
+    }
+}
+
+impl Elem for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[inline(always)]
+    fn narrow(x: f32) -> Self {
+        bf16::from_f32(x)
+    }
+    #[inline(always)]
+    fn round(x: f32) -> f32 {
+        // Round to nearest even on the upper 16 bits (`x` is a finite probability here).
+        let bits = x.to_bits();
+        let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1));
+        f32::from_bits(rounded & 0xFFFF_0000)
+    }
+}
+
+impl Elem for f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn narrow(x: f32) -> Self {
+        f16::from_f32(x)
+    }
+    #[inline(always)]
+    fn round(x: f32) -> f32 {
+        f16::from_f32(x).to_f32()
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    b: usize,
+    h: usize,
+    l: usize,
+    hkv: usize,
+    t: usize,
+    d: usize,
+}
+
+/// Everything a task reads: element slices with their offsets and `[b, head, position]` strides.
+struct Params<'a, T> {
+    q: &'a [T],
+    k: &'a [T],
+    v: &'a [T],
+    q_at: Strides,
+    k_at: Strides,
+    v_at: Strides,
+    shape: Shape,
+    rep: usize,
+    scale: f32,
+    rules: MaskRules<'a>,
+    /// AVX2 and FMA were detected at run time (and are wanted): the `task_avx2` kernels run.
+    simd: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Strides {
+    start: usize,
+    b: usize,
+    h: usize,
+    pos: usize,
+}
+
+impl Strides {
+    #[inline(always)]
+    fn at(&self, b: usize, h: usize, pos: usize) -> usize {
+        self.start + b * self.b + h * self.h + pos * self.pos
+    }
+}
+
+/// Query rows (per key/value head) a task handles: `rep * chunk` rows of scores per task.
+const TASK_ROWS: usize = 64;
+/// From this many rows a task converts key/value tiles to f32 and uses the blocked kernels.
+const TILE_ROWS: usize = 8;
+/// Keys per tile.
+const KT: usize = 16;
+
+fn run<T: Elem>(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    rules: &MaskRules,
+    shape: Shape,
+    simd: bool,
+) -> Result<Tensor> {
+    let Shape { b, h, l, hkv, d, .. } = shape;
+    let (q_guard, q_layout) = q.storage_and_layout();
+    let (k_guard, k_layout) = k.storage_and_layout();
+    let (v_guard, v_layout) = v.storage_and_layout();
+    let strides = |layout: &candle_core::Layout| {
+        let s = layout.stride();
+        Strides { start: layout.start_offset(), b: s[0], h: s[1], pos: s[2] }
+    };
+    let rep = h / hkv;
+    let params = Params {
+        q: cpu_slice::<T>(&q_guard)?,
+        k: cpu_slice::<T>(&k_guard)?,
+        v: cpu_slice::<T>(&v_guard)?,
+        q_at: strides(q_layout),
+        k_at: strides(k_layout),
+        v_at: strides(v_layout),
+        shape,
+        rep,
+        scale,
+        rules: *rules,
+        simd: simd && simd_available(),
+    };
+    if b * h * l * d == 0 {
+        return Ok(Tensor::zeros((b, l, h * d), T::DTYPE, &Device::Cpu)?);
+    }
+    // Tasks: (batch row, kv head, first query, query count), in output order.
+    let chunk = (TASK_ROWS / rep).clamp(1, l);
+    let n_chunks = l.div_ceil(chunk);
+    let mut tasks = Vec::with_capacity(b * hkv * n_chunks);
+    for bi in 0..b {
+        for kvh in 0..hkv {
+            for c in 0..n_chunks {
+                let i0 = c * chunk;
+                tasks.push((bi, kvh, i0, chunk.min(l - i0)));
+            }
+        }
+    }
+    let results: Vec<Vec<f32>> =
+        tasks.par_iter().map(|&(bi, kvh, i0, cl)| run_task(&params, bi, kvh, i0, cl)).collect();
+    // Scatter into [B, L, H * D]: task rows are (group g, query ii) -> head kvh * rep + g.
+    let mut out = vec![T::narrow(0.0); b * l * h * d];
+    out.par_chunks_mut(h * d).enumerate().for_each(|(row, dst)| {
+        let (bi, i) = (row / l, row % l);
+        let (ci, ii) = (i / chunk, i % chunk);
+        for (hh, dst) in dst.chunks_exact_mut(d).enumerate() {
+            let (kvh, g) = (hh / rep, hh % rep);
+            let task = (bi * hkv + kvh) * n_chunks + ci;
+            let cl = tasks[task].3;
+            let src = &results[task][(g * cl + ii) * d..][..d];
+            for (o, &x) in dst.iter_mut().zip(src) {
+                *o = T::narrow(x);
+            }
+        }
+    });
+    drop((q_guard, k_guard, v_guard));
+    Ok(Tensor::from_vec(out, (b, l, h * d), &Device::Cpu)?)
+}
+
+fn cpu_slice<T: Elem>(s: &Storage) -> Result<&[T]> {
+    match s {
+        Storage::Cpu(cpu) => Ok(cpu.as_slice::<T>()?),
+        _ => Err(Error::Model("attention: the fused kernel runs on the CPU only".into())),
+    }
+}
+
+fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+fn run_task<T: Elem>(p: &Params<T>, bi: usize, kvh: usize, i0: usize, cl: usize) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if p.simd {
+        // SAFETY: `p.simd` is only set when AVX2 and FMA were detected at run time.
+        return unsafe { task_avx2(p, bi, kvh, i0, cl) };
+    }
+    task::<T, { cfg!(target_arch = "aarch64") }>(p, bi, kvh, i0, cl)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn task_avx2<T: Elem>(p: &Params<T>, bi: usize, kvh: usize, i0: usize, cl: usize) -> Vec<f32> {
+    task::<T, true>(p, bi, kvh, i0, cl)
+}
+
+/// `a * b + c`, fused where the target has FMA (an unfused `mul_add` is a slow library call).
+#[inline(always)]
+fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
+#[inline(always)]
+fn hsum(acc: &[f32; 16]) -> f32 {
+    let mut s = [0f32; 4];
+    for i in 0..4 {
+        s[i] = (acc[i] + acc[i + 4]) + (acc[i + 8] + acc[i + 12]);
+    }
+    (s[0] + s[2]) + (s[1] + s[3])
+}
+
+/// `sum_i a[i] * b[i]` in f32; `a.len() == b.len()`.
+#[inline(always)]
+fn dot<T: Elem, const FMA: bool>(a: &[f32], b: &[T]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for i in 0..16 {
+            acc[i] = fma::<FMA>(x[i], y[i].widen(), acc[i]);
+        }
+    }
+    let mut tail = 0f32;
+    for (&x, &y) in ar.iter().zip(br) {
+        tail = fma::<FMA>(x, y.widen(), tail);
+    }
+    hsum(&acc) + tail
+}
+
+/// `out += p * x`; `out.len() == x.len()`.
+#[inline(always)]
+fn axpy<T: Elem, const FMA: bool>(out: &mut [f32], p: f32, x: &[T]) {
+    let mut oc = out.chunks_exact_mut(16);
+    let xc = x.chunks_exact(16);
+    let xr = xc.remainder();
+    for (o, y) in (&mut oc).zip(xc) {
+        for i in 0..16 {
+            o[i] = fma::<FMA>(p, y[i].widen(), o[i]);
+        }
+    }
+    for (o, &y) in oc.into_remainder().iter_mut().zip(xr) {
+        *o = fma::<FMA>(p, y.widen(), *o);
+    }
+}
+
+/// `exp(x)` in f32 (Cephes' polynomial, within a few ulp), 0 below -87.3; branch-free so that
+/// loops over it vectorise.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
+    let xc = x.clamp(-87.3, 88.3);
+    let t = xc * LOG2E + MAGIC;
+    let n = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
+    let fx = t - MAGIC;
+    let r = xc - fx * 0.693_359_4 - fx * -2.121_944_4e-4;
+    let z = r * r;
+    let mut y = 1.987_569_1e-4f32;
+    y = y * r + 1.398_199_9e-3;
+    y = y * r + 8.333_452e-3;
+    y = y * r + 4.166_579_6e-2;
+    y = y * r + 1.666_666_5e-1;
+    y = y * r + 0.5;
+    y = y * z + r + 1.0;
+    let pow2 = f32::from_bits(((n + 127) as u32) << 23);
+    if x < -87.3 {
+        0.0
+    } else {
+        y * pow2
+    }
+}
+
+/// Softmax of one row of raw dot products in place: `row[j] * scale` where `valid[j] != 0`,
+/// excluded (probability 0) elsewhere; probabilities rounded to `T`. Returns false, leaving
+/// zeros, when no entry is visible.
+#[inline(always)]
+fn softmax_row<T: Elem>(row: &mut [f32], valid: &[u32], scale: f32) -> bool {
+    let mut m = [f32::NEG_INFINITY; 16];
+    let mut rc = row.chunks_exact_mut(16);
+    let vc = valid.chunks_exact(16);
+    let vr = vc.remainder();
+    for (s, ok) in (&mut rc).zip(vc) {
+        for i in 0..16 {
+            let x = if ok[i] != 0 { s[i] * scale } else { f32::NEG_INFINITY };
+            s[i] = x;
+            m[i] = m[i].max(x);
+        }
+    }
+    let mut max = f32::NEG_INFINITY;
+    for (s, &ok) in rc.into_remainder().iter_mut().zip(vr) {
+        *s = if ok != 0 { *s * scale } else { f32::NEG_INFINITY };
+        max = max.max(*s);
+    }
+    for x in m {
+        max = max.max(x);
+    }
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return false;
+    }
+    let mut acc = [0f32; 16];
+    let mut rc = row.chunks_exact_mut(16);
+    for s in &mut rc {
+        for i in 0..16 {
+            let e = exp(s[i] - max);
+            s[i] = e;
+            acc[i] += e;
+        }
+    }
+    let mut sum = 0f32;
+    for s in rc.into_remainder() {
+        *s = exp(*s - max);
+        sum += *s;
+    }
+    sum += hsum(&acc);
+    for s in row.iter_mut() {
+        *s = T::round(*s / sum);
+    }
+    true
+}
+
+/// Scores of 4 query rows (`q`: 4 x D f32) against a tile of 16 keys transposed (`kt`: D x 16).
+#[inline(always)]
+fn qk_block<const FMA: bool>(q: &[f32], d: usize, kt: &[[f32; KT]]) -> [[f32; KT]; 4] {
+    let (q0, rest) = q.split_at(d);
+    let (q1, rest) = rest.split_at(d);
+    let (q2, q3) = rest.split_at(d);
+    let mut acc = [[0f32; KT]; 4];
+    for ((((kr, &a), &b), &c), &e) in kt.iter().zip(q0).zip(q1).zip(q2).zip(&q3[..d]) {
+        for x in 0..KT {
+            acc[0][x] = fma::<FMA>(a, kr[x], acc[0][x]);
+            acc[1][x] = fma::<FMA>(b, kr[x], acc[1][x]);
+            acc[2][x] = fma::<FMA>(c, kr[x], acc[2][x]);
+            acc[3][x] = fma::<FMA>(e, kr[x], acc[3][x]);
+        }
+    }
+    acc
+}
+
+/// One task: query rows `i0..i0 + cl` of every query head sharing key/value head `kvh` in batch
+/// row `bi`. Returns the f32 outputs, row `g * cl + ii` for head `kvh * rep + g`, query
+/// `i0 + ii` (`rep * cl` rows of D).
+#[inline(always)]
+fn task<T: Elem, const FMA: bool>(p: &Params<T>, bi: usize, kvh: usize, i0: usize, cl: usize) -> Vec<f32> {
+    let Shape { t, d, .. } = p.shape;
+    let rules = &p.rules;
+    let rows = p.rep * cl;
+    let valid = &rules.key_valid[bi * t..(bi + 1) * t];
+    // Each row's candidate keys [lo, hi) by position; validity is applied in the softmax.
+    let range = |r: usize| {
+        let qa = rules.past + i0 + r % cl;
+        let hi = if rules.causal { (qa + 1).min(t) } else { t };
+        let lo = rules.sliding_window.map_or(0, |w| (qa + 1).saturating_sub(w)).min(hi);
+        (lo, hi)
+    };
+    let ranges: Vec<(usize, usize)> = (0..rows).map(range).collect();
+    let lo = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+    let hi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
+    let w = hi - lo;
+    let tiled = rows >= TILE_ROWS;
+    let rpad = if tiled { rows.next_multiple_of(4) } else { rows };
+
+    let mut qf = vec![0f32; rpad * d];
+    for (r, dst) in qf.chunks_exact_mut(d).take(rows).enumerate() {
+        let at = p.q_at.at(bi, kvh * p.rep + r / cl, i0 + r % cl);
+        for (o, &x) in dst.iter_mut().zip(&p.q[at..at + d]) {
+            *o = x.widen();
+        }
+    }
+    let key = |j: usize| {
+        let at = p.k_at.at(bi, kvh, j);
+        &p.k[at..at + d]
+    };
+    let value = |j: usize| {
+        let at = p.v_at.at(bi, kvh, j);
+        &p.v[at..at + d]
+    };
+    // Key range of each block of 4 rows (tiled path).
+    let blocks: Vec<(usize, usize)> = (0..rpad / 4)
+        .map(|bk| {
+            let rs = &ranges[4 * bk..(4 * bk + 4).min(rows)];
+            let blo = rs.iter().map(|r| r.0).min().unwrap_or(0);
+            let bhi = rs.iter().map(|r| r.1).max().unwrap_or(0);
+            (blo, bhi)
+        })
+        .collect();
+
+    // Scores.
+    let mut s = vec![0f32; rows * w];
+    if tiled {
+        let mut kt = vec![[0f32; KT]; d];
+        let mut j0 = lo;
+        while j0 < hi {
+            let jn = (hi - j0).min(KT);
+            for jj in 0..KT {
+                if jj < jn {
+                    for (dst, &x) in kt.iter_mut().zip(key(j0 + jj)) {
+                        dst[jj] = x.widen();
+                    }
+                } else {
+                    kt.iter_mut().for_each(|dst| dst[jj] = 0.0);
+                }
+            }
+            for (bk, &(blo, bhi)) in blocks.iter().enumerate() {
+                if bhi <= j0 || blo >= j0 + jn {
+                    continue;
+                }
+                let acc = qk_block::<FMA>(&qf[4 * bk * d..(4 * bk + 4) * d], d, &kt);
+                for (r, a) in (4 * bk..(4 * bk + 4).min(rows)).zip(&acc) {
+                    s[r * w + j0 - lo..][..jn].copy_from_slice(&a[..jn]);
+                }
+            }
+            j0 += jn;
+        }
+    } else {
+        for j in lo..hi {
+            let kr = key(j);
+            for (r, &(rlo, rhi)) in ranges.iter().enumerate() {
+                if rlo <= j && j < rhi {
+                    s[r * w + j - lo] = dot::<T, FMA>(&qf[r * d..(r + 1) * d], kr);
+                }
+            }
+        }
+    }
+
+    // Probabilities.
+    let mut empty = vec![false; rows];
+    for (r, &(rlo, rhi)) in ranges.iter().enumerate() {
+        let row = &mut s[r * w..(r + 1) * w];
+        row[..rlo - lo].fill(0.0);
+        row[rhi - lo..].fill(0.0);
+        empty[r] = !softmax_row::<T>(&mut row[rlo - lo..rhi - lo], &valid[rlo..rhi], p.scale);
+    }
+
+    // Weighted sum of the values.
+    let mut out = vec![0f32; rows * d];
+    if tiled {
+        let nc = d.div_ceil(16);
+        let mut o = vec![[0f32; 16]; rpad * nc];
+        let mut vt = vec![[0f32; 16]; KT * nc];
+        let mut j0 = lo;
+        while j0 < hi {
+            let jn = (hi - j0).min(KT);
+            for (jj, dst) in vt.chunks_exact_mut(nc).enumerate() {
+                dst.iter_mut().for_each(|c| *c = [0.0; 16]);
+                if jj < jn {
+                    for (c, src) in dst.iter_mut().zip(value(j0 + jj).chunks(16)) {
+                        for (o, &x) in c.iter_mut().zip(src) {
+                            *o = x.widen();
+                        }
+                    }
+                }
+            }
+            for (bk, &(blo, bhi)) in blocks.iter().enumerate() {
+                if bhi <= j0 || blo >= j0 + jn {
+                    continue;
+                }
+                let mut pb = [[0f32; KT]; 4];
+                for (r, pr) in (4 * bk..(4 * bk + 4).min(rows)).zip(pb.iter_mut()) {
+                    pr[..jn].copy_from_slice(&s[r * w + j0 - lo..][..jn]);
+                }
+                let ob = &mut o[4 * bk * nc..(4 * bk + 4) * nc];
+                for c in 0..nc {
+                    let mut acc = [ob[c], ob[nc + c], ob[2 * nc + c], ob[3 * nc + c]];
+                    for jj in 0..KT {
+                        let vv = &vt[jj * nc + c];
+                        for (a, pr) in acc.iter_mut().zip(&pb) {
+                            let pj = pr[jj];
+                            for x in 0..16 {
+                                a[x] = fma::<FMA>(pj, vv[x], a[x]);
+                            }
+                        }
+                    }
+                    ob[c] = acc[0];
+                    ob[nc + c] = acc[1];
+                    ob[2 * nc + c] = acc[2];
+                    ob[3 * nc + c] = acc[3];
+                }
+            }
+            j0 += jn;
+        }
+        for (dst, src) in out.chunks_exact_mut(d).zip(o.chunks_exact(nc)) {
+            for (i, x) in dst.iter_mut().enumerate() {
+                *x = src[i / 16][i % 16];
+            }
+        }
+    } else {
+        for j in lo..hi {
+            let vr = value(j);
+            for r in 0..rows {
+                let pj = s[r * w + j - lo];
+                if pj != 0.0 {
+                    axpy::<T, FMA>(&mut out[r * d..(r + 1) * d], pj, vr);
+                }
+            }
+        }
+    }
+    // Rows that see no key: uniform over all T keys (see `MaskRules`).
+    if empty.iter().any(|&e| e) {
+        let pu = T::round(1.0 / t as f32);
+        for (r, dst) in out.chunks_exact_mut(d).enumerate() {
+            if empty[r] {
+                for j in 0..t {
+                    axpy::<T, FMA>(dst, pu, value(j));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// One layer's keys and values: `k`, `v` `[B, kv_heads, capacity, head_dim]` in the compute
+/// dtype, the first `len` positions filled. Appending writes in place and grows the capacity
+/// geometrically (by at least 256 positions or an eighth, in multiples of 256), so a decode step
+/// copies only the new token. Clones share the buffers until one of them appends (copy on write).
+#[derive(Debug, Clone)]
+pub struct KvBuffer {
+    k: Tensor,
+    v: Tensor,
+    len: usize,
+    /// Shared by clones: an append with other owners copies the buffers first.
+    owner: Arc<()>,
+}
+
+/// Capacity steps of [`KvBuffer`].
+const CAPACITY_STEP: usize = 256;
+
+/// The capacity after `cap` when `needed` positions must fit: at least an eighth or 256 more,
+/// in multiples of 256 (at most ~12.5% + 256 positions of spare room).
+fn grown_capacity(cap: usize, needed: usize) -> usize {
+    needed.max(cap + (cap / 8).max(CAPACITY_STEP)).next_multiple_of(CAPACITY_STEP)
+}
+
+impl KvBuffer {
+    /// A buffer holding exactly `k`, `v` `[B, kv_heads, T, head_dim]` (no spare capacity).
+    pub fn from_filled(k: Tensor, v: Tensor) -> Result<Self> {
+        if k.dims4()? != v.dims4()? {
+            return Err(Error::Model(format!("keys {:?} and values {:?} differ in shape", k.dims(), v.dims())));
+        }
+        let (k, v) = (k.contiguous()?, v.contiguous()?);
+        let len = k.dim(2)?;
+        Ok(Self { k, v, len, owner: Arc::new(()) })
+    }
+
+    /// A buffer filled with `k`, `v` `[B, kv_heads, L, head_dim]`, with spare capacity.
+    pub fn new(k: &Tensor, v: &Tensor) -> Result<Self> {
+        let (b, h, l, d) = k.dims4()?;
+        let cap = grown_capacity(0, l);
+        let empty = || Tensor::zeros((b, h, cap, d), k.dtype(), k.device());
+        let mut buf = Self { k: empty()?, v: empty()?, len: 0, owner: Arc::new(()) };
+        buf.append(k, v)?;
+        Ok(buf)
+    }
+
+    /// Number of filled positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Allocated positions.
+    pub fn capacity(&self) -> usize {
+        self.k.dim(2).unwrap_or(0)
+    }
+
+    /// The filled keys `[B, kv_heads, len, head_dim]`, a strided view of the buffer.
+    pub fn keys(&self) -> Result<Tensor> {
+        Ok(self.k.narrow(2, 0, self.len)?)
+    }
+
+    /// The filled values `[B, kv_heads, len, head_dim]`, a strided view of the buffer.
+    pub fn values(&self) -> Result<Tensor> {
+        Ok(self.v.narrow(2, 0, self.len)?)
+    }
+
+    /// Appends `k`, `v` `[B, kv_heads, L, head_dim]` after the filled positions.
+    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
+        let (b, h, l, d) = k.dims4()?;
+        let (bb, hb, cap, db) = self.k.dims4()?;
+        if v.dims4()? != (b, h, l, d) || (b, h, d) != (bb, hb, db) || k.dtype() != self.k.dtype() {
+            return Err(Error::Model(format!(
+                "cannot append keys {:?} / values {:?} ({:?}) to a cache of {:?} ({:?})",
+                k.dims(),
+                v.dims(),
+                k.dtype(),
+                self.k.dims(),
+                self.k.dtype()
+            )));
+        }
+        let needed = self.len + l;
+        if needed > cap || Arc::strong_count(&self.owner) > 1 {
+            let new_cap = if needed > cap { grown_capacity(cap, needed) } else { cap };
+            let nk = Tensor::zeros((b, h, new_cap, d), k.dtype(), k.device())?;
+            let nv = Tensor::zeros((b, h, new_cap, d), v.dtype(), v.device())?;
+            if self.len > 0 {
+                nk.slice_set(&self.keys()?.contiguous()?, 2, 0)?;
+                nv.slice_set(&self.values()?.contiguous()?, 2, 0)?;
+            }
+            self.k = nk;
+            self.v = nv;
+            self.owner = Arc::new(());
+        }
+        if l > 0 {
+            self.k.slice_set(&k.contiguous()?, 2, self.len)?;
+            self.v.slice_set(&v.contiguous()?, 2, self.len)?;
+        }
+        self.len = needed;
+        Ok(())
+    }
+
+    /// Keeps batch rows `idx` (u32 `[n]`), keeping the capacity.
+    pub fn index_rows(&self, idx: &Tensor) -> Result<Self> {
+        Ok(Self {
+            k: self.k.index_select(idx, 0)?,
+            v: self.v.index_select(idx, 0)?,
+            len: self.len,
+            owner: Arc::new(()),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    /// The previous candle path: `repeat_kv`, an additive f32 mask `[B, 1, L, T]` built with
+    /// `f32::MIN`, f32 scores and softmax, probabilities cast to the input dtype, matmul with V.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, rules: &MaskRules) -> Tensor {
+        let (b, h, l, d) = q.dims4().unwrap();
+        let (_, hkv, t, _) = k.dims4().unwrap();
+        let rep = h / hkv;
+        let rep_kv = |x: &Tensor| {
+            x.unsqueeze(2).unwrap().broadcast_as((b, hkv, rep, t, d)).unwrap().reshape((b, h, t, d)).unwrap()
+        };
+        let mut mask = vec![0f32; b * l * t];
+        for bi in 0..b {
+            for qi in 0..l {
+                let qa = rules.past + qi;
+                for j in 0..t {
+                    let visible = (!rules.causal || j <= qa)
+                        && rules.key_valid[bi * t + j] != 0
+                        && rules.sliding_window.is_none_or(|w| qa < j + w);
+                    if !visible {
+                        mask[(bi * l + qi) * t + j] = f32::MIN;
+                    }
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, 1, l, t), &Device::Cpu).unwrap();
+        // f32 scores (the kernel does not round the dot products to the input dtype).
+        let qf = q.to_dtype(DType::F32).unwrap();
+        let kf = rep_kv(k).to_dtype(DType::F32).unwrap();
+        let scale = 1.0 / (d as f64).sqrt();
+        let scores = (qf.matmul(&kf.t().unwrap()).unwrap() * scale).unwrap().broadcast_add(&mask).unwrap();
+        let probs = candle_nn::ops::softmax_last_dim(&scores).unwrap().to_dtype(q.dtype()).unwrap();
+        let vf = rep_kv(v).to_dtype(DType::F32).unwrap();
+        let out = probs.to_dtype(DType::F32).unwrap().matmul(&vf).unwrap();
+        out.transpose(1, 2).unwrap().reshape((b, l, h * d)).unwrap()
+    }
+
+    struct Case {
+        b: usize,
+        h: usize,
+        hkv: usize,
+        l: usize,
+        t: usize,
+        d: usize,
+        /// Left padding per row (positions `0..pad` are masked).
+        pad: Vec<usize>,
+        window: Option<usize>,
+    }
+
+    fn check(case: &Case, dtype: DType, tol: f32, strided: bool) {
+        check_with(case, dtype, tol, strided, simd_available())
+    }
+
+    fn check_with(case: &Case, dtype: DType, tol: f32, strided: bool, simd: bool) {
+        let Case { b, h, hkv, l, t, d, .. } = *case;
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (b, h, l, d), &dev).unwrap().to_dtype(dtype).unwrap();
+        let kv = |seed: f32| {
+            (Tensor::randn(0f32, 1.0, (b, hkv, t, d), &dev).unwrap() * seed as f64).unwrap().to_dtype(dtype).unwrap()
+        };
+        let (k, v) = (kv(1.5), kv(1.0));
+        let (k, v) = if strided {
+            // Strided views of larger buffers, as the KV cache hands them over.
+            let mut kb = KvBuffer::new(&k.narrow(2, 0, 1).unwrap(), &v.narrow(2, 0, 1).unwrap()).unwrap();
+            kb.append(&k.narrow(2, 1, t - 1).unwrap(), &v.narrow(2, 1, t - 1).unwrap()).unwrap();
+            assert!(kb.capacity() > t);
+            (kb.keys().unwrap(), kb.values().unwrap())
+        } else {
+            (k, v)
+        };
+        let mut key_valid = vec![1u32; b * t];
+        for (bi, &p) in case.pad.iter().enumerate() {
+            key_valid[bi * t..bi * t + p].fill(0);
+        }
+        let rules = MaskRules { key_valid: &key_valid, past: t - l, causal: true, sliding_window: case.window };
+        let scale = 1.0 / (d as f32).sqrt();
+        let got = attention_with(&q, &k, &v, scale, &rules, simd).unwrap();
+        assert_eq!(got.dims(), &[b, l, h * d]);
+        assert_eq!(got.dtype(), dtype);
+        let want = reference(&q, &k, &v, &rules);
+        let got = got.to_dtype(DType::F32).unwrap();
+        let diff = (&got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        let diff = diff.to_scalar::<f32>().unwrap();
+        let nan = got.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().any(|x| !x.is_finite());
+        assert!(!nan, "non-finite output");
+        assert!(diff <= tol, "{dtype:?} b={b} h={h}/{hkv} l={l} t={t} d={d}: max abs diff {diff} > {tol}");
+    }
+
+    fn cases() -> Vec<Case> {
+        vec![
+            // Prefill with left padding (padding query rows see nothing), GQA, d = 64.
+            Case { b: 2, h: 4, hkv: 2, l: 37, t: 37, d: 64, pad: vec![0, 5], window: None },
+            // Single-token decode after a cache, padded row.
+            Case { b: 2, h: 4, hkv: 4, l: 1, t: 53, d: 32, pad: vec![3, 0], window: None },
+            // Decode with GQA (rows per task = rep) and d not a multiple of 16.
+            Case { b: 1, h: 8, hkv: 2, l: 1, t: 70, d: 40, pad: vec![0], window: None },
+            // Chunked prefill continuation (l > 1 with past), several tasks per head.
+            Case { b: 2, h: 2, hkv: 1, l: 150, t: 211, d: 24, pad: vec![7, 0], window: None },
+            // Sliding window smaller than t, prefill and continuation.
+            Case { b: 2, h: 4, hkv: 2, l: 90, t: 90, d: 16, pad: vec![0, 11], window: Some(13) },
+            Case { b: 1, h: 4, hkv: 2, l: 5, t: 60, d: 20, pad: vec![2], window: Some(9) },
+            Case { b: 1, h: 2, hkv: 2, l: 1, t: 40, d: 8, pad: vec![0], window: Some(6) },
+            // Few rows per task (direct path) with l > 1.
+            Case { b: 1, h: 1, hkv: 1, l: 3, t: 9, d: 7, pad: vec![1], window: None },
+        ]
+    }
+
+    #[test]
+    fn f32_matches_the_materialised_mask_path() {
+        for case in cases() {
+            check(&case, DType::F32, 1e-5, false);
+            check(&case, DType::F32, 1e-5, true);
+        }
+    }
+
+    #[test]
+    fn bf16_and_f16_match_the_materialised_mask_path() {
+        for case in cases() {
+            check(&case, DType::BF16, 2e-2, true);
+            check(&case, DType::F16, 4e-3, false);
+        }
+    }
+
+    #[test]
+    fn portable_kernels_match_too() {
+        for case in cases() {
+            check_with(&case, DType::F32, 1e-5, true, false);
+            check_with(&case, DType::BF16, 2e-2, false, false);
+        }
+    }
+
+    #[test]
+    fn rows_with_no_visible_key_average_all_values() {
+        // Row 1 is all padding: its queries see nothing; the previous path gave 1/T weights.
+        let case = Case { b: 2, h: 2, hkv: 1, l: 20, t: 20, d: 16, pad: vec![0, 20], window: None };
+        check(&case, DType::F32, 1e-5, false);
+    }
+
+    #[test]
+    fn exp_is_accurate() {
+        let mut worst = 0f32;
+        let mut x = -80.0f32;
+        while x < 0.0 {
+            let (got, want) = (exp(x), x.exp());
+            worst = worst.max(((got - want) / want.max(f32::MIN_POSITIVE)).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 1e-6, "relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+    }
+
+    #[test]
+    fn kv_buffer_appends_in_place_and_grows() {
+        let dev = Device::Cpu;
+        let a = Tensor::arange(0f32, 2.0 * 3.0 * 4.0, &dev).unwrap().reshape((1, 2, 3, 4)).unwrap();
+        let mut buf = KvBuffer::new(&a, &a).unwrap();
+        assert_eq!((buf.len(), buf.capacity()), (3, CAPACITY_STEP));
+        let snapshot = buf.clone();
+        let one = Tensor::ones((1, 2, 1, 4), DType::F32, &dev).unwrap();
+        buf.append(&one, &one).unwrap();
+        assert_eq!(buf.len(), 4);
+        // The clone is untouched (copy on write) and still reads its 3 positions.
+        assert_eq!(
+            snapshot.keys().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            (0..24).map(|x| x as f32).collect::<Vec<_>>()
+        );
+        let keys = buf.keys().unwrap();
+        assert_eq!(keys.dims(), &[1, 2, 4, 4]);
+        let want = Tensor::cat(&[&a, &one], 2).unwrap();
+        assert_eq!(
+            keys.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        let big = Tensor::zeros((1, 2, CAPACITY_STEP, 4), DType::F32, &dev).unwrap();
+        buf.append(&big, &big).unwrap();
+        assert_eq!(buf.len(), 4 + CAPACITY_STEP);
+        assert_eq!(buf.capacity(), 2 * CAPACITY_STEP);
+        let head = buf.keys().unwrap().narrow(2, 0, 4).unwrap();
+        assert_eq!(
+            head.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+    }
+}
