@@ -6,8 +6,10 @@
 //! layer `i - 1`; `post_layernorm` is never applied (Video-LLaVA takes raw hidden states).
 //! Activations are in the compute dtype; layer norms and softmax run in f32.
 
-use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{linear, Linear, VarBuilder};
+use candle_core::{DType, Tensor, D};
+use candle_nn::{linear, VarBuilder};
+
+use super::linear::Linear;
 
 use crate::config::VisionConfig;
 use crate::error::{Error, Result};
@@ -63,10 +65,10 @@ impl Attention {
     fn load(cfg: &VisionConfig, vb: VarBuilder) -> Result<Self> {
         let d = cfg.hidden_size;
         Ok(Self {
-            q_proj: linear(d, d, vb.pp("q_proj"))?,
-            k_proj: linear(d, d, vb.pp("k_proj"))?,
-            v_proj: linear(d, d, vb.pp("v_proj"))?,
-            out_proj: linear(d, d, vb.pp("out_proj"))?,
+            q_proj: linear(d, d, vb.pp("q_proj"))?.into(),
+            k_proj: linear(d, d, vb.pp("k_proj"))?.into(),
+            v_proj: linear(d, d, vb.pp("v_proj"))?.into(),
+            out_proj: linear(d, d, vb.pp("out_proj"))?.into(),
             num_heads: cfg.num_attention_heads,
             head_dim: d / cfg.num_attention_heads,
         })
@@ -104,8 +106,8 @@ impl EncoderLayer {
         Ok(Self {
             self_attn: Attention::load(cfg, vb.pp("self_attn"))?,
             layer_norm1: LayerNorm::load(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm1"))?,
-            fc1: linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("mlp").pp("fc1"))?,
-            fc2: linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("mlp").pp("fc2"))?,
+            fc1: linear(cfg.hidden_size, cfg.intermediate_size, vb.pp("mlp").pp("fc1"))?.into(),
+            fc2: linear(cfg.intermediate_size, cfg.hidden_size, vb.pp("mlp").pp("fc2"))?.into(),
             layer_norm2: LayerNorm::load(cfg.hidden_size, cfg.layer_norm_eps, vb.pp("layer_norm2"))?,
             act: cfg.hidden_act.clone(),
         })

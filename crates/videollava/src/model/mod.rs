@@ -3,7 +3,8 @@
 //! - [`weights`]: safetensors files (single or sharded, any transformers naming) read on demand;
 //! - [`clip`]: the CLIP vision towers (image and video);
 //! - [`projector`]: the 2-layer GELU projector into the language model's width;
-//! - [`linear`]: linear layers, with our own BF16 matrix-vector kernel for decoding;
+//! - [`linear`]: linear layers (dense, or quantized), dispatching to [`bf16_gemm`], our AVX-512 BF16
+//!   GEMM, for BF16 on the CPU;
 //! - [`quantize`]: 8-bit and 4-bit weights for the language model's linear layers (`--quantize`);
 //! - [`feature_cache`]: projected visual features kept by pixel content across requests;
 //! - [`llama`]: the Llama / Mistral decoder with its KV cache;
@@ -11,6 +12,7 @@
 //!   placeholder positions, then the decoder.
 
 pub mod attention;
+pub mod bf16_gemm;
 pub mod clip;
 pub mod feature_cache;
 pub mod linear;

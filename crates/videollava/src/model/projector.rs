@@ -1,8 +1,10 @@
 //! The multimodal projector: `linear_2(act(linear_1(x)))`, vision features `[.., D_v * k]`
 //! (k selected layers) to the language model's width `[.., H]`. GELU is the exact erf form.
 
-use candle_core::{Module, Tensor};
-use candle_nn::{linear_b, Linear, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::{linear_b, VarBuilder};
+
+use super::linear::Linear;
 
 use crate::config::VideoLlavaConfig;
 use crate::error::Result;
@@ -21,8 +23,8 @@ impl Projector {
         let hidden = cfg.text_config.hidden_size;
         let bias = cfg.multimodal_projector_bias;
         Ok(Self {
-            linear_1: linear_b(input, hidden, bias, vb.pp("linear_1"))?,
-            linear_2: linear_b(hidden, hidden, bias, vb.pp("linear_2"))?,
+            linear_1: linear_b(input, hidden, bias, vb.pp("linear_1"))?.into(),
+            linear_2: linear_b(hidden, hidden, bias, vb.pp("linear_2"))?.into(),
             act: cfg.projector_hidden_act.clone(),
         })
     }

@@ -1,0 +1,787 @@
+//! BF16 matrix product `out = A · Wᵀ` with f32 accumulation, for the CPU.
+//!
+//! Conventions (every function of this file):
+//! - `a`: activations, BF16 bit patterns (`u16`), row-major `[m, k]`;
+//! - `w`: weight, BF16 bit patterns (`u16`), row-major `[n, k]` (PyTorch `nn.Linear` layout);
+//! - `out`: f32, row-major `[m, n]`, overwritten: `out[i, j] = Σ_p a[i, p] · w[j, p]`.
+//!
+//! Why it exists: candle's CPU matmul for BF16 widens both operands to f32 and runs an f32 GEMM
+//! (about 180 GFLOP/s on 2 threads), which dominates the prefill of long prompts through a 7B
+//! Llama. AVX-512 BF16 has `vdpbf16ps` (per 32-bit lane: two BF16 products added to an f32
+//! accumulator, 16 lanes), twice the multiply-adds per instruction of an f32 FMA on 512 bits.
+//!
+//! Paths, picked at run time:
+//! - AVX-512 BF16 (`avx512f` + `avx512bw` + `avx512bf16`; needs Rust 1.89+ for the intrinsics):
+//!   - `m <= 48` (decoding, short chunks): a streaming kernel that reads `W` from memory once
+//!     (dot products along `k`, several rows of `W` at a time, the rows two groups ahead
+//!     prefetched; with more than 4 rows of `A`, blocks of 16 rows of `W` are then reused from
+//!     the L2 cache by the other rows of `A`, 4 at a time);
+//!   - otherwise a blocked GEMM. `A` is packed once per call into tiles of 14 rows, each as
+//!     `[k/2][14]` 32-bit pairs of consecutive-`k` values (odd `k` padded with a zero), the
+//!     layout a 32-bit broadcast feeds to `vdpbf16ps`. Tasks (rayon) take a stripe of about 256
+//!     output columns (and a range of row tiles when there are too few stripes), pack their
+//!     stripe of `W` into a thread-local buffer as `[k/2][32]` pairs per 32-column micro-panel,
+//!     then run a 14×32 micro-kernel (28 zmm accumulators) over blocks of 256 `k` pairs: the
+//!     micro-panel of `A` stays in L1 while the micro-panels of `W` stream from L2.
+//! - Portable (any CPU, any architecture): widen to f32 (`bits << 16`) and accumulate in f32.
+//!
+//! Numerics: the AVX-512 path follows `vdpbf16ps` (BF16 denormal inputs read as zero, f32
+//! denormal results flushed, round-to-nearest-even); the portable path uses plain f32
+//! multiply-add. Both sum in f32, in different orders, so they differ by f32 rounding only.
+//! Parallelism: rayon's global pool. Memory: the packed `A` (about the size of `A`) is kept
+//! between calls, and each rayon thread keeps its packed stripe of `W` (`256 * k * 2` bytes).
+
+use rayon::prelude::*;
+
+/// `out[i, j] = Σ_p a[i, p] · w[j, p]` (f32 accumulation).
+///
+/// `a`: BF16 bits, row-major `[m, k]`; `w`: BF16 bits, row-major `[n, k]`; `out`: f32, row-major
+/// `[m, n]` (overwritten). Any sizes; with `k == 0` the output is zeros. Runs on rayon's global
+/// pool. Panics when a slice length does not match its shape.
+pub fn matmul_bf16(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, out: &mut [f32]) {
+    matmul_bf16_with(a, m, w, n, k, out, true);
+}
+
+/// Whether [`matmul_bf16`] uses the AVX-512 BF16 kernels on this CPU (run-time detection).
+pub fn has_fast_path() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// [`matmul_bf16`], with the fast path allowed or not (`allow_fast == false`: always the
+/// portable path; for tests and benchmarks).
+pub(crate) fn matmul_bf16_with(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, out: &mut [f32], allow_fast: bool) {
+    assert!(m.checked_mul(k) == Some(a.len()), "matmul_bf16: `a` has {} elements, expected m*k = {m}*{k}", a.len());
+    assert!(n.checked_mul(k) == Some(w.len()), "matmul_bf16: `w` has {} elements, expected n*k = {n}*{k}", w.len());
+    assert!(
+        m.checked_mul(n) == Some(out.len()),
+        "matmul_bf16: `out` has {} elements, expected m*n = {m}*{n}",
+        out.len()
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if allow_fast && has_fast_path() {
+        // SAFETY: the CPU has the features the kernels are compiled for (checked just above), and
+        // the slice lengths match the shapes (asserted above).
+        unsafe {
+            if m <= avx512::GEMV_MAX_ROWS {
+                avx512::gemv(a, m, w, n, k, out);
+            } else {
+                avx512::gemm(a, m, w, n, k, out);
+            }
+        }
+        return;
+    }
+    let _ = allow_fast;
+    portable(a, m, w, n, k, out);
+}
+
+/// The output pointer shared by tasks that write disjoint elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every task writes a set of elements no other task touches, and the pointer outlives the
+// parallel loop (the loops end before the functions that made it return).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+impl OutPtr {
+    // A method, so that closures capture the whole (Send) struct, not its raw-pointer field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+#[inline]
+fn widen(bits: u16) -> f32 {
+    f32::from_bits((bits as u32) << 16)
+}
+
+/// Portable path: widens to f32, any CPU. Tasks: stripes of output columns.
+fn portable(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, out: &mut [f32]) {
+    const NB: usize = 32;
+    const MB: usize = 4;
+    let outp = OutPtr(out.as_mut_ptr());
+    (0..n.div_ceil(NB)).into_par_iter().for_each(|jb| {
+        let j0 = jb * NB;
+        let j1 = n.min(j0 + NB);
+        let wf: Vec<f32> = w[j0 * k..j1 * k].iter().map(|&b| widen(b)).collect();
+        let mut af = vec![0f32; MB * k];
+        for i0 in (0..m).step_by(MB) {
+            let rows = MB.min(m - i0);
+            for (x, &b) in af.iter_mut().zip(&a[i0 * k..(i0 + rows) * k]) {
+                *x = widen(b);
+            }
+            for r in 0..rows {
+                let ar = &af[r * k..(r + 1) * k];
+                for j in j0..j1 {
+                    let v = dot_f32(ar, &wf[(j - j0) * k..(j - j0 + 1) * k]);
+                    // SAFETY: (i0 + r, j) is inside [m, n] and in this task's column stripe only.
+                    unsafe { *outp.get().add((i0 + r) * n + j) = v };
+                }
+            }
+        }
+    });
+}
+
+#[inline]
+fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let xc = x.chunks_exact(8);
+    let yc = y.chunks_exact(8);
+    let (xr, yr) = (xc.remainder(), yc.remainder());
+    for (xa, ya) in xc.zip(yc) {
+        for l in 0..8 {
+            acc[l] += xa[l] * ya[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+    for (p, q) in xr.iter().zip(yr) {
+        s += p * q;
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+// Register-blocked kernels index their accumulator arrays by loop counters on purpose.
+#[allow(clippy::needless_range_loop)]
+mod avx512 {
+    use super::OutPtr;
+    use core::arch::x86_64::*;
+    use core::mem::transmute;
+    use rayon::prelude::*;
+    use std::cell::RefCell;
+    use std::sync::Mutex;
+
+    /// Most rows of `A` for the streaming (matrix-vector) kernel: above, the GEMM (which packs
+    /// all of `W` once per call) is faster (measured: ~48 rows is the crossover).
+    pub(super) const GEMV_MAX_ROWS: usize = 48;
+    /// Rows of the GEMM micro-tile (each a 32-bit broadcast).
+    const MR: usize = 14;
+    /// Columns of the GEMM micro-tile (2 zmm of 16 f32).
+    const NR: usize = 32;
+    /// `k` pairs per cache block (the packed micro-panel of `A` is `KCP * MR * 4` bytes, in L1).
+    const KCP: usize = 256;
+    /// Micro-panels (of `NR` columns) per column stripe: a task's packed stripe of `W` is
+    /// `NC_PANELS * NR * k * 2` bytes.
+    const NC_PANELS: usize = 8;
+    /// Row tiles per cache block of packed `A` (`MC_TILES * MR * KCP * 4` bytes, in L2).
+    const MC_TILES: usize = 12;
+    /// Rows of `W` per task in the streaming kernel.
+    const GEMV_NB: usize = 64;
+    /// Rows of `W` per block (kept in L2) in the streaming kernel for more than 4 rows of `A`.
+    const GEMV_JB: usize = 16;
+
+    /// Packed `A`, kept between calls.
+    static A_PACK: Mutex<Vec<u32>> = Mutex::new(Vec::new());
+    /// Largest packed `A` kept between calls (u32 elements: 256 MiB).
+    const A_CACHE_MAX: usize = 64 << 20;
+
+    thread_local! {
+        /// Packed stripe of `W`, reused by the tasks run on this thread.
+        static PACK: RefCell<Vec<u32>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// Blocked GEMM, `m > GEMV_MAX_ROWS` (works for any `m >= 1`).
+    ///
+    /// # Safety
+    /// The CPU has avx512f, avx512bw and avx512bf16; the slices match the shapes; `k >= 1`.
+    pub(super) unsafe fn gemm(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, out: &mut [f32]) {
+        let kp = k.div_ceil(2);
+        let m_tiles = m.div_ceil(MR);
+        // `A` packed once, shared by all tasks: tiles of MR rows, `[kp][MR]` pairs each.
+        let tile_len = kp * MR;
+        let len = m_tiles * tile_len;
+        // The buffer is kept between calls (fresh pages cost more than the packing); a concurrent
+        // call, or a very large one, gets a buffer of its own.
+        let mut cached = if len <= A_CACHE_MAX { A_PACK.try_lock().ok() } else { None };
+        let mut own = Vec::new();
+        let apack: &mut Vec<u32> = match cached.as_deref_mut() {
+            Some(v) => v,
+            None => &mut own,
+        };
+        if apack.len() < len {
+            // Every element in use is overwritten by the packing below.
+            apack.resize(len, 0);
+        }
+        let apack = &mut apack[..len];
+        apack.par_chunks_mut(tile_len).enumerate().for_each(|(t, dst)| {
+            let r0 = t * MR;
+            let rows = MR.min(m - r0);
+            // SAFETY: the CPU has the features (caller's contract).
+            unsafe { pack_rows::<MR>(&a[r0 * k..(r0 + rows) * k], k, dst) };
+        });
+        // Column stripes of about `NC_PANELS` micro-panels, as many per thread; rows split too
+        // when there are too few stripes for every thread (and some balancing): each task packs
+        // its stripe of `W`.
+        let threads = rayon::current_num_threads().max(1);
+        let panels = n.div_ceil(NR);
+        let n_split = (panels.div_ceil(NC_PANELS).div_ceil(threads) * threads).min(panels);
+        let want = 4 * threads;
+        let m_split = if n_split >= want { 1 } else { want.div_ceil(n_split).min(m_tiles) };
+        let tiles_per_task = m_tiles.div_ceil(m_split);
+        let m_split = m_tiles.div_ceil(tiles_per_task);
+        let outp = OutPtr(out.as_mut_ptr());
+        let apack = &apack[..];
+        (0..n_split * m_split).into_par_iter().for_each(|t| {
+            let (js, ms) = (t / m_split, t % m_split);
+            let j0 = js * panels / n_split * NR;
+            let j1 = n.min((js + 1) * panels / n_split * NR);
+            let t0 = ms * tiles_per_task;
+            let t1 = m_tiles.min(t0 + tiles_per_task);
+            PACK.with(|cell| match cell.try_borrow_mut() {
+                // SAFETY: as for `gemm`; the task writes the rows of tiles t0..t1, columns j0..j1 only.
+                Ok(mut buf) => unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut buf) },
+                Err(_) => unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut Vec::new()) },
+            });
+        });
+    }
+
+    /// One task of [`gemm`]: row tiles `t0..t1` (`apack`: packed `A`), columns `j0..j0 + cols`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm_task(
+        apack: &[u32],
+        m: usize,
+        t0: usize,
+        t1: usize,
+        w: &[u16],
+        n: usize,
+        k: usize,
+        j0: usize,
+        cols: usize,
+        out: OutPtr,
+        buf: &mut Vec<u32>,
+    ) {
+        let kp = k.div_ceil(2);
+        let panels = cols.div_ceil(NR);
+        let panel_len = kp * NR;
+        if buf.len() < panels * panel_len {
+            // Every element in use is overwritten by the packing below.
+            buf.resize(panels * panel_len, 0);
+        }
+        for p in 0..panels {
+            let c0 = j0 + p * NR;
+            let valid = NR.min(j0 + cols - c0);
+            pack_rows::<NR>(&w[c0 * k..(c0 + valid) * k], k, &mut buf[p * panel_len..(p + 1) * panel_len]);
+        }
+        let c = out.get();
+        let ap = apack.as_ptr();
+        let bp = buf.as_ptr();
+        let mut tc = t0;
+        while tc < t1 {
+            let tc_end = t1.min(tc + MC_TILES);
+            let mut pc = 0;
+            while pc < kp {
+                let kcp = KCP.min(kp - pc);
+                let accumulate = pc > 0;
+                let tile = |t: usize, p: usize| {
+                    let c0 = j0 + p * NR;
+                    let valid = NR.min(j0 + cols - c0);
+                    let m0 = if valid >= 16 { 0xffff } else { (1u32 << valid) as u16 - 1 };
+                    let m1 = if valid <= 16 {
+                        0
+                    } else if valid >= 32 {
+                        0xffff
+                    } else {
+                        (1u32 << (valid - 16)) as u16 - 1
+                    };
+                    let b = bp.add(p * panel_len + pc * NR);
+                    let rows = MR.min(m - t * MR);
+                    let at = ap.add(t * kp * MR + pc * MR);
+                    let ct = c.add(t * MR * n + c0);
+                    macro_rules! call {
+                        ($($r:literal)*) => {
+                            match rows {
+                                $($r => micro::<$r>(at, b, kcp, ct, n, m0, m1, accumulate),)*
+                                _ => {}
+                            }
+                        };
+                    }
+                    call!(1 2 3 4 5 6 7 8 9 10 11 12 13 14);
+                };
+                // A micro-panel of `A` stays in L1 while the micro-panels of `W` stream from L2.
+                for t in tc..tc_end {
+                    for p in 0..panels {
+                        tile(t, p);
+                    }
+                }
+                pc += kcp;
+            }
+            tc = tc_end;
+        }
+    }
+
+    /// Packs the rows of `src` (`[rows, k]`, `rows <= S`) as
+    /// `dst[q * S + r] = x[r, 2q] | x[r, 2q + 1] << 16` for `q < ceil(k / 2)`, `r < S`; missing
+    /// rows and the odd-`k` last high half are zeros. Every element of `dst[..ceil(k/2) * S]` is
+    /// written. By 16×16 transposes of 32-bit pairs (16 rows × 16 pairs at a time).
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn pack_rows<const S: usize>(src: &[u16], k: usize, dst: &mut [u32]) {
+        let rows = src.len() / k;
+        let kp = k.div_ceil(2);
+        debug_assert!(rows <= S && dst.len() >= kp * S);
+        let d = dst.as_mut_ptr();
+        let mut g0 = 0;
+        while g0 < S {
+            let lanes = 16.min(S - g0);
+            let lane_mask: u16 = if lanes == 16 { 0xffff } else { (1u32 << lanes) as u16 - 1 };
+            let mut q0 = 0;
+            while q0 < kp {
+                let count = 32.min(k - 2 * q0);
+                let load_mask: u32 = if count == 32 { u32::MAX } else { (1u32 << count) - 1 };
+                let mut v = [_mm512_setzero_si512(); 16];
+                for (r, x) in v.iter_mut().enumerate() {
+                    if g0 + r < rows {
+                        *x = _mm512_maskz_loadu_epi16(load_mask, src.as_ptr().add((g0 + r) * k + 2 * q0) as *const i16);
+                    }
+                }
+                let t = transpose16(v);
+                for (qq, x) in t.iter().enumerate().take(16.min(kp - q0)) {
+                    _mm512_mask_storeu_epi32(d.add((q0 + qq) * S + g0) as *mut i32, lane_mask, *x);
+                }
+                q0 += 16;
+            }
+            g0 += 16;
+        }
+    }
+
+    /// Transpose of a 16×16 matrix of 32-bit values (`v[r]` = row `r`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(v: [__m512i; 16]) -> [__m512i; 16] {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+        }
+        // t[2i]: in each 128-bit lane l: (r2i c4l, r2i+1 c4l, r2i c4l+1, r2i+1 c4l+1); t[2i+1]: c4l+2, c4l+3.
+        let mut u = [_mm512_setzero_si512(); 16];
+        for i in 0..4 {
+            for h in 0..2 {
+                let (x, y) = (t[4 * i + h], t[4 * i + 2 + h]);
+                u[4 * i + 2 * h] = _mm512_unpacklo_epi64(x, y);
+                u[4 * i + 2 * h + 1] = _mm512_unpackhi_epi64(x, y);
+            }
+        }
+        // u[4i + j], lane l: rows 4i..4i+4 of column 4l + j.
+        let mut x = [_mm512_setzero_si512(); 16];
+        for i in 0..2 {
+            for j in 0..4 {
+                let (p, q) = (u[8 * i + j], u[8 * i + 4 + j]);
+                x[8 * i + j] = _mm512_shuffle_i32x4::<0x88>(p, q);
+                x[8 * i + 4 + j] = _mm512_shuffle_i32x4::<0xdd>(p, q);
+            }
+        }
+        // x[8i + j]: lanes (rows 8i..8i+4 of col j, same of col 8 + j, rows 8i+4..8i+8 of col j,
+        // same of col 8 + j); x[8i + 4 + j]: the same for columns 4 + j and 12 + j.
+        let mut o = [_mm512_setzero_si512(); 16];
+        for j in 0..8 {
+            let (p, q) = (x[j], x[8 + j]);
+            o[j] = _mm512_shuffle_i32x4::<0x88>(p, q);
+            o[j + 8] = _mm512_shuffle_i32x4::<0xdd>(p, q);
+        }
+        o
+    }
+
+    #[inline(always)]
+    fn bh(v: __m512i) -> __m512bh {
+        // SAFETY: same size, plain bits.
+        unsafe { transmute(v) }
+    }
+
+    /// `R`×32 micro-tile: `c[r, 0..32] (+)= Σ_q a[q, r] · b[q, 0..32]` over `pairs` pairs
+    /// (`a`: packed micro-panel, `MR` u32 per pair; `b`: packed micro-panel, 32 u32 per pair).
+    /// Stores the columns enabled in `m0` (0..16) and `m1` (16..32) of rows `0..R` (stride `ldc`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn micro<const R: usize>(
+        a: *const u32,
+        b: *const u32,
+        pairs: usize,
+        c: *mut f32,
+        ldc: usize,
+        m0: u16,
+        m1: u16,
+        accumulate: bool,
+    ) {
+        // The output tile is needed at the end: start fetching it now. (`wrapping_add`: with a
+        // partial panel the second half may lie past the end of `out`; a prefetch never faults,
+        // nor does a masked-off lane of a masked load or store.)
+        for r in 0..R {
+            _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc) as *const i8);
+            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc + 16) as *const i8);
+        }
+        let mut c0 = [_mm512_setzero_ps(); R];
+        let mut c1 = [_mm512_setzero_ps(); R];
+        let mut aq = a;
+        let mut bq = b;
+        for _ in 0..pairs {
+            let b0 = bh(_mm512_loadu_si512(bq as *const _));
+            let b1 = bh(_mm512_loadu_si512(bq.add(16) as *const _));
+            for r in 0..R {
+                let av = bh(_mm512_set1_epi32(*aq.add(r) as i32));
+                c0[r] = _mm512_dpbf16_ps(c0[r], av, b0);
+                c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);
+            }
+            aq = aq.add(MR);
+            bq = bq.add(NR);
+        }
+        for r in 0..R {
+            let cr = c.add(r * ldc);
+            let cr16 = cr.wrapping_add(16);
+            if accumulate {
+                c0[r] = _mm512_add_ps(c0[r], _mm512_maskz_loadu_ps(m0, cr));
+                c1[r] = _mm512_add_ps(c1[r], _mm512_maskz_loadu_ps(m1, cr16));
+            }
+            _mm512_mask_storeu_ps(cr, m0, c0[r]);
+            _mm512_mask_storeu_ps(cr16, m1, c1[r]);
+        }
+    }
+
+    /// Streaming kernel for `m <= GEMV_MAX_ROWS`: `W` is read from memory once, dot products
+    /// along `k`.
+    ///
+    /// `A` is copied as `[ceil(k / 32)][m][32]` (zero padded), so that the `m` 32-value pieces a
+    /// step needs are adjacent (rows of `A` a power of two apart would share L1 sets). Each task
+    /// takes `GEMV_NB` rows of `W`, streamed whole, a few at a time; for more than 4 rows of `A`,
+    /// in blocks of `GEMV_JB` rows that the rows of `A` after the first 4 read from L2.
+    ///
+    /// # Safety
+    /// The CPU has avx512f, avx512bw and avx512bf16; the slices match the shapes; `k >= 1`.
+    pub(super) unsafe fn gemv(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, out: &mut [f32]) {
+        let steps = k.div_ceil(32);
+        let mut apack = vec![0u16; steps * m * 32];
+        for (i, row) in a.chunks_exact(k).enumerate() {
+            for (s, piece) in row.chunks(32).enumerate() {
+                apack[(s * m + i) * 32..][..piece.len()].copy_from_slice(piece);
+            }
+        }
+        let apack = &apack[..];
+        let outp = OutPtr(out.as_mut_ptr());
+        (0..n.div_ceil(GEMV_NB)).into_par_iter().for_each(|t| {
+            let j0 = t * GEMV_NB;
+            let j1 = n.min(j0 + GEMV_NB);
+            // SAFETY: as for `gemv`; the task writes columns j0..j1 only.
+            unsafe { gemv_task(apack, m, w, n, k, j0, j1, outp) };
+        });
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemv_task(ap: &[u16], m: usize, w: &[u16], n: usize, k: usize, j0: usize, j1: usize, out: OutPtr) {
+        let (ap, w, c) = (ap.as_ptr(), w.as_ptr(), out.get());
+        // Row stride of packed `A` (one 32-value step of all `m` rows).
+        let sa = m * 32;
+        match m {
+            1 => gemv_rows::<1, 8, true>(ap, sa, w, k, j0, j1, c, n),
+            2 => gemv_rows::<2, 8, true>(ap, sa, w, k, j0, j1, c, n),
+            3 => gemv_rows::<3, 4, true>(ap, sa, w, k, j0, j1, c, n),
+            4 => gemv_rows::<4, 4, true>(ap, sa, w, k, j0, j1, c, n),
+            _ => {
+                // Rows 0..4 of `A` stream a block of `W` from memory, the others find it in the
+                // L2 cache, 4 rows at a time (more rows at once would leave fewer rows of `W`
+                // in flight, or not fit the registers).
+                let mut jb = j0;
+                while jb < j1 {
+                    let je = j1.min(jb + GEMV_JB);
+                    gemv_rows::<4, 4, true>(ap, sa, w, k, jb, je, c, n);
+                    let mut i0 = 4;
+                    while i0 < m {
+                        let (api, ci) = (ap.add(i0 * 32), c.add(i0 * n));
+                        match m - i0 {
+                            1 => gemv_rows::<1, 8, false>(api, sa, w, k, jb, je, ci, n),
+                            2 => gemv_rows::<2, 8, false>(api, sa, w, k, jb, je, ci, n),
+                            3 => gemv_rows::<3, 4, false>(api, sa, w, k, jb, je, ci, n),
+                            _ => gemv_rows::<4, 4, false>(api, sa, w, k, jb, je, ci, n),
+                        }
+                        i0 += 4;
+                    }
+                    jb = je;
+                }
+            }
+        }
+    }
+
+    /// Rows `j0..j1` of `W` against `M` rows of packed `A` (from `ap`, `sa` u16 per 32-value
+    /// step), `J` rows of `W` at a time: `c[i * ldc + j] = Σ_p a[i, p] w[j, p]`. With `PF`,
+    /// prefetches (to L2) the rows of `W` two groups ahead.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemv_rows<const M: usize, const J: usize, const PF: bool>(
+        ap: *const u16,
+        sa: usize,
+        w: *const u16,
+        k: usize,
+        j0: usize,
+        j1: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let mut j = j0;
+        while j + J <= j1 {
+            gemv_group::<M, J, PF>(ap, sa, w.add(j * k), k, c.add(j), ldc);
+            j += J;
+        }
+        while j < j1 {
+            gemv_group::<M, 1, false>(ap, sa, w.add(j * k), k, c.add(j), ldc);
+            j += 1;
+        }
+    }
+
+    /// `J` rows of `W` (from `w`, stride `k`) against `M` rows of packed `A`:
+    /// `c[i * ldc + j]` for `i < M`, `j < J`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn gemv_group<const M: usize, const J: usize, const PF: bool>(
+        ap: *const u16,
+        sa: usize,
+        w: *const u16,
+        k: usize,
+        c: *mut f32,
+        ldc: usize,
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); M]; J];
+        let full = k / 32;
+        for s in 0..full {
+            let mut wv = [bh(_mm512_setzero_si512()); J];
+            for j in 0..J {
+                wv[j] = bh(_mm512_loadu_si512(w.add(j * k + s * 32) as *const _));
+            }
+            if PF {
+                for j in 0..J {
+                    // May point past `W` near its end: a prefetch never faults.
+                    _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add((2 * J + j) * k + s * 32) as *const i8);
+                }
+            }
+            let a = ap.add(s * sa);
+            for i in 0..M {
+                let av = bh(_mm512_loadu_si512(a.add(i * 32) as *const _));
+                for j in 0..J {
+                    acc[j][i] = _mm512_dpbf16_ps(acc[j][i], av, wv[j]);
+                }
+            }
+        }
+        if full * 32 < k {
+            // The last, partial step: masked loads of `W` (packed `A` is zero padded).
+            let s = full;
+            let mask = ((1u64 << (k - s * 32)) - 1) as u32;
+            let mut wv = [bh(_mm512_setzero_si512()); J];
+            for j in 0..J {
+                wv[j] = bh(_mm512_maskz_loadu_epi16(mask, w.add(j * k + s * 32) as *const i16));
+            }
+            let a = ap.add(s * sa);
+            for i in 0..M {
+                let av = bh(_mm512_loadu_si512(a.add(i * 32) as *const _));
+                for j in 0..J {
+                    acc[j][i] = _mm512_dpbf16_ps(acc[j][i], av, wv[j]);
+                }
+            }
+        }
+        for j in 0..J {
+            for i in 0..M {
+                *c.add(i * ldc + j) = _mm512_reduce_add_ps(acc[j][i]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Deterministic BF16 values in about ±4 (a few exact zeros, no denormals).
+    fn values(len: usize, seed: u64) -> Vec<u16> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                if s % 17 == 0 {
+                    return 0;
+                }
+                let f = ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0;
+                (f.to_bits() >> 16) as u16
+            })
+            .collect()
+    }
+
+    fn widen64(b: u16) -> f64 {
+        widen(b) as f64
+    }
+
+    /// Largest violation of `|out - ref| <= 1e-5 * Σ|a w| + 1e-6` (f64 reference), as
+    /// `Err((i, j, got, want))`.
+    fn check(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, out: &[f32]) -> Result<(), (usize, usize, f32, f64)> {
+        for i in 0..m {
+            for j in 0..n {
+                let (mut s, mut abs) = (0f64, 0f64);
+                for p in 0..k {
+                    let v = widen64(a[i * k + p]) * widen64(w[j * k + p]);
+                    s += v;
+                    abs += v.abs();
+                }
+                let got = out[i * n + j];
+                // Written so that a NaN fails.
+                if (got as f64 - s).abs() <= 1e-5 * abs + 1e-6 {
+                    continue;
+                }
+                return Err((i, j, got, s));
+            }
+        }
+        Ok(())
+    }
+
+    fn run(m: usize, n: usize, k: usize, allow_fast: bool) {
+        let a = values(m * k, (m * 1000 + k) as u64);
+        let w = values(n * k, (n * 7919 + k) as u64 + 1);
+        // NaN everywhere: every element must be overwritten.
+        let mut out = vec![f32::NAN; m * n];
+        matmul_bf16_with(&a, m, &w, n, k, &mut out, allow_fast);
+        if let Err((i, j, got, want)) = check(&a, m, &w, n, k, &out) {
+            panic!("m={m} n={n} k={k} fast={allow_fast}: out[{i}, {j}] = {got}, want {want}");
+        }
+    }
+
+    const MS: [usize; 8] = [1, 2, 3, 7, 8, 9, 17, 130];
+    const NS: [usize; 5] = [1, 15, 16, 17, 100];
+    const KS: [usize; 6] = [1, 2, 31, 32, 33, 300];
+
+    #[test]
+    fn fast_path_matches_reference() {
+        if !has_fast_path() {
+            eprintln!("no AVX-512 BF16 on this CPU: the public entry point runs the portable path");
+        }
+        for m in MS {
+            for n in NS {
+                for k in KS {
+                    run(m, n, k, true);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn portable_path_matches_reference() {
+        for m in MS {
+            for n in NS {
+                for k in KS {
+                    run(m, n, k, false);
+                }
+            }
+        }
+    }
+
+    /// Shapes that cross the cache blocks (several k blocks, odd k, stripes, partial tiles and
+    /// partial 32-column panels) and the matrix-vector kernel's 32-value steps.
+    #[test]
+    fn blocked_shapes_match_reference() {
+        for &(m, n, k) in &[
+            (200, 300, 1101),
+            (190, 520, 514),
+            (61, 600, 257),
+            (29, 130, 1001),
+            (8, 130, 1001),
+            (5, 67, 4097),
+            (15, 33, 64),
+        ] {
+            run(m, n, k, true);
+            run(m, n, k, false);
+        }
+    }
+
+    /// The GEMM and the streaming kernel called directly, whatever `m` would pick: every tile
+    /// height of the GEMM, every row remainder of the streaming kernel.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn each_fast_kernel_on_all_row_counts() {
+        if !has_fast_path() {
+            eprintln!("no AVX-512 BF16 on this CPU: skipped");
+            return;
+        }
+        type Kernel = unsafe fn(&[u16], usize, &[u16], usize, usize, &mut [f32]);
+        let kernels: [(&str, Kernel, usize); 2] =
+            [("gemm", avx512::gemm, 30), ("gemv", avx512::gemv, avx512::GEMV_MAX_ROWS)];
+        for (name, kernel, max_m) in kernels {
+            for m in 1..=max_m {
+                for (n, k) in [(1, 33), (17, 31), (33, 300), (100, 2), (40, 1)] {
+                    let a = values(m * k, (m * 31 + k) as u64);
+                    let w = values(n * k, (n * 17 + k) as u64);
+                    let mut out = vec![f32::NAN; m * n];
+                    // SAFETY: the CPU has the features; the lengths match; k >= 1.
+                    unsafe { kernel(&a, m, &w, n, k, &mut out) };
+                    if let Err((i, j, got, want)) = check(&a, m, &w, n, k, &out) {
+                        panic!("{name} m={m} n={n} k={k}: out[{i}, {j}] = {got}, want {want}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn public_entry_point_and_zero_k() {
+        let (m, n, k) = (9, 17, 33);
+        let a = values(m * k, 1);
+        let w = values(n * k, 2);
+        let mut out = vec![f32::NAN; m * n];
+        matmul_bf16(&a, m, &w, n, k, &mut out);
+        assert!(check(&a, m, &w, n, k, &out).is_ok());
+        let mut out = vec![f32::NAN; 6];
+        matmul_bf16(&[], 2, &[], 3, 0, &mut out);
+        assert!(out.iter().all(|&x| x == 0.0));
+    }
+
+    /// Exactly representable case: small integers, the result is exact on every path.
+    #[test]
+    fn exact_small_integers() {
+        let (m, n, k) = (13, 35, 77);
+        let bf = |x: f32| (x.to_bits() >> 16) as u16;
+        let a: Vec<u16> = (0..m * k).map(|t| bf(((t * 7) % 5) as f32 - 2.0)).collect();
+        let w: Vec<u16> = (0..n * k).map(|t| bf(((t * 3) % 7) as f32 - 3.0)).collect();
+        for fast in [true, false] {
+            let mut out = vec![f32::NAN; m * n];
+            matmul_bf16_with(&a, m, &w, n, k, &mut out, fast);
+            for i in 0..m {
+                for j in 0..n {
+                    let want: f32 = (0..k).map(|p| widen(a[i * k + p]) * widen(w[j * k + p])).sum();
+                    assert_eq!(out[i * n + j], want, "fast={fast} ({i}, {j})");
+                }
+            }
+        }
+    }
+
+    /// The checker itself rejects a wrong result.
+    #[test]
+    fn checker_detects_errors() {
+        let (m, n, k) = (3, 4, 5);
+        let a = values(m * k, 3);
+        let w = values(n * k, 4);
+        let mut out = vec![0f32; m * n];
+        matmul_bf16(&a, m, &w, n, k, &mut out);
+        assert!(check(&a, m, &w, n, k, &out).is_ok());
+        out[5] += 1e-3 * (1.0 + out[5].abs());
+        assert!(check(&a, m, &w, n, k, &out).is_err());
+    }
+
+    #[test]
+    #[should_panic(expected = "expected n*k")]
+    fn wrong_weight_length_panics() {
+        let mut out = vec![0f32; 4];
+        matmul_bf16(&[0; 6], 2, &[0; 5], 2, 3, &mut out);
+    }
+}
