@@ -37,7 +37,22 @@ enum Command {
     Preprocess(preprocess::PreprocessArgs),
 }
 
+/// Keeps freed memory in the process for reuse: every layer allocates and frees activation
+/// tensors of the same sizes, and by default glibc returns large blocks to the kernel, which must
+/// then fault in and zero fresh pages on the next allocation (measured on the 7B shapes: vision
+/// 2.4 -> 1.3 s, prefill of 271 tokens 13.5 -> 11.1 s, load 27 -> 19 s, same peak RSS).
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before any other thread starts.
+    unsafe {
+        // 32 MiB is glibc's largest allowed mmap threshold; trimming only beyond 1 GiB free.
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
+    }
+}
+
 fn main() -> ExitCode {
+    keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),

@@ -84,9 +84,17 @@ impl Attention {
         let q = heads((self.q_proj.forward(x)? * scale)?)?;
         let k = heads(self.k_proj.forward(x)?)?;
         let v = heads(self.v_proj.forward(x)?)?;
-        let scores = q.matmul(&k.t()?)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((n, l, d))?;
+        let out = if q.device().is_cpu() {
+            // The fused kernel (f32 scores per chunk of queries, no [L, L] matrices); q is
+            // already scaled, as transformers scales it before the product.
+            let all = vec![1u32; n * l];
+            let rules = super::attention::MaskRules { key_valid: &all, past: 0, causal: false, sliding_window: None };
+            super::attention::attention(&q, &k, &v, 1.0, &rules)?
+        } else {
+            let scores = q.matmul(&k.t()?)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
+            probs.matmul(&v)?.transpose(1, 2)?.reshape((n, l, d))?
+        };
         Ok(self.out_proj.forward(&out)?)
     }
 }

@@ -1,0 +1,905 @@
+//! Quantized matrix-vector products that read GGML blocks in place (decode-time linear layers).
+//!
+//! Conventions (all shapes row-major):
+//! - `x`: f32 activations `[rows, k]`, `1 <= rows <= 8`.
+//! - `w`: the weight as raw GGML blocks, `n` rows of `k` values; row `j` is the byte range
+//!   `[j * row_bytes, (j + 1) * row_bytes)` with `row_bytes = k / block_values * block_bytes`
+//!   (exactly the bytes of a candle `QTensor` of shape `[n, k]`, `QTensor::data()`).
+//! - `out`: f32 `[rows, n]`, `out[r, j] = sum_p x[r, p] * W[j, p]` (the `x @ W^T` of a linear
+//!   layer).
+//!
+//! Why this exists: token-by-token decoding of a 7B Llama with 4-bit weights is bound by
+//! streaming every weight byte once per token. candle 0.11's quantized matmul on x86 repacks
+//! Q4K/Q8_0 into expanded tiles, which makes an `m = 1` product read more bytes than the compact
+//! blocks hold and reach only about 14 GB/s of compact weight. These kernels read the compact
+//! blocks directly (AVX-512 VNNI where the CPU has it, a portable scalar loop elsewhere), split
+//! the output rows over rayon tasks and reuse each weight block for all `rows` activation rows,
+//! so the weight streams through once per call at close to memory bandwidth.
+//!
+//! Numerics follow candle's CPU quantized matmul: each activation row is quantized once per call
+//! (to Q8K, 256-value blocks with an f32 scale and 16-value sums, for Q4K/Q6K weights; to Q8_0,
+//! 32-value blocks with an f16 scale, for Q8_0 weights), the per-block dot products are exact
+//! integers, and only the order of the final f32 sums differs from candle.
+
+use half::f16;
+use rayon::prelude::*;
+
+const QK_K: usize = 256;
+const QK8_0: usize = 32;
+
+/// Weight bytes per rayon task; tasks of a few tens of KiB keep scheduling overhead small while
+/// leaving enough tasks to balance the threads.
+const TASK_BYTES: usize = 96 * 1024;
+
+/// The GGML block formats handled. Block layouts exactly as ggml / candle-core 0.11 `k_quants.rs`:
+/// Q8_0: 32 values = { d: f16, qs: [i8; 32] } (34 bytes); Q4K: 256 values = { d: f16, dmin: f16,
+/// scales: [u8; 12], qs: [u8; 128] } (144 bytes); Q6K: 256 values = { ql: [u8;128], qh: [u8;64],
+/// scales: [i8;16], d: f16 } (210 bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QFormat {
+    Q8_0,
+    Q4K,
+    Q6K,
+}
+
+impl QFormat {
+    /// Values per block.
+    pub const fn block_values(self) -> usize {
+        match self {
+            QFormat::Q8_0 => QK8_0,
+            QFormat::Q4K | QFormat::Q6K => QK_K,
+        }
+    }
+
+    /// Bytes per block.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            QFormat::Q8_0 => 34,
+            QFormat::Q4K => 144,
+            QFormat::Q6K => 210,
+        }
+    }
+
+    /// Bytes of one weight row of `k` values (`k` a multiple of `block_values`).
+    pub const fn row_bytes(self, k: usize) -> usize {
+        k / self.block_values() * self.block_bytes()
+    }
+}
+
+/// out[r, j] = sum_p x[r, p] * W[j, p] for r < rows (rows 1..=8), W = n rows of k values stored as
+/// consecutive blocks (row j = bytes [j*row_bytes, (j+1)*row_bytes)), x row-major [rows, k] f32,
+/// out row-major [rows, n] f32. k must be a multiple of the block size (32 or 256).
+///
+/// Panics when `rows` is outside 1..=8, `k` is not a multiple of the block size, or a slice
+/// length does not match the shapes.
+pub fn qgemv(format: QFormat, x: &[f32], rows: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
+    qgemv_with(Kernel::detect(), format, x, rows, w, n, k, out)
+}
+
+/// Which inner loops run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernel {
+    /// Portable Rust, any CPU.
+    Scalar,
+    /// AVX-512 F/BW/VL/VNNI (Ice Lake and later, Zen 4 and later).
+    #[cfg(target_arch = "x86_64")]
+    Avx512,
+}
+
+impl Kernel {
+    fn detect() -> Self {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512vnni")
+                && is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+            {
+                return Kernel::Avx512;
+            }
+        }
+        Kernel::Scalar
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn qgemv_with(
+    kernel: Kernel,
+    format: QFormat,
+    x: &[f32],
+    rows: usize,
+    w: &[u8],
+    n: usize,
+    k: usize,
+    out: &mut [f32],
+) {
+    assert!((1..=8).contains(&rows), "qgemv: rows must be in 1..=8, got {rows}");
+    let bv = format.block_values();
+    assert!(k.is_multiple_of(bv), "qgemv: k = {k} is not a multiple of the {format:?} block size {bv}");
+    assert_eq!(x.len(), rows * k, "qgemv: x has {} values, expected rows * k = {rows} * {k}", x.len());
+    let row_bytes = format.row_bytes(k);
+    assert_eq!(
+        w.len(),
+        n * row_bytes,
+        "qgemv: weight has {} bytes, expected n * row_bytes = {n} * {row_bytes} ({format:?}, k = {k})",
+        w.len()
+    );
+    assert_eq!(out.len(), rows * n, "qgemv: out has {} values, expected rows * n = {rows} * {n}", out.len());
+    if n == 0 {
+        return;
+    }
+    if k == 0 {
+        out.fill(0.0);
+        return;
+    }
+    let nb = k / bv;
+    match format {
+        QFormat::Q4K | QFormat::Q6K => {
+            #[cfg(target_arch = "x86_64")]
+            let permute = kernel == Kernel::Avx512 && format == QFormat::Q4K;
+            #[cfg(not(target_arch = "x86_64"))]
+            let permute = false;
+            let act = ActQ8K::quantize(x, rows, nb, permute);
+            for_row_chunks(n, rows, row_bytes, w, out, |wc, nw, oc| match (kernel, format) {
+                (Kernel::Scalar, QFormat::Q4K) => scalar_rows(wc, nw, rows, row_bytes, oc, |wr, r| {
+                    dot_q4k_scalar(wr, &act, r)
+                }),
+                (Kernel::Scalar, _) => scalar_rows(wc, nw, rows, row_bytes, oc, |wr, r| {
+                    dot_q6k_scalar(wr, &act, r)
+                }),
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx512, QFormat::Q4K) => {
+                    // SAFETY: Kernel::Avx512 is only chosen after runtime detection of every
+                    // feature the kernel enables; slice lengths are checked inside.
+                    unsafe { avx512::q4k(wc, nw, rows, &act, oc) }
+                }
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx512, _) => unsafe { avx512::q6k(wc, nw, rows, &act, oc) },
+            });
+        }
+        QFormat::Q8_0 => {
+            let act = ActQ80::quantize(x, rows, nb);
+            for_row_chunks(n, rows, row_bytes, w, out, |wc, nw, oc| match kernel {
+                Kernel::Scalar => scalar_rows(wc, nw, rows, row_bytes, oc, |wr, r| {
+                    dot_q8_0_scalar(wr, &act, r)
+                }),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx512 => unsafe { avx512::q8_0(wc, nw, rows, &act, oc) },
+            });
+        }
+    }
+}
+
+/// Splits the `n` weight rows into rayon tasks. `f(w_chunk, nw, out_chunk)` computes the
+/// `[nw, rows]` (weight-row major) block of results for the `nw` weight rows of `w_chunk`.
+fn for_row_chunks<F>(n: usize, rows: usize, row_bytes: usize, w: &[u8], out: &mut [f32], f: F)
+where
+    F: Fn(&[u8], usize, &mut [f32]) + Sync,
+{
+    let task = (TASK_BYTES / row_bytes.max(1)).clamp(4, 1024);
+    let run = |out_t: &mut [f32]| {
+        out_t.par_chunks_mut(task * rows).enumerate().for_each(|(i, oc)| {
+            let nw = oc.len() / rows;
+            let j0 = i * task;
+            f(&w[j0 * row_bytes..(j0 + nw) * row_bytes], nw, oc)
+        })
+    };
+    if rows == 1 {
+        run(out);
+    } else {
+        // Tasks write [n, rows] tiles; transpose once into [rows, n].
+        let mut out_t = vec![0f32; n * rows];
+        run(&mut out_t);
+        for (j, vals) in out_t.chunks_exact(rows).enumerate() {
+            for (r, &v) in vals.iter().enumerate() {
+                out[r * n + j] = v;
+            }
+        }
+    }
+}
+
+fn scalar_rows(
+    w: &[u8],
+    nw: usize,
+    rows: usize,
+    row_bytes: usize,
+    out_t: &mut [f32],
+    dot: impl Fn(&[u8], usize) -> f32,
+) {
+    for j in 0..nw {
+        let wr = &w[j * row_bytes..(j + 1) * row_bytes];
+        for r in 0..rows {
+            out_t[j * rows + r] = dot(wr, r);
+        }
+    }
+}
+
+#[inline(always)]
+fn f16_at(b: &[u8], i: usize) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
+}
+
+/// `v.round()` (half away from zero) without the libm call that baseline x86_64 makes for it.
+/// Floats of magnitude >= 2^23 are already integers, NaN stays NaN.
+#[inline(always)]
+fn round_half_away(v: f32) -> f32 {
+    if v.abs() < 8_388_608.0 {
+        let t = v as i32;
+        let frac = v - t as f32; // exact: t is v truncated
+        (t + (frac >= 0.5) as i32 - (frac <= -0.5) as i32) as f32
+    } else {
+        v
+    }
+}
+
+/// Activation rows quantized to Q8K exactly as candle's `BlockQ8K::from_float`.
+struct ActQ8K {
+    /// Blocks per row.
+    nb: usize,
+    /// Scale per block, `[rows, nb]`.
+    d: Vec<f32>,
+    /// Quantized values, `[rows, nb, 256]`; natural order, or for the AVX-512 Q4K kernel each
+    /// block reordered as value ranges 0..32, 64..96, 32..64, 96..128, 128..160, 192..224,
+    /// 160..192, 224..256 to match the nibble order of the Q4K `qs` bytes.
+    qs: Vec<i8>,
+    /// Sums of each 16 consecutive (natural order) values, `[rows, nb, 16]`.
+    bsums: Vec<i16>,
+}
+
+impl ActQ8K {
+    fn quantize(x: &[f32], rows: usize, nb: usize, permute_q4k: bool) -> Self {
+        let mut d = vec![0f32; rows * nb];
+        let mut qs = vec![0i8; rows * nb * QK_K];
+        let mut bsums = vec![0i16; rows * nb * 16];
+        let mut q = [0i8; QK_K];
+        for (bi, xs) in x.chunks_exact(QK_K).enumerate() {
+            // candle keeps the first value of largest magnitude (NaNs never compare larger).
+            let amax = xs.iter().fold(0f32, |m, &v| if m < v.abs() { v.abs() } else { m });
+            let max = xs.iter().copied().find(|v| v.abs() == amax).unwrap_or(0.0);
+            let bs = &mut bsums[bi * 16..(bi + 1) * 16];
+            if amax == 0.0 {
+                q.fill(0);
+                bs.fill(0);
+                d[bi] = 0.0;
+            } else {
+                let iscale = -127f32 / max;
+                for (qv, &v) in q.iter_mut().zip(xs) {
+                    *qv = round_half_away(iscale * v).clamp(-128.0, 127.0) as i8;
+                }
+                for (s, g) in bs.iter_mut().zip(q.chunks_exact(16)) {
+                    *s = g.iter().map(|&v| v as i32).sum::<i32>() as i16;
+                }
+                d[bi] = 1.0 / iscale;
+            }
+            let dst = &mut qs[bi * QK_K..(bi + 1) * QK_K];
+            if permute_q4k {
+                const SRC: [usize; 8] = [0, 64, 32, 96, 128, 192, 160, 224];
+                for (c, &s) in SRC.iter().enumerate() {
+                    dst[c * 32..(c + 1) * 32].copy_from_slice(&q[s..s + 32]);
+                }
+            } else {
+                dst.copy_from_slice(&q);
+            }
+        }
+        Self { nb, d, qs, bsums }
+    }
+}
+
+/// Activation rows quantized to Q8_0 exactly as candle's `BlockQ8_0::from_float` (x86).
+struct ActQ80 {
+    /// Blocks per row, and the row stride in blocks (`nb` rounded up to even, zero padded).
+    nb: usize,
+    nb_pad: usize,
+    /// f16-rounded scale per block, repeated 8 times, `[rows, nb_pad, 8]`.
+    dvec: Vec<f32>,
+    /// Quantized values, `[rows, nb_pad, 32]`.
+    qs: Vec<i8>,
+}
+
+impl ActQ80 {
+    fn quantize(x: &[f32], rows: usize, nb: usize) -> Self {
+        let nb_pad = nb + (nb & 1);
+        let mut dvec = vec![0f32; rows * nb_pad * 8];
+        let mut qs = vec![0i8; rows * nb_pad * QK8_0];
+        for r in 0..rows {
+            for b in 0..nb {
+                let xs = &x[(r * nb + b) * QK8_0..(r * nb + b + 1) * QK8_0];
+                let amax = xs.iter().fold(0f32, |m, &v| m.max(v.abs()));
+                let d = amax / 127.0;
+                let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+                let o = r * nb_pad + b;
+                dvec[o * 8..(o + 1) * 8].fill(f16::from_f32(d).to_f32());
+                for (q, &v) in qs[o * QK8_0..(o + 1) * QK8_0].iter_mut().zip(xs) {
+                    *q = round_half_away(v * id) as i8;
+                }
+            }
+        }
+        Self { nb, nb_pad, dvec, qs }
+    }
+}
+
+/// Q4K scale/min decoding (candle `vec_dot_q4k_q8k`): returns the 8 six-bit scales and the 8
+/// six-bit mins, each packed little-endian in a u64.
+#[inline(always)]
+fn q4k_scales_mins(s: &[u8]) -> (u64, u64) {
+    const KMASK1: u32 = 0x3f3f3f3f;
+    const KMASK2: u32 = 0x0f0f0f0f;
+    const KMASK3: u32 = 0x03030303;
+    let u0 = u32::from_le_bytes([s[0], s[1], s[2], s[3]]);
+    let u1 = u32::from_le_bytes([s[4], s[5], s[6], s[7]]);
+    let u2 = u32::from_le_bytes([s[8], s[9], s[10], s[11]]);
+    let m1 = ((u2 >> 4) & KMASK2) | (((u1 >> 6) & KMASK3) << 4);
+    let m0 = u1 & KMASK1;
+    let s1 = (u2 & KMASK2) | (((u0 >> 6) & KMASK3) << 4);
+    let s0 = u0 & KMASK1;
+    (s0 as u64 | (s1 as u64) << 32, m0 as u64 | (m1 as u64) << 32)
+}
+
+fn dot_q4k_scalar(wr: &[u8], act: &ActQ8K, r: usize) -> f32 {
+    let nb = act.nb;
+    let mut sumf = 0f32;
+    for (b, blk) in wr.chunks_exact(144).enumerate() {
+        let ab = r * nb + b;
+        let q8 = &act.qs[ab * QK_K..(ab + 1) * QK_K];
+        let bsums = &act.bsums[ab * 16..(ab + 1) * 16];
+        let (sc, mn) = q4k_scales_mins(&blk[4..16]);
+        let sc = sc.to_le_bytes();
+        let mn = mn.to_le_bytes();
+        let qs = &blk[16..144];
+        let mut summ = 0i32;
+        for j in 0..16 {
+            summ += bsums[j] as i32 * mn[j / 2] as i32;
+        }
+        let mut sumi = 0i32;
+        for s in 0..8 {
+            let (c, shift) = (s / 2, 4 * (s % 2));
+            let mut dot = 0i32;
+            for l in 0..32 {
+                dot += ((qs[32 * c + l] >> shift) & 0xF) as i32 * q8[32 * s + l] as i32;
+            }
+            sumi += sc[s] as i32 * dot;
+        }
+        let yd = act.d[ab];
+        let d = yd * f16_at(blk, 0);
+        let dmin = yd * f16_at(blk, 2);
+        sumf += d * sumi as f32 - dmin * summ as f32;
+    }
+    sumf
+}
+
+fn dot_q6k_scalar(wr: &[u8], act: &ActQ8K, r: usize) -> f32 {
+    let nb = act.nb;
+    let mut sumf = 0f32;
+    let mut q = [0i8; QK_K];
+    for (b, blk) in wr.chunks_exact(210).enumerate() {
+        let ab = r * nb + b;
+        let q8 = &act.qs[ab * QK_K..(ab + 1) * QK_K];
+        let (ql, qh) = (&blk[0..128], &blk[128..192]);
+        for h in 0..2 {
+            let (ql, qh, q) = (&ql[64 * h..], &qh[32 * h..], &mut q[128 * h..]);
+            for l in 0..32 {
+                q[l] = ((ql[l] & 0xF) | ((qh[l] & 3) << 4)) as i8 - 32;
+                q[l + 32] = ((ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4)) as i8 - 32;
+                q[l + 64] = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i8 - 32;
+                q[l + 96] = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i8 - 32;
+            }
+        }
+        let mut sumi = 0i32;
+        for g in 0..16 {
+            let sc = blk[192 + g] as i8 as i32;
+            let mut dot = 0i32;
+            for l in 16 * g..16 * (g + 1) {
+                dot += q[l] as i32 * q8[l] as i32;
+            }
+            sumi += sc * dot;
+        }
+        sumf += f16_at(blk, 208) * act.d[ab] * sumi as f32;
+    }
+    sumf
+}
+
+fn dot_q8_0_scalar(wr: &[u8], act: &ActQ80, r: usize) -> f32 {
+    let mut sumf = 0f32;
+    for (b, blk) in wr.chunks_exact(34).enumerate() {
+        let o = r * act.nb_pad + b;
+        let q8 = &act.qs[o * QK8_0..(o + 1) * QK8_0];
+        let mut sumi = 0i32;
+        for l in 0..QK8_0 {
+            sumi += blk[2 + l] as i8 as i32 * q8[l] as i32;
+        }
+        sumf += sumi as f32 * f16_at(blk, 0) * act.dvec[o * 8];
+    }
+    sumf
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    //! AVX-512 VNNI inner loops. Each processes `nw` consecutive weight rows against all
+    //! activation rows (`R` of them, a compile-time constant so the accumulators stay in
+    //! registers) and writes `out_t[j * R + r]`.
+
+    use super::{q4k_scales_mins, ActQ80, ActQ8K, QK8_0, QK_K};
+    use std::arch::x86_64::*;
+
+    macro_rules! by_rows {
+        ($rows:expr, $f:ident($($a:expr),*)) => {
+            match $rows {
+                1 => $f::<1>($($a),*),
+                2 => $f::<2>($($a),*),
+                3 => $f::<3>($($a),*),
+                4 => $f::<4>($($a),*),
+                5 => $f::<5>($($a),*),
+                6 => $f::<6>($($a),*),
+                7 => $f::<7>($($a),*),
+                8 => $f::<8>($($a),*),
+                _ => unreachable!("rows checked by qgemv"),
+            }
+        };
+    }
+
+    /// # Safety
+    /// The CPU must support avx512f/bw/vl/vnni, avx2, fma and f16c.
+    pub(super) unsafe fn q4k(w: &[u8], nw: usize, rows: usize, act: &ActQ8K, out_t: &mut [f32]) {
+        assert_eq!(w.len(), nw * act.nb * 144, "q4k: weight chunk size");
+        assert_eq!(out_t.len(), nw * rows, "q4k: output chunk size");
+        assert_eq!(act.qs.len(), rows * act.nb * QK_K, "q4k: activation size");
+        by_rows!(rows, q4k_r(w, nw, act, out_t))
+    }
+
+    /// # Safety
+    /// As [`q4k`].
+    pub(super) unsafe fn q6k(w: &[u8], nw: usize, rows: usize, act: &ActQ8K, out_t: &mut [f32]) {
+        assert_eq!(w.len(), nw * act.nb * 210, "q6k: weight chunk size");
+        assert_eq!(out_t.len(), nw * rows, "q6k: output chunk size");
+        assert_eq!(act.qs.len(), rows * act.nb * QK_K, "q6k: activation size");
+        by_rows!(rows, q6k_r(w, nw, act, out_t))
+    }
+
+    /// # Safety
+    /// As [`q4k`].
+    pub(super) unsafe fn q8_0(w: &[u8], nw: usize, rows: usize, act: &ActQ80, out_t: &mut [f32]) {
+        assert_eq!(w.len(), nw * act.nb * 34, "q8_0: weight chunk size");
+        assert_eq!(out_t.len(), nw * rows, "q8_0: output chunk size");
+        assert_eq!(act.qs.len(), rows * act.nb_pad * QK8_0, "q8_0: activation size");
+        assert_eq!(act.dvec.len(), rows * act.nb_pad * 8, "q8_0: activation scale size");
+        by_rows!(rows, q8_0_r(w, nw, act, out_t))
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn load(p: *const u8) -> __m512i {
+        _mm512_loadu_si512(p as *const _)
+    }
+
+    /// The f16 at `p` (unaligned, little-endian) as f32, via F16C.
+    #[target_feature(enable = "f16c")]
+    #[inline]
+    unsafe fn f16_at(p: *const u8) -> f32 {
+        let bits = u16::from_le_bytes([*p, *p.add(1)]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    /// Q4K: the two 64-byte halves of `qs` give four 64-lane u8 operands (low/high nibbles),
+    /// each covering two 32-value sub-blocks, matched by the reordered activation. `maddubs`
+    /// (u8 x i8 -> i16 pairs, at most 2*15*128, no saturation) then `dpwssd` with the sub-block
+    /// scale as i16 accumulates exact i32 sums; the min term is `madd(mins, bsums)`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn q4k_r<const R: usize>(w: &[u8], nw: usize, act: &ActQ8K, out_t: &mut [f32]) {
+        let nb = act.nb;
+        let row_bytes = nb * 144;
+        let m4 = _mm512_set1_epi8(0x0F);
+        // vpshufb controls: i16 lanes 0..15 take scale byte `a`, lanes 16..31 scale byte `b`,
+        // for the operand pairs (a, b) = (0,2), (1,3), (4,6), (5,7).
+        let mut ctl = [_mm512_setzero_si512(); 4];
+        for (c, (a, b)) in ctl.iter_mut().zip([(0u8, 2u8), (1, 3), (4, 6), (5, 7)]) {
+            let mut bytes = [0x80u8; 64];
+            for (i, v) in bytes.iter_mut().enumerate().step_by(2) {
+                *v = if i < 32 { a } else { b };
+            }
+            *c = load(bytes.as_ptr());
+        }
+        let wp = w.as_ptr();
+        let aq = act.qs.as_ptr() as *const u8;
+        let ab = act.bsums.as_ptr() as *const u8;
+        let ad = act.d.as_ptr();
+        for j in 0..nw {
+            let mut acc = [_mm512_setzero_ps(); R];
+            for b in 0..nb {
+                let blk = wp.add(j * row_bytes + b * 144);
+                if b + 2 < nb {
+                    _mm_prefetch::<_MM_HINT_T0>(blk.add(2 * 144) as *const i8);
+                }
+                let vdw = _mm512_set1_ps(f16_at(blk));
+                let vdmin = _mm512_set1_ps(-f16_at(blk.add(2)));
+                let (sc, mn) = q4k_scales_mins(std::slice::from_raw_parts(blk.add(4), 12));
+                let q0 = load(blk.add(16));
+                let q1 = load(blk.add(80));
+                let v = [
+                    _mm512_and_si512(q0, m4),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(q0), m4),
+                    _mm512_and_si512(q1, m4),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(q1), m4),
+                ];
+                let sb = _mm512_set1_epi64(sc as i64);
+                let s = [
+                    _mm512_shuffle_epi8(sb, ctl[0]),
+                    _mm512_shuffle_epi8(sb, ctl[1]),
+                    _mm512_shuffle_epi8(sb, ctl[2]),
+                    _mm512_shuffle_epi8(sb, ctl[3]),
+                ];
+                let m8 = _mm_set1_epi64x(mn as i64);
+                let mins = _mm512_zextsi256_si512(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8)));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let o = r * nb + b;
+                    let a = aq.add(o * QK_K);
+                    let mut si = _mm512_setzero_si512();
+                    for z in 0..4 {
+                        let p = _mm512_maddubs_epi16(v[z], load(a.add(64 * z)));
+                        si = _mm512_dpwssd_epi32(si, p, s[z]);
+                    }
+                    let bs = _mm512_zextsi256_si512(_mm256_loadu_si256(ab.add(o * 32) as *const _));
+                    let sm = _mm512_madd_epi16(mins, bs);
+                    let yd = _mm512_set1_ps(*ad.add(o));
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(yd, vdw), *acc);
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sm), _mm512_mul_ps(yd, vdmin), *acc);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                out_t[j * R + r] = _mm512_reduce_add_ps(*acc);
+            }
+        }
+    }
+
+    /// Q6K: values are rebuilt as unsigned `q + 32` (0..63) in natural order, four 64-lane
+    /// operands per block; `maddubs` + `dpwssd` with the signed 16-value scales give exact i32
+    /// sums, and the `-32` offset is removed with `dpwssd(-32 * scales, bsums)`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn q6k_r<const R: usize>(w: &[u8], nw: usize, act: &ActQ8K, out_t: &mut [f32]) {
+        let nb = act.nb;
+        let row_bytes = nb * 210;
+        let m4 = _mm512_set1_epi8(0x0F);
+        let m30 = _mm512_set1_epi8(0x30);
+        let neg32 = _mm256_set1_epi16(-32);
+        // vpermw indices: i16 lane L of operand z takes scale 4z + L/8.
+        let mut idx = [_mm512_setzero_si512(); 4];
+        for (z, c) in idx.iter_mut().enumerate() {
+            let mut lanes = [0u16; 32];
+            for (l, v) in lanes.iter_mut().enumerate() {
+                *v = (4 * z + l / 8) as u16;
+            }
+            *c = load(lanes.as_ptr() as *const u8);
+        }
+        let wp = w.as_ptr();
+        let aq = act.qs.as_ptr() as *const u8;
+        let ab = act.bsums.as_ptr() as *const u8;
+        let ad = act.d.as_ptr();
+        for j in 0..nw {
+            let mut acc = [_mm512_setzero_ps(); R];
+            for b in 0..nb {
+                let blk = wp.add(j * row_bytes + b * 210);
+                if b + 2 < nb {
+                    _mm_prefetch::<_MM_HINT_T0>(blk.add(2 * 210) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(blk.add(2 * 210 + 192) as *const i8);
+                }
+                let vdw = _mm512_set1_ps(f16_at(blk.add(208)));
+                let ql0 = load(blk);
+                let ql1 = load(blk.add(64));
+                let qh = load(blk.add(128));
+                let qh_s2 = _mm512_srli_epi16::<2>(qh);
+                // [qh[0..32], qh[0..32] >> 2] and [qh[32..64], qh[32..64] >> 2].
+                let h0 = _mm512_shuffle_i64x2::<0x44>(qh, qh_s2);
+                let h1 = _mm512_shuffle_i64x2::<0xEE>(qh, qh_s2);
+                // (ql & 0x0F) | high bits, via ternary logic 0xEA = (A & B) | C.
+                let v = [
+                    _mm512_ternarylogic_epi32::<0xEA>(
+                        ql0,
+                        m4,
+                        _mm512_and_si512(_mm512_slli_epi16::<4>(h0), m30),
+                    ),
+                    _mm512_ternarylogic_epi32::<0xEA>(
+                        _mm512_srli_epi16::<4>(ql0),
+                        m4,
+                        _mm512_and_si512(h0, m30),
+                    ),
+                    _mm512_ternarylogic_epi32::<0xEA>(
+                        ql1,
+                        m4,
+                        _mm512_and_si512(_mm512_slli_epi16::<4>(h1), m30),
+                    ),
+                    _mm512_ternarylogic_epi32::<0xEA>(
+                        _mm512_srli_epi16::<4>(ql1),
+                        m4,
+                        _mm512_and_si512(h1, m30),
+                    ),
+                ];
+                let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(192) as *const _));
+                let scz = _mm512_zextsi256_si512(sc16);
+                let s = [
+                    _mm512_permutexvar_epi16(idx[0], scz),
+                    _mm512_permutexvar_epi16(idx[1], scz),
+                    _mm512_permutexvar_epi16(idx[2], scz),
+                    _mm512_permutexvar_epi16(idx[3], scz),
+                ];
+                let scn = _mm512_zextsi256_si512(_mm256_mullo_epi16(sc16, neg32));
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let o = r * nb + b;
+                    let a = aq.add(o * QK_K);
+                    let bs = _mm512_zextsi256_si512(_mm256_loadu_si256(ab.add(o * 32) as *const _));
+                    let mut si = _mm512_madd_epi16(scn, bs);
+                    for z in 0..4 {
+                        let p = _mm512_maddubs_epi16(v[z], load(a.add(64 * z)));
+                        si = _mm512_dpwssd_epi32(si, p, s[z]);
+                    }
+                    let yd = _mm512_set1_ps(*ad.add(o));
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(yd, vdw), *acc);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                out_t[j * R + r] = _mm512_reduce_add_ps(*acc);
+            }
+        }
+    }
+
+    /// Q8_0: two 32-value blocks per 64-lane operand. Signed x signed products use
+    /// `dpbusd(|w|, sign(w) * a)`; `|w|` is exact as u8 even for -128, and activations lie in
+    /// -127..=127 so negating them cannot overflow.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    unsafe fn q8_0_r<const R: usize>(w: &[u8], nw: usize, act: &ActQ80, out_t: &mut [f32]) {
+        let (nb, nb_pad) = (act.nb, act.nb_pad);
+        let row_bytes = nb * 34;
+        let dup = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+        let zero = _mm512_setzero_si512();
+        let wp = w.as_ptr();
+        let aq = act.qs.as_ptr() as *const u8;
+        let ad = act.dvec.as_ptr();
+        for j in 0..nw {
+            let row = wp.add(j * row_bytes);
+            let mut acc = [_mm512_setzero_ps(); R];
+            let mut b = 0;
+            while b < nb {
+                let blk = row.add(b * 34);
+                let (wv, dbits) = if b + 1 < nb {
+                    let lo = _mm256_loadu_si256(blk.add(2) as *const _);
+                    let hi = _mm256_loadu_si256(blk.add(36) as *const _);
+                    let d0 = u16::from_le_bytes([*blk, *blk.add(1)]) as u32;
+                    let d1 = u16::from_le_bytes([*blk.add(34), *blk.add(35)]) as u32;
+                    (_mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi), d0 | d1 << 16)
+                } else {
+                    // Odd tail block: the upper half stays zero, as does its scale.
+                    let lo = _mm256_loadu_si256(blk.add(2) as *const _);
+                    let d0 = u16::from_le_bytes([*blk, *blk.add(1)]) as u32;
+                    (_mm512_zextsi256_si512(lo), d0)
+                };
+                let dw = _mm512_permutexvar_ps(
+                    dup,
+                    _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(dbits as i32))),
+                );
+                let absw = _mm512_abs_epi8(wv);
+                let neg = _mm512_movepi8_mask(wv);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let o = r * nb_pad + b;
+                    let a = load(aq.add(o * QK8_0));
+                    let sa = _mm512_mask_sub_epi8(a, neg, zero, a);
+                    let p = _mm512_dpbusd_epi32(zero, absw, sa);
+                    let sv = _mm512_mul_ps(dw, _mm512_loadu_ps(ad.add(o * 8)));
+                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sv, *acc);
+                }
+                b += 2;
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                out_t[j * R + r] = _mm512_reduce_add_ps(*acc);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+
+    /// Deterministic values in roughly [-1, 1) with some larger outliers.
+    fn values(len: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|i| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                let u = (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                if i % 97 == 13 { 4.0 * u } else { u }
+            })
+            .collect()
+    }
+
+    fn gdtype(f: QFormat) -> GgmlDType {
+        match f {
+            QFormat::Q8_0 => GgmlDType::Q8_0,
+            QFormat::Q4K => GgmlDType::Q4K,
+            QFormat::Q6K => GgmlDType::Q6K,
+        }
+    }
+
+    fn kernels() -> Vec<Kernel> {
+        let mut ks = vec![Kernel::Scalar];
+        if Kernel::detect() != Kernel::Scalar {
+            ks.push(Kernel::detect());
+        }
+        ks
+    }
+
+    /// candle's generic CPU quantized matmul (`k_quants::matmul`, per-block `vec_dot`), the
+    /// numerics this module reproduces; `apply_op1_no_bwd` may instead take candle's x86 tiled
+    /// path, which quantizes activations to Q8K even for Q8_0 weights.
+    fn candle_generic(format: QFormat, x: &[f32], rows: usize, bytes: &[u8], n: usize, k: usize) -> Vec<f32> {
+        use candle_core::quantized::k_quants::{self, BlockQ4K, BlockQ6K, BlockQ8_0, GgmlType};
+        fn run<T: GgmlType>(x: &[f32], rows: usize, bytes: &[u8], n: usize, k: usize) -> Vec<f32> {
+            let size = std::mem::size_of::<T>();
+            assert_eq!(bytes.len() % size, 0);
+            let mut blocks = vec![T::zeros(); bytes.len() / size];
+            // SAFETY: the GGML block structs are repr(C) plain data of exactly these bytes.
+            unsafe {
+                std::ptr::copy_nonoverlapping(bytes.as_ptr(), blocks.as_mut_ptr() as *mut u8, bytes.len())
+            };
+            let mut dst = vec![0f32; rows * n];
+            k_quants::matmul::<T>((rows, k, n), x, &blocks, &mut dst).unwrap();
+            dst
+        }
+        match format {
+            QFormat::Q4K => run::<BlockQ4K>(x, rows, bytes, n, k),
+            QFormat::Q6K => run::<BlockQ6K>(x, rows, bytes, n, k),
+            QFormat::Q8_0 => run::<BlockQ8_0>(x, rows, bytes, n, k),
+        }
+    }
+
+    /// Checks every kernel against candle's generic quantized matmul (tight: same integer block
+    /// dot products, only the f32 summation order differs), candle's `apply_op1_no_bwd`, and an
+    /// f64 product with the dequantized weight (bounded by the 8-bit activation rounding).
+    fn check(format: QFormat, rows: usize, n: usize, k: usize) {
+        let dev = Device::Cpu;
+        let wv = values(n * k, (n * 31 + k) as u64);
+        let xv = values(rows * k, (rows * 7 + k * 3 + n) as u64 + 1);
+        let wt = Tensor::from_vec(wv, (n, k), &dev).unwrap();
+        let qt = QTensor::quantize(&wt, gdtype(format)).unwrap();
+        let bytes = qt.data().unwrap().into_owned();
+        assert_eq!(bytes.len(), n * format.row_bytes(k));
+        let xt = Tensor::from_vec(xv.clone(), (rows, k), &dev).unwrap();
+        let op: Vec<f32> = xt.apply_op1_no_bwd(&qt).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let generic = candle_generic(format, &xv, rows, &bytes, n, k);
+        let wd: Vec<f32> = qt.dequantize(&dev).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        // Activation quantization block: Q8_0 activations for Q8_0 weights, Q8K otherwise.
+        let ab = if format == QFormat::Q8_0 { QK8_0 } else { QK_K };
+        for kernel in kernels() {
+            let mut out = vec![f32::NAN; rows * n];
+            qgemv_with(kernel, format, &xv, rows, &bytes, n, k, &mut out);
+            for r in 0..rows {
+                let xr = &xv[r * k..(r + 1) * k];
+                for j in 0..n {
+                    let wr = &wd[j * k..(j + 1) * k];
+                    let exact: f64 = xr.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum();
+                    let abs: f64 = xr.iter().zip(wr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+                    // Rounding x to 8 bits moves each value by at most amax(block) / 254.
+                    let qerr: f64 = xr
+                        .chunks(ab)
+                        .zip(wr.chunks(ab))
+                        .map(|(xb, wb)| {
+                            let amax = xb.iter().fold(0f64, |m, &v| m.max((v as f64).abs()));
+                            amax / 254.0 * wb.iter().map(|&v| (v as f64).abs()).sum::<f64>()
+                        })
+                        .sum();
+                    let got = out[r * n + j] as f64;
+                    let ctx = format!("{format:?} {kernel:?} rows={rows} n={n} k={k} r={r} j={j}");
+                    let want = generic[r * n + j] as f64;
+                    let tol = 1e-5 * abs + 1e-30;
+                    assert!((got - want).abs() <= tol, "{ctx}: ours {got} vs candle generic {want} (tol {tol})");
+                    let want = op[r * n + j] as f64;
+                    // Q8_0 through candle's tiles uses Q8K activations: compare loosely.
+                    let tol = if format == QFormat::Q8_0 { 2.0 * qerr + 2e-3 * abs } else { 1e-4 * abs } + 1e-30;
+                    assert!((got - want).abs() <= tol, "{ctx}: ours {got} vs candle op {want} (tol {tol})");
+                    // Plus f16 rounding of the Q8_0 activation scale (2^-11 relative).
+                    let tol = 1.01 * qerr + 1e-3 * abs + 1e-30;
+                    assert!((got - exact).abs() <= tol, "{ctx}: ours {got} vs f64 {exact} (tol {tol})");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q4k_matches_candle() {
+        for rows in [1, 2, 3, 8] {
+            for n in [1, 5, 16, 33, 100] {
+                for k in [256, 512, 4096] {
+                    check(QFormat::Q4K, rows, n, k);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q6k_matches_candle() {
+        for rows in [1, 2, 3, 8] {
+            for n in [1, 5, 16, 33, 100] {
+                for k in [256, 512, 4096] {
+                    check(QFormat::Q6K, rows, n, k);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn q8_0_matches_candle() {
+        for rows in [1, 2, 3, 8] {
+            for n in [1, 5, 16, 33, 100] {
+                for k in [32, 64, 96, 256, 512, 4096] {
+                    check(QFormat::Q8_0, rows, n, k);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn all_row_counts_and_large_n() {
+        // Every row count (each has its own compiled kernel) and enough rows for many tasks.
+        for rows in 1..=8 {
+            check(QFormat::Q4K, rows, 300, 1024);
+        }
+        check(QFormat::Q6K, 5, 700, 512);
+        check(QFormat::Q8_0, 7, 500, 288);
+    }
+
+    /// Zero activation blocks (zero scale) and a single dominant value.
+    #[test]
+    fn zero_and_spiky_inputs() {
+        let (n, k) = (9, 512);
+        let wv = values(n * k, 5);
+        let wt = Tensor::from_vec(wv, (n, k), &Device::Cpu).unwrap();
+        for format in [QFormat::Q4K, QFormat::Q6K, QFormat::Q8_0] {
+            let qt = QTensor::quantize(&wt, gdtype(format)).unwrap();
+            let bytes = qt.data().unwrap().into_owned();
+            let mut x = vec![0f32; 2 * k];
+            x[k + 300] = -3.0;
+            let want = candle_generic(format, &x, 2, &bytes, n, k);
+            for kernel in kernels() {
+                let mut out = vec![f32::NAN; 2 * n];
+                qgemv_with(kernel, format, &x, 2, &bytes, n, k, &mut out);
+                for (i, (&g, &e)) in out.iter().zip(&want).enumerate() {
+                    assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()), "{format:?} {kernel:?} {i}: {g} vs {e}");
+                }
+                assert!(out[..n].iter().all(|&v| v == 0.0), "{format:?} {kernel:?}: zero row");
+            }
+        }
+    }
+
+    #[test]
+    fn rounding_matches_std() {
+        let mut v = -300.0f32;
+        while v <= 300.0 {
+            for x in [v, f32::from_bits(v.to_bits() + 1), f32::from_bits(v.to_bits().wrapping_sub(1))] {
+                assert_eq!(round_half_away(x), x.round(), "{x}");
+            }
+            v += 0.125;
+        }
+        for x in [0.49999997f32, -0.49999997, 2.5, -2.5, 1e9, -1e9, 8388607.5, f32::MAX] {
+            assert_eq!(round_half_away(x), x.round(), "{x}");
+        }
+        assert!(round_half_away(f32::NAN).is_nan());
+    }
+
+    #[test]
+    #[should_panic(expected = "not a multiple")]
+    fn rejects_bad_k() {
+        let mut out = vec![0f32; 1];
+        qgemv(QFormat::Q4K, &[0.0; 100], 1, &[0u8; 144], 1, 100, &mut out);
+    }
+
+    #[test]
+    #[should_panic(expected = "weight has")]
+    fn rejects_short_weight() {
+        let mut out = vec![0f32; 2];
+        qgemv(QFormat::Q8_0, &[0.0; 32], 1, &[0u8; 34], 2, 32, &mut out);
+    }
+}
