@@ -5,6 +5,7 @@
 //! - [`projector`]: the 2-layer GELU projector into the language model's width;
 //! - [`linear`]: linear layers (dense, or quantized), dispatching to [`bf16_gemm`], our AVX-512 BF16
 //!   GEMM, for BF16 on the CPU;
+//! - [`qgemv`]: our matrix-vector kernel over GGML Q4K/Q6K/Q8_0 blocks (quantized decoding);
 //! - [`quantize`]: 8-bit and 4-bit weights for the language model's linear layers (`--quantize`);
 //! - [`feature_cache`]: projected visual features kept by pixel content across requests;
 //! - [`llama`]: the Llama / Mistral decoder with its KV cache;
@@ -18,6 +19,7 @@ pub mod feature_cache;
 pub mod linear;
 pub mod llama;
 pub mod projector;
+pub mod qgemv;
 pub mod quantize;
 pub mod video_llava;
 pub mod weights;
