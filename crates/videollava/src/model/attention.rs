@@ -11,6 +11,9 @@
 //! the output accumulation are f32 (bf16/f16 inputs are widened element by element); for bf16/f16
 //! the probabilities are rounded to the input dtype before the weighted sum of the values, as
 //! `softmax(..., dtype=float32).to(query.dtype)` does; the output is written in the input dtype.
+//! On CPUs with AVX-512 BF16, bf16 inputs take the `bf16dot` kernels: both products on `vdpbf16ps` (bf16
+//! products are exact in f32, f32 accumulation), the same f32 softmax; results differ from the
+//! widening path by f32 summation order only (and the bf16 roundings that this may flip).
 //!
 //! [`KvBuffer`] keeps one layer's keys and values in buffers `[B, kv_heads, capacity, head_dim]`
 //! that grow geometrically; appending writes in place, so a decode step copies only its own token.
@@ -54,11 +57,31 @@ pub struct MaskRules<'a> {
 /// Returns the attention output `[B, L, H * D]` in the input dtype (heads side by side, the layout
 /// `o_proj` takes).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, rules: &MaskRules) -> Result<Tensor> {
-    attention_with(q, k, v, scale, rules, simd_available())
+    attention_with(q, k, v, scale, rules, Kernels::Best)
 }
 
-/// [`attention`], with the AVX2/FMA kernels (`simd`, where detected) or the portable ones.
-fn attention_with(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, rules: &MaskRules, simd: bool) -> Result<Tensor> {
+/// Which kernels [`attention_with`] may use (each falls back to the next where the CPU or the
+/// dtype does not allow it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernels {
+    /// bf16 inputs with AVX-512 BF16 (`vdpbf16ps` for both products), else as `Avx2`.
+    Best,
+    /// Keys and values widened to f32, AVX2/FMA kernels (where detected), else portable.
+    #[cfg_attr(not(test), allow(dead_code))]
+    Avx2,
+    /// Plain Rust, any CPU.
+    Portable,
+}
+
+/// [`attention`], with the kernels chosen by `kernels` (for tests and benchmarks).
+fn attention_with(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f32,
+    rules: &MaskRules,
+    kernels: Kernels,
+) -> Result<Tensor> {
     let (b, h, l, d) = q.dims4()?;
     let (bk, hkv, t, dk) = k.dims4()?;
     if v.dims4()? != (bk, hkv, t, dk) || bk != b || dk != d {
@@ -102,9 +125,9 @@ fn attention_with(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, rules: &MaskRu
     let (q, k, v) = (last_contiguous(q)?, last_contiguous(k)?, last_contiguous(v)?);
     let shape = Shape { b, h, l, hkv, t, d };
     match dtype {
-        DType::F32 => run::<f32>(&q, &k, &v, scale, rules, shape, simd),
-        DType::BF16 => run::<bf16>(&q, &k, &v, scale, rules, shape, simd),
-        DType::F16 => run::<f16>(&q, &k, &v, scale, rules, shape, simd),
+        DType::F32 => run::<f32>(&q, &k, &v, scale, rules, shape, kernels),
+        DType::BF16 => run::<bf16>(&q, &k, &v, scale, rules, shape, kernels),
+        DType::F16 => run::<f16>(&q, &k, &v, scale, rules, shape, kernels),
         other => Err(Error::Model(format!("attention: unsupported dtype {other:?} (f32, bf16 or f16)"))),
     }
 }
@@ -115,6 +138,12 @@ trait Elem: WithDType + Copy + Send + Sync {
     fn narrow(x: f32) -> Self;
     /// `x` rounded to this type's precision, back in f32 (identity for f32).
     fn round(x: f32) -> f32;
+    /// The AVX-512 BF16 task (bf16 only; `None` for the other types). Only called when
+    /// `p.bf16dot` is set, i.e. the CPU features were detected.
+    #[cfg(target_arch = "x86_64")]
+    fn bf16dot_task(_p: &Params<Self>, _bi: usize, _kvh: usize, _i0: usize, _cl: usize) -> Option<Vec<f32>> {
+        None
+    }
 }
 
 impl Elem for f32 {
@@ -147,6 +176,12 @@ impl Elem for bf16 {
         let bits = x.to_bits();
         let rounded = bits.wrapping_add(0x7FFF + ((bits >> 16) & 1));
         f32::from_bits(rounded & 0xFFFF_0000)
+    }
+    #[cfg(target_arch = "x86_64")]
+    fn bf16dot_task(p: &Params<Self>, bi: usize, kvh: usize, i0: usize, cl: usize) -> Option<Vec<f32>> {
+        debug_assert!(p.bf16dot && bf16dot_available());
+        // SAFETY: `p.bf16dot` is only set when AVX-512 F/BW/BF16, AVX2 and FMA were detected.
+        Some(unsafe { bf16dot::task(p, bi, kvh, i0, cl) })
     }
 }
 
@@ -189,6 +224,8 @@ struct Params<'a, T> {
     rules: MaskRules<'a>,
     /// AVX2 and FMA were detected at run time (and are wanted): the `task_avx2` kernels run.
     simd: bool,
+    /// bf16 inputs, AVX-512 BF16 detected at run time (and wanted): the `bf16dot` kernels run.
+    bf16dot: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -220,7 +257,7 @@ fn run<T: Elem>(
     scale: f32,
     rules: &MaskRules,
     shape: Shape,
-    simd: bool,
+    kernels: Kernels,
 ) -> Result<Tensor> {
     let Shape { b, h, l, hkv, d, .. } = shape;
     let (q_guard, q_layout) = q.storage_and_layout();
@@ -242,7 +279,8 @@ fn run<T: Elem>(
         rep,
         scale,
         rules: *rules,
-        simd: simd && simd_available(),
+        simd: kernels != Kernels::Portable && simd_available(),
+        bf16dot: kernels == Kernels::Best && T::DTYPE == DType::BF16 && bf16dot_available(),
     };
     if b * h * l * d == 0 {
         return Ok(Tensor::zeros((b, l, h * d), T::DTYPE, &Device::Cpu)?);
@@ -298,7 +336,28 @@ fn simd_available() -> bool {
     }
 }
 
+/// AVX-512 with BF16 dot products (`vdpbf16ps`) was detected at run time.
+fn bf16dot_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512bw")
+            && std::is_x86_feature_detected!("avx512bf16")
+            && simd_available()
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 fn run_task<T: Elem>(p: &Params<T>, bi: usize, kvh: usize, i0: usize, cl: usize) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if p.bf16dot {
+        if let Some(out) = T::bf16dot_task(p, bi, kvh, i0, cl) {
+            return out;
+        }
+    }
     #[cfg(target_arch = "x86_64")]
     if p.simd {
         // SAFETY: `p.simd` is only set when AVX2 and FMA were detected at run time.
@@ -632,6 +691,360 @@ fn task<T: Elem, const FMA: bool>(p: &Params<T>, bi: usize, kvh: usize, i0: usiz
     out
 }
 
+/// The AVX-512 BF16 task for bf16 inputs: the same rows, key ranges, masking and softmax as
+/// [`task`], with both products on `vdpbf16ps` (per 32-bit lane: two bf16 products, exact in f32,
+/// added to an f32 accumulator; bf16 denormal inputs read as zero, denormal results flushed).
+///
+/// - Scores `q kᵀ` reduce over `D`: query rows are read as pairs of consecutive `D` values (their
+///   natural layout) and broadcast; each tile of `KS` keys is packed as `[D/2][KS]` pairs (16×16
+///   transposes of 32-bit pairs), once per task for all its rows (`rep` heads × query chunk).
+/// - The softmax is [`softmax_row`] on f32 scores (probabilities rounded to bf16, as before).
+/// - The output `p v` reduces over keys: each row's probabilities are read as pairs of
+///   consecutive keys (from the task's first key `lo`, a bf16 row) and broadcast; each tile of
+///   `KV` values is packed as `[KV/2][D]` pairs of consecutive keys, once per task.
+///
+/// Register tiles: blocks of 8 (4, 2, 1) rows × 32 keys for the scores and × 32 columns for the
+/// output (16 zmm accumulators). Blocks skip the key tiles outside their rows' ranges.
+#[cfg(target_arch = "x86_64")]
+mod bf16dot {
+    use std::arch::x86_64::*;
+    use std::mem::transmute;
+
+    use half::bf16;
+
+    use super::{axpy, softmax_row, Elem, Params, Shape};
+
+    /// Keys per score tile (two zmm of scores per row).
+    const KS: usize = 32;
+    /// Keys per value tile (`KV / 2` pairs).
+    const KV: usize = 64;
+
+    #[inline(always)]
+    fn bh(v: __m512i) -> __m512bh {
+        // SAFETY: same size, plain bits.
+        unsafe { transmute(v) }
+    }
+
+    #[inline(always)]
+    fn mask16(n: usize) -> u16 {
+        if n >= 16 {
+            u16::MAX
+        } else {
+            ((1u32 << n) - 1) as u16
+        }
+    }
+
+    #[inline(always)]
+    fn mask32(n: usize) -> u32 {
+        if n >= 32 {
+            u32::MAX
+        } else {
+            (1u32 << n) - 1
+        }
+    }
+
+    /// Row blocks `(first row, rows (8, 4, 2 or 1), lowest key, end key)` covering `ranges`.
+    fn row_blocks(ranges: &[(usize, usize)]) -> Vec<(usize, usize, usize, usize)> {
+        let mut blocks = Vec::with_capacity(ranges.len() / 8 + 3);
+        let mut r0 = 0;
+        while r0 < ranges.len() {
+            let left = ranges.len() - r0;
+            let nr = if left >= 8 {
+                8
+            } else if left >= 4 {
+                4
+            } else if left >= 2 {
+                2
+            } else {
+                1
+            };
+            let rs = &ranges[r0..r0 + nr];
+            let blo = rs.iter().map(|r| r.0).min().unwrap_or(0);
+            let bhi = rs.iter().map(|r| r.1).max().unwrap_or(0);
+            blocks.push((r0, nr, blo, bhi));
+            r0 += nr;
+        }
+        blocks
+    }
+
+    /// See the module documentation. Returns what [`super::task`] returns.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F, BW and BF16, AVX2 and FMA.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
+    pub(super) unsafe fn task(p: &Params<bf16>, bi: usize, kvh: usize, i0: usize, cl: usize) -> Vec<f32> {
+        let Shape { t, d, .. } = p.shape;
+        let rules = &p.rules;
+        let rows = p.rep * cl;
+        let valid = &rules.key_valid[bi * t..(bi + 1) * t];
+        // Each row's candidate keys [lo, hi) by position; validity is applied in the softmax.
+        let range = |r: usize| {
+            let qa = rules.past + i0 + r % cl;
+            let hi = if rules.causal { (qa + 1).min(t) } else { t };
+            let lo = rules.sliding_window.map_or(0, |w| (qa + 1).saturating_sub(w)).min(hi);
+            (lo, hi)
+        };
+        let ranges: Vec<(usize, usize)> = (0..rows).map(range).collect();
+        let lo = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+        let hi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
+        let w = hi - lo;
+        let blocks = row_blocks(&ranges);
+        let key_row = |j: usize| p.k.as_ptr().add(p.k_at.at(bi, kvh, j)) as *const i16;
+        let value_row = |j: usize| p.v.as_ptr().add(p.v_at.at(bi, kvh, j)) as *const i16;
+
+        // Query rows as pairs of consecutive D values (odd D: a zero high half last).
+        let dp = d.div_ceil(2);
+        let mut qp = vec![0u32; rows * dp];
+        for (r, dst) in qp.chunks_exact_mut(dp).enumerate() {
+            let at = p.q_at.at(bi, kvh * p.rep + r / cl, i0 + r % cl);
+            for (i, &x) in p.q[at..at + d].iter().enumerate() {
+                dst[i / 2] |= (x.to_bits() as u32) << (16 * (i % 2));
+            }
+        }
+
+        // Scores.
+        let mut s = vec![0f32; rows * w];
+        let mut kp = vec![0u32; dp * KS];
+        let mut j0 = lo;
+        while j0 < hi {
+            let jn = (hi - j0).min(KS);
+            pack_keys(&key_row, j0, jn, d, &mut kp);
+            for &(r0, nr, blo, bhi) in &blocks {
+                if bhi <= j0 || blo >= j0 + jn {
+                    continue;
+                }
+                let (q, dst) = (qp.as_ptr().add(r0 * dp), s.as_mut_ptr().add(r0 * w + j0 - lo));
+                match nr {
+                    8 => qk::<8>(q, dp, kp.as_ptr(), dst, w, jn),
+                    4 => qk::<4>(q, dp, kp.as_ptr(), dst, w, jn),
+                    2 => qk::<2>(q, dp, kp.as_ptr(), dst, w, jn),
+                    _ => qk::<1>(q, dp, kp.as_ptr(), dst, w, jn),
+                }
+            }
+            j0 += jn;
+        }
+
+        // Probabilities (exactly as in `task`).
+        let mut empty = vec![false; rows];
+        for (r, &(rlo, rhi)) in ranges.iter().enumerate() {
+            let row = &mut s[r * w..(r + 1) * w];
+            row[..rlo - lo].fill(0.0);
+            row[rhi - lo..].fill(0.0);
+            empty[r] = !softmax_row::<bf16>(&mut row[rlo - lo..rhi - lo], &valid[rlo..rhi], p.scale);
+        }
+        // As bf16 pairs of consecutive keys from `lo` (the probabilities are bf16 values already;
+        // odd `w`: a zero high half last).
+        let wp = w.div_ceil(2);
+        let mut pp = vec![0u32; rows * wp];
+        for (src, dst) in s.chunks_exact(w.max(1)).zip(pp.chunks_exact_mut(wp.max(1))) {
+            let pairs = src.chunks_exact(2);
+            let last = pairs.remainder().first().map(|x| x.to_bits() >> 16);
+            for (x, pr) in dst.iter_mut().zip(pairs) {
+                *x = (pr[0].to_bits() >> 16) | (pr[1].to_bits() & 0xFFFF_0000);
+            }
+            if let Some(l) = last {
+                dst[wp - 1] = l;
+            }
+        }
+        drop(s);
+
+        // Weighted sum of the values: `o` rows of `ds` f32 (columns padded to 32).
+        let ds = d.next_multiple_of(32);
+        let mut o = vec![0f32; rows * ds];
+        let mut vp = vec![0u32; KV / 2 * ds];
+        let mut j0 = lo;
+        while j0 < hi {
+            let jn = (hi - j0).min(KV);
+            let np = jn.div_ceil(2);
+            pack_values(&value_row, j0, jn, d, ds, &mut vp);
+            let m0 = (j0 - lo) / 2;
+            for &(r0, nr, blo, bhi) in &blocks {
+                if bhi <= j0 || blo >= j0 + jn {
+                    continue;
+                }
+                for c0 in (0..d).step_by(32) {
+                    let pr = pp.as_ptr().add(r0 * wp + m0);
+                    let (v, dst) = (vp.as_ptr().add(c0), o.as_mut_ptr().add(r0 * ds + c0));
+                    match nr {
+                        8 => pv::<8>(pr, wp, v, ds, np, dst),
+                        4 => pv::<4>(pr, wp, v, ds, np, dst),
+                        2 => pv::<2>(pr, wp, v, ds, np, dst),
+                        _ => pv::<1>(pr, wp, v, ds, np, dst),
+                    }
+                }
+            }
+            j0 += jn;
+        }
+        let mut out = vec![0f32; rows * d];
+        for (dst, src) in out.chunks_exact_mut(d).zip(o.chunks_exact(ds)) {
+            dst.copy_from_slice(&src[..d]);
+        }
+        // Rows that see no key: uniform over all T keys (see `MaskRules`), as in `task`.
+        if empty.iter().any(|&e| e) {
+            let pu = bf16::round(1.0 / t as f32);
+            for (r, dst) in out.chunks_exact_mut(d).enumerate() {
+                if empty[r] {
+                    for j in 0..t {
+                        let at = p.v_at.at(bi, kvh, j);
+                        axpy::<bf16, true>(dst, pu, &p.v[at..at + d]);
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Packs keys `j0..j0 + jn` (`jn <= KS`) as `kp[i * KS + jj] = k[j0 + jj, 2i] | k[j0 + jj,
+    /// 2i + 1] << 16` for `i < ceil(d / 2)`; missing keys and the odd-`d` last high half are zeros.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn pack_keys(key_row: &impl Fn(usize) -> *const i16, j0: usize, jn: usize, d: usize, kp: &mut [u32]) {
+        let dp = d.div_ceil(2);
+        debug_assert!(jn <= KS && kp.len() >= dp * KS);
+        let dst = kp.as_mut_ptr();
+        for g0 in (0..KS).step_by(16) {
+            let mut i0 = 0;
+            while i0 < dp {
+                let load_mask = mask32(d - 2 * i0);
+                let mut v = [_mm512_setzero_si512(); 16];
+                for (r, x) in v.iter_mut().enumerate() {
+                    if g0 + r < jn {
+                        *x = _mm512_maskz_loadu_epi16(load_mask, key_row(j0 + g0 + r).add(2 * i0));
+                    }
+                }
+                let tr = transpose16(v);
+                for (ii, x) in tr.iter().enumerate().take(16.min(dp - i0)) {
+                    _mm512_storeu_si512(dst.add((i0 + ii) * KS + g0) as *mut _, *x);
+                }
+                i0 += 16;
+            }
+        }
+    }
+
+    /// Packs values `j0..j0 + jn` (`jn <= KV`) as `vp[m * ds + c] = v[j0 + 2m, c] | v[j0 + 2m + 1,
+    /// c] << 16` for `m < ceil(jn / 2)`, `c < ds` (`ds` a multiple of 32); missing keys and
+    /// columns are zeros.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    unsafe fn pack_values(
+        value_row: &impl Fn(usize) -> *const i16,
+        j0: usize,
+        jn: usize,
+        d: usize,
+        ds: usize,
+        vp: &mut [u32],
+    ) {
+        debug_assert!(jn <= KV && ds.is_multiple_of(32) && ds >= d && vp.len() >= jn.div_ceil(2) * ds);
+        // Lane 2c takes element c of the first row, lane 2c + 1 element c of the second.
+        let idx_lo = _mm512_set_epi16(
+            47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33,
+            1, 32, 0,
+        );
+        let idx_hi = _mm512_add_epi16(idx_lo, _mm512_set1_epi16(16));
+        let dst = vp.as_mut_ptr();
+        for m in 0..jn.div_ceil(2) {
+            let (ja, jb) = (2 * m, 2 * m + 1);
+            for c0 in (0..ds).step_by(32) {
+                let load_mask = if c0 < d { mask32(d - c0) } else { 0 };
+                let a = _mm512_maskz_loadu_epi16(load_mask, value_row(j0 + ja).add(c0));
+                let b = if jb < jn {
+                    _mm512_maskz_loadu_epi16(load_mask, value_row(j0 + jb).add(c0))
+                } else {
+                    _mm512_setzero_si512()
+                };
+                let at = dst.add(m * ds + c0);
+                _mm512_storeu_si512(at as *mut _, _mm512_permutex2var_epi16(a, idx_lo, b));
+                _mm512_storeu_si512(at.add(16) as *mut _, _mm512_permutex2var_epi16(a, idx_hi, b));
+            }
+        }
+    }
+
+    /// Scores of `R` rows (`q`: `R` rows of `dp` pairs) against a packed key tile (`kp`: `dp`
+    /// pairs × `KS` keys): writes the first `jn` of each row at `s + r * w`.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn qk<const R: usize>(q: *const u32, dp: usize, kp: *const u32, s: *mut f32, w: usize, jn: usize) {
+        let mut a0 = [_mm512_setzero_ps(); R];
+        let mut a1 = [_mm512_setzero_ps(); R];
+        for i in 0..dp {
+            let k0 = bh(_mm512_loadu_si512(kp.add(i * KS) as *const _));
+            let k1 = bh(_mm512_loadu_si512(kp.add(i * KS + 16) as *const _));
+            for r in 0..R {
+                let qv = bh(_mm512_set1_epi32(*q.add(r * dp + i) as i32));
+                a0[r] = _mm512_dpbf16_ps(a0[r], qv, k0);
+                a1[r] = _mm512_dpbf16_ps(a1[r], qv, k1);
+            }
+        }
+        let (m0, m1) = (mask16(jn), mask16(jn.saturating_sub(16)));
+        for r in 0..R {
+            // `wrapping_add`: with `jn <= 16` the second half may lie past the end of the scores;
+            // a masked-off lane never faults.
+            _mm512_mask_storeu_ps(s.add(r * w), m0, a0[r]);
+            _mm512_mask_storeu_ps(s.wrapping_add(r * w + 16), m1, a1[r]);
+        }
+    }
+
+    /// `o[r, 0..32] += Σ_m pp[r, m] · vp[m, 0..32]` for `R` rows, `m < np` (`pp`: row stride `wp`
+    /// pairs; `vp`, `o`: row stride `ds`).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    unsafe fn pv<const R: usize>(pp: *const u32, wp: usize, vp: *const u32, ds: usize, np: usize, o: *mut f32) {
+        let mut a0 = [_mm512_setzero_ps(); R];
+        let mut a1 = [_mm512_setzero_ps(); R];
+        for r in 0..R {
+            a0[r] = _mm512_loadu_ps(o.add(r * ds));
+            a1[r] = _mm512_loadu_ps(o.add(r * ds + 16));
+        }
+        for m in 0..np {
+            let v0 = bh(_mm512_loadu_si512(vp.add(m * ds) as *const _));
+            let v1 = bh(_mm512_loadu_si512(vp.add(m * ds + 16) as *const _));
+            for r in 0..R {
+                let pv = bh(_mm512_set1_epi32(*pp.add(r * wp + m) as i32));
+                a0[r] = _mm512_dpbf16_ps(a0[r], pv, v0);
+                a1[r] = _mm512_dpbf16_ps(a1[r], pv, v1);
+            }
+        }
+        for r in 0..R {
+            _mm512_storeu_ps(o.add(r * ds), a0[r]);
+            _mm512_storeu_ps(o.add(r * ds + 16), a1[r]);
+        }
+    }
+
+    /// Transpose of a 16×16 matrix of 32-bit values (`v[r]` = row `r`), as in `bf16_gemm`.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn transpose16(v: [__m512i; 16]) -> [__m512i; 16] {
+        let mut t = [_mm512_setzero_si512(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+        }
+        let mut u = [_mm512_setzero_si512(); 16];
+        for i in 0..4 {
+            for h in 0..2 {
+                let (x, y) = (t[4 * i + h], t[4 * i + 2 + h]);
+                u[4 * i + 2 * h] = _mm512_unpacklo_epi64(x, y);
+                u[4 * i + 2 * h + 1] = _mm512_unpackhi_epi64(x, y);
+            }
+        }
+        let mut x = [_mm512_setzero_si512(); 16];
+        for i in 0..2 {
+            for j in 0..4 {
+                let (p, q) = (u[8 * i + j], u[8 * i + 4 + j]);
+                x[8 * i + j] = _mm512_shuffle_i32x4::<0x88>(p, q);
+                x[8 * i + 4 + j] = _mm512_shuffle_i32x4::<0xdd>(p, q);
+            }
+        }
+        let mut o = [_mm512_setzero_si512(); 16];
+        for j in 0..8 {
+            let (p, q) = (x[j], x[8 + j]);
+            o[j] = _mm512_shuffle_i32x4::<0x88>(p, q);
+            o[j + 8] = _mm512_shuffle_i32x4::<0xdd>(p, q);
+        }
+        o
+    }
+}
+
 /// One layer's keys and values: `k`, `v` `[B, kv_heads, capacity, head_dim]` in the compute
 /// dtype, the first `len` positions filled. Appending writes in place and grows the capacity
 /// geometrically (by at least 256 positions or an eighth, in multiples of 256), so a decode step
@@ -798,10 +1211,10 @@ mod tests {
     }
 
     fn check(case: &Case, dtype: DType, tol: f32, strided: bool) {
-        check_with(case, dtype, tol, strided, simd_available())
+        check_with(case, dtype, tol, strided, Kernels::Best)
     }
 
-    fn check_with(case: &Case, dtype: DType, tol: f32, strided: bool, simd: bool) {
+    fn check_with(case: &Case, dtype: DType, tol: f32, strided: bool, kernels: Kernels) {
         let Case { b, h, hkv, l, t, d, .. } = *case;
         let dev = Device::Cpu;
         let q = Tensor::randn(0f32, 1.0, (b, h, l, d), &dev).unwrap().to_dtype(dtype).unwrap();
@@ -824,7 +1237,7 @@ mod tests {
         }
         let rules = MaskRules { key_valid: &key_valid, past: t - l, causal: true, sliding_window: case.window };
         let scale = 1.0 / (d as f32).sqrt();
-        let got = attention_with(&q, &k, &v, scale, &rules, simd).unwrap();
+        let got = attention_with(&q, &k, &v, scale, &rules, kernels).unwrap();
         assert_eq!(got.dims(), &[b, l, h * d]);
         assert_eq!(got.dtype(), dtype);
         let want = reference(&q, &k, &v, &rules);
@@ -874,8 +1287,114 @@ mod tests {
     #[test]
     fn portable_kernels_match_too() {
         for case in cases() {
-            check_with(&case, DType::F32, 1e-5, true, false);
-            check_with(&case, DType::BF16, 2e-2, false, false);
+            check_with(&case, DType::F32, 1e-5, true, Kernels::Portable);
+            check_with(&case, DType::BF16, 2e-2, false, Kernels::Portable);
+        }
+    }
+
+    #[test]
+    fn avx2_kernels_match_too() {
+        for case in cases() {
+            check_with(&case, DType::BF16, 2e-2, true, Kernels::Avx2);
+        }
+    }
+
+    /// bf16 cases for the AVX-512 BF16 path against the f32-widening path.
+    fn bf16dot_cases() -> Vec<Case> {
+        let mut cases = cases();
+        cases.extend([
+            // Prefill, left padding (one row all padding), GQA 8/2, d = 128, odd key count.
+            Case { b: 2, h: 8, hkv: 2, l: 37, t: 37, d: 128, pad: vec![0, 37], window: None },
+            // Longer prefill, several tasks per head, d = 80 (not a multiple of 32), padding.
+            Case { b: 2, h: 4, hkv: 2, l: 150, t: 150, d: 80, pad: vec![9, 0], window: None },
+            // Decode l = 1 after a cache, GQA 8/2, d = 128 and 64, odd t.
+            Case { b: 2, h: 8, hkv: 2, l: 1, t: 37, d: 128, pad: vec![4, 0], window: None },
+            Case { b: 1, h: 4, hkv: 4, l: 1, t: 301, d: 64, pad: vec![0], window: None },
+            // l > 1 with past (chunked prefill), d = 128 and 80.
+            Case { b: 1, h: 8, hkv: 2, l: 29, t: 97, d: 128, pad: vec![3], window: None },
+            Case { b: 2, h: 2, hkv: 1, l: 70, t: 133, d: 80, pad: vec![0, 21], window: None },
+            // Sliding window, prefill and continuation, d = 64 / 128.
+            Case { b: 1, h: 8, hkv: 2, l: 100, t: 100, d: 64, pad: vec![5], window: Some(17) },
+            Case { b: 2, h: 4, hkv: 1, l: 7, t: 77, d: 128, pad: vec![0, 2], window: Some(30) },
+            // Odd head dimension.
+            Case { b: 1, h: 2, hkv: 1, l: 21, t: 37, d: 33, pad: vec![1], window: None },
+        ]);
+        cases
+    }
+
+    /// bf16 ulp of `x` (spacing of the bf16 values at `|x|`; the smallest normal's below).
+    fn bf16_ulp(x: f32) -> f32 {
+        let e = (x.abs().max(f32::MIN_POSITIVE).to_bits() >> 23) as i32 - 127;
+        2f32.powi(e - 7)
+    }
+
+    /// The AVX-512 BF16 kernels against the f32-widening ones on the same bf16 inputs. The
+    /// products are exact in f32 on both paths, so the f32 scores and output sums differ only
+    /// by summation order (relative ~1e-6); what remains visible is the bf16 rounding:
+    /// - a probability `p_j` near a rounding boundary may round the other way, by one bf16 ulp
+    ///   (at most `2^-7 p_j`), which moves output column `c` by at most `2^-7 Σ_j p_j |v_jc|`;
+    ///   that sum is computed by the same (f32-widening) kernel run on `|v|`;
+    /// - each output is rounded to bf16 (half an ulp each side: together at most 1 ulp).
+    ///
+    /// Bound per element: `1 ulp(max(|x|, |y|)) + 2^-7 (1 + 2^-7) Σ_j p_j |v_jc| + 1e-6` (the
+    /// last term for f32 summation order and values that cancel to ~0). Flips are rare, so in
+    /// addition at least 99% of the elements must agree within 1 bf16 ulp.
+    #[test]
+    fn bf16dot_kernels_match_the_f32_widening_ones() {
+        if !bf16dot_available() {
+            eprintln!("skipped: no AVX-512 BF16 on this CPU");
+            return;
+        }
+        let dev = Device::Cpu;
+        let mut worst = 0f32;
+        let (mut over1, mut total) = (0usize, 0usize);
+        for (ci, case) in bf16dot_cases().iter().enumerate() {
+            let Case { b, h, hkv, l, t, d, .. } = *case;
+            let q = Tensor::randn(0f32, 1.0, (b, h, l, d), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+            let kv = |s: f64| {
+                (Tensor::randn(0f32, 1.0, (b, hkv, t, d), &dev).unwrap() * s).unwrap().to_dtype(DType::BF16).unwrap()
+            };
+            let (k, v) = (kv(1.5), kv(1.0));
+            // Strided views (as the KV cache hands them over) for every other case.
+            let (k, v) = if ci % 2 == 0 {
+                let kb = KvBuffer::new(&k, &v).unwrap();
+                (kb.keys().unwrap(), kb.values().unwrap())
+            } else {
+                (k, v)
+            };
+            let mut key_valid = vec![1u32; b * t];
+            for (bi, &p) in case.pad.iter().enumerate() {
+                key_valid[bi * t..bi * t + p].fill(0);
+            }
+            let rules = MaskRules { key_valid: &key_valid, past: t - l, causal: true, sliding_window: case.window };
+            let scale = 1.0 / (d as f32).sqrt();
+            let run = |v: &Tensor, kernels| {
+                let out = attention_with(&q, &k, v, scale, &rules, kernels).unwrap();
+                assert_eq!((out.dims(), out.dtype()), (&[b, l, h * d][..], DType::BF16));
+                out.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            };
+            let (fast, wide) = (run(&v, Kernels::Best), run(&v, Kernels::Avx2));
+            let weight = run(&v.abs().unwrap(), Kernels::Avx2);
+            for ((&x, &y), &m) in fast.iter().zip(&wide).zip(&weight) {
+                assert!(x.is_finite(), "non-finite output");
+                let ulp = bf16_ulp(x.abs().max(y.abs()));
+                let diff = (x - y).abs();
+                let bound = ulp + m * (1.0 + 1.0 / 128.0) / 128.0 + 1e-6;
+                assert!(diff <= bound, "b={b} h={h}/{hkv} l={l} t={t} d={d}: {x} vs {y} (bound {bound})");
+                let ulps = (diff - 1e-6).max(0.0) / ulp;
+                worst = worst.max(ulps);
+                over1 += (ulps > 1.0) as usize;
+                total += 1;
+            }
+        }
+        assert!(over1 * 100 <= total, "{over1} of {total} outputs differ by more than 1 bf16 ulp");
+        eprintln!("bf16dot vs f32 widening: worst {worst} bf16 ulp, {over1} of {total} above 1 ulp");
+    }
+
+    #[test]
+    fn bf16dot_kernels_match_the_materialised_mask_path() {
+        for case in bf16dot_cases() {
+            check_with(&case, DType::BF16, 2e-2, true, Kernels::Best);
         }
     }
 
