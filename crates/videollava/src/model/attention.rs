@@ -713,6 +713,7 @@ mod bf16dot {
     use half::bf16;
 
     use super::{axpy, softmax_row, Elem, Params, Shape};
+    use crate::model::bf16_gemm::avx512::transpose16;
 
     /// Keys per score tile (two zmm of scores per row).
     const KS: usize = 32;
@@ -1008,40 +1009,6 @@ mod bf16dot {
             _mm512_storeu_ps(o.add(r * ds), a0[r]);
             _mm512_storeu_ps(o.add(r * ds + 16), a1[r]);
         }
-    }
-
-    /// Transpose of a 16×16 matrix of 32-bit values (`v[r]` = row `r`), as in `bf16_gemm`.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    fn transpose16(v: [__m512i; 16]) -> [__m512i; 16] {
-        let mut t = [_mm512_setzero_si512(); 16];
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
-        }
-        let mut u = [_mm512_setzero_si512(); 16];
-        for i in 0..4 {
-            for h in 0..2 {
-                let (x, y) = (t[4 * i + h], t[4 * i + 2 + h]);
-                u[4 * i + 2 * h] = _mm512_unpacklo_epi64(x, y);
-                u[4 * i + 2 * h + 1] = _mm512_unpackhi_epi64(x, y);
-            }
-        }
-        let mut x = [_mm512_setzero_si512(); 16];
-        for i in 0..2 {
-            for j in 0..4 {
-                let (p, q) = (u[8 * i + j], u[8 * i + 4 + j]);
-                x[8 * i + j] = _mm512_shuffle_i32x4::<0x88>(p, q);
-                x[8 * i + 4 + j] = _mm512_shuffle_i32x4::<0xdd>(p, q);
-            }
-        }
-        let mut o = [_mm512_setzero_si512(); 16];
-        for j in 0..8 {
-            let (p, q) = (x[j], x[8 + j]);
-            o[j] = _mm512_shuffle_i32x4::<0x88>(p, q);
-            o[j + 8] = _mm512_shuffle_i32x4::<0xdd>(p, q);
-        }
-        o
     }
 }
 

@@ -157,7 +157,7 @@ fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 // Register-blocked kernels index their accumulator arrays by loop counters on purpose.
 #[allow(clippy::needless_range_loop)]
-mod avx512 {
+pub(crate) mod avx512 {
     use super::OutPtr;
     use core::arch::x86_64::*;
     use core::mem::transmute;
@@ -358,10 +358,11 @@ mod avx512 {
         }
     }
 
-    /// Transpose of a 16×16 matrix of 32-bit values (`v[r]` = row `r`).
+    /// Transpose of a 16×16 matrix of 32-bit values (`v[r]` = row `r`); also used by the
+    /// fused attention's BF16 path.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn transpose16(v: [__m512i; 16]) -> [__m512i; 16] {
+    pub(crate) fn transpose16(v: [__m512i; 16]) -> [__m512i; 16] {
         let mut t = [_mm512_setzero_si512(); 16];
         for i in 0..8 {
             t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);

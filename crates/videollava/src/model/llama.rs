@@ -543,23 +543,6 @@ impl LanguageModel {
         out.push(("language_model.lm_head.weight".to_string(), &mut self.lm_head));
         out
     }
-
-    /// Every linear layer with its canonical weight name (read-only).
-    pub fn linears(&self) -> Vec<(String, &Linear)> {
-        let mut out = Vec::new();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let p = format!("language_model.model.layers.{i}");
-            let (a, m) = (&layer.self_attn, &layer.mlp);
-            for (n, l) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj)] {
-                out.push((format!("{p}.self_attn.{n}.weight"), l));
-            }
-            for (n, l) in [("gate_proj", &m.gate_proj), ("up_proj", &m.up_proj), ("down_proj", &m.down_proj)] {
-                out.push((format!("{p}.mlp.{n}.weight"), l));
-            }
-        }
-        out.push(("language_model.lm_head.weight".to_string(), &self.lm_head));
-        out
-    }
 }
 
 #[cfg(test)]

@@ -148,7 +148,7 @@ impl VideoLlava {
         let save_to = cache_file.as_deref().map(|f| (f, key.as_str()));
         let mut report =
             quantize::quantize_linears(model.language_model.linears_mut(), format, cached.as_ref(), save_to)?;
-        quantize::summarize(model.language_model.linears(), &mut report);
+        quantize::summarize(model.language_model.linears_mut().into_iter().map(|(n, l)| (n, &*l)), &mut report);
         if report.cache_note.is_none() {
             report.cache_note = note;
         }
