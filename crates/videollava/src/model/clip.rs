@@ -9,6 +9,7 @@
 use candle_core::{DType, Tensor, D};
 use candle_nn::{linear, VarBuilder};
 
+use super::fused::residual_add;
 use super::linear::Linear;
 
 use crate::config::VisionConfig;
@@ -32,6 +33,9 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = super::fused::layer_norm(x, &self.weight, &self.bias, self.eps)? {
+            return Ok(y);
+        }
         let dtype = x.dtype();
         let x = x.to_dtype(DType::F32)?;
         let y = candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?;
@@ -42,7 +46,7 @@ impl LayerNorm {
 /// The activations CLIP configs name.
 pub(crate) fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
     Ok(match name {
-        "quick_gelu" => match quick_gelu_cpu(x)? {
+        "quick_gelu" => match super::fused::quick_gelu(x)? {
             Some(y) => y,
             None => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
         },
@@ -52,49 +56,6 @@ pub(crate) fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
         "silu" | "swish" => x.silu()?,
         other => return Err(Error::Model(format!("unsupported activation `{other}`"))),
     })
-}
-
-/// `x * sigmoid(1.702 x)` in one parallel pass over a contiguous CPU tensor (f32 or bf16; `None`
-/// otherwise). For bf16 it rounds where transformers' three bf16 ops do (`1.702 * x`, the
-/// sigmoid computed in f32 then rounded, the product); candle's element-wise ops took ~25% of the
-/// vision towers' time at 7B shapes, single-threaded.
-fn quick_gelu_cpu(x: &Tensor) -> Result<Option<Tensor>> {
-    use rayon::prelude::*;
-    if !x.device().is_cpu() || !x.is_contiguous() {
-        return Ok(None);
-    }
-    let f = |v: f32, round: &dyn Fn(f32) -> f32| {
-        let t = round(1.702 * v);
-        let s = round(1.0 / (1.0 + (-t).exp()));
-        round(v * s)
-    };
-    const CHUNK: usize = 1 << 14;
-    let y = match x.dtype() {
-        DType::F32 => {
-            let xs = x.flatten_all()?.to_vec1::<f32>()?;
-            let mut ys = vec![0f32; xs.len()];
-            ys.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(o, i)| {
-                for (o, &v) in o.iter_mut().zip(i) {
-                    *o = f(v, &|r| r);
-                }
-            });
-            Tensor::from_vec(ys, x.dims(), x.device())?
-        }
-        DType::BF16 => {
-            use half::bf16;
-            let xs = x.flatten_all()?.to_vec1::<bf16>()?;
-            let mut ys = vec![bf16::ZERO; xs.len()];
-            let round = |r: f32| bf16::from_f32(r).to_f32();
-            ys.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(o, i)| {
-                for (o, &v) in o.iter_mut().zip(i) {
-                    *o = bf16::from_f32(f(v.to_f32(), &round));
-                }
-            });
-            Tensor::from_vec(ys, x.dims(), x.device())?
-        }
-        _ => return Ok(None),
-    };
-    Ok(Some(y))
 }
 
 #[derive(Debug, Clone)]
@@ -141,7 +102,7 @@ impl Attention {
             let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
             probs.matmul(&v)?.transpose(1, 2)?.reshape((n, l, d))?
         };
-        Ok(self.out_proj.forward(&out)?)
+        self.out_proj.forward(&out)
     }
 }
 
@@ -168,9 +129,9 @@ impl EncoderLayer {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = (x + self.self_attn.forward(&self.layer_norm1.forward(x)?)?)?;
+        let h = residual_add(x, &self.self_attn.forward(&self.layer_norm1.forward(x)?)?)?;
         let m = self.fc2.forward(&activation(&self.act, &self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?)?;
-        Ok((h + m)?)
+        residual_add(&h, &m)
     }
 }
 
@@ -270,12 +231,12 @@ mod quick_gelu_tests {
     fn fused_quick_gelu_matches_the_op_by_op_formula() {
         let x = Tensor::randn(0f32, 3.0, (3, 70_000), &Device::Cpu).unwrap();
         let want = (&x * candle_nn::ops::sigmoid(&(&x * 1.702).unwrap()).unwrap()).unwrap();
-        let got = quick_gelu_cpu(&x).unwrap().unwrap();
+        let got = crate::model::fused::quick_gelu(&x).unwrap().unwrap();
         let d = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(d < 1e-5, "f32: max diff {d}");
         // bf16: within one bf16 rounding step of the f32 result (|y| <= ~12 here: step <= 0.0625).
         let xb = x.to_dtype(DType::BF16).unwrap();
-        let got = quick_gelu_cpu(&xb).unwrap().unwrap().to_dtype(DType::F32).unwrap();
+        let got = crate::model::fused::quick_gelu(&xb).unwrap().unwrap().to_dtype(DType::F32).unwrap();
         let xf = xb.to_dtype(DType::F32).unwrap();
         let want = (&xf * candle_nn::ops::sigmoid(&(&xf * 1.702).unwrap()).unwrap()).unwrap();
         let rel = ((&got - &want).unwrap().abs().unwrap() / (want.abs().unwrap() + 1e-3).unwrap())

@@ -21,6 +21,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use rayon::prelude::*;
 
 use super::bf16_gemm;
+use super::fused;
 use super::qgemv::{qgemv, QFormat};
 use crate::error::{Error, Result};
 
@@ -104,8 +105,12 @@ impl Linear {
         let (out_f, in_f) = w.dims2()?;
         let rows = x.elem_count() / in_f.max(1);
         let cpu_bf16 = w.dtype() == DType::BF16 && matches!(x.device(), Device::Cpu) && w.is_contiguous();
-        let y = if cpu_bf16 && x.dtype() == DType::BF16 && bf16_gemm::has_fast_path() {
-            // BF16 activations x BF16 weights: our AVX-512 BF16 kernel, any number of rows.
+        let mut dims = x.dims().to_vec();
+        let last = dims.len() - 1;
+        dims[last] = out_f;
+        if cpu_bf16 && x.dtype() == DType::BF16 && bf16_gemm::has_fast_path() {
+            // BF16 activations x BF16 weights: our AVX-512 BF16 kernel, any number of rows; the
+            // f32 sums plus the bias rounded once to BF16, as PyTorch's BF16 `addmm` does.
             let xs = x.contiguous()?;
             let ys = with_bf16_bits(&xs, rows * in_f, |a| {
                 with_bf16_bits(w, out_f * in_f, |wb| {
@@ -114,17 +119,20 @@ impl Linear {
                     Ok(out)
                 })
             })?;
-            Some(ys)
-        } else if cpu_bf16 && rows <= GEMV_MAX_ROWS {
+            let bias = match &self.bias {
+                Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+                None => None,
+            };
+            let y = fused::linear_output_bf16(&ys, out_f, bias.as_deref());
+            return Ok(Tensor::from_vec(y, dims, x.device())?);
+        }
+        let y = if cpu_bf16 && rows <= GEMV_MAX_ROWS {
             let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             Some(with_bf16_bits(w, out_f * in_f, |wb| Ok(gemv_bf16(&xs, rows, wb, out_f, in_f)))?)
         } else {
             None
         };
         if let Some(ys) = y {
-            let mut dims = x.dims().to_vec();
-            let last = dims.len() - 1;
-            dims[last] = out_f;
             let y = Tensor::from_vec(ys, dims, x.device())?.to_dtype(x.dtype())?;
             return Ok(match &self.bias {
                 Some(b) => y.broadcast_add(b)?,

@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{linear_b, VarBuilder};
 
 use super::attention::{self, KvBuffer, MaskRules};
+use super::fused::residual_add;
 use super::linear::Linear;
 
 use crate::config::{RopeScaling, TextConfig, TextModelType};
@@ -34,6 +35,9 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = super::fused::rms_norm(x, &self.weight, self.eps)? {
+            return Ok(y);
+        }
         let dtype = x.dtype();
         let xf = x.to_dtype(DType::F32)?;
         let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
@@ -139,11 +143,16 @@ impl Attention {
         let split = |t: Tensor, n: usize| -> Result<Tensor> {
             Ok(t.reshape((b, l, n, self.head_dim))?.transpose(1, 2)?.contiguous()?)
         };
-        let q = split(self.q_proj.forward(x)?, self.num_heads)?;
-        let k = split(self.k_proj.forward(x)?, self.num_kv_heads)?;
+        // Heads [B, n, L, head_dim] with the rotary embedding: one fused pass for BF16 on the CPU.
+        let rotated = |t: Tensor, n: usize| -> Result<Tensor> {
+            match super::fused::rope_heads(&t, n, cos, sin)? {
+                Some(t) => Ok(t),
+                None => Ok(candle_nn::rotary_emb::rope(&split(t, n)?, cos, sin)?),
+            }
+        };
+        let q = rotated(self.q_proj.forward(x)?, self.num_heads)?;
+        let k = rotated(self.k_proj.forward(x)?, self.num_kv_heads)?;
         let v = split(self.v_proj.forward(x)?, self.num_kv_heads)?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?;
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?;
         let buffer = match cache {
             Some(buffer) => {
                 buffer.append(&k, &v)?;
@@ -168,7 +177,7 @@ impl Attention {
                 probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, self.num_heads * self.head_dim))?
             }
         };
-        Ok(self.o_proj.forward(&out)?)
+        self.o_proj.forward(&out)
     }
 }
 
@@ -235,8 +244,17 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = super::clip::activation(&self.act, &self.gate_proj.forward(x)?)?;
-        Ok(self.down_proj.forward(&(gate * self.up_proj.forward(x)?)?)?)
+        let gate = self.gate_proj.forward(x)?;
+        let up = self.up_proj.forward(x)?;
+        let fused = match self.act.as_str() {
+            "silu" | "swish" => super::fused::silu_mul(&gate, &up)?,
+            _ => None,
+        };
+        let h = match fused {
+            Some(h) => h,
+            None => (super::clip::activation(&self.act, &gate)? * up)?,
+        };
+        self.down_proj.forward(&h)
     }
 }
 
@@ -270,8 +288,9 @@ impl DecoderLayer {
         mask: &AttentionMask,
         cache: &mut Option<KvBuffer>,
     ) -> Result<Tensor> {
-        let h = (x + self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?)?;
-        Ok((&h + self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+        let attn = self.self_attn.forward(&self.input_layernorm.forward(x)?, cos, sin, mask, cache)?;
+        let h = residual_add(x, &attn)?;
+        residual_add(&h, &self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)
     }
 }
 

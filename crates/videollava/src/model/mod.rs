@@ -7,6 +7,7 @@
 //!   GEMM, for BF16 on the CPU;
 //! - [`qgemv`]: our matrix-vector kernel over GGML Q4K/Q6K/Q8_0 blocks (quantized decoding);
 //! - [`quantize`]: 8-bit and 4-bit weights for the language model's linear layers (`--quantize`);
+//! - [`fused`]: one-pass BF16 element-wise kernels (norms, SiLU·up, residual adds, linear outputs);
 //! - [`feature_cache`]: projected visual features kept by pixel content across requests;
 //! - [`llama`]: the Llama / Mistral decoder with its KV cache;
 //! - [`video_llava`]: the whole `VideoLlavaForConditionalGeneration`: features merged into the
@@ -16,6 +17,7 @@ pub mod attention;
 pub mod bf16_gemm;
 pub mod clip;
 pub mod feature_cache;
+pub mod fused;
 pub mod linear;
 pub mod llama;
 pub mod projector;
