@@ -719,6 +719,10 @@ mod bf16dot {
     const KS: usize = 32;
     /// Keys per value tile (`KV / 2` pairs).
     const KV: usize = 64;
+    /// Up to this many rows per task (decoding), [`direct`] reads keys and values in place.
+    const DIRECT_ROWS: usize = 4;
+    /// Largest head dimension [`direct`] handles (its accumulators live in registers).
+    const DIRECT_MAX_D: usize = 256;
 
     #[inline(always)]
     fn bh(v: __m512i) -> __m512bh {
@@ -792,6 +796,9 @@ mod bf16dot {
         let blocks = row_blocks(&ranges);
         let key_row = |j: usize| p.k.as_ptr().add(p.k_at.at(bi, kvh, j)) as *const i16;
         let value_row = |j: usize| p.v.as_ptr().add(p.v_at.at(bi, kvh, j)) as *const i16;
+        if rows <= DIRECT_ROWS && d.is_multiple_of(32) && d <= DIRECT_MAX_D {
+            return direct(p, bi, kvh, i0, cl, &ranges, lo, hi, &key_row, &value_row);
+        }
 
         // Query rows as pairs of consecutive D values (odd D: a zero high half last).
         let dp = d.div_ceil(2);
@@ -880,7 +887,13 @@ mod bf16dot {
         for (dst, src) in out.chunks_exact_mut(d).zip(o.chunks_exact(ds)) {
             dst.copy_from_slice(&src[..d]);
         }
-        // Rows that see no key: uniform over all T keys (see `MaskRules`), as in `task`.
+        uniform_rows(p, bi, kvh, &empty, &mut out);
+        out
+    }
+
+    /// Rows that see no key: uniform over all T keys (see `MaskRules`), as in `task`.
+    fn uniform_rows(p: &Params<bf16>, bi: usize, kvh: usize, empty: &[bool], out: &mut [f32]) {
+        let Shape { t, d, .. } = p.shape;
         if empty.iter().any(|&e| e) {
             let pu = bf16::round(1.0 / t as f32);
             for (r, dst) in out.chunks_exact_mut(d).enumerate() {
@@ -892,6 +905,97 @@ mod bf16dot {
                 }
             }
         }
+    }
+
+    /// The sums of each of 16 vectors, as one vector (`out[i] = Σ_lanes v[i]`).
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn reduce16(v: [__m512; 16]) -> __m512 {
+        // Pairs (2i, 2i + 1): within each 128-bit lane, [a0 + a2, b0 + b2, a1 + a3, b1 + b3].
+        let mut r = [_mm512_setzero_ps(); 8];
+        for (i, x) in r.iter_mut().enumerate() {
+            let (a, b) = (v[2 * i], v[2 * i + 1]);
+            *x = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+        }
+        // Quads: each 128-bit lane holds its part of the sums of 4 vectors, in order.
+        let mut q = [_mm512_setzero_ps(); 4];
+        for (i, x) in q.iter_mut().enumerate() {
+            let (a, b) = (r[2 * i], r[2 * i + 1]);
+            *x = _mm512_add_ps(_mm512_shuffle_ps::<0x44>(a, b), _mm512_shuffle_ps::<0xEE>(a, b));
+        }
+        // Across the four 128-bit lanes.
+        let u0 = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(q[0], q[1]), _mm512_shuffle_f32x4::<0xEE>(q[0], q[1]));
+        let u1 = _mm512_add_ps(_mm512_shuffle_f32x4::<0x44>(q[2], q[3]), _mm512_shuffle_f32x4::<0xEE>(q[2], q[3]));
+        _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(u0, u1), _mm512_shuffle_f32x4::<0xDD>(u0, u1))
+    }
+
+    /// Few query rows (decoding): keys and values are read in place, once per row, with no
+    /// packing (which for one row costs more than the products). Scores: 16 keys at a time,
+    /// `vdpbf16ps` over `d / 32` chunks per key, the 16 partial vectors reduced together; the
+    /// softmax as in [`task`]; output: each value row widened to f32 (exact) and accumulated with
+    /// an FMA by its bf16-rounded probability. Same results as [`task`] up to f32 summation order.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
+    unsafe fn direct(
+        p: &Params<bf16>,
+        bi: usize,
+        kvh: usize,
+        i0: usize,
+        cl: usize,
+        ranges: &[(usize, usize)],
+        lo: usize,
+        hi: usize,
+        key_row: &impl Fn(usize) -> *const i16,
+        value_row: &impl Fn(usize) -> *const i16,
+    ) -> Vec<f32> {
+        let Shape { t, d, .. } = p.shape;
+        let (rows, w, nc, nf) = (ranges.len(), hi - lo, d / 32, d / 16);
+        let valid = &p.rules.key_valid[bi * t..(bi + 1) * t];
+        let mut s = vec![0f32; rows * w];
+        for (r, &(rlo, rhi)) in ranges.iter().enumerate() {
+            let qp = p.q.as_ptr().add(p.q_at.at(bi, kvh * p.rep + r / cl, i0 + r % cl)) as *const i16;
+            let mut qv = [bh(_mm512_setzero_si512()); DIRECT_MAX_D / 32];
+            for (c, x) in qv.iter_mut().enumerate().take(nc) {
+                *x = bh(_mm512_loadu_si512(qp.add(32 * c) as *const _));
+            }
+            let mut j0 = rlo;
+            while j0 < rhi {
+                let jn = (rhi - j0).min(16);
+                let mut acc = [_mm512_setzero_ps(); 16];
+                for (kk, a) in acc.iter_mut().enumerate().take(jn) {
+                    let kr = key_row(j0 + kk);
+                    for (c, &qc) in qv.iter().enumerate().take(nc) {
+                        *a = _mm512_dpbf16_ps(*a, qc, bh(_mm512_loadu_si512(kr.add(32 * c) as *const _)));
+                    }
+                }
+                _mm512_mask_storeu_ps(s.as_mut_ptr().add(r * w + j0 - lo), mask16(jn), reduce16(acc));
+                j0 += jn;
+            }
+        }
+        let mut empty = vec![false; rows];
+        for (r, &(rlo, rhi)) in ranges.iter().enumerate() {
+            let row = &mut s[r * w..(r + 1) * w];
+            empty[r] = !softmax_row::<bf16>(&mut row[rlo - lo..rhi - lo], &valid[rlo..rhi], p.scale);
+        }
+        let mut out = vec![0f32; rows * d];
+        for (r, &(rlo, rhi)) in ranges.iter().enumerate() {
+            let pr = &s[r * w..(r + 1) * w];
+            let mut acc = [_mm512_setzero_ps(); DIRECT_MAX_D / 16];
+            for j in rlo..rhi {
+                let pj = _mm512_set1_ps(pr[j - lo]);
+                let vr = value_row(j);
+                for (f, a) in acc.iter_mut().enumerate().take(nf) {
+                    let x = _mm512_cvtpbh_ps(transmute::<__m256i, __m256bh>(_mm256_loadu_si256(
+                        vr.add(16 * f) as *const _
+                    )));
+                    *a = _mm512_fmadd_ps(pj, x, *a);
+                }
+            }
+            for (f, a) in acc.iter().enumerate().take(nf) {
+                _mm512_storeu_ps(out.as_mut_ptr().add(r * d + 16 * f), *a);
+            }
+        }
+        uniform_rows(p, bi, kvh, &empty, &mut out);
         out
     }
 
@@ -1277,6 +1381,11 @@ mod tests {
             // Decode l = 1 after a cache, GQA 8/2, d = 128 and 64, odd t.
             Case { b: 2, h: 8, hkv: 2, l: 1, t: 37, d: 128, pad: vec![4, 0], window: None },
             Case { b: 1, h: 4, hkv: 4, l: 1, t: 301, d: 64, pad: vec![0], window: None },
+            // Decode as Video-LLaVA-7B does (MHA, d = 128) and GQA 2 rows per task, padding,
+            // key counts not a multiple of 16; a sliding window cutting the decode row's range.
+            Case { b: 2, h: 4, hkv: 4, l: 1, t: 517, d: 128, pad: vec![0, 13], window: None },
+            Case { b: 1, h: 8, hkv: 4, l: 1, t: 250, d: 128, pad: vec![7], window: None },
+            Case { b: 1, h: 4, hkv: 2, l: 2, t: 90, d: 256, pad: vec![0], window: Some(41) },
             // l > 1 with past (chunked prefill), d = 128 and 80.
             Case { b: 1, h: 8, hkv: 2, l: 29, t: 97, d: 128, pad: vec![3], window: None },
             Case { b: 2, h: 2, hkv: 1, l: 70, t: 133, d: 80, pad: vec![0, 21], window: None },
