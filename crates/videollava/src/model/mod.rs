@@ -21,6 +21,7 @@ pub mod fused;
 pub mod linear;
 pub mod llama;
 pub mod projector;
+pub mod q8_gemm;
 pub mod qgemv;
 pub mod quantize;
 pub mod video_llava;

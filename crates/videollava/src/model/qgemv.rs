@@ -78,7 +78,7 @@ pub fn qgemv(format: QFormat, x: &[f32], rows: usize, w: &[u8], n: usize, k: usi
 
 /// Which inner loops run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kernel {
+pub(crate) enum Kernel {
     /// Portable Rust, any CPU.
     Scalar,
     /// AVX-512 F/BW/VL/VNNI (Ice Lake and later, Zen 4 and later).
@@ -87,7 +87,7 @@ enum Kernel {
 }
 
 impl Kernel {
-    fn detect() -> Self {
+    pub(crate) fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
         {
             if is_x86_feature_detected!("avx512f")
@@ -297,18 +297,18 @@ fn q8_0_block_scalar(xs: &[f32], q: &mut [i8]) -> f32 {
 }
 
 /// Activation rows quantized to Q8_0 exactly as candle's `BlockQ8_0::from_float` (x86).
-struct ActQ80 {
+pub(crate) struct ActQ80 {
     /// Blocks per row, and the row stride in blocks (`nb` rounded up to even, zero padded).
-    nb: usize,
-    nb_pad: usize,
+    pub(crate) nb: usize,
+    pub(crate) nb_pad: usize,
     /// f16-rounded scale per block, repeated 8 times, `[rows, nb_pad, 8]`.
-    dvec: Vec<f32>,
+    pub(crate) dvec: Vec<f32>,
     /// Quantized values, `[rows, nb_pad, 32]`.
-    qs: Vec<i8>,
+    pub(crate) qs: Vec<i8>,
 }
 
 impl ActQ80 {
-    fn quantize(kernel: Kernel, x: &[f32], rows: usize, nb: usize) -> Self {
+    pub(crate) fn quantize(kernel: Kernel, x: &[f32], rows: usize, nb: usize) -> Self {
         let nb_pad = nb + (nb & 1);
         let mut dvec = vec![0f32; rows * nb_pad * 8];
         let mut qs = vec![0i8; rows * nb_pad * QK8_0];
@@ -425,7 +425,7 @@ fn dot_q8_0_scalar(wr: &[u8], act: &ActQ80, r: usize) -> f32 {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod avx512 {
+pub(crate) mod avx512 {
     //! AVX-512 VNNI inner loops. Each processes `nw` consecutive weight rows against all
     //! activation rows (`R` of them, a compile-time constant so the accumulators stay in
     //! registers) and writes `out_t[j * R + r]`.
@@ -516,7 +516,7 @@ mod avx512 {
 
     /// [`super::q8_0_block_scalar`] vectorised; bit-identical for finite inputs.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub(super) unsafe fn q8_0_block(xs: &[f32], q: &mut [i8]) -> f32 {
+    pub(crate) unsafe fn q8_0_block(xs: &[f32], q: &mut [i8]) -> f32 {
         assert!(xs.len() == QK8_0 && q.len() == QK8_0, "q8_0_block: block size");
         let v0 = _mm512_loadu_ps(xs.as_ptr());
         let v1 = _mm512_loadu_ps(xs.as_ptr().add(16));
