@@ -24,7 +24,7 @@ use crate::error::{Error, Result};
 const CHUNK: usize = 1 << 15;
 
 /// Runs `f` on the values of the contiguous CPU tensor `t` (of element type `T`).
-fn with_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
+pub(crate) fn with_slice<T: candle_core::WithDType, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
     let (storage, layout) = t.storage_and_layout();
     let candle_core::Storage::Cpu(cpu) = &*storage else {
         return Err(Error::Model("tensor not in CPU memory".into()));
@@ -121,6 +121,35 @@ pub fn linear_output_bf16(y: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<bf16
         .zip(y.par_chunks(rows_per_task * n.max(1)))
         .for_each(|(o, y)| convert_rows(y, bias, o));
     out
+}
+
+multiversion! {
+    fn widen_chunk(x: &[bf16], out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = widen(v);
+        }
+    }
+}
+
+/// Runs `f` on the values of `x` as f32: a contiguous F32 CPU tensor is read in place, a
+/// contiguous BF16 one widened (exactly) in one parallel pass, anything else converted by candle.
+pub fn with_f32_values<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    if x.device().is_cpu() && x.is_contiguous() {
+        match x.dtype() {
+            DType::F32 => return with_slice::<f32, _>(x, f),
+            DType::BF16 => {
+                let wide = with_slice::<bf16, _>(x, |xs| {
+                    let mut out = vec![0f32; xs.len()];
+                    out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(o, i)| widen_chunk(i, o));
+                    Ok(out)
+                })?;
+                return f(&wide);
+            }
+            _ => {}
+        }
+    }
+    let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    f(&v)
 }
 
 multiversion! {

@@ -225,7 +225,6 @@ impl Linear {
         if data.len() != out_f * QFormat::Q8_0.row_bytes(in_f) || rows == 0 {
             return Ok(None);
         }
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let bias = match &self.bias {
             Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             None => None,
@@ -234,7 +233,10 @@ impl Linear {
         let last = dims.len() - 1;
         dims[last] = out_f;
         let y = with_f32_scratch(rows * out_f, |out| {
-            q8_gemm::matmul_q8_0(&xs, rows, &data, out_f, in_f, out);
+            fused::with_f32_values(x, |xs| {
+                q8_gemm::matmul_q8_0(xs, rows, &data, out_f, in_f, out);
+                Ok(())
+            })?;
             if x.dtype() == DType::BF16 {
                 let y = fused::linear_output_bf16(out, out_f, bias.as_deref());
                 return Ok(Tensor::from_vec(y, dims.as_slice(), x.device())?);
