@@ -69,6 +69,10 @@ pub struct ModelArgs {
     /// same media skips the vision towers (0: off).
     #[arg(long, default_value_t = 256, value_name = "MIB")]
     pub feature_cache_mib: usize,
+    /// Copy the BF16 weights into memory at load instead of reading them in place from the
+    /// memory-mapped checkpoint files (the default where the CPU has AVX-512 BF16).
+    #[arg(long)]
+    pub no_mmap: bool,
 }
 
 impl ModelArgs {
@@ -90,8 +94,9 @@ impl ModelArgs {
             Some("off") => QuantCache::Off,
             Some(d) => QuantCache::Dir(PathBuf::from(d)),
         };
-        let engine = Engine::load_quantized(&dir, self.dtype, self.quantize, cache, &candle_core::Device::Cpu)
-            .with_context(|| format!("loading the checkpoint {}", dir.display()))?;
+        let engine =
+            Engine::load_quantized(&dir, self.dtype, self.quantize, cache, !self.no_mmap, &candle_core::Device::Cpu)
+                .with_context(|| format!("loading the checkpoint {}", dir.display()))?;
         if let Some(s) = spinner {
             s.finish_and_clear();
         }

@@ -69,7 +69,7 @@ pub fn run(args: QualityArgs) -> Result<()> {
     let (images, videos, _) = args.media.load()?;
 
     // 1. The reference answers greedily.
-    let reference = Engine::load_quantized(&dir, args.reference_dtype, None, QuantCache::Off, &Device::Cpu)
+    let reference = Engine::load_quantized(&dir, args.reference_dtype, None, QuantCache::Off, true, &Device::Cpu)
         .with_context(|| format!("loading the reference {}", dir.display()))?;
     let prompt = reference.question_prompt(&args.prompt, images.len(), videos.len())?;
     let inputs = reference.processor.process(&[prompt.as_str()], &images, &videos)?;

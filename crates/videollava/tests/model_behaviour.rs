@@ -173,3 +173,38 @@ fn missing_or_misshaped_weights_are_named() {
     let err = load_err(&dir);
     assert!(err.contains("model.safetensors") && err.contains("truncated"), "{err}");
 }
+
+/// BF16 weights stored as BF16 are read in place from the memory-mapped shards: the logits are
+/// bit-identical to loading copies, and every linear layer (towers, projector, decoder, LM
+/// head) is mapped where the CPU has the BF16 kernels.
+#[test]
+fn memory_mapped_bf16_weights_give_the_same_logits_as_copies() {
+    use videollava::model::LoadOptions;
+    let dir = fixtures_dir().join("checkpoints").join("model-llama-bf16-sharded");
+    let (ids, images, videos, _) = case("model-llama-bf16-sharded-image_video");
+    let run = |mmap: bool| {
+        let options = LoadOptions { mmap, ..LoadOptions::new(DType::BF16) };
+        let mut model = VideoLlava::load_with(&dir, &options, &Device::Cpu).unwrap();
+        let mapped = model.mapped_weights();
+        let input = ForwardInput {
+            pixel_values_images: images.as_ref(),
+            pixel_values_videos: videos.as_ref(),
+            ..ForwardInput::new(&ids)
+        };
+        (model.forward(&input, None).unwrap().logits.unwrap(), mapped)
+    };
+    let (copied, none) = run(false);
+    let (mapped, (count, bytes)) = run(true);
+    assert_eq!(none, (0, 0), "mmap off maps nothing");
+    if videollava::model::bf16_gemm::has_fast_path() {
+        // 2 towers x 1 layer x 6 + 2 projector + 2 decoder layers x 7 + LM head.
+        let cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+        let text_layers = cfg["text_config"]["num_hidden_layers"].as_u64().unwrap() as usize;
+        assert!(count >= 2 + text_layers * 7 + 1, "only {count} linear layers mapped");
+        assert!(bytes > 0);
+    } else {
+        eprintln!("no AVX-512 BF16: weights are copied, nothing to compare");
+    }
+    assert_eq!(max_abs(&copied, &mapped), 0.0, "mapped weights change the logits");
+}

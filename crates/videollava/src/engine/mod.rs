@@ -95,16 +95,17 @@ pub struct Engine {
 impl Engine {
     /// Loads the checkpoint directory `dir` (use [`crate::hub::resolve_model`] for hub ids).
     pub fn load(dir: &Path, dtype: DTypeChoice, device: &Device) -> Result<Self> {
-        Self::load_quantized(dir, dtype, None, QuantCache::Default, device)
+        Self::load_quantized(dir, dtype, None, QuantCache::Default, true, device)
     }
 
     /// Loads `dir`, quantizing the language model's linear layers to `quantize` if given
-    /// (see [`crate::model::quantize`]).
+    /// (see [`crate::model::quantize`]); `mmap`: see [`LoadOptions::mmap`].
     pub fn load_quantized(
         dir: &Path,
         dtype: DTypeChoice,
         quantize: Option<QuantFormat>,
         quant_cache: QuantCache,
+        mmap: bool,
         device: &Device,
     ) -> Result<Self> {
         let t = Instant::now();
@@ -112,7 +113,7 @@ impl Engine {
         let tokenizer = TextTokenizer::from_dir(dir)?;
         let processor = Processor::new(&checkpoint, tokenizer)?;
         let dtype = dtype.resolve(checkpoint.model.dtype.as_deref());
-        let options = LoadOptions { dtype, quantize, quant_cache };
+        let options = LoadOptions { dtype, quantize, quant_cache, mmap };
         let model = VideoLlava::load_with(dir, &options, device)?;
         Ok(Self {
             model,

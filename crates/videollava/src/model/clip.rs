@@ -214,6 +214,27 @@ impl ClipVisionTower {
 
     /// The hidden states at `indices` (resolved, non-negative), concatenated on the feature axis:
     /// `[N, 1 + (S/p)^2, D * indices.len()]`.
+    /// Every linear layer of the encoder with its weight name under `prefix` (e.g.
+    /// `video_tower.vision_model.`).
+    pub fn linears_mut(&mut self, prefix: &str) -> Vec<(String, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let p = format!("{prefix}encoder.layers.{i}");
+            let a = &mut layer.self_attn;
+            for (n, l) in [
+                ("q_proj", &mut a.q_proj),
+                ("k_proj", &mut a.k_proj),
+                ("v_proj", &mut a.v_proj),
+                ("out_proj", &mut a.out_proj),
+            ] {
+                out.push((format!("{p}.self_attn.{n}.weight"), l));
+            }
+            out.push((format!("{p}.mlp.fc1.weight"), &mut layer.fc1));
+            out.push((format!("{p}.mlp.fc2.weight"), &mut layer.fc2));
+        }
+        out
+    }
+
     pub fn select_features(&self, pixels: &Tensor, indices: &[usize]) -> Result<Tensor> {
         let max = indices.iter().copied().max().unwrap_or(0);
         let states = self.hidden_states(pixels, max)?;

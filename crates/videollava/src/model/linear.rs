@@ -6,7 +6,8 @@
 //! on every call; for a few rows it streams the weight once at memory speed). Without AVX-512
 //! BF16, a few rows (decoding) use a portable matrix-vector kernel of ours that widens each weight
 //! in registers (AVX2+FMA when present), and everything else candle's matmul. Outputs are
-//! accumulated in f32 and rounded to the activation dtype, as candle's would be.
+//! accumulated in f32 and rounded to the activation dtype, as candle's would be. BF16 weights may
+//! also be read in place from the memory-mapped checkpoint ([`LinearWeight::Mapped`]).
 //!
 //! Quantized weights (`--quantize`, see [`super::quantize`]) are GGML blocks (Q8_0, Q4K, Q6K):
 //! the input is quantized to 8 bits per block on the fly and dot products run in integers. Up to
@@ -26,6 +27,7 @@ use super::bf16_gemm;
 use super::fused;
 use super::q8_gemm;
 use super::qgemv::{qgemv, QFormat};
+use super::weights::MappedBf16;
 use crate::error::{Error, Result};
 
 /// Most input rows handled by our matrix-vector kernel; above it candle's GEMM wins.
@@ -38,6 +40,19 @@ const BLOCK: usize = 64;
 pub enum LinearWeight {
     Dense(Tensor),
     Quantized(Arc<QTensor>),
+    /// BF16 `[out, in]` read in place from the memory-mapped checkpoint (CPU).
+    Mapped(MappedBf16),
+}
+
+impl LinearWeight {
+    /// `(out_features, in_features)`.
+    fn dims(&self) -> Result<(usize, usize)> {
+        Ok(match self {
+            LinearWeight::Dense(w) => w.dims2()?,
+            LinearWeight::Quantized(q) => q.shape().dims2()?,
+            LinearWeight::Mapped(m) => m.dims(),
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -63,18 +78,12 @@ impl Linear {
 
     /// `(out_features, in_features)`.
     pub fn dims(&self) -> Result<(usize, usize)> {
-        Ok(match &self.weight {
-            LinearWeight::Dense(w) => w.dims2()?,
-            LinearWeight::Quantized(q) => q.shape().dims2()?,
-        })
+        self.weight.dims()
     }
 
     /// Replaces the weight (e.g. by its quantized form); the shape must stay the same.
     pub fn set_weight(&mut self, weight: LinearWeight) -> Result<()> {
-        let new = match &weight {
-            LinearWeight::Dense(w) => w.dims2()?,
-            LinearWeight::Quantized(q) => q.shape().dims2()?,
-        };
+        let new = weight.dims()?;
         let old = self.dims()?;
         if new != old {
             return Err(Error::Model(format!("replacing a {old:?} linear weight by one of shape {new:?}")));
@@ -84,8 +93,17 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let copied;
         let w = match &self.weight {
             LinearWeight::Dense(w) => w,
+            LinearWeight::Mapped(m) => {
+                if x.dtype() == DType::BF16 && x.device().is_cpu() && bf16_gemm::has_fast_path() {
+                    return self.bf16_product(x, m.bits(), m.dims());
+                }
+                // No kernel reads the map here: a copy, then the dense path.
+                copied = m.to_tensor(x.device())?;
+                &copied
+            }
             LinearWeight::Quantized(q) => {
                 if let Some(y) = self.quantized_gemv(q, x)? {
                     return Ok(y);
@@ -115,22 +133,7 @@ impl Linear {
         let last = dims.len() - 1;
         dims[last] = out_f;
         if cpu_bf16 && x.dtype() == DType::BF16 && bf16_gemm::has_fast_path() {
-            // BF16 activations x BF16 weights: our AVX-512 BF16 kernel, any number of rows; the
-            // f32 sums plus the bias rounded once to BF16, as PyTorch's BF16 `addmm` does.
-            let xs = x.contiguous()?;
-            let bias = match &self.bias {
-                Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
-                None => None,
-            };
-            let y = with_f32_scratch(rows * out_f, |out| {
-                with_bf16_bits(&xs, rows * in_f, |a| {
-                    with_bf16_bits(w, out_f * in_f, |wb| {
-                        bf16_gemm::matmul_bf16(a, rows, wb, out_f, in_f, out);
-                        Ok(fused::linear_output_bf16(out, out_f, bias.as_deref()))
-                    })
-                })
-            })?;
-            return Ok(Tensor::from_vec(y, dims, x.device())?);
+            return with_bf16_bits(w, out_f * in_f, |wb| self.bf16_product(x, wb, (out_f, in_f)));
         }
         let y = if cpu_bf16 && rows <= GEMV_MAX_ROWS {
             let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
@@ -151,6 +154,31 @@ impl Linear {
 }
 
 impl Linear {
+    /// BF16 activations `x` `[..., in]` times the BF16 weight bits `w` `[out, in]` (row-major):
+    /// our AVX-512 BF16 kernel, any number of rows; the f32 sums plus the bias rounded once to
+    /// BF16, as PyTorch's BF16 `addmm` does. The caller checks the kernel's CPU features.
+    fn bf16_product(&self, x: &Tensor, w: &[u16], (out_f, in_f): (usize, usize)) -> Result<Tensor> {
+        let rows = x.elem_count() / in_f.max(1);
+        let mut dims = x.dims().to_vec();
+        let last = dims.len() - 1;
+        if dims[last] != in_f {
+            return Err(Error::Model(format!("linear layer takes {in_f} features, got input {:?}", x.dims())));
+        }
+        dims[last] = out_f;
+        let xs = x.contiguous()?;
+        let bias = match &self.bias {
+            Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
+            None => None,
+        };
+        let y = with_f32_scratch(rows * out_f, |out| {
+            with_bf16_bits(&xs, rows * in_f, |a| {
+                bf16_gemm::matmul_bf16(a, rows, w, out_f, in_f, out);
+                Ok(fused::linear_output_bf16(out, out_f, bias.as_deref()))
+            })
+        })?;
+        Ok(Tensor::from_vec(y, dims, x.device())?)
+    }
+
     /// A few rows on the CPU through our matrix-vector kernel over the compact GGML blocks
     /// ([`super::qgemv`]: the weight streamed once at memory speed); `None` where it does not apply.
     fn quantized_gemv(&self, q: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {

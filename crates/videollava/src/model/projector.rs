@@ -29,6 +29,14 @@ impl Projector {
         })
     }
 
+    /// Both linear layers with their canonical weight names.
+    pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        vec![
+            ("multi_modal_projector.linear_1.weight".to_string(), &mut self.linear_1),
+            ("multi_modal_projector.linear_2.weight".to_string(), &mut self.linear_2),
+        ]
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = super::clip::activation(&self.act, &self.linear_1.forward(x)?)?;
         Ok(self.linear_2.forward(&h)?)

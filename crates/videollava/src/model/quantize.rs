@@ -272,7 +272,7 @@ pub fn summarize<'a>(linears: impl IntoIterator<Item = (String, &'a Linear)>, re
                 *report.quantized.entry(format!("{:?}", q.dtype())).or_insert(0) += 1;
                 report.quantized_bytes += q.storage_size_in_bytes();
             }
-            LinearWeight::Dense(_) => report.kept_dense.push(name),
+            LinearWeight::Dense(_) | LinearWeight::Mapped(_) => report.kept_dense.push(name),
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::config::{FeatureSelectStrategy, VideoLlavaConfig};
 use crate::error::{Error, Result};
 use crate::model::clip::ClipVisionTower;
 use crate::model::feature_cache::{FeatureCache, FeatureCacheStats, Tower, DEFAULT_CAPACITY_BYTES};
+use crate::model::linear::{Linear, LinearWeight};
 use crate::model::llama::{KvCache, LanguageModel};
 use crate::model::projector::Projector;
 use crate::model::quantize::{self, CachedQuantized, QuantCache, QuantFormat, QuantizeReport};
@@ -28,11 +29,14 @@ pub struct LoadOptions {
     pub quantize: Option<QuantFormat>,
     /// Where quantized weights are saved and looked up.
     pub quant_cache: QuantCache,
+    /// BF16 weights stored as BF16 stay in the memory-mapped files where our BF16 kernels read
+    /// them (CPU with AVX-512 BF16), instead of being copied into memory at load.
+    pub mmap: bool,
 }
 
 impl LoadOptions {
     pub fn new(dtype: DType) -> Self {
-        Self { dtype, quantize: None, quant_cache: QuantCache::Default }
+        Self { dtype, quantize: None, quant_cache: QuantCache::Default, mmap: true }
     }
 }
 
@@ -125,7 +129,26 @@ impl VideoLlava {
         let config = VideoLlavaConfig::from_file(&dir.join("config.json"))?;
         let mut weights = CheckpointWeights::open(dir)?;
         let Some(format) = options.quantize else {
-            return Self::from_var_builder(config, weights.var_builder(options.dtype, device));
+            if !(options.mmap && device.is_cpu() && options.dtype == DType::BF16 && super::bf16_gemm::has_fast_path()) {
+                return Self::from_var_builder(config, weights.var_builder(options.dtype, device));
+            }
+            // BF16 on a CPU with our BF16 kernels: the linear layers' weights stay in the
+            // memory-mapped files (no copy; cached by the OS between runs).
+            let names: Vec<(String, Vec<usize>)> = Self::linear_weight_names(&config)
+                .into_iter()
+                .filter_map(|n| weights.stored_shape(&n).map(|s| (n, s)))
+                .collect();
+            let mut mapped = weights.map_bf16(&names)?;
+            let mut model = Self::from_var_builder(config, weights.var_builder(options.dtype, device))?;
+            for (name, linear) in model.linears_mut() {
+                if let Some(m) = mapped.remove(&name) {
+                    linear.set_weight(LinearWeight::Mapped(m)).map_err(|e| Error::Model(format!("`{name}`: {e}")))?;
+                }
+            }
+            if let Some(name) = mapped.keys().next() {
+                return Err(Error::Model(format!("memory-mapped weight `{name}` belongs to no linear layer")));
+            }
+            return Ok(model);
         };
         if !device.is_cpu() {
             return Err(Error::Input("--quantize is implemented for the CPU only".into()));
@@ -154,6 +177,67 @@ impl VideoLlava {
         }
         model.quantization = Some(report);
         Ok(model)
+    }
+
+    /// Canonical weight names of every linear layer the model loads (vision towers up to the
+    /// deepest selected layer, projector, language model, LM head).
+    fn linear_weight_names(config: &VideoLlavaConfig) -> Vec<String> {
+        let vc = &config.vision_config;
+        let needed = config.vision_feature_layer.resolved(vc.num_hidden_layers).into_iter().max().unwrap_or(0);
+        let mut names = Vec::new();
+        for tower in ["image_tower", "video_tower"] {
+            for i in 0..needed {
+                let p = format!("{tower}.vision_model.encoder.layers.{i}");
+                for n in [
+                    "self_attn.q_proj",
+                    "self_attn.k_proj",
+                    "self_attn.v_proj",
+                    "self_attn.out_proj",
+                    "mlp.fc1",
+                    "mlp.fc2",
+                ] {
+                    names.push(format!("{p}.{n}.weight"));
+                }
+            }
+        }
+        names.push("multi_modal_projector.linear_1.weight".into());
+        names.push("multi_modal_projector.linear_2.weight".into());
+        for i in 0..config.text_config.num_hidden_layers {
+            let p = format!("language_model.model.layers.{i}");
+            for n in [
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.o_proj",
+                "mlp.gate_proj",
+                "mlp.up_proj",
+                "mlp.down_proj",
+            ] {
+                names.push(format!("{p}.{n}.weight"));
+            }
+        }
+        names.push("language_model.lm_head.weight".into());
+        names
+    }
+
+    /// How many linear layers read their weight from the memory-mapped checkpoint, and their bytes.
+    pub fn mapped_weights(&mut self) -> (usize, usize) {
+        self.linears_mut()
+            .into_iter()
+            .filter_map(|(_, l)| match l.weight() {
+                LinearWeight::Mapped(m) => Some(m.dims().0 * m.dims().1 * 2),
+                _ => None,
+            })
+            .fold((0, 0), |(n, b), bytes| (n + 1, b + bytes))
+    }
+
+    /// Every linear layer with its canonical weight name.
+    fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {
+        let mut out = self.image_tower.linears_mut("image_tower.vision_model.");
+        out.extend(self.video_tower.linears_mut("video_tower.vision_model."));
+        out.extend(self.projector.linears_mut());
+        out.extend(self.language_model.linears_mut());
+        out
     }
 
     /// Builds the model from a config and a [`candle_nn::VarBuilder`] over canonical names.

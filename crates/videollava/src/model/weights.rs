@@ -3,8 +3,10 @@
 //! Files: a single `model.safetensors`, or the shards listed by `model.safetensors.index.json`.
 //! Tensors may be stored as F32, F16 or BF16; the [`VarBuilder`] converts each to the compute
 //! dtype chosen at load. Each tensor is read with positioned reads straight into its own buffer
-//! (rather than through a memory map), so the file's pages never count as resident memory of the
-//! process next to the loaded copy: peak RSS stays near the size of the weights.
+//! (candle copies tensors out of a memory map anyway, which doubled resident memory), except the
+//! linear layers' BF16 weights of a BF16 model on a CPU with our BF16 kernels: those stay in the
+//! memory-mapped files ([`CheckpointWeights::map_bf16`], [`MappedBf16`]) and are read in place,
+//! so loading copies almost nothing and the OS keeps the files cached between runs.
 //!
 //! Model code asks for the names of the hub checkpoint (transformers 4.46's on-disk layout,
 //! reference-spec §2): `image_tower.vision_model.…`, `video_tower.vision_model.…`,
@@ -197,8 +199,87 @@ impl SimpleBackend for SafetensorsReader {
     }
 }
 
+/// A BF16 matrix `[rows, cols]` read in place from a memory-mapped safetensors file (the file's
+/// pages are the weight: nothing is copied, the OS keeps them cached between runs, and a first
+/// run reads them from disk as the model touches them).
+#[derive(Clone)]
+pub struct MappedBf16 {
+    map: std::sync::Arc<memmap2::Mmap>,
+    /// Byte offset of the first value in the map (even).
+    offset: usize,
+    rows: usize,
+    cols: usize,
+}
+
+impl std::fmt::Debug for MappedBf16 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedBf16 {{ shape: [{}, {}], offset: {} }}", self.rows, self.cols, self.offset)
+    }
+}
+
+impl MappedBf16 {
+    /// `(rows, cols)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// The values as BF16 bit patterns, row-major.
+    pub fn bits(&self) -> &[u16] {
+        let bytes = &self.map[self.offset..self.offset + self.rows * self.cols * 2];
+        // SAFETY: `offset` is even and the map is page-aligned, so the pointer is 2-byte aligned;
+        // the slice lies inside the map (checked when it was made) and lives as long as `self`;
+        // every bit pattern is a valid u16.
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const u16, bytes.len() / 2) }
+    }
+
+    /// A copy as a BF16 tensor (for code paths without a kernel reading the map).
+    pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
+        let values: Vec<half::bf16> = self.bits().iter().map(|&b| half::bf16::from_bits(b)).collect();
+        Ok(Tensor::from_vec(values, (self.rows, self.cols), device)?)
+    }
+}
+
 impl CheckpointWeights {
-    /// Memory-maps the weights of `dir`.
+    /// Memory-maps, instead of reading, those of `tensors` (canonical name, `[rows, cols]`)
+    /// stored as BF16 with that shape; they are deferred (not read by the [`VarBuilder`]), so
+    /// the caller must put each returned one in place of the placeholder the model gets.
+    ///
+    /// The files must not change while the model is loaded (as with any memory-mapped weights,
+    /// e.g. llama.cpp's default).
+    pub fn map_bf16(&mut self, tensors: &[(String, Vec<usize>)]) -> Result<HashMap<String, MappedBf16>> {
+        let mut maps: HashMap<usize, std::sync::Arc<memmap2::Mmap>> = HashMap::new();
+        let mut out = HashMap::new();
+        for (name, shape) in tensors {
+            let stored = self.stored_name(name);
+            let Some(e) = self.tensors.entries.get(&stored) else { continue };
+            if e.dtype != DType::BF16 || &e.shape != shape || shape.len() != 2 || e.start % 2 != 0 {
+                continue;
+            }
+            if (e.end - e.start) as usize != shape[0] * shape[1] * 2 {
+                continue; // the reader reports the inconsistency when it loads the tensor
+            }
+            let map = match maps.get(&e.file) {
+                Some(m) => m.clone(),
+                None => {
+                    let (path, file) = &self.tensors.files[e.file];
+                    // SAFETY: the map is read-only; the checkpoint's files are not modified while
+                    // the model is loaded (documented above).
+                    let m = unsafe { memmap2::Mmap::map(file) }.map_err(|err| Error::io(path, err))?;
+                    let m = std::sync::Arc::new(m);
+                    maps.insert(e.file, m.clone());
+                    m
+                }
+            };
+            if e.end as usize > map.len() {
+                continue;
+            }
+            self.tensors.deferred.insert(stored);
+            out.insert(name.clone(), MappedBf16 { map, offset: e.start as usize, rows: shape[0], cols: shape[1] });
+        }
+        Ok(out)
+    }
+
+    /// Opens the weights of `dir` (headers read and checked; tensors are read on demand).
     pub fn open(dir: &Path) -> Result<Self> {
         let files = weight_files(dir)?;
         let mut entries = HashMap::new();
@@ -239,6 +320,11 @@ impl CheckpointWeights {
             }
         }
         name.to_string()
+    }
+
+    /// The stored shape of canonical tensor `name`, if present.
+    pub fn stored_shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.tensors.entries.get(&self.stored_name(name)).map(|e| e.shape.clone())
     }
 
     /// Whether canonical tensor `name` is present.
