@@ -12,10 +12,10 @@
 //! Quantized weights (`--quantize`, see [`super::quantize`]) are GGML blocks (Q8_0, Q4K, Q6K):
 //! the input is quantized to 8 bits per block on the fly and dot products run in integers. Up to
 //! 4 rows (decoding) go through our kernel [`super::qgemv`] over the compact blocks (3-5x faster
-//! than candle's for one row). More rows: Q8_0 through our int8 GEMM [`super::q8_gemm`] (AVX-512
-//! VNNI, ~670 GOP/s on the 7B prefill shapes against ~410 for candle's); Q4K/Q6K through candle's
-//! quantized matmul, which on x86 repacks the blocks into VNNI tiles on first use and keeps them
-//! beside the blocks.
+//! than candle's for one row). More rows: Q8_0 and Q4K through our int8 GEMMs [`super::q8_gemm`]
+//! and [`super::q4k_gemm`] (AVX-512 VNNI, ~670 and ~610 GOP/s on the 7B prefill shapes against
+//! ~410 for candle's); Q6K (the 4-bit model's LM head) through candle's quantized matmul, which on
+//! x86 repacks the blocks into VNNI tiles on first use and keeps them beside the blocks.
 
 use std::sync::Arc;
 
@@ -25,10 +25,14 @@ use rayon::prelude::*;
 
 use super::bf16_gemm;
 use super::fused;
+use super::q4k_gemm;
 use super::q8_gemm;
 use super::qgemv::{qgemv, QFormat};
 use super::weights::MappedBf16;
 use crate::error::{Error, Result};
+
+/// `out[m, n] = x[m, k] · W[n, k]ᵀ` over quantized blocks: `(x, m, w_blocks, n, k, out)`.
+type QuantizedGemm = fn(&[f32], usize, &[u8], usize, usize, &mut [f32]);
 
 /// Most input rows handled by our matrix-vector kernel; above it candle's GEMM wins.
 const GEMV_MAX_ROWS: usize = 8;
@@ -108,7 +112,7 @@ impl Linear {
                 if let Some(y) = self.quantized_gemv(q, x)? {
                     return Ok(y);
                 }
-                if let Some(y) = self.q8_0_gemm(q, x)? {
+                if let Some(y) = self.quantized_gemm(q, x)? {
                     return Ok(y);
                 }
                 // candle's quantized matmul takes f32/f16/bf16 contiguous input of any rank.
@@ -239,18 +243,23 @@ fn with_f32_scratch<T>(len: usize, f: impl FnOnce(&mut [f32]) -> Result<T>) -> R
 }
 
 impl Linear {
-    /// More rows (prefill) with Q8_0 weights on the CPU through our int8 GEMM
-    /// ([`super::q8_gemm`], ~1.6x candle's quantized matmul on the 7B shapes, and no repacked copy
-    /// of the weight kept); `None` where it does not apply. The f32 product is rounded once to
-    /// the activation dtype, with the bias added first.
-    fn q8_0_gemm(&self, q: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
+    /// More rows (prefill) with Q8_0 or Q4K weights on the CPU through our int8 GEMMs
+    /// ([`super::q8_gemm`], [`super::q4k_gemm`]: ~1.6x and ~1.4x candle's quantized matmul on
+    /// the 7B shapes, and no repacked copy of the weight kept); `None` where they do not apply.
+    /// The f32 product is rounded once to the activation dtype, with the bias added first.
+    fn quantized_gemm(&self, q: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
         let (out_f, in_f) = q.shape().dims2()?;
-        if q.dtype() != GgmlDType::Q8_0 || !x.device().is_cpu() || in_f % 32 != 0 || !q8_gemm::has_fast_path() {
+        let (format, gemm): (QFormat, QuantizedGemm) = match q.dtype() {
+            GgmlDType::Q8_0 if q8_gemm::has_fast_path() => (QFormat::Q8_0, q8_gemm::matmul_q8_0),
+            GgmlDType::Q4K if q4k_gemm::has_fast_path() => (QFormat::Q4K, q4k_gemm::matmul_q4k),
+            _ => return Ok(None),
+        };
+        if !x.device().is_cpu() || in_f % format.block_values() != 0 {
             return Ok(None);
         }
         let rows = x.elem_count() / in_f.max(1);
         let data = q.data()?;
-        if data.len() != out_f * QFormat::Q8_0.row_bytes(in_f) || rows == 0 {
+        if data.len() != out_f * format.row_bytes(in_f) || rows == 0 {
             return Ok(None);
         }
         let bias = match &self.bias {
@@ -262,7 +271,7 @@ impl Linear {
         dims[last] = out_f;
         let y = with_f32_scratch(rows * out_f, |out| {
             fused::with_f32_values(x, |xs| {
-                q8_gemm::matmul_q8_0(xs, rows, &data, out_f, in_f, out);
+                gemm(xs, rows, &data, out_f, in_f, out);
                 Ok(())
             })?;
             if x.dtype() == DType::BF16 {
@@ -458,6 +467,31 @@ mod tests {
             let d = (ours.to_dtype(DType::F32).unwrap() - want).unwrap().abs().unwrap().max_all().unwrap();
             let d = d.to_scalar::<f32>().unwrap();
             assert!(d <= m * 2f32.powi(-8) + 1e-4, "bf16 rows {rows}: max diff {d}");
+        }
+    }
+
+    /// Q4K weights: every row count (qgemv up to 4 rows, the int8 GEMM above) is as close to
+    /// the product with the dequantized weight as candle's quantized matmul is (both quantize
+    /// the activations to 8 bits: ours per 32 values, candle's per 256).
+    #[test]
+    fn q4k_weights_are_as_close_to_the_dequantized_product_as_candles() {
+        let dev = Device::Cpu;
+        let (n, k) = (40, 512);
+        let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap();
+        let q = Arc::new(QTensor::quantize(&w, GgmlDType::Q4K).unwrap());
+        let wd = q.dequantize(&dev).unwrap();
+        let lin = Linear { weight: LinearWeight::Quantized(q.clone()), bias: None };
+        let max_err =
+            |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        for rows in [1, 4, 5, 9, 64] {
+            let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap();
+            let exact = x.matmul(&wd.t().unwrap()).unwrap();
+            let ours = lin.forward(&x).unwrap();
+            let candle = x.apply_op1_no_bwd(q.as_ref()).unwrap();
+            let m = exact.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let (e_ours, e_candle) = (max_err(&ours, &exact), max_err(&candle, &exact));
+            assert!(e_ours <= 1.5 * e_candle + 1e-3 * m, "rows {rows}: ours {e_ours}, candle {e_candle}");
+            assert!(e_ours < 0.02 * m, "rows {rows}: error {e_ours} of max {m}");
         }
     }
 }

@@ -6,6 +6,7 @@
 //! - [`linear`]: linear layers (dense, or quantized), dispatching to [`bf16_gemm`], our AVX-512 BF16
 //!   GEMM, for BF16 on the CPU;
 //! - [`qgemv`]: our matrix-vector kernel over GGML Q4K/Q6K/Q8_0 blocks (quantized decoding);
+//! - [`q8_gemm`], [`q4k_gemm`]: our AVX-512 VNNI int8 GEMMs over Q8_0 / Q4K blocks (quantized prefill);
 //! - [`quantize`]: 8-bit and 4-bit weights for the language model's linear layers (`--quantize`);
 //! - [`fused`]: one-pass BF16 element-wise kernels (norms, SiLU·up, residual adds, linear outputs);
 //! - [`feature_cache`]: projected visual features kept by pixel content across requests;
@@ -21,6 +22,7 @@ pub mod fused;
 pub mod linear;
 pub mod llama;
 pub mod projector;
+pub mod q4k_gemm;
 pub mod q8_gemm;
 pub mod qgemv;
 pub mod quantize;

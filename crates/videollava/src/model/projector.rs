@@ -39,6 +39,6 @@ impl Projector {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = super::clip::activation(&self.act, &self.linear_1.forward(x)?)?;
-        Ok(self.linear_2.forward(&h)?)
+        self.linear_2.forward(&h)
     }
 }

@@ -333,7 +333,7 @@ impl ActQ80 {
 /// Q4K scale/min decoding (candle `vec_dot_q4k_q8k`): returns the 8 six-bit scales and the 8
 /// six-bit mins, each packed little-endian in a u64.
 #[inline(always)]
-fn q4k_scales_mins(s: &[u8]) -> (u64, u64) {
+pub(crate) fn q4k_scales_mins(s: &[u8]) -> (u64, u64) {
     const KMASK1: u32 = 0x3f3f3f3f;
     const KMASK2: u32 = 0x0f0f0f0f;
     const KMASK3: u32 = 0x03030303;
