@@ -1495,6 +1495,35 @@ mod tests {
         assert_eq!(exp(f32::NEG_INFINITY), 0.0);
     }
 
+    /// Decode attention at Video-LLaVA-7B's shapes (32 heads of 128, 2,074 cached positions,
+    /// BF16): time per call and the KV bytes read per second. `cargo test --release -p
+    /// videollava --lib attention::tests::bench_decode -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_decode() {
+        let dev = Device::Cpu;
+        let (h, t, d) = (32, 2074, 128);
+        let kv = |s: f64| {
+            (Tensor::randn(0f32, 1.0, (1, h, t, d), &dev).unwrap() * s).unwrap().to_dtype(DType::BF16).unwrap()
+        };
+        let kb = KvBuffer::new(&kv(1.0), &kv(1.0)).unwrap();
+        let (k, v) = (kb.keys().unwrap(), kb.values().unwrap());
+        let q = Tensor::randn(0f32, 1.0, (1, h, 1, d), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let valid = vec![1u32; t];
+        let rules = MaskRules { key_valid: &valid, past: t - 1, causal: true, sliding_window: None };
+        let mut times = Vec::new();
+        for _ in 0..300 {
+            let t0 = std::time::Instant::now();
+            let out = attention(&q, &k, &v, 0.088, &rules).unwrap();
+            std::hint::black_box(out);
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        let med = times[times.len() / 2];
+        let bytes = (2 * h * t * d * 2) as f64;
+        eprintln!("decode attention: median {:.3} ms, {:.1} GB/s of keys and values", med * 1e3, bytes / med / 1e9);
+    }
+
     #[test]
     fn kv_buffer_appends_in_place_and_grows() {
         let dev = Device::Cpu;
