@@ -1005,4 +1005,31 @@ mod tests {
         let mut out = vec![0f32; 2];
         qgemv(QFormat::Q8_0, &[0.0; 32], 1, &[0u8; 34], 2, 32, &mut out);
     }
+
+    /// One decode step's worth of Q4K matrix-vector products at the 7B shapes (4 matrices of
+    /// each kind, so that the weights come from memory): GB/s of compact blocks. `cargo test
+    /// --release -p videollava --lib qgemv::tests::bench_q4k -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_q4k_decode() {
+        for (n, k) in [(64, 4096), (4096, 4096), (11008, 4096), (4096, 11008)] {
+            let mats: Vec<Vec<u8>> = (0..4)
+                .map(|m| {
+                    let w = Tensor::from_vec(values(n * k, 7 + m), (n, k), &Device::Cpu).unwrap();
+                    QTensor::quantize(&w, GgmlDType::Q4K).unwrap().data().unwrap().to_vec()
+                })
+                .collect();
+            let x = values(k, 3);
+            let mut out = vec![0f32; n];
+            let mut times = Vec::new();
+            for it in 0..40 {
+                let t0 = std::time::Instant::now();
+                qgemv(QFormat::Q4K, &x, 1, &mats[it % 4], n, k, &mut out);
+                times.push(t0.elapsed().as_secs_f64());
+            }
+            times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            let med = times[times.len() / 2];
+            eprintln!("q4k {n}x{k}: {:.3} ms, {:.1} GB/s", med * 1e3, mats[0].len() as f64 / med / 1e9);
+        }
+    }
 }
