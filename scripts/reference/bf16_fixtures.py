@@ -3,7 +3,7 @@
 Our BF16 compute path is checked against transformers' own BF16 run (not only against f32):
 the bf16-sharded tiny checkpoint (weights stored in bfloat16, so both sides use the same
 weights), the image + video case of model_fixtures.py (same input ids and pixel values), sdpa
-attention, `dtype=torch.bfloat16`. Writes `model/<checkpoint>-<case>-bf16.safetensors` with
+attention, `dtype=torch.bfloat16`. Writes `model-bf16/<checkpoint>-<case>.safetensors` with
 `logits` (f32 copies of transformers' bf16 logits) and `attention_mask`.
 
     python scripts/reference/bf16_fixtures.py --out crates/videollava/tests/fixtures
@@ -39,7 +39,8 @@ def main():
         )
     assert out.logits.dtype == torch.bfloat16
     logits = out.logits.float().numpy()
-    fn = os.path.join(args.out, "model", f"{CHECKPOINT}-{CASE}-bf16.safetensors")
+    os.makedirs(os.path.join(args.out, "model-bf16"), exist_ok=True)
+    fn = os.path.join(args.out, "model-bf16", f"{CHECKPOINT}-{CASE}.safetensors")
     meta = (f"transformers, dtype=bfloat16, {model.config._attn_implementation}; inputs of "
             f"{CHECKPOINT}-{CASE}.safetensors; logits are bf16 values stored as f32")
     save_file({"logits": logits, "attention_mask": case["attention_mask"]}, fn, metadata={"meta": meta})

@@ -217,7 +217,7 @@ fn memory_mapped_bf16_weights_give_the_same_logits_as_copies() {
 fn bf16_logits_track_transformers_bf16() {
     let (ids, images, videos, f32_logits) = case("model-llama-bf16-sharded-image_video");
     let (t, _) =
-        read_safetensors(&fixtures_dir().join("model").join("model-llama-bf16-sharded-image_video-bf16.safetensors"));
+        read_safetensors(&fixtures_dir().join("model-bf16").join("model-llama-bf16-sharded-image_video.safetensors"));
     let tf = Tensor::from_vec(t["logits"].f32s(), t["logits"].shape.clone(), &Device::Cpu).unwrap();
     let real: Vec<bool> = t["attention_mask"].i64s().iter().map(|&m| m == 1).collect();
     let model = load("model-llama-bf16-sharded", DType::BF16);
