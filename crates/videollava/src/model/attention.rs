@@ -24,6 +24,7 @@ use candle_core::{DType, Device, Storage, Tensor, WithDType};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
+use super::fused::exp_f32 as exp;
 use crate::error::{Error, Result};
 
 /// Which keys each query may attend to. Key `j` (a cache index, `0..T`) is visible to query `i`
@@ -422,33 +423,6 @@ fn axpy<T: Elem, const FMA: bool>(out: &mut [f32], p: f32, x: &[T]) {
     }
     for (o, &y) in oc.into_remainder().iter_mut().zip(xr) {
         *o = fma::<FMA>(p, y.widen(), *o);
-    }
-}
-
-/// `exp(x)` in f32 (Cephes' polynomial, within a few ulp), 0 below -87.3; branch-free so that
-/// loops over it vectorise.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const MAGIC: f32 = 12_582_912.0; // 1.5 * 2^23: adding it rounds to an integer
-    let xc = x.clamp(-87.3, 88.3);
-    let t = xc * LOG2E + MAGIC;
-    let n = (t.to_bits() as i32).wrapping_sub(MAGIC.to_bits() as i32);
-    let fx = t - MAGIC;
-    let r = xc - fx * 0.693_359_4 - fx * -2.121_944_4e-4;
-    let z = r * r;
-    let mut y = 1.987_569_1e-4f32;
-    y = y * r + 1.398_199_9e-3;
-    y = y * r + 8.333_452e-3;
-    y = y * r + 4.166_579_6e-2;
-    y = y * r + 1.666_666_5e-1;
-    y = y * r + 0.5;
-    y = y * z + r + 1.0;
-    let pow2 = f32::from_bits(((n + 127) as u32) << 23);
-    if x < -87.3 {
-        0.0
-    } else {
-        y * pow2
     }
 }
 
