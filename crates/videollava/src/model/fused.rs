@@ -312,19 +312,25 @@ multiversion! {
 /// `silu(gate) * up` for BF16 tensors of one shape: `silu` in f32 rounded to BF16 (PyTorch's
 /// BF16 `silu`), then the product rounded.
 pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
-    if !is_cpu_bf16(gate) || !is_cpu_bf16(up) || gate.dims() != up.dims() {
+    zip_bf16(gate, up, silu_mul_chunk)
+}
+
+/// `f` over matching chunks of two BF16 tensors of one shape, in parallel, into a new tensor;
+/// `None` unless both are contiguous BF16 CPU tensors of the same shape.
+fn zip_bf16(a: &Tensor, b: &Tensor, f: fn(&[bf16], &[bf16], &mut [bf16])) -> Result<Option<Tensor>> {
+    if !is_cpu_bf16(a) || !is_cpu_bf16(b) || a.dims() != b.dims() {
         return Ok(None);
     }
-    let out = with_slice::<bf16, _>(gate, |g| {
-        with_slice::<bf16, _>(up, |u| {
-            let mut out = vec![bf16::ZERO; g.len()];
+    let out = with_slice::<bf16, _>(a, |x| {
+        with_slice::<bf16, _>(b, |y| {
+            let mut out = vec![bf16::ZERO; x.len()];
             out.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks(CHUNK).zip(u.par_chunks(CHUNK)))
-                .for_each(|(o, (g, u))| silu_mul_chunk(g, u, o));
+                .zip(x.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
+                .for_each(|(o, (x, y))| f(x, y, o));
             Ok(out)
         })
     })?;
-    Ok(Some(Tensor::from_vec(out, gate.dims(), gate.device())?))
+    Ok(Some(Tensor::from_vec(out, a.dims(), a.device())?))
 }
 
 multiversion! {
@@ -430,19 +436,7 @@ multiversion! {
 
 /// `a + b` for BF16 tensors of one shape (the residual connections), rounded once.
 pub fn add(a: &Tensor, b: &Tensor) -> Result<Option<Tensor>> {
-    if !is_cpu_bf16(a) || !is_cpu_bf16(b) || a.dims() != b.dims() {
-        return Ok(None);
-    }
-    let out = with_slice::<bf16, _>(a, |x| {
-        with_slice::<bf16, _>(b, |y| {
-            let mut out = vec![bf16::ZERO; x.len()];
-            out.par_chunks_mut(CHUNK)
-                .zip(x.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-                .for_each(|(o, (x, y))| add_chunk(x, y, o));
-            Ok(out)
-        })
-    })?;
-    Ok(Some(Tensor::from_vec(out, a.dims(), a.device())?))
+    zip_bf16(a, b, add_chunk)
 }
 
 /// `a + b` through [`add`] where it applies, else candle's broadcasting add.
