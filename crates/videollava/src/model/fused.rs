@@ -587,8 +587,9 @@ mod tests {
             .collect();
         let want = Tensor::from_vec(want, g.dims(), &Device::Cpu).unwrap();
         let u = max_ulps(&got, &want);
-        // f32 exp is within an ulp of f32, so the bf16 silu may land one step off at a tie.
-        assert!(u <= 1.01, "silu*up differs by {u} bf16 ulps");
+        // f32 exp is within 2 ulps of f64, so near a rounding boundary the bf16 silu may land one
+        // step off, which the product with `up` carries (at most two steps of the result).
+        assert!(u <= 2.01, "silu*up differs by {u} bf16 ulps");
     }
 
     #[test]
