@@ -152,25 +152,28 @@ pub fn with_f32_values<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Re
     f(&v)
 }
 
+/// `Σ g(x)` over a BF16 row in f32, with 16 partial sums so that the reduction vectorises.
+#[inline(always)]
+fn row_sum(xrow: &[bf16], g: impl Fn(f32) -> f32) -> f32 {
+    let mut part = [0f32; 16];
+    let mut chunks = xrow.chunks_exact(16);
+    for c in &mut chunks {
+        for (p, &v) in part.iter_mut().zip(c) {
+            *p += g(widen(v));
+        }
+    }
+    let mut sum: f32 = part.iter().sum();
+    for &v in chunks.remainder() {
+        sum += g(widen(v));
+    }
+    sum
+}
+
 multiversion! {
     fn rms_norm_rows(x: &[bf16], w: &[bf16], eps: f32, out: &mut [bf16]) {
         let h = w.len();
         for (orow, xrow) in out.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
-            // 16 partial sums, so that the reduction vectorises.
-            let mut part = [0f32; 16];
-            let mut chunks = xrow.chunks_exact(16);
-            for c in &mut chunks {
-                for (p, &v) in part.iter_mut().zip(c) {
-                    let v = widen(v);
-                    *p += v * v;
-                }
-            }
-            let mut sum: f32 = part.iter().sum();
-            for &v in chunks.remainder() {
-                let v = widen(v);
-                sum += v * v;
-            }
-            let s = (sum / h as f32 + eps).sqrt();
+            let s = (row_sum(xrow, |v| v * v) / h as f32 + eps).sqrt();
             for ((o, &v), &wv) in orow.iter_mut().zip(xrow).zip(w) {
                 let n = widen(from_bits(to_bf16_bits(widen(v) / s)));
                 *o = from_bits(to_bf16_bits(n * widen(wv)));
@@ -204,32 +207,9 @@ multiversion! {
     fn layer_norm_rows(x: &[bf16], w: &[f32], b: &[f32], eps: f32, out: &mut [bf16]) {
         let h = w.len();
         for (orow, xrow) in out.chunks_exact_mut(h).zip(x.chunks_exact(h)) {
-            let mut part = [0f32; 16];
-            let mut chunks = xrow.chunks_exact(16);
-            for c in &mut chunks {
-                for (p, &v) in part.iter_mut().zip(c) {
-                    *p += widen(v);
-                }
-            }
-            let mut sum: f32 = part.iter().sum();
-            for &v in chunks.remainder() {
-                sum += widen(v);
-            }
-            let mean = sum / h as f32;
+            let mean = row_sum(xrow, |v| v) / h as f32;
             // Two passes (the mean first), as accurate as PyTorch's row moments.
-            let mut part = [0f32; 16];
-            let mut chunks = xrow.chunks_exact(16);
-            for c in &mut chunks {
-                for (p, &v) in part.iter_mut().zip(c) {
-                    let d = widen(v) - mean;
-                    *p += d * d;
-                }
-            }
-            let mut sq: f32 = part.iter().sum();
-            for &v in chunks.remainder() {
-                let d = widen(v) - mean;
-                sq += d * d;
-            }
+            let sq = row_sum(xrow, |v| (v - mean) * (v - mean));
             let inv_std = 1.0 / (sq / h as f32 + eps).sqrt();
             for (((o, &v), &wv), &bv) in orow.iter_mut().zip(xrow).zip(w).zip(b) {
                 *o = from_bits(to_bf16_bits((widen(v) - mean) * inv_std * wv + bv));
