@@ -234,6 +234,22 @@ struct ActQ8K {
     qs: Vec<i8>,
     /// Sums of each 16 consecutive (natural order) values, `[rows, nb, 16]`.
     bsums: Vec<i16>,
+    /// For the AVX-512 Q4K kernel (empty otherwise), per group of [`Q4K_GROUP`] blocks in the
+    /// kernel's lane order (lane `e` = block [`q4k_lane_block`]`(e)` of the group; zeros past
+    /// the row's end): the block scales `d`, `[rows, groups, 16]`, ...
+    group_d: Vec<f32>,
+    /// ... and the 32-value sums as i16 pairs `(sum(2k), sum(2k + 1))`, `[rows, groups, 4, 16]`.
+    group_sums: Vec<u32>,
+}
+
+/// Blocks whose headers the AVX-512 Q4K kernel decodes together.
+const Q4K_GROUP: usize = 16;
+
+/// The block of a group held by lane `e` of the AVX-512 Q4K kernel's header vectors (headers
+/// are loaded four per vector and transposed: lane `4L + z` holds block `4z + L`).
+#[inline(always)]
+const fn q4k_lane_block(e: usize) -> usize {
+    4 * (e % 4) + e / 4
 }
 
 impl ActQ8K {
@@ -260,7 +276,33 @@ impl ActQ8K {
                 dst.copy_from_slice(&q);
             }
         }
-        Self { nb, d, qs, bsums }
+        let (mut group_d, mut group_sums) = (Vec::new(), Vec::new());
+        if permute_q4k {
+            let ng = nb.div_ceil(Q4K_GROUP);
+            group_d = vec![0f32; rows * ng * 16];
+            group_sums = vec![0u32; rows * ng * 64];
+            for r in 0..rows {
+                for g in 0..ng {
+                    let at = r * ng + g;
+                    for e in 0..16 {
+                        let b = g * Q4K_GROUP + q4k_lane_block(e);
+                        if b >= nb {
+                            continue;
+                        }
+                        let o = r * nb + b;
+                        group_d[at * 16 + e] = d[o];
+                        let bs = &bsums[o * 16..(o + 1) * 16];
+                        for k in 0..4 {
+                            // Each 32-value sum is at most 32 * 128 in magnitude: an i16.
+                            let lo = bs[4 * k] + bs[4 * k + 1];
+                            let hi = bs[4 * k + 2] + bs[4 * k + 3];
+                            group_sums[(at * 4 + k) * 16 + e] = lo as u16 as u32 | (hi as u16 as u32) << 16;
+                        }
+                    }
+                }
+            }
+        }
+        Self { nb, d, qs, bsums, group_d, group_sums }
     }
 }
 
@@ -430,7 +472,7 @@ pub(crate) mod avx512 {
     //! activation rows (`R` of them, a compile-time constant so the accumulators stay in
     //! registers) and writes `out_t[j * R + r]`.
 
-    use super::{q4k_scales_mins, ActQ80, ActQ8K, QK8_0, QK_K};
+    use super::{ActQ80, ActQ8K, QK8_0, QK_K};
     use std::arch::x86_64::*;
 
     macro_rules! by_rows {
@@ -560,10 +602,21 @@ pub(crate) mod avx512 {
     /// Q4K: the two 64-byte halves of `qs` give four 64-lane u8 operands (low/high nibbles),
     /// each covering two 32-value sub-blocks, matched by the reordered activation. `maddubs`
     /// (u8 x i8 -> i16 pairs, at most 2*15*128, no saturation) then `dpwssd` with the sub-block
-    /// scale as i16 accumulates exact i32 sums; the min term is `madd(mins, bsums)`.
+    /// scale as i16 accumulates exact i32 sums.
+    ///
+    /// Block headers (`d`, `dmin`, the 12 bytes of packed scales and mins) are decoded 16 blocks
+    /// at a time: four 16-byte headers per vector, transposed so that each of four vectors holds
+    /// one header word of all 16 blocks (lane order [`super::q4k_lane_block`]); scales, mins and
+    /// both f16 factors are then unpacked with vector operations for the whole group, and the
+    /// min term `dmin * Σ min_s * sum_s` of all 16 blocks is one `dpwssd` chain against the
+    /// activation's 32-value sums in the same lane order (`group_sums`).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn q4k_r<const R: usize>(w: &[u8], nw: usize, act: &ActQ8K, out_t: &mut [f32]) {
+        const G: usize = super::Q4K_GROUP;
         let nb = act.nb;
+        let ng = nb.div_ceil(G);
+        assert_eq!(act.group_d.len(), R * ng * 16, "q4k: group scales");
+        assert_eq!(act.group_sums.len(), R * ng * 64, "q4k: group sums");
         let row_bytes = nb * 144;
         let m4 = _mm512_set1_epi8(0x0F);
         // vpshufb controls: i16 lanes 0..15 take scale byte `a`, lanes 16..31 scale byte `b`,
@@ -576,51 +629,122 @@ pub(crate) mod avx512 {
             }
             *c = load(bytes.as_ptr());
         }
+        // vpshufb controls spreading the bytes (0, 1) / (2, 3) of each dword into i16 pairs.
+        let mut spread = [_mm512_setzero_si512(); 2];
+        for (h, c) in spread.iter_mut().enumerate() {
+            let mut bytes = [0x80u8; 64];
+            for i in 0..16 {
+                bytes[4 * i] = ((4 * i) % 16 + 2 * h) as u8;
+                bytes[4 * i + 2] = ((4 * i) % 16 + 2 * h + 1) as u8;
+            }
+            *c = load(bytes.as_ptr());
+        }
+        let (k1, k2, k3) = (_mm512_set1_epi32(0x3f3f3f3f), _mm512_set1_epi32(0x0f0f0f0f), _mm512_set1_epi32(0x03030303));
         let wp = w.as_ptr();
         let aq = act.qs.as_ptr() as *const u8;
-        let ab = act.bsums.as_ptr() as *const u8;
-        let ad = act.d.as_ptr();
+        // Per group: the scale bytes of each block as a u64 (by block, see below), and per row
+        // `d * yd` by lane.
+        let mut sc = [0u64; 16];
+        let mut dd = [[0f32; 16]; R];
         for j in 0..nw {
+            let row = wp.add(j * row_bytes);
             let mut acc = [_mm512_setzero_ps(); R];
-            for b in 0..nb {
-                let blk = wp.add(j * row_bytes + b * 144);
-                if b + 2 < nb {
-                    _mm_prefetch::<_MM_HINT_T0>(blk.add(2 * 144) as *const i8);
-                }
-                let vdw = _mm512_set1_ps(f16_at(blk));
-                let vdmin = _mm512_set1_ps(-f16_at(blk.add(2)));
-                let (sc, mn) = q4k_scales_mins(std::slice::from_raw_parts(blk.add(4), 12));
-                let q0 = load(blk.add(16));
-                let q1 = load(blk.add(80));
-                let v = [
-                    _mm512_and_si512(q0, m4),
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(q0), m4),
-                    _mm512_and_si512(q1, m4),
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(q1), m4),
-                ];
-                let sb = _mm512_set1_epi64(sc as i64);
-                let s = [
-                    _mm512_shuffle_epi8(sb, ctl[0]),
-                    _mm512_shuffle_epi8(sb, ctl[1]),
-                    _mm512_shuffle_epi8(sb, ctl[2]),
-                    _mm512_shuffle_epi8(sb, ctl[3]),
-                ];
-                let m8 = _mm_set1_epi64x(mn as i64);
-                let mins = _mm512_zextsi256_si512(_mm256_cvtepu8_epi16(_mm_unpacklo_epi8(m8, m8)));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let o = r * nb + b;
-                    let a = aq.add(o * QK_K);
-                    let mut si = _mm512_setzero_si512();
-                    for z in 0..4 {
-                        let p = _mm512_maddubs_epi16(v[z], load(a.add(64 * z)));
-                        si = _mm512_dpwssd_epi32(si, p, s[z]);
+            for g in 0..ng {
+                let m = (nb - g * G).min(G);
+                let base = row.add(g * G * 144);
+                // Headers: vector z holds blocks 4z..4z+3 (zeros past the row's end).
+                let hdr = |b: usize| -> __m128i {
+                    if b < m {
+                        _mm_loadu_si128(base.add(b * 144) as *const _)
+                    } else {
+                        _mm_setzero_si128()
                     }
-                    let bs = _mm512_zextsi256_si512(_mm256_loadu_si256(ab.add(o * 32) as *const _));
-                    let sm = _mm512_madd_epi16(mins, bs);
-                    // yd * (dw * sumi - dmin * summins), lane-wise.
-                    let t = _mm512_mul_ps(_mm512_cvtepi32_ps(si), vdw);
-                    let t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sm), vdmin, t);
-                    *acc = _mm512_fmadd_ps(t, _mm512_set1_ps(*ad.add(o)), *acc);
+                };
+                let mut hv = [_mm512_setzero_si512(); 4];
+                for (z, v) in hv.iter_mut().enumerate() {
+                    let x = _mm512_castsi128_si512(hdr(4 * z));
+                    let x = _mm512_inserti32x4::<1>(x, hdr(4 * z + 1));
+                    let x = _mm512_inserti32x4::<2>(x, hdr(4 * z + 2));
+                    *v = _mm512_inserti32x4::<3>(x, hdr(4 * z + 3));
+                }
+                let t0 = _mm512_unpacklo_epi32(hv[0], hv[1]);
+                let t1 = _mm512_unpackhi_epi32(hv[0], hv[1]);
+                let t2 = _mm512_unpacklo_epi32(hv[2], hv[3]);
+                let t3 = _mm512_unpackhi_epi32(hv[2], hv[3]);
+                // Word w of the headers of all 16 blocks (lane e = block 4 * (e % 4) + e / 4).
+                let w0 = _mm512_unpacklo_epi64(t0, t2);
+                let u0 = _mm512_unpackhi_epi64(t0, t2);
+                let u1 = _mm512_unpacklo_epi64(t1, t3);
+                let u2 = _mm512_unpackhi_epi64(t1, t3);
+                let dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(w0));
+                let dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(w0)));
+                // `q4k_scales_mins`, lane-wise.
+                let s0 = _mm512_and_si512(u0, k1);
+                let s1 = _mm512_or_si512(
+                    _mm512_and_si512(u2, k2),
+                    _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u0), k3)),
+                );
+                let m0 = _mm512_and_si512(u1, k1);
+                let m1 = _mm512_or_si512(
+                    _mm512_and_si512(_mm512_srli_epi32::<4>(u2), k2),
+                    _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u1), k3)),
+                );
+                // Scale bytes as u64 per lane: lanes (4L, 4L+1) in `lo`, (4L+2, 4L+3) in `hi`.
+                _mm512_storeu_si512(sc.as_mut_ptr() as *mut _, _mm512_unpacklo_epi32(s0, s1));
+                _mm512_storeu_si512(sc.as_mut_ptr().add(8) as *mut _, _mm512_unpackhi_epi32(s0, s1));
+                let mins = [
+                    _mm512_shuffle_epi8(m0, spread[0]),
+                    _mm512_shuffle_epi8(m0, spread[1]),
+                    _mm512_shuffle_epi8(m1, spread[0]),
+                    _mm512_shuffle_epi8(m1, spread[1]),
+                ];
+                for r in 0..R {
+                    let at = r * ng + g;
+                    let yd = _mm512_loadu_ps(act.group_d.as_ptr().add(at * 16));
+                    _mm512_storeu_ps(dd[r].as_mut_ptr(), _mm512_mul_ps(dw, yd));
+                    let gs = act.group_sums.as_ptr().add(at * 64) as *const u8;
+                    let mut sm = _mm512_setzero_si512();
+                    for (k, mk) in mins.iter().enumerate() {
+                        sm = _mm512_dpwssd_epi32(sm, *mk, load(gs.add(64 * k)));
+                    }
+                    acc[r] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(sm), _mm512_mul_ps(dmin, yd), acc[r]);
+                }
+                for b in 0..m {
+                    let blk = base.add(b * 144);
+                    // The same block of the next group: its header is read at the group's start.
+                    let ahead = blk.add(G * 144) as *const i8;
+                    _mm_prefetch::<_MM_HINT_T0>(ahead);
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(64));
+                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(128));
+                    // Block b = 4z + L sits in lane e = 4L + z; its u64 of scale bytes at
+                    // 2L + z (z < 2) or 8 + 2L + z - 2.
+                    let (z, l) = (b / 4, b % 4);
+                    let e = 4 * l + z;
+                    let si_at = if z < 2 { 2 * l + z } else { 6 + 2 * l + z };
+                    let sb = _mm512_set1_epi64(sc[si_at] as i64);
+                    let q0 = load(blk.add(16));
+                    let q1 = load(blk.add(80));
+                    let v = [
+                        _mm512_and_si512(q0, m4),
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(q0), m4),
+                        _mm512_and_si512(q1, m4),
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(q1), m4),
+                    ];
+                    let s = [
+                        _mm512_shuffle_epi8(sb, ctl[0]),
+                        _mm512_shuffle_epi8(sb, ctl[1]),
+                        _mm512_shuffle_epi8(sb, ctl[2]),
+                        _mm512_shuffle_epi8(sb, ctl[3]),
+                    ];
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let a = aq.add((r * nb + g * G + b) * QK_K);
+                        let mut si = _mm512_setzero_si512();
+                        for z in 0..4 {
+                            let p = _mm512_maddubs_epi16(v[z], load(a.add(64 * z)));
+                            si = _mm512_dpwssd_epi32(si, p, s[z]);
+                        }
+                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_set1_ps(dd[r][e]), *acc);
+                    }
                 }
             }
             for (r, acc) in acc.iter().enumerate() {
@@ -872,7 +996,7 @@ mod tests {
     fn q4k_matches_candle() {
         for rows in [1, 2, 3, 8] {
             for n in [1, 5, 16, 33, 100] {
-                for k in [256, 512, 4096] {
+                for k in [256, 512, 768, 4096, 4352] {
                     check(QFormat::Q4K, rows, n, k);
                 }
             }
