@@ -10,7 +10,7 @@ use videollava::hub::{resolve_model, HubOptions, DEFAULT_MODEL};
 use videollava::media::image::decode_image_file;
 use videollava::media::video::{decode_video_file, FrameSampling, VideoOptions};
 use videollava::media::{RgbImage, Video};
-use videollava::model::{QuantCache, QuantFormat};
+use videollava::model::{KvCacheFormat, QuantCache, QuantFormat};
 
 #[derive(Args, Clone)]
 pub struct MediaArgs {
@@ -73,6 +73,11 @@ pub struct ModelArgs {
     /// memory-mapped checkpoint files (the default where the CPU has AVX-512 BF16).
     #[arg(long)]
     pub no_mmap: bool,
+    /// How the decoder keeps keys and values: `model` (the compute dtype, as transformers) or
+    /// `q8_0` (8-bit codes with a scale per 32 values: 56% of the bytes of BF16, read in place
+    /// when decoding; a small change to the numbers, measured in docs/benchmarks.md).
+    #[arg(long, default_value = "model", value_name = "model|q8_0")]
+    pub kv_cache: KvCacheFormat,
 }
 
 impl ModelArgs {
@@ -94,13 +99,14 @@ impl ModelArgs {
             Some("off") => QuantCache::Off,
             Some(d) => QuantCache::Dir(PathBuf::from(d)),
         };
-        let engine =
+        let mut engine =
             Engine::load_quantized(&dir, self.dtype, self.quantize, cache, !self.no_mmap, &candle_core::Device::Cpu)
                 .with_context(|| format!("loading the checkpoint {}", dir.display()))?;
         if let Some(s) = spinner {
             s.finish_and_clear();
         }
         engine.model.set_feature_cache_capacity(self.feature_cache_mib << 20);
+        engine.model.set_kv_cache_format(self.kv_cache);
         if let Some(q) = &engine.model.quantization {
             let mut kinds: Vec<String> = q.quantized.iter().map(|(k, n)| format!("{n} {k}")).collect();
             kinds.sort();

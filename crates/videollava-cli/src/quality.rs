@@ -2,6 +2,8 @@
 //! unquantized model's. The reference model (default f32) answers the question greedily for
 //! `--positions` tokens; then both models read the same prompt + answer (teacher forcing) and the
 //! logits at those positions are compared: top-1 agreement and mean KL(reference || quantized).
+//! What is quantized: the weights (`--quantize`), the KV cache (`--kv-cache q8_0`: every position
+//! then attends to keys and values read back from 8-bit codes), or both.
 
 use std::path::PathBuf;
 
@@ -12,7 +14,7 @@ use serde_json::json;
 use videollava::engine::{DTypeChoice, Engine};
 use videollava::generate::{generate, GenerateOptions};
 use videollava::model::quantize::compare_logits;
-use videollava::model::{ForwardInput, LogitsSelection, QuantCache};
+use videollava::model::{ForwardInput, KvCacheFormat, LogitsSelection, QuantCache};
 use videollava::processor::ProcessorOutput;
 
 use crate::common::{MediaArgs, ModelArgs};
@@ -56,8 +58,14 @@ fn teacher_forced_logits(engine: &Engine, ids: &[u32], inputs: &ProcessorOutput,
 }
 
 pub fn run(args: QualityArgs) -> Result<()> {
-    let Some(format) = args.model.quantize else {
-        bail!("quality compares a quantized model: pass --quantize q8_0|q4k")
+    let kv = args.model.kv_cache;
+    if args.model.quantize.is_none() && kv == KvCacheFormat::Model {
+        bail!("quality compares a quantized model: pass --quantize q8_0|q4k and/or --kv-cache q8_0")
+    }
+    let format = match args.model.quantize {
+        Some(q) if kv == KvCacheFormat::Model => q.name().to_string(),
+        Some(q) => format!("{} + {kv} KV cache", q.name()),
+        None => format!("{kv} KV cache"),
     };
     if args.positions == 0 {
         bail!("--positions must be at least 1");
@@ -93,7 +101,8 @@ pub fn run(args: QualityArgs) -> Result<()> {
 
     let report = json!({
         "model": dir.display().to_string(),
-        "quantize": format.name(),
+        "quantize": args.model.quantize.map(|q| q.name()),
+        "kv_cache": kv.to_string(),
         "compute_dtype": format!("{:?}", quantized.model.dtype).to_lowercase(),
         "reference_dtype": ref_dtype,
         "prompt_tokens": prompt_tokens,

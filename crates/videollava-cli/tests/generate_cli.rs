@@ -421,3 +421,63 @@ fn quality_reports_top1_agreement_and_kl_of_quantized_weights() {
     assert!(kl > 0.0 && kl < 0.01, "mean KL {kl}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// `--kv-cache q8_0`: `quality` measures the 8-bit cache alone (reference: the same weights with
+/// the full-precision cache); `generate` answers with it; an unknown format is one clear line.
+#[test]
+fn an_8bit_kv_cache_is_measured_and_generates() {
+    let dir = temp_dir("quality-kv");
+    let json_path = dir.join("q.json");
+    let out = run(
+        &[
+            "quality",
+            "--model",
+            &checkpoint("model-llama"),
+            "--kv-cache",
+            "q8_0",
+            "--video",
+            &media("clip.mp4"),
+            "--positions",
+            "64",
+            "--json",
+            &json_path.display().to_string(),
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json_path).unwrap()).unwrap();
+    assert_eq!(report["kv_cache"], "q8_0");
+    assert!(report["quantize"].is_null());
+    let top1 = report["top1_agreement"].as_f64().unwrap();
+    let kl = report["mean_kl"].as_f64().unwrap();
+    eprintln!("8-bit KV cache on the tiny checkpoint: top-1 {top1}, mean KL {kl}");
+    assert!(top1 >= 0.85, "top-1 agreement {top1}");
+    assert!(kl > 0.0 && kl < 0.01, "mean KL {kl}");
+
+    let gen = run(
+        &[
+            "generate",
+            "--model",
+            &checkpoint("model-llama"),
+            "--prompt",
+            "What happens?",
+            "--video",
+            &media("clip.mp4"),
+            "--max-new-tokens",
+            "5",
+            "--kv-cache",
+            "q8_0",
+            "--format",
+            "json",
+        ],
+        &[],
+    );
+    assert!(gen.status.success(), "{}", String::from_utf8_lossy(&gen.stderr));
+    assert_eq!(json_lines(&gen)[0]["token_ids"].as_array().map(|t| t.len()), Some(5));
+
+    let bad = run(&["generate", "--model", &checkpoint("model-llama"), "--prompt", "x", "--kv-cache", "q4"], &[]);
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("unknown KV cache format `q4`") && !err.contains("panicked"), "{err}");
+    let _ = std::fs::remove_dir_all(dir);
+}

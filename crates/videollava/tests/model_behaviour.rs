@@ -247,3 +247,40 @@ fn bf16_logits_track_transformers_bf16() {
     assert!(d_ours <= d_tf, "ours differs from transformers' bf16 by {d_ours}, more than it differs from f32 ({d_tf})");
     assert!(agree >= 0.97, "argmax agreement with transformers' bf16 {agree}");
 }
+
+#[test]
+fn q8_kv_cache_decodes_like_its_prefill_and_stays_near_the_full_precision_cache() {
+    use videollava::model::KvCacheFormat;
+    let mut model = load("model-llama", DType::F32);
+    model.set_kv_cache_format(KvCacheFormat::Q8_0);
+    let (ids, images, videos, want) = case("model-llama-image_video");
+    let l = ids.dim(1).unwrap();
+    let forward = |ids: &Tensor, cache: &mut KvCache, media: bool, logits| {
+        let input = ForwardInput {
+            pixel_values_images: if media { images.as_ref() } else { None },
+            pixel_values_videos: if media { videos.as_ref() } else { None },
+            logits,
+            ..ForwardInput::new(ids)
+        };
+        model.forward(&input, Some(cache)).unwrap().logits.unwrap()
+    };
+    // One pass over the whole prompt: every position attends to keys and values read back from
+    // the 8-bit cache (the dequantizing path).
+    let mut cache = KvCache::default();
+    let full = forward(&ids, &mut cache, true, LogitsSelection::All);
+    // Prefill all but the last 3 tokens, then decode them one by one (the in-place 8-bit kernel
+    // where the CPU has AVX-512).
+    let mut cache = KvCache::default();
+    forward(&ids.narrow(1, 0, l - 3).unwrap(), &mut cache, true, LogitsSelection::Last);
+    for i in l - 3..l {
+        let step = forward(&ids.narrow(1, i, 1).unwrap(), &mut cache, false, LogitsSelection::Last);
+        let d = max_abs(&step.i((0, 0)).unwrap(), &full.i((0, i)).unwrap());
+        assert!(d <= 1e-4, "position {i}: 8-bit decode differs from the 8-bit full pass by {d}");
+    }
+    // Against transformers' f32 logits (full-precision cache): close, and not identical (the
+    // cache really is 8-bit).
+    let d = max_abs(&full, &want);
+    let scale = max_abs(&want, &want.zeros_like().unwrap());
+    eprintln!("8-bit KV cache vs transformers f32: max |diff| {d} (logits up to {scale})");
+    assert!(d > 1e-6 && d <= 0.02 * scale, "8-bit KV cache logits differ by {d} (logits up to {scale})");
+}

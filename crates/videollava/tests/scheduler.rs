@@ -11,6 +11,7 @@ use videollava::generate::{GenerateOptions, GeneratedSequence};
 use videollava::media::image::decode_image_file;
 use videollava::media::video::{decode_video_file, VideoOptions};
 use videollava::media::{RgbImage, Video};
+use videollava::model::KvCacheFormat;
 
 fn engine(name: &str) -> Engine {
     Engine::load(&fixtures_dir().join("checkpoints").join(name), DTypeChoice::F32, &Device::Cpu).unwrap()
@@ -88,6 +89,15 @@ fn collect(mut h: videollava::engine::RequestHandle) -> (String, GeneratedSequen
 }
 
 fn check_concurrent(name: &str) {
+    check_concurrent_with(name, KvCacheFormat::Model)
+}
+
+fn check_concurrent_with(name: &str, kv: KvCacheFormat) {
+    let engine = |name: &str| {
+        let mut e = engine(name);
+        e.model.set_kv_cache_format(kv);
+        e
+    };
     let reference = engine(name);
     let reqs = requests(&reference);
     let want: Vec<GeneratedSequence> = reqs.iter().map(|r| solo(&reference, r)).collect();
@@ -123,6 +133,14 @@ fn concurrent_requests_get_their_solo_answers_llama() {
 #[test]
 fn concurrent_requests_get_their_solo_answers_mistral_sliding_window() {
     check_concurrent("model-mistral-full");
+}
+
+/// With the 8-bit KV cache: rows joining, leaving and left-padded keep their answers too
+/// (quantization is per position and head, so batching changes nothing).
+#[test]
+fn concurrent_requests_get_their_solo_answers_with_an_8bit_kv_cache() {
+    check_concurrent_with("model-llama", KvCacheFormat::Q8_0);
+    check_concurrent_with("model-mistral-full", KvCacheFormat::Q8_0);
 }
 
 #[test]

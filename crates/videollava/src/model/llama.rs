@@ -16,6 +16,7 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{linear_b, VarBuilder};
 
 use super::attention::{self, KvBuffer, MaskRules};
+use super::kv_quant::{self, KvCacheFormat};
 use super::fused::residual_add;
 use super::linear::Linear;
 
@@ -112,6 +113,8 @@ struct Attention {
     num_heads: usize,
     num_kv_heads: usize,
     head_dim: usize,
+    /// How this layer's keys and values are cached.
+    kv_format: KvCacheFormat,
 }
 
 impl Attention {
@@ -126,6 +129,7 @@ impl Attention {
             num_heads: cfg.num_attention_heads,
             num_kv_heads: cfg.num_key_value_heads,
             head_dim: hd,
+            kv_format: KvCacheFormat::Model,
         })
     }
 
@@ -158,17 +162,26 @@ impl Attention {
                 buffer.append(&k, &v)?;
                 buffer
             }
-            None => cache.insert(KvBuffer::new(&k, &v)?),
+            None => cache.insert(KvBuffer::with_format(&k, &v, self.kv_format)?),
         };
-        // Strided views of the filled part of the cache: [B, kv_heads, P + L, head_dim].
-        let (k, v) = (buffer.keys()?, buffer.values()?);
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let out = match mask {
             AttentionMask::Rules { key_valid, past, window } => {
                 let rules = MaskRules { key_valid, past: *past, causal: true, sliding_window: *window };
-                attention::attention(&q, &k, &v, scale as f32, &rules)?
+                // An 8-bit cache is read in place when decoding; otherwise (and for prefill)
+                // dequantized for the dense kernel.
+                let in_place = match buffer.q8_views()? {
+                    Some((k, v)) => kv_quant::attention(&q, (&k.0, &k.1), (&v.0, &v.1), scale as f32, &rules)?,
+                    None => None,
+                };
+                match in_place {
+                    Some(out) => out,
+                    // Strided views of the filled part of the cache: [B, kv_heads, P + L, head_dim].
+                    None => attention::attention(&q, &buffer.keys()?, &buffer.values()?, scale as f32, &rules)?,
+                }
             }
             AttentionMask::Additive(mask) => {
+                let (k, v) = (buffer.keys()?, buffer.values()?);
                 let rep = self.num_heads / self.num_kv_heads;
                 let (k, v) = (repeat_kv(&k.contiguous()?, rep)?, repeat_kv(&v.contiguous()?, rep)?);
                 let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
@@ -340,14 +353,6 @@ impl KvCache {
             let z = Tensor::zeros((m.dim(0)?, t - len), m.dtype(), m.device())?;
             Ok(Tensor::cat(&[&z, &m], 1)?)
         };
-        let pad_kv = |x: &Tensor, len: usize| -> Result<Tensor> {
-            if len == t {
-                return Ok(x.clone());
-            }
-            let (b, h, _, d) = x.dims4()?;
-            let z = Tensor::zeros((b, h, t - len, d), x.dtype(), x.device())?;
-            Ok(Tensor::cat(&[&z, x], 2)?)
-        };
         self.mask = Some(Tensor::cat(&[&pad_mask(mask_a, ta)?, &pad_mask(mask_b, tb)?], 0)?);
         if self.layers.len() != other.layers.len() {
             return Err(Error::Model("cannot merge caches of different depths".into()));
@@ -355,9 +360,10 @@ impl KvCache {
         for (mine, theirs) in self.layers.iter_mut().zip(other.layers) {
             match (mine.as_mut(), theirs) {
                 (Some(a), Some(b)) => {
-                    let k = Tensor::cat(&[&pad_kv(&a.keys()?, ta)?, &pad_kv(&b.keys()?, tb)?], 0)?;
-                    let v = Tensor::cat(&[&pad_kv(&a.values()?, ta)?, &pad_kv(&b.values()?, tb)?], 0)?;
-                    *a = KvBuffer::from_filled(k, v)?;
+                    if (a.len(), b.len()) != (ta, tb) {
+                        return Err(Error::Model("cache layers and mask disagree in length".into()));
+                    }
+                    *a = KvBuffer::stack_left_padded(a, &b, t)?;
                 }
                 _ => return Err(Error::Model("cannot merge an unfilled cache".into())),
             }
@@ -376,9 +382,7 @@ impl KvCache {
         }
         self.mask = Some(mask.narrow(1, lead, t - lead)?);
         for layer in self.layers.iter_mut().flatten() {
-            let k = layer.keys()?.narrow(2, lead, t - lead)?;
-            let v = layer.values()?.narrow(2, lead, t - lead)?;
-            *layer = KvBuffer::from_filled(k, v)?;
+            *layer = layer.drop_front(lead)?;
         }
         Ok(())
     }
@@ -562,6 +566,19 @@ impl LanguageModel {
         out.push(("language_model.lm_head.weight".to_string(), &mut self.lm_head));
         out
     }
+
+    /// How caches created from now on keep keys and values (a cache already filled keeps its
+    /// format; appending to it in another format is refused).
+    pub fn set_kv_cache_format(&mut self, format: KvCacheFormat) {
+        for layer in &mut self.layers {
+            layer.self_attn.kv_format = format;
+        }
+    }
+
+    /// See [`Self::set_kv_cache_format`].
+    pub fn kv_cache_format(&self) -> KvCacheFormat {
+        self.layers.first().map(|l| l.self_attn.kv_format).unwrap_or_default()
+    }
 }
 
 #[cfg(test)]
@@ -589,6 +606,7 @@ mod tests {
                 num_heads: heads,
                 num_kv_heads: kv_heads,
                 head_dim,
+                kv_format: KvCacheFormat::Model,
             };
             for window in [None, Some(4)] {
                 let (mut fused, mut candle) = (None, None);

@@ -9,6 +9,7 @@
 //! - [`q8_gemm`], [`q4k_gemm`]: our AVX-512 VNNI int8 GEMMs over Q8_0 / Q4K blocks (quantized prefill);
 //! - [`quantize`]: 8-bit and 4-bit weights for the language model's linear layers (`--quantize`);
 //! - [`fused`]: one-pass BF16 element-wise kernels (norms, SiLU·up, residual adds, linear outputs);
+//! - [`kv_quant`]: the 8-bit key/value cache (`--kv-cache q8_0`) and its decode attention;
 //! - [`feature_cache`]: projected visual features kept by pixel content across requests;
 //! - [`llama`]: the Llama / Mistral decoder with its KV cache;
 //! - [`video_llava`]: the whole `VideoLlavaForConditionalGeneration`: features merged into the
@@ -19,6 +20,7 @@ pub mod bf16_gemm;
 pub mod clip;
 pub mod feature_cache;
 pub mod fused;
+pub mod kv_quant;
 pub mod linear;
 pub mod llama;
 pub mod projector;
@@ -29,5 +31,6 @@ pub mod quantize;
 pub mod video_llava;
 pub mod weights;
 
+pub use kv_quant::KvCacheFormat;
 pub use quantize::{QuantCache, QuantFormat, QuantizeReport};
 pub use video_llava::{ForwardInput, ForwardOutput, LoadOptions, LogitsSelection, VideoLlava};

@@ -470,6 +470,17 @@ impl VideoLlava {
         self.feature_cache.lock().map(|c| c.stats()).unwrap_or_default()
     }
 
+    /// How the decoder keeps keys and values in caches created from now on: the compute dtype
+    /// (default) or 8-bit codes (`--kv-cache q8_0`, see [`super::kv_quant`]).
+    pub fn set_kv_cache_format(&mut self, format: super::kv_quant::KvCacheFormat) {
+        self.language_model.set_kv_cache_format(format);
+    }
+
+    /// How the decoder caches keys and values (`--kv-cache`).
+    pub fn kv_cache_format(&self) -> super::kv_quant::KvCacheFormat {
+        self.language_model.kv_cache_format()
+    }
+
     /// Bounds the visual feature cache to `bytes` (0 turns it off).
     pub fn set_feature_cache_capacity(&self, bytes: usize) {
         if let Ok(mut c) = self.feature_cache.lock() {
