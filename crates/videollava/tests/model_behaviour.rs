@@ -210,9 +210,15 @@ fn memory_mapped_bf16_weights_give_the_same_logits_as_copies() {
 }
 
 /// Our BF16 path against transformers' own BF16 run (bf16 checkpoint, image + video prompt,
-/// fixture by `scripts/reference/bf16_fixtures.py`), at the real positions: at least as close
-/// to it as transformers' BF16 is to the exact f32 logits, and the same argmax almost everywhere.
-/// (Rounding the linear output twice, or computing SiLU in BF16 steps, breaks the first bound.)
+/// fixture by `scripts/reference/bf16_fixtures.py`), at the real positions: on average about as
+/// close to it as transformers' BF16 is to the exact f32 logits (mean |diff| within 6% of that),
+/// never grossly further at any logit, and the same argmax almost everywhere.
+///
+/// The mean is the discriminating bound: measured ours/transformers' ratio 1.038; rounding the
+/// linear output twice gives 1.10 and computing SiLU in BF16 steps 1.089, both over 1.06. The
+/// largest single difference is dominated by chance: two probabilities rounded the other way (one
+/// bf16 step each, from another f32 summation order in the softmax) moved it from 0.086 to 0.094
+/// (transformers' BF16 against f32: 0.093), while the SiLU mutation left it unchanged.
 #[test]
 fn bf16_logits_track_transformers_bf16() {
     let (ids, images, videos, f32_logits) = case("model-llama-bf16-sharded-image_video");
@@ -230,6 +236,7 @@ fn bf16_logits_track_transformers_bf16() {
     let rows = |x: &Tensor| -> Vec<Vec<f32>> { x.squeeze(0).unwrap().to_vec2::<f32>().unwrap() };
     let (ours, tf, exact) = (rows(&ours), rows(&tf), rows(&f32_logits));
     let (mut d_ours, mut d_tf, mut agree, mut n) = (0f32, 0f32, 0usize, 0usize);
+    let (mut sum_ours, mut sum_tf, mut count) = (0f64, 0f64, 0usize);
     let argmax = |v: &[f32]| v.iter().enumerate().fold(0, |b, (i, &x)| if x > v[b] { i } else { b });
     for (i, keep) in real.iter().enumerate() {
         if !keep {
@@ -238,13 +245,24 @@ fn bf16_logits_track_transformers_bf16() {
         for ((&a, &b), &e) in ours[i].iter().zip(&tf[i]).zip(&exact[i]) {
             d_ours = d_ours.max((a - b).abs());
             d_tf = d_tf.max((b - e).abs());
+            sum_ours += (a - b).abs() as f64;
+            sum_tf += (b - e).abs() as f64;
+            count += 1;
         }
         agree += (argmax(&ours[i]) == argmax(&tf[i])) as usize;
         n += 1;
     }
     let agree = agree as f32 / n as f32;
-    eprintln!("ours bf16 vs transformers bf16: max {d_ours:.4}, argmax agreement {agree:.3}; transformers bf16 vs f32: max {d_tf:.4}");
-    assert!(d_ours <= d_tf, "ours differs from transformers' bf16 by {d_ours}, more than it differs from f32 ({d_tf})");
+    let (mean_ours, mean_tf) = (sum_ours / count as f64, sum_tf / count as f64);
+    eprintln!(
+        "ours bf16 vs transformers bf16: mean {mean_ours:.5}, max {d_ours:.4}, argmax agreement {agree:.3}; \
+         transformers bf16 vs f32: mean {mean_tf:.5}, max {d_tf:.4}"
+    );
+    assert!(
+        mean_ours <= 1.06 * mean_tf,
+        "ours differs from transformers' bf16 by {mean_ours} on average, more than 1.06x its difference from f32 ({mean_tf})"
+    );
+    assert!(d_ours <= 1.25 * d_tf, "ours differs from transformers' bf16 by up to {d_ours} (f32: {d_tf})");
     assert!(agree >= 0.97, "argmax agreement with transformers' bf16 {agree}");
 }
 

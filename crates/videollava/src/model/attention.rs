@@ -703,11 +703,11 @@ mod bf16dot {
 
     use half::bf16;
 
-    use super::{axpy, softmax_row, Elem, Params, Shape};
+    use super::{axpy, Elem, Params, Shape};
     use crate::model::bf16_gemm::avx512::transpose16;
 
     /// Keys per score tile (two zmm of scores per row).
-    const KS: usize = 32;
+    const KS: usize = 64;
     /// Keys per value tile (`KV / 2` pairs).
     const KV: usize = 64;
     /// Up to this many rows per task (decoding), [`direct`] reads keys and values in place.
@@ -739,15 +739,13 @@ mod bf16dot {
         }
     }
 
-    /// Row blocks `(first row, rows (8, 4, 2 or 1), lowest key, end key)` covering `ranges`.
+    /// Row blocks `(first row, rows (4, 2 or 1), lowest key, end key)` covering `ranges`.
     fn row_blocks(ranges: &[(usize, usize)]) -> Vec<(usize, usize, usize, usize)> {
-        let mut blocks = Vec::with_capacity(ranges.len() / 8 + 3);
+        let mut blocks = Vec::with_capacity(ranges.len() / 4 + 2);
         let mut r0 = 0;
         while r0 < ranges.len() {
             let left = ranges.len() - r0;
-            let nr = if left >= 8 {
-                8
-            } else if left >= 4 {
+            let nr = if left >= 4 {
                 4
             } else if left >= 2 {
                 2
@@ -814,7 +812,6 @@ mod bf16dot {
                 }
                 let (q, dst) = (qp.as_ptr().add(r0 * dp), s.as_mut_ptr().add(r0 * w + j0 - lo));
                 match nr {
-                    8 => qk::<8>(q, dp, kp.as_ptr(), dst, w, jn),
                     4 => qk::<4>(q, dp, kp.as_ptr(), dst, w, jn),
                     2 => qk::<2>(q, dp, kp.as_ptr(), dst, w, jn),
                     _ => qk::<1>(q, dp, kp.as_ptr(), dst, w, jn),
@@ -829,7 +826,7 @@ mod bf16dot {
             let row = &mut s[r * w..(r + 1) * w];
             row[..rlo - lo].fill(0.0);
             row[rhi - lo..].fill(0.0);
-            empty[r] = !softmax_row::<bf16>(&mut row[rlo - lo..rhi - lo], &valid[rlo..rhi], p.scale);
+            empty[r] = !softmax_row_bf16(&mut row[rlo - lo..rhi - lo], &valid[rlo..rhi], p.scale, rlo % 16);
         }
         // As bf16 pairs of consecutive keys from `lo` (the probabilities are bf16 values already;
         // odd `w`: a zero high half last).
@@ -847,8 +844,8 @@ mod bf16dot {
         }
         drop(s);
 
-        // Weighted sum of the values: `o` rows of `ds` f32 (columns padded to 32).
-        let ds = d.next_multiple_of(32);
+        // Weighted sum of the values: `o` rows of `ds` f32 (columns padded to 64).
+        let ds = d.next_multiple_of(64);
         let mut o = vec![0f32; rows * ds];
         let mut vp = vec![0u32; KV / 2 * ds];
         let mut j0 = lo;
@@ -861,11 +858,10 @@ mod bf16dot {
                 if bhi <= j0 || blo >= j0 + jn {
                     continue;
                 }
-                for c0 in (0..d).step_by(32) {
+                for c0 in (0..d).step_by(64) {
                     let pr = pp.as_ptr().add(r0 * wp + m0);
                     let (v, dst) = (vp.as_ptr().add(c0), o.as_mut_ptr().add(r0 * ds + c0));
                     match nr {
-                        8 => pv::<8>(pr, wp, v, ds, np, dst),
                         4 => pv::<4>(pr, wp, v, ds, np, dst),
                         2 => pv::<2>(pr, wp, v, ds, np, dst),
                         _ => pv::<1>(pr, wp, v, ds, np, dst),
@@ -920,6 +916,101 @@ mod bf16dot {
         _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(u0, u1), _mm512_shuffle_f32x4::<0xDD>(u0, u1))
     }
 
+    /// [`crate::model::fused::exp_f32`] on 16 lanes: the same operations in the same order
+    /// (no fused multiply-adds), so the same bits for every input but NaN.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn exp16(x: __m512) -> __m512 {
+        let xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-103.97)), _mm512_set1_ps(88.722_83));
+        let magic = _mm512_set1_ps(12_582_912.0);
+        let n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E)), magic), magic);
+        let r = _mm512_sub_ps(
+            _mm512_sub_ps(xc, _mm512_mul_ps(n, _mm512_set1_ps(0.693_359_4))),
+            _mm512_mul_ps(n, _mm512_set1_ps(-2.121_944_4e-4)),
+        );
+        let mut p = _mm512_set1_ps(1.987_569_1e-4);
+        for c in [1.398_199_9e-3f32, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 0.5] {
+            p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(c));
+        }
+        let y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(_mm512_mul_ps(p, r), r), r), _mm512_set1_ps(1.0));
+        let ni = _mm512_cvttps_epi32(n);
+        // n / 2 rounded toward zero, as Rust's i32 division.
+        let h = _mm512_srai_epi32::<1>(_mm512_add_epi32(ni, _mm512_srli_epi32::<31>(ni)));
+        let bias = _mm512_set1_epi32(127);
+        let s1 = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(h, bias)));
+        let s2 = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(_mm512_sub_epi32(ni, h), bias)));
+        let v = _mm512_mul_ps(_mm512_mul_ps(y, s1), s2);
+        let over = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, _mm512_set1_ps(88.722_83));
+        let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(-103.97));
+        let v = _mm512_mask_blend_ps(under, v, _mm512_setzero_ps());
+        _mm512_mask_blend_ps(over, v, _mm512_set1_ps(f32::INFINITY))
+    }
+
+    /// [`super::softmax_row`] for bf16 on 16 lanes (masked tails, no scalar loop): scores
+    /// scaled, invisible keys excluded, `exp(x - max)`, then multiplied by `1 / sum` (as
+    /// PyTorch's CPU softmax does) and rounded to bf16. `phase`: the key index of `row[0]`
+    /// modulo 16 (the sum's lanes follow the key index). Returns false, leaving zeros, when no
+    /// entry is visible.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw")]
+    pub(super) unsafe fn softmax_row_bf16(row: &mut [f32], valid: &[u32], scale: f32, phase: usize) -> bool {
+        debug_assert!(row.len() == valid.len() && phase < 16);
+        let n = row.len();
+        let (rp, vp) = (row.as_mut_ptr(), valid.as_ptr());
+        let vs = _mm512_set1_ps(scale);
+        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut m = ninf;
+        let mut i = 0;
+        while i < n {
+            let k = mask16(n - i);
+            let ok = _mm512_mask_cmpneq_epi32_mask(k, _mm512_maskz_loadu_epi32(k, vp.add(i) as *const i32), _mm512_setzero_si512());
+            let x = _mm512_mask_blend_ps(ok, ninf, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, rp.add(i)), vs));
+            _mm512_mask_storeu_ps(rp.add(i), k, x);
+            m = _mm512_max_ps(m, x);
+            i += 16;
+        }
+        let max = _mm512_reduce_max_ps(m);
+        if max == f32::NEG_INFINITY {
+            row.fill(0.0);
+            return false;
+        }
+        let vmax = _mm512_set1_ps(max);
+        // The sum in PyTorch's order (`vec::reduce_all` over the whole row of keys, where the
+        // invisible ones add exact zeros): key j in lane j % 16, so the first chunk starts at
+        // lane `phase`.
+        let mut acc = _mm512_setzero_ps();
+        let first = (16 - phase).min(n);
+        let mut i = 0;
+        while i < n {
+            let (k, at, len) = if i == 0 {
+                (mask16(first) << phase, rp.wrapping_sub(phase), first)
+            } else {
+                (mask16(n - i), rp.add(i), (n - i).min(16))
+            };
+            // SAFETY (pointer): masked-off lanes, including those before the row, are never
+            // accessed.
+            let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, at), vmax));
+            let e = _mm512_maskz_mov_ps(k, e);
+            _mm512_mask_storeu_ps(at, k, e);
+            acc = _mm512_add_ps(acc, e);
+            i += len;
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(acc));
+        // Round to nearest even on the upper 16 bits (finite, non-negative values).
+        let (half, one) = (_mm512_set1_epi32(0x7FFF), _mm512_set1_epi32(1));
+        let keep = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+        let mut i = 0;
+        while i < n {
+            let k = mask16(n - i);
+            let bits = _mm512_castps_si512(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, rp.add(i)), inv));
+            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), one);
+            let r = _mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(half, lsb)), keep);
+            _mm512_mask_storeu_ps(rp.add(i), k, _mm512_castsi512_ps(r));
+            i += 16;
+        }
+        true
+    }
+
     /// Few query rows (decoding): keys and values are read in place, once per row, with no
     /// packing (which for one row costs more than the products). Scores: 16 keys at a time,
     /// `vdpbf16ps` over `d / 32` chunks per key, the 16 partial vectors reduced together; the
@@ -966,7 +1057,7 @@ mod bf16dot {
         let mut empty = vec![false; rows];
         for (r, &(rlo, rhi)) in ranges.iter().enumerate() {
             let row = &mut s[r * w..(r + 1) * w];
-            empty[r] = !softmax_row::<bf16>(&mut row[rlo - lo..rhi - lo], &valid[rlo..rhi], p.scale);
+            empty[r] = !softmax_row_bf16(&mut row[rlo - lo..rhi - lo], &valid[rlo..rhi], p.scale, rlo % 16);
         }
         let mut out = vec![0f32; rows * d];
         for (r, &(rlo, rhi)) in ranges.iter().enumerate() {
@@ -1056,53 +1147,49 @@ mod bf16dot {
     }
 
     /// Scores of `R` rows (`q`: `R` rows of `dp` pairs) against a packed key tile (`kp`: `dp`
-    /// pairs × `KS` keys): writes the first `jn` of each row at `s + r * w`.
+    /// pairs × `KS` keys, four vectors of 16): writes the first `jn` of each row at `s + r * w`.
+    /// Each broadcast query pair feeds four `vdpbf16ps`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn qk<const R: usize>(q: *const u32, dp: usize, kp: *const u32, s: *mut f32, w: usize, jn: usize) {
-        let mut a0 = [_mm512_setzero_ps(); R];
-        let mut a1 = [_mm512_setzero_ps(); R];
+        let mut a = [[_mm512_setzero_ps(); 4]; R];
         for i in 0..dp {
-            let k0 = bh(_mm512_loadu_si512(kp.add(i * KS) as *const _));
-            let k1 = bh(_mm512_loadu_si512(kp.add(i * KS + 16) as *const _));
-            for r in 0..R {
+            let k: [__m512bh; 4] = std::array::from_fn(|v| bh(_mm512_loadu_si512(kp.add(i * KS + 16 * v) as *const _)));
+            for (r, ar) in a.iter_mut().enumerate() {
                 let qv = bh(_mm512_set1_epi32(*q.add(r * dp + i) as i32));
-                a0[r] = _mm512_dpbf16_ps(a0[r], qv, k0);
-                a1[r] = _mm512_dpbf16_ps(a1[r], qv, k1);
+                for v in 0..4 {
+                    ar[v] = _mm512_dpbf16_ps(ar[v], qv, k[v]);
+                }
             }
         }
-        let (m0, m1) = (mask16(jn), mask16(jn.saturating_sub(16)));
-        for r in 0..R {
-            // `wrapping_add`: with `jn <= 16` the second half may lie past the end of the scores;
-            // a masked-off lane never faults.
-            _mm512_mask_storeu_ps(s.add(r * w), m0, a0[r]);
-            _mm512_mask_storeu_ps(s.wrapping_add(r * w + 16), m1, a1[r]);
+        for (r, ar) in a.iter().enumerate() {
+            for (v, x) in ar.iter().enumerate() {
+                // `wrapping_add`: with `jn <= 16 * v` this quarter may lie past the end of the
+                // scores; a masked-off lane never faults.
+                _mm512_mask_storeu_ps(s.wrapping_add(r * w + 16 * v), mask16(jn.saturating_sub(16 * v)), *x);
+            }
         }
     }
 
-    /// `o[r, 0..32] += Σ_m pp[r, m] · vp[m, 0..32]` for `R` rows, `m < np` (`pp`: row stride `wp`
-    /// pairs; `vp`, `o`: row stride `ds`).
+    /// `o[r, 0..64] += Σ_m pp[r, m] · vp[m, 0..64]` for `R` rows, `m < np` (`pp`: row stride `wp`
+    /// pairs; `vp`, `o`: row stride `ds`). Each broadcast probability pair feeds four `vdpbf16ps`.
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn pv<const R: usize>(pp: *const u32, wp: usize, vp: *const u32, ds: usize, np: usize, o: *mut f32) {
-        let mut a0 = [_mm512_setzero_ps(); R];
-        let mut a1 = [_mm512_setzero_ps(); R];
-        for r in 0..R {
-            a0[r] = _mm512_loadu_ps(o.add(r * ds));
-            a1[r] = _mm512_loadu_ps(o.add(r * ds + 16));
-        }
+        let mut a: [[__m512; 4]; R] = std::array::from_fn(|r| std::array::from_fn(|v| _mm512_loadu_ps(o.add(r * ds + 16 * v))));
         for m in 0..np {
-            let v0 = bh(_mm512_loadu_si512(vp.add(m * ds) as *const _));
-            let v1 = bh(_mm512_loadu_si512(vp.add(m * ds + 16) as *const _));
-            for r in 0..R {
+            let x: [__m512bh; 4] = std::array::from_fn(|v| bh(_mm512_loadu_si512(vp.add(m * ds + 16 * v) as *const _)));
+            for (r, ar) in a.iter_mut().enumerate() {
                 let pv = bh(_mm512_set1_epi32(*pp.add(r * wp + m) as i32));
-                a0[r] = _mm512_dpbf16_ps(a0[r], pv, v0);
-                a1[r] = _mm512_dpbf16_ps(a1[r], pv, v1);
+                for v in 0..4 {
+                    ar[v] = _mm512_dpbf16_ps(ar[v], pv, x[v]);
+                }
             }
         }
-        for r in 0..R {
-            _mm512_storeu_ps(o.add(r * ds), a0[r]);
-            _mm512_storeu_ps(o.add(r * ds + 16), a1[r]);
+        for (r, ar) in a.iter().enumerate() {
+            for (v, x) in ar.iter().enumerate() {
+                _mm512_storeu_ps(o.add(r * ds + 16 * v), *x);
+            }
         }
     }
 }
@@ -1618,6 +1705,74 @@ mod tests {
         let med = times[times.len() / 2];
         let bytes = (2 * h * t * d * 2) as f64;
         eprintln!("decode attention: median {:.3} ms, {:.1} GB/s of keys and values", med * 1e3, bytes / med / 1e9);
+    }
+
+    #[test]
+    fn vector_exp_and_softmax_match_the_scalar_ones() {
+        if !bf16dot_available() {
+            eprintln!("skipped: no AVX-512 BF16 on this CPU");
+            return;
+        }
+        use std::arch::x86_64::*;
+        // exp: the same bits as the scalar version, over [-120, 100] and at the edges.
+        let mut xs: Vec<f32> = (0..2_200_000).map(|i| -120.0 + i as f32 * 1e-4).collect();
+        xs.extend([f32::NEG_INFINITY, f32::INFINITY, 0.0, -0.0, 88.722_83, -103.97, 1e-30, -1e-30]);
+        for c in xs.chunks(16) {
+            let mut buf = [0f32; 16];
+            buf[..c.len()].copy_from_slice(c);
+            let mut out = [0f32; 16];
+            // SAFETY: AVX-512 BF16 (and so F) detected above.
+            unsafe { _mm512_storeu_ps(out.as_mut_ptr(), bf16dot::exp16(_mm512_loadu_ps(buf.as_ptr()))) };
+            for (x, y) in buf.iter().zip(out) {
+                assert_eq!(y.to_bits(), exp(*x).to_bits(), "exp({x})");
+            }
+        }
+        // softmax: within one bf16 step of the scalar row (sum order, and x * (1 / sum) against
+        // x / sum), masks and tails of every length.
+        let mut state = 7u64;
+        for n in [1usize, 2, 15, 16, 17, 31, 33, 100, 517, 2074] {
+            let row: Vec<f32> = (0..n)
+                .map(|_| {
+                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    ((state >> 40) as f32 / (1u64 << 24) as f32) * 40.0 - 20.0
+                })
+                .collect();
+            let valid: Vec<u32> = (0..n).map(|i| u32::from(i % 7 != 3)).collect();
+            let (mut a, mut b) = (row.clone(), row.clone());
+            let sa = softmax_row::<half::bf16>(&mut a, &valid, 0.3);
+            // SAFETY: as above.
+            let sb = unsafe { bf16dot::softmax_row_bf16(&mut b, &valid, 0.3, n % 16) };
+            assert_eq!(sa, sb);
+            for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+                assert_eq!(y.to_bits() & 0xFFFF, 0, "bf16 values");
+                assert!((x - y).abs() <= bf16_ulp(x.max(*y)), "n {n}, entry {i}: {x} vs {y}");
+            }
+        }
+        let (mut none, valid) = (vec![1.0f32; 20], vec![0u32; 20]);
+        // SAFETY: as above.
+        assert!(!unsafe { bf16dot::softmax_row_bf16(&mut none, &valid, 1.0, 3) });
+        assert!(none.iter().all(|&x| x == 0.0));
+    }
+
+    /// One layer's prefill attention at the 7B shapes (32 heads, a 2,074-token prompt, causal):
+    /// GFLOP/s of the causal products (2 * 2 * L^2 / 2 * D per head). `cargo test --release -p
+    /// videollava --lib attention::tests::bench_prefill -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn bench_prefill() {
+        let dev = Device::Cpu;
+        let (h, t, d) = (32, 2074, 128);
+        let x = || Tensor::randn(0f32, 1.0, (1, h, t, d), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+        let (q, k, v) = (x(), x(), x());
+        let valid = vec![1u32; t];
+        let rules = MaskRules { key_valid: &valid, past: 0, causal: true, sliding_window: None };
+        let flop = 2.0 * 2.0 * (t * t) as f64 / 2.0 * d as f64 * h as f64;
+        for _ in 0..3 {
+            let t0 = std::time::Instant::now();
+            std::hint::black_box(attention(&q, &k, &v, 0.088, &rules).unwrap());
+            let s = t0.elapsed().as_secs_f64();
+            eprintln!("prefill attention: {:.1} ms, {:.0} GFLOP/s", s * 1e3, flop / s / 1e9);
+        }
     }
 
     #[test]
