@@ -77,6 +77,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "dtype": format!("{:?}", engine.model.dtype).to_lowercase(),
         "quantize": args.model.quantize.map(|q| q.name()),
         "kv_cache": args.model.kv_cache.to_string(),
+        "prefill_chunk": args.model.prefill_chunk,
         "threads": args.model.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
         "prompt_tokens": prompt_tokens,
         "new_tokens": out[0].token_ids.len(),

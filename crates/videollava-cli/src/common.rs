@@ -78,6 +78,10 @@ pub struct ModelArgs {
     /// when decoding; a small change to the numbers, measured in docs/benchmarks.md).
     #[arg(long, default_value = "model", value_name = "model|q8_0")]
     pub kv_cache: KvCacheFormat,
+    /// Prompt positions run through the decoder at a time (0: the whole prompt at once); the
+    /// results are the same, with fewer activations alive for long prompts.
+    #[arg(long, default_value_t = videollava::model::video_llava::DEFAULT_PREFILL_CHUNK, value_name = "N")]
+    pub prefill_chunk: usize,
 }
 
 impl ModelArgs {
@@ -107,6 +111,7 @@ impl ModelArgs {
         }
         engine.model.set_feature_cache_capacity(self.feature_cache_mib << 20);
         engine.model.set_kv_cache_format(self.kv_cache);
+        engine.model.set_prefill_chunk(self.prefill_chunk);
         if let Some(q) = &engine.model.quantization {
             let mut kinds: Vec<String> = q.quantized.iter().map(|(k, n)| format!("{n} {k}")).collect();
             kinds.sort();
