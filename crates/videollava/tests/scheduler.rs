@@ -89,13 +89,14 @@ fn collect(mut h: videollava::engine::RequestHandle) -> (String, GeneratedSequen
 }
 
 fn check_concurrent(name: &str) {
-    check_concurrent_with(name, KvCacheFormat::Model)
+    check_concurrent_with(name, KvCacheFormat::Model, 0)
 }
 
-fn check_concurrent_with(name: &str, kv: KvCacheFormat) {
+fn check_concurrent_with(name: &str, kv: KvCacheFormat, prefill_chunk: usize) {
     let engine = |name: &str| {
         let mut e = engine(name);
         e.model.set_kv_cache_format(kv);
+        e.model.set_prefill_chunk(prefill_chunk);
         e
     };
     let reference = engine(name);
@@ -139,8 +140,16 @@ fn concurrent_requests_get_their_solo_answers_mistral_sliding_window() {
 /// (quantization is per position and head, so batching changes nothing).
 #[test]
 fn concurrent_requests_get_their_solo_answers_with_an_8bit_kv_cache() {
-    check_concurrent_with("model-llama", KvCacheFormat::Q8_0);
-    check_concurrent_with("model-mistral-full", KvCacheFormat::Q8_0);
+    check_concurrent_with("model-llama", KvCacheFormat::Q8_0, 0);
+    check_concurrent_with("model-mistral-full", KvCacheFormat::Q8_0, 0);
+}
+
+/// Prompts prefilled 16 positions per scheduler step, with decode steps of the running rows in
+/// between: every request still gets its solo answer.
+#[test]
+fn concurrent_requests_get_their_solo_answers_with_a_chunked_prefill() {
+    check_concurrent_with("model-llama", KvCacheFormat::Model, 16);
+    check_concurrent_with("model-mistral-full", KvCacheFormat::Q8_0, 16);
 }
 
 #[test]

@@ -1,11 +1,14 @@
 //! Continuous batching: one engine thread serves many requests.
 //!
-//! Requests wait in a bounded queue. At every decode step the engine thread admits waiting
-//! requests while the batch has room: each is preprocessed and prefilled on its own (visual
-//! features computed once), its first token is chosen, and its KV cache rows join the running
-//! batch's cache (left-padded so every row keeps its key distances). Then one decode step feeds the
-//! last token of every running row together. Rows that finish, and rows whose client went away
-//! (the event receiver was dropped), leave the batch at the next step.
+//! Requests wait in a bounded queue. At every step the engine thread admits waiting requests
+//! while the batch has room: each is preprocessed and its visual features computed (once), then
+//! its prompt is prefilled on its own, one chunk ([`crate::model::VideoLlava::set_prefill_chunk`])
+//! per step, so that the running rows get a decode step between chunks instead of waiting for a
+//! whole long prompt. After its last chunk its first token is chosen and its KV cache rows join
+//! the running batch's cache (left-padded so every row keeps its key distances). Each step ends
+//! with one decode step that feeds the last token of every running row together. Rows that
+//! finish, and rows whose client went away (the event receiver was dropped), leave the batch at
+//! the next step.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -22,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::generate::{GenerateOptions, GeneratedSequence, SequenceState};
 use crate::media::{RgbImage, Video};
 use crate::model::llama::KvCache;
+use crate::model::video_llava::PreparedPrompt;
 
 /// Sizes of the batch and of the waiting queue.
 #[derive(Debug, Clone, Copy)]
@@ -238,10 +242,26 @@ fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
 
-/// Preprocesses and prefills one request alone; returns its running state and its cache row.
-fn admit(engine: &Engine, job: Job) -> std::result::Result<(Active, KvCache), (UnboundedSender<StreamEvent>, Error)> {
+/// A request whose prompt is going through the decoder, one chunk per scheduler step.
+struct Prefilling {
+    tx: UnboundedSender<StreamEvent>,
+    options: GenerateOptions,
+    submitted: Instant,
+    timings: RequestTimings,
+    ids: Vec<u32>,
+    prompt: PreparedPrompt,
+    positions: Tensor,
+    /// Prompt positions already in `cache`.
+    done: usize,
+    cache: KvCache,
+    decoder_ms: f64,
+}
+
+/// Preprocesses a request and computes its visual features; its prompt then goes through the
+/// decoder in [`prefill_step`]s.
+fn start_prefill(engine: &Engine, job: Job) -> std::result::Result<Prefilling, (UnboundedSender<StreamEvent>, Error)> {
     let Job { request, tx, submitted } = job;
-    let run = || -> Result<(Active, KvCache)> {
+    let run = || -> Result<Prefilling> {
         request.options.sampling.validate().map_err(Error::Input)?;
         if request.options.max_new_tokens == 0 {
             return Err(Error::Input("max_new_tokens must be at least 1".into()));
@@ -261,30 +281,57 @@ fn admit(engine: &Engine, job: Job) -> std::result::Result<(Active, KvCache), (U
         let l = inputs.seq_len;
         let ids: Vec<u32> = inputs.input_ids.iter().map(|&x| x as u32).collect();
         let positions = Tensor::from_vec((0..l as u32).collect::<Vec<_>>(), (1, l), &model.device)?;
-        let mut cache = KvCache::default();
-        let (logits, vision_ms, decoder_ms) = model.prefill(&inputs, &positions, &mut cache)?;
-        timings.prefill_ms = vision_ms + decoder_ms;
-        let mut state = SequenceState::new(0, ids, &request.options);
-        let row = logits.to_vec2::<f32>()?.remove(0);
-        let out = state.step(&row, &request.options, engine.tokenizer(), max_ctx)?;
-        timings.time_to_first_token_ms = ms(submitted);
-        let mut active =
-            Active { state, options: request.options.clone(), tx: tx.clone(), timings, decode_started: Instant::now() };
-        active.emit_step(out);
-        Ok((active, cache))
+        let prompt = model.prepare_prompt(&inputs)?;
+        Ok(Prefilling {
+            tx: tx.clone(),
+            options: request.options.clone(),
+            submitted,
+            timings,
+            ids,
+            prompt,
+            positions,
+            done: 0,
+            cache: KvCache::default(),
+            decoder_ms: 0.0,
+        })
     };
     run().map_err(|e| (tx.clone(), e))
+}
+
+/// Runs the next chunk of `p`'s prompt. After the last one, chooses the first token and returns
+/// the request's running state and its cache row.
+fn prefill_step(engine: &Engine, p: &mut Prefilling) -> Result<Option<(Active, KvCache)>> {
+    let model = &engine.model;
+    let t = Instant::now();
+    let n = model.prefill_chunk_len(p.prompt.len).min(p.prompt.len - p.done);
+    let logits = model.prefill_part(&p.prompt, &p.positions, p.done, n, &mut p.cache)?;
+    p.done += n;
+    p.decoder_ms += ms(t);
+    let Some(logits) = logits else { return Ok(None) };
+    let mut timings = p.timings;
+    timings.prefill_ms = p.prompt.vision_ms + p.decoder_ms;
+    let max_ctx = model.config.text_config.max_position_embeddings;
+    let mut state = SequenceState::new(0, std::mem::take(&mut p.ids), &p.options);
+    let row = logits.to_vec2::<f32>()?.remove(0);
+    let out = state.step(&row, &p.options, engine.tokenizer(), max_ctx)?;
+    timings.time_to_first_token_ms = ms(p.submitted);
+    let mut active =
+        Active { state, options: p.options.clone(), tx: p.tx.clone(), timings, decode_started: Instant::now() };
+    active.emit_step(out);
+    Ok(Some((active, std::mem::take(&mut p.cache))))
 }
 
 fn run_loop(engine: Engine, shared: Arc<Shared>) {
     let mut cache = KvCache::default();
     let mut rows: Vec<Active> = Vec::new();
+    // Admitted requests whose prompts are being prefilled, first come first served.
+    let mut pending: VecDeque<Prefilling> = VecDeque::new();
     let max_ctx = engine.model.config.text_config.max_position_embeddings;
     loop {
         // Admit waiting requests while the batch has room.
         let jobs: Vec<Job> = {
             let mut q = shared.queue.lock().unwrap_or_else(|p| p.into_inner());
-            if rows.is_empty() && q.is_empty() {
+            if rows.is_empty() && pending.is_empty() && q.is_empty() {
                 if shared.closing.load(Ordering::SeqCst) {
                     return;
                 }
@@ -292,7 +339,7 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
                     shared.wake.wait_timeout(q, Duration::from_millis(100)).unwrap_or_else(|p| p.into_inner());
                 q = guard;
             }
-            let room = shared.config.max_batch_size.saturating_sub(rows.len());
+            let room = shared.config.max_batch_size.saturating_sub(rows.len() + pending.len());
             let n = room.min(q.len());
             q.drain(..n).collect()
         };
@@ -300,18 +347,36 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
             if job.tx.is_closed() {
                 continue; // the client left while waiting
             }
-            match admit(&engine, job) {
-                Ok((active, row_cache)) => {
-                    if let Err(e) = cache.append_rows(row_cache) {
-                        failed(&active.tx, &e);
-                        continue;
-                    }
-                    rows.push(active);
-                }
+            match start_prefill(&engine, job) {
+                Ok(p) => pending.push_back(p),
                 Err((tx, e)) => failed(&tx, &e),
             }
         }
-        shared.running.store(rows.len(), Ordering::SeqCst);
+
+        // One chunk of the oldest prompt being prefilled: a long prompt is cut into chunks with
+        // decode steps of the running rows in between, so they keep streaming meanwhile.
+        if let Some(p) = pending.front_mut() {
+            if p.tx.is_closed() {
+                pending.pop_front(); // the client left during its prefill
+            } else {
+                match prefill_step(&engine, p) {
+                    Ok(None) => {}
+                    Ok(Some((active, row_cache))) => {
+                        pending.pop_front();
+                        match cache.append_rows(row_cache) {
+                            Ok(()) => rows.push(active),
+                            Err(e) => failed(&active.tx, &e),
+                        }
+                    }
+                    Err(e) => {
+                        if let Some(p) = pending.pop_front() {
+                            failed(&p.tx, &e);
+                        }
+                    }
+                }
+            }
+        }
+        shared.running.store(rows.len() + pending.len(), Ordering::SeqCst);
         if rows.is_empty() {
             continue;
         }
@@ -338,7 +403,7 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
             if let Err(e) = ok {
                 fail_all(&mut rows, &mut cache, &e);
             }
-            shared.running.store(rows.len(), Ordering::SeqCst);
+            shared.running.store(rows.len() + pending.len(), Ordering::SeqCst);
             if rows.is_empty() {
                 continue;
             }
@@ -347,7 +412,7 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
         // One decode step for the whole batch.
         if let Err(e) = decode_step(&engine, &mut rows, &mut cache, max_ctx) {
             fail_all(&mut rows, &mut cache, &e);
-            shared.running.store(0, Ordering::SeqCst);
+            shared.running.store(pending.len(), Ordering::SeqCst);
         }
     }
 }

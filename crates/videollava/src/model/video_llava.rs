@@ -122,6 +122,19 @@ pub struct VideoLlava {
 /// Default of [`VideoLlava::set_prefill_chunk`].
 pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 
+/// A processed prompt ready for the decoder ([`VideoLlava::prepare_prompt`]).
+#[derive(Debug, Clone)]
+pub struct PreparedPrompt {
+    /// `[B, L, H]` in the compute dtype, visual features in the placeholder positions.
+    pub embeds: Tensor,
+    /// `[B, L]` u32 attention mask.
+    pub mask: Tensor,
+    /// `L`.
+    pub len: usize,
+    /// Milliseconds in the vision towers.
+    pub vision_ms: f64,
+}
+
 impl VideoLlava {
     /// Loads `config.json` and the weights of checkpoint `dir`, computing in `dtype` on `device`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self> {
@@ -403,15 +416,32 @@ impl VideoLlava {
 impl VideoLlava {
     /// Prefill of a processed batch: visual features computed once (or taken from the feature
     /// cache when the same pixels were seen before), merged into the placeholder
-    /// embeddings, then the whole prompt through the decoder into `cache`. `position_ids` `[B, L]`.
-    /// Returns f32 logits of the last position `[B, V]` and the milliseconds spent in the vision
-    /// towers and in the decoder.
+    /// embeddings, then the whole prompt through the decoder into `cache`, [`Self::set_prefill_chunk`]
+    /// positions at a time. `position_ids` `[B, L]`. Returns f32 logits of the last position
+    /// `[B, V]` and the milliseconds spent in the vision towers and in the decoder.
     pub fn prefill(
         &self,
         inputs: &ProcessorOutput,
         position_ids: &Tensor,
         cache: &mut KvCache,
     ) -> Result<(Tensor, f64, f64)> {
+        let prompt = self.prepare_prompt(inputs)?;
+        let t = std::time::Instant::now();
+        let chunk = self.prefill_chunk_len(prompt.len);
+        let mut start = 0;
+        let logits = loop {
+            let n = chunk.min(prompt.len - start);
+            if let Some(logits) = self.prefill_part(&prompt, position_ids, start, n, cache)? {
+                break logits;
+            }
+            start += n;
+        };
+        Ok((logits, prompt.vision_ms, t.elapsed().as_secs_f64() * 1e3))
+    }
+
+    /// The first half of [`Self::prefill`]: visual features (or the feature cache) merged into
+    /// the prompt's embeddings.
+    pub fn prepare_prompt(&self, inputs: &ProcessorOutput) -> Result<PreparedPrompt> {
         let device = &self.device;
         let t = std::time::Instant::now();
         let image_features =
@@ -419,32 +449,51 @@ impl VideoLlava {
         let video_features =
             inputs.pixel_values_videos.as_ref().map(|p| self.features_cached(p, Tower::Video)).transpose()?;
         let vision_ms = t.elapsed().as_secs_f64() * 1e3;
-        let t = std::time::Instant::now();
         let (b, l) = (inputs.batch_size, inputs.seq_len);
         let ids: Vec<u32> = inputs.input_ids.iter().map(|&x| x as u32).collect();
         let mask: Vec<u32> = inputs.attention_mask.iter().map(|&x| x as u32).collect();
         let ids = Tensor::from_vec(ids, (b, l), device)?;
         let mask = Tensor::from_vec(mask, (b, l), device)?;
         let embeds = self.merge_embeddings(&ids, image_features.as_ref(), video_features.as_ref())?;
-        drop((image_features, video_features));
-        let chunk = if self.prefill_chunk == 0 { l.max(1) } else { self.prefill_chunk };
-        let mut start = 0;
-        let logits = loop {
-            // Positions `start..start + n` attend to the cache filled by the earlier chunks:
-            // the same numbers as one pass (each position's products do not depend on the
-            // others'), with the activations of `n` positions alive instead of `l`.
-            let n = chunk.min(l - start);
-            let part = |t: &Tensor| -> Result<Tensor> {
-                Ok(if n == l { t.clone() } else { t.narrow(1, start, n)?.contiguous()? })
-            };
-            let (e, m, p) = (part(&embeds)?, part(&mask)?, part(position_ids)?);
-            if start + n == l {
-                break self.forward_embeddings(&e, &m, &p, Some(&mut *cache), true)?;
-            }
-            self.language_model.forward(&e, &p, &m, Some(&mut *cache), false)?;
-            start += n;
+        Ok(PreparedPrompt { embeds, mask, len: l, vision_ms })
+    }
+
+    /// The rest of [`Self::prefill`], one part at a time: positions `start..start + n` of
+    /// `prompt` (`position_ids` `[B, L]` for the whole prompt) through the decoder, attending to
+    /// what `cache` holds from the earlier parts. Returns the last position's logits once the
+    /// part reaches the end of the prompt. Each position's numbers do not depend on how the
+    /// prompt is cut: only fewer activations are alive at a time.
+    pub fn prefill_part(
+        &self,
+        prompt: &PreparedPrompt,
+        position_ids: &Tensor,
+        start: usize,
+        n: usize,
+        cache: &mut KvCache,
+    ) -> Result<Option<Tensor>> {
+        let l = prompt.len;
+        if n == 0 || start + n > l {
+            return Err(Error::Input(format!("prefill part {start}..{} of a {l}-position prompt", start + n)));
+        }
+        let part = |t: &Tensor| -> Result<Tensor> {
+            Ok(if n == l { t.clone() } else { t.narrow(1, start, n)?.contiguous()? })
         };
-        Ok((logits, vision_ms, t.elapsed().as_secs_f64() * 1e3))
+        let (e, m, p) = (part(&prompt.embeds)?, part(&prompt.mask)?, part(position_ids)?);
+        if start + n == l {
+            return Ok(Some(self.forward_embeddings(&e, &m, &p, Some(cache), true)?));
+        }
+        self.language_model.forward(&e, &p, &m, Some(cache), false)?;
+        Ok(None)
+    }
+
+    /// Positions per [`Self::prefill_part`] for a prompt of `len` (the whole prompt when the
+    /// chunk is 0).
+    pub fn prefill_chunk_len(&self, len: usize) -> usize {
+        if self.prefill_chunk == 0 {
+            len.max(1)
+        } else {
+            self.prefill_chunk
+        }
     }
 
     /// Prompt positions [`Self::prefill`] runs through the decoder at a time (0: the whole prompt
