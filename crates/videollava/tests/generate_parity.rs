@@ -54,7 +54,9 @@ fn check_variant(variant: &str, prefill_chunk: usize) -> usize {
             let n = ids.iter().position(|&t| t == 2).map(|p| p + 1).unwrap_or(ids.len());
             assert_eq!(got.token_ids, ids[..n], "{variant}/{case} row {row}: greedy ids differ");
             let max = got.logprobs.iter().zip(&lps[..n]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            eprintln!("{variant}/{case} row {row} (prefill chunk {prefill_chunk}): ids equal, logprob max abs diff {max:.2e}");
+            eprintln!(
+                "{variant}/{case} row {row} (prefill chunk {prefill_chunk}): ids equal, logprob max abs diff {max:.2e}"
+            );
             assert!(max <= LOGPROB_TOL, "{variant}/{case} row {row}: logprob diff {max}");
             let reason =
                 if n < ids.len() || ids.last() == Some(&2) { FinishReason::Stop } else { FinishReason::Length };

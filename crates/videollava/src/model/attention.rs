@@ -694,7 +694,7 @@ fn task<T: Elem, const FMA: bool>(p: &Params<T>, bi: usize, kvh: usize, i0: usiz
 /// Register tiles: blocks of 8 (4, 2, 1) rows × 32 keys for the scores and × 32 columns for the
 /// output (16 zmm accumulators). Blocks skip the key tiles outside their rows' ranges.
 #[cfg(target_arch = "x86_64")]
-pub(crate) use bf16dot::reduce16;
+pub(crate) use bf16dot::{mask16, reduce16};
 
 #[cfg(target_arch = "x86_64")]
 mod bf16dot {
@@ -721,8 +721,9 @@ mod bf16dot {
         unsafe { transmute(v) }
     }
 
+    /// The lowest `n` of 16 lanes (all for `n >= 16`).
     #[inline(always)]
-    fn mask16(n: usize) -> u16 {
+    pub(crate) fn mask16(n: usize) -> u16 {
         if n >= 16 {
             u16::MAX
         } else {
@@ -963,7 +964,11 @@ mod bf16dot {
         let mut i = 0;
         while i < n {
             let k = mask16(n - i);
-            let ok = _mm512_mask_cmpneq_epi32_mask(k, _mm512_maskz_loadu_epi32(k, vp.add(i) as *const i32), _mm512_setzero_si512());
+            let ok = _mm512_mask_cmpneq_epi32_mask(
+                k,
+                _mm512_maskz_loadu_epi32(k, vp.add(i) as *const i32),
+                _mm512_setzero_si512(),
+            );
             let x = _mm512_mask_blend_ps(ok, ninf, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, rp.add(i)), vs));
             _mm512_mask_storeu_ps(rp.add(i), k, x);
             m = _mm512_max_ps(m, x);
@@ -1176,7 +1181,8 @@ mod bf16dot {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn pv<const R: usize>(pp: *const u32, wp: usize, vp: *const u32, ds: usize, np: usize, o: *mut f32) {
-        let mut a: [[__m512; 4]; R] = std::array::from_fn(|r| std::array::from_fn(|v| _mm512_loadu_ps(o.add(r * ds + 16 * v))));
+        let mut a: [[__m512; 4]; R] =
+            std::array::from_fn(|r| std::array::from_fn(|v| _mm512_loadu_ps(o.add(r * ds + 16 * v))));
         for m in 0..np {
             let x: [__m512bh; 4] = std::array::from_fn(|v| bh(_mm512_loadu_si512(vp.add(m * ds + 16 * v) as *const _)));
             for (r, ar) in a.iter_mut().enumerate() {
@@ -1841,8 +1847,9 @@ mod tests {
         assert_eq!(q.bytes(), 2 * (2 * q.capacity() * 32 + 2 * q.capacity() * 4));
         // Merge with left padding, then drop the common padding.
         let merged = KvBuffer::stack_left_padded(&q, &snapshot, 6).unwrap();
-        let dense_merged = KvBuffer::stack_left_padded(&dense, &KvBuffer::new(&round_trip(&k1), &round_trip(&v1)).unwrap(), 6)
-            .unwrap();
+        let dense_merged =
+            KvBuffer::stack_left_padded(&dense, &KvBuffer::new(&round_trip(&k1), &round_trip(&v1)).unwrap(), 6)
+                .unwrap();
         assert_eq!(merged.len(), 6);
         assert_eq!(flat(&merged.keys().unwrap()), flat(&dense_merged.keys().unwrap()));
         assert_eq!(flat(&merged.values().unwrap()), flat(&dense_merged.values().unwrap()));

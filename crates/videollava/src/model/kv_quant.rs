@@ -138,7 +138,11 @@ pub fn dequantize(codes: &Tensor, scales: &Tensor, dtype: DType) -> Result<Tenso
     let (b, h, t, d) = codes.dims4()?;
     let bl = block_len(d);
     if scales.dims4()? != (b, h, t, d / bl) {
-        return Err(Error::Model(format!("8-bit KV cache: codes {:?} and scales {:?} disagree", codes.dims(), scales.dims())));
+        return Err(Error::Model(format!(
+            "8-bit KV cache: codes {:?} and scales {:?} disagree",
+            codes.dims(),
+            scales.dims()
+        )));
     }
     let (cg, cl) = codes.storage_and_layout();
     let (sg, sl) = scales.storage_and_layout();
@@ -294,16 +298,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{Task, MAX_D};
-    use crate::model::attention::{reduce16, softmax_probs};
-
-    #[inline(always)]
-    fn mask16(n: usize) -> u16 {
-        if n >= 16 {
-            u16::MAX
-        } else {
-            ((1u32 << n) - 1) as u16
-        }
-    }
+    use crate::model::attention::{mask16, reduce16, softmax_probs};
 
     /// 16 codes at `c` as f32.
     #[inline(always)]
@@ -522,33 +517,21 @@ mod tests {
     #[test]
     fn decode_kernel_matches_the_dequantized_dense_path() {
         if !fast_available() {
-            eprintln!("skipped: this CPU has no AVX-512 F/BW (the dequantizing path is tested elsewhere)");
+            eprintln!("skipped: this CPU has no AVX-512 F/BW/VNNI (the dequantizing path is tested elsewhere)");
             return;
         }
-        for case in cases() {
-            let (fast, dense) = run_case(&case, DType::F32);
-            let fast = fast.expect("kernel applies");
-            let diff = max_diff(&fast, &dense);
-            // f32 summation order, and for blocks of 32 the query taken as i16 (a step of 2^-15
-            // of its largest |q|, ~3e-5 here).
-            assert!(diff <= 1e-4, "case {case:?}: max |diff| {diff}");
-        }
-    }
-
-    #[test]
-    fn decode_kernel_rounds_probabilities_like_the_query_dtype() {
-        if !fast_available() {
-            eprintln!("skipped: this CPU has no AVX-512 F/BW");
-            return;
-        }
-        for case in cases() {
-            let (fast, dense) = run_case(&case, DType::BF16);
-            let fast = fast.expect("kernel applies");
-            assert_eq!(fast.dtype(), DType::BF16);
-            // Probabilities rounded to bf16 (one step 2^-8 relative) against f32 ones, then the
-            // output rounded to bf16: a few bf16 steps of values in [-2, 2].
-            let diff = max_diff(&fast, &dense);
-            assert!(diff <= 0.03, "case {case:?}: max |diff| {diff}");
+        // f32 queries: f32 summation order, and for blocks of 32 the query taken as i16 (a step
+        // of 2^-15 of its largest |q|, ~3e-5 here). bf16 queries: probabilities rounded to bf16
+        // (one step 2^-8 relative) against f32 ones, then the output rounded to bf16: a few bf16
+        // steps of values in [-2, 2].
+        for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 0.03)] {
+            for case in cases() {
+                let (fast, dense) = run_case(&case, dtype);
+                let fast = fast.expect("kernel applies");
+                assert_eq!(fast.dtype(), dtype);
+                let diff = max_diff(&fast, &dense);
+                assert!(diff <= tol, "{dtype:?} case {case:?}: max |diff| {diff}");
+            }
         }
     }
 

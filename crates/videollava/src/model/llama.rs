@@ -16,8 +16,8 @@ use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{linear_b, VarBuilder};
 
 use super::attention::{self, KvBuffer, MaskRules};
-use super::kv_quant::{self, KvCacheFormat};
 use super::fused::residual_add;
+use super::kv_quant::{self, KvCacheFormat};
 use super::linear::Linear;
 
 use crate::config::{RopeScaling, TextConfig, TextModelType};

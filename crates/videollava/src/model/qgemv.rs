@@ -639,7 +639,8 @@ pub(crate) mod avx512 {
             }
             *c = load(bytes.as_ptr());
         }
-        let (k1, k2, k3) = (_mm512_set1_epi32(0x3f3f3f3f), _mm512_set1_epi32(0x0f0f0f0f), _mm512_set1_epi32(0x03030303));
+        let (k1, k2, k3) =
+            (_mm512_set1_epi32(0x3f3f3f3f), _mm512_set1_epi32(0x0f0f0f0f), _mm512_set1_epi32(0x03030303));
         let wp = w.as_ptr();
         let aq = act.qs.as_ptr() as *const u8;
         // Per group: the scale bytes of each block as a u64 (by block, see below), and per row
