@@ -28,6 +28,7 @@ use super::fused;
 use super::q4k_gemm;
 use super::q8_gemm;
 use super::qgemv::{qgemv, QFormat};
+use super::quantize::MappedQuant;
 use super::weights::MappedBf16;
 use crate::error::{Error, Result};
 
@@ -46,6 +47,9 @@ pub enum LinearWeight {
     Quantized(Arc<QTensor>),
     /// BF16 `[out, in]` read in place from the memory-mapped checkpoint (CPU).
     Mapped(MappedBf16),
+    /// GGML blocks `[out, in]` read in place from the memory-mapped quantized-weights cache
+    /// (CPU; only our kernels read them).
+    MappedQuantized(MappedQuant),
 }
 
 impl LinearWeight {
@@ -55,6 +59,7 @@ impl LinearWeight {
             LinearWeight::Dense(w) => w.dims2()?,
             LinearWeight::Quantized(q) => q.shape().dims2()?,
             LinearWeight::Mapped(m) => m.dims(),
+            LinearWeight::MappedQuantized(m) => m.dims(),
         })
     }
 }
@@ -108,11 +113,22 @@ impl Linear {
                 copied = m.to_tensor(x.device())?;
                 &copied
             }
-            LinearWeight::Quantized(q) => {
-                if let Some(y) = self.quantized_gemv(q, x)? {
+            LinearWeight::MappedQuantized(m) => {
+                let (dtype, dims, data) = (m.dtype(), m.dims(), m.bytes());
+                if let Some(y) = self.quantized_gemm(dtype, dims, data, x)? {
                     return Ok(y);
                 }
-                if let Some(y) = self.quantized_gemm(q, x)? {
+                // Any number of rows through the matrix-vector kernel (8 rows at a time).
+                return self.quantized_gemv(dtype, dims, data, x, usize::MAX)?.ok_or_else(|| {
+                    Error::Model(format!("no kernel reads {dtype:?} blocks of shape {dims:?} for input {:?}", x.dims()))
+                });
+            }
+            LinearWeight::Quantized(q) => {
+                let (data, dims) = (q.data()?, q.shape().dims2()?);
+                if let Some(y) = self.quantized_gemv(q.dtype(), dims, &data, x, 4)? {
+                    return Ok(y);
+                }
+                if let Some(y) = self.quantized_gemm(q.dtype(), dims, &data, x)? {
                     return Ok(y);
                 }
                 // candle's quantized matmul takes f32/f16/bf16 contiguous input of any rank.
@@ -183,27 +199,35 @@ impl Linear {
         Ok(Tensor::from_vec(y, dims, x.device())?)
     }
 
-    /// A few rows on the CPU through our matrix-vector kernel over the compact GGML blocks
-    /// ([`super::qgemv`]: the weight streamed once at memory speed); `None` where it does not apply.
-    fn quantized_gemv(&self, q: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
-        let (out_f, in_f) = q.shape().dims2()?;
+    /// Up to `max_rows` rows on the CPU through our matrix-vector kernel over the compact GGML
+    /// blocks `data` (`dtype`, `[out, in]`; [`super::qgemv`]: the weight streamed once at memory
+    /// speed per 8 rows); `None` where it does not apply.
+    fn quantized_gemv(
+        &self,
+        dtype: GgmlDType,
+        (out_f, in_f): (usize, usize),
+        data: &[u8],
+        x: &Tensor,
+        max_rows: usize,
+    ) -> Result<Option<Tensor>> {
         let rows = x.elem_count() / in_f.max(1);
-        let format = match q.dtype() {
-            GgmlDType::Q4K if rows <= 4 => QFormat::Q4K,
-            GgmlDType::Q6K if rows <= 4 => QFormat::Q6K,
-            GgmlDType::Q8_0 if rows <= 4 => QFormat::Q8_0,
+        let format = match dtype {
+            GgmlDType::Q4K => QFormat::Q4K,
+            GgmlDType::Q6K => QFormat::Q6K,
+            GgmlDType::Q8_0 => QFormat::Q8_0,
             _ => return Ok(None),
         };
-        if !x.device().is_cpu() || rows == 0 || in_f % format.block_values() != 0 {
+        if rows > max_rows || !x.device().is_cpu() || rows == 0 || in_f % format.block_values() != 0 {
             return Ok(None);
         }
-        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let data = q.data()?;
         if data.len() != out_f * format.row_bytes(in_f) {
             return Ok(None);
         }
+        let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let mut ys = vec![0f32; rows * out_f];
-        qgemv(format, &xs, rows, &data, out_f, in_f, &mut ys);
+        for (xc, yc) in xs.chunks(8 * in_f).zip(ys.chunks_mut(8 * out_f)) {
+            qgemv(format, xc, xc.len() / in_f, data, out_f, in_f, yc);
+        }
         let mut dims = x.dims().to_vec();
         let last = dims.len() - 1;
         dims[last] = out_f;
@@ -247,9 +271,14 @@ impl Linear {
     /// ([`super::q8_gemm`], [`super::q4k_gemm`]: ~1.6x and ~1.4x candle's quantized matmul on
     /// the 7B shapes, and no repacked copy of the weight kept); `None` where they do not apply.
     /// The f32 product is rounded once to the activation dtype, with the bias added first.
-    fn quantized_gemm(&self, q: &QTensor, x: &Tensor) -> Result<Option<Tensor>> {
-        let (out_f, in_f) = q.shape().dims2()?;
-        let (format, gemm): (QFormat, QuantizedGemm) = match q.dtype() {
+    fn quantized_gemm(
+        &self,
+        dtype: GgmlDType,
+        (out_f, in_f): (usize, usize),
+        data: &[u8],
+        x: &Tensor,
+    ) -> Result<Option<Tensor>> {
+        let (format, gemm): (QFormat, QuantizedGemm) = match dtype {
             GgmlDType::Q8_0 if q8_gemm::has_fast_path() => (QFormat::Q8_0, q8_gemm::matmul_q8_0),
             GgmlDType::Q4K if q4k_gemm::has_fast_path() => (QFormat::Q4K, q4k_gemm::matmul_q4k),
             _ => return Ok(None),
@@ -258,8 +287,7 @@ impl Linear {
             return Ok(None);
         }
         let rows = x.elem_count() / in_f.max(1);
-        let data = q.data()?;
-        if data.len() != out_f * format.row_bytes(in_f) || rows == 0 {
+        if data.len() != out_f * format.row_bytes(in_f) || rows <= 4 {
             return Ok(None);
         }
         let bias = match &self.bias {
@@ -271,7 +299,7 @@ impl Linear {
         dims[last] = out_f;
         let y = with_f32_scratch(rows * out_f, |out| {
             fused::with_f32_values(x, |xs| {
-                gemm(xs, rows, &data, out_f, in_f, out);
+                gemm(xs, rows, data, out_f, in_f, out);
                 Ok(())
             })?;
             if x.dtype() == DType::BF16 {

@@ -14,8 +14,9 @@
 //!
 //! Quantizing a 7B model takes tens of seconds, so the result is saved as a GGUF file in a cache
 //! directory keyed by the checkpoint's weight files (names, sizes, modification times) and the
-//! format; the next load reads the quantized blocks from it and never reads those layers'
-//! 16-bit weights from the checkpoint.
+//! format; the next load maps that file into memory and our kernels read the blocks in place
+//! ([`MappedQuant`]: no copy, nothing read until used, the OS keeps the file cached between runs),
+//! never reading those layers' 16-bit weights from the checkpoint.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -169,6 +170,39 @@ pub struct QuantizeReport {
 pub struct CachedQuantized {
     path: PathBuf,
     content: gguf_file::Content,
+    /// The whole file, memory-mapped (`None` where mapping failed: tensors are then read).
+    map: Option<Arc<memmap2::Mmap>>,
+}
+
+/// One tensor of GGML blocks (`[out, in]`, a format our kernels read) inside the memory-mapped
+/// quantized-weights cache file.
+#[derive(Clone)]
+pub struct MappedQuant {
+    map: Arc<memmap2::Mmap>,
+    offset: usize,
+    len: usize,
+    dtype: GgmlDType,
+    dims: (usize, usize),
+}
+
+impl std::fmt::Debug for MappedQuant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedQuant {{ {:?} {:?}, {} bytes at {} }}", self.dtype, self.dims, self.len, self.offset)
+    }
+}
+
+impl MappedQuant {
+    /// The blocks, row after row.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.offset..self.offset + self.len]
+    }
+    pub fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        self.dims
+    }
 }
 
 const META_FORMAT: &str = "videollava.quant_format";
@@ -186,7 +220,29 @@ impl CachedQuantized {
         if meta(META_FORMAT).as_deref() != Some(format.name()) || meta(META_KEY).as_deref() != Some(key) {
             return Err(format!("{}: made from other weights or another format; ignored", path.display()));
         }
-        Ok(Some(Self { path: path.to_path_buf(), content }))
+        // SAFETY: the file is only read through the map; like any memory-mapped weights, it must
+        // not be rewritten in place while the model runs (the cache is replaced by renaming a new
+        // file over it, which leaves this mapping on the old one).
+        let map = File::open(path).ok().and_then(|f| unsafe { memmap2::Mmap::map(&f) }.ok()).map(Arc::new);
+        Ok(Some(Self { path: path.to_path_buf(), content, map }))
+    }
+
+    /// Tensor `name` read in place from the mapped file, when it is there in a format our kernels
+    /// read (Q8_0, Q4K, Q6K) with the byte count its shape needs.
+    fn mapped(&self, name: &str) -> Option<MappedQuant> {
+        let map = self.map.as_ref()?;
+        let info = self.content.tensor_infos.get(name)?;
+        if !matches!(info.ggml_dtype, GgmlDType::Q8_0 | GgmlDType::Q4K | GgmlDType::Q6K) {
+            return None;
+        }
+        let dims = info.shape.dims2().ok()?;
+        let (bs, ts) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
+        if !dims.1.is_multiple_of(bs) {
+            return None;
+        }
+        let len = dims.0 * (dims.1 / bs) * ts;
+        let offset = self.content.tensor_data_offset as usize + info.offset as usize;
+        (offset + len <= map.len()).then(|| MappedQuant { map: map.clone(), offset, len, dtype: info.ggml_dtype, dims })
     }
 
     /// Canonical names and shapes (`[out, in]`) of the tensors in the file.
@@ -221,6 +277,11 @@ pub fn quantize_linears(
     // Read cached layers first (sequential file reads), then quantize the rest in parallel.
     let mut todo = Vec::new();
     for (name, linear) in linears {
+        if let Some(m) = cached.and_then(|c| c.mapped(&name)) {
+            linear.set_weight(LinearWeight::MappedQuantized(m))?;
+            report.from_cache += 1;
+            continue;
+        }
         match cached.map(|c| c.tensor(&name)).transpose()?.flatten() {
             Some(q) => {
                 linear.set_weight(LinearWeight::Quantized(Arc::new(q)))?;
@@ -271,6 +332,10 @@ pub fn summarize<'a>(linears: impl IntoIterator<Item = (String, &'a Linear)>, re
             LinearWeight::Quantized(q) => {
                 *report.quantized.entry(format!("{:?}", q.dtype())).or_insert(0) += 1;
                 report.quantized_bytes += q.storage_size_in_bytes();
+            }
+            LinearWeight::MappedQuantized(m) => {
+                *report.quantized.entry(format!("{:?}", m.dtype())).or_insert(0) += 1;
+                report.quantized_bytes += m.bytes().len();
             }
             LinearWeight::Dense(_) | LinearWeight::Mapped(_) => report.kept_dense.push(name),
         }
@@ -418,6 +483,56 @@ mod tests {
         assert_eq!(QuantFormat::Q8_0.for_layer("language_model.lm_head.weight", 4096), Some(GgmlDType::Q8_0));
     }
 
+    /// Whether our int8 GEMM runs `format`'s blocks on this CPU.
+    fn q8_gemm_fast(format: QuantFormat) -> bool {
+        match format {
+            QuantFormat::Q8_0 => crate::model::q8_gemm::has_fast_path(),
+            QuantFormat::Q4K => crate::model::q4k_gemm::has_fast_path(),
+        }
+    }
+
+    /// The LM head's Q6K blocks from the mapped cache with more than 8 rows (teacher-forced
+    /// logits of every position): the matrix-vector kernel 8 rows at a time, close to candle's
+    /// quantized matmul on the same blocks.
+    #[test]
+    fn mapped_q6k_blocks_take_any_number_of_rows() {
+        let dev = Device::Cpu;
+        let values = |n: usize, seed: f32, scale: f32| -> Vec<f32> {
+            (0..n).map(|i| ((i as f32 * 12.9898 + seed).sin() * 43758.547).fract() * scale).collect()
+        };
+        let w = Tensor::from_vec(values(40 * 512, 1.0, 0.05), (40, 512), &dev).unwrap();
+        let tmp = std::env::temp_dir().join(format!("videollava-q6k-test-{}", std::process::id()));
+        let path = tmp.join("q.gguf");
+        let mut head = Linear::new(w.clone(), None);
+        // The LM head's name gives Q6K under q4k.
+        quantize_linears(
+            vec![("language_model.lm_head.weight".into(), &mut head)],
+            QuantFormat::Q4K,
+            None,
+            Some((&path, "k")),
+        )
+        .unwrap();
+        assert!(matches!(head.weight(), LinearWeight::Quantized(q) if q.dtype() == GgmlDType::Q6K));
+        let cached = CachedQuantized::open(&path, QuantFormat::Q4K, "k").unwrap().unwrap();
+        let mut mapped = Linear::new(Tensor::zeros((40, 512), DType::F32, &dev).unwrap(), None);
+        quantize_linears(
+            vec![("language_model.lm_head.weight".into(), &mut mapped)],
+            QuantFormat::Q4K,
+            Some(&cached),
+            None,
+        )
+        .unwrap();
+        assert!(matches!(mapped.weight(), LinearWeight::MappedQuantized(m) if m.dtype() == GgmlDType::Q6K));
+        let x = Tensor::from_vec(values(21 * 512, 5.0, 1.0), (21, 512), &dev).unwrap();
+        let (ya, yb) = (head.forward(&x).unwrap(), mapped.forward(&x).unwrap());
+        let scale = ya.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let d = (&yb - &ya).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        // Both quantize the input per 256 values to 8 bits (exact integer products); only the
+        // order of the f32 sums differs.
+        assert!(d <= 1e-4 * scale, "mapped Q6K differs by {d} (outputs up to {scale})");
+        let _ = std::fs::remove_dir_all(tmp);
+    }
+
     #[test]
     fn quantized_linear_is_close_and_the_cache_round_trips() {
         let dev = Device::Cpu;
@@ -456,9 +571,18 @@ mod tests {
             let mut c = Linear::new(Tensor::zeros((48, 512), DType::F32, &dev).unwrap(), None);
             let r = quantize_linears(vec![("a.weight".into(), &mut c)], format, Some(&cached), None).unwrap();
             assert_eq!(r.from_cache, 1);
+            // ... read in place from the memory-mapped file.
+            assert!(matches!(c.weight(), LinearWeight::MappedQuantized(_)), "{format}: not mapped");
             let yc = c.forward(&x).unwrap();
             let d = (yc - &ya).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert_eq!(d, 0.0, "{format}: cached layer differs");
+            // Prefill-sized inputs: our int8 GEMM on both (or, without it, the mapped blocks
+            // through the matrix-vector kernel 8 rows at a time against candle's matmul).
+            let x13 = Tensor::from_vec(values(13 * 512, 3.0, 1.0), (13, 512), &dev).unwrap();
+            let (y13a, y13c) = (a.forward(&x13).unwrap(), c.forward(&x13).unwrap());
+            let d = (&y13c - &y13a).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let tol = if q8_gemm_fast(format) { 0.0 } else { 1e-3 };
+            assert!(d <= tol, "{format}: 13 rows from the mapped cache differ by {d}");
         }
         let _ = std::fs::remove_dir_all(tmp);
     }
