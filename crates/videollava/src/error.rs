@@ -35,9 +35,13 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
-    /// Weights are missing or malformed, or the tensor library failed.
+    /// Weights are missing or malformed, or a model computation is inconsistent.
     #[error("{0}")]
     Model(String),
+
+    /// The tensor library failed (its error kept as the source).
+    #[error("{0}")]
+    Tensor(#[from] candle_core::Error),
 
     /// Writing an output file failed.
     #[error("{}: {message}", path.display())]
@@ -58,11 +62,5 @@ impl Error {
     /// Shorthand for [`Error::Io`].
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
-    }
-}
-
-impl From<candle_core::Error> for Error {
-    fn from(e: candle_core::Error) -> Self {
-        Error::Model(e.to_string())
     }
 }

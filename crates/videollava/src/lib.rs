@@ -9,16 +9,24 @@
 //! - [`model`]: the CLIP towers, projector and Llama/Mistral decoder: weights in, logits out;
 //! - [`generate`]: KV cache, sampling, stopping, streaming;
 //! - [`engine`]: one loaded checkpoint that the CLI and the server drive;
-//! - [`hub`]: `--model` as a local directory or a Hugging Face hub id.
+//! - [`hub`]: `--model` as a local directory or a Hugging Face hub id;
+//! - [`kernels`]: the CPU kernels (GEMMs, matrix-vector products, attention, fused element-wise
+//!   ops) under the model, with one CPU-feature detection.
 
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod hub;
+pub mod kernels;
 pub mod media;
 pub mod model;
 pub mod output;
 pub mod processor;
 
+pub use candle_core::{DType, Device};
+pub use engine::{DTypeChoice, Engine, EngineBuilder, StageTimings};
 pub use error::{Error, Result};
+pub use generate::{FinishReason, GenerateOptions, GeneratedSequence, SamplingParams, TokenEvent};
+pub use media::{RgbImage, Video};
+pub use model::{KvCacheFormat, QuantCache, QuantFormat};

@@ -3,8 +3,10 @@
 //! It turns requests (prompts plus decoded media) into generated text, timing each stage.
 //! [`Scheduler`] serves many requests at once with continuous batching.
 
+pub mod builder;
 pub mod scheduler;
 
+pub use builder::EngineBuilder;
 pub use scheduler::{
     EngineInfo, GenerationRequest, RequestHandle, RequestTimings, Scheduler, SchedulerConfig, SchedulerStats,
     StreamEvent, SubmitError,
@@ -93,6 +95,11 @@ pub struct Engine {
 }
 
 impl Engine {
+    /// Options for loading `model` (a checkpoint directory or a hub id); `.load()` loads it.
+    pub fn builder(model: impl Into<String>) -> EngineBuilder {
+        EngineBuilder::new(model)
+    }
+
     /// Loads the checkpoint directory `dir` (use [`crate::hub::resolve_model`] for hub ids).
     pub fn load(dir: &Path, dtype: DTypeChoice, device: &Device) -> Result<Self> {
         Self::load_quantized(dir, dtype, None, QuantCache::Default, true, device)

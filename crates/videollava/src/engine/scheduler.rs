@@ -17,12 +17,12 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::Engine;
 use crate::error::{Error, Result};
-use crate::generate::{GenerateOptions, GeneratedSequence, SequenceState};
+use crate::generate::{check_context, decode_logits, GenerateOptions, GeneratedSequence, SequenceState};
 use crate::media::{RgbImage, Video};
 use crate::model::llama::KvCache;
 use crate::model::video_llava::PreparedPrompt;
@@ -262,21 +262,13 @@ struct Prefilling {
 fn start_prefill(engine: &Engine, job: Job) -> std::result::Result<Prefilling, (UnboundedSender<StreamEvent>, Error)> {
     let Job { request, tx, submitted } = job;
     let run = || -> Result<Prefilling> {
-        request.options.sampling.validate().map_err(Error::Input)?;
-        if request.options.max_new_tokens == 0 {
-            return Err(Error::Input("max_new_tokens must be at least 1".into()));
-        }
+        request.options.validate()?;
         let mut timings = RequestTimings { queue_ms: ms(submitted), ..Default::default() };
         let t = Instant::now();
         let inputs = engine.processor.process(&[request.prompt.as_str()], &request.images, &request.videos)?;
         timings.preprocess_ms = ms(t);
         let max_ctx = engine.model.config.text_config.max_position_embeddings;
-        if inputs.seq_len > max_ctx {
-            return Err(Error::Input(format!(
-                "the prompt has {} tokens, more than the model's context of {max_ctx} (max_position_embeddings)",
-                inputs.seq_len
-            )));
-        }
+        check_context("the prompt", inputs.seq_len, max_ctx)?;
         let model = &engine.model;
         let l = inputs.seq_len;
         let ids: Vec<u32> = inputs.input_ids.iter().map(|&x| x as u32).collect();
@@ -417,19 +409,13 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
     }
 }
 
+/// One decode step of the running batch, through the decode step every generation path runs
+/// ([`decode_logits`]).
 fn decode_step(engine: &Engine, rows: &mut [Active], cache: &mut KvCache, max_ctx: usize) -> Result<()> {
-    let model = &engine.model;
-    let device = model.device.clone();
-    let n = rows.len();
-    let next: Vec<u32> = rows.iter().map(|r| r.state.last_token()).collect();
-    let pos: Vec<u32> = rows.iter().map(|r| r.state.next_position - 1).collect();
-    let embeds = model.merge_embeddings(&Tensor::from_vec(next, (n, 1), &device)?, None, None)?;
-    let mask = Tensor::ones((n, 1), DType::U32, &device)?;
-    let pos = Tensor::from_vec(pos, (n, 1), &device)?;
-    let logits = model.forward_embeddings(&embeds, &mask, &pos, Some(cache), true)?.to_vec2::<f32>()?;
+    let states: Vec<&SequenceState> = rows.iter().map(|r| &r.state).collect();
+    let logits = decode_logits(&engine.model, &states, cache)?;
     for (row, lg) in rows.iter_mut().zip(&logits) {
-        let options = row.options.clone();
-        let out = row.state.step(lg, &options, engine.tokenizer(), max_ctx)?;
+        let out = row.state.step(lg, &row.options, engine.tokenizer(), max_ctx)?;
         row.emit_step(out);
     }
     Ok(())

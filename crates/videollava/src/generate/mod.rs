@@ -50,6 +50,29 @@ impl Default for GenerateOptions {
     }
 }
 
+impl GenerateOptions {
+    /// Checks the options every generation path accepts (sampling parameters in range, at least
+    /// one new token).
+    pub fn validate(&self) -> Result<()> {
+        self.sampling.validate().map_err(Error::Input)?;
+        if self.max_new_tokens == 0 {
+            return Err(Error::Input("max_new_tokens must be at least 1".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Refuses a prompt of `tokens` tokens (`which`: how to name it) that does not fit the model's
+/// context of `max_ctx` positions.
+pub fn check_context(which: &str, tokens: usize, max_ctx: usize) -> Result<()> {
+    if tokens > max_ctx {
+        return Err(Error::Input(format!(
+            "{which} has {tokens} tokens, more than the model's context of {max_ctx} (max_position_embeddings)"
+        )));
+    }
+    Ok(())
+}
+
 /// Why a sequence ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
@@ -225,10 +248,7 @@ pub fn generate_continuing(
     cache: &mut KvCache,
     on_token: &mut dyn FnMut(TokenEvent),
 ) -> Result<(Vec<GeneratedSequence>, GenerateTimings)> {
-    options.sampling.validate().map_err(Error::Input)?;
-    if options.max_new_tokens == 0 {
-        return Err(Error::Input("max_new_tokens must be at least 1".into()));
-    }
+    options.validate()?;
     let device = model.device.clone();
     let (b, l) = (inputs.batch_size, inputs.seq_len);
     let max_ctx = model.config.text_config.max_position_embeddings;
@@ -252,24 +272,20 @@ pub fn generate_continuing(
             row
         })
         .collect();
-    if let Some(r) = rows.iter().find(|r| r.prompt_tokens > max_ctx) {
-        return Err(Error::Input(format!(
-            "prompt #{} has {} tokens, more than the model's context of {max_ctx} (max_position_embeddings)",
-            r.index + 1,
-            r.prompt_tokens
-        )));
+    for r in &rows {
+        check_context(&format!("prompt #{}", r.index + 1), r.prompt_tokens, max_ctx)?;
     }
 
     // Prefill: visual features once, then the whole prompt.
     let positions = position_ids_after(&mask_u32, b, l, &past_real, &device)?;
-    let (mut logits, vision_ms, prefill_ms) = model.prefill(inputs, &positions, cache)?;
+    let (logits, vision_ms, prefill_ms) = model.prefill(inputs, &positions, cache)?;
     timings.vision_ms = vision_ms;
     timings.prefill_ms = prefill_ms;
 
     let t2 = Instant::now();
     let mut active: Vec<usize> = (0..b).collect();
+    let mut logits_rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
     loop {
-        let logits_rows = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
         for (slot, &ri) in active.iter().enumerate() {
             let row = &mut rows[ri];
             let out = row.step(&logits_rows[slot], options, tokenizer, max_ctx)?;
@@ -288,20 +304,30 @@ pub fn generate_continuing(
             cache.retain_rows(&keep)?;
             active = keep.iter().map(|&s| active[s]).collect();
         }
-        let n = active.len();
-        let next: Vec<u32> = active.iter().map(|&ri| rows[ri].last_token()).collect();
-        let pos: Vec<u32> = active.iter().map(|&ri| rows[ri].next_position - 1).collect();
-        let next = Tensor::from_vec(next, (n, 1), &device)?;
-        let embeds = model.merge_embeddings(&next, None, None)?;
-        let step_mask = Tensor::ones((n, 1), DType::U32, &device)?;
-        let pos = Tensor::from_vec(pos, (n, 1), &device)?;
-        logits = model.forward_embeddings(&embeds, &step_mask, &pos, Some(&mut *cache), true)?;
+        let running: Vec<&SequenceState> = active.iter().map(|&ri| &rows[ri]).collect();
+        logits_rows = decode_logits(model, &running, cache)?;
         timings.decode_steps += 1;
     }
     timings.decode_ms = t2.elapsed().as_secs_f64() * 1e3;
 
     let results = rows.into_iter().map(SequenceState::into_result).collect();
     Ok((results, timings))
+}
+
+/// The decode step every generation path runs (the CLI's [`generate`] and the server's
+/// scheduler): the last chosen token of each running sequence (row `i` of `cache`) goes through
+/// the decoder at its next position. Returns raw f32 logits `[rows.len()][V]`; the caller chooses
+/// the tokens with [`SequenceState::step`].
+pub fn decode_logits(model: &VideoLlava, rows: &[&SequenceState], cache: &mut KvCache) -> Result<Vec<Vec<f32>>> {
+    let device = model.device.clone();
+    let n = rows.len();
+    let next: Vec<u32> = rows.iter().map(|r| r.last_token()).collect();
+    let pos: Vec<u32> = rows.iter().map(|r| r.next_position - 1).collect();
+    let embeds = model.merge_embeddings(&Tensor::from_vec(next, (n, 1), &device)?, None, None)?;
+    let mask = Tensor::ones((n, 1), DType::U32, &device)?;
+    let pos = Tensor::from_vec(pos, (n, 1), &device)?;
+    let logits = model.forward_embeddings(&embeds, &mask, &pos, Some(cache), true)?;
+    Ok(logits.to_dtype(DType::F32)?.to_vec2::<f32>()?)
 }
 
 /// Position ids `[B, L]`: `cumsum(mask) - 1` after `past[b]` real cached tokens, pads at 1.

@@ -9,8 +9,8 @@
 use candle_core::{DType, Tensor, D};
 use candle_nn::{linear, VarBuilder};
 
-use super::fused::residual_add;
 use super::linear::Linear;
+use crate::kernels::fused::residual_add;
 
 use crate::config::VisionConfig;
 use crate::error::{Error, Result};
@@ -33,7 +33,7 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = super::fused::layer_norm(x, &self.weight, &self.bias, self.eps)? {
+        if let Some(y) = crate::kernels::fused::layer_norm(x, &self.weight, &self.bias, self.eps)? {
             return Ok(y);
         }
         let dtype = x.dtype();
@@ -41,21 +41,6 @@ impl LayerNorm {
         let y = candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?;
         Ok(y.to_dtype(dtype)?)
     }
-}
-
-/// The activations CLIP configs name.
-pub(crate) fn activation(name: &str, x: &Tensor) -> Result<Tensor> {
-    Ok(match name {
-        "quick_gelu" => match super::fused::quick_gelu(x)? {
-            Some(y) => y,
-            None => (x * candle_nn::ops::sigmoid(&(x * 1.702)?)?)?,
-        },
-        "gelu" => x.gelu_erf()?,
-        "gelu_new" | "gelu_pytorch_tanh" => x.gelu()?,
-        "relu" => x.relu()?,
-        "silu" | "swish" => x.silu()?,
-        other => return Err(Error::Model(format!("unsupported activation `{other}`"))),
-    })
 }
 
 #[derive(Debug, Clone)]
@@ -95,8 +80,9 @@ impl Attention {
             // The fused kernel (f32 scores per chunk of queries, no [L, L] matrices); q is
             // already scaled, as transformers scales it before the product.
             let all = vec![1u32; n * l];
-            let rules = super::attention::MaskRules { key_valid: &all, past: 0, causal: false, sliding_window: None };
-            super::attention::attention(&q, &k, &v, 1.0, &rules)?
+            let rules =
+                crate::kernels::attention::MaskRules { key_valid: &all, past: 0, causal: false, sliding_window: None };
+            crate::kernels::attention::attention(&q, &k, &v, 1.0, &rules)?
         } else {
             let scores = q.matmul(&k.t()?)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
@@ -130,7 +116,9 @@ impl EncoderLayer {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = residual_add(x, &self.self_attn.forward(&self.layer_norm1.forward(x)?)?)?;
-        let m = self.fc2.forward(&activation(&self.act, &self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?)?;
+        let m = self
+            .fc2
+            .forward(&super::activation::activation(&self.act, &self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?)?;
         residual_add(&h, &m)
     }
 }
@@ -252,12 +240,12 @@ mod quick_gelu_tests {
     fn fused_quick_gelu_matches_the_op_by_op_formula() {
         let x = Tensor::randn(0f32, 3.0, (3, 70_000), &Device::Cpu).unwrap();
         let want = (&x * candle_nn::ops::sigmoid(&(&x * 1.702).unwrap()).unwrap()).unwrap();
-        let got = crate::model::fused::quick_gelu(&x).unwrap().unwrap();
+        let got = crate::kernels::fused::quick_gelu(&x).unwrap().unwrap();
         let d = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert!(d < 1e-5, "f32: max diff {d}");
         // bf16: within one bf16 rounding step of the f32 result (|y| <= ~12 here: step <= 0.0625).
         let xb = x.to_dtype(DType::BF16).unwrap();
-        let got = crate::model::fused::quick_gelu(&xb).unwrap().unwrap().to_dtype(DType::F32).unwrap();
+        let got = crate::kernels::fused::quick_gelu(&xb).unwrap().unwrap().to_dtype(DType::F32).unwrap();
         let xf = xb.to_dtype(DType::F32).unwrap();
         let want = (&xf * candle_nn::ops::sigmoid(&(&xf * 1.702).unwrap()).unwrap()).unwrap();
         let rel = ((&got - &want).unwrap().abs().unwrap() / (want.abs().unwrap() + 1e-3).unwrap())

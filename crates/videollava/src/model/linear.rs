@@ -1,19 +1,17 @@
 //! Linear layers `y = x W^T + b` (`W` `[out, in]`, `x` `[..., in]`, `y` in `x`'s dtype).
 //!
-//! Dense BF16 weights with BF16 activations on a CPU with AVX-512 BF16 (prefill, vision towers,
-//! decoding) go through our kernel [`super::bf16_gemm`] (`vdpbf16ps`, f32 accumulation, ~400
-//! GFLOP/s on 2 cores against ~180 for candle's BF16 matmul, which widens both operands to f32
-//! on every call; for a few rows it streams the weight once at memory speed). Without AVX-512
-//! BF16, a few rows (decoding) use a portable matrix-vector kernel of ours that widens each weight
-//! in registers (AVX2+FMA when present), and everything else candle's matmul. Outputs are
-//! accumulated in f32 and rounded to the activation dtype, as candle's would be. BF16 weights may
-//! also be read in place from the memory-mapped checkpoint ([`LinearWeight::Mapped`]).
+//! Dense BF16 weights with BF16 activations on any CPU (prefill, vision towers, decoding) go
+//! through [`crate::kernels::bf16_gemm`]: f32 sums plus the bias rounded once to BF16, as
+//! PyTorch's BF16 `addmm` (on AVX-512 BF16 `vdpbf16ps`, ~400 GFLOP/s on 2 cores against ~180 for
+//! candle's BF16 matmul; elsewhere AVX2/FMA or portable kernels). BF16 weights may also be read in
+//! place from the memory-mapped checkpoint ([`LinearWeight::Mapped`]), on every CPU. f32
+//! activations against BF16 weights: a few rows through our matrix-vector kernel, else candle.
 //!
 //! Quantized weights (`--quantize`, see [`super::quantize`]) are GGML blocks (Q8_0, Q4K, Q6K):
 //! the input is quantized to 8 bits per block on the fly and dot products run in integers. Up to
-//! 4 rows (decoding) go through our kernel [`super::qgemv`] over the compact blocks (3-5x faster
-//! than candle's for one row). More rows: Q8_0 and Q4K through our int8 GEMMs [`super::q8_gemm`]
-//! and [`super::q4k_gemm`] (AVX-512 VNNI, ~670 and ~610 GOP/s on the 7B prefill shapes against
+//! 4 rows (decoding) go through our kernel [`crate::kernels::qgemv`] over the compact blocks (3-5x faster
+//! than candle's for one row). More rows: Q8_0 and Q4K through our int8 GEMMs [`crate::kernels::q8_gemm`]
+//! and [`crate::kernels::q4k_gemm`] (AVX-512 VNNI, ~670 and ~610 GOP/s on the 7B prefill shapes against
 //! ~410 for candle's); Q6K (the 4-bit model's LM head) through candle's quantized matmul, which on
 //! x86 repacks the blocks into VNNI tiles on first use and keeps them beside the blocks.
 
@@ -21,24 +19,17 @@ use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{DType, Device, Module, Tensor};
-use rayon::prelude::*;
 
-use super::bf16_gemm;
-use super::fused;
-use super::q4k_gemm;
-use super::q8_gemm;
-use super::qgemv::{qgemv, QFormat};
-use super::quantize::MappedQuant;
-use super::weights::MappedBf16;
+use super::weights::{MappedBf16, MappedQuant};
 use crate::error::{Error, Result};
+use crate::kernels::bf16_gemm;
+use crate::kernels::fused;
+use crate::kernels::q4k_gemm;
+use crate::kernels::q8_gemm;
+use crate::kernels::qgemv::{qgemv, QFormat};
 
 /// `out[m, n] = x[m, k] · W[n, k]ᵀ` over quantized blocks: `(x, m, w_blocks, n, k, out)`.
 type QuantizedGemm = fn(&[f32], usize, &[u8], usize, usize, &mut [f32]);
-
-/// Most input rows handled by our matrix-vector kernel; above it candle's GEMM wins.
-const GEMV_MAX_ROWS: usize = 8;
-/// Output features per parallel task.
-const BLOCK: usize = 64;
 
 /// The weight of a linear layer: dense `[out, in]` or GGML-quantized blocks of the same shape.
 #[derive(Debug, Clone)]
@@ -106,7 +97,7 @@ impl Linear {
         let w = match &self.weight {
             LinearWeight::Dense(w) => w,
             LinearWeight::Mapped(m) => {
-                if x.dtype() == DType::BF16 && x.device().is_cpu() && bf16_gemm::has_fast_path() {
+                if x.dtype() == DType::BF16 && x.device().is_cpu() {
                     return self.bf16_product(x, m.bits(), m.dims());
                 }
                 // No kernel reads the map here: a copy, then the dense path.
@@ -152,16 +143,13 @@ impl Linear {
         let mut dims = x.dims().to_vec();
         let last = dims.len() - 1;
         dims[last] = out_f;
-        if cpu_bf16 && x.dtype() == DType::BF16 && bf16_gemm::has_fast_path() {
+        if cpu_bf16 && x.dtype() == DType::BF16 {
             return with_bf16_bits(w, out_f * in_f, |wb| self.bf16_product(x, wb, (out_f, in_f)));
         }
-        let y = if cpu_bf16 && rows <= GEMV_MAX_ROWS {
+        if cpu_bf16 && rows <= bf16_gemm::GEMV_MAX_ROWS {
+            // f32 activations against BF16 weights (a BF16 checkpoint run in f32 keeps its weights).
             let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            Some(with_bf16_bits(w, out_f * in_f, |wb| Ok(gemv_bf16(&xs, rows, wb, out_f, in_f)))?)
-        } else {
-            None
-        };
-        if let Some(ys) = y {
+            let ys = with_bf16_bits(w, out_f * in_f, |wb| Ok(bf16_gemm::gemv_f32(&xs, rows, wb, out_f, in_f)))?;
             let y = Tensor::from_vec(ys, dims, x.device())?.to_dtype(x.dtype())?;
             return Ok(match &self.bias {
                 Some(b) => y.broadcast_add(b)?,
@@ -200,7 +188,7 @@ impl Linear {
     }
 
     /// Up to `max_rows` rows on the CPU through our matrix-vector kernel over the compact GGML
-    /// blocks `data` (`dtype`, `[out, in]`; [`super::qgemv`]: the weight streamed once at memory
+    /// blocks `data` (`dtype`, `[out, in]`; [`crate::kernels::qgemv`]: the weight streamed once at memory
     /// speed per 8 rows); `None` where it does not apply.
     fn quantized_gemv(
         &self,
@@ -268,7 +256,7 @@ fn with_f32_scratch<T>(len: usize, f: impl FnOnce(&mut [f32]) -> Result<T>) -> R
 
 impl Linear {
     /// More rows (prefill) with Q8_0 or Q4K weights on the CPU through our int8 GEMMs
-    /// ([`super::q8_gemm`], [`super::q4k_gemm`]: ~1.6x and ~1.4x candle's quantized matmul on
+    /// ([`crate::kernels::q8_gemm`], [`crate::kernels::q4k_gemm`]: ~1.6x and ~1.4x candle's quantized matmul on
     /// the 7B shapes, and no repacked copy of the weight kept); `None` where they do not apply.
     /// The f32 product is rounded once to the activation dtype, with the bias added first.
     fn quantized_gemm(
@@ -333,73 +321,6 @@ fn with_bf16_bits<T>(t: &Tensor, len: usize, f: impl FnOnce(&[u16]) -> Result<T>
     f(bits)
 }
 
-/// `y[r, j] = sum_k x[r, k] * w[j, k]` with `w` as BF16 bits `[n, k]`; returns `[rows, n]`.
-pub fn gemv_bf16(x: &[f32], rows: usize, w: &[u16], n: usize, k: usize) -> Vec<f32> {
-    let mut out_t = vec![0f32; n * rows]; // [n, rows]
-    out_t.par_chunks_mut(BLOCK * rows).enumerate().for_each(|(bi, chunk)| {
-        let j0 = bi * BLOCK;
-        let nj = chunk.len() / rows;
-        block(x, rows, &w[j0 * k..(j0 + nj) * k], nj, k, chunk);
-    });
-    if rows == 1 {
-        return out_t;
-    }
-    let mut out = vec![0f32; n * rows];
-    for j in 0..n {
-        for r in 0..rows {
-            out[r * n + j] = out_t[j * rows + r];
-        }
-    }
-    out
-}
-
-fn block(x: &[f32], rows: usize, w: &[u16], nj: usize, k: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the features were detected at run time.
-            unsafe { block_avx2(x, rows, w, nj, k, out) };
-            return;
-        }
-    }
-    block_generic(x, rows, w, nj, k, out);
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn block_avx2(x: &[f32], rows: usize, w: &[u16], nj: usize, k: usize, out: &mut [f32]) {
-    block_generic(x, rows, w, nj, k, out);
-}
-
-#[inline(always)]
-fn block_generic(x: &[f32], rows: usize, w: &[u16], nj: usize, k: usize, out: &mut [f32]) {
-    for j in 0..nj {
-        let wr = &w[j * k..(j + 1) * k];
-        for r in 0..rows {
-            out[j * rows + r] = dot(&x[r * k..(r + 1) * k], wr);
-        }
-    }
-}
-
-#[inline(always)]
-fn dot(x: &[f32], w: &[u16]) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0f32; LANES];
-    let chunks = x.len() / LANES;
-    for c in 0..chunks {
-        let xs = &x[c * LANES..(c + 1) * LANES];
-        let ws = &w[c * LANES..(c + 1) * LANES];
-        for i in 0..LANES {
-            acc[i] = xs[i].mul_add(f32::from_bits((ws[i] as u32) << 16), acc[i]);
-        }
-    }
-    let mut sum: f32 = acc.iter().sum();
-    for i in chunks * LANES..x.len() {
-        sum += x[i] * f32::from_bits((w[i] as u32) << 16);
-    }
-    sum
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -449,8 +370,13 @@ mod tests {
     /// f32 scratch buffer never leaks an earlier product.
     #[test]
     fn bf16_bias_is_added_before_the_single_rounding() {
+        // Every kernel set this CPU has: AVX-512 BF16, AVX2 + FMA and the portable path round once.
+        crate::kernels::cpu::for_each_set(bf16_bias_rounded_once);
+    }
+
+    fn bf16_bias_rounded_once(set: crate::kernels::KernelSet) {
         let dev = Device::Cpu;
-        for (rows, n, k) in [(100, 33, 48), (7, 40, 64), (1, 33, 48), (100, 33, 48), (60, 129, 31)] {
+        for (rows, n, k) in [(100, 33, 48), (7, 40, 64), (1, 33, 48), (100, 33, 48), (60, 129, 31), (9, 300, 257)] {
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap().to_dtype(DType::BF16).unwrap();
             let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap().to_dtype(DType::BF16).unwrap();
             let b = Tensor::randn(0f32, 3.0, n, &dev).unwrap().to_dtype(DType::BF16).unwrap();
@@ -465,7 +391,7 @@ mod tests {
                 let e_bits = e.abs().max(f32::MIN_POSITIVE).to_bits() >> 23;
                 let step = 2f32.powi(e_bits as i32 - 127 - 7);
                 let bound = 0.5 * step * (1.0 + 1e-3) + 1e-5 * e.abs() + 1e-6;
-                assert!((g - e).abs() <= bound, "{rows}x{n}x{k} element {i}: {g} vs exact {e}");
+                assert!((g - e).abs() <= bound, "{set}: {rows}x{n}x{k} element {i}: {g} vs exact {e}");
             }
         }
     }

@@ -8,17 +8,18 @@
 //! RoPE tables are computed in f32; attention scores and softmax are in f32.
 //! The causal and sliding-window masks follow cache positions (the index in the padded sequence),
 //! the padding mask hides padded keys, as transformers' mask builders do. On the CPU these rules
-//! are applied inside the fused kernel ([`super::attention`]), which never materialises an
+//! are applied inside the fused kernel ([`crate::kernels::attention`]), which never materialises an
 //! `[L, P + L]` mask or score matrix; on other devices an additive `[B, 1, L, P + L]` f32 mask is
 //! built and candle's matmuls do the work.
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::{linear_b, VarBuilder};
 
-use super::attention::{self, KvBuffer, MaskRules};
-use super::fused::residual_add;
-use super::kv_quant::{self, KvCacheFormat};
+use super::kv_cache::KvBuffer;
 use super::linear::Linear;
+use crate::kernels::attention::{self, MaskRules};
+use crate::kernels::fused::residual_add;
+use crate::kernels::kv_quant::{self, KvCacheFormat};
 
 use crate::config::{RopeScaling, TextConfig, TextModelType};
 use crate::error::{Error, Result};
@@ -36,7 +37,7 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = super::fused::rms_norm(x, &self.weight, self.eps)? {
+        if let Some(y) = crate::kernels::fused::rms_norm(x, &self.weight, self.eps)? {
             return Ok(y);
         }
         let dtype = x.dtype();
@@ -149,7 +150,7 @@ impl Attention {
         };
         // Heads [B, n, L, head_dim] with the rotary embedding: one fused pass for BF16 on the CPU.
         let rotated = |t: Tensor, n: usize| -> Result<Tensor> {
-            match super::fused::rope_heads(&t, n, cos, sin)? {
+            match crate::kernels::fused::rope_heads(&t, n, cos, sin)? {
                 Some(t) => Ok(t),
                 None => Ok(candle_nn::rotary_emb::rope(&split(t, n)?, cos, sin)?),
             }
@@ -260,12 +261,12 @@ impl Mlp {
         let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
         let fused = match self.act.as_str() {
-            "silu" | "swish" => super::fused::silu_mul(&gate, &up)?,
+            "silu" | "swish" => crate::kernels::fused::silu_mul(&gate, &up)?,
             _ => None,
         };
         let h = match fused {
             Some(h) => h,
-            None => (super::clip::activation(&self.act, &gate)? * up)?,
+            None => (super::activation::activation(&self.act, &gate)? * up)?,
         };
         self.down_proj.forward(&h)
     }

@@ -38,7 +38,7 @@ impl Projector {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = super::clip::activation(&self.act, &self.linear_1.forward(x)?)?;
+        let h = super::activation::activation(&self.act, &self.linear_1.forward(x)?)?;
         self.linear_2.forward(&h)
     }
 }

@@ -30,6 +30,7 @@ use candle_core::Device;
 use rayon::prelude::*;
 
 use super::linear::{Linear, LinearWeight};
+pub use super::weights::MappedQuant;
 use crate::error::{Error, Result};
 
 /// A weight quantization format.
@@ -174,37 +175,6 @@ pub struct CachedQuantized {
     map: Option<Arc<memmap2::Mmap>>,
 }
 
-/// One tensor of GGML blocks (`[out, in]`, a format our kernels read) inside the memory-mapped
-/// quantized-weights cache file.
-#[derive(Clone)]
-pub struct MappedQuant {
-    map: Arc<memmap2::Mmap>,
-    offset: usize,
-    len: usize,
-    dtype: GgmlDType,
-    dims: (usize, usize),
-}
-
-impl std::fmt::Debug for MappedQuant {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "MappedQuant {{ {:?} {:?}, {} bytes at {} }}", self.dtype, self.dims, self.len, self.offset)
-    }
-}
-
-impl MappedQuant {
-    /// The blocks, row after row.
-    pub fn bytes(&self) -> &[u8] {
-        &self.map[self.offset..self.offset + self.len]
-    }
-    pub fn dtype(&self) -> GgmlDType {
-        self.dtype
-    }
-    /// `(out, in)`.
-    pub fn dims(&self) -> (usize, usize) {
-        self.dims
-    }
-}
-
 const META_FORMAT: &str = "videollava.quant_format";
 const META_KEY: &str = "videollava.source_key";
 
@@ -242,7 +212,7 @@ impl CachedQuantized {
         }
         let len = dims.0 * (dims.1 / bs) * ts;
         let offset = self.content.tensor_data_offset as usize + info.offset as usize;
-        (offset + len <= map.len()).then(|| MappedQuant { map: map.clone(), offset, len, dtype: info.ggml_dtype, dims })
+        (offset + len <= map.len()).then(|| MappedQuant::new(map.clone(), offset, len, info.ggml_dtype, dims))
     }
 
     /// Canonical names and shapes (`[out, in]`) of the tensors in the file.
@@ -486,8 +456,8 @@ mod tests {
     /// Whether our int8 GEMM runs `format`'s blocks on this CPU.
     fn q8_gemm_fast(format: QuantFormat) -> bool {
         match format {
-            QuantFormat::Q8_0 => crate::model::q8_gemm::has_fast_path(),
-            QuantFormat::Q4K => crate::model::q4k_gemm::has_fast_path(),
+            QuantFormat::Q8_0 => crate::kernels::q8_gemm::has_fast_path(),
+            QuantFormat::Q4K => crate::kernels::q4k_gemm::has_fast_path(),
         }
     }
 

@@ -148,7 +148,7 @@ impl VideoLlava {
         let config = VideoLlavaConfig::from_file(&dir.join("config.json"))?;
         let mut weights = CheckpointWeights::open(dir)?;
         let Some(format) = options.quantize else {
-            if !(options.mmap && device.is_cpu() && options.dtype == DType::BF16 && super::bf16_gemm::has_fast_path()) {
+            if !(options.mmap && device.is_cpu() && options.dtype == DType::BF16) {
                 return Self::from_var_builder(config, weights.var_builder(options.dtype, device));
             }
             // BF16 on a CPU with our BF16 kernels: the linear layers' weights stay in the
@@ -550,13 +550,13 @@ impl VideoLlava {
     }
 
     /// How the decoder keeps keys and values in caches created from now on: the compute dtype
-    /// (default) or 8-bit codes (`--kv-cache q8_0`, see [`super::kv_quant`]).
-    pub fn set_kv_cache_format(&mut self, format: super::kv_quant::KvCacheFormat) {
+    /// (default) or 8-bit codes (`--kv-cache q8_0`, see [`crate::kernels::kv_quant`]).
+    pub fn set_kv_cache_format(&mut self, format: crate::kernels::kv_quant::KvCacheFormat) {
         self.language_model.set_kv_cache_format(format);
     }
 
     /// How the decoder caches keys and values (`--kv-cache`).
-    pub fn kv_cache_format(&self) -> super::kv_quant::KvCacheFormat {
+    pub fn kv_cache_format(&self) -> crate::kernels::kv_quant::KvCacheFormat {
         self.language_model.kv_cache_format()
     }
 

@@ -18,7 +18,9 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use candle_core::quantized::GgmlDType;
 use candle_core::{DType, Device, Shape, Tensor, WithDType};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
@@ -426,4 +428,47 @@ fn read_header(path: &Path, file_index: usize) -> Result<Vec<(String, TensorEntr
         ));
     }
     Ok(out)
+}
+
+/// One tensor of GGML blocks (`[out, in]`, a format our kernels read) inside the memory-mapped
+/// quantized-weights cache file.
+#[derive(Clone)]
+pub struct MappedQuant {
+    map: Arc<memmap2::Mmap>,
+    offset: usize,
+    len: usize,
+    dtype: GgmlDType,
+    dims: (usize, usize),
+}
+
+impl std::fmt::Debug for MappedQuant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "MappedQuant {{ {:?} {:?}, {} bytes at {} }}", self.dtype, self.dims, self.len, self.offset)
+    }
+}
+
+impl MappedQuant {
+    /// `len` bytes of `dtype` blocks at `offset` in `map`, shaped `dims` `(out, in)`; the caller
+    /// checked that they lie inside the map.
+    pub(crate) fn new(
+        map: Arc<memmap2::Mmap>,
+        offset: usize,
+        len: usize,
+        dtype: GgmlDType,
+        dims: (usize, usize),
+    ) -> Self {
+        Self { map, offset, len, dtype, dims }
+    }
+
+    /// The blocks, row after row.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map[self.offset..self.offset + self.len]
+    }
+    pub fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+    /// `(out, in)`.
+    pub fn dims(&self) -> (usize, usize) {
+        self.dims
+    }
 }

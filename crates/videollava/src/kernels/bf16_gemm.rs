@@ -23,15 +23,22 @@
 //!     stripe of `W` into a thread-local buffer as `[k/2][32]` pairs per 32-column micro-panel,
 //!     then run a 14×32 micro-kernel (28 zmm accumulators) over blocks of 256 `k` pairs: the
 //!     micro-panel of `A` stays in L1 while the micro-panels of `W` stream from L2.
-//! - Portable (any CPU, any architecture): widen to f32 (`bits << 16`) and accumulate in f32.
+//! - Otherwise (AVX2 + FMA, or any CPU and architecture): `m <= 8` rows stream `W` once with f32
+//!   dot products ([`gemv_f32`], AVX2 + FMA where allowed); more rows widen `A` once and `W` a
+//!   stripe at a time to f32 (exact) for the `gemm` crate's f32 GEMM (AVX2/FMA, AVX-512 or NEON).
 //!
 //! Numerics: the AVX-512 path follows `vdpbf16ps` (BF16 denormal inputs read as zero, f32
 //! denormal results flushed, round-to-nearest-even); the portable path uses plain f32
-//! multiply-add. Both sum in f32, in different orders, so they differ by f32 rounding only.
+//! multiply-add. All sum in f32, in different orders, so they differ by f32 rounding only.
 //! Parallelism: rayon's global pool. Memory: the packed `A` (about the size of `A`) is kept
 //! between calls, and each rayon thread keeps its packed stripe of `W` (`256 * k * 2` bytes).
 
 use rayon::prelude::*;
+
+/// Whether [`matmul_bf16`] uses the AVX-512 BF16 kernels (this CPU, within the kernel-set switch).
+pub fn has_fast_path() -> bool {
+    super::cpu::features().avx512_bf16
+}
 
 /// `out[i, j] = Σ_p a[i, p] · w[j, p]` (f32 accumulation).
 ///
@@ -39,26 +46,6 @@ use rayon::prelude::*;
 /// `[m, n]` (overwritten). Any sizes; with `k == 0` the output is zeros. Runs on rayon's global
 /// pool. Panics when a slice length does not match its shape.
 pub fn matmul_bf16(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, out: &mut [f32]) {
-    matmul_bf16_with(a, m, w, n, k, out, true);
-}
-
-/// Whether [`matmul_bf16`] uses the AVX-512 BF16 kernels on this CPU (run-time detection).
-pub fn has_fast_path() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f")
-            && is_x86_feature_detected!("avx512bw")
-            && is_x86_feature_detected!("avx512bf16")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// [`matmul_bf16`], with the fast path allowed or not (`allow_fast == false`: always the
-/// portable path; for tests and benchmarks).
-pub(crate) fn matmul_bf16_with(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, out: &mut [f32], allow_fast: bool) {
     assert!(m.checked_mul(k) == Some(a.len()), "matmul_bf16: `a` has {} elements, expected m*k = {m}*{k}", a.len());
     assert!(n.checked_mul(k) == Some(w.len()), "matmul_bf16: `w` has {} elements, expected n*k = {n}*{k}", w.len());
     assert!(
@@ -74,7 +61,7 @@ pub(crate) fn matmul_bf16_with(a: &[u16], m: usize, w: &[u16], n: usize, k: usiz
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if allow_fast && has_fast_path() {
+    if has_fast_path() {
         // SAFETY: the CPU has the features the kernels are compiled for (checked just above), and
         // the slice lengths match the shapes (asserted above).
         unsafe {
@@ -86,8 +73,149 @@ pub(crate) fn matmul_bf16_with(a: &[u16], m: usize, w: &[u16], n: usize, k: usiz
         }
         return;
     }
-    let _ = allow_fast;
-    portable(a, m, w, n, k, out);
+    let set = super::cpu::kernel_set();
+    if m <= GEMV_MAX_ROWS {
+        let x: Vec<f32> = a.iter().map(|&b| widen(b)).collect();
+        gemv_f32_into(set, &x, m, w, n, k, out);
+    } else {
+        widened_gemm(a, m, w, n, k, out);
+    }
+}
+
+/// Rows up to which the paths without AVX-512 BF16 stream `W` once per call with dot products
+/// ([`gemv_f32`]); more rows go through [`widened_gemm`].
+pub(crate) const GEMV_MAX_ROWS: usize = 8;
+
+/// Columns of `W` widened to f32 at a time by [`widened_gemm`] (`256 * k * 4` bytes).
+const WIDEN_STRIPE: usize = 256;
+
+/// `out = A · Wᵀ` off AVX-512 BF16, `m > GEMV_MAX_ROWS`: `A` widened to f32 once, `W` a stripe of
+/// [`WIDEN_STRIPE`] rows at a time (BF16 to f32 is exact: `bits << 16`), each stripe through the
+/// `gemm` crate's f32 GEMM (its AVX2/FMA, AVX-512 or NEON micro-kernels, chosen at run time; rayon
+/// inside). f32 products and sums, as the portable path.
+fn widened_gemm(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, out: &mut [f32]) {
+    let mut af = vec![0f32; m * k];
+    af.par_chunks_mut(4096).zip(a.par_chunks(4096)).for_each(|(o, i)| widen_into(i, o));
+    let mut wf = vec![0f32; WIDEN_STRIPE.min(n) * k];
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    for j0 in (0..n).step_by(WIDEN_STRIPE) {
+        let nj = WIDEN_STRIPE.min(n - j0);
+        let wf = &mut wf[..nj * k];
+        wf.par_chunks_mut(4096).zip(w[j0 * k..(j0 + nj) * k].par_chunks(4096)).for_each(|(o, i)| widen_into(i, o));
+        // SAFETY: `dst` = columns j0..j0 + nj of `out` ([m, n] row-major: row stride n, column
+        // stride 1), inside `out` since j0 + nj <= n; `lhs` = `af` [m, k] row-major; `rhs` = the
+        // stripe read as its transpose [k, nj] (row stride 1, column stride k); every index the
+        // GEMM reads or writes lies inside those slices, which outlive the call.
+        unsafe {
+            gemm::gemm(
+                m,
+                nj,
+                k,
+                out.as_mut_ptr().add(j0),
+                1,
+                n as isize,
+                false,
+                af.as_ptr(),
+                1,
+                k as isize,
+                wf.as_ptr(),
+                k as isize,
+                1,
+                0.0f32,
+                1.0f32,
+                false,
+                false,
+                false,
+                parallelism,
+            )
+        };
+    }
+}
+
+#[inline]
+fn widen_into(bits: &[u16], out: &mut [f32]) {
+    for (o, &b) in out.iter_mut().zip(bits) {
+        *o = widen(b);
+    }
+}
+
+/// `y[r, j] = Σ_p x[r, p] · w[j, p]` for f32 activations `x` `[rows, k]` and BF16 weight bits
+/// `w` `[n, k]`: returns `[rows, n]` f32. The weight is streamed once (blocks of 64 rows of `W`
+/// per task, every row of `x` against each); f32 fused multiply-adds in 16 partial sums. For
+/// `rows` up to 8 (decoding); any CPU, with AVX2 + FMA where [`cpu`](super::cpu) allows it.
+pub fn gemv_f32(x: &[f32], rows: usize, w: &[u16], n: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * n];
+    gemv_f32_into(super::cpu::kernel_set(), x, rows, w, n, k, &mut out);
+    out
+}
+
+/// [`gemv_f32`] into `out` `[rows, n]` with the kernel set `set`.
+fn gemv_f32_into(set: super::cpu::KernelSet, x: &[f32], rows: usize, w: &[u16], n: usize, k: usize, out: &mut [f32]) {
+    const BLOCK: usize = 64;
+    assert_eq!(x.len(), rows * k, "gemv_f32: x has {} values, expected rows * k = {rows} * {k}", x.len());
+    assert_eq!(w.len(), n * k, "gemv_f32: w has {} values, expected n * k = {n} * {k}", w.len());
+    let mut out_t = vec![0f32; n * rows]; // [n, rows]
+    if rows > 0 {
+        out_t.par_chunks_mut(BLOCK * rows).enumerate().for_each(|(bi, chunk)| {
+            let j0 = bi * BLOCK;
+            let nj = chunk.len() / rows;
+            gemv_block(set, x, rows, &w[j0 * k..(j0 + nj) * k], nj, k, chunk);
+        });
+    }
+    for j in 0..n {
+        for r in 0..rows {
+            out[r * n + j] = out_t[j * rows + r];
+        }
+    }
+}
+
+fn gemv_block(set: super::cpu::KernelSet, x: &[f32], rows: usize, w: &[u16], nj: usize, k: usize, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if set >= super::cpu::KernelSet::Avx2 {
+        // SAFETY: `set` allows AVX2 + FMA only where they were detected at run time.
+        unsafe { gemv_block_avx2(x, rows, w, nj, k, out) };
+        return;
+    }
+    let _ = set;
+    gemv_block_generic(x, rows, w, nj, k, out);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn gemv_block_avx2(x: &[f32], rows: usize, w: &[u16], nj: usize, k: usize, out: &mut [f32]) {
+    gemv_block_generic(x, rows, w, nj, k, out);
+}
+
+#[inline(always)]
+fn gemv_block_generic(x: &[f32], rows: usize, w: &[u16], nj: usize, k: usize, out: &mut [f32]) {
+    for j in 0..nj {
+        let wr = &w[j * k..(j + 1) * k];
+        for r in 0..rows {
+            out[j * rows + r] = dot_bf16w(&x[r * k..(r + 1) * k], wr);
+        }
+    }
+}
+
+/// `Σ x[i] · w[i]`, `w` as BF16 bits, in 16 partial sums of fused multiply-adds (vectorised
+/// under AVX2 + FMA).
+#[inline(always)]
+fn dot_bf16w(x: &[f32], w: &[u16]) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let chunks = x.len() / LANES;
+    for c in 0..chunks {
+        let xs = &x[c * LANES..(c + 1) * LANES];
+        let ws = &w[c * LANES..(c + 1) * LANES];
+        for i in 0..LANES {
+            acc[i] = xs[i].mul_add(widen(ws[i]), acc[i]);
+        }
+    }
+    let mut sum: f32 = acc.iter().sum();
+    for i in chunks * LANES..x.len() {
+        sum += x[i] * widen(w[i]);
+    }
+    sum
 }
 
 /// The output pointer shared by tasks that write disjoint elements.
@@ -107,51 +235,6 @@ impl OutPtr {
 #[inline]
 fn widen(bits: u16) -> f32 {
     f32::from_bits((bits as u32) << 16)
-}
-
-/// Portable path: widens to f32, any CPU. Tasks: stripes of output columns.
-fn portable(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, out: &mut [f32]) {
-    const NB: usize = 32;
-    const MB: usize = 4;
-    let outp = OutPtr(out.as_mut_ptr());
-    (0..n.div_ceil(NB)).into_par_iter().for_each(|jb| {
-        let j0 = jb * NB;
-        let j1 = n.min(j0 + NB);
-        let wf: Vec<f32> = w[j0 * k..j1 * k].iter().map(|&b| widen(b)).collect();
-        let mut af = vec![0f32; MB * k];
-        for i0 in (0..m).step_by(MB) {
-            let rows = MB.min(m - i0);
-            for (x, &b) in af.iter_mut().zip(&a[i0 * k..(i0 + rows) * k]) {
-                *x = widen(b);
-            }
-            for r in 0..rows {
-                let ar = &af[r * k..(r + 1) * k];
-                for j in j0..j1 {
-                    let v = dot_f32(ar, &wf[(j - j0) * k..(j - j0 + 1) * k]);
-                    // SAFETY: (i0 + r, j) is inside [m, n] and in this task's column stripe only.
-                    unsafe { *outp.get().add((i0 + r) * n + j) = v };
-                }
-            }
-        }
-    });
-}
-
-#[inline]
-fn dot_f32(x: &[f32], y: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let xc = x.chunks_exact(8);
-    let yc = y.chunks_exact(8);
-    let (xr, yr) = (xc.remainder(), yc.remainder());
-    for (xa, ya) in xc.zip(yc) {
-        for l in 0..8 {
-            acc[l] += xa[l] * ya[l];
-        }
-    }
-    let mut s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-    for (p, q) in xr.iter().zip(yr) {
-        s += p * q;
-    }
-    s
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -604,6 +687,7 @@ pub(crate) mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::cpu::{self, KernelSet};
 
     /// Deterministic BF16 values in about ±4 (a few exact zeros, no denormals).
     fn values(len: usize, seed: u64) -> Vec<u16> {
@@ -648,14 +732,15 @@ mod tests {
         Ok(())
     }
 
-    fn run(m: usize, n: usize, k: usize, allow_fast: bool) {
+    /// `matmul_bf16` on the calling thread's kernel set against the f64 reference.
+    fn run(m: usize, n: usize, k: usize, set: KernelSet) {
         let a = values(m * k, (m * 1000 + k) as u64);
         let w = values(n * k, (n * 7919 + k) as u64 + 1);
         // NaN everywhere: every element must be overwritten.
         let mut out = vec![f32::NAN; m * n];
-        matmul_bf16_with(&a, m, &w, n, k, &mut out, allow_fast);
+        matmul_bf16(&a, m, &w, n, k, &mut out);
         if let Err((i, j, got, want)) = check(&a, m, &w, n, k, &out) {
-            panic!("m={m} n={n} k={k} fast={allow_fast}: out[{i}, {j}] = {got}, want {want}");
+            panic!("m={m} n={n} k={k} kernels={set}: out[{i}, {j}] = {got}, want {want}");
         }
     }
 
@@ -663,29 +748,18 @@ mod tests {
     const NS: [usize; 5] = [1, 15, 16, 17, 100];
     const KS: [usize; 6] = [1, 2, 31, 32, 33, 300];
 
+    /// Every kernel set this CPU has (AVX-512 BF16, AVX2, portable), each forced in turn.
     #[test]
-    fn fast_path_matches_reference() {
-        if !has_fast_path() {
-            eprintln!("no AVX-512 BF16 on this CPU: the public entry point runs the portable path");
-        }
-        for m in MS {
-            for n in NS {
-                for k in KS {
-                    run(m, n, k, true);
+    fn every_kernel_set_matches_reference() {
+        cpu::for_each_set(|set| {
+            for m in MS {
+                for n in NS {
+                    for k in KS {
+                        run(m, n, k, set);
+                    }
                 }
             }
-        }
-    }
-
-    #[test]
-    fn portable_path_matches_reference() {
-        for m in MS {
-            for n in NS {
-                for k in KS {
-                    run(m, n, k, false);
-                }
-            }
-        }
+        });
     }
 
     /// Shapes that cross the cache blocks (several k blocks, odd k, stripes, partial tiles and
@@ -701,8 +775,7 @@ mod tests {
             (5, 67, 4097),
             (15, 33, 64),
         ] {
-            run(m, n, k, true);
-            run(m, n, k, false);
+            cpu::for_each_set(|set| run(m, n, k, set));
         }
     }
 
@@ -754,16 +827,16 @@ mod tests {
         let bf = |x: f32| (x.to_bits() >> 16) as u16;
         let a: Vec<u16> = (0..m * k).map(|t| bf(((t * 7) % 5) as f32 - 2.0)).collect();
         let w: Vec<u16> = (0..n * k).map(|t| bf(((t * 3) % 7) as f32 - 3.0)).collect();
-        for fast in [true, false] {
+        cpu::for_each_set(|set| {
             let mut out = vec![f32::NAN; m * n];
-            matmul_bf16_with(&a, m, &w, n, k, &mut out, fast);
+            matmul_bf16(&a, m, &w, n, k, &mut out);
             for i in 0..m {
                 for j in 0..n {
                     let want: f32 = (0..k).map(|p| widen(a[i * k + p]) * widen(w[j * k + p])).sum();
-                    assert_eq!(out[i * n + j], want, "fast={fast} ({i}, {j})");
+                    assert_eq!(out[i * n + j], want, "kernels={set} ({i}, {j})");
                 }
             }
-        }
+        });
     }
 
     /// The checker itself rejects a wrong result.

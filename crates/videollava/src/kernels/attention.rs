@@ -1,4 +1,4 @@
-//! Fused CPU attention for the decoder, and the preallocated key/value buffers it reads.
+//! Fused CPU attention (the decoder's and the vision towers').
 //!
 //! [`attention`] computes `softmax(q k^T * scale + mask) v` without materialising the mask or the
 //! `[L, T]` score matrix: the masking *rules* (key validity per row, causal order from the first
@@ -14,20 +14,12 @@
 //! On CPUs with AVX-512 BF16, bf16 inputs take the `bf16dot` kernels: both products on `vdpbf16ps` (bf16
 //! products are exact in f32, f32 accumulation), the same f32 softmax; results differ from the
 //! widening path by f32 summation order only (and the bf16 roundings that this may flip).
-//!
-//! [`KvBuffer`] keeps one layer's keys and values in buffers `[B, kv_heads, capacity, head_dim]`
-//! that grow geometrically; appending writes in place, so a decode step copies only its own token.
-//! They hold the compute dtype, or 8-bit codes (`--kv-cache q8_0`, [`super::kv_quant`], whose
-//! decode kernel reads them in place).
-
-use std::sync::Arc;
 
 use candle_core::{DType, Device, Storage, Tensor, WithDType};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::fused::exp_f32 as exp;
-use super::kv_quant::{self, KvCacheFormat};
 use crate::error::{Error, Result};
 
 /// Which keys each query may attend to. Key `j` (a cache index, `0..T`) is visible to query `i`
@@ -53,7 +45,7 @@ pub struct MaskRules<'a> {
 /// Fused attention on the CPU.
 ///
 /// - `q`: `[B, H, L, D]`; `k`, `v`: `[B, H_kv, T, D]`, possibly strided views (e.g.
-///   [`KvBuffer::keys`]) as long as the last dimension is contiguous (otherwise they are copied);
+///   the KV cache's buffers) as long as the last dimension is contiguous (otherwise they are copied);
 /// - all three f32, bf16 or f16, the same dtype; `H` a multiple of `H_kv` (query head `hh` uses key/value
 ///   head `hh / (H / H_kv)`);
 /// - `scale` multiplies the f32 dot products (`1 / sqrt(D)` for Llama).
@@ -61,31 +53,6 @@ pub struct MaskRules<'a> {
 /// Returns the attention output `[B, L, H * D]` in the input dtype (heads side by side, the layout
 /// `o_proj` takes).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, rules: &MaskRules) -> Result<Tensor> {
-    attention_with(q, k, v, scale, rules, Kernels::Best)
-}
-
-/// Which kernels [`attention_with`] may use (each falls back to the next where the CPU or the
-/// dtype does not allow it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kernels {
-    /// bf16 inputs with AVX-512 BF16 (`vdpbf16ps` for both products), else as `Avx2`.
-    Best,
-    /// Keys and values widened to f32, AVX2/FMA kernels (where detected), else portable.
-    #[cfg_attr(not(test), allow(dead_code))]
-    Avx2,
-    /// Plain Rust, any CPU.
-    Portable,
-}
-
-/// [`attention`], with the kernels chosen by `kernels` (for tests and benchmarks).
-fn attention_with(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f32,
-    rules: &MaskRules,
-    kernels: Kernels,
-) -> Result<Tensor> {
     let (b, h, l, d) = q.dims4()?;
     let (bk, hkv, t, dk) = k.dims4()?;
     if v.dims4()? != (bk, hkv, t, dk) || bk != b || dk != d {
@@ -129,9 +96,9 @@ fn attention_with(
     let (q, k, v) = (last_contiguous(q)?, last_contiguous(k)?, last_contiguous(v)?);
     let shape = Shape { b, h, l, hkv, t, d };
     match dtype {
-        DType::F32 => run::<f32>(&q, &k, &v, scale, rules, shape, kernels),
-        DType::BF16 => run::<bf16>(&q, &k, &v, scale, rules, shape, kernels),
-        DType::F16 => run::<f16>(&q, &k, &v, scale, rules, shape, kernels),
+        DType::F32 => run::<f32>(&q, &k, &v, scale, rules, shape),
+        DType::BF16 => run::<bf16>(&q, &k, &v, scale, rules, shape),
+        DType::F16 => run::<f16>(&q, &k, &v, scale, rules, shape),
         other => Err(Error::Model(format!("attention: unsupported dtype {other:?} (f32, bf16 or f16)"))),
     }
 }
@@ -254,15 +221,7 @@ const TILE_ROWS: usize = 8;
 /// Keys per tile.
 const KT: usize = 16;
 
-fn run<T: Elem>(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    scale: f32,
-    rules: &MaskRules,
-    shape: Shape,
-    kernels: Kernels,
-) -> Result<Tensor> {
+fn run<T: Elem>(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, rules: &MaskRules, shape: Shape) -> Result<Tensor> {
     let Shape { b, h, l, hkv, d, .. } = shape;
     let (q_guard, q_layout) = q.storage_and_layout();
     let (k_guard, k_layout) = k.storage_and_layout();
@@ -283,8 +242,8 @@ fn run<T: Elem>(
         rep,
         scale,
         rules: *rules,
-        simd: kernels != Kernels::Portable && simd_available(),
-        bf16dot: kernels == Kernels::Best && T::DTYPE == DType::BF16 && bf16dot_available(),
+        simd: simd_available(),
+        bf16dot: T::DTYPE == DType::BF16 && bf16dot_available(),
     };
     if b * h * l * d == 0 {
         return Ok(Tensor::zeros((b, l, h * d), T::DTYPE, &Device::Cpu)?);
@@ -330,29 +289,12 @@ fn cpu_slice<T: Elem>(s: &Storage) -> Result<&[T]> {
 }
 
 fn simd_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    super::cpu::features().avx2
 }
 
 /// AVX-512 with BF16 dot products (`vdpbf16ps`) was detected at run time.
 fn bf16dot_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx512bf16")
-            && simd_available()
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    super::cpu::features().avx512_bf16
 }
 
 fn run_task<T: Elem>(p: &Params<T>, bi: usize, kvh: usize, i0: usize, cl: usize) -> Vec<f32> {
@@ -704,7 +646,7 @@ mod bf16dot {
     use half::bf16;
 
     use super::{axpy, Elem, Params, Shape};
-    use crate::model::bf16_gemm::avx512::transpose16;
+    use crate::kernels::bf16_gemm::avx512::transpose16;
 
     /// Keys per score tile (two zmm of scores per row).
     const KS: usize = 64;
@@ -917,7 +859,7 @@ mod bf16dot {
         _mm512_add_ps(_mm512_shuffle_f32x4::<0x88>(u0, u1), _mm512_shuffle_f32x4::<0xDD>(u0, u1))
     }
 
-    /// [`crate::model::fused::exp_f32`] on 16 lanes: the same operations in the same order
+    /// [`crate::kernels::fused::exp_f32`] on 16 lanes: the same operations in the same order
     /// (no fused multiply-adds), so the same bits for every input but NaN.
     #[inline]
     #[target_feature(enable = "avx512f")]
@@ -1200,228 +1142,22 @@ mod bf16dot {
     }
 }
 
-/// One layer's keys and values, `[B, kv_heads, capacity, head_dim]`, the first `len` positions
-/// filled: in the compute dtype ([`KvCacheFormat::Model`]), or as 8-bit codes plus f32 block
-/// scales ([`KvCacheFormat::Q8_0`], see [`super::kv_quant`]). Appending writes in place and grows
-/// the capacity geometrically (by at least 256 positions or an eighth, in multiples of 256), so a
-/// decode step copies only the new token. Clones share the buffers until one of them appends
-/// (copy on write).
-#[derive(Debug, Clone)]
-pub struct KvBuffer {
-    /// `[k, v]` in the compute dtype, or `[key codes, value codes, key scales, value scales]`;
-    /// all `[B, kv_heads, capacity, _]`.
-    parts: Vec<Tensor>,
-    format: KvCacheFormat,
-    /// The dtype keys and values are read back in ([`Self::keys`]).
-    dtype: DType,
-    len: usize,
-    /// Shared by clones: an append with other owners copies the buffers first.
-    owner: Arc<()>,
-}
-
-/// Capacity steps of [`KvBuffer`].
-const CAPACITY_STEP: usize = 256;
-
-/// The capacity after `cap` when `needed` positions must fit: at least an eighth or 256 more,
-/// in multiples of 256 (at most ~12.5% + 256 positions of spare room).
-fn grown_capacity(cap: usize, needed: usize) -> usize {
-    needed.max(cap + (cap / 8).max(CAPACITY_STEP)).next_multiple_of(CAPACITY_STEP)
-}
-
-impl KvBuffer {
-    /// `k`, `v` `[B, kv_heads, L, head_dim]` as stored in `format`.
-    fn encode(k: &Tensor, v: &Tensor, format: KvCacheFormat) -> Result<Vec<Tensor>> {
-        if k.dims4()? != v.dims4()? {
-            return Err(Error::Model(format!("keys {:?} and values {:?} differ in shape", k.dims(), v.dims())));
-        }
-        Ok(match format {
-            KvCacheFormat::Model => vec![k.contiguous()?, v.contiguous()?],
-            KvCacheFormat::Q8_0 => {
-                let (kc, ks) = kv_quant::quantize(k)?;
-                let (vc, vs) = kv_quant::quantize(v)?;
-                vec![kc, vc, ks, vs]
-            }
-        })
-    }
-
-    /// A buffer holding exactly `k`, `v` `[B, kv_heads, T, head_dim]` in the compute dtype (no
-    /// spare capacity).
-    pub fn from_filled(k: Tensor, v: Tensor) -> Result<Self> {
-        let dtype = k.dtype();
-        Self::from_filled_parts(Self::encode(&k, &v, KvCacheFormat::Model)?, KvCacheFormat::Model, dtype)
-    }
-
-    fn from_filled_parts(parts: Vec<Tensor>, format: KvCacheFormat, dtype: DType) -> Result<Self> {
-        let parts = parts.into_iter().map(|p| p.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
-        let len = parts[0].dim(2)?;
-        Ok(Self { parts, format, dtype, len, owner: Arc::new(()) })
-    }
-
-    /// A buffer filled with `k`, `v` `[B, kv_heads, L, head_dim]` in the compute dtype, with spare
-    /// capacity.
-    pub fn new(k: &Tensor, v: &Tensor) -> Result<Self> {
-        Self::with_format(k, v, KvCacheFormat::Model)
-    }
-
-    /// As [`Self::new`], stored in `format`.
-    pub fn with_format(k: &Tensor, v: &Tensor, format: KvCacheFormat) -> Result<Self> {
-        let encoded = Self::encode(k, v, format)?;
-        let l = k.dim(2)?;
-        let cap = grown_capacity(0, l);
-        let parts = encoded
-            .iter()
-            .map(|p| {
-                let (b, h, _, d) = p.dims4()?;
-                Ok(Tensor::zeros((b, h, cap, d), p.dtype(), p.device())?)
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut buf = Self { parts, format, dtype: k.dtype(), len: 0, owner: Arc::new(()) };
-        buf.append_parts(&encoded)?;
-        Ok(buf)
-    }
-
-    /// How the keys and values are stored.
-    pub fn format(&self) -> KvCacheFormat {
-        self.format
-    }
-
-    /// Number of filled positions.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
-    /// Allocated positions.
-    pub fn capacity(&self) -> usize {
-        self.parts[0].dim(2).unwrap_or(0)
-    }
-
-    /// Bytes held by the buffers (all allocated positions).
-    pub fn bytes(&self) -> usize {
-        self.parts.iter().map(|p| p.elem_count() * p.dtype().size_in_bytes()).sum()
-    }
-
-    fn filled(&self, i: usize) -> Result<Tensor> {
-        Ok(self.parts[i].narrow(2, 0, self.len)?)
-    }
-
-    /// The filled keys `[B, kv_heads, len, head_dim]` in the compute dtype: a strided view of
-    /// the buffer, or (8-bit) a dequantized copy.
-    pub fn keys(&self) -> Result<Tensor> {
-        match self.format {
-            KvCacheFormat::Model => self.filled(0),
-            KvCacheFormat::Q8_0 => kv_quant::dequantize(&self.filled(0)?, &self.filled(2)?, self.dtype),
-        }
-    }
-
-    /// The filled values, as [`Self::keys`].
-    pub fn values(&self) -> Result<Tensor> {
-        match self.format {
-            KvCacheFormat::Model => self.filled(1),
-            KvCacheFormat::Q8_0 => kv_quant::dequantize(&self.filled(1)?, &self.filled(3)?, self.dtype),
-        }
-    }
-
-    /// 8-bit buffers: views of the filled `(key codes, key scales)` and `(value codes, value
-    /// scales)` for [`kv_quant::attention`].
-    #[allow(clippy::type_complexity)]
-    pub fn q8_views(&self) -> Result<Option<((Tensor, Tensor), (Tensor, Tensor))>> {
-        if self.format != KvCacheFormat::Q8_0 {
-            return Ok(None);
-        }
-        Ok(Some(((self.filled(0)?, self.filled(2)?), (self.filled(1)?, self.filled(3)?))))
-    }
-
-    /// Appends `k`, `v` `[B, kv_heads, L, head_dim]` (compute dtype) after the filled positions.
-    pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
-        let (b, h, _, d) = k.dims4()?;
-        let (bb, hb, _, _) = self.parts[0].dims4()?;
-        let db = self.parts[0].dim(3)?;
-        if v.dims4()? != k.dims4()? || (b, h, d) != (bb, hb, db) || k.dtype() != self.dtype {
-            return Err(Error::Model(format!(
-                "cannot append keys {:?} / values {:?} ({:?}) to a cache of {:?} ({:?}, {})",
-                k.dims(),
-                v.dims(),
-                k.dtype(),
-                self.parts[0].dims(),
-                self.dtype,
-                self.format
-            )));
-        }
-        let encoded = Self::encode(k, v, self.format)?;
-        self.append_parts(&encoded)
-    }
-
-    /// Appends already encoded parts (same order and widths as `self.parts`).
-    fn append_parts(&mut self, new: &[Tensor]) -> Result<()> {
-        let l = new[0].dim(2)?;
-        let needed = self.len + l;
-        let cap = self.capacity();
-        if needed > cap || Arc::strong_count(&self.owner) > 1 {
-            let new_cap = if needed > cap { grown_capacity(cap, needed) } else { cap };
-            for i in 0..self.parts.len() {
-                let p = &self.parts[i];
-                let (b, h, _, d) = p.dims4()?;
-                let grown = Tensor::zeros((b, h, new_cap, d), p.dtype(), p.device())?;
-                if self.len > 0 {
-                    grown.slice_set(&self.filled(i)?.contiguous()?, 2, 0)?;
-                }
-                self.parts[i] = grown;
-            }
-            self.owner = Arc::new(());
-        }
-        if l > 0 {
-            for (p, n) in self.parts.iter().zip(new) {
-                p.slice_set(n, 2, self.len)?;
-            }
-        }
-        self.len = needed;
-        Ok(())
-    }
-
-    /// Keeps batch rows `idx` (u32 `[n]`), keeping the capacity.
-    pub fn index_rows(&self, idx: &Tensor) -> Result<Self> {
-        let parts = self.parts.iter().map(|p| p.index_select(idx, 0)).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self { parts, format: self.format, dtype: self.dtype, len: self.len, owner: Arc::new(()) })
-    }
-
-    /// The rows of `a` then those of `b`, each left-padded (zeros) to `t` positions (`t` at
-    /// least both lengths), without spare capacity.
-    pub fn stack_left_padded(a: &Self, b: &Self, t: usize) -> Result<Self> {
-        if a.format != b.format || a.dtype != b.dtype || a.parts.len() != b.parts.len() {
-            return Err(Error::Model("cannot merge caches of different formats".into()));
-        }
-        let pad = |x: Tensor, len: usize| -> Result<Tensor> {
-            if len == t {
-                return Ok(x);
-            }
-            let (bb, h, _, d) = x.dims4()?;
-            let z = Tensor::zeros((bb, h, t - len, d), x.dtype(), x.device())?;
-            Ok(Tensor::cat(&[&z, &x], 2)?)
-        };
-        let parts = (0..a.parts.len())
-            .map(|i| Ok(Tensor::cat(&[&pad(a.filled(i)?, a.len)?, &pad(b.filled(i)?, b.len)?], 0)?))
-            .collect::<Result<Vec<_>>>()?;
-        Self::from_filled_parts(parts, a.format, a.dtype)
-    }
-
-    /// Drops the first `n` positions (no spare capacity left).
-    pub fn drop_front(&self, n: usize) -> Result<Self> {
-        let n = n.min(self.len);
-        let parts = (0..self.parts.len())
-            .map(|i| Ok(self.filled(i)?.narrow(2, n, self.len - n)?))
-            .collect::<Result<Vec<_>>>()?;
-        Self::from_filled_parts(parts, self.format, self.dtype)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::cpu::{self, KernelSet};
     use candle_core::Device;
+
+    /// `x` `[B, H, T, D]` as the first `T` positions of a buffer with spare capacity: a strided
+    /// view, as the KV cache hands keys and values over.
+    fn strided_view(x: &Tensor) -> Tensor {
+        let (b, h, t, d) = x.dims4().unwrap();
+        let buf = Tensor::zeros((b, h, t + 256, d), x.dtype(), x.device()).unwrap();
+        buf.slice_set(x, 2, 0).unwrap();
+        let view = buf.narrow(2, 0, t).unwrap();
+        assert!(b * h == 1 || !view.is_contiguous());
+        view
+    }
 
     /// The previous candle path: `repeat_kv`, an additive f32 mask `[B, 1, L, T]` built with
     /// `f32::MIN`, f32 scores and softmax, probabilities cast to the input dtype, matmul with V.
@@ -1471,10 +1207,12 @@ mod tests {
     }
 
     fn check(case: &Case, dtype: DType, tol: f32, strided: bool) {
-        check_with(case, dtype, tol, strided, Kernels::Best)
+        check_with(case, dtype, tol, strided, KernelSet::Avx512)
     }
 
-    fn check_with(case: &Case, dtype: DType, tol: f32, strided: bool, kernels: Kernels) {
+    /// One case on the kernel set `set` (capped at what the CPU has) against the reference.
+    fn check_with(case: &Case, dtype: DType, tol: f32, strided: bool, set: KernelSet) {
+        let _forced = cpu::force(set);
         let Case { b, h, hkv, l, t, d, .. } = *case;
         let dev = Device::Cpu;
         let q = Tensor::randn(0f32, 1.0, (b, h, l, d), &dev).unwrap().to_dtype(dtype).unwrap();
@@ -1484,10 +1222,7 @@ mod tests {
         let (k, v) = (kv(1.5), kv(1.0));
         let (k, v) = if strided {
             // Strided views of larger buffers, as the KV cache hands them over.
-            let mut kb = KvBuffer::new(&k.narrow(2, 0, 1).unwrap(), &v.narrow(2, 0, 1).unwrap()).unwrap();
-            kb.append(&k.narrow(2, 1, t - 1).unwrap(), &v.narrow(2, 1, t - 1).unwrap()).unwrap();
-            assert!(kb.capacity() > t);
-            (kb.keys().unwrap(), kb.values().unwrap())
+            (strided_view(&k), strided_view(&v))
         } else {
             (k, v)
         };
@@ -1497,7 +1232,7 @@ mod tests {
         }
         let rules = MaskRules { key_valid: &key_valid, past: t - l, causal: true, sliding_window: case.window };
         let scale = 1.0 / (d as f32).sqrt();
-        let got = attention_with(&q, &k, &v, scale, &rules, kernels).unwrap();
+        let got = attention(&q, &k, &v, scale, &rules).unwrap();
         assert_eq!(got.dims(), &[b, l, h * d]);
         assert_eq!(got.dtype(), dtype);
         let want = reference(&q, &k, &v, &rules);
@@ -1544,18 +1279,15 @@ mod tests {
         }
     }
 
+    /// Every kernel set this CPU has, each forced in turn (the AVX-512 BF16 one also below).
     #[test]
-    fn portable_kernels_match_too() {
-        for case in cases() {
-            check_with(&case, DType::F32, 1e-5, true, Kernels::Portable);
-            check_with(&case, DType::BF16, 2e-2, false, Kernels::Portable);
-        }
-    }
-
-    #[test]
-    fn avx2_kernels_match_too() {
-        for case in cases() {
-            check_with(&case, DType::BF16, 2e-2, true, Kernels::Avx2);
+    fn every_kernel_set_matches_too() {
+        for set in cpu::available_sets() {
+            for case in cases() {
+                check_with(&case, DType::F32, 1e-5, true, set);
+                check_with(&case, DType::BF16, 2e-2, set == KernelSet::Avx2, set);
+                check_with(&case, DType::F16, 4e-3, false, set);
+            }
         }
     }
 
@@ -1621,25 +1353,21 @@ mod tests {
             };
             let (k, v) = (kv(1.5), kv(1.0));
             // Strided views (as the KV cache hands them over) for every other case.
-            let (k, v) = if ci % 2 == 0 {
-                let kb = KvBuffer::new(&k, &v).unwrap();
-                (kb.keys().unwrap(), kb.values().unwrap())
-            } else {
-                (k, v)
-            };
+            let (k, v) = if ci % 2 == 0 { (strided_view(&k), strided_view(&v)) } else { (k, v) };
             let mut key_valid = vec![1u32; b * t];
             for (bi, &p) in case.pad.iter().enumerate() {
                 key_valid[bi * t..bi * t + p].fill(0);
             }
             let rules = MaskRules { key_valid: &key_valid, past: t - l, causal: true, sliding_window: case.window };
             let scale = 1.0 / (d as f32).sqrt();
-            let run = |v: &Tensor, kernels| {
-                let out = attention_with(&q, &k, v, scale, &rules, kernels).unwrap();
+            let run = |v: &Tensor, set| {
+                let _forced = cpu::force(set);
+                let out = attention(&q, &k, v, scale, &rules).unwrap();
                 assert_eq!((out.dims(), out.dtype()), (&[b, l, h * d][..], DType::BF16));
                 out.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
             };
-            let (fast, wide) = (run(&v, Kernels::Best), run(&v, Kernels::Avx2));
-            let weight = run(&v.abs().unwrap(), Kernels::Avx2);
+            let (fast, wide) = (run(&v, KernelSet::Avx512), run(&v, KernelSet::Avx2));
+            let weight = run(&v.abs().unwrap(), KernelSet::Avx2);
             for ((&x, &y), &m) in fast.iter().zip(&wide).zip(&weight) {
                 assert!(x.is_finite(), "non-finite output");
                 let ulp = bf16_ulp(x.abs().max(y.abs()));
@@ -1659,7 +1387,7 @@ mod tests {
     #[test]
     fn bf16dot_kernels_match_the_materialised_mask_path() {
         for case in bf16dot_cases() {
-            check_with(&case, DType::BF16, 2e-2, true, Kernels::Best);
+            check_with(&case, DType::BF16, 2e-2, true, KernelSet::Avx512);
         }
     }
 
@@ -1695,8 +1423,7 @@ mod tests {
         let kv = |s: f64| {
             (Tensor::randn(0f32, 1.0, (1, h, t, d), &dev).unwrap() * s).unwrap().to_dtype(DType::BF16).unwrap()
         };
-        let kb = KvBuffer::new(&kv(1.0), &kv(1.0)).unwrap();
-        let (k, v) = (kb.keys().unwrap(), kb.values().unwrap());
+        let (k, v) = (strided_view(&kv(1.0)), strided_view(&kv(1.0)));
         let q = Tensor::randn(0f32, 1.0, (1, h, 1, d), &dev).unwrap().to_dtype(DType::BF16).unwrap();
         let valid = vec![1u32; t];
         let rules = MaskRules { key_valid: &valid, past: t - 1, causal: true, sliding_window: None };
@@ -1779,86 +1506,5 @@ mod tests {
             let s = t0.elapsed().as_secs_f64();
             eprintln!("prefill attention: {:.1} ms, {:.0} GFLOP/s", s * 1e3, flop / s / 1e9);
         }
-    }
-
-    #[test]
-    fn kv_buffer_appends_in_place_and_grows() {
-        let dev = Device::Cpu;
-        let a = Tensor::arange(0f32, 2.0 * 3.0 * 4.0, &dev).unwrap().reshape((1, 2, 3, 4)).unwrap();
-        let mut buf = KvBuffer::new(&a, &a).unwrap();
-        assert_eq!((buf.len(), buf.capacity()), (3, CAPACITY_STEP));
-        let snapshot = buf.clone();
-        let one = Tensor::ones((1, 2, 1, 4), DType::F32, &dev).unwrap();
-        buf.append(&one, &one).unwrap();
-        assert_eq!(buf.len(), 4);
-        // The clone is untouched (copy on write) and still reads its 3 positions.
-        assert_eq!(
-            snapshot.keys().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            (0..24).map(|x| x as f32).collect::<Vec<_>>()
-        );
-        let keys = buf.keys().unwrap();
-        assert_eq!(keys.dims(), &[1, 2, 4, 4]);
-        let want = Tensor::cat(&[&a, &one], 2).unwrap();
-        assert_eq!(
-            keys.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        );
-        let big = Tensor::zeros((1, 2, CAPACITY_STEP, 4), DType::F32, &dev).unwrap();
-        buf.append(&big, &big).unwrap();
-        assert_eq!(buf.len(), 4 + CAPACITY_STEP);
-        assert_eq!(buf.capacity(), 2 * CAPACITY_STEP);
-        let head = buf.keys().unwrap().narrow(2, 0, 4).unwrap();
-        assert_eq!(
-            head.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            want.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        );
-    }
-
-    #[test]
-    fn q8_kv_buffer_appends_merges_and_drops_like_the_dense_one() {
-        let dev = Device::Cpu;
-        let x = |l: usize, seed: f32| {
-            Tensor::arange(0f32, (2 * l * 32) as f32, &dev)
-                .unwrap()
-                .affine(0.37, seed as f64)
-                .unwrap()
-                .sin()
-                .unwrap()
-                .reshape((1, 2, l, 32))
-                .unwrap()
-        };
-        let round_trip = |t: &Tensor| {
-            let (c, s) = kv_quant::quantize(t).unwrap();
-            kv_quant::dequantize(&c, &s, DType::F32).unwrap()
-        };
-        let flat = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let (k1, v1, k2, v2) = (x(5, 0.0), x(5, 1.0), x(1, 2.0), x(1, 3.0));
-        let mut q = KvBuffer::with_format(&k1, &v1, KvCacheFormat::Q8_0).unwrap();
-        let mut dense = KvBuffer::new(&round_trip(&k1), &round_trip(&v1)).unwrap();
-        assert_eq!(q.format(), KvCacheFormat::Q8_0);
-        let snapshot = q.clone();
-        q.append(&k2, &v2).unwrap();
-        dense.append(&round_trip(&k2), &round_trip(&v2)).unwrap();
-        assert_eq!(flat(&q.keys().unwrap()), flat(&dense.keys().unwrap()));
-        assert_eq!(flat(&q.values().unwrap()), flat(&dense.values().unwrap()));
-        assert_eq!(snapshot.len(), 5, "the clone keeps its own buffers");
-        assert_eq!(flat(&snapshot.keys().unwrap()), flat(&round_trip(&k1)));
-        // 56% of the bytes of BF16 per position (here f32 input: codes + one f32 per 32 values).
-        assert_eq!(q.bytes(), 2 * (2 * q.capacity() * 32 + 2 * q.capacity() * 4));
-        // Merge with left padding, then drop the common padding.
-        let merged = KvBuffer::stack_left_padded(&q, &snapshot, 6).unwrap();
-        let dense_merged =
-            KvBuffer::stack_left_padded(&dense, &KvBuffer::new(&round_trip(&k1), &round_trip(&v1)).unwrap(), 6)
-                .unwrap();
-        assert_eq!(merged.len(), 6);
-        assert_eq!(flat(&merged.keys().unwrap()), flat(&dense_merged.keys().unwrap()));
-        assert_eq!(flat(&merged.values().unwrap()), flat(&dense_merged.values().unwrap()));
-        let dropped = merged.drop_front(1).unwrap();
-        assert_eq!(flat(&dropped.values().unwrap()), flat(&dense_merged.drop_front(1).unwrap().values().unwrap()));
-        // Formats do not mix.
-        assert!(KvBuffer::stack_left_padded(&q, &dense, 6).is_err());
-        let idx = Tensor::new(&[1u32, 0], &dev).unwrap();
-        let swapped = merged.index_rows(&idx).unwrap();
-        assert_eq!(flat(&swapped.keys().unwrap().get(1).unwrap()), flat(&merged.keys().unwrap().get(0).unwrap()));
     }
 }

@@ -18,6 +18,7 @@ use candle_core::{DType, Tensor};
 use half::bf16;
 use rayon::prelude::*;
 
+use super::cpu::{self, KernelSet};
 use crate::error::{Error, Result};
 
 /// Values per parallel task for purely element-wise steps.
@@ -63,34 +64,31 @@ fn from_bits(b: u16) -> bf16 {
     bf16::from_bits(b)
 }
 
-/// Whether the AVX-512 copies of the loops may run.
-fn avx512() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512bw") && is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
-}
-
-/// Defines `$name(args)` that runs `$body` compiled with AVX-512 when the CPU has it, else the
-/// same body compiled for the baseline target.
+/// Defines `$name(set, args)` that runs `$body` compiled for the kernel set `set` (AVX-512,
+/// AVX2 + FMA, or the baseline target). The bodies are plain Rust with no fused multiply-adds, so
+/// every set gives bit-identical results; the entry points read the set once (on the calling
+/// thread, where [`cpu::force`] applies) and hand it to their parallel tasks.
 macro_rules! multiversion {
     ($vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
-        $vis fn $name($($arg: $ty),*) {
+        $vis fn $name(set: KernelSet, $($arg: $ty),*) {
             #[inline(always)]
             fn body($($arg: $ty),*) $body
             #[cfg(target_arch = "x86_64")]
             #[target_feature(enable = "avx512f,avx512bw,avx512vl,fma,avx2")]
-            unsafe fn fast($($arg: $ty),*) { body($($arg),*) }
+            fn avx512($($arg: $ty),*) { body($($arg),*) }
             #[cfg(target_arch = "x86_64")]
-            if avx512() {
-                // SAFETY: the features `fast` is compiled for were detected just above.
-                return unsafe { fast($($arg),*) };
+            #[target_feature(enable = "avx2,fma,f16c")]
+            fn avx2($($arg: $ty),*) { body($($arg),*) }
+            match set {
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: `set` comes from `cpu::kernel_set()`, which allows AVX-512 only where it
+                // was detected at run time.
+                KernelSet::Avx512 => unsafe { avx512($($arg),*) },
+                #[cfg(target_arch = "x86_64")]
+                // SAFETY: as above, for AVX2 + FMA + F16C.
+                KernelSet::Avx2 => unsafe { avx2($($arg),*) },
+                _ => body($($arg),*),
             }
-            body($($arg),*)
         }
     };
 }
@@ -114,12 +112,13 @@ multiversion! {
 /// The f32 output `y` `[rows, n]` of a matrix product as BF16, plus `bias` `[n]` (f32) when given,
 /// rounded once (PyTorch's BF16 `addmm` adds the bias to the f32 accumulator before rounding).
 pub fn linear_output_bf16(y: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<bf16> {
+    let set = cpu::kernel_set();
     let mut out = vec![bf16::ZERO; y.len()];
     let bias = bias.unwrap_or(&[]);
     let rows_per_task = (CHUNK / n.max(1)).max(1);
     out.par_chunks_mut(rows_per_task * n.max(1))
         .zip(y.par_chunks(rows_per_task * n.max(1)))
-        .for_each(|(o, y)| convert_rows(y, bias, o));
+        .for_each(|(o, y)| convert_rows(set, y, bias, o));
     out
 }
 
@@ -134,13 +133,14 @@ multiversion! {
 /// Runs `f` on the values of `x` as f32: a contiguous F32 CPU tensor is read in place, a
 /// contiguous BF16 one widened (exactly) in one parallel pass, anything else converted by candle.
 pub fn with_f32_values<R>(x: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let set = cpu::kernel_set();
     if x.device().is_cpu() && x.is_contiguous() {
         match x.dtype() {
             DType::F32 => return with_slice::<f32, _>(x, f),
             DType::BF16 => {
                 let wide = with_slice::<bf16, _>(x, |xs| {
                     let mut out = vec![0f32; xs.len()];
-                    out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(o, i)| widen_chunk(i, o));
+                    out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(o, i)| widen_chunk(set, i, o));
                     Ok(out)
                 })?;
                 return f(&wide);
@@ -186,6 +186,7 @@ multiversion! {
 /// `x / sqrt(mean(x²) + eps)`, rounded to BF16, times the weight, rounded (transformers'
 /// `LlamaRMSNorm`: `weight * hidden_states.to(input_dtype)`).
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    let set = cpu::kernel_set();
     let h = weight.elem_count();
     if !is_cpu_bf16(x) || !is_cpu_bf16(weight) || h == 0 || x.dim(candle_core::D::Minus1)? != h {
         return Ok(None);
@@ -196,7 +197,7 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Option<Tensor>>
             let rows_per_task = (CHUNK / h).max(1);
             out.par_chunks_mut(rows_per_task * h)
                 .zip(xs.par_chunks(rows_per_task * h))
-                .for_each(|(o, x)| rms_norm_rows(x, w, eps as f32, o));
+                .for_each(|(o, x)| rms_norm_rows(set, x, w, eps as f32, o));
             Ok(out)
         })
     })?;
@@ -221,6 +222,7 @@ multiversion! {
 /// LayerNorm of BF16 `x` `[..., H]` with f32 `weight` and `bias` `[H]`, computed in f32 (mean,
 /// then variance around it) and rounded once to BF16.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Option<Tensor>> {
+    let set = cpu::kernel_set();
     let h = weight.elem_count();
     let f32_cpu = |t: &Tensor| t.device().is_cpu() && t.dtype() == DType::F32 && t.is_contiguous();
     if !is_cpu_bf16(x) || !f32_cpu(weight) || !f32_cpu(bias) || h == 0 || bias.elem_count() != h {
@@ -236,7 +238,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
                 let rows_per_task = (CHUNK / h).max(1);
                 out.par_chunks_mut(rows_per_task * h)
                     .zip(xs.par_chunks(rows_per_task * h))
-                    .for_each(|(o, x)| layer_norm_rows(x, w, b, eps as f32, o));
+                    .for_each(|(o, x)| layer_norm_rows(set, x, w, b, eps as f32, o));
                 Ok(out)
             })
         })
@@ -297,7 +299,8 @@ pub fn silu_mul(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
 
 /// `f` over matching chunks of two BF16 tensors of one shape, in parallel, into a new tensor;
 /// `None` unless both are contiguous BF16 CPU tensors of the same shape.
-fn zip_bf16(a: &Tensor, b: &Tensor, f: fn(&[bf16], &[bf16], &mut [bf16])) -> Result<Option<Tensor>> {
+fn zip_bf16(a: &Tensor, b: &Tensor, f: fn(KernelSet, &[bf16], &[bf16], &mut [bf16])) -> Result<Option<Tensor>> {
+    let set = cpu::kernel_set();
     if !is_cpu_bf16(a) || !is_cpu_bf16(b) || a.dims() != b.dims() {
         return Ok(None);
     }
@@ -306,7 +309,7 @@ fn zip_bf16(a: &Tensor, b: &Tensor, f: fn(&[bf16], &[bf16], &mut [bf16])) -> Res
             let mut out = vec![bf16::ZERO; x.len()];
             out.par_chunks_mut(CHUNK)
                 .zip(x.par_chunks(CHUNK).zip(y.par_chunks(CHUNK)))
-                .for_each(|(o, (x, y))| f(x, y, o));
+                .for_each(|(o, (x, y))| f(set, x, y, o));
             Ok(out)
         })
     })?;
@@ -337,18 +340,19 @@ multiversion! {
 /// F32 in f32; BF16 rounded to BF16 after each of PyTorch's three ops (`1.702 * x`, `sigmoid`,
 /// the product), as transformers computes it in BF16.
 pub fn quick_gelu(x: &Tensor) -> Result<Option<Tensor>> {
+    let set = cpu::kernel_set();
     if !x.device().is_cpu() || !x.is_contiguous() {
         return Ok(None);
     }
     let y = match x.dtype() {
         DType::BF16 => with_slice::<bf16, _>(x, |xs| {
             let mut out = vec![bf16::ZERO; xs.len()];
-            out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(o, i)| quick_gelu_bf16_chunk(i, o));
+            out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(o, i)| quick_gelu_bf16_chunk(set, i, o));
             Ok(Tensor::from_vec(out, x.dims(), x.device())?)
         })?,
         DType::F32 => with_slice::<f32, _>(x, |xs| {
             let mut out = vec![0f32; xs.len()];
-            out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(o, i)| quick_gelu_f32_chunk(i, o));
+            out.par_chunks_mut(CHUNK).zip(xs.par_chunks(CHUNK)).for_each(|(o, i)| quick_gelu_f32_chunk(set, i, o));
             Ok(Tensor::from_vec(out, x.dims(), x.device())?)
         })?,
         _ => return Ok(None),
@@ -378,6 +382,7 @@ multiversion! {
 /// `x1 cos - x2 sin`, `x1 sin + x2 cos`, each product and the sum rounded to BF16 as PyTorch's
 /// `q * cos + rotate_half(q) * sin` and candle's `rope` do in BF16.
 pub fn rope_heads(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Option<Tensor>> {
+    let set = cpu::kernel_set();
     if !is_cpu_bf16(x) || !is_cpu_bf16(cos) || !is_cpu_bf16(sin) || heads == 0 {
         return Ok(None);
     }
@@ -397,7 +402,7 @@ pub fn rope_heads(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Resul
                     let (bi, n) = (bn / heads, bn % heads);
                     let src = &xs[bi * l * nd + n * d..];
                     let cs = bi * l * (d / 2)..(bi + 1) * l * (d / 2);
-                    rope_rows(src, nd, &c[cs.clone()], &s[cs], d, o);
+                    rope_rows(set, src, nd, &c[cs.clone()], &s[cs], d, o);
                 });
                 Ok(out)
             })

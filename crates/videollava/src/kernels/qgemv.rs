@@ -89,17 +89,8 @@ pub(crate) enum Kernel {
 impl Kernel {
     pub(crate) fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx512f")
-                && is_x86_feature_detected!("avx512bw")
-                && is_x86_feature_detected!("avx512vl")
-                && is_x86_feature_detected!("avx512vnni")
-                && is_x86_feature_detected!("avx2")
-                && is_x86_feature_detected!("fma")
-                && is_x86_feature_detected!("f16c")
-            {
-                return Kernel::Avx512;
-            }
+        if super::cpu::features().avx512_vnni {
+            return Kernel::Avx512;
         }
         Kernel::Scalar
     }

@@ -1,62 +1,74 @@
-//! Matrix product `out = x · Wᵀ` with `W` in GGML Q8_0 blocks, for the CPU (prefill).
+//! Matrix product `out = x · Wᵀ` with `W` in GGML Q4K blocks, for the CPU (prefill).
 //!
 //! Conventions (every function of this file):
 //! - `x`: activations, f32, row-major `[m, k]`;
-//! - `w`: the weight `[n, k]` as raw GGML Q8_0 blocks: row `j` is the byte range
-//!   `[j * row_bytes, (j + 1) * row_bytes)`, `row_bytes = k / 32 * 34`, each block
-//!   `{ d: f16 (little-endian), qs: [i8; 32] }` (exactly candle's `QTensor::data()` for a Q8_0
-//!   tensor of shape `[n, k]`); `k` is a multiple of 32;
+//! - `w`: the weight `[n, k]` as raw GGML Q4K blocks: row `j` is the byte range
+//!   `[j * row_bytes, (j + 1) * row_bytes)`, `row_bytes = k / 256 * 144`, each block of 256 values
+//!   `{ d: f16, dmin: f16, scales: [u8; 12], qs: [u8; 128] }` (little-endian; exactly candle's
+//!   `QTensor::data()` for a Q4K tensor of shape `[n, k]`); `k` is a multiple of 256. Sub-block
+//!   `s` (values `32s..32s + 32` of the block) has the six-bit scale `sc[s]` and min `mn[s]`
+//!   (packed in `scales` as ggml's `get_scale_min_k4`) and takes the low nibbles of
+//!   `qs[32 * (s / 2)..][..32]` for even `s`, the high nibbles for odd `s`: its value `l` is
+//!   `d · sc[s] · q − dmin · mn[s]`, `q` in `0..16`;
 //! - `out`: f32, row-major `[m, n]`, overwritten: `out[i, j] = Σ_p x[i, p] · W[j, p]`.
 //!
-//! Why it exists: candle's CPU quantized matmul reaches about 400 GOP/s on the prefill shapes of
-//! a 7B Llama on 2 Zen 4 cores; the AVX-512 VNNI `vpdpbusd` (64 u8 × s8 products per
-//! instruction) peaks at about twice the BF16 GEMM's rate.
+//! Why it exists: candle's CPU quantized matmul for Q4K runs the 7B Llama prefill shapes at
+//! about BF16 speed on 2 Zen 4 cores and keeps a repacked copy of every weight (twice the
+//! resident memory). This is [`super::q8_gemm`]'s int8 GEMM (AVX-512 VNNI `vpdpbusd`) with the
+//! Q4K nibbles as the unsigned operand, reading the compact blocks in place.
 //!
 //! Paths, picked at run time:
 //! - AVX-512 F/BW/VL/VNNI: a blocked GEMM. Activations are quantized once per call and packed
-//!   into micro-panels of `MR = 6` rows: per 32-value block, 8 k-quads × 6 rows × 4 bytes (the
-//!   32-bit broadcast `vpdpbusd` takes), stored as `u8` (`qa + 128`), then the 6 f32 scales. The
-//!   packed activations are ordered by k-chunk (`KCB` blocks), then row tile, then block, so that
-//!   a task walking the row tiles of one k-chunk reads them contiguously. Tasks (rayon) take a
-//!   stripe of about 256 output columns (and a range of row tiles when there are too few
-//!   stripes) and pack their stripe of `W` into a thread-local buffer as micro-panels of
-//!   `NR = 32` columns: per block, 8 k-quads × 32 columns × 4 `i8`, then 32 `i32` corrections
-//!   (`-128 · Σ qw` of the block, which undo the `+128` of the activations) and 32 f32 scales.
-//!   A 6×32 micro-kernel (12 zmm integer accumulators, 12 zmm f32 accumulators) then runs, per
-//!   k-chunk, each micro-panel of `W` (in L1) against the row tiles (streaming from L2).
-//! - Portable (any CPU): the same quantized numbers, integer dot per block, in plain Rust.
+//!   into micro-panels of `MR = 6` rows: per 32-value block, 8 k-quads × 6 rows × 4 `i8` (the
+//!   32-bit broadcast `vpdpbusd` takes), then the 6 f32 scales `d_a`, then the 6 f32 products
+//!   `d_a · Σ qa` (the block sums of the quantized activations). The packed activations are
+//!   ordered by k-chunk (`KCB` blocks), then row tile, then block, so that a task walking the
+//!   row tiles of one k-chunk reads them contiguously. Tasks (rayon) take a stripe of about 256
+//!   output columns (and a range of row tiles when there are too few stripes) and pack their
+//!   stripe of `W` into a thread-local buffer as micro-panels of `NR = 32` columns: per 32-value
+//!   sub-block, 8 k-quads × 32 columns × 4 nibbles widened to `u8`, then 32 f32 scales
+//!   `d · sc` and 32 f32 mins `dmin · mn` (both exact in f32). A 6×32 micro-kernel (12 zmm
+//!   integer accumulators, 12 zmm f32 accumulators) then runs, per k-chunk, each micro-panel of
+//!   `W` (in L1) against the row tiles (streaming from L2).
+//! - Portable (any CPU): the same quantized numbers, integer dot per sub-block, in plain Rust.
 //!
-//! Numerics: as candle's CPU quantized matmul for Q8_0 weights (ggml `vec_dot_q8_0_q8_0`):
-//! each activation row is quantized per 32-value block exactly as candle's
-//! `BlockQ8_0::from_float` (f16-rounded scale `d_a`), each block's dot product is an exact
-//! integer, and `out[i, j] = Σ_b d_w[j, b] · d_a[i, b] · isum[i, j, b]` summed in f32; only the
-//! order of those f32 sums (and of the two scale products) differs from candle.
-//! (candle's own `QMatMul` on x86 with AVX-512 VNNI, when `n % 16 == 0` and `k % 256 == 0`,
-//! quantizes the activations to Q8K instead: it differs from this by the activation rounding.)
-//! Parallelism: rayon's global pool. Memory: the packed activations (about `m · k · 1.2` bytes)
-//! are kept between calls, and each rayon thread keeps its packed stripe of `W`
-//! (`256 · k · 1.25` bytes).
+//! Numerics: each activation row is quantized per 32-value block to Q8_0 exactly as candle's
+//! `BlockQ8_0::from_float` (f16-rounded scale `d_a`, `qa` in `-127..=127`). This differs from
+//! candle's Q4K matmul, which quantizes the activations to Q8K (one f32 scale per 256 values):
+//! ours is the finer quantization (8 scales per 256 values, so a smaller rounding error where
+//! the magnitudes vary within 256 values). Then, per row `i`, column `j` and 32-value block `b`,
+//! `isum = Σ q · qa` (exact integer, `vpdpbusd` with the nibbles unsigned and `qa` signed) and
+//! `out[i, j] = Σ_b d_a[i, b] · ((d · sc)[j, b] · isum − (dmin · mn)[j, b] · Σ qa[i, b])`
+//! summed in f32 (the fast path as `fma(isum, (d · sc) · d_a, acc) − (dmin · mn) · (d_a · Σ qa)`,
+//! the last product exact).
+//! Parallelism: rayon's global pool. Memory: no copy of the weight is kept; the packed
+//! activations (about `m · k · 1.25` bytes) are kept between calls, and each rayon thread keeps
+//! its packed stripe of `W` (`256 · k · 1.25` bytes).
 
-use super::qgemv::{ActQ80, Kernel};
+use super::qgemv::{q4k_scales_mins, ActQ80, Kernel};
 use half::f16;
 use rayon::prelude::*;
 
-/// Values per Q8_0 block.
+/// Values per Q4K block.
+const QK_K: usize = 256;
+/// Bytes per Q4K block.
+const BLOCK_BYTES: usize = 144;
+/// Values per sub-block (and per activation Q8_0 block).
 const QK: usize = 32;
-/// Bytes per Q8_0 block.
-const BLOCK_BYTES: usize = 34;
+/// Sub-blocks per Q4K block.
+const SUBS: usize = QK_K / QK;
 
-/// `out[i, j] = Σ_p x[i, p] · W[j, p]` with `W` the Q8_0 blocks `w` (see the module doc for the
+/// `out[i, j] = Σ_p x[i, p] · W[j, p]` with `W` the Q4K blocks `w` (see the module doc for the
 /// layouts); `out` is overwritten. With `k == 0` the output is zeros. Runs on rayon's global
 /// pool. Each call packs all of `W` again (about `n · k · 1.25` bytes written): for a few rows
-/// (measured: `m <= 4` at 4096 × 4096) [`super::qgemv::qgemv`] is faster.
+/// [`super::qgemv::qgemv`] is faster (see the `bench_prefill_shapes` test).
 ///
-/// Panics when `k` is not a multiple of 32 or a slice length does not match its shape.
-pub fn matmul_q8_0(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
-    matmul_q8_0_with(x, m, w, n, k, out, true);
+/// Panics when `k` is not a multiple of 256 or a slice length does not match its shape.
+pub fn matmul_q4k(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
+    matmul_q4k_checked(x, m, w, n, k, out);
 }
 
-/// Whether [`matmul_q8_0`] uses the AVX-512 VNNI path on this CPU (run-time detection).
+/// Whether [`matmul_q4k`] uses the AVX-512 VNNI path on this CPU (run-time detection).
 pub fn has_fast_path() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -68,20 +80,18 @@ pub fn has_fast_path() -> bool {
     }
 }
 
-/// [`matmul_q8_0`], with the fast path allowed or not (`allow_fast == false`: always the
-/// portable path; for tests and benchmarks).
-pub(crate) fn matmul_q8_0_with(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32], allow_fast: bool) {
-    assert!(k.is_multiple_of(QK), "matmul_q8_0: k = {k} is not a multiple of {QK}");
-    assert!(m.checked_mul(k) == Some(x.len()), "matmul_q8_0: `x` has {} elements, expected m*k = {m}*{k}", x.len());
-    let row_bytes = k / QK * BLOCK_BYTES;
+fn matmul_q4k_checked(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
+    assert!(k.is_multiple_of(QK_K), "matmul_q4k: k = {k} is not a multiple of {QK_K}");
+    assert!(m.checked_mul(k) == Some(x.len()), "matmul_q4k: `x` has {} elements, expected m*k = {m}*{k}", x.len());
+    let row_bytes = k / QK_K * BLOCK_BYTES;
     assert!(
         n.checked_mul(row_bytes) == Some(w.len()),
-        "matmul_q8_0: `w` has {} bytes, expected n*row_bytes = {n}*{row_bytes}",
+        "matmul_q4k: `w` has {} bytes, expected n*row_bytes = {n}*{row_bytes}",
         w.len()
     );
     assert!(
         m.checked_mul(n) == Some(out.len()),
-        "matmul_q8_0: `out` has {} elements, expected m*n = {m}*{n}",
+        "matmul_q4k: `out` has {} elements, expected m*n = {m}*{n}",
         out.len()
     );
     if m == 0 || n == 0 {
@@ -92,42 +102,60 @@ pub(crate) fn matmul_q8_0_with(x: &[f32], m: usize, w: &[u8], n: usize, k: usize
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if allow_fast && has_fast_path() {
+    if has_fast_path() {
         // SAFETY: the CPU has the features the kernels are compiled for (checked just above), the
-        // slice lengths match the shapes (asserted above) and k >= 32.
+        // slice lengths match the shapes (asserted above) and k >= 256.
         unsafe { avx512::gemm(x, m, w, n, k, out) };
         return;
     }
-    let _ = allow_fast;
     portable(x, m, w, n, k, out);
 }
 
-/// The f16 scale of the block starting at `blk[0]`, as f32.
+/// The f16 at `b[0..2]` (little-endian), as f32.
 #[inline]
-fn f16_le(blk: &[u8]) -> f32 {
-    f16::from_bits(u16::from_le_bytes([blk[0], blk[1]])).to_f32()
+fn f16_le(b: &[u8]) -> f32 {
+    f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32()
 }
 
-/// Portable path: any CPU. Tasks: groups of rows (each weight row is read once per group).
+/// Portable path: any CPU. Tasks: groups of rows (each weight block is decoded once per group).
 fn portable(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
     const ROWS: usize = 4;
     let nb = k / QK;
-    let row_bytes = nb * BLOCK_BYTES;
+    let row_bytes = k / QK_K * BLOCK_BYTES;
     let act = ActQ80::quantize(Kernel::Scalar, x, m, nb);
     let act = &act;
+    // Σ qa per row and block, [m, nb_pad].
+    let asum: Vec<i32> = act.qs.chunks_exact(QK).map(|q| q.iter().map(|&v| v as i32).sum()).collect();
+    let asum = &asum;
     out.par_chunks_mut(ROWS * n).enumerate().for_each(|(g, oc)| {
         let i0 = g * ROWS;
         let rows = oc.len() / n;
+        let mut q = [0u8; QK_K];
         for (j, wr) in w.chunks_exact(row_bytes).enumerate() {
-            for r in 0..rows {
-                let mut s = 0f32;
-                for (b, blk) in wr.chunks_exact(BLOCK_BYTES).enumerate() {
-                    let o = (i0 + r) * act.nb_pad + b;
-                    let qa = &act.qs[o * QK..(o + 1) * QK];
-                    let isum: i32 = qa.iter().zip(&blk[2..]).map(|(&a, &q)| a as i32 * q as i8 as i32).sum();
-                    // As candle: the integer sum times the weight scale times the activation scale.
-                    s += isum as f32 * f16_le(blk) * act.dvec[o * 8];
+            let mut s = [0f32; ROWS];
+            for (bq, blk) in wr.chunks_exact(BLOCK_BYTES).enumerate() {
+                let (d, dmin) = (f16_le(&blk[0..2]), f16_le(&blk[2..4]));
+                let (sc, mn) = q4k_scales_mins(&blk[4..16]);
+                let (sc, mn) = (sc.to_le_bytes(), mn.to_le_bytes());
+                for (l, &byte) in blk[16..].iter().enumerate() {
+                    // Sub-block 2c takes the low nibbles of qs[32c..32c + 32], 2c + 1 the high.
+                    let (c, t) = (l / QK, l % QK);
+                    q[2 * c * QK + t] = byte & 0xF;
+                    q[(2 * c + 1) * QK + t] = byte >> 4;
                 }
+                for sub in 0..SUBS {
+                    let dsc = d * sc[sub] as f32;
+                    let dmn = dmin * mn[sub] as f32;
+                    let qw = &q[sub * QK..(sub + 1) * QK];
+                    for (r, s) in s.iter_mut().enumerate().take(rows) {
+                        let o = (i0 + r) * act.nb_pad + bq * SUBS + sub;
+                        let qa = &act.qs[o * QK..(o + 1) * QK];
+                        let isum: i32 = qa.iter().zip(qw).map(|(&a, &b)| a as i32 * b as i32).sum();
+                        *s += act.dvec[o * 8] * (dsc * isum as f32 - dmn * asum[o] as f32);
+                    }
+                }
+            }
+            for (r, &s) in s.iter().enumerate().take(rows) {
                 oc[r * n + j] = s;
             }
         }
@@ -156,8 +184,8 @@ impl OutPtr {
 // Register-blocked kernels index their accumulator arrays by loop counters on purpose.
 #[allow(clippy::needless_range_loop)]
 mod avx512 {
-    use super::{OutPtr, BLOCK_BYTES, QK};
-    use crate::model::qgemv::avx512::q8_0_block;
+    use super::{OutPtr, BLOCK_BYTES, QK, QK_K, SUBS};
+    use crate::kernels::qgemv::avx512::q8_0_block;
     use core::arch::x86_64::*;
     use rayon::prelude::*;
     use std::cell::RefCell;
@@ -170,16 +198,21 @@ mod avx512 {
     /// Columns of the micro-tile.
     const NR: usize = 16 * NV;
     /// Bytes of one block (32 `k` values) of a packed activation micro-panel: 8 k-quads × `MR`
-    /// rows × 4 `u8`, then `MR` f32 scales.
-    const A_BLK: usize = 8 * MR * 4 + MR * 4;
-    /// Bytes of one block of a packed weight micro-panel: 8 k-quads × `NR` columns × 4 `i8`, then
-    /// `NR` i32 corrections, then `NR` f32 scales.
+    /// rows × 4 `i8`, then `MR` f32 scales `d_a`, then `MR` f32 `d_a · Σ qa`.
+    const A_BLK: usize = 8 * MR * 4 + MR * 8;
+    /// Offsets, in a packed activation block, of the scales and of the scaled sums.
+    const A_D: usize = 8 * MR * 4;
+    const A_DSUM: usize = A_D + MR * 4;
+    /// Bytes of one block of a packed weight micro-panel: 8 k-quads × `NR` columns × 4 `u8`, then
+    /// `NR` f32 scales `d · sc`, then `NR` f32 mins `dmin · mn`.
     const W_BLK: usize = 8 * NR * 4 + NR * 8;
-    /// Offsets, in a packed weight block, of the corrections and of the scales.
-    const W_CORR: usize = 8 * NR * 4;
-    const W_SCALE: usize = W_CORR + NR * 4;
-    /// Blocks per k-chunk: the micro-panel of `W` for one chunk (`KCB * W_BLK` bytes) stays in L1.
+    /// Offsets, in a packed weight block, of the scales and of the mins.
+    const W_SCALE: usize = 8 * NR * 4;
+    const W_MIN: usize = W_SCALE + NR * 4;
+    /// Blocks per k-chunk (a multiple of the 8 sub-blocks of a Q4K block): the micro-panel of `W`
+    /// for one chunk (`KCB * W_BLK` bytes) stays in L1.
     const KCB: usize = 16;
+    const _: () = assert!(KCB.is_multiple_of(SUBS), "k-chunks hold whole Q4K blocks");
     /// Micro-panels (of `NR` columns) per column stripe (one task's packed `W`).
     const NC_PANELS: usize = 8;
     /// Row tiles per cache block of the packed activations (`MC_TILES * KCB * A_BLK` bytes, in L2).
@@ -217,7 +250,7 @@ mod avx512 {
     ///
     /// # Safety
     /// The CPU has avx512f/bw/vl/vnni, avx2, fma and f16c; the slices match the shapes; `k` is a
-    /// positive multiple of 32.
+    /// positive multiple of 256.
     pub(super) unsafe fn gemm(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
         let nb = k / QK;
         let m_tiles = m.div_ceil(MR);
@@ -283,8 +316,9 @@ mod avx512 {
     }
 
     /// Quantizes rows `r0..r0 + rows` (`rows <= MR`) of `x` (`[m, k]`), blocks `pc..pc + kcb`,
-    /// into `dst` (`kcb * A_BLK` bytes): per block, `dst[(q * MR + r) * 4 + l] = qa[r, 4q + l] + 128`,
-    /// then the `MR` f16-rounded scales (missing rows: `qa = 0`, scale 0).
+    /// into `dst` (`kcb * A_BLK` bytes): per block, `dst[(q * MR + r) * 4 + l] = qa[r, 4q + l]`,
+    /// then the `MR` f16-rounded scales `d_a`, then the `MR` products `d_a · Σ qa` (exact: an
+    /// 11-bit mantissa times at most 32 · 127); missing rows: `qa = 0`, zeros.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn pack_a(x: &[f32], k: usize, r0: usize, rows: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
         // The 6 rows × 8 quads of a block are 3 zmm: transposed by dword permutes.
@@ -299,19 +333,23 @@ mod avx512 {
         }
         let idx = src.map(|v| _mm512_loadu_si512(v.as_ptr() as *const _));
         let from_v2 = src.map(|v| v.iter().enumerate().fold(0u16, |mk, (l, &i)| mk | (((i >= 32) as u16) << l)));
-        let bias = _mm512_set1_epi8(-128);
         let d = dst.as_mut_ptr();
         for b in 0..kcb {
             let blk = d.add(b * A_BLK);
             for r in 0..rows {
                 let p = (r0 + r) * k + (pc + b) * QK;
-                let s = q8_0_block(&x[p..p + QK], &mut q[r * QK..(r + 1) * QK]);
+                let qr = &mut q[r * QK..(r + 1) * QK];
+                let s = q8_0_block(&x[p..p + QK], qr);
                 // Rounded to f16 (nearest even, as `half`) and back.
                 let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(s));
-                (blk.add(8 * MR * 4 + 4 * r) as *mut f32).write_unaligned(_mm_cvtss_f32(_mm_cvtph_ps(h)));
+                let da = _mm_cvtss_f32(_mm_cvtph_ps(h));
+                let sum: i32 = qr.iter().map(|&v| v as i32).sum();
+                (blk.add(A_D + 4 * r) as *mut f32).write_unaligned(da);
+                (blk.add(A_DSUM + 4 * r) as *mut f32).write_unaligned(da * sum as f32);
             }
             for r in rows..MR {
-                (blk.add(8 * MR * 4 + 4 * r) as *mut f32).write_unaligned(0.0);
+                (blk.add(A_D + 4 * r) as *mut f32).write_unaligned(0.0);
+                (blk.add(A_DSUM + 4 * r) as *mut f32).write_unaligned(0.0);
             }
             let qp = q.as_ptr();
             let v = [
@@ -322,21 +360,26 @@ mod avx512 {
             for o in 0..3 {
                 let t = _mm512_permutex2var_epi32(v[0], idx[o], v[1]);
                 let t = _mm512_mask_permutexvar_epi32(t, from_v2[o], idx[o], v[2]);
-                _mm512_storeu_si512(blk.add(64 * o) as *mut _, _mm512_xor_si512(t, bias));
+                _mm512_storeu_si512(blk.add(64 * o) as *mut _, t);
             }
         }
     }
 
     /// Packs weight rows `j0..j0 + valid` (`valid <= NR`; `w` the whole weight, `row_bytes` per
-    /// row), blocks `pc..pc + kcb`, into `dst` (`kcb * W_BLK` bytes, 64-byte aligned): per
-    /// block, `dst[(q * NR + c) * 4 + l] = qw[j0 + c, 4q + l]`, then the corrections
-    /// `-128 · Σ qw[j0 + c, block]` (i32), then the scales (f32); missing columns are zeros.
+    /// row), sub-blocks `pc..pc + kcb` (whole Q4K blocks), into `dst` (`kcb * W_BLK` bytes,
+    /// 64-byte aligned): per sub-block, `dst[(q * NR + c) * 4 + l] = q[j0 + c, 4q + l]` (the
+    /// nibble as a byte), then the scales `d · sc` (f32), then the mins `dmin · mn` (f32);
+    /// missing columns are zeros.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn pack_w(w: &[u8], row_bytes: usize, j0: usize, valid: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
         assert!(valid <= NR && dst.len() == kcb * W_BLK, "pack_w: sizes");
-        assert!((j0 + valid) * row_bytes <= w.len() && (pc + kcb) * BLOCK_BYTES <= row_bytes, "pack_w: range");
-        let ones = _mm512_set1_epi8(1);
+        assert!(pc.is_multiple_of(SUBS) && kcb.is_multiple_of(SUBS), "pack_w: whole Q4K blocks");
+        assert!((j0 + valid) * row_bytes <= w.len() && (pc + kcb) / SUBS * BLOCK_BYTES <= row_bytes, "pack_w: range");
+        let m4 = _mm512_set1_epi8(0x0F);
+        let (k1, k2, k3) =
+            (_mm512_set1_epi32(0x3f3f3f3f), _mm512_set1_epi32(0x0f0f0f0f), _mm512_set1_epi32(0x03030303));
+        let byte = _mm512_set1_epi32(0xff);
         let d = dst.as_mut_ptr();
         for g in 0..NV {
             let cols = valid.saturating_sub(16 * g).min(16);
@@ -347,8 +390,8 @@ mod avx512 {
                     for quad in 0..8 {
                         _mm512_storeu_si512(blk.add(quad * NR * 4 + 64 * g) as *mut _, _mm512_setzero_si512());
                     }
-                    _mm512_storeu_si512(blk.add(W_CORR + 64 * g) as *mut _, _mm512_setzero_si512());
                     _mm512_storeu_si512(blk.add(W_SCALE + 64 * g) as *mut _, _mm512_setzero_si512());
+                    _mm512_storeu_si512(blk.add(W_MIN + 64 * g) as *mut _, _mm512_setzero_si512());
                 }
                 continue;
             }
@@ -357,27 +400,53 @@ mod avx512 {
                 _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                 _mm512_set1_epi32(row_bytes as i32),
             );
+            let gather =
+                |p: *const u8| _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, idx, p as *const i32);
             let base = w.as_ptr().add((j0 + 16 * g) * row_bytes);
-            for b in 0..kcb {
-                let src = base.add((pc + b) * BLOCK_BYTES);
-                let blk = d.add(b * W_BLK);
-                let mut sum = _mm512_setzero_si512();
-                for quad in 0..8 {
-                    let v = _mm512_mask_i32gather_epi32::<1>(
-                        _mm512_setzero_si512(),
-                        mask,
-                        idx,
-                        src.add(2 + 4 * quad) as *const i32,
-                    );
-                    sum = _mm512_dpbusd_epi32(sum, ones, v);
-                    _mm512_storeu_si512(blk.add(quad * NR * 4 + 64 * g) as *mut _, v);
+            for bq in 0..kcb / SUBS {
+                let src = base.add((pc / SUBS + bq) * BLOCK_BYTES);
+                let sb = d.add(bq * SUBS * W_BLK);
+                // d and dmin (the block's first dword), then the 12 scale bytes as 3 dwords,
+                // decoded as `q4k_scales_mins` for 16 columns at once.
+                let dd = gather(src);
+                let dv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
+                let dminv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dd)));
+                let u0 = gather(src.add(4));
+                let u1 = gather(src.add(8));
+                let u2 = gather(src.add(12));
+                let sc = [
+                    _mm512_and_si512(u0, k1),
+                    _mm512_or_si512(
+                        _mm512_and_si512(u2, k2),
+                        _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u0), k3)),
+                    ),
+                ];
+                let mn = [
+                    _mm512_and_si512(u1, k1),
+                    _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi32::<4>(u2), k2),
+                        _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u1), k3)),
+                    ),
+                ];
+                for s in 0..SUBS {
+                    let sh = _mm512_set1_epi32(8 * (s % 4) as i32);
+                    let scs = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(sc[s / 4], sh), byte));
+                    let mns = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(mn[s / 4], sh), byte));
+                    let blk = sb.add(s * W_BLK);
+                    // Exact: an 11-bit mantissa times a 6-bit integer.
+                    _mm512_storeu_ps(blk.add(W_SCALE + 64 * g) as *mut f32, _mm512_mul_ps(dv, scs));
+                    _mm512_storeu_ps(blk.add(W_MIN + 64 * g) as *mut f32, _mm512_mul_ps(dminv, mns));
                 }
-                let corr = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32::<7>(sum));
-                _mm512_storeu_si512(blk.add(W_CORR + 64 * g) as *mut _, corr);
-                // The dword at the block start: its low half is the f16 scale.
-                let dv = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, idx, src as *const i32);
-                let scale = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dv));
-                _mm512_storeu_ps(blk.add(W_SCALE + 64 * g) as *mut f32, scale);
+                // qs: chunk c (32 bytes) holds sub-blocks 2c (low nibbles) and 2c + 1 (high).
+                for c in 0..SUBS / 2 {
+                    for quad in 0..8 {
+                        let v = gather(src.add(16 + 32 * c + 4 * quad));
+                        let lo = _mm512_and_si512(v, m4);
+                        let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(v), m4);
+                        _mm512_storeu_si512(sb.add(2 * c * W_BLK + quad * NR * 4 + 64 * g) as *mut _, lo);
+                        _mm512_storeu_si512(sb.add((2 * c + 1) * W_BLK + quad * NR * 4 + 64 * g) as *mut _, hi);
+                    }
+                }
             }
         }
     }
@@ -400,7 +469,7 @@ mod avx512 {
         buf: &mut Vec<Line>,
     ) {
         let nb = k / QK;
-        let row_bytes = nb * BLOCK_BYTES;
+        let row_bytes = k / QK_K * BLOCK_BYTES;
         let m_tiles = m.div_ceil(MR);
         let panels = cols.div_ceil(NR);
         // Packed stripe: by k-chunk, then panel (`kcb * W_BLK` bytes each).
@@ -457,10 +526,11 @@ mod avx512 {
         }
     }
 
-    /// `R`×`NR` micro-tile over `nblk` blocks: `c[r, 0..NR] (+)= Σ_b dw[b] · da[r, b] · isum`,
-    /// `isum = Σ_q (qa + 128) · qw - 128 · Σ qw` (exact integers), from the packed micro-panels
-    /// `a` (`A_BLK` bytes per block) and `b` (`W_BLK` bytes per block, 64-byte aligned). Stores
-    /// the columns enabled in `masks` (16 per vector) of rows `0..R` (stride `ldc`).
+    /// `R`×`NR` micro-tile over `nblk` blocks:
+    /// `c[r, 0..NR] (+)= Σ_b dsc[b] · da[r, b] · isum − dmn[b] · (da · Σ qa)[r, b]`,
+    /// `isum = Σ q · qa` (exact integers), from the packed micro-panels `a` (`A_BLK` bytes per
+    /// block) and `b` (`W_BLK` bytes per block, 64-byte aligned). Stores the columns enabled in
+    /// `masks` (16 per vector) of rows `0..R` (stride `ldc`).
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
@@ -478,12 +548,6 @@ mod avx512 {
             let ab = a.add(blk * A_BLK);
             let bb = b.add(blk * W_BLK);
             let mut isum = [[_mm512_setzero_si512(); NV]; R];
-            for v in 0..NV {
-                let corr = _mm512_load_si512(bb.add(W_CORR + 64 * v) as *const _);
-                for r in 0..R {
-                    isum[r][v] = corr;
-                }
-            }
             for quad in 0..8 {
                 let mut wv = [_mm512_setzero_si512(); NV];
                 for v in 0..NV {
@@ -492,18 +556,23 @@ mod avx512 {
                 for r in 0..R {
                     let av = _mm512_set1_epi32((ab.add((quad * MR + r) * 4) as *const i32).read_unaligned());
                     for v in 0..NV {
-                        isum[r][v] = _mm512_dpbusd_epi32(isum[r][v], av, wv[v]);
+                        // Nibbles (0..15) unsigned, activations signed.
+                        isum[r][v] = _mm512_dpbusd_epi32(isum[r][v], wv[v], av);
                     }
                 }
             }
-            let mut dw = [_mm512_setzero_ps(); NV];
+            let mut dsc = [_mm512_setzero_ps(); NV];
+            let mut dmn = [_mm512_setzero_ps(); NV];
             for v in 0..NV {
-                dw[v] = _mm512_load_ps(bb.add(W_SCALE + 64 * v) as *const f32);
+                dsc[v] = _mm512_load_ps(bb.add(W_SCALE + 64 * v) as *const f32);
+                dmn[v] = _mm512_load_ps(bb.add(W_MIN + 64 * v) as *const f32);
             }
             for r in 0..R {
-                let da = _mm512_set1_ps((ab.add(8 * MR * 4 + 4 * r) as *const f32).read_unaligned());
+                let da = _mm512_set1_ps((ab.add(A_D + 4 * r) as *const f32).read_unaligned());
+                let dsum = _mm512_set1_ps((ab.add(A_DSUM + 4 * r) as *const f32).read_unaligned());
                 for v in 0..NV {
-                    acc[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r][v]), _mm512_mul_ps(dw[v], da), acc[r][v]);
+                    let t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r][v]), _mm512_mul_ps(dsc[v], da), acc[r][v]);
+                    acc[r][v] = _mm512_fnmadd_ps(dmn[v], dsum, t);
                 }
             }
         }
@@ -525,7 +594,15 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::quantized::{k_quants, GgmlDType, QTensor};
+    use crate::kernels::cpu::{self, KernelSet};
+
+    /// [`matmul_q4k`] with the AVX-512 VNNI kernel allowed (`fast`, where the CPU has it) or the
+    /// portable path forced through the kernel-set switch.
+    fn matmul_q4k_forced(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32], fast: bool) {
+        let _forced = cpu::force(if fast { KernelSet::Avx512 } else { KernelSet::Portable });
+        matmul_q4k(x, m, w, n, k, out);
+    }
+    use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Module, Tensor};
 
     /// Deterministic xorshift stream.
@@ -556,36 +633,81 @@ mod tests {
         x
     }
 
-    /// Random Q8_0 blocks for `[n, k]`: all i8 values (-128 included), scales of both signs.
+    /// Random Q4K blocks for `[n, k]`: all nibbles and all six-bit scales and mins, `d` and
+    /// `dmin` of both signs.
     fn weights(n: usize, k: usize, seed: u64) -> Vec<u8> {
         let mut r = Rng::new(seed);
-        let mut w = Vec::with_capacity(n * k / QK * BLOCK_BYTES);
-        for _ in 0..n * k / QK {
-            let d = f16::from_f32(r.unit() * 0.02 + if r.next() & 1 == 0 { 0.01 } else { -0.01 });
-            w.extend_from_slice(&d.to_bits().to_le_bytes());
-            for _ in 0..QK {
+        let mut w = Vec::with_capacity(n * k / QK_K * BLOCK_BYTES);
+        for _ in 0..n * k / QK_K {
+            for _ in 0..2 {
+                let v = f16::from_f32(r.unit() * 0.002 + if r.next() & 1 == 0 { 0.001 } else { -0.001 });
+                w.extend_from_slice(&v.to_bits().to_le_bytes());
+            }
+            for _ in 0..140 {
                 w.push(r.next() as u8);
             }
         }
         w
     }
 
-    /// f64 reference from the same quantized activations and weight integers: `Ok` when every
-    /// `|out - ref| <= 1e-5 · Σ_b |term_b| + 1e-30`, else the first violation `(i, j, got, want)`.
+    /// One Q4K block decoded independently of the code under test (ggml's `get_scale_min_k4` and
+    /// `dequantize_row_q4_K`): the 256 nibbles `q`, and per sub-block `d · sc` and `dmin · mn`.
+    fn decode(blk: &[u8]) -> ([u8; QK_K], [f64; SUBS], [f64; SUBS]) {
+        let (d, dmin) = (f16_le(&blk[0..2]) as f64, f16_le(&blk[2..4]) as f64);
+        let s = &blk[4..16];
+        let (mut dsc, mut dmn) = ([0f64; SUBS], [0f64; SUBS]);
+        for j in 0..SUBS {
+            let (sc, mn) = if j < 4 {
+                (s[j] & 63, s[j + 4] & 63)
+            } else {
+                ((s[j + 4] & 0xF) | ((s[j - 4] >> 6) << 4), (s[j + 4] >> 4) | ((s[j] >> 6) << 4))
+            };
+            dsc[j] = d * sc as f64;
+            dmn[j] = dmin * mn as f64;
+        }
+        let mut q = [0u8; QK_K];
+        for (c, qs) in blk[16..].chunks_exact(32).enumerate() {
+            for (l, &b) in qs.iter().enumerate() {
+                q[64 * c + l] = b & 0xF;
+                q[64 * c + 32 + l] = b >> 4;
+            }
+        }
+        (q, dsc, dmn)
+    }
+
+    /// The weight `[n, k]` dequantized (f64, exact).
+    fn dequantize(w: &[u8], n: usize, k: usize) -> Vec<f64> {
+        let mut out = Vec::with_capacity(n * k);
+        for blk in w.chunks_exact(BLOCK_BYTES) {
+            let (q, dsc, dmn) = decode(blk);
+            out.extend(q.iter().enumerate().map(|(l, &q)| dsc[l / QK] * q as f64 - dmn[l / QK]));
+        }
+        assert_eq!(out.len(), n * k);
+        out
+    }
+
+    /// f64 reference from the same quantized activations (Q8_0, scalar quantizer) and the exact
+    /// weights: `Ok` when every `|out - ref| <= 1e-5 · Σ |terms| + 1e-30` (terms: `d_a · dsc ·
+    /// isum` and `d_a · dmn · Σ qa` per block), else the first violation `(i, j, got, want)`.
     fn check(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &[f32]) -> Result<(), (usize, usize, f32, f64)> {
         let nb = k / QK;
-        let row_bytes = nb * BLOCK_BYTES;
+        let row_bytes = k / QK_K * BLOCK_BYTES;
         let act = ActQ80::quantize(Kernel::Scalar, x, m, nb);
+        let decoded: Vec<_> = w.chunks_exact(BLOCK_BYTES).map(decode).collect();
         for i in 0..m {
             for j in 0..n {
                 let (mut s, mut abs) = (0f64, 0f64);
                 for b in 0..nb {
-                    let blk = &w[j * row_bytes + b * BLOCK_BYTES..][..BLOCK_BYTES];
+                    let (q, dsc, dmn) = &decoded[j * row_bytes / BLOCK_BYTES + b / SUBS];
                     let o = i * act.nb_pad + b;
-                    let isum: i64 = (0..QK).map(|l| act.qs[o * QK + l] as i64 * blk[2 + l] as i8 as i64).sum::<i64>();
-                    let t = f16_le(blk) as f64 * act.dvec[o * 8] as f64 * isum as f64;
-                    s += t;
-                    abs += t.abs();
+                    let qa = &act.qs[o * QK..(o + 1) * QK];
+                    let qw = &q[b % SUBS * QK..][..QK];
+                    let isum: i64 = qa.iter().zip(qw).map(|(&a, &q)| a as i64 * q as i64).sum();
+                    let asum: i64 = qa.iter().map(|&a| a as i64).sum();
+                    let da = act.dvec[o * 8] as f64;
+                    let (t1, t2) = (da * dsc[b % SUBS] * isum as f64, da * dmn[b % SUBS] * asum as f64);
+                    s += t1 - t2;
+                    abs += t1.abs() + t2.abs();
                 }
                 let got = out[i * n + j];
                 // Written so that a NaN fails.
@@ -603,7 +725,7 @@ mod tests {
         let w = weights(n, k, (n * 7919 + k) as u64 + 1);
         // NaN everywhere: every element must be overwritten.
         let mut out = vec![f32::NAN; m * n];
-        matmul_q8_0_with(&x, m, &w, n, k, &mut out, allow_fast);
+        matmul_q4k_forced(&x, m, &w, n, k, &mut out, allow_fast);
         if let Err((i, j, got, want)) = check(&x, m, &w, n, k, &out) {
             panic!("m={m} n={n} k={k} fast={allow_fast}: out[{i}, {j}] = {got}, want {want}");
         }
@@ -611,7 +733,7 @@ mod tests {
 
     const MS: [usize; 8] = [1, 2, 5, 6, 7, 13, 31, 130];
     const NS: [usize; 6] = [1, 15, 16, 17, 33, 100];
-    const KS: [usize; 4] = [32, 64, 96, 4096];
+    const KS: [usize; 3] = [256, 512, 4096];
 
     #[test]
     fn fast_path_matches_reference() {
@@ -643,118 +765,116 @@ mod tests {
     /// tile height.
     #[test]
     fn blocked_shapes_match_reference() {
-        for &(m, n, k) in &[(200, 300, 1184), (97, 530, 288), (400, 40, 608), (3, 1000, 544), (61, 257, 32)] {
+        for &(m, n, k) in &[(200, 300, 1280), (97, 530, 2304), (400, 40, 768), (3, 1000, 512), (61, 257, 256)] {
             run(m, n, k, true);
             run(m, n, k, false);
         }
         for m in 1..=13 {
-            run(m, 70, 576, true);
+            run(m, 70, 1536, true);
         }
     }
 
-    /// Extreme integers: activations that quantize to ±127 against weights of -128 and 127 (the
-    /// largest block sums, and the `-128 · Σ qw` corrections at their extremes).
+    /// Extreme values: every nibble 15, every six-bit scale and min 63, activations quantized to
+    /// ±127 (the largest block sums `32 · 15 · 127`, and the largest `Σ qa`), then mixed signs.
     #[test]
     fn extreme_values() {
-        let (m, n, k) = (7, 19, 128);
-        let x: Vec<f32> = (0..m * k).map(|t| if (t / 3) % 2 == 0 { 1.0 } else { -1.0 }).collect();
+        let (m, n, k) = (7, 19, 512);
         let mut w = weights(n, k, 3);
-        for (b, blk) in w.chunks_exact_mut(BLOCK_BYTES).enumerate() {
-            for (l, q) in blk[2..].iter_mut().enumerate() {
-                *q = match (b + l / 3) % 3 {
-                    0 => 0x80, // -128
-                    1 => 0x7f,
-                    _ => 0x80,
-                };
-            }
+        for blk in w.chunks_exact_mut(BLOCK_BYTES) {
+            blk[4..].fill(0xFF);
         }
-        for fast in [true, false] {
-            let mut out = vec![f32::NAN; m * n];
-            matmul_q8_0_with(&x, m, &w, n, k, &mut out, fast);
-            assert!(check(&x, m, &w, n, k, &out).is_ok(), "fast={fast}");
+        let all_plus = vec![1f32; m * k];
+        let mixed: Vec<f32> = (0..m * k).map(|t| if (t / 3) % 2 == 0 { 1.0 } else { -1.0 }).collect();
+        let all_minus = vec![-1f32; m * k];
+        for x in [all_plus, mixed, all_minus] {
+            for fast in [true, false] {
+                let mut out = vec![f32::NAN; m * n];
+                matmul_q4k_forced(&x, m, &w, n, k, &mut out, fast);
+                assert!(check(&x, m, &w, n, k, &out).is_ok(), "fast={fast}");
+            }
         }
     }
 
     #[test]
     fn empty_shapes_and_zero_k() {
         let mut out = vec![f32::NAN; 6];
-        matmul_q8_0(&[], 2, &[], 3, 0, &mut out);
+        matmul_q4k(&[], 2, &[], 3, 0, &mut out);
         assert!(out.iter().all(|&v| v == 0.0));
         let mut out: Vec<f32> = vec![];
-        matmul_q8_0(&[], 0, &weights(3, 64, 1), 3, 64, &mut out);
-        matmul_q8_0(&activations(128, 1), 2, &[], 0, 64, &mut out);
+        matmul_q4k(&[], 0, &weights(3, 256, 1), 3, 256, &mut out);
+        matmul_q4k(&activations(512, 1), 2, &[], 0, 256, &mut out);
     }
 
-    /// candle's generic quantized matmul (`k_quants::matmul`, per-block `vec_dot_q8_0_q8_0`),
-    /// the numerics this module reproduces.
-    fn candle_generic(x: &[f32], m: usize, bytes: &[u8], n: usize, k: usize) -> Vec<f32> {
-        use k_quants::{BlockQ8_0, GgmlType};
-        let size = std::mem::size_of::<BlockQ8_0>();
-        assert_eq!(size, BLOCK_BYTES);
-        let mut blocks = vec![BlockQ8_0::zeros(); bytes.len() / size];
-        // SAFETY: BlockQ8_0 is a repr(C) plain-data struct of exactly these 34 bytes.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), blocks.as_mut_ptr() as *mut u8, bytes.len()) };
-        let mut dst = vec![0f32; m * n];
-        k_quants::matmul::<BlockQ8_0>((m, k, n), x, &blocks, &mut dst).unwrap();
-        dst
-    }
-
-    /// Weights quantized by candle (`QTensor::quantize`), results against candle's matmul.
-    /// `x.apply_op1_no_bwd(&qtensor)` (as linear.rs calls it) runs candle's generic Q8_0 path
-    /// unless `n % 16 == 0 && k % 256 == 0` on an AVX-512 VNNI CPU, where it takes its x86 tiles
-    /// with Q8K activations: those shapes are compared with `k_quants::matmul` (the generic
-    /// path) tightly, and with `apply_op1_no_bwd` within the activation rounding.
+    /// Weights quantized by candle (`QTensor::quantize`): our output against the f64 product of
+    /// `x` and candle's `dequantize` (which must equal our own decoding), within the error of
+    /// quantizing the activations. Per 32-value block with `amax` the largest `|x|`, the
+    /// quantizer's step is `d = amax / 127`, `qa = round(x / d)` and the stored scale `d_a` is `d`
+    /// rounded to f16, so `|x − d_a · qa| <= d / 2 + 127 · |d − d_a|` and the block's error is
+    /// at most that times `Σ |w|` over the block. Also reports how far candle's own
+    /// `x.apply_op1_no_bwd(&qtensor)` (Q8K activations) is from the same product.
     #[test]
     fn matches_candle() {
         let dev = Device::Cpu;
-        for &(m, n, k) in &[(5, 17, 96), (130, 33, 320), (64, 100, 4096), (9, 40, 288), (70, 64, 512), (33, 48, 4096)] {
+        for &(m, n, k) in &[(5, 17, 256), (130, 33, 512), (64, 100, 4096), (9, 40, 768), (70, 64, 1024), (33, 48, 4096)]
+        {
             let mut r = Rng::new((m * n + k) as u64);
             let wv: Vec<f32> = (0..n * k).map(|_| r.unit()).collect();
-            let qt = QTensor::quantize(&Tensor::from_vec(wv, (n, k), &dev).unwrap(), GgmlDType::Q8_0).unwrap();
+            let qt = QTensor::quantize(&Tensor::from_vec(wv, (n, k), &dev).unwrap(), GgmlDType::Q4K).unwrap();
             let bytes = qt.data().unwrap().into_owned();
-            assert_eq!(bytes.len(), n * k / QK * BLOCK_BYTES);
+            assert_eq!(bytes.len(), n * k / QK_K * BLOCK_BYTES);
+            let deq: Vec<f32> = qt.dequantize(&dev).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let ours_deq = dequantize(&bytes, n, k);
+            for (p, (&a, &b)) in deq.iter().zip(&ours_deq).enumerate() {
+                assert!((a as f64 - b).abs() <= 1e-6 * (b.abs() + 1e-3), "dequantized W[{p}]: candle {a}, ours {b}");
+            }
             let x = activations(m * k, (m + 3 * k) as u64);
             let xt = Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
             let op: Vec<f32> = xt.apply_op1_no_bwd(&qt).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-            let generic = candle_generic(&x, m, &bytes, n, k);
-            let tiled = n % 16 == 0 && k % 256 == 0;
+            // Per element: the activation rounding bound of its block, and |x|.
+            let e: Vec<f64> = x
+                .chunks_exact(QK)
+                .flat_map(|xb| {
+                    let amax = xb.iter().fold(0f32, |a, &v| a.max(v.abs()));
+                    let d = amax as f64 / 127.0;
+                    let da = f16::from_f32(amax / 127.0).to_f32() as f64;
+                    std::iter::repeat_n(d / 2.0 + 127.0 * (d - da).abs(), QK)
+                })
+                .collect();
             for fast in [true, false] {
                 let mut out = vec![f32::NAN; m * n];
-                matmul_q8_0_with(&x, m, &bytes, n, k, &mut out, fast);
-                let max_out = out.iter().fold(0f32, |a, &v| a.max(v.abs()));
-                let diff = |want: &[f32]| out.iter().zip(want).fold(0f32, |a, (&g, &e)| a.max((g - e).abs()));
-                let tol = 1e-4 * (max_out + 1.0);
-                let d = diff(&generic);
-                assert!(d <= tol, "m={m} n={n} k={k} fast={fast}: max |ours - candle generic| = {d} > {tol}");
-                if !tiled {
-                    let d = diff(&op);
-                    assert!(d <= tol, "m={m} n={n} k={k} fast={fast}: max |ours - candle op| = {d} > {tol}");
-                    continue;
-                }
-                // Q8K activations (one scale per 256 values) against our Q8_0 ones: each rounds
-                // a value by at most half a step, amax(block) / 254 (f16 scale: 1% slack).
-                let row_bytes = k / QK * BLOCK_BYTES;
-                let err = |xb: &[f32]| xb.iter().fold(0f64, |a, &v| a.max(v.abs() as f64)) / 254.0 * 1.01;
+                matmul_q4k_forced(&x, m, &bytes, n, k, &mut out, fast);
+                // Largest error relative to the bound, ours and candle's.
+                let (mut worst_ours, mut worst_candle, mut max_ours, mut max_candle) = (0f64, 0f64, 0f64, 0f64);
                 for i in 0..m {
                     let xr = &x[i * k..(i + 1) * k];
-                    let e: Vec<f64> =
-                        (0..k).map(|p| err(&xr[p / 256 * 256..][..256]) + err(&xr[p / QK * QK..][..QK])).collect();
+                    let er = &e[i * k..(i + 1) * k];
                     for j in 0..n {
-                        let wr = &bytes[j * row_bytes..(j + 1) * row_bytes];
-                        let bound: f64 = (0..k)
-                            .map(|p| {
-                                let blk = &wr[p / QK * BLOCK_BYTES..][..BLOCK_BYTES];
-                                (f16_le(blk) as f64 * blk[2 + p % QK] as i8 as f64).abs() * e[p]
-                            })
-                            .sum();
-                        let (g, want) = (out[i * n + j], op[i * n + j]);
-                        let d = (g as f64 - want as f64).abs();
+                        let wr = &ours_deq[j * k..(j + 1) * k];
+                        let (mut want, mut bound, mut mag) = (0f64, 0f64, 0f64);
+                        for p in 0..k {
+                            want += wr[p] * xr[p] as f64;
+                            bound += wr[p].abs() * er[p];
+                            mag += wr[p].abs() * (xr[p].abs() as f64 + er[p]);
+                        }
+                        // f32 rounding of the sums (the scale and min terms each at most `mag`).
+                        let slack = 1e-5 * 2.0 * mag;
+                        let d = (out[i * n + j] as f64 - want).abs();
                         assert!(
-                            d <= bound + tol as f64,
-                            "m={m} n={n} k={k} fast={fast}: out[{i}, {j}] = {g}, candle op {want} (bound {bound})"
+                            d <= bound + slack,
+                            "m={m} n={n} k={k} fast={fast}: out[{i}, {j}] = {}, f32 product {want} (bound {bound})",
+                            out[i * n + j]
                         );
+                        let dc = (op[i * n + j] as f64 - want).abs();
+                        worst_ours = worst_ours.max(d / bound);
+                        worst_candle = worst_candle.max(dc / bound);
+                        max_ours = max_ours.max(d);
+                        max_candle = max_candle.max(dc);
                     }
                 }
+                eprintln!(
+                    "m={m:3} n={n:3} k={k:4} fast={fast:5}: max |ours - x·Wdeqᵀ| {max_ours:.3e} \
+                     ({worst_ours:.3} of the bound), candle op {max_candle:.3e} ({worst_candle:.3} of our bound)"
+                );
             }
         }
     }
@@ -762,48 +882,56 @@ mod tests {
     /// The checker itself rejects a wrong result.
     #[test]
     fn checker_detects_errors() {
-        let (m, n, k) = (3, 4, 64);
+        let (m, n, k) = (3, 4, 512);
         let x = activations(m * k, 3);
         let w = weights(n, k, 4);
         let mut out = vec![0f32; m * n];
-        matmul_q8_0(&x, m, &w, n, k, &mut out);
+        matmul_q4k(&x, m, &w, n, k, &mut out);
         assert!(check(&x, m, &w, n, k, &out).is_ok());
-        out[5] += 1e-3 * (1.0 + out[5].abs());
+        let good = out[5];
+        out[5] = good + 1e-3 * (1.0 + good.abs());
         assert!(check(&x, m, &w, n, k, &out).is_err());
         out[5] = f32::NAN;
         assert!(check(&x, m, &w, n, k, &out).is_err());
+        // A nibble-order mistake (sub-blocks 0 and 1 swapped in one weight row) is caught too.
+        out[5] = good;
+        let mut w2 = w.clone();
+        for b in &mut w2[16..48] {
+            *b = b.rotate_left(4);
+        }
+        assert!(check(&x, m, &w2, n, k, &out).is_err());
     }
 
     #[test]
     #[should_panic(expected = "expected n*row_bytes")]
     fn wrong_weight_length_panics() {
         let mut out = vec![0f32; 4];
-        matmul_q8_0(&[0.0; 64], 2, &[0; 67], 2, 32, &mut out);
+        matmul_q4k(&[0.0; 512], 2, &[0; 287], 2, 256, &mut out);
     }
 
     #[test]
     #[should_panic(expected = "expected m*k")]
     fn wrong_activation_length_panics() {
         let mut out = vec![0f32; 4];
-        matmul_q8_0(&[0.0; 63], 2, &[0; 68], 2, 32, &mut out);
+        matmul_q4k(&[0.0; 511], 2, &[0; 288], 2, 256, &mut out);
     }
 
     #[test]
     #[should_panic(expected = "expected m*n")]
     fn wrong_output_length_panics() {
         let mut out = vec![0f32; 3];
-        matmul_q8_0(&[0.0; 64], 2, &[0; 68], 2, 32, &mut out);
+        matmul_q4k(&[0.0; 512], 2, &[0; 288], 2, 256, &mut out);
     }
 
     #[test]
-    #[should_panic(expected = "not a multiple of 32")]
+    #[should_panic(expected = "not a multiple of 256")]
     fn bad_k_panics() {
         let mut out = vec![0f32; 1];
-        matmul_q8_0(&[0.0; 48], 1, &[0; 34], 1, 48, &mut out);
+        matmul_q4k(&[0.0; 128], 1, &[0; 72], 1, 128, &mut out);
     }
 
     /// Prefill shapes of a 7B Llama (m = 2074): ours vs candle's `QMatMul`.
-    /// `cargo test --release -p videollava --lib q8_gemm -- --ignored --nocapture`
+    /// `cargo test --release -p videollava --lib q4k_gemm -- --ignored --nocapture`
     #[test]
     #[ignore]
     fn bench_prefill_shapes() {
@@ -811,32 +939,32 @@ mod tests {
         use std::time::Instant;
         let dev = Device::Cpu;
         let m = 2074;
-        let iters = 7;
+        let iters = 5;
         eprintln!("threads: rayon {}, fast path: {}", rayon::current_num_threads(), has_fast_path());
         for &(n, k) in &[(4096, 4096), (11008, 4096), (4096, 11008)] {
             let mut r = Rng::new((n + k) as u64);
             let wv: Vec<f32> = (0..n * k).map(|_| r.unit()).collect();
-            let qt = QTensor::quantize(&Tensor::from_vec(wv, (n, k), &dev).unwrap(), GgmlDType::Q8_0).unwrap();
+            let qt = QTensor::quantize(&Tensor::from_vec(wv, (n, k), &dev).unwrap(), GgmlDType::Q4K).unwrap();
             let bytes = qt.data().unwrap().into_owned();
             let x = activations(m * k, 7);
             let xt = Tensor::from_vec(x.clone(), (m, k), &dev).unwrap();
             let qmm = QMatMul::from_qtensor(qt).unwrap();
             let ops = 2.0 * (m * n * k) as f64;
-            // Median of `iters` timed calls after a warm-up call, in GOP/s.
+            // Best of `iters` timed calls after a warm-up call, in GOP/s (the best, not the median:
+            // the machine may be shared).
             let rate = |f: &mut dyn FnMut()| {
                 f();
-                let mut t: Vec<f64> = (0..iters)
+                let t = (0..iters)
                     .map(|_| {
                         let t = Instant::now();
                         f();
                         t.elapsed().as_secs_f64()
                     })
-                    .collect();
-                t.sort_by(f64::total_cmp);
-                ops / t[iters / 2] / 1e9
+                    .fold(f64::MAX, f64::min);
+                ops / t / 1e9
             };
             let mut out = vec![0f32; m * n];
-            let ours = rate(&mut || matmul_q8_0(&x, m, &bytes, n, k, &mut out));
+            let ours = rate(&mut || matmul_q4k(&x, m, &bytes, n, k, &mut out));
             // candle packs its tiles on the first call (the warm-up).
             let theirs = rate(&mut || {
                 std::hint::black_box(qmm.forward(&xt).unwrap());
@@ -855,24 +983,30 @@ mod tests {
         let (n, k) = (4096, 4096);
         let mut r = Rng::new(5);
         let wv: Vec<f32> = (0..n * k).map(|_| r.unit()).collect();
-        let qt = QTensor::quantize(&Tensor::from_vec(wv, (n, k), &dev).unwrap(), GgmlDType::Q8_0).unwrap();
+        let qt = QTensor::quantize(&Tensor::from_vec(wv, (n, k), &dev).unwrap(), GgmlDType::Q4K).unwrap();
         let bytes = qt.data().unwrap().into_owned();
-        for m in [1, 4, 8, 16, 32, 64, 128] {
+        for m in [1, 2, 4, 8, 12, 16, 32, 64] {
             let x = activations(m * k, 9);
             let mut out = vec![0f32; m * n];
+            // Best of 3 × `iters` calls after a warm-up call, in GOP/s.
             let time = |f: &mut dyn FnMut()| {
                 f();
-                let t = Instant::now();
-                for _ in 0..iters {
-                    f();
-                }
-                2.0 * (m * n * k) as f64 * iters as f64 / t.elapsed().as_secs_f64() / 1e9
+                let t = (0..3)
+                    .map(|_| {
+                        let t = Instant::now();
+                        for _ in 0..iters {
+                            f();
+                        }
+                        t.elapsed().as_secs_f64()
+                    })
+                    .fold(f64::MAX, f64::min);
+                2.0 * (m * n * k) as f64 * iters as f64 / t / 1e9
             };
-            let ours = time(&mut || matmul_q8_0(&x, m, &bytes, n, k, &mut out));
+            let ours = time(&mut || matmul_q4k(&x, m, &bytes, n, k, &mut out));
             let gemv = time(&mut || {
                 for (xc, oc) in x.chunks(8 * k).zip(out.chunks_mut(8 * n)) {
                     let rows = xc.len() / k;
-                    crate::model::qgemv::qgemv(crate::model::qgemv::QFormat::Q8_0, xc, rows, &bytes, n, k, oc);
+                    crate::kernels::qgemv::qgemv(crate::kernels::qgemv::QFormat::Q4K, xc, rows, &bytes, n, k, oc);
                 }
             });
             eprintln!("m={m:4} n={n} k={k}: ours {ours:6.1} GOP/s, qgemv (8 rows a call) {gemv:6.1} GOP/s");

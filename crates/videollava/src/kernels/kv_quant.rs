@@ -259,17 +259,7 @@ pub fn attention(
 
 /// Whether [`attention`]'s kernel can run on this CPU.
 fn fast_available() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        std::is_x86_feature_detected!("avx512f")
-            && std::is_x86_feature_detected!("avx512bw")
-            && std::is_x86_feature_detected!("avx2")
-            && std::is_x86_feature_detected!("fma")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    super::cpu::features().avx512
 }
 
 /// What every task of [`attention`] reads.
@@ -298,7 +288,7 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{Task, MAX_D};
-    use crate::model::attention::{mask16, reduce16, softmax_probs};
+    use crate::kernels::attention::{mask16, reduce16, softmax_probs};
 
     /// 16 codes at `c` as f32.
     #[inline(always)]
@@ -422,7 +412,7 @@ mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::attention;
+    use crate::kernels::attention;
 
     fn rand_tensor(shape: (usize, usize, usize, usize), seed: u64, dtype: DType) -> Tensor {
         let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
