@@ -8,3 +8,11 @@ scripts/install-system-deps.sh
 # A clean build needs no incremental cache (it only costs disk).
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 cargo test --workspace --locked "$@"
+# The library's tests again with each lower kernel set forced (no rebuild: the switch is read at
+# run time), so a machine with AVX-512 also proves the AVX2 and portable paths end to end.
+if [ "$(uname -m)" = x86_64 ] && [ $# -eq 0 ]; then
+  for set in avx2 portable; do
+    echo "== the library's tests with VIDEOLLAVA_KERNELS=$set"
+    VIDEOLLAVA_KERNELS=$set cargo test -p videollava --locked --lib --test integration
+  done
+fi

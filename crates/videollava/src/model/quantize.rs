@@ -551,7 +551,11 @@ mod tests {
             let x13 = Tensor::from_vec(values(13 * 512, 3.0, 1.0), (13, 512), &dev).unwrap();
             let (y13a, y13c) = (a.forward(&x13).unwrap(), c.forward(&x13).unwrap());
             let d = (&y13c - &y13a).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            let tol = if q8_gemm_fast(format) { 0.0 } else { 1e-3 };
+            // Without our GEMM, `a` runs candle's quantized matmul, which on x86 with AVX-512
+            // VNNI quantizes the activations per 256 values (its tiled path) where the mapped
+            // blocks' kernel quantizes per 32: the two differ by activation quantization noise.
+            let max = y13a.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            let tol = if q8_gemm_fast(format) { 0.0 } else { 5e-3 * (max + 1.0) };
             assert!(d <= tol, "{format}: 13 rows from the mapped cache differ by {d}");
         }
         let _ = std::fs::remove_dir_all(tmp);
