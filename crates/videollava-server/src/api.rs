@@ -396,10 +396,11 @@ pub async fn chat_completions(
         let body = read_body(&headers, body, state.config.limits.max_body_bytes).await?;
         let prepared = prepare(&body, &state)?;
         tracing::debug!(prompt = %prepared.prompt, media = prepared.media.len(), stream = prepared.stream, "request");
-        let (images, videos) = match tokio::time::timeout_at(deadline, load_media(&state, &prepared.media, prepared.num_frames)).await {
-            Ok(r) => r?,
-            Err(_) => return Err(ApiError::timeout(timeout.as_secs_f64())),
-        };
+        let (images, videos) =
+            match tokio::time::timeout_at(deadline, load_media(&state, &prepared.media, prepared.num_frames)).await {
+                Ok(r) => r?,
+                Err(_) => return Err(ApiError::timeout(timeout.as_secs_f64())),
+            };
         let handle = state
             .scheduler
             .submit(GenerationRequest {

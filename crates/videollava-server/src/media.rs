@@ -97,7 +97,11 @@ pub struct VideoTiming {
 
 /// [`load_video`] with a frame count and sampling of the caller's, plus the container's timing.
 /// Blocking: run in `spawn_blocking`.
-pub fn load_video_with(url: &str, policy: &MediaPolicy, options: &VideoOptions) -> Result<(Video, VideoTiming), ApiError> {
+pub fn load_video_with(
+    url: &str,
+    policy: &MediaPolicy,
+    options: &VideoOptions,
+) -> Result<(Video, VideoTiming), ApiError> {
     let name = describe(url);
     let (path, _guard) = match locate(url, MediaKind::Video, policy)? {
         Source::File(p) => (p, None),

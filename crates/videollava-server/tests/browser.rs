@@ -20,7 +20,7 @@ use videollava_server::ServerConfig;
 
 /// The WebDriver key code of Enter.
 const ENTER: &str = "\u{E007}";
-const ELEMENT: &str = "element-6066-11e4-a52f-4f735466cecf";
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
 
 /// `chromedriver` (child process) and one headless Chromium session; both end on drop.
 struct Browser {
@@ -262,7 +262,7 @@ fn the_web_page_in_headless_chromium() {
     b.clear_and_type("#temperature", "0");
 
     // A video from the fixtures through the file picker: its 8 frames appear, the model's choice.
-    let clip = media_path("clip.mp4");
+    let clip = media_path("clip.mp4").canonicalize().unwrap();
     b.type_into("#file", &clip.display().to_string());
     b.wait_js(
         "8 loaded thumbnails",
@@ -312,21 +312,28 @@ fn the_web_page_in_headless_chromium() {
         std::fs::create_dir_all(&dir).unwrap();
         b.emulate(1280, 800, false);
         b.screenshot(&dir.join("web-ui-desktop.png"));
+        // A phone's width; the whole page, which scrolls as one column there.
         b.emulate(390, 844, true);
-        b.js("window.scrollTo(0, 0);", json!([]));
+        let height = b.js("return document.documentElement.scrollHeight;", json!([])).as_u64().unwrap();
+        b.emulate(390, height.clamp(844, 2400) as u32, true);
         b.screenshot(&dir.join("web-ui-phone.png"));
         b.cmd("POST", "/goog/cdp/execute", Some(json!({"cmd": "Emulation.clearDeviceMetricsOverride", "params": {}})));
     }
 
     // Stop during a long answer: the server cancels the generation (its running count drops)
     // and the answer never completes (no tokens are counted for it).
+    // New chat first: the conversation is forgotten, the video stays attached (and is sent with
+    // the next question), so the long answer has nearly the whole context to itself.
+    b.click("#new-chat");
+    assert_eq!(b.js("return document.querySelectorAll('#log .msg').length;", json!([])), json!(0));
+    assert_eq!(b.js("return document.querySelectorAll('#frames img').length;", json!([])), json!(8));
     let generated_before = metric(&base, "videollava_generated_tokens_total");
-    b.clear_and_type("#max-tokens", "3000");
+    b.clear_and_type("#max-tokens", "3900");
     b.type_into("#question", &format!("Describe every frame in detail.{ENTER}"));
     b.wait_js(
         "the long answer to stream",
         Duration::from_secs(60),
-        "const a = document.querySelectorAll('.msg.assistant')[2];
+        "const a = document.querySelectorAll('.msg.assistant')[0];
          return !!a && a.dataset.state === 'streaming' && a.querySelector('.text').textContent.length > 0;",
         json!([]),
     );
@@ -335,7 +342,8 @@ fn the_web_page_in_headless_chromium() {
     wait_until("the running count to drop after Stop", Duration::from_secs(10), || {
         metric(&base, "videollava_running_requests") == 0.0
     });
-    let (state, partial, stats) = answer(&b, 2);
+    let (state, partial, stats) = answer(&b, 0);
+    eprintln!("stopped after {} characters of the long answer", partial.chars().count());
     assert_eq!(state, "stopped", "{partial} / {stats}");
     assert!(stats.contains("stopped"), "{stats}");
     assert_eq!(
@@ -360,6 +368,21 @@ fn the_web_page_in_headless_chromium() {
         json!([]),
     );
     b.assert_no_alert();
+    // The same by drag and drop (a file dropped on the page).
+    b.js("document.getElementById('media-error').hidden = true;", json!([]));
+    b.js(
+        "const dt = new DataTransfer();
+         dt.items.add(new File(['%PDF-1.4'], 'slides.pdf', {type: 'application/pdf'}));
+         document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true}));",
+        json!([]),
+    );
+    b.wait_js(
+        "the unsupported-file message after a drop",
+        Duration::from_secs(10),
+        "const e = document.getElementById('media-error');
+         return !e.hidden && e.textContent.includes('slides.pdf') && e.textContent.includes('application/pdf');",
+        json!([]),
+    );
     // A file that claims to be a video but is not: the server's error, as a message.
     let fake = dir.join("broken.mp4");
     std::fs::write(&fake, vec![0x42u8; 4096]).unwrap();

@@ -63,7 +63,8 @@ fn frames_are_the_models_frames_with_timestamps() {
     let clip = media_path("clip.mp4");
     for n in [8usize, 3, 1] {
         let expected = decode_video_file(&clip, &VideoOptions { num_frames: n, ..Default::default() }).unwrap();
-        let (status, v) = frames(&server.base, &json!({"video_url": {"url": data_uri("clip.mp4", "video/mp4")}, "num_frames": n}));
+        let (status, v) =
+            frames(&server.base, &json!({"video_url": {"url": data_uri("clip.mp4", "video/mp4")}, "num_frames": n}));
         assert_eq!(status, 200, "{v}");
         assert_eq!(v["object"], "video.frames");
         assert_eq!(v["num_frames"], n);

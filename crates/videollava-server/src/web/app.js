@@ -87,6 +87,20 @@ async function loadServerInfo() {
   $("max-size").textContent = fmtBytes(state.maxFileBytes);
 }
 
+async function refreshStatus() {
+  try {
+    const h = await fetch("/health");
+    if (h.ok) {
+      const v = await h.json();
+      setStatus(`ready · ${v.running} running`, false);
+    } else {
+      setStatus(`server answered HTTP ${h.status}`, true);
+    }
+  } catch (_) {
+    setStatus("server unreachable", true);
+  }
+}
+
 function setStatus(text, bad) {
   $("status").textContent = text;
   $("status").classList.toggle("bad", !!bad);
@@ -112,6 +126,7 @@ function clearMedia() {
   $("image").removeAttribute("src");
   $("frames").replaceChildren();
   $("frames-caption").textContent = "";
+  document.querySelector(".media").classList.remove("has-media");
 }
 
 function readAsDataURL(file) {
@@ -165,6 +180,7 @@ function setMedia(media) {
   clearMedia();
   if (state.history.length) newChat("New media: the conversation starts over.");
   state.media = media;
+  document.querySelector(".media").classList.add("has-media");
   $("attached").hidden = false;
   $("attached-name").textContent = media.name;
   const src = media.objectUrl || media.url;
@@ -368,6 +384,17 @@ async function ask(question) {
   let usage = null;
   let finish = null;
   let failure = null;
+  // The text is drawn at most every 50 ms: a fast model sends hundreds of tokens a second, and
+  // redrawing for each would keep the page (and its Stop button) busy.
+  let renderTimer = null;
+  const render = () => {
+    renderTimer = null;
+    textEl.textContent = text;
+    scrollDown();
+  };
+  const scheduleRender = () => {
+    if (renderTimer === null) renderTimer = setTimeout(render, 50);
+  };
   try {
     const resp = await fetch("/v1/chat/completions", {
       method: "POST",
@@ -404,8 +431,7 @@ async function ask(question) {
               if (tFirst === null) tFirst = performance.now();
               tLast = performance.now();
               text += delta;
-              textEl.textContent = text;
-              scrollDown();
+              scheduleRender();
             }
             if (choice.finish_reason) finish = choice.finish_reason;
           }
@@ -416,9 +442,12 @@ async function ask(question) {
   } catch (e) {
     if (e.name !== "AbortError") failure = `Cannot reach the server: ${e.message}`;
   }
+  clearTimeout(renderTimer);
+  render();
   const stopped = controller.signal.aborted;
   state.controller = null;
   setBusy(false);
+  refreshStatus();
 
   const parts = [];
   if (tFirst !== null) parts.push(`first token ${((tFirst - t0) / 1000).toFixed(2)} s`);
