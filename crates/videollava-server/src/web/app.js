@@ -120,7 +120,8 @@ function clearMedia() {
   state.media = null;
   state.framesToken++;
   $("attached").hidden = true;
-  $("player").hidden = true;
+  $("player-box").hidden = true;
+  $("player-box").open = false;
   $("player").removeAttribute("src");
   $("image").hidden = true;
   $("image").removeAttribute("src");
@@ -186,7 +187,7 @@ function setMedia(media) {
   const src = media.objectUrl || media.url;
   if (media.kind === "video") {
     $("player").src = src;
-    $("player").hidden = false;
+    $("player-box").hidden = false;
     loadFrames();
   } else {
     $("image").src = src;
