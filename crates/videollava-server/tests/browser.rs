@@ -246,7 +246,8 @@ fn metric(base: &str, name: &str) -> f64 {
 #[test]
 fn the_web_page_in_headless_chromium() {
     let Some(b) = Browser::start() else { return };
-    let server = start(ServerConfig::default());
+    // Private media URLs allowed: the URL-paste check fetches from a server on loopback.
+    let server = start(ServerConfig { allow_private_media_urls: true, ..ServerConfig::default() });
     let base = server.base.clone();
     b.goto(&format!("{base}/"));
     b.wait_js(
@@ -354,6 +355,38 @@ fn the_web_page_in_headless_chromium() {
     // The button is ready for the next question.
     assert_eq!(b.js("return document.getElementById('send').disabled;", json!([])), json!(false));
 
+    // A pasted URL: the server fetches the video and shows its 8 frames.
+    let remote = tiny_http_server(std::fs::read(&clip).unwrap(), "video/mp4");
+    b.js("document.querySelectorAll('#frames img').forEach(i => i.remove());", json!([]));
+    b.type_into("#url", &format!("{remote}/clip.mp4{ENTER}"));
+    b.wait_js(
+        "8 thumbnails of the pasted URL",
+        Duration::from_secs(30),
+        "const imgs = document.querySelectorAll('#frames img');
+         return imgs.length === 8 && [...imgs].every(i => i.complete && i.naturalWidth > 0)
+           && document.getElementById('attached-name').textContent.endsWith('/clip.mp4');",
+        json!([]),
+    );
+    assert_eq!(b.js("return document.querySelectorAll('#log .msg.assistant').length;", json!([])), json!(0));
+
+    // An image: shown as itself; the answer is the API's for the same request.
+    b.clear_and_type("#max-tokens", "16");
+    let picture = media_path("landscape.png").canonicalize().unwrap();
+    b.type_into("#file", &picture.display().to_string());
+    b.wait_js(
+        "the image",
+        Duration::from_secs(10),
+        "const i = document.getElementById('image');
+         return !i.hidden && i.complete && i.naturalWidth > 0 && document.querySelectorAll('#frames img').length === 0;",
+        json!([]),
+    );
+    let q = "What is in the picture?";
+    b.type_into("#question", &format!("{q}{ENTER}"));
+    let (a, _) = wait_answer_done(&b, 0);
+    let image = json!({"type": "image_url", "image_url": {"url": data_uri("landscape.png", "image/png")}});
+    let m = json!([{"role": "user", "content": [image, {"type": "text", "text": q}]}]);
+    assert_eq!(a, api_answer(&base, m, 16), "the page's answer about the image");
+
     // An unsupported file: a message in the page, no upload, no alert.
     let dir = temp_dir("web-ui-files");
     let notes = dir.join("notes.txt");
@@ -401,4 +434,28 @@ fn the_web_page_in_headless_chromium() {
         "no preview of the unsupported files succeeded"
     );
     let _ = std::fs::remove_dir_all(&dir);
+
+    // The size check before upload, against the server's limit (from /health).
+    let small = start(ServerConfig {
+        limits: videollava_server::Limits { max_media_bytes: 4096, ..Default::default() },
+        ..ServerConfig::default()
+    });
+    b.goto(&format!("{}/", small.base));
+    b.wait_js(
+        "the server's limit",
+        Duration::from_secs(20),
+        "return document.getElementById('max-size').textContent === '4 KB';",
+        json!([]),
+    );
+    b.type_into("#file", &clip.display().to_string());
+    b.wait_js(
+        "the size message",
+        Duration::from_secs(10),
+        "const e = document.getElementById('media-error');
+         return !e.hidden && e.textContent.includes('clip.mp4') && e.textContent.includes('accepts files up to 4 KB');",
+        json!([]),
+    );
+    let (_, metrics) = get(&small.base, "/metrics");
+    assert!(!metrics.contains("route=\"/v1/frames\""), "the file was uploaded: {metrics}");
+    b.assert_no_alert();
 }
