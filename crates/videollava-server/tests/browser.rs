@@ -427,6 +427,8 @@ fn the_web_page_in_headless_chromium() {
          return !e.hidden && e.textContent.includes('cannot read this video') && e.textContent.includes('HTTP 400');",
         json!([]),
     );
+    // ... and the video is not kept for the conversation.
+    assert_eq!(b.js("return document.getElementById('attached').hidden;", json!([])), json!(true));
     b.assert_no_alert();
     assert_eq!(
         metric(&base, "videollava_requests_total{route=\"/v1/frames\",status=\"200\"}"),

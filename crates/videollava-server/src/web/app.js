@@ -235,7 +235,8 @@ async function loadFrames() {
   if (!resp.ok) {
     const msg = await errorMessage(resp);
     if (token !== state.framesToken) return;
-    $("frames-caption").textContent = "";
+    // The model could not read it either: it is not kept for the conversation.
+    clearMedia();
     showMediaError(`The server cannot read this video: ${msg}`);
     return;
   }
