@@ -22,7 +22,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
 use serde_json::{json, Value};
-use tokio::sync::Semaphore;
 use videollava::media::video::{FrameSampling, VideoOptions};
 use videollava::media::RgbImage;
 
@@ -34,13 +33,9 @@ use crate::AppState;
 pub const MAX_NUM_FRAMES: usize = 32;
 /// Longest side of a thumbnail, in pixels.
 const THUMBNAIL_SIDE: u32 = 192;
-/// Previews decoded at once; more get 429 (each decodes a whole video on a blocking thread).
-const CONCURRENT_PREVIEWS: usize = 2;
-
-fn previews() -> &'static Semaphore {
-    static SEM: std::sync::OnceLock<Semaphore> = std::sync::OnceLock::new();
-    SEM.get_or_init(|| Semaphore::new(CONCURRENT_PREVIEWS))
-}
+/// Previews decoded at once per server; more get 429 (each decodes a whole video on a blocking
+/// thread).
+pub(crate) const CONCURRENT_PREVIEWS: usize = 2;
 
 /// Parses `num_frames` (default 8) within `1..=MAX_NUM_FRAMES`.
 pub(crate) fn num_frames_param(v: Option<&Value>) -> Result<usize, ApiError> {
@@ -85,7 +80,8 @@ async fn preview(state: &Arc<AppState>, headers: &axum::http::HeaderMap, body: B
         _ => return Err(ApiError::bad_param("video_url", "`video_url` must be an object with a `url`")),
     };
     let num_frames = num_frames_param(obj.get("num_frames"))?;
-    let _permit = previews().try_acquire().map_err(|_| {
+    // The permit goes with the decoding thread: a client that goes away does not free it early.
+    let permit = state.frame_previews.clone().try_acquire_owned().map_err(|_| {
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "rate_limit_error",
@@ -100,6 +96,7 @@ async fn preview(state: &Arc<AppState>, headers: &axum::http::HeaderMap, body: B
     };
     let options = VideoOptions { num_frames, sampling: FrameSampling::default() };
     let task = tokio::task::spawn_blocking(move || {
+        let _permit = permit;
         let (video, timing) = media::load_video_with(&url, &policy, &options)?;
         let thumbs = video.frames.iter().map(thumbnail_jpeg).collect::<Result<Vec<_>, _>>()?;
         Ok::<_, ApiError>((video, timing, thumbs))

@@ -127,6 +127,8 @@ pub struct AppState {
     /// For token strings in `logprobs` (None when the tokenizer could not be loaded).
     tokenizer: Option<videollava::processor::tokenizer::TextTokenizer>,
     created: u64,
+    /// Frame previews (`/v1/frames`) decoding now.
+    frame_previews: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -157,6 +159,7 @@ impl AppState {
             accepted_names,
             tokenizer,
             created,
+            frame_previews: Arc::new(tokio::sync::Semaphore::new(frames::CONCURRENT_PREVIEWS)),
         })
     }
 

@@ -112,6 +112,7 @@ pub fn load_video_with(
         }
     };
     probe_video(&path, &name, &policy.limits)?;
+    check_frame_budget(&path, &name, options.num_frames, &policy.limits)?;
     let video = decode_video_file(&path, options).map_err(|e| {
         ApiError::bad_param("video_url", format!("invalid video {name}: {}", strip_path(&e.to_string(), &path)))
     })?;
@@ -134,6 +135,37 @@ pub fn load_video_with(
         }
     }
     Ok((video, video_timing(&path)))
+}
+
+/// The decoded frames of one video stay within the pixels of the model's 8 frames at the
+/// per-frame limit: more frames than 8 are allowed only for smaller frames.
+fn check_frame_budget(path: &Path, name: &str, num_frames: usize, limits: &Limits) -> Result<(), ApiError> {
+    use ffmpeg_next as ff;
+    let default_frames = VideoOptions::default().num_frames;
+    if num_frames <= default_frames {
+        return Ok(());
+    }
+    let Ok(ictx) = ff::format::input(&path) else { return Ok(()) };
+    let Some(stream) = ictx.streams().best(ff::media::Type::Video) else { return Ok(()) };
+    let Ok(dec) = ff::codec::context::Context::from_parameters(stream.parameters()).and_then(|c| c.decoder().video())
+    else {
+        return Ok(());
+    };
+    let pixels = dec.width() as u64 * dec.height() as u64;
+    let budget = limits.max_pixels.saturating_mul(default_frames as u64);
+    if pixels.saturating_mul(num_frames as u64) > budget {
+        return Err(ApiError::bad_param(
+            "num_frames",
+            format!(
+                "{num_frames} frames of {}x{} from video {name} are {} pixels, over the limit of {budget} \
+                 ({default_frames} frames of the largest size allowed); ask for fewer frames",
+                dec.width(),
+                dec.height(),
+                pixels.saturating_mul(num_frames as u64)
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Frame rate and duration from the container header (None where it says nothing usable).

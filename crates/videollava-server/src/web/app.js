@@ -219,11 +219,16 @@ async function loadFrames() {
   $("frames-caption").textContent = `Reading the ${n} frames the model will see…`;
   let resp;
   try {
-    resp = await fetch("/v1/frames", {
-      method: "POST",
-      headers: { "content-type": "application/json" },
-      body: JSON.stringify({ video_url: { url: media.url }, num_frames: n }),
-    });
+    // The server decodes a few previews at a time and answers 429 beyond: wait and retry.
+    for (let attempt = 0; ; attempt++) {
+      resp = await fetch("/v1/frames", {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ video_url: { url: media.url }, num_frames: n }),
+      });
+      if (resp.status !== 429 || attempt >= 10 || token !== state.framesToken) break;
+      await new Promise((r) => setTimeout(r, 500 * (attempt + 1)));
+    }
   } catch (e) {
     if (token === state.framesToken) {
       $("frames-caption").textContent = "";
