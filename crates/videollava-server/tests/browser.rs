@@ -368,6 +368,21 @@ fn the_web_page_in_headless_chromium() {
         json!([]),
     );
     assert_eq!(b.js("return document.querySelectorAll('#log .msg.assistant').length;", json!([])), json!(0));
+    // The frames setting: the preview follows it.
+    b.clear_and_type("#num-frames", "4\u{E004}"); // Tab: the field commits its value
+    b.wait_js(
+        "4 thumbnails",
+        Duration::from_secs(30),
+        "const imgs = document.querySelectorAll('#frames img');
+         return imgs.length === 4 && [...imgs].every(i => i.complete && i.naturalWidth > 0);",
+        json!([]),
+    );
+    let expected4 = decode_video_file(&clip, &VideoOptions { num_frames: 4, ..Default::default() }).unwrap();
+    let titles = b.js("return [...document.querySelectorAll('#frames img')].map(i => i.title);", json!([]));
+    let want: Vec<String> =
+        expected4.frame_indices.iter().map(|i| format!("frame {i} of {}", expected4.total_frames)).collect();
+    assert_eq!(titles, json!(want));
+    b.clear_and_type("#num-frames", "8\u{E004}");
 
     // An image: shown as itself; the answer is the API's for the same request.
     b.clear_and_type("#max-tokens", "16");

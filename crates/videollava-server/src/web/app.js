@@ -46,15 +46,22 @@ function kindOfFile(file) {
   return null;
 }
 
-/** The message of an error response of the API (OpenAI's `{"error": {"message"}}`). */
-async function errorMessage(resp) {
+/** The message and parameter of an error response of the API (OpenAI's
+ *  `{"error": {"message", "param"}}`). */
+async function errorInfo(resp) {
   let text = "";
   try { text = await resp.text(); } catch (_) { /* keep the status alone */ }
   try {
     const v = JSON.parse(text);
-    if (v && v.error && v.error.message) return `${v.error.message} (HTTP ${resp.status})`;
+    if (v && v.error && v.error.message) {
+      return { message: `${v.error.message} (HTTP ${resp.status})`, param: v.error.param || null };
+    }
   } catch (_) { /* not JSON */ }
-  return `HTTP ${resp.status}${text ? ": " + text.slice(0, 300) : ""}`;
+  return { message: `HTTP ${resp.status}${text ? ": " + text.slice(0, 300) : ""}`, param: null };
+}
+
+async function errorMessage(resp) {
+  return (await errorInfo(resp)).message;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -215,6 +222,7 @@ async function loadFrames() {
   if (!media || media.kind !== "video") return;
   const token = ++state.framesToken;
   const n = numFrames();
+  showMediaError("");
   $("frames").replaceChildren();
   $("frames-caption").textContent = `Reading the ${n} frames the model will see…`;
   let resp;
@@ -238,11 +246,17 @@ async function loadFrames() {
   }
   if (token !== state.framesToken) return;
   if (!resp.ok) {
-    const msg = await errorMessage(resp);
+    const err = await errorInfo(resp);
     if (token !== state.framesToken) return;
+    $("frames-caption").textContent = "";
+    if (err.param === "num_frames" || resp.status === 429) {
+      // The video is fine; the frame count or the moment is not.
+      showMediaError(`No frame preview: ${err.message}`);
+      return;
+    }
     // The model could not read it either: it is not kept for the conversation.
     clearMedia();
-    showMediaError(`The server cannot read this video: ${msg}`);
+    showMediaError(`The server cannot read this video: ${err.message}`);
     return;
   }
   const v = await resp.json();
