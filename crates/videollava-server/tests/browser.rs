@@ -30,11 +30,13 @@ struct Browser {
     profile: PathBuf,
 }
 
+/// The program named by `env`, else the first candidate that exists; None when that is no file.
 fn find_program(env: &str, candidates: &[&str]) -> Option<PathBuf> {
-    if let Ok(p) = std::env::var(env) {
-        return Some(PathBuf::from(p));
+    match std::env::var_os(env) {
+        Some(p) => Some(PathBuf::from(p)),
+        None => candidates.iter().map(PathBuf::from).find(|p| p.is_file()),
     }
-    candidates.iter().map(PathBuf::from).find(|p| p.is_file())
+    .filter(|p| p.is_file())
 }
 
 impl Browser {
