@@ -571,6 +571,23 @@ impl Completion {
         v
     }
 
+    /// Extension, named as llama.cpp's server names it: where the request's time went.
+    /// `predicted_per_second` is the decoding rate after the first token (which comes with the
+    /// prefill): `(predicted_n - 1) / predicted_ms`.
+    fn timings(seq: &GeneratedSequence, t: &crate::engine_api::RequestTimings) -> Value {
+        let n = seq.token_ids.len();
+        let rate = (n > 1 && t.decode_ms > 0.0).then(|| (n - 1) as f64 * 1e3 / t.decode_ms);
+        json!({
+            "queue_ms": t.queue_ms,
+            "prompt_n": seq.prompt_tokens,
+            "prompt_ms": t.preprocess_ms + t.prefill_ms,
+            "time_to_first_token_ms": t.time_to_first_token_ms,
+            "predicted_n": n,
+            "predicted_ms": t.decode_ms,
+            "predicted_per_second": rate,
+        })
+    }
+
     fn usage(seq: &GeneratedSequence) -> Value {
         let completion = seq.token_ids.len();
         json!({"prompt_tokens": seq.prompt_tokens, "completion_tokens": completion, "total_tokens": seq.prompt_tokens + completion})
@@ -677,6 +694,7 @@ async fn collect(
                         "finish_reason": sequence.finish_reason.as_str(),
                     }],
                     "usage": Completion::usage(&sequence),
+                    "timings": Completion::timings(&sequence, &timings),
                 }));
             }
             StreamEvent::Failed { message, client_error } => return Err(engine_error(message, client_error)),
@@ -795,6 +813,7 @@ impl SseStream {
                         "model": self.ctx.model,
                         "choices": [],
                         "usage": Completion::usage(&sequence),
+                        "timings": Completion::timings(&sequence, &timings),
                     });
                     self.out.push_back(sse(&v));
                 }

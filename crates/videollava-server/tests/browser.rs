@@ -265,7 +265,17 @@ fn the_web_page_in_headless_chromium() {
     b.clear_and_type("#temperature", "0");
 
     // A video from the fixtures through the file picker: its 8 frames appear, the model's choice.
-    let clip = media_path("clip.mp4").canonicalize().unwrap();
+    // VIDEOLLAVA_TEST_VIDEO: another .mp4 (the README's screenshots show a real video).
+    let clip = std::env::var_os("VIDEOLLAVA_TEST_VIDEO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| media_path("clip.mp4"))
+        .canonicalize()
+        .unwrap();
+    let clip_name = clip.file_name().unwrap().to_string_lossy().into_owned();
+    let clip_uri = format!(
+        "data:video/mp4;base64,{}",
+        base64::engine::general_purpose::STANDARD.encode(std::fs::read(&clip).unwrap())
+    );
     b.type_into("#file", &clip.display().to_string());
     b.wait_js(
         "8 loaded thumbnails",
@@ -290,7 +300,7 @@ fn the_web_page_in_headless_chromium() {
     assert!(b.text("#frames-caption").contains("these 8 frames"), "{}", b.text("#frames-caption"));
 
     // First question, sent with Enter; the streamed answer equals the API's for the same request.
-    let video = json!({"type": "video_url", "video_url": {"url": data_uri("clip.mp4", "video/mp4")}});
+    let video = json!({"type": "video_url", "video_url": {"url": clip_uri}});
     let q1 = "What happens in this video?";
     b.type_into("#question", &format!("{q1}{ENTER}"));
     let (a1, stats1) = wait_answer_done(&b, 0);
@@ -471,8 +481,8 @@ fn the_web_page_in_headless_chromium() {
         "the size message",
         Duration::from_secs(10),
         "const e = document.getElementById('media-error');
-         return !e.hidden && e.textContent.includes('clip.mp4') && e.textContent.includes('accepts files up to 4 KB');",
-        json!([]),
+         return !e.hidden && e.textContent.includes(arguments[0]) && e.textContent.includes('accepts files up to 4 KB');",
+        json!([clip_name]),
     );
     let (_, metrics) = get(&small.base, "/metrics");
     assert!(!metrics.contains("route=\"/v1/frames\""), "the file was uploaded: {metrics}");

@@ -175,3 +175,29 @@ fn more_than_8_frames_only_for_smaller_frames() {
     assert_error(status, &v, 400, "a chat request with 10 frames");
     assert_eq!(v["error"]["param"], "num_frames");
 }
+
+#[test]
+fn timings_extension_for_the_pages_tokens_per_second() {
+    let server = start(ServerConfig::default());
+    let body = json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 12, "ignore_eos": true});
+    let (status, v) = post(&server.base, &body);
+    assert_eq!(status, 200, "{v}");
+    let t = &v["timings"];
+    assert_eq!(t["predicted_n"], v["usage"]["completion_tokens"], "{v}");
+    assert_eq!(t["prompt_n"], v["usage"]["prompt_tokens"], "{v}");
+    assert_eq!(t["predicted_n"], 12);
+    let (ms, rate) = (t["predicted_ms"].as_f64().unwrap(), t["predicted_per_second"].as_f64().unwrap());
+    assert!(ms > 0.0 && (rate - 11.0 * 1e3 / ms).abs() < 1e-6 * rate, "{t}");
+    for k in ["queue_ms", "prompt_ms", "time_to_first_token_ms"] {
+        assert!(t[k].as_f64().is_some_and(|x| x >= 0.0), "{k} in {t}");
+    }
+    let mut body = body;
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let s = stream(&server.base, &body);
+    assert!(s.done);
+    let last = s.chunks.last().unwrap();
+    assert_eq!(last["usage"]["completion_tokens"], 12, "{last}");
+    assert_eq!(last["timings"]["predicted_n"], 12, "{last}");
+    assert!(last["timings"]["predicted_per_second"].as_f64().is_some_and(|r| r > 0.0), "{last}");
+}

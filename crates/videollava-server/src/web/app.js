@@ -403,6 +403,7 @@ async function ask(question) {
   let tLast = null;
   let text = "";
   let usage = null;
+  let timings = null; // the server's (llama.cpp-style `timings` extension of the usage chunk)
   let finish = null;
   let failure = null;
   // The text is drawn at most every 50 ms: a fast model sends hundreds of tokens a second, and
@@ -445,6 +446,7 @@ async function ask(question) {
             const chunk = JSON.parse(data);
             if (chunk.error) { failure = chunk.error.message || "the generation failed"; continue; }
             if (chunk.usage) usage = chunk.usage;
+            if (chunk.timings) timings = chunk.timings;
             const choice = chunk.choices && chunk.choices[0];
             if (!choice) continue;
             const delta = choice.delta && choice.delta.content;
@@ -473,9 +475,11 @@ async function ask(question) {
   const parts = [];
   if (tFirst !== null) parts.push(`first token ${((tFirst - t0) / 1000).toFixed(2)} s`);
   const tokens = usage ? usage.completion_tokens : null;
-  if (tokens != null && tokens > 1 && tLast > tFirst) {
-    parts.push(`${((tokens - 1) / ((tLast - tFirst) / 1000)).toFixed(1)} tokens/s`);
-  }
+  // Tokens per second: the server's decoding rate; else what arrived here (tokens can arrive
+  // bunched, so that is only a fallback).
+  let rate = timings && timings.predicted_per_second != null ? timings.predicted_per_second : null;
+  if (rate === null && tokens != null && tokens > 1 && tLast > tFirst) rate = (tokens - 1) / ((tLast - tFirst) / 1000);
+  if (rate !== null) parts.push(`${rate.toFixed(1)} tokens/s`);
   if (tokens != null) parts.push(`${tokens} tokens`);
   if (stopped) parts.push("stopped");
   else if (finish === "length") parts.push("cut at max tokens");
