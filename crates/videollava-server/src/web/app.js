@@ -21,6 +21,7 @@ const state = {
   history: [],      // OpenAI messages sent so far (user + assistant)
   controller: null, // AbortController of the running answer
   framesToken: 0,   // the latest frame preview; older answers are dropped
+  chatId: 0,        // the conversation; New chat starts another
 };
 
 function fmtBytes(n) {
@@ -323,6 +324,7 @@ function addError(message) {
 }
 
 function newChat(note) {
+  state.chatId++;
   if (state.controller) state.controller.abort();
   state.history = [];
   logEl().querySelectorAll(".msg").forEach((m) => m.remove());
@@ -395,6 +397,7 @@ async function ask(question) {
   answer.append(stats);
   answer.dataset.state = "streaming";
 
+  const chatId = state.chatId;
   const controller = new AbortController();
   state.controller = controller;
   setBusy(true);
@@ -463,14 +466,17 @@ async function ask(question) {
       if (!done && !failure) failure = "the answer ended before the server said it was done";
     }
   } catch (e) {
-    if (e.name !== "AbortError") failure = `Cannot reach the server: ${e.message}`;
+    if (e.name === "SyntaxError") failure = `The server sent an unreadable answer: ${e.message}`;
+    else if (e.name !== "AbortError") failure = `Cannot reach the server: ${e.message}`;
   }
   clearTimeout(renderTimer);
-  render();
-  const stopped = controller.signal.aborted;
   state.controller = null;
   setBusy(false);
   refreshStatus();
+  // New chat during the answer: that conversation (and this answer's bubble) is gone.
+  if (chatId !== state.chatId) return;
+  render();
+  const stopped = controller.signal.aborted;
 
   const parts = [];
   if (tFirst !== null) parts.push(`first token ${((tFirst - t0) / 1000).toFixed(2)} s`);
