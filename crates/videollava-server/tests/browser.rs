@@ -367,6 +367,27 @@ fn the_web_page_in_headless_chromium() {
     // The button is ready for the next question.
     assert_eq!(b.js("return document.getElementById('send').disabled;", json!([])), json!(false));
 
+    // New chat during an answer cancels it too, and the conversation stays empty.
+    b.type_into("#question", &format!("Go on.{ENTER}"));
+    b.wait_js(
+        "the next long answer to stream",
+        Duration::from_secs(60),
+        "const a = document.querySelectorAll('.msg.assistant')[1];
+         return !!a && a.dataset.state === 'streaming' && a.querySelector('.text').textContent.length > 0;",
+        json!([]),
+    );
+    b.click("#new-chat");
+    wait_until("the running count to drop after New chat", Duration::from_secs(10), || {
+        metric(&base, "videollava_running_requests") == 0.0
+    });
+    b.wait_js(
+        "an empty conversation, ready",
+        Duration::from_secs(10),
+        "return document.querySelectorAll('#log .msg').length === 0 && !document.getElementById('send').disabled;",
+        json!([]),
+    );
+    assert_eq!(metric(&base, "videollava_generated_tokens_total"), generated_before, "a cancelled answer completed");
+
     // A pasted URL: the server fetches the video and shows its 8 frames.
     let remote = tiny_http_server(std::fs::read(&clip).unwrap(), "video/mp4");
     b.js("document.querySelectorAll('#frames img').forEach(i => i.remove());", json!([]));
