@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the build needs (FFmpeg's -dev libraries, clang for bindgen,
-# cmake and nasm for the bundled libjpeg-turbo), only those that are missing.
+# cmake and nasm for the bundled libjpeg-turbo, chromium and its WebDriver for the web page's
+# browser test), only those that are missing.
 set -euo pipefail
-packages=(pkg-config clang libclang-dev libavcodec-dev libavformat-dev libavutil-dev libswscale-dev cmake nasm)
+packages=(pkg-config clang libclang-dev libavcodec-dev libavformat-dev libavutil-dev libswscale-dev cmake nasm chromium chromium-driver)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -43,6 +43,9 @@ pub struct ServeArgs {
     /// Time limit of one request, in seconds.
     #[arg(long, default_value_t = 600, value_name = "S")]
     request_timeout: u64,
+    /// Do not serve the web page at `/` (the API stays).
+    #[arg(long)]
+    no_web_ui: bool,
 }
 
 pub fn run(args: ServeArgs) -> Result<()> {
@@ -64,6 +67,7 @@ pub fn run(args: ServeArgs) -> Result<()> {
         },
         served_model_name: args.served_model_name.or_else(|| is_hub_id.then(|| args.model.model.clone())),
         model_aliases: vec![args.model.model.clone()],
+        web_ui: !args.no_web_ui,
     };
     let runtime =
         tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")?;

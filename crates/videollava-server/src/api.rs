@@ -93,6 +93,8 @@ struct ChatRequest {
     top_logprobs: Option<i64>,
     n: Option<i64>,
     tools: Option<Value>,
+    /// Extension: frames taken from each video (default 8), as in `videollava run --num-frames`.
+    num_frames: Option<Value>,
 }
 
 /// A media part of the request, in order of appearance.
@@ -110,6 +112,7 @@ struct Prepared {
     stream: bool,
     include_usage: bool,
     logprobs: bool,
+    num_frames: usize,
 }
 
 fn media_url(part: &serde_json::Map<String, Value>, key: &str, at: &str) -> Result<String, ApiError> {
@@ -354,9 +357,10 @@ fn prepare(body: &[u8], state: &AppState) -> Result<Prepared, ApiError> {
             ),
         ));
     }
+    let num_frames = crate::frames::num_frames_param(req.num_frames.as_ref())?;
     let stream = req.stream.unwrap_or(false);
     let include_usage = stream && req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
-    Ok(Prepared { prompt, media, options, stream, include_usage, logprobs })
+    Ok(Prepared { prompt, media, options, stream, include_usage, logprobs, num_frames })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -392,10 +396,11 @@ pub async fn chat_completions(
         let body = read_body(&headers, body, state.config.limits.max_body_bytes).await?;
         let prepared = prepare(&body, &state)?;
         tracing::debug!(prompt = %prepared.prompt, media = prepared.media.len(), stream = prepared.stream, "request");
-        let (images, videos) = match tokio::time::timeout_at(deadline, load_media(&state, &prepared.media)).await {
-            Ok(r) => r?,
-            Err(_) => return Err(ApiError::timeout(timeout.as_secs_f64())),
-        };
+        let (images, videos) =
+            match tokio::time::timeout_at(deadline, load_media(&state, &prepared.media, prepared.num_frames)).await {
+                Ok(r) => r?,
+                Err(_) => return Err(ApiError::timeout(timeout.as_secs_f64())),
+            };
         let handle = state
             .scheduler
             .submit(GenerationRequest {
@@ -439,7 +444,7 @@ pub async fn chat_completions(
 /// Reads the body up to `limit` bytes. Over the limit the rest is still read and dropped (up to
 /// a bound, for a few seconds) so that the client, which may still be sending, reads the 413
 /// instead of a connection reset.
-async fn read_body(headers: &axum::http::HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(headers: &axum::http::HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
     use tokio_stream::StreamExt as _;
     let too_large = || ApiError::too_large(format!("the request body is over the limit of {limit} bytes"));
     let drain_limit = limit.saturating_mul(2).max(limit.saturating_add(8 << 20));
@@ -492,20 +497,22 @@ fn log_error(e: &ApiError) {
 async fn load_media(
     state: &Arc<AppState>,
     refs: &[MediaRef],
+    num_frames: usize,
 ) -> Result<(Vec<videollava::media::RgbImage>, Vec<videollava::media::Video>), ApiError> {
     let policy = MediaPolicy {
         allowed_media_dir: state.config.allowed_media_dir.clone(),
         allow_private_media_urls: state.config.allow_private_media_urls,
         limits: state.config.limits.clone(),
     };
+    let options = videollava::media::video::VideoOptions { num_frames, ..Default::default() };
     // All items load in parallel; results keep the order of appearance.
     let tasks: Vec<_> = refs
         .iter()
         .map(|r| {
-            let (r, policy) = (r.clone(), policy.clone());
+            let (r, policy, options) = (r.clone(), policy.clone(), options.clone());
             tokio::task::spawn_blocking(move || match r.kind {
                 MediaKind::Image => media::load_image(&r.url, &policy).map(|i| (Some(i), None)),
-                MediaKind::Video => media::load_video(&r.url, &policy).map(|v| (None, Some(v))),
+                MediaKind::Video => media::load_video_with(&r.url, &policy, &options).map(|(v, _)| (None, Some(v))),
             })
         })
         .collect();
@@ -562,6 +569,23 @@ impl Completion {
         let mut v = self.token_entry(id, lp);
         v["top_logprobs"] = Value::Array(top.iter().map(|&(t, l)| self.token_entry(t, l)).collect());
         v
+    }
+
+    /// Extension, named as llama.cpp's server names it: where the request's time went.
+    /// `predicted_per_second` is the decoding rate after the first token (which comes with the
+    /// prefill): `(predicted_n - 1) / predicted_ms`.
+    fn timings(seq: &GeneratedSequence, t: &crate::engine_api::RequestTimings) -> Value {
+        let n = seq.token_ids.len();
+        let rate = (n > 1 && t.decode_ms > 0.0).then(|| (n - 1) as f64 * 1e3 / t.decode_ms);
+        json!({
+            "queue_ms": t.queue_ms,
+            "prompt_n": seq.prompt_tokens,
+            "prompt_ms": t.preprocess_ms + t.prefill_ms,
+            "time_to_first_token_ms": t.time_to_first_token_ms,
+            "predicted_n": n,
+            "predicted_ms": t.decode_ms,
+            "predicted_per_second": rate,
+        })
     }
 
     fn usage(seq: &GeneratedSequence) -> Value {
@@ -670,6 +694,7 @@ async fn collect(
                         "finish_reason": sequence.finish_reason.as_str(),
                     }],
                     "usage": Completion::usage(&sequence),
+                    "timings": Completion::timings(&sequence, &timings),
                 }));
             }
             StreamEvent::Failed { message, client_error } => return Err(engine_error(message, client_error)),
@@ -788,6 +813,7 @@ impl SseStream {
                         "model": self.ctx.model,
                         "choices": [],
                         "usage": Completion::usage(&sequence),
+                        "timings": Completion::timings(&sequence, &timings),
                     });
                     self.out.push_back(sse(&v));
                 }

@@ -7,15 +7,20 @@
 //!   `video_url` parts (`{"url": ...}`: `http(s)`, `data:` base64, or a local path / `file://` URL
 //!   under the allowed directory); `stream: true` answers server-sent events in OpenAI's chunk
 //!   format ending with `data: [DONE]`;
-//! - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text).
+//! - `GET /v1/models`, `GET /health`, `GET /metrics` (Prometheus text);
+//! - `POST /v1/frames`: the frames the model sees of a video, as thumbnails with timestamps;
+//! - `GET /`: a web page to talk to the model about a video or an image (off with
+//!   [`ServerConfig::web_ui`] false).
 //!
 //! Every client fault is a 4xx with an OpenAI-style body `{"error": {"message", "type", "param",
 //! "code"}}`. See [`ServerConfig`] and [`Limits`] for the knobs.
 
 mod api;
 pub mod error;
+pub mod frames;
 pub mod media;
 pub mod metrics;
+mod web;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -93,6 +98,8 @@ pub struct ServerConfig {
     pub served_model_name: Option<String>,
     /// Other names accepted in requests (e.g. the `--model` argument as typed).
     pub model_aliases: Vec<String>,
+    /// Serve the web page at `/` (the CLI's `--no-web-ui` turns it off).
+    pub web_ui: bool,
 }
 
 impl Default for ServerConfig {
@@ -105,6 +112,7 @@ impl Default for ServerConfig {
             limits: Limits::default(),
             served_model_name: None,
             model_aliases: Vec::new(),
+            web_ui: true,
         }
     }
 }
@@ -119,6 +127,8 @@ pub struct AppState {
     /// For token strings in `logprobs` (None when the tokenizer could not be loaded).
     tokenizer: Option<videollava::processor::tokenizer::TextTokenizer>,
     created: u64,
+    /// Frame previews (`/v1/frames`) decoding now.
+    frame_previews: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -149,6 +159,7 @@ impl AppState {
             accepted_names,
             tokenizer,
             created,
+            frame_previews: Arc::new(tokio::sync::Semaphore::new(frames::CONCURRENT_PREVIEWS)),
         })
     }
 
@@ -160,12 +171,16 @@ impl AppState {
 /// The application's routes over `state` (tests serve it on their own listener).
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.config.limits.max_body_bytes;
-    Router::new()
+    let web_ui = state.config.web_ui;
+    let router = Router::new()
         .route("/v1/chat/completions", post(api::chat_completions))
+        .route("/v1/frames", post(frames::frames))
         .route("/v1/models", get(api::list_models))
         .route("/v1/models/{model}", get(api::get_model))
         .route("/health", get(health))
-        .route("/metrics", get(metrics_text))
+        .route("/metrics", get(metrics_text));
+    let router = if web_ui { web::routes(router) } else { router };
+    router
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
@@ -193,6 +208,12 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
         "queue_depth": s.queue_depth,
         "running": s.running,
         "max_batch_size": s.max_batch_size,
+        "limits": {
+            "max_body_bytes": state.config.limits.max_body_bytes,
+            "max_media_bytes": state.config.limits.max_media_bytes,
+            "max_video_seconds": state.config.limits.max_video_seconds,
+            "max_num_frames": frames::MAX_NUM_FRAMES,
+        },
     }))
     .into_response()
 }
@@ -220,7 +241,8 @@ async fn track(State(state): State<Arc<AppState>>, mut req: Request, next: Next)
         .unwrap_or_else(|| format!("req-{:x}-{}", state.created, REQUEST_IDS.fetch_add(1, Ordering::Relaxed)));
     req.extensions_mut().insert(RequestId(id.clone()));
     let route = match req.uri().path() {
-        p @ ("/v1/chat/completions" | "/v1/models" | "/health" | "/metrics") => p.to_string(),
+        p @ ("/v1/chat/completions" | "/v1/frames" | "/v1/models" | "/health" | "/metrics") => p.to_string(),
+        p if state.config.web_ui && web::is_page_path(p) => p.to_string(),
         p if p.starts_with("/v1/models/") => "/v1/models/{model}".to_string(),
         _ => "other".to_string(),
     };

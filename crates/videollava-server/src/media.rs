@@ -83,6 +83,25 @@ pub fn load_image(url: &str, policy: &MediaPolicy) -> Result<RgbImage, ApiError>
 /// Decodes a video reference (written to a temporary file first when it is not a local file).
 /// Blocking: run in `spawn_blocking`.
 pub fn load_video(url: &str, policy: &MediaPolicy) -> Result<Video, ApiError> {
+    load_video_with(url, policy, &VideoOptions::default()).map(|(video, _)| video)
+}
+
+/// The container's timing of a video, for showing the chosen frames with their times.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct VideoTiming {
+    /// Average frame rate of the video stream (frames per second), when the container gives it.
+    pub frame_rate: Option<f64>,
+    /// Duration in seconds, when the container gives it.
+    pub duration: Option<f64>,
+}
+
+/// [`load_video`] with a frame count and sampling of the caller's, plus the container's timing.
+/// Blocking: run in `spawn_blocking`.
+pub fn load_video_with(
+    url: &str,
+    policy: &MediaPolicy,
+    options: &VideoOptions,
+) -> Result<(Video, VideoTiming), ApiError> {
     let name = describe(url);
     let (path, _guard) = match locate(url, MediaKind::Video, policy)? {
         Source::File(p) => (p, None),
@@ -93,7 +112,8 @@ pub fn load_video(url: &str, policy: &MediaPolicy) -> Result<Video, ApiError> {
         }
     };
     probe_video(&path, &name, &policy.limits)?;
-    let video = decode_video_file(&path, &VideoOptions::default()).map_err(|e| {
+    check_frame_budget(&path, &name, options.num_frames, &policy.limits)?;
+    let video = decode_video_file(&path, options).map_err(|e| {
         ApiError::bad_param("video_url", format!("invalid video {name}: {}", strip_path(&e.to_string(), &path)))
     })?;
     if video.total_frames as u64 > policy.limits.max_video_frames {
@@ -114,7 +134,50 @@ pub fn load_video(url: &str, policy: &MediaPolicy) -> Result<Video, ApiError> {
             ));
         }
     }
-    Ok(video)
+    Ok((video, video_timing(&path)))
+}
+
+/// The decoded frames of one video stay within the pixels of the model's 8 frames at the
+/// per-frame limit: more frames than 8 are allowed only for smaller frames.
+fn check_frame_budget(path: &Path, name: &str, num_frames: usize, limits: &Limits) -> Result<(), ApiError> {
+    use ffmpeg_next as ff;
+    let default_frames = VideoOptions::default().num_frames;
+    if num_frames <= default_frames {
+        return Ok(());
+    }
+    let Ok(ictx) = ff::format::input(&path) else { return Ok(()) };
+    let Some(stream) = ictx.streams().best(ff::media::Type::Video) else { return Ok(()) };
+    let Ok(dec) = ff::codec::context::Context::from_parameters(stream.parameters()).and_then(|c| c.decoder().video())
+    else {
+        return Ok(());
+    };
+    let pixels = dec.width() as u64 * dec.height() as u64;
+    let budget = limits.max_pixels.saturating_mul(default_frames as u64);
+    if pixels.saturating_mul(num_frames as u64) > budget {
+        return Err(ApiError::bad_param(
+            "num_frames",
+            format!(
+                "{num_frames} frames of {}x{} from video {name} are {} pixels, over the limit of {budget} \
+                 ({default_frames} frames of the largest size allowed); ask for fewer frames",
+                dec.width(),
+                dec.height(),
+                pixels.saturating_mul(num_frames as u64)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Frame rate and duration from the container header (None where it says nothing usable).
+fn video_timing(path: &Path) -> VideoTiming {
+    use ffmpeg_next as ff;
+    let Ok(ictx) = ff::format::input(&path) else { return VideoTiming::default() };
+    let duration = (ictx.duration() > 0).then(|| ictx.duration() as f64 / f64::from(ff::ffi::AV_TIME_BASE));
+    let frame_rate = ictx.streams().best(ff::media::Type::Video).and_then(|s| {
+        let r = s.avg_frame_rate();
+        (r.numerator() > 0 && r.denominator() > 0).then(|| f64::from(r.numerator()) / f64::from(r.denominator()))
+    });
+    VideoTiming { frame_rate, duration }
 }
 
 /// Temporary file paths must not leak into client-facing messages.
