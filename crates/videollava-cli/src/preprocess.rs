@@ -1,11 +1,13 @@
-//! `videollava preprocess`: the processor's tensors, written as safetensors.
+//! `videollava preprocess`: the processor's tensors, written as safetensors (the command's output
+//! format: the tensors transformers' processor returns, by its names).
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
-use videollava::processor::Processor;
+use safetensors::tensor::{Dtype, TensorView};
+use videollava::processor::{Processor, ProcessorOutput};
 
 use crate::common::MediaArgs;
 
@@ -33,7 +35,7 @@ pub fn run(args: PreprocessArgs) -> Result<()> {
     let mut meta = HashMap::new();
     meta.insert("num_frames".to_string(), args.media.num_frames.to_string());
     meta.insert("frame_sampling".to_string(), args.media.frame_sampling.to_string());
-    videollava::output::write_processor_output(&out, &args.output, meta).context("writing the preprocess output")?;
+    write_processor_output(&out, &args.output, meta).context("writing the preprocess output")?;
     eprintln!(
         "wrote {} (batch {}, {} tokens, {} images, {} videos)",
         args.output.display(),
@@ -43,4 +45,33 @@ pub fn run(args: PreprocessArgs) -> Result<()> {
         videos.len()
     );
     Ok(())
+}
+
+fn i64_bytes(v: &[i64]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// Writes `input_ids` and `attention_mask` (I64 `[B, L]`), and `pixel_values_images`
+/// (F32 `[N, 3, H, W]`) / `pixel_values_videos` (F32 `[M, T, 3, H, W]`) when present.
+fn write_processor_output(out: &ProcessorOutput, path: &Path, metadata: HashMap<String, String>) -> Result<()> {
+    let shape = vec![out.batch_size, out.seq_len];
+    let mut owned: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = vec![
+        ("input_ids".into(), Dtype::I64, shape.clone(), i64_bytes(&out.input_ids)),
+        ("attention_mask".into(), Dtype::I64, shape, i64_bytes(&out.attention_mask)),
+    ];
+    if let Some(t) = &out.pixel_values_images {
+        owned.push(("pixel_values_images".into(), Dtype::F32, t.shape.clone(), f32_bytes(&t.data)));
+    }
+    if let Some(t) = &out.pixel_values_videos {
+        owned.push(("pixel_values_videos".into(), Dtype::F32, t.shape.clone(), f32_bytes(&t.data)));
+    }
+    let views = owned
+        .iter()
+        .map(|(name, dtype, shape, bytes)| Ok((name.clone(), TensorView::new(*dtype, shape.clone(), bytes)?)))
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize_to_file(views, Some(metadata), path).with_context(|| format!("writing {}", path.display()))
 }

@@ -42,10 +42,6 @@ pub enum Error {
     /// The tensor library failed (its error kept as the source).
     #[error("{0}")]
     Tensor(#[from] candle_core::Error),
-
-    /// Writing an output file failed.
-    #[error("{}: {message}", path.display())]
-    Output { path: PathBuf, message: String },
 }
 
 impl Error {

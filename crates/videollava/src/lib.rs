@@ -21,7 +21,6 @@ pub mod hub;
 pub mod kernels;
 pub mod media;
 pub mod model;
-pub mod output;
 pub mod processor;
 
 pub use candle_core::{DType, Device};

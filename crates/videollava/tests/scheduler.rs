@@ -210,4 +210,3 @@ fn a_full_queue_refuses() {
     let _queued = scheduler.submit(long.clone()).unwrap();
     assert_eq!(scheduler.submit(long).err(), Some(SubmitError::QueueFull));
 }
-
