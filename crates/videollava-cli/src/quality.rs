@@ -74,7 +74,8 @@ pub fn run(args: QualityArgs) -> Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     let dir = args.model.resolve()?;
-    let (images, videos, _) = args.media.load()?;
+    let frames = videollava::config::CheckpointConfig::from_dir(&dir)?.video_processor.default_num_frames();
+    let (images, videos, _) = args.media.load(frames)?;
 
     // 1. The reference answers greedily.
     let reference = Engine::load_quantized(&dir, args.reference_dtype, None, QuantCache::Off, true, &Device::Cpu)

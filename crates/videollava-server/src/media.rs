@@ -83,6 +83,11 @@ pub fn load_image(url: &str, policy: &MediaPolicy) -> Result<RgbImage, ApiError>
 /// Decodes a video reference (written to a temporary file first when it is not a local file).
 /// Blocking: run in `spawn_blocking`.
 pub fn load_video(url: &str, policy: &MediaPolicy) -> Result<Video, ApiError> {
+    load_video_with(url, policy, &VideoOptions::default())
+}
+
+/// [`load_video`] with a frame choice of its own (`videollava batch` rows set `num_frames`).
+pub fn load_video_with(url: &str, policy: &MediaPolicy, options: &VideoOptions) -> Result<Video, ApiError> {
     let name = describe(url);
     let (path, _guard) = match locate(url, MediaKind::Video, policy)? {
         Source::File(p) => (p, None),
@@ -93,7 +98,7 @@ pub fn load_video(url: &str, policy: &MediaPolicy) -> Result<Video, ApiError> {
         }
     };
     probe_video(&path, &name, &policy.limits)?;
-    let video = decode_video_file(&path, &VideoOptions::default()).map_err(|e| {
+    let video = decode_video_file(&path, options).map_err(|e| {
         ApiError::bad_param("video_url", format!("invalid video {name}: {}", strip_path(&e.to_string(), &path)))
     })?;
     if video.total_frames as u64 > policy.limits.max_video_frames {

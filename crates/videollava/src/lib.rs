@@ -9,8 +9,10 @@
 //! - [`model`]: the CLIP towers, projector and Llama/Mistral decoder: weights in, logits out;
 //! - [`generate`]: KV cache, sampling, stopping, streaming;
 //! - [`engine`]: one loaded checkpoint that the CLI and the server drive;
-//! - [`hub`]: `--model` as a local directory or a Hugging Face hub id.
+//! - [`hub`]: `--model` as a local directory or a Hugging Face hub id;
+//! - [`batch`]: manifests, shards and results files of offline batch runs.
 
+pub mod batch;
 pub mod config;
 pub mod engine;
 pub mod error;
