@@ -28,7 +28,7 @@ fn temp_dir(test: &str) -> PathBuf {
 }
 
 /// `max_new_tokens` of every row: long enough that a run takes a while to kill it midway.
-const NEW_TOKENS: &str = "24";
+const NEW_TOKENS: &str = "48";
 
 fn batch_command(input: &Path, output: &Path, extra: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_videollava"));
@@ -136,7 +136,7 @@ fn killed_midway_and_resumed_equals_an_uninterrupted_run_and_generate() {
     assert!(err("loopback-url").contains("127.0.0.1"), "{}", err("loopback-url"));
     assert!(err("typo").contains("max_tokens"), "{}", err("typo"));
     assert_eq!(want["text"]["token_ids"].as_array().unwrap().len(), 5, "a row's max_new_tokens applies");
-    assert_eq!(want["v0-q0"]["token_ids"].as_array().unwrap().len(), 24);
+    assert_eq!(want["v0-q0"]["token_ids"].as_array().unwrap().len(), 48);
     // The docs-format prompt is used verbatim: the same prompt as the wrapped question.
     assert_eq!(answer(&want["docs-format"]), answer(&want["v0-q0"]));
     assert_eq!(want["docs-format"]["prompt_tokens"], want["v0-q0"]["prompt_tokens"]);
@@ -145,15 +145,12 @@ fn killed_midway_and_resumed_equals_an_uninterrupted_run_and_generate() {
 
     // Killed midway (SIGKILL), then rerun with the same command.
     let resumed = dir.join("resumed.jsonl");
-    let mut child = batch_command(&input, &resumed, &["--max-batch-size", "1", "--decode-threads", "1"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let slow = ["--max-batch-size", "1", "--decode-threads", "1"];
+    let mut child = batch_command(&input, &resumed, &slow).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let lines = std::fs::read_to_string(&resumed).map(|t| t.lines().count()).unwrap_or(0);
-        if lines >= 8 || Instant::now() > deadline {
+        if lines >= 3 || Instant::now() > deadline {
             break;
         }
         std::thread::sleep(Duration::from_millis(2));
@@ -163,8 +160,9 @@ fn killed_midway_and_resumed_equals_an_uninterrupted_run_and_generate() {
     let before = std::fs::read_to_string(&resumed).unwrap();
     let complete = &before[..before.rfind('\n').map_or(0, |p| p + 1)];
     let n_before = complete.lines().count();
-    assert!(n_before >= 8 && n_before < ids.len(), "killed after {n_before} of {} rows", ids.len());
-    let out = run_batch(&input, &resumed, &[]);
+    assert!(n_before >= 3 && n_before < ids.len(), "killed after {n_before} of {} rows", ids.len());
+    eprintln!("killed after {n_before} of {} rows", ids.len());
+    let out = run_batch(&input, &resumed, &slow);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains(&format!("{n_before} already there")), "{stderr}");
     let after = std::fs::read_to_string(&resumed).unwrap();
