@@ -10,8 +10,9 @@ separate venv from the 4.57 one of the other scripts):
 
 Writes, under --out:
   checkpoints/model-llama-tf5/   config, generation config, processor (the video processor with
-                                 do_sample_frames=True, num_frames=4), tokenizer and random weights,
-                                 all by `save_pretrained` of transformers 5.x
+                                 do_sample_frames=True, num_frames=4; the default Video-LLaVA chat
+                                 template, which 5.x saves as chat_template.jinja), tokenizer and
+                                 random weights, all by `save_pretrained` of transformers 5.x
   processor-5x/image_video.safetensors
                                  the processor loaded back by `VideoLlavaProcessor.from_pretrained`
                                  on landscape.png and ALL decoded frames of clip.mp4 (the video
@@ -19,7 +20,8 @@ Writes, under --out:
                                  pixel_values_images, pixel_values_videos (transformers' own video
                                  path), pixel_values_videos_pillow (the image processor frame by
                                  frame, reference-spec "The oracle"), and greedy `generate()` ids
-                                 (metadata: new_tokens, JSON)
+                                 (metadata: new_tokens, JSON; chat_prompt: `apply_chat_template` of
+                                 one user turn with a video and "Why is this video funny?")
 """
 
 import argparse
@@ -70,6 +72,7 @@ def write_checkpoint(out):
         tokenizer=tokenizer,
         patch_size=config.vision_config.patch_size,
         vision_feature_select_strategy=config.vision_feature_select_strategy,
+        chat_template=open(os.path.join(out, "chat", "default_template.jinja")).read(),
     )
     processor.save_pretrained(path)
     GenerationConfig(bos_token_id=1, eos_token_id=2, pad_token_id=checkpoints.PAD_ID).save_pretrained(path)
@@ -116,7 +119,9 @@ def dump(out, path):
     }
     import transformers
 
+    conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Why is this video funny?"}]}]
     meta = {
+        "chat_prompt": proc.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False),
         "checkpoint": NAME,
         "prompts": json.dumps([PROMPT]),
         "images": json.dumps(["landscape.png"]),

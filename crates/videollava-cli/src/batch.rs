@@ -318,7 +318,9 @@ pub fn run(args: BatchArgs) -> Result<()> {
                     permits.release();
                     return;
                 };
-                let prepared = ctx.prepare(&row);
+                // A panic must not leave the row unreported (the run would wait for it forever).
+                let prepared = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| ctx.prepare(&row)))
+                    .unwrap_or_else(|_| Err("decoding this row's media panicked".to_string()));
                 if tx.send(Msg::Prepared(row, prepared)).is_err() {
                     return;
                 }

@@ -112,3 +112,20 @@ fn a_checkpoint_without_any_image_processor_config_is_refused_clearly() {
     assert!(err.contains("image_processor.crop_size"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// 5.x saves the chat template as `chat_template.jinja`; a question is wrapped as transformers'
+/// `apply_chat_template` renders it, and that rendering, given back as a prompt, is used verbatim.
+#[test]
+fn the_5x_chat_template_is_used_and_its_prompts_are_kept_verbatim() {
+    let dir = checkpoint();
+    let (_, meta) = read_safetensors(&fixtures_dir().join("processor-5x/image_video.safetensors"));
+    let want = &meta["chat_prompt"];
+    assert!(dir.join("chat_template.jinja").exists());
+    let tok = videollava::processor::tokenizer::TextTokenizer::from_dir(&dir).unwrap();
+    let template = tok.chat_template.as_deref();
+    assert!(template.is_some(), "chat_template.jinja is read");
+    let prompt_for =
+        |text: &str| videollava::processor::prompt::prompt_for(template, text, 0, 1, "<s>", "</s>").unwrap();
+    assert_eq!(&prompt_for("Why is this video funny?"), want);
+    assert_eq!(&prompt_for(want), want, "a prompt in the chat format is not wrapped again");
+}
