@@ -10,7 +10,7 @@
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -135,53 +135,69 @@ enum Media {
     Video(Video),
 }
 
-/// The last few decoded media, by source and frame choice: consecutive questions about one video
-/// decode it once.
+/// One decoded medium, or why it could not be decoded; shared by the rows that name it.
+type Decoded = Arc<OnceLock<std::result::Result<Media, String>>>;
+
+/// The last few decoded media, by source and frame choice: the questions about one video decode
+/// it once, even when two media threads reach it at the same time (the second waits for the
+/// first's result).
 struct MediaCache {
-    entries: Mutex<VecDeque<(String, Media)>>,
+    entries: Mutex<VecDeque<(String, Decoded)>>,
     capacity: usize,
 }
 
 impl MediaCache {
-    fn get(&self, key: &str) -> Option<Media> {
-        let entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        entries.iter().find(|(k, _)| k == key).map(|(_, m)| m.clone())
-    }
-
-    fn put(&self, key: String, media: Media) {
-        let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
-        if entries.len() >= self.capacity {
-            entries.pop_front();
-        }
-        entries.push_back((key, media));
+    fn get_or_decode(
+        &self,
+        key: String,
+        decode: impl FnOnce() -> std::result::Result<Media, String>,
+    ) -> std::result::Result<Media, String> {
+        let slot = {
+            let mut entries = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+            match entries.iter().find(|(k, _)| *k == key) {
+                Some((_, slot)) => slot.clone(),
+                None => {
+                    if entries.len() >= self.capacity {
+                        entries.pop_front();
+                    }
+                    let slot = Decoded::default();
+                    entries.push_back((key, slot.clone()));
+                    slot
+                }
+            }
+        };
+        slot.get_or_init(decode).clone()
     }
 
     fn image(&self, src: &str, policy: &MediaPolicy) -> std::result::Result<RgbImage, String> {
-        let key = format!("image\0{src}");
-        if let Some(Media::Image(im)) = self.get(&key) {
-            return Ok(im);
+        let decoded = self.get_or_decode(format!("image\0{src}"), || {
+            let im = if is_url(src) {
+                load_image(src, policy).map_err(|e| format!("image {src}: {}", e.message))?
+            } else {
+                decode_image_file(Path::new(src)).map_err(|e| format!("image {e}"))?
+            };
+            Ok(Media::Image(im))
+        })?;
+        match decoded {
+            Media::Image(im) => Ok(im),
+            Media::Video(_) => Err(format!("image {src}: not an image")),
         }
-        let im = if is_url(src) {
-            load_image(src, policy).map_err(|e| format!("image {src}: {}", e.message))?
-        } else {
-            decode_image_file(Path::new(src)).map_err(|e| format!("image {e}"))?
-        };
-        self.put(key, Media::Image(im.clone()));
-        Ok(im)
     }
 
     fn video(&self, src: &str, options: &VideoOptions, policy: &MediaPolicy) -> std::result::Result<Video, String> {
         let key = format!("video\0{src}\0{}\0{}", options.num_frames, options.sampling);
-        if let Some(Media::Video(v)) = self.get(&key) {
-            return Ok(v);
+        let decoded = self.get_or_decode(key, || {
+            let v = if is_url(src) {
+                load_video_with(src, policy, options).map_err(|e| format!("video {src}: {}", e.message))?
+            } else {
+                decode_video_file(Path::new(src), options).map_err(|e| format!("video {e}"))?
+            };
+            Ok(Media::Video(v))
+        })?;
+        match decoded {
+            Media::Video(v) => Ok(v),
+            Media::Image(_) => Err(format!("video {src}: not a video")),
         }
-        let v = if is_url(src) {
-            load_video_with(src, policy, options).map_err(|e| format!("video {src}: {}", e.message))?
-        } else {
-            decode_video_file(Path::new(src), options).map_err(|e| format!("video {e}"))?
-        };
-        self.put(key, Media::Video(v.clone()));
-        Ok(v)
     }
 }
 
