@@ -52,8 +52,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let load_s = t_load.elapsed().as_secs_f64();
     let rss_after_load = peak_rss_mib();
 
-    let (images, videos, media_ms) = args.media.load()?;
-    let prompt = engine.question_prompt(&args.prompt, images.len(), videos.len())?;
+    let (images, videos, media_ms) = args.media.load(engine.processor.num_frames)?;
+    let prompt = engine.prompt_for(&args.prompt, images.len(), videos.len())?;
     let t_pre = Instant::now();
     let inputs = engine.processor.process(&[prompt.as_str()], &images, &videos)?;
     let preprocess_s = t_pre.elapsed().as_secs_f64();

@@ -50,6 +50,8 @@ struct Session {
     pending: Option<u32>,
     images: Vec<RgbImage>,
     videos: Vec<Video>,
+    /// Turns are fed as the user typed them (a line in the chat format was given).
+    verbatim: bool,
 }
 
 impl Session {
@@ -61,6 +63,7 @@ impl Session {
             pending: None,
             images: Vec::new(),
             videos: Vec::new(),
+            verbatim: false,
         }
     }
 }
@@ -92,19 +95,27 @@ fn turn(
     options: &GenerateOptions,
     out: &mut dyn Write,
 ) -> Result<TurnStats> {
-    let mut content: Vec<ContentPart> = Vec::new();
-    content.extend(std::iter::repeat_n(ContentPart::Image, s.images.len()));
-    content.extend(std::iter::repeat_n(ContentPart::Video, s.videos.len()));
-    content.push(ContentPart::Text(question.to_string()));
-    s.history.push(ChatMessage { role: "user".into(), content });
-    let full = render(engine, &s.history, true)?;
     let first = s.cache.is_empty();
-    let new_text = if first {
-        full.clone()
+    // A line already in the chat format (`USER: <video>\nWhy? ASSISTANT:`) is fed verbatim; from
+    // then on each turn is fed on its own (a plain question as one rendered user turn), since the
+    // history can no longer be rendered as messages.
+    s.verbatim = s.verbatim || engine.is_chat_formatted(question);
+    let new_text = if s.verbatim {
+        engine.prompt_for(question, s.images.len(), s.videos.len())?
     } else {
-        full.strip_prefix(s.rendered.as_str())
-            .map(str::to_string)
-            .context("the chat template does not extend the previous turns; use /reset")?
+        let mut content: Vec<ContentPart> = Vec::new();
+        content.extend(std::iter::repeat_n(ContentPart::Image, s.images.len()));
+        content.extend(std::iter::repeat_n(ContentPart::Video, s.videos.len()));
+        content.push(ContentPart::Text(question.to_string()));
+        s.history.push(ChatMessage { role: "user".into(), content });
+        let full = render(engine, &s.history, true)?;
+        if first {
+            full
+        } else {
+            full.strip_prefix(s.rendered.as_str())
+                .map(str::to_string)
+                .context("the chat template does not extend the previous turns; use /reset")?
+        }
     };
     let (images, videos) = (std::mem::take(&mut s.images), std::mem::take(&mut s.videos));
     let mut inputs = if first {
@@ -130,17 +141,19 @@ fn turn(
     writeln!(out)?;
     let answer = &results[0];
     s.pending = answer.token_ids.last().copied();
-    s.history.push(ChatMessage { role: "assistant".into(), content: vec![ContentPart::Text(answer.text.clone())] });
-    s.rendered = render(engine, &s.history, false)?;
+    if !s.verbatim {
+        s.history.push(ChatMessage { role: "assistant".into(), content: vec![ContentPart::Text(answer.text.clone())] });
+        s.rendered = render(engine, &s.history, false)?;
+    }
     Ok(TurnStats { cached, prefilled, generated: answer.token_ids.len() })
 }
 
-fn attach(s: &mut Session, kind: &str, path: &str, args: &MediaArgs) -> Result<String> {
+fn attach(s: &mut Session, kind: &str, path: &str, args: &MediaArgs, frames: Option<usize>) -> Result<String> {
     let p = Path::new(path.trim());
     if kind == "image" {
         s.images.push(decode_image_file(p)?);
     } else {
-        s.videos.push(decode_video_file(p, &args.video_options())?);
+        s.videos.push(decode_video_file(p, &args.video_options(frames))?);
     }
     Ok(format!("attached {kind} {} to the next question", p.display()))
 }
@@ -152,7 +165,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
     options.sampling =
         SamplingParams { temperature: args.temperature, top_p: args.top_p, seed: args.seed, ..Default::default() };
     let mut s = Session::new();
-    let (images, videos, _) = args.media.load()?;
+    let (images, videos, _) = args.media.load(engine.processor.num_frames)?;
     s.images = images;
     s.videos = videos;
 
@@ -174,9 +187,9 @@ pub fn run(args: ChatArgs) -> Result<()> {
             s = Session::new();
             Ok("conversation reset".to_string())
         } else if let Some(p) = line.strip_prefix("/image ") {
-            attach(&mut s, "image", p, &args.media)
+            attach(&mut s, "image", p, &args.media, engine.processor.num_frames)
         } else if let Some(p) = line.strip_prefix("/video ") {
-            attach(&mut s, "video", p, &args.media)
+            attach(&mut s, "video", p, &args.media, engine.processor.num_frames)
         } else if line.starts_with('/') {
             Ok(format!("unknown command {line} (use /image PATH, /video PATH, /reset, /quit)"))
         } else {

@@ -5,12 +5,15 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use videollava::engine::{DTypeChoice, Engine};
+use serde_json::json;
+use videollava::engine::{DTypeChoice, Engine, StageTimings};
+use videollava::generate::{GenerateOptions, GeneratedSequence, SamplingParams};
 use videollava::hub::{resolve_model, HubOptions, DEFAULT_MODEL};
 use videollava::media::image::decode_image_file;
 use videollava::media::video::{decode_video_file, FrameSampling, VideoOptions};
 use videollava::media::{RgbImage, Video};
 use videollava::model::{KvCacheFormat, QuantCache, QuantFormat};
+use videollava::processor::tokenizer::TextTokenizer;
 
 #[derive(Args, Clone)]
 pub struct MediaArgs {
@@ -20,9 +23,10 @@ pub struct MediaArgs {
     /// Video file, consumed by the `<video>` placeholders in order (repeatable).
     #[arg(long = "video", value_name = "PATH")]
     pub videos: Vec<PathBuf>,
-    /// Frames taken from each video.
-    #[arg(long, default_value_t = 8, value_name = "N")]
-    pub num_frames: usize,
+    /// Frames taken from each video [default: the checkpoint's video processor `num_frames`
+    /// when it samples frames (transformers 5.x `do_sample_frames`), else 8].
+    #[arg(long, value_name = "N")]
+    pub num_frames: Option<usize>,
     /// How frames are chosen: `uniform` (floor(i*total/N), the Hugging Face default) or
     /// `linspace` (the original Video-LLaVA repo: linspace(0, total-1, N)).
     #[arg(long, default_value = "uniform", value_name = "uniform|linspace")]
@@ -30,15 +34,19 @@ pub struct MediaArgs {
 }
 
 impl MediaArgs {
-    pub fn video_options(&self) -> VideoOptions {
-        VideoOptions { num_frames: self.num_frames, sampling: self.frame_sampling }
+    /// Frame choice: `--num-frames`, else `checkpoint_frames` (see [`Processor::num_frames`]), else 8.
+    ///
+    /// [`Processor::num_frames`]: videollava::processor::Processor::num_frames
+    pub fn video_options(&self, checkpoint_frames: Option<usize>) -> VideoOptions {
+        let num_frames = self.num_frames.or(checkpoint_frames).unwrap_or(VideoOptions::default().num_frames);
+        VideoOptions { num_frames, sampling: self.frame_sampling }
     }
 
     /// Decodes every image and video; returns them with the time it took (ms).
-    pub fn load(&self) -> Result<(Vec<RgbImage>, Vec<Video>, f64)> {
+    pub fn load(&self, checkpoint_frames: Option<usize>) -> Result<(Vec<RgbImage>, Vec<Video>, f64)> {
         let t = Instant::now();
         let images = self.images.iter().map(|p| decode_image_file(p)).collect::<videollava::Result<Vec<_>>>()?;
-        let options = self.video_options();
+        let options = self.video_options(checkpoint_frames);
         let videos =
             self.videos.iter().map(|p| decode_video_file(p, &options)).collect::<videollava::Result<Vec<_>>>()?;
         Ok((images, videos, t.elapsed().as_secs_f64() * 1e3))
@@ -148,4 +156,101 @@ pub fn progress_spinner(message: &str) -> Option<indicatif::ProgressBar> {
     bar.set_message(message.to_string());
     bar.enable_steady_tick(std::time::Duration::from_millis(120));
     Some(bar)
+}
+
+/// The generation options of `generate`, also the defaults of `batch` rows.
+#[derive(Args, Clone)]
+pub struct GenerationArgs {
+    /// Most tokens to generate per prompt.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 (the default) decodes greedily.
+    #[arg(long, default_value_t = 0.0, value_name = "T")]
+    pub temperature: f64,
+    /// Sample among the K most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub top_k: usize,
+    /// Sample among the most likely tokens whose probabilities add up to P.
+    #[arg(long, default_value_t = 1.0, value_name = "P")]
+    pub top_p: f64,
+    /// Drop tokens less likely than MIN_P times the most likely one.
+    #[arg(long, default_value_t = 0.0, value_name = "MIN_P")]
+    pub min_p: f64,
+    /// transformers' repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0, value_name = "R")]
+    pub repetition_penalty: f64,
+    /// Seed of the sampler (runs with the same seed give the same text).
+    #[arg(long, default_value_t = 0, value_name = "S")]
+    pub seed: u64,
+    /// Stop when the answer contains this text (repeatable).
+    #[arg(long = "stop", value_name = "TEXT")]
+    pub stop: Vec<String>,
+    /// Keep generating past the end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Report the K most likely alternatives of each token (JSON output).
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub top_logprobs: usize,
+}
+
+impl GenerationArgs {
+    /// `defaults` (the checkpoint's EOS ids, ...) with these options.
+    pub fn options(&self, defaults: GenerateOptions) -> GenerateOptions {
+        GenerateOptions {
+            max_new_tokens: self.max_new_tokens,
+            sampling: SamplingParams {
+                temperature: self.temperature,
+                top_k: self.top_k,
+                top_p: self.top_p,
+                min_p: self.min_p,
+                repetition_penalty: self.repetition_penalty,
+                seed: self.seed,
+            },
+            stop_strings: self.stop.clone(),
+            ignore_eos: self.ignore_eos,
+            top_logprobs: self.top_logprobs,
+            ..defaults
+        }
+    }
+}
+
+/// One answer as `generate --format json` writes it (and `batch`, with `id`): `index`, `text`,
+/// `token_ids`, `logprobs`, `prompt_tokens`, `finish_reason`, `timings_ms`, and `top_logprobs`
+/// when asked for.
+pub fn sequence_json(
+    index: usize,
+    r: &GeneratedSequence,
+    timings: &StageTimings,
+    tok: &TextTokenizer,
+    with_top_logprobs: bool,
+) -> serde_json::Value {
+    let mut obj = json!({
+        "index": index,
+        "text": r.text,
+        "token_ids": r.token_ids,
+        "logprobs": r.logprobs,
+        "prompt_tokens": r.prompt_tokens,
+        "finish_reason": r.finish_reason.as_str(),
+        "timings_ms": {
+            "load": timings.load_ms,
+            "media": timings.media_ms,
+            "preprocess": timings.preprocess_ms,
+            "vision": timings.vision_ms,
+            "prefill": timings.prefill_ms,
+            "decode": timings.decode_ms,
+        },
+    });
+    if with_top_logprobs {
+        obj["top_logprobs"] = r
+            .top_logprobs
+            .iter()
+            .map(|alts| {
+                alts.iter()
+                    .map(|&(id, lp)| json!({"token_id": id, "token": tok.decode(&[id], false).unwrap_or_default(), "logprob": lp}))
+                    .collect::<Vec<_>>()
+            })
+            .collect::<Vec<_>>()
+            .into();
+    }
+    obj
 }

@@ -1,5 +1,6 @@
 //! The `videollava` command: a thin layer over the `videollava` library.
 
+mod batch;
 mod bench;
 mod chat;
 mod common;
@@ -23,6 +24,8 @@ struct Cli {
 enum Command {
     /// Answer questions about images and videos (several --prompt make one batch).
     Generate(generate::GenerateArgs),
+    /// Run a manifest of questions (JSON Lines or CSV) to a results file, resumable and shardable.
+    Batch(batch::BatchArgs),
     /// Talk to the model turn by turn; `/image PATH`, `/video PATH`, `/reset`, `/quit`.
     Chat(chat::ChatArgs),
     /// Serve an OpenAI-compatible API (`/v1/chat/completions` with image_url and video_url parts).
@@ -56,6 +59,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Batch(args) => batch::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Serve(args) => serve::run(args),

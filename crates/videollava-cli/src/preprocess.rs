@@ -29,11 +29,11 @@ pub struct PreprocessArgs {
 pub fn run(args: PreprocessArgs) -> Result<()> {
     let dir = videollava::hub::resolve_model(&args.model, &videollava::hub::HubOptions::from_env())?;
     let processor = Processor::from_dir(&dir)?;
-    let (images, videos, _) = args.media.load()?;
+    let (images, videos, _) = args.media.load(processor.num_frames)?;
     let prompts: Vec<&str> = args.prompts.iter().map(String::as_str).collect();
     let out = processor.process(&prompts, &images, &videos)?;
     let mut meta = HashMap::new();
-    meta.insert("num_frames".to_string(), args.media.num_frames.to_string());
+    meta.insert("num_frames".to_string(), args.media.video_options(processor.num_frames).num_frames.to_string());
     meta.insert("frame_sampling".to_string(), args.media.frame_sampling.to_string());
     write_processor_output(&out, &args.output, meta).context("writing the preprocess output")?;
     eprintln!(

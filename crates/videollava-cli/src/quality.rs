@@ -74,12 +74,13 @@ pub fn run(args: QualityArgs) -> Result<()> {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
     let dir = args.model.resolve()?;
-    let (images, videos, _) = args.media.load()?;
+    let frames = videollava::config::CheckpointConfig::from_dir(&dir)?.video_processor.default_num_frames();
+    let (images, videos, _) = args.media.load(frames)?;
 
     // 1. The reference answers greedily.
     let reference = Engine::load_quantized(&dir, args.reference_dtype, None, QuantCache::Off, true, &Device::Cpu)
         .with_context(|| format!("loading the reference {}", dir.display()))?;
-    let prompt = reference.question_prompt(&args.prompt, images.len(), videos.len())?;
+    let prompt = reference.prompt_for(&args.prompt, images.len(), videos.len())?;
     let inputs = reference.processor.process(&[prompt.as_str()], &images, &videos)?;
     let options = GenerateOptions { max_new_tokens: args.positions, ignore_eos: true, ..reference.default_options() };
     let (out, _) = generate(&reference.model, reference.tokenizer(), &inputs, &options, &mut |_| {})?;

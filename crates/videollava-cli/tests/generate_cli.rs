@@ -481,3 +481,91 @@ fn an_8bit_kv_cache_is_measured_and_generates() {
     assert!(err.contains("unknown KV cache format `q4`") && !err.contains("panicked"), "{err}");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The prompt as the model card and the transformers docs write it, given to `--prompt`, is used
+/// verbatim: the same ids as `--raw-prompt` (and as the bare question, which is wrapped into it).
+#[test]
+fn a_prompt_in_the_chat_format_is_used_verbatim() {
+    let docs = "USER: <video>\nWhy is this video funny? ASSISTANT:";
+    let (model, video) = (checkpoint_str(), media_str());
+    let gen = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            &model,
+            "--video",
+            &video,
+            "--max-new-tokens",
+            "6",
+            "--dtype",
+            "f32",
+            "--format",
+            "json",
+            "--ignore-eos",
+        ];
+        args.extend_from_slice(extra);
+        let lines = json_lines(&run(&args, &[]));
+        assert_eq!(lines.len(), 1);
+        (lines[0]["token_ids"].clone(), lines[0]["prompt_tokens"].clone())
+    };
+    let raw = gen(&["--raw-prompt", "--prompt", docs]);
+    assert_eq!(gen(&["--prompt", docs]), raw, "--prompt in the chat format differs from --raw-prompt");
+    assert_eq!(
+        gen(&["--prompt", "Why is this video funny?"]),
+        raw,
+        "the bare question is wrapped into the same prompt"
+    );
+    // Wrapping it again would be a longer prompt: `USER: USER: <video>...`.
+    let twice = gen(&["--raw-prompt", "--prompt", &format!("USER: {docs} ASSISTANT:")]);
+    assert_ne!(twice.1, raw.1);
+
+    // `chat` does the same with a line in the chat format.
+    let line = "USER: <video> Why is this video funny? ASSISTANT:";
+    let mut child = Command::new(env!("CARGO_BIN_EXE_videollava"))
+        .args([
+            "chat",
+            "--model",
+            &checkpoint_str(),
+            "--video",
+            &media_str(),
+            "--max-new-tokens",
+            "6",
+            "--dtype",
+            "f32",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(format!("{line}\n/quit\n").as_bytes()).unwrap();
+    let chat = child.wait_with_output().unwrap();
+    assert!(chat.status.success(), "{}", String::from_utf8_lossy(&chat.stderr));
+    let out = run(
+        &[
+            "generate",
+            "--model",
+            &checkpoint_str(),
+            "--video",
+            &media_str(),
+            "--max-new-tokens",
+            "6",
+            "--dtype",
+            "f32",
+            "--raw-prompt",
+            "--prompt",
+            line,
+        ],
+        &[],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&chat.stdout), String::from_utf8_lossy(&out.stdout));
+}
+
+fn checkpoint_str() -> String {
+    checkpoint("model-llama")
+}
+
+fn media_str() -> String {
+    media("clip.mp4")
+}

@@ -11,7 +11,9 @@ use std::path::{Path, PathBuf};
 use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
-use crate::processor::image_processor::ImageProcessorConfig;
+
+mod preprocessor;
+pub use preprocessor::{ImageProcessorConfig, SizeDict, VideoProcessorConfig, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD};
 
 /// Reads a JSON object from `path`, with errors that name the file.
 pub(crate) fn read_json_object(path: &Path) -> Result<Map<String, Value>> {
@@ -593,8 +595,13 @@ impl ProcessorConfig {
 
     /// Reads `processor_config.json`, falling back to the model config for absent fields.
     pub fn from_file(path: &Path, config: &VideoLlavaConfig) -> Result<Self> {
-        let map = read_json_object(path)?;
-        let f = Fields::new(path, "", &map);
+        Self::from_map(path, &read_json_object(path)?, config)
+    }
+
+    /// Reads the top-level keys of `processor_config.json` (5.x's nested `image_processor` and
+    /// `video_processor` objects are read by [`CheckpointConfig::from_dir`]).
+    fn from_map(path: &Path, map: &Map<String, Value>, config: &VideoLlavaConfig) -> Result<Self> {
+        let f = Fields::new(path, "", map);
         let base = Self::from_model_config(config);
         let strategy = match f.opt_str("vision_feature_select_strategy")? {
             None => base.vision_feature_select_strategy,
@@ -701,12 +708,15 @@ pub struct CheckpointConfig {
     pub model: VideoLlavaConfig,
     pub processor: ProcessorConfig,
     pub image_processor: ImageProcessorConfig,
+    pub video_processor: VideoProcessorConfig,
     pub generation: GenerationConfig,
 }
 
 impl CheckpointConfig {
-    /// Reads `config.json`, `preprocessor_config.json`, the optional `processor_config.json` and
-    /// `generation_config.json` from `dir`.
+    /// Reads `config.json`, the processor files and `generation_config.json` from `dir`, in the
+    /// layout of any transformers version: 4.x writes `preprocessor_config.json` (plus an optional
+    /// `processor_config.json` and, from 4.52, `video_preprocessor_config.json`); 5.x writes one
+    /// `processor_config.json` that nests `image_processor` and `video_processor`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
             return Err(Error::io(
@@ -716,20 +726,53 @@ impl CheckpointConfig {
         }
         let model = VideoLlavaConfig::from_file(&dir.join("config.json"))?;
         let processor_path = dir.join("processor_config.json");
-        let processor = if processor_path.exists() {
-            ProcessorConfig::from_file(&processor_path, &model)?
-        } else {
-            ProcessorConfig::from_model_config(&model)
+        let mut processor_map = if processor_path.exists() { Some(read_json_object(&processor_path)?) } else { None };
+        let processor = match &processor_map {
+            Some(map) => ProcessorConfig::from_map(&processor_path, map, &model)?,
+            None => ProcessorConfig::from_model_config(&model),
         };
+        let mut nested = |key: &str| -> Result<Option<Value>> {
+            match processor_map.as_mut().and_then(|m| m.remove(key)) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v @ Value::Object(_)) => Ok(Some(v)),
+                Some(v) => Err(Error::config(&processor_path, key, format!("expected an object, found {}", kind(&v)))),
+            }
+        };
+        let nested_image = nested("image_processor")?;
+        let nested_video = nested("video_processor")?;
         let pre_path = dir.join("preprocessor_config.json");
-        let image_processor = read_image_processor_config(&pre_path)?;
+        let image_processor = match nested_image {
+            // transformers' order: the nested object when there is one, else the 4.x file.
+            Some(v) => preprocessor::from_json_value(&processor_path, "image_processor", v)?,
+            None if pre_path.exists() => read_image_processor_config(&pre_path)?,
+            None => {
+                return Err(Error::config(
+                    &pre_path,
+                    "",
+                    "missing: the checkpoint has neither preprocessor_config.json (transformers 4.x) nor an \
+                     `image_processor` object in processor_config.json (transformers 5.x)",
+                ))
+            }
+        };
+        let video_path = dir.join("video_preprocessor_config.json");
+        let video_processor = match nested_video {
+            Some(v) => preprocessor::from_json_value(&processor_path, "video_processor", v)?,
+            None if video_path.exists() => {
+                preprocessor::from_json_value(&video_path, "", Value::Object(read_json_object(&video_path)?))?
+            }
+            None => VideoProcessorConfig::from_image_processor(&image_processor),
+        };
+        if video_processor.num_frames == Some(0) {
+            let file = if video_path.exists() { &video_path } else { &processor_path };
+            return Err(Error::config(file, "num_frames", "must be greater than 0"));
+        }
         let gen_path = dir.join("generation_config.json");
         let generation = if gen_path.exists() {
             GenerationConfig::from_file(&gen_path, &model)?
         } else {
             GenerationConfig::from_model_config(&model)
         };
-        Ok(Self { dir: dir.to_path_buf(), model, processor, image_processor, generation })
+        Ok(Self { dir: dir.to_path_buf(), model, processor, image_processor, video_processor, generation })
     }
 }
 

@@ -39,6 +39,10 @@ pub enum Error {
     #[error("{0}")]
     Model(String),
 
+    /// Writing an output file (a batch results file) failed.
+    #[error("{}: {message}", path.display())]
+    Output { path: PathBuf, message: String },
+
     /// The tensor library failed (its error kept as the source).
     #[error("{0}")]
     Tensor(#[from] candle_core::Error),

@@ -12,7 +12,9 @@
 //! - [`hub`]: `--model` as a local directory or a Hugging Face hub id;
 //! - [`kernels`]: the CPU kernels (GEMMs, matrix-vector products, attention, fused element-wise
 //!   ops) under the model, with one CPU-feature detection.
+//! - [`batch`]: manifests, shards and results files of offline batch runs.
 
+pub mod batch;
 pub mod config;
 pub mod engine;
 pub mod error;

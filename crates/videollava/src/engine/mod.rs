@@ -162,6 +162,34 @@ impl Engine {
         )
     }
 
+    /// The prompt for a user's `text`: verbatim when it already holds the chat format (the
+    /// template's `USER:` / `ASSISTANT:` turns, as the model card writes prompts), otherwise a
+    /// question wrapped by [`Self::question_prompt`]. See [`crate::processor::prompt`].
+    pub fn prompt_for(&self, text: &str, images: usize, videos: usize) -> Result<String> {
+        let tok = self.tokenizer();
+        let name = |id: Option<u32>| tok.token_name(id);
+        crate::processor::prompt::prompt_for(
+            tok.chat_template.as_deref(),
+            text,
+            images,
+            videos,
+            &name(tok.bos_token_id),
+            &name(tok.eos_token_id),
+        )
+    }
+
+    /// Whether `text` already holds the checkpoint's chat format (see [`Self::prompt_for`]).
+    pub fn is_chat_formatted(&self, text: &str) -> bool {
+        let tok = self.tokenizer();
+        let name = |id: Option<u32>| tok.token_name(id);
+        crate::processor::prompt::is_chat_formatted(
+            tok.chat_template.as_deref(),
+            text,
+            &name(tok.bos_token_id),
+            &name(tok.eos_token_id),
+        )
+    }
+
     /// Runs the processor over prompts and media (timed as `preprocess`).
     pub fn preprocess(
         &self,

@@ -58,6 +58,8 @@ pub struct RequestTimings {
     pub preprocess_ms: f64,
     /// Vision towers and prompt prefill.
     pub prefill_ms: f64,
+    /// The vision towers' share of `prefill_ms` (0 when the features came from the cache).
+    pub vision_ms: f64,
     pub decode_ms: f64,
     /// From submission to the first token.
     pub time_to_first_token_ms: f64,
@@ -302,6 +304,7 @@ fn prefill_step(engine: &Engine, p: &mut Prefilling) -> Result<Option<(Active, K
     let Some(logits) = logits else { return Ok(None) };
     let mut timings = p.timings;
     timings.prefill_ms = p.prompt.vision_ms + p.decoder_ms;
+    timings.vision_ms = p.prompt.vision_ms;
     let max_ctx = model.config.text_config.max_position_embeddings;
     let mut state = SequenceState::new(0, std::mem::take(&mut p.ids), &p.options);
     let row = logits.to_vec2::<f32>()?.remove(0);

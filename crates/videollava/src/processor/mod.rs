@@ -8,6 +8,7 @@
 
 pub mod chat;
 pub mod image_processor;
+pub mod prompt;
 pub mod resize;
 pub mod tokenizer;
 
@@ -60,6 +61,12 @@ impl ProcessorOutput {
 pub struct Processor {
     pub tokenizer: TextTokenizer,
     pub image_processor: ImageProcessor,
+    /// The per-frame steps of the video processor (the image processor's settings unless the
+    /// checkpoint has a video processor config of its own).
+    pub video_processor: ImageProcessor,
+    /// Frames per video the checkpoint's video processor asks for (5.x `do_sample_frames` with
+    /// `num_frames`); `None` leaves the choice to the caller.
+    pub num_frames: Option<usize>,
     pub config: ProcessorConfig,
     pub image_token_id: u32,
     pub video_token_id: u32,
@@ -86,6 +93,8 @@ impl Processor {
     pub fn new(config: &CheckpointConfig, tokenizer: TextTokenizer) -> Result<Self> {
         let image_processor = ImageProcessor::new(config.image_processor.clone())
             .map_err(|e| Error::config(config.dir.join("preprocessor_config.json"), "", e.to_string()))?;
+        let video_processor = ImageProcessor::new(config.video_processor.frame.clone())
+            .map_err(|e| Error::config(config.dir.join("processor_config.json"), "video_processor", e.to_string()))?;
         let pc = config.processor.clone();
         let token_id = |token: &str, expected: u32, field: &str| -> Result<u32> {
             let id = tokenizer.token_to_id(token).ok_or_else(|| {
@@ -107,7 +116,16 @@ impl Processor {
         let image_token_id = token_id(&pc.image_token, config.model.image_token_id, "image_token_index")?;
         let video_token_id = token_id(&pc.video_token, config.model.video_token_id, "video_token_index")?;
         let pad_token_id = tokenizer.pad_token_id.or(config.model.pad_token_id);
-        Ok(Self { tokenizer, image_processor, config: pc, image_token_id, video_token_id, pad_token_id })
+        Ok(Self {
+            tokenizer,
+            image_processor,
+            video_processor,
+            num_frames: config.video_processor.default_num_frames(),
+            config: pc,
+            image_token_id,
+            video_token_id,
+            pad_token_id,
+        })
     }
 
     /// Placeholder tokens for one image of processed size `height` x `width`.
@@ -128,7 +146,7 @@ impl Processor {
 
     /// Preprocesses images (in placeholder order) into `[N, 3, H, W]`; all must come out one size.
     pub fn preprocess_images(&self, images: &[RgbImage]) -> Result<Option<PixelTensor>> {
-        let processed = self.run_image_processor(images.iter().collect())?;
+        let processed = self.run_image_processor(&self.image_processor, images.iter().collect())?;
         let Some(first) = processed.first() else { return Ok(None) };
         let (h, w) = (first.height, first.width);
         let mut data = Vec::with_capacity(processed.len() * 3 * h * w);
@@ -162,7 +180,7 @@ impl Processor {
             }
         }
         let frames: Vec<&RgbImage> = videos.iter().flat_map(|v| v.frames.iter()).collect();
-        let processed = self.run_image_processor(frames)?;
+        let processed = self.run_image_processor(&self.video_processor, frames)?;
         let (h, w) = (processed[0].height, processed[0].width);
         let mut data = Vec::with_capacity(processed.len() * 3 * h * w);
         for p in &processed {
@@ -177,17 +195,17 @@ impl Processor {
         Ok(Some(PixelTensor { shape: vec![videos.len(), t, 3, h, w], data }))
     }
 
-    /// Runs the image processor over `images` on up to `available_parallelism` threads.
-    fn run_image_processor(&self, images: Vec<&RgbImage>) -> Result<Vec<ProcessedImage>> {
+    /// Runs `processor` (the image or the video frame processor) over `images` on up to `available_parallelism` threads.
+    fn run_image_processor(&self, processor: &ImageProcessor, images: Vec<&RgbImage>) -> Result<Vec<ProcessedImage>> {
         let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(images.len().max(1));
         if threads <= 1 {
-            return images.iter().map(|im| self.image_processor.preprocess(im)).collect();
+            return images.iter().map(|im| processor.preprocess(im)).collect();
         }
         let chunk = images.len().div_ceil(threads);
         let results: Vec<Result<Vec<ProcessedImage>>> = std::thread::scope(|s| {
             let handles: Vec<_> = images
                 .chunks(chunk)
-                .map(|part| s.spawn(move || part.iter().map(|im| self.image_processor.preprocess(im)).collect()))
+                .map(|part| s.spawn(move || part.iter().map(|im| processor.preprocess(im)).collect()))
                 .collect();
             handles
                 .into_iter()
