@@ -10,6 +10,9 @@ use anyhow::Result;
 use clap::Args;
 use serde_json::json;
 use videollava::generate::{generate, GenerateOptions};
+use videollava::kernels::bandwidth::read_bandwidth;
+use videollava::kernels::cpu;
+use videollava::KvCacheFormat;
 
 use crate::common::{MediaArgs, ModelArgs};
 
@@ -28,6 +31,9 @@ pub struct BenchArgs {
     /// Also write the JSON report to this file.
     #[arg(long, value_name = "FILE")]
     json: Option<std::path::PathBuf>,
+    /// MiB read to measure the memory read bandwidth (several times the last-level cache; 0: skip).
+    #[arg(long, default_value_t = 2048, value_name = "MIB")]
+    bandwidth_mib: usize,
 }
 
 /// Peak resident set size of this process in MiB (VmHWM), where the OS reports it.
@@ -70,9 +76,31 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let decode_s: f64 = per_token.iter().sum();
     let ttft_s = stamps.first().map(|t| (*t - t_gen).as_secs_f64()).unwrap_or(f64::NAN);
     let prompt_tokens = out[0].prompt_tokens;
+    // Before the bandwidth probe's buffer.
+    let peak_rss = peak_rss_mib();
+
+    // What bounds decoding: each step reads every decoder weight once, plus the KV cache.
+    let bandwidth = (args.bandwidth_mib > 0).then(|| read_bandwidth(args.bandwidth_mib << 20, 3));
+    let text = &engine.model.config.text_config;
+    let kv_bytes_per_position = match args.model.kv_cache {
+        KvCacheFormat::Model => engine.model.dtype.size_in_bytes() as f64,
+        KvCacheFormat::Q8_0 => 1.0 + 4.0 / 32.0,
+    } * (2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim) as f64;
+    let mean_context = prompt_tokens as f64 + decode_tokens as f64 / 2.0;
+    let bytes_per_token = engine.model.decode_weight_bytes() as f64 + kv_bytes_per_position * mean_context;
+    let decode_rate = decode_tokens as f64 / decode_s;
+    let decode_limit = bandwidth.map(|bw| bw / bytes_per_token);
+    let kernels = cpu::kernel_set();
+    let f = cpu::features();
 
     let report = json!({
         "engine": "videollava",
+        "kernel_set": kernels.name(),
+        "cpu_features": {"avx2": f.avx2, "avx_vnni": f.avx_vnni, "avx512": f.avx512, "avx512_bf16": f.avx512_bf16, "avx512_vnni": f.avx512_vnni},
+        "read_bandwidth_gb_s": bandwidth.map(|b| b / 1e9),
+        "decode_bytes_per_token": bytes_per_token,
+        "decode_limit_tokens_per_s": decode_limit,
+        "decode_fraction_of_limit": decode_limit.map(|l| decode_rate / l),
         "model": engine.model_dir.display().to_string(),
         "dtype": format!("{:?}", engine.model.dtype).to_lowercase(),
         "quantize": args.model.quantize.map(|q| q.name()),
@@ -94,7 +122,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "decode_median_token_s": median(&mut per_token),
         "generate_total_s": total_gen_s,
         "peak_rss_after_load_mib": rss_after_load,
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": peak_rss,
     });
     let rows = [
         ("load", format!("{load_s:.2} s")),
@@ -118,6 +146,19 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 report["decode_median_token_s"].as_f64().unwrap_or(0.0)
             ),
         ),
+        (
+            "decode bound",
+            match (bandwidth, decode_limit) {
+                (Some(bw), Some(limit)) => format!(
+                    "{:.1} GB/s read, {:.2} GB per token: <= {limit:.2} tokens/s; measured {:.0}% of it",
+                    bw / 1e9,
+                    bytes_per_token / 1e9,
+                    100.0 * decode_rate / limit
+                ),
+                _ => "not measured (--bandwidth-mib 0)".to_string(),
+            },
+        ),
+        ("kernels", format!("{kernels} (VIDEOLLAVA_KERNELS caps it)")),
         ("peak RSS", format!("{:.0} MiB", report["peak_rss_mib"].as_f64().unwrap_or(f64::NAN))),
     ];
     for (k, v) in rows {

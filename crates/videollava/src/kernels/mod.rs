@@ -4,6 +4,7 @@
 //! ops on other devices.
 //!
 //! - [`cpu`]: the one CPU-feature detection, and the switch that forces a lower kernel set;
+//! - [`bandwidth`]: the machine's measured memory read bandwidth (what bounds decoding);
 //! - [`bf16_gemm`]: BF16 matrix products with f32 accumulation (AVX-512 BF16, portable);
 //! - [`qgemv`]: matrix-vector products over GGML Q4K / Q6K / Q8_0 blocks (quantized decoding);
 //! - [`q8_gemm`], [`q4k_gemm`]: int8 GEMMs over Q8_0 / Q4K blocks (AVX-512 VNNI; quantized prefill);
@@ -17,6 +18,7 @@
 #![allow(unsafe_op_in_unsafe_fn)]
 
 pub mod attention;
+pub mod bandwidth;
 pub mod bf16_gemm;
 pub mod cpu;
 pub mod fused;

@@ -53,6 +53,16 @@ impl LinearWeight {
             LinearWeight::MappedQuantized(m) => m.dims(),
         })
     }
+
+    /// Bytes of the weight as stored: dense elements times their size, or the GGML blocks.
+    pub fn bytes(&self) -> usize {
+        match self {
+            LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
+            LinearWeight::Quantized(q) => q.storage_size_in_bytes(),
+            LinearWeight::Mapped(m) => m.bits().len() * 2,
+            LinearWeight::MappedQuantized(m) => m.bytes().len(),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

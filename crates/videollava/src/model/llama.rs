@@ -546,6 +546,23 @@ impl LanguageModel {
 }
 
 impl LanguageModel {
+    /// Bytes of weights one decode step reads: every decoder layer's linear layers and the LM
+    /// head (the embedding row and norms are negligible).
+    pub fn decode_weight_bytes(&self) -> usize {
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let (a, m) = (&l.self_attn, &l.mlp);
+                [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
+                    .iter()
+                    .map(|x| x.weight().bytes())
+                    .sum::<usize>()
+            })
+            .sum();
+        layers + self.lm_head.weight().bytes()
+    }
+
     /// Every linear layer with its canonical weight name (`language_model.model.layers.{i}.…`,
     /// `language_model.lm_head.weight`), for quantization.
     pub fn linears_mut(&mut self) -> Vec<(String, &mut Linear)> {

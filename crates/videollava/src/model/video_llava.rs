@@ -551,6 +551,11 @@ impl VideoLlava {
 
     /// How the decoder keeps keys and values in caches created from now on: the compute dtype
     /// (default) or 8-bit codes (`--kv-cache q8_0`, see [`crate::kernels::kv_quant`]).
+    /// Bytes of weights one decode step reads (the language model's linear layers and LM head).
+    pub fn decode_weight_bytes(&self) -> usize {
+        self.language_model.decode_weight_bytes()
+    }
+
     pub fn set_kv_cache_format(&mut self, format: crate::kernels::kv_quant::KvCacheFormat) {
         self.language_model.set_kv_cache_format(format);
     }
