@@ -298,16 +298,16 @@ pub fn run(args: BatchArgs) -> Result<()> {
 
     if !todo.is_empty() {
         let engine = args.model.load()?;
-        let load_ms = engine.load_ms;
+        let load_ms = engine.load_ms();
         let tok: TextTokenizer = engine.tokenizer().clone();
         let name = |id: Option<u32>| tok.token_name(id);
-        let frames = args.num_frames.or(engine.processor.num_frames).unwrap_or(VideoOptions::default().num_frames);
+        let frames = args.num_frames.or(engine.processor().num_frames).unwrap_or(VideoOptions::default().num_frames);
         let ctx = Arc::new(RowContext {
             template: tok.chat_template.clone(),
             bos: name(tok.bos_token_id),
             eos: name(tok.eos_token_id),
-            image_token: engine.processor.config.image_token.clone(),
-            video_token: engine.processor.config.video_token.clone(),
+            image_token: engine.processor().config.image_token.clone(),
+            video_token: engine.processor().config.video_token.clone(),
             raw_prompt: args.raw_prompt,
             options: args.generation.options(engine.default_options()),
             video: VideoOptions { num_frames: frames, sampling: args.frame_sampling },

@@ -58,10 +58,10 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let load_s = t_load.elapsed().as_secs_f64();
     let rss_after_load = peak_rss_mib();
 
-    let (images, videos, media_ms) = args.media.load(engine.processor.num_frames)?;
+    let (images, videos, media_ms) = args.media.load(engine.processor().num_frames)?;
     let prompt = engine.prompt_for(&args.prompt, images.len(), videos.len())?;
     let t_pre = Instant::now();
-    let inputs = engine.processor.process(&[prompt.as_str()], &images, &videos)?;
+    let inputs = engine.processor().process(&[prompt.as_str()], &images, &videos)?;
     let preprocess_s = t_pre.elapsed().as_secs_f64();
     drop((images, videos));
 
@@ -69,7 +69,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let mut stamps: Vec<Instant> = Vec::new();
     let t_gen = Instant::now();
     let (out, timings) =
-        generate(&engine.model, engine.tokenizer(), &inputs, &options, &mut |_| stamps.push(Instant::now()))?;
+        generate(&engine.model(), engine.tokenizer(), &inputs, &options, &mut |_| stamps.push(Instant::now()))?;
     let total_gen_s = t_gen.elapsed().as_secs_f64();
     let mut per_token: Vec<f64> = stamps.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()).collect();
     let decode_tokens = per_token.len();
@@ -81,13 +81,13 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     // What bounds decoding: each step reads every decoder weight once, plus the KV cache.
     let bandwidth = (args.bandwidth_mib > 0).then(|| read_bandwidth(args.bandwidth_mib << 20, 3));
-    let text = &engine.model.config.text_config;
+    let text = &engine.model().config.text_config;
     let kv_bytes_per_position = match args.model.kv_cache {
-        KvCacheFormat::Model => engine.model.dtype.size_in_bytes() as f64,
+        KvCacheFormat::Model => engine.model().dtype.size_in_bytes() as f64,
         KvCacheFormat::Q8_0 => 1.0 + 4.0 / 32.0,
     } * (2 * text.num_hidden_layers * text.num_key_value_heads * text.head_dim) as f64;
     let mean_context = prompt_tokens as f64 + decode_tokens as f64 / 2.0;
-    let bytes_per_token = engine.model.decode_weight_bytes() as f64 + kv_bytes_per_position * mean_context;
+    let bytes_per_token = engine.model().decode_weight_bytes() as f64 + kv_bytes_per_position * mean_context;
     let decode_rate = decode_tokens as f64 / decode_s;
     let decode_limit = bandwidth.map(|bw| bw / bytes_per_token);
     let kernels = cpu::kernel_set();
@@ -101,8 +101,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "decode_bytes_per_token": bytes_per_token,
         "decode_limit_tokens_per_s": decode_limit,
         "decode_fraction_of_limit": decode_limit.map(|l| decode_rate / l),
-        "model": engine.model_dir.display().to_string(),
-        "dtype": format!("{:?}", engine.model.dtype).to_lowercase(),
+        "model": engine.model_dir().display().to_string(),
+        "dtype": format!("{:?}", engine.model().dtype).to_lowercase(),
         "quantize": args.model.quantize.map(|q| q.name()),
         "kv_cache": args.model.kv_cache.to_string(),
         "prefill_chunk": args.model.prefill_chunk,

@@ -119,9 +119,9 @@ fn turn(
     };
     let (images, videos) = (std::mem::take(&mut s.images), std::mem::take(&mut s.videos));
     let mut inputs = if first {
-        engine.processor.process(&[new_text.as_str()], &images, &videos)?
+        engine.processor().process(&[new_text.as_str()], &images, &videos)?
     } else {
-        engine.processor.process_continuation(&[new_text.as_str()], &images, &videos)?
+        engine.processor().process_continuation(&[new_text.as_str()], &images, &videos)?
     };
     if let Some(tok) = s.pending.take() {
         let eos = engine.default_options().eos_token_ids;
@@ -134,7 +134,7 @@ fn turn(
     let cached = s.cache.len();
     let prefilled = inputs.seq_len;
     let (results, _) =
-        generate_continuing(&engine.model, engine.tokenizer(), &inputs, options, &mut s.cache, &mut |ev| {
+        generate_continuing(&engine.model(), engine.tokenizer(), &inputs, options, &mut s.cache, &mut |ev| {
             let _ = out.write_all(ev.text_delta.as_bytes());
             let _ = out.flush();
         })?;
@@ -165,7 +165,7 @@ pub fn run(args: ChatArgs) -> Result<()> {
     options.sampling =
         SamplingParams { temperature: args.temperature, top_p: args.top_p, seed: args.seed, ..Default::default() };
     let mut s = Session::new();
-    let (images, videos, _) = args.media.load(engine.processor.num_frames)?;
+    let (images, videos, _) = args.media.load(engine.processor().num_frames)?;
     s.images = images;
     s.videos = videos;
 
@@ -187,9 +187,9 @@ pub fn run(args: ChatArgs) -> Result<()> {
             s = Session::new();
             Ok("conversation reset".to_string())
         } else if let Some(p) = line.strip_prefix("/image ") {
-            attach(&mut s, "image", p, &args.media, engine.processor.num_frames)
+            attach(&mut s, "image", p, &args.media, engine.processor().num_frames)
         } else if let Some(p) = line.strip_prefix("/video ") {
-            attach(&mut s, "video", p, &args.media, engine.processor.num_frames)
+            attach(&mut s, "video", p, &args.media, engine.processor().num_frames)
         } else if line.starts_with('/') {
             Ok(format!("unknown command {line} (use /image PATH, /video PATH, /reset, /quit)"))
         } else {

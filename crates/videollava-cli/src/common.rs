@@ -117,10 +117,10 @@ impl ModelArgs {
         if let Some(s) = spinner {
             s.finish_and_clear();
         }
-        engine.model.set_feature_cache_capacity(self.feature_cache_mib << 20);
-        engine.model.set_kv_cache_format(self.kv_cache);
-        engine.model.set_prefill_chunk(self.prefill_chunk);
-        if let Some(q) = &engine.model.quantization {
+        engine.model().set_feature_cache_capacity(self.feature_cache_mib << 20);
+        engine.model_mut().set_kv_cache_format(self.kv_cache);
+        engine.model_mut().set_prefill_chunk(self.prefill_chunk);
+        if let Some(q) = &engine.model().quantization {
             let mut kinds: Vec<String> = q.quantized.iter().map(|(k, n)| format!("{n} {k}")).collect();
             kinds.sort();
             let source = match (&q.cache_file, q.from_cache) {

@@ -42,7 +42,7 @@ fn build_prompts(engine: &Engine, args: &GenerateArgs, n_images: usize, n_videos
     if args.raw_prompt {
         return Ok(args.prompts.clone());
     }
-    let proc_cfg = &engine.processor.config;
+    let proc_cfg = &engine.processor().config;
     let places_media = |p: &String| {
         p.contains(&proc_cfg.image_token) || p.contains(&proc_cfg.video_token) || engine.is_chat_formatted(p)
     };
@@ -73,7 +73,7 @@ fn build_prompts(engine: &Engine, args: &GenerateArgs, n_images: usize, n_videos
 
 pub fn run(args: GenerateArgs) -> Result<()> {
     let engine = args.model.load()?;
-    let (images, videos, media_ms) = args.media.load(engine.processor.num_frames)?;
+    let (images, videos, media_ms) = args.media.load(engine.processor().num_frames)?;
     let prompts = build_prompts(&engine, &args, images.len(), videos.len())?;
     let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
 

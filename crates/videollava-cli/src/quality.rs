@@ -51,7 +51,7 @@ fn teacher_forced_logits(engine: &Engine, ids: &[u32], inputs: &ProcessorOutput,
     input.pixel_values_images = images.as_ref();
     input.pixel_values_videos = videos.as_ref();
     input.logits = LogitsSelection::All;
-    let out = engine.model.forward(&input, None)?;
+    let out = engine.model().forward(&input, None)?;
     let logits = out.logits.context("the model returned no logits")?;
     let (_, l, _) = logits.dims3()?;
     Ok(logits.narrow(1, l - positions, positions)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?)
@@ -81,17 +81,17 @@ pub fn run(args: QualityArgs) -> Result<()> {
     let reference = Engine::load_quantized(&dir, args.reference_dtype, None, QuantCache::Off, true, &Device::Cpu)
         .with_context(|| format!("loading the reference {}", dir.display()))?;
     let prompt = reference.prompt_for(&args.prompt, images.len(), videos.len())?;
-    let inputs = reference.processor.process(&[prompt.as_str()], &images, &videos)?;
+    let inputs = reference.processor().process(&[prompt.as_str()], &images, &videos)?;
     let options = GenerateOptions { max_new_tokens: args.positions, ignore_eos: true, ..reference.default_options() };
-    let (out, _) = generate(&reference.model, reference.tokenizer(), &inputs, &options, &mut |_| {})?;
+    let (out, _) = generate(&reference.model(), reference.tokenizer(), &inputs, &options, &mut |_| {})?;
     let answer = &out[0].token_ids;
     let positions = answer.len();
     let mut ids: Vec<u32> = inputs.ids(0).iter().map(|&i| i as u32).collect();
     let prompt_tokens = ids.len();
     ids.extend_from_slice(&answer[..positions - 1]);
-    eprintln!("reference ({:?}) answered {positions} tokens; teacher forcing both models", reference.model.dtype);
+    eprintln!("reference ({:?}) answered {positions} tokens; teacher forcing both models", reference.model().dtype);
     let ref_logits = teacher_forced_logits(&reference, &ids, &inputs, positions)?;
-    let ref_dtype = format!("{:?}", reference.model.dtype).to_lowercase();
+    let ref_dtype = format!("{:?}", reference.model().dtype).to_lowercase();
     drop(reference);
 
     // 2. The quantized model reads the same tokens.
@@ -104,7 +104,7 @@ pub fn run(args: QualityArgs) -> Result<()> {
         "model": dir.display().to_string(),
         "quantize": args.model.quantize.map(|q| q.name()),
         "kv_cache": kv.to_string(),
-        "compute_dtype": format!("{:?}", quantized.model.dtype).to_lowercase(),
+        "compute_dtype": format!("{:?}", quantized.model().dtype).to_lowercase(),
         "reference_dtype": ref_dtype,
         "prompt_tokens": prompt_tokens,
         "positions": stats.positions,
@@ -114,8 +114,8 @@ pub fn run(args: QualityArgs) -> Result<()> {
         "mean_reference_top1_prob": stats.mean_reference_top1_prob,
         "mean_reference_margin": stats.mean_reference_margin,
         "reference_answer": answer,
-        "quantized_layers": quantized.model.quantization.as_ref().map(|q| json!(q.quantized)),
-        "quantized_gb": quantized.model.quantization.as_ref().map(|q| q.quantized_bytes as f64 / 1e9),
+        "quantized_layers": quantized.model().quantization.as_ref().map(|q| json!(q.quantized)),
+        "quantized_gb": quantized.model().quantization.as_ref().map(|q| q.quantized_bytes as f64 / 1e9),
     });
     eprintln!(
         "{format} vs {ref_dtype} over {} positions: top-1 agreement {:.2}%, mean KL {:.5} nats (max {:.5}); \

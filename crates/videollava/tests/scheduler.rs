@@ -95,8 +95,8 @@ fn check_concurrent(name: &str) {
 fn check_concurrent_with(name: &str, kv: KvCacheFormat, prefill_chunk: usize) {
     let engine = |name: &str| {
         let mut e = engine(name);
-        e.model.set_kv_cache_format(kv);
-        e.model.set_prefill_chunk(prefill_chunk);
+        e.model_mut().set_kv_cache_format(kv);
+        e.model_mut().set_prefill_chunk(prefill_chunk);
         e
     };
     let reference = engine(name);

@@ -135,9 +135,9 @@ impl EngineBuilder {
         }
         let mut engine =
             Engine::load_quantized(&dir, self.dtype, self.quantize, self.quant_cache, self.mmap, &self.device)?;
-        engine.model.set_feature_cache_capacity(self.feature_cache_bytes);
-        engine.model.set_kv_cache_format(self.kv_cache);
-        engine.model.set_prefill_chunk(self.prefill_chunk);
+        engine.model().set_feature_cache_capacity(self.feature_cache_bytes);
+        engine.model_mut().set_kv_cache_format(self.kv_cache);
+        engine.model_mut().set_prefill_chunk(self.prefill_chunk);
         Ok(engine)
     }
 }

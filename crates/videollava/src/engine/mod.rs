@@ -85,13 +85,13 @@ impl StageTimings {
     }
 }
 
-/// A loaded checkpoint.
+/// A loaded checkpoint: the model, its processor and its configuration.
 pub struct Engine {
-    pub model: VideoLlava,
-    pub processor: Processor,
-    pub checkpoint: CheckpointConfig,
-    pub model_dir: PathBuf,
-    pub load_ms: f64,
+    model: VideoLlava,
+    processor: Processor,
+    checkpoint: CheckpointConfig,
+    model_dir: PathBuf,
+    load_ms: f64,
 }
 
 impl Engine {
@@ -129,6 +129,36 @@ impl Engine {
             model_dir: dir.to_path_buf(),
             load_ms: t.elapsed().as_secs_f64() * 1e3,
         })
+    }
+
+    /// The model (weights, caches of visual features).
+    pub fn model(&self) -> &VideoLlava {
+        &self.model
+    }
+
+    /// The model, to change its run-time settings (KV cache format, prefill chunk).
+    pub fn model_mut(&mut self) -> &mut VideoLlava {
+        &mut self.model
+    }
+
+    /// The processor (image and video pixels, tokenizer, chat format).
+    pub fn processor(&self) -> &Processor {
+        &self.processor
+    }
+
+    /// The checkpoint's configuration files.
+    pub fn checkpoint(&self) -> &CheckpointConfig {
+        &self.checkpoint
+    }
+
+    /// The checkpoint directory.
+    pub fn model_dir(&self) -> &Path {
+        &self.model_dir
+    }
+
+    /// Milliseconds the load took.
+    pub fn load_ms(&self) -> f64 {
+        self.load_ms
     }
 
     pub fn tokenizer(&self) -> &TextTokenizer {

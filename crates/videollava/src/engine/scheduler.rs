@@ -147,11 +147,11 @@ impl Scheduler {
         let tok = engine.tokenizer();
         let name = |id: Option<u32>| tok.token_name(id);
         let info = EngineInfo {
-            model_dir: engine.model_dir.clone(),
+            model_dir: engine.model_dir().to_path_buf(),
             chat_template: tok.chat_template.clone(),
             bos_token: name(tok.bos_token_id),
             eos_token: name(tok.eos_token_id),
-            max_position_embeddings: engine.model.config.text_config.max_position_embeddings,
+            max_position_embeddings: engine.model().config.text_config.max_position_embeddings,
             default_options: engine.default_options(),
         };
         let shared = Arc::new(Shared {
@@ -267,11 +267,11 @@ fn start_prefill(engine: &Engine, job: Job) -> std::result::Result<Prefilling, (
         request.options.validate()?;
         let mut timings = RequestTimings { queue_ms: ms(submitted), ..Default::default() };
         let t = Instant::now();
-        let inputs = engine.processor.process(&[request.prompt.as_str()], &request.images, &request.videos)?;
+        let inputs = engine.processor().process(&[request.prompt.as_str()], &request.images, &request.videos)?;
         timings.preprocess_ms = ms(t);
-        let max_ctx = engine.model.config.text_config.max_position_embeddings;
+        let max_ctx = engine.model().config.text_config.max_position_embeddings;
         check_context("the prompt", inputs.seq_len, max_ctx)?;
-        let model = &engine.model;
+        let model = &engine.model();
         let l = inputs.seq_len;
         let ids: Vec<u32> = inputs.input_ids.iter().map(|&x| x as u32).collect();
         let positions = Tensor::from_vec((0..l as u32).collect::<Vec<_>>(), (1, l), &model.device)?;
@@ -295,7 +295,7 @@ fn start_prefill(engine: &Engine, job: Job) -> std::result::Result<Prefilling, (
 /// Runs the next chunk of `p`'s prompt. After the last one, chooses the first token and returns
 /// the request's running state and its cache row.
 fn prefill_step(engine: &Engine, p: &mut Prefilling) -> Result<Option<(Active, KvCache)>> {
-    let model = &engine.model;
+    let model = &engine.model();
     let t = Instant::now();
     let n = model.prefill_chunk_len(p.prompt.len).min(p.prompt.len - p.done);
     let logits = model.prefill_part(&p.prompt, &p.positions, p.done, n, &mut p.cache)?;
@@ -321,7 +321,7 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
     let mut rows: Vec<Active> = Vec::new();
     // Admitted requests whose prompts are being prefilled, first come first served.
     let mut pending: VecDeque<Prefilling> = VecDeque::new();
-    let max_ctx = engine.model.config.text_config.max_position_embeddings;
+    let max_ctx = engine.model().config.text_config.max_position_embeddings;
     loop {
         // Admit waiting requests while the batch has room.
         let jobs: Vec<Job> = {
@@ -416,7 +416,7 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
 /// ([`decode_logits`]).
 fn decode_step(engine: &Engine, rows: &mut [Active], cache: &mut KvCache, max_ctx: usize) -> Result<()> {
     let states: Vec<&SequenceState> = rows.iter().map(|r| &r.state).collect();
-    let logits = decode_logits(&engine.model, &states, cache)?;
+    let logits = decode_logits(&engine.model(), &states, cache)?;
     for (row, lg) in rows.iter_mut().zip(&logits) {
         let out = row.state.step(lg, &row.options, engine.tokenizer(), max_ctx)?;
         row.emit_step(out);
