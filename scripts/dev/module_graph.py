@@ -1,0 +1,90 @@
+"""Prints the library's module import graph and fails on cycles.
+
+Edges: file A imports file B when A names `crate::x::y` or `super::y` resolving to B's module
+(`use` lines and paths in code). Reported at two levels: top-level modules (config, media, ...)
+and files. Usage: python3 scripts/dev/module_graph.py [crates/videollava/src]
+"""
+import os
+import re
+import sys
+from collections import defaultdict
+
+root = sys.argv[1] if len(sys.argv) > 1 else "crates/videollava/src"
+
+
+def module_of(path):
+    rel = os.path.relpath(path, root)[:-3].split(os.sep)
+    if rel[-1] in ("mod", "lib"):
+        rel = rel[:-1]
+    return rel
+
+
+files = {}
+for d, _, fs in os.walk(root):
+    for f in fs:
+        if f.endswith(".rs"):
+            p = os.path.join(d, f)
+            files[tuple(module_of(p))] = p
+mods = set(files)
+
+
+def resolve(parts):
+    # longest prefix that is a module
+    for n in range(len(parts), 0, -1):
+        if tuple(parts[:n]) in mods:
+            return tuple(parts[:n])
+    return None
+
+
+edges = defaultdict(set)
+for m, p in files.items():
+    src = open(p).read()
+    # Test modules do not count (a test may use anything).
+    src = re.split(r"#\[cfg\(test\)\]\s*mod tests", src)[0]
+    # Comments (doc links included) are not imports.
+    src = re.sub(r"//[^\n]*", "", src)
+    for hit in re.finditer(r"\bcrate::([a-z_0-9]+(?:::[a-z_0-9]+)*)", src):
+        t = resolve(hit.group(1).split("::"))
+        if t and t != m and not (len(t) < len(m) and m[: len(t)] == t):
+            edges[m].add(t)
+    for hit in re.finditer(r"\bsuper::([a-z_0-9]+(?:::[a-z_0-9]+)*)", src):
+        base = list(m[:-1]) if files[m].endswith("mod.rs") is False else list(m[:-1])
+        if files[m].endswith("mod.rs"):
+            base = list(m[:-1])
+        t = resolve(base + hit.group(1).split("::"))
+        if t and t != m and not (len(t) < len(m) and m[: len(t)] == t):
+            edges[m].add(t)
+
+
+def cycles(graph):
+    found, state = [], {}
+
+    def dfs(u, stack):
+        state[u] = 1
+        stack.append(u)
+        for v in sorted(graph.get(u, ())):
+            if state.get(v) == 1:
+                found.append(stack[stack.index(v):] + [v])
+            elif v not in state:
+                dfs(v, stack)
+        stack.pop()
+        state[u] = 2
+
+    for u in sorted(graph):
+        if u not in state:
+            dfs(u, [])
+    return found
+
+
+top = defaultdict(set)
+for a, bs in edges.items():
+    for b in bs:
+        if a[:1] != b[:1] and a and b:
+            top[a[0]].add(b[0])
+print("top-level modules -> what they import:")
+for a in sorted(top):
+    print(f"  {a:10} -> {', '.join(sorted(top[a]))}")
+bad = cycles(top) + cycles(edges)
+for c in bad:
+    print("CYCLE:", " -> ".join(x if isinstance(x, str) else "::".join(x) for x in c))
+sys.exit(1 if bad else 0)
