@@ -6,6 +6,7 @@
 mod common;
 
 mod chat_template;
+mod fuzz;
 mod generate_parity;
 mod hub_cache;
 mod image_decode;

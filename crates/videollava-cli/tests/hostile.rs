@@ -1,0 +1,283 @@
+//! Hostile input against `videollava serve` run as a separate process (issue 13): every attack
+//! is generated here, must be refused with a 4xx naming the problem, must leave the server
+//! answering, and all together must grow the server's peak resident memory (VmHWM, read from
+//! `/proc/<pid>/status`) by less than 1 GB.
+
+use std::io::{BufRead, BufReader, Read as _, Write as _};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../videollava/tests/fixtures")
+}
+
+fn temp_dir(test: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("videollava-hostile-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A `videollava serve` child on a loopback port; killed on drop.
+struct Server {
+    child: Child,
+    base: String,
+}
+
+impl Server {
+    fn start(model: &Path, allowed: &Path, extra: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_videollava"))
+            .args(["serve", "--model", model.to_str().unwrap(), "--host", "127.0.0.1", "--port", "0"])
+            .args(["--allowed-media-dir", allowed.to_str().unwrap()])
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start videollava serve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut tx = Some(tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(at) = line.find("listening on http://") {
+                    let addr = line[at + "listening on http://".len()..].split_whitespace().next().unwrap().to_string();
+                    if let Some(tx) = tx.take() {
+                        let _ = tx.send(addr);
+                    }
+                }
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(120)).expect("the server starts listening within 120 s");
+        Server { child, base: format!("http://{addr}") }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `VmHWM` / `VmRSS` of the server process, in kB.
+    fn mem_kb(&self, key: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("server process alive");
+        status
+            .lines()
+            .find(|l| l.starts_with(key))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(120)))
+        .build()
+        .into()
+}
+
+fn post(base: &str, body: &Value) -> (u16, Value, Duration) {
+    let t = Instant::now();
+    let mut resp = agent()
+        .post(format!("{base}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .send(serde_json::to_vec(body).unwrap())
+        .expect("the server answers");
+    let status = resp.status().as_u16();
+    let text = resp.body_mut().with_config().limit(64 << 20).read_to_string().unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)), t.elapsed())
+}
+
+fn health(base: &str) -> u16 {
+    agent().get(format!("{base}/health")).call().map(|r| r.status().as_u16()).unwrap_or(0)
+}
+
+fn message(v: &Value) -> String {
+    v["error"]["message"].as_str().map(str::to_string).unwrap_or_else(|| v.to_string())
+}
+
+fn data_uri(mime: &str, bytes: &[u8]) -> String {
+    format!("data:{mime};base64,{}", base64::engine::general_purpose::STANDARD.encode(bytes))
+}
+
+fn request(parts: Vec<Value>) -> Value {
+    let mut content = parts;
+    content.push(json!({"type": "text", "text": "describe"}));
+    json!({"messages": [{"role": "user", "content": content}], "max_tokens": 2, "temperature": 0})
+}
+
+fn image(url: String) -> Value {
+    json!({"type": "image_url", "image_url": {"url": url}})
+}
+
+fn video(url: String) -> Value {
+    json!({"type": "video_url", "video_url": {"url": url}})
+}
+
+/// A PNG of zeros written row by row (a decompression bomb when large).
+fn png(width: u32, height: u32, color: png::ColorType, depth: png::BitDepth) -> Vec<u8> {
+    let mut out = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut out, width, height);
+        enc.set_color(color);
+        enc.set_depth(depth);
+        enc.set_compression(png::Compression::High);
+        let mut w = enc.write_header().unwrap().into_stream_writer().unwrap();
+        let bytes_per_px = color.samples() * if depth == png::BitDepth::Sixteen { 2 } else { 1 };
+        let row = vec![0u8; width as usize * bytes_per_px];
+        for _ in 0..height {
+            w.write_all(&row).unwrap();
+        }
+        w.finish().unwrap();
+    }
+    out
+}
+
+/// A Y4M video of grey 4:2:0 frames (FFmpeg's yuv4mpegpipe demuxer, rawvideo decoder).
+fn y4m(width: usize, height: usize, frames: usize, fps: &str) -> Vec<u8> {
+    let mut v = format!("YUV4MPEG2 W{width} H{height} F{fps} Ip A1:1 C420jpeg\n").into_bytes();
+    let size = width * height + 2 * width.div_ceil(2) * height.div_ceil(2);
+    for _ in 0..frames {
+        v.extend_from_slice(b"FRAME\n");
+        v.extend(std::iter::repeat_n(128u8, size));
+    }
+    v
+}
+
+fn expect_4xx(base: &str, what: &str, body: &Value, needles: &[&str]) {
+    let (status, v, took) = post(base, body);
+    let msg = message(&v);
+    eprintln!("{what}: {status} in {:.2} s: {msg}", took.as_secs_f64());
+    assert!((400..500).contains(&status), "{what}: expected a 4xx, got {status}: {msg}");
+    for n in needles {
+        assert!(msg.contains(n), "{what}: `{n}` missing from: {msg}");
+    }
+    assert_eq!(health(base), 200, "{what}: /health after the attack");
+}
+
+#[test]
+fn hostile_media_is_refused_in_bounded_memory() {
+    let allowed = temp_dir("allowed");
+    // A real video in the allowed directory, that playlists try to make FFmpeg read.
+    std::fs::copy(fixtures().join("media/clip.mp4"), allowed.join("secret.mp4")).unwrap();
+    let secret = allowed.join("secret.mp4");
+    let server = Server::start(&fixtures().join("checkpoints/model-llama"), &allowed, &[]);
+    let base = server.base.clone();
+
+    // Warm up with a valid request (model loaded, allocator pools in place), then measure.
+    let ok = request(vec![video("secret.mp4".into())]);
+    let (status, v, _) = post(&base, &ok);
+    assert_eq!(status, 200, "valid request: {v}");
+    let hwm0 = server.mem_kb("VmHWM");
+
+    // 1. Playlists and lists naming local files: refused; the named video is never decoded
+    //    (a decoded playlist would make the request succeed).
+    let playlists = [
+        (
+            "HLS, file URL",
+            format!("#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1.0,\nfile://{}\n#EXT-X-ENDLIST\n", secret.display()),
+        ),
+        ("HLS, absolute path", format!("#EXTM3U\n#EXTINF:1.0,\n{}\n#EXT-X-ENDLIST\n", secret.display())),
+        ("HLS, relative path", "#EXTM3U\n#EXTINF:1.0,\nsecret.mp4\n#EXT-X-ENDLIST\n".to_string()),
+        ("ffconcat", format!("ffconcat version 1.0\nfile '{}'\n", secret.display())),
+    ];
+    for (what, text) in &playlists {
+        expect_4xx(
+            &base,
+            what,
+            &request(vec![video(data_uri("application/vnd.apple.mpegurl", text.as_bytes()))]),
+            &["refused"],
+        );
+    }
+    // Playlists stored in the allowed directory are refused the same way.
+    std::fs::write(allowed.join("list.m3u8"), &playlists[1].1).unwrap();
+    expect_4xx(&base, "HLS file in the allowed dir", &request(vec![video("list.m3u8".into())]), &["refused"]);
+
+    // 2. Thin images and frames: refused from the header (aspect ratio), 16 per request.
+    let thin = png(16384, 1, png::ColorType::Rgb, png::BitDepth::Eight);
+    assert!(thin.len() < 1024, "the thin PNG is tiny ({} bytes)", thin.len());
+    expect_4xx(&base, "16 thin PNGs", &request(vec![image(data_uri("image/png", &thin)); 16]), &["aspect ratio"]);
+    let thin_video = y4m(2_000_000, 1, 1, "25:1");
+    expect_4xx(
+        &base,
+        "2000000x1 video frame",
+        &request(vec![video(data_uri("video/x-yuv4mpeg", &thin_video))]),
+        &["2000000x1"],
+    );
+
+    // 3. Limits before work: 16-bit RGBA PNG bombs (10000x10000 in under 1 MB each).
+    let bomb = png(10000, 10000, png::ColorType::Rgba, png::BitDepth::Sixteen);
+    assert!(bomb.len() < 1 << 20, "bomb is {} bytes", bomb.len());
+    expect_4xx(
+        &base,
+        "4 PNG bombs",
+        &request(vec![image(data_uri("image/png", &bomb)); 4]),
+        &["10000x10000", "over the limit"],
+    );
+    // Frame count and duration enforced while decoding, whatever the container says (Y4M has
+    // no frame count in its header).
+    let many = y4m(2, 2, 40_000, "25:1");
+    expect_4xx(&base, "40000 frames", &request(vec![video(data_uri("video/x-yuv4mpeg", &many))]), &["frames"]);
+    let slow = y4m(16, 16, 3, "1:3600");
+    expect_4xx(&base, "frames an hour apart", &request(vec![video(data_uri("video/x-yuv4mpeg", &slow))]), &["lasts"]);
+
+    // 5. Stop strings bounded.
+    let mut body = request(vec![]);
+    body["stop"] = json!(vec!["x".repeat(100_000); 16]);
+    expect_4xx(&base, "long stop strings", &body, &["stop string"]);
+
+    let hwm1 = server.mem_kb("VmHWM");
+    let grown_mb = (hwm1.saturating_sub(hwm0)) as f64 / 1024.0;
+    eprintln!("server VmHWM {} -> {} MB (+{grown_mb:.0} MB)", hwm0 / 1024, hwm1 / 1024);
+    assert!(grown_mb < 1024.0, "the attacks grew the server's peak memory by {grown_mb:.0} MB");
+
+    // The server still serves valid requests.
+    let (status, v, _) = post(&base, &ok);
+    assert_eq!(status, 200, "valid request after the attacks: {v}");
+    let _ = std::fs::remove_dir_all(&allowed);
+}
+
+/// A request whose media cannot fit the context is refused at once, before any decoding: the
+/// checkpoint's context is cut to 64 tokens; one video takes 8 x 17 tokens.
+#[test]
+fn media_over_the_context_is_refused_before_decoding() {
+    let dir = temp_dir("small-context");
+    let src = fixtures().join("checkpoints/model-llama");
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), dir.join(entry.file_name())).unwrap();
+    }
+    let config_path = dir.join("config.json");
+    let mut config: Value = serde_json::from_slice(&std::fs::read(&config_path).unwrap()).unwrap();
+    config["text_config"]["max_position_embeddings"] = json!(64);
+    std::fs::write(&config_path, serde_json::to_vec(&config).unwrap()).unwrap();
+    let allowed = temp_dir("small-context-media");
+    let server = Server::start(&dir, &allowed, &[]);
+    // A video that would fail to decode if it were decoded (not a video at all): the context
+    // check must answer first.
+    let body = request(vec![video(data_uri("video/mp4", b"not decoded"))]);
+    let (status, v, _) = post(&server.base, &body);
+    let msg = message(&v);
+    assert_eq!(status, 400, "{msg}");
+    assert!(msg.contains("cannot fit") && msg.contains("context"), "{msg}");
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_dir_all(&allowed);
+}
+
+#[allow(dead_code)]
+fn read_all(mut r: impl std::io::Read) -> Vec<u8> {
+    let mut v = Vec::new();
+    r.read_to_end(&mut v).unwrap();
+    v
+}
