@@ -96,6 +96,7 @@ def attacks(allowed):
     yield "ffconcat_local", lambda: body([video(uri("text/plain", f"ffconcat version 1.0\nfile '{real}'\n".encode()))])
     yield "thin_png_16384x1_x16", lambda: body([image(uri("image/png", png(16384, 1, 8, 2, 3)))] * 16)
     yield "y4m_50000_frames_no_count", lambda: body([video(uri("video/x-yuv4mpeg", y4m(2, 2, 50_000)))])
+    yield "y4m_50000_frames_1000fps", lambda: body([video(uri("video/x-yuv4mpeg", y4m(2, 2, 50_000, fps="1000:1")))])
     yield "y4m_fake_duration_2x1h", lambda: body([video(uri("video/x-yuv4mpeg", y4m(16, 16, 2, fps="1:3600")))])
     yield "media_over_context_16_images", lambda: body([image(uri("image/png", png(2000, 2000, 8, 2, 3)))] * 16)
     yield "stop_strings_16x1MB", lambda: body([], max_tokens=8, stop=["x" * (1 << 20)] * 16)

@@ -8,7 +8,7 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 MODEL=$ROOT/crates/videollava/tests/fixtures/checkpoints/model-llama
 ALLOWED=$(mktemp -d /tmp/hostile-allowed.XXXX)
 cp "$ROOT/crates/videollava/tests/fixtures/media/clip.mp4" "$ALLOWED/secret.mp4"
-ATTACKS=${*:-y4m_2000000x1_frame png16_rgba_bomb_x4 hls_playlist_local_abs hls_playlist_local_plain ffconcat_local thin_png_16384x1_x16 y4m_50000_frames_no_count y4m_fake_duration_2x1h stop_strings_16x1MB}
+ATTACKS=${*:-y4m_2000000x1_frame png16_rgba_bomb_x4 hls_playlist_local_abs hls_playlist_local_plain ffconcat_local thin_png_16384x1_x16 y4m_50000_frames_no_count y4m_50000_frames_1000fps y4m_fake_duration_2x1h stop_strings_16x1MB}
 for a in $ATTACKS; do
   PORT=$((20000 + RANDOM % 20000))
   LOG=$(mktemp /tmp/hostile-log.XXXX)

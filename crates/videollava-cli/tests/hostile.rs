@@ -3,7 +3,7 @@
 //! answering, and all together must grow the server's peak resident memory (VmHWM, read from
 //! `/proc/<pid>/status`) by less than 1 GB.
 
-use std::io::{BufRead, BufReader, Read as _, Write as _};
+use std::io::{BufRead, BufReader, Write as _};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -127,20 +127,31 @@ fn video(url: String) -> Value {
 
 /// A PNG of zeros written row by row (a decompression bomb when large).
 fn png(width: u32, height: u32, color: png::ColorType, depth: png::BitDepth) -> Vec<u8> {
-    let mut out = Vec::new();
-    {
-        let mut enc = png::Encoder::new(&mut out, width, height);
-        enc.set_color(color);
-        enc.set_depth(depth);
-        enc.set_compression(png::Compression::High);
-        let mut w = enc.write_header().unwrap().into_stream_writer().unwrap();
-        let bytes_per_px = color.samples() * if depth == png::BitDepth::Sixteen { 2 } else { 1 };
-        let row = vec![0u8; width as usize * bytes_per_px];
-        for _ in 0..height {
-            w.write_all(&row).unwrap();
+    /// The encoder's sink, readable once the encoder is gone.
+    #[derive(Clone, Default)]
+    struct Sink(std::rc::Rc<std::cell::RefCell<Vec<u8>>>);
+    impl std::io::Write for Sink {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.borrow_mut().extend_from_slice(b);
+            Ok(b.len())
         }
-        w.finish().unwrap();
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
     }
+    let sink = Sink::default();
+    let mut enc = png::Encoder::new(sink.clone(), width, height);
+    enc.set_color(color);
+    enc.set_depth(depth);
+    enc.set_compression(png::Compression::High);
+    let mut w = enc.write_header().unwrap().into_stream_writer().unwrap();
+    let bytes_per_px = color.samples() * if depth == png::BitDepth::Sixteen { 2 } else { 1 };
+    let row = vec![0u8; width as usize * bytes_per_px];
+    for _ in 0..height {
+        w.write_all(&row).unwrap();
+    }
+    w.finish().unwrap();
+    let out = sink.0.borrow().clone();
     out
 }
 
@@ -273,11 +284,4 @@ fn media_over_the_context_is_refused_before_decoding() {
     assert!(msg.contains("cannot fit") && msg.contains("context"), "{msg}");
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&allowed);
-}
-
-#[allow(dead_code)]
-fn read_all(mut r: impl std::io::Read) -> Vec<u8> {
-    let mut v = Vec::new();
-    r.read_to_end(&mut v).unwrap();
-    v
 }

@@ -42,3 +42,39 @@ impl<F: Future> Future for CatchUnwind<F> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_handler_answers_a_generic_500_and_the_server_goes_on() {
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+        rt.block_on(async {
+            let app = axum::Router::new()
+                .route(
+                    "/boom",
+                    axum::routing::get(|| async {
+                        let missing: Option<&'static str> = None;
+                        missing.expect("secret internal detail")
+                    }),
+                )
+                .route("/ok", axum::routing::get(|| async { "fine" }))
+                .layer(axum::middleware::from_fn(catch_panic));
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+            let get = move |path: &'static str| {
+                tokio::task::spawn_blocking(move || {
+                    let agent: ureq::Agent = ureq::Agent::config_builder().http_status_as_error(false).build().into();
+                    let mut r = agent.get(format!("http://{addr}{path}")).call().unwrap();
+                    (r.status().as_u16(), r.body_mut().read_to_string().unwrap())
+                })
+            };
+            let (status, body) = get("/boom").await.unwrap();
+            assert_eq!(status, 500, "{body}");
+            assert!(body.contains("internal server error") && !body.contains("secret"), "{body}");
+            assert_eq!(get("/ok").await.unwrap(), (200, "fine".to_string()));
+        });
+    }
+}

@@ -494,3 +494,16 @@ fn fail_all(rows: &mut Vec<Active>, cache: &mut KvCache, e: &Error) {
     }
     *cache = KvCache::default();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_an_error_of_that_request() {
+        let e = isolate("preprocessing", || -> Result<()> { panic!("index out of bounds") }).unwrap_err();
+        assert!(matches!(e, Error::Model(_)));
+        assert!(e.to_string().contains("panic: index out of bounds"), "{e}");
+        assert_eq!(isolate("x", || Ok(3)).unwrap(), 3);
+    }
+}
