@@ -647,6 +647,13 @@ mod tests {
         let e = decode_y4m(y4m(4, 4, 101, "25:1"), &limits).unwrap_err().to_string();
         assert!(e.contains("more than 100 frames"), "{e}");
         let e = decode_y4m(y4m(4, 4, 3, "1:10"), &limits).unwrap_err().to_string();
+        assert!(e.contains("lasts 30.0 s, over the limit of 10 s"), "{e}");
+        // Timestamps are checked while demuxing and decoding, whatever the header says.
+        let mut clock = Clock { time_base: 0.001, start: None };
+        assert!(clock.check(Some(5_000), "clip", &limits).is_ok());
+        assert!(clock.check(None, "clip", &limits).is_ok());
+        assert!(clock.check(Some(15_000), "clip", &limits).is_ok());
+        let e = clock.check(Some(15_001), "clip", &limits).unwrap_err().to_string();
         assert!(e.contains("lasts more than 10 s"), "{e}");
         let e = decode_y4m(y4m(2_000_000, 1, 1, "25:1"), &limits).unwrap_err().to_string();
         assert!(e.contains("2000000x1"), "{e}");
