@@ -285,3 +285,116 @@ fn media_over_the_context_is_refused_before_decoding() {
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&allowed);
 }
+
+/// An MJPEG AVI: `frames` copies of one smooth `side`x`side` JPEG. Small per frame, but each
+/// costs the decoder a full-size decode.
+fn mjpeg_avi(side: usize, frames: usize) -> Vec<u8> {
+    let pixels: Vec<u8> = (0..side * side * 3).map(|i| ((i / 3 % side + i / 3 / side) / 16) as u8).collect();
+    let image = turbojpeg::Image {
+        pixels: &pixels[..],
+        width: side,
+        pitch: side * 3,
+        height: side,
+        format: turbojpeg::PixelFormat::RGB,
+    };
+    let jpeg = turbojpeg::compress(image, 90, turbojpeg::Subsamp::Sub2x2).unwrap().to_vec();
+    let u32le = |v: usize| (v as u32).to_le_bytes();
+    let chunk = |id: &[u8], data: &[u8]| {
+        let mut c = id.to_vec();
+        c.extend(u32le(data.len()));
+        c.extend(data);
+        if data.len() % 2 == 1 {
+            c.push(0);
+        }
+        c
+    };
+    let list = |kind: &[u8], body: &[u8]| chunk(b"LIST", &[kind, body].concat());
+    let (n, w) = (frames, side);
+    let avih: Vec<u8> =
+        [40000, 0, 0, 0, n, 0, 1, jpeg.len(), w, w, 0, 0, 0, 0].iter().flat_map(|&v| u32le(v)).collect();
+    let mut strh = b"vidsMJPG".to_vec();
+    for v in [0, 0, 0, 1, 25, 0, n, jpeg.len(), u32::MAX as usize, 0, 0, 0] {
+        strh.extend(u32le(v));
+    }
+    let mut strf = Vec::new();
+    for v in [40, w, w] {
+        strf.extend(u32le(v));
+    }
+    strf.extend([1, 0, 24, 0]);
+    strf.extend(b"MJPG");
+    for v in [w * w * 3, 0, 0, 0, 0] {
+        strf.extend(u32le(v));
+    }
+    let strl = list(b"strl", &[chunk(b"strh", &strh), chunk(b"strf", &strf)].concat());
+    let hdrl = list(b"hdrl", &[chunk(b"avih", &avih), strl].concat());
+    let frame = chunk(b"00dc", &jpeg);
+    let movi = list(b"movi", &frame.repeat(frames));
+    chunk(b"RIFF", &[&b"AVI "[..], &hdrl, &movi].concat())
+}
+
+/// User plus system CPU seconds of a process (`/proc/<pid>/stat`, clock ticks of 1/100 s).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after.split_whitespace().collect();
+    (f[11].parse::<f64>().unwrap() + f[12].parse::<f64>().unwrap()) / 100.0
+}
+
+/// Media work stops when its request fails, times out or loses its client: the server's CPU
+/// time stops growing right after the answer (a video whose decoding alone takes many seconds).
+#[test]
+fn media_work_stops_with_its_request() {
+    let allowed = temp_dir("cancel");
+    let video_bytes = mjpeg_avi(2048, 600);
+    std::fs::write(allowed.join("long.avi"), &video_bytes).unwrap();
+    let server = Server::start(&fixtures().join("checkpoints/model-llama"), &allowed, &["--request-timeout", "2"]);
+    let base = server.base.clone();
+    let idle_after = |what: &str| {
+        std::thread::sleep(Duration::from_millis(500));
+        let c1 = cpu_seconds(server.pid());
+        std::thread::sleep(Duration::from_secs(2));
+        let busy = cpu_seconds(server.pid()) - c1;
+        eprintln!("{what}: {busy:.2} s of server CPU in the 2 s after the answer");
+        assert!(busy < 0.3, "{what}: the server kept working ({busy:.2} CPU seconds in 2 s)");
+    };
+
+    // The decoding really is long: without cancellation the server would stay busy.
+    let t = Instant::now();
+    let c0 = cpu_seconds(server.pid());
+    let (status, v, _) = post(&base, &request(vec![video("long.avi".into())]));
+    let busy = cpu_seconds(server.pid()) - c0;
+    eprintln!("timeout: {status} after {:.1} s, {busy:.1} CPU s: {}", t.elapsed().as_secs_f64(), message(&v));
+    assert_eq!(status, 504, "{v}");
+    assert!(busy > 0.4, "the video must keep the decoder busy until the timeout ({busy:.2} CPU s)");
+    idle_after("request timeout");
+
+    // One part fails: the other parts stop.
+    let parts = vec![video("long.avi".into()), image(data_uri("image/png", b"\x89PNG\r\n\x1a\nbroken"))];
+    let (status, v, _) = post(&base, &request(parts));
+    assert_eq!(status, 400, "{v}");
+    idle_after("a failed part");
+
+    // The client goes away (a server without a short request timeout, so only the disconnect
+    // can stop the work).
+    drop(server);
+    let server = Server::start(&fixtures().join("checkpoints/model-llama"), &allowed, &[]);
+    let base = server.base.clone();
+    let idle_after = |what: &str| {
+        std::thread::sleep(Duration::from_millis(500));
+        let c1 = cpu_seconds(server.pid());
+        std::thread::sleep(Duration::from_secs(2));
+        let busy = cpu_seconds(server.pid()) - c1;
+        eprintln!("{what}: {busy:.2} s of server CPU in the 2 s after the answer");
+        assert!(busy < 0.3, "{what}: the server kept working ({busy:.2} CPU seconds in 2 s)");
+    };
+    let quick: ureq::Agent =
+        ureq::Agent::config_builder().timeout_global(Some(Duration::from_millis(700))).build().into();
+    let r = quick
+        .post(format!("{base}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .send(serde_json::to_vec(&request(vec![video("long.avi".into())])).unwrap());
+    assert!(r.is_err(), "the client gives up first");
+    idle_after("a client that left");
+    assert_eq!(health(&base), 200);
+    let _ = std::fs::remove_dir_all(&allowed);
+}
