@@ -398,3 +398,45 @@ fn media_work_stops_with_its_request() {
     assert_eq!(health(&base), 200);
     let _ = std::fs::remove_dir_all(&allowed);
 }
+
+/// The CLI decodes with the same checks and fails with the same one-line errors.
+#[test]
+fn the_cli_shares_the_checks() {
+    let dir = temp_dir("cli");
+    let thin = dir.join("thin.png");
+    std::fs::write(&thin, png(16384, 1, png::ColorType::Rgb, png::BitDepth::Eight)).unwrap();
+    let bomb = dir.join("bomb.png");
+    std::fs::write(&bomb, png(10000, 10000, png::ColorType::Rgba, png::BitDepth::Sixteen)).unwrap();
+    let secret = dir.join("secret.mp4");
+    std::fs::copy(fixtures().join("media/clip.mp4"), &secret).unwrap();
+    let list = dir.join("list.m3u8");
+    std::fs::write(&list, format!("#EXTM3U\n#EXTINF:1.0,\nfile://{}\n#EXT-X-ENDLIST\n", secret.display())).unwrap();
+    let tall = dir.join("tall.y4m");
+    std::fs::write(&tall, y4m(1, 2_000_000, 1, "25:1")).unwrap();
+    let out = dir.join("out.safetensors");
+    let tiny = fixtures().join("checkpoints/tiny-llama");
+    let cases: [(&str, &Path, &[&str]); 4] = [
+        ("--image", &thin, &["thin.png", "aspect ratio"]),
+        ("--image", &bomb, &["bomb.png", "10000x10000", "over the limit"]),
+        ("--video", &list, &["list.m3u8", "playlist", "refused"]),
+        ("--video", &tall, &["tall.y4m", "1x2000000"]),
+    ];
+    for (flag, path, needles) in cases {
+        let prompt = if flag == "--image" { "<image> hi" } else { "<video> hi" };
+        let t = Instant::now();
+        let o = Command::new(env!("CARGO_BIN_EXE_videollava"))
+            .args(["preprocess", "--model", tiny.to_str().unwrap(), "--output", out.to_str().unwrap()])
+            .args(["--prompt", prompt, flag, path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        eprintln!("{}: {:.2} s: {}", path.display(), t.elapsed().as_secs_f64(), stderr.trim());
+        assert_eq!(o.status.code(), Some(1), "{stderr}");
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        assert_eq!(lines.len(), 1, "one line: {stderr}");
+        for n in needles {
+            assert!(stderr.contains(n), "`{n}` missing from: {stderr}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
