@@ -599,3 +599,39 @@ fn decode_with_image(
     let rgb = img.into_rgb8();
     RgbImage::new(w as usize, h as usize, rgb.into_raw())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images").join(name)).unwrap()
+    }
+
+    #[test]
+    fn progressive_jpeg_scan_limit() {
+        let jpeg = fixture("jpeg_progressive.jpg");
+        assert!(decode_image_bytes(&jpeg, "p.jpg").is_ok());
+        let limits = MediaLimits { max_jpeg_scans: 2, ..MediaLimits::default() };
+        let e = decode_image_bytes_with(&jpeg, "p.jpg", &limits).unwrap_err().to_string();
+        assert!(e.contains("p.jpg") && e.contains("scans"), "{e}");
+    }
+
+    #[test]
+    fn limits_apply_from_the_header_to_every_format() {
+        let limits = MediaLimits { max_pixels: 100, ..MediaLimits::default() };
+        for name in
+            ["jpeg_420.jpg", "png_rgb.png", "png_rgb_adam7.png", "gif_static.gif", "webp_lossy.webp", "bmp_24.bmp"]
+        {
+            let e = decode_image_bytes_with(&fixture(name), name, &limits).unwrap_err().to_string();
+            assert!(e.contains("over the limit"), "{name}: {e}");
+        }
+        // The budget hook is asked for the pixels before decoding, and its refusal is the error.
+        let limits = MediaLimits {
+            budget: crate::media::limits::Budget::new(|n| Err(format!("no room for {n} pixels"))),
+            ..MediaLimits::default()
+        };
+        let e = decode_image_bytes_with(&fixture("png_rgb.png"), "x.png", &limits).unwrap_err().to_string();
+        assert!(e.contains("no room for"), "{e}");
+    }
+}
