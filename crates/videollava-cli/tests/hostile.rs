@@ -30,7 +30,9 @@ struct Server {
 
 impl Server {
     fn start(model: &Path, allowed: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_videollava"))
+        // `VIDEOLLAVA_BIN` runs the same attacks against another build (the "before" numbers).
+        let bin = std::env::var("VIDEOLLAVA_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_videollava").to_string());
+        let mut child = Command::new(bin)
             .args(["serve", "--model", model.to_str().unwrap(), "--host", "127.0.0.1", "--port", "0"])
             .args(["--allowed-media-dir", allowed.to_str().unwrap()])
             .args(extra)
