@@ -216,6 +216,8 @@ fn hostile_media_is_refused_in_bounded_memory() {
     // Playlists stored in the allowed directory are refused the same way.
     std::fs::write(allowed.join("list.m3u8"), &playlists[1].1).unwrap();
     expect_4xx(&base, "HLS file in the allowed dir", &request(vec![video("list.m3u8".into())]), &["refused"]);
+    let (_, v, _) = post(&base, &request(vec![video("list.m3u8".into())]));
+    assert!(!message(&v).contains(allowed.to_str().unwrap()), "the server's paths stay private: {v}");
 
     // 2. Thin images and frames: refused from the header (aspect ratio), 16 per request.
     let thin = png(16384, 1, png::ColorType::Rgb, png::BitDepth::Eight);

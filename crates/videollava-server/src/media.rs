@@ -213,11 +213,15 @@ pub fn load_video(url: &str, policy: &MediaPolicy, cancel: &Cancel, pixels: &Req
     let name = describe(url);
     let limits = media_limits(&policy.limits, pixels);
     let options = VideoOptions::default();
-    let result = match locate(url, MediaKind::Video, policy, cancel)? {
-        Source::File(p) => decode_video_file_with(&p, &options, &limits, cancel),
-        Source::Bytes(b, _held) => decode_video_bytes(Arc::from(b), &name, &options, &limits, cancel),
-    };
-    result.map_err(|e| media_error(MediaKind::Video, "video", e))
+    match locate(url, MediaKind::Video, policy, cancel)? {
+        // Errors name the file as the client wrote it, not the server's resolved path.
+        Source::File(p) => decode_video_file_with(&p, &options, &limits, cancel).map_err(|e| {
+            let message = e.to_string().replace(&p.display().to_string(), &name);
+            media_error(MediaKind::Video, "video", videollava::Error::Input(message))
+        }),
+        Source::Bytes(b, _held) => decode_video_bytes(Arc::from(b), &name, &options, &limits, cancel)
+            .map_err(|e| media_error(MediaKind::Video, "video", e)),
+    }
 }
 
 /// The placeholder tokens a request's media will take, known before decoding when the
