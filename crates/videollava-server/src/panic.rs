@@ -55,7 +55,7 @@ mod tests {
                 .route(
                     "/boom",
                     axum::routing::get(|| async {
-                        let missing: Option<&'static str> = None;
+                        let missing: Option<&'static str> = std::hint::black_box(None);
                         missing.expect("secret internal detail")
                     }),
                 )

@@ -30,9 +30,12 @@ pub struct MediaLimits {
     pub budget: Budget,
 }
 
+/// Admits `pixels`, or refuses with a reason.
+type Admit = dyn Fn(u64) -> std::result::Result<(), String> + Send + Sync;
+
 /// A hook that admits (or refuses, with a reason) the pixels a decoder is about to hold.
 #[derive(Clone, Default)]
-pub struct Budget(Option<Arc<dyn Fn(u64) -> std::result::Result<(), String> + Send + Sync>>);
+pub struct Budget(Option<Arc<Admit>>);
 
 impl Budget {
     pub fn new(f: impl Fn(u64) -> std::result::Result<(), String> + Send + Sync + 'static) -> Self {
