@@ -21,9 +21,10 @@ use videollava::engine::{GenerationRequest, RequestTimings, Scheduler, Scheduler
 use videollava::generate::{GenerateOptions, GeneratedSequence};
 use videollava::media::image::decode_image_file;
 use videollava::media::video::{decode_video_file, FrameSampling, VideoOptions};
+use videollava::media::Cancel;
 use videollava::media::{RgbImage, Video};
 use videollava::processor::tokenizer::TextTokenizer;
-use videollava_server::media::{load_image, load_video_with, MediaPolicy};
+use videollava_server::media::{load_image, load_video_with, MediaPolicy, RequestPixels};
 
 use crate::common::{sequence_json, GenerationArgs, ModelArgs};
 
@@ -172,7 +173,8 @@ impl MediaCache {
     fn image(&self, src: &str, policy: &MediaPolicy) -> std::result::Result<RgbImage, String> {
         let decoded = self.get_or_decode(format!("image\0{src}"), || {
             let im = if is_url(src) {
-                load_image(src, policy).map_err(|e| format!("image {src}: {}", e.message))?
+                load_image(src, policy, &Cancel::new(), &RequestPixels::default())
+                    .map_err(|e| format!("image {src}: {}", e.message))?
             } else {
                 decode_image_file(Path::new(src)).map_err(|e| format!("image {e}"))?
             };
@@ -188,8 +190,7 @@ impl MediaCache {
         let key = format!("video\0{src}\0{}\0{}", options.num_frames, options.sampling);
         let decoded = self.get_or_decode(key, || {
             let v = if is_url(src) {
-                load_video_with(src, policy, options)
-                    .map(|(v, _)| v)
+                load_video_with(src, policy, &Cancel::new(), &RequestPixels::default(), options)
                     .map_err(|e| format!("video {src}: {}", e.message))?
             } else {
                 decode_video_file(Path::new(src), options).map_err(|e| format!("video {e}"))?

@@ -26,6 +26,8 @@ use crate::{AppState, RequestId};
 
 /// Most stop strings in one request.
 const MAX_STOP: usize = 16;
+/// Longest stop string, in bytes (each is matched against the text after every token).
+const MAX_STOP_BYTES: usize = 256;
 /// Most alternatives in `top_logprobs` (OpenAI's limit).
 const MAX_TOP_LOGPROBS: i64 = 20;
 
@@ -317,6 +319,12 @@ fn prepare(body: &[u8], state: &AppState) -> Result<Prepared, ApiError> {
         if list.iter().any(String::is_empty) {
             return Err(ApiError::bad_param("stop", "stop strings must not be empty"));
         }
+        if let Some(long) = list.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+            return Err(ApiError::bad_param(
+                "stop",
+                format!("a stop string has {} bytes, over the limit of {MAX_STOP_BYTES}", long.len()),
+            ));
+        }
         options.stop_strings = list;
     }
     let logprobs = req.logprobs.unwrap_or(false);
@@ -358,6 +366,20 @@ fn prepare(body: &[u8], state: &AppState) -> Result<Prepared, ApiError> {
         ));
     }
     let num_frames = crate::frames::num_frames_param(req.num_frames.as_ref())?;
+    // Refuse at once, before any media is fetched or decoded, a request whose media alone cannot
+    // fit the context (the placeholder tokens per item are known from the processor config).
+    if let (Some(it), Some(vt)) = (info.image_tokens, info.video_tokens_per_frame) {
+        let needed = media::media_tokens(images, videos, num_frames, it, vt);
+        if needed >= max_ctx as u64 {
+            return Err(ApiError::bad_param(
+                "messages",
+                format!(
+                    "{images} image(s) and {videos} video(s) take {needed} tokens, more than the model's context of \
+                     {max_ctx} tokens: the request cannot fit"
+                ),
+            ));
+        }
+    }
     let stream = req.stream.unwrap_or(false);
     let include_usage = stream && req.stream_options.and_then(|o| o.include_usage).unwrap_or(false);
     Ok(Prepared { prompt, media, options, stream, include_usage, logprobs, num_frames })
@@ -366,13 +388,14 @@ fn prepare(body: &[u8], state: &AppState) -> Result<Prepared, ApiError> {
 // ---------------------------------------------------------------------------------------------
 // Handler
 
-/// Decrements the in-flight gauge when the request (or its stream) ends.
-struct InFlight(Arc<AppState>);
+/// Decrements the in-flight gauge when the request (or its stream) ends, and gives back the
+/// decoded pixels it held.
+struct InFlight(Arc<AppState>, media::RequestPixels);
 
 impl InFlight {
-    fn new(state: &Arc<AppState>) -> Self {
+    fn new(state: &Arc<AppState>, pixels: media::RequestPixels) -> Self {
         state.metrics.in_flight_inc();
-        InFlight(state.clone())
+        InFlight(state.clone(), pixels)
     }
 }
 
@@ -388,7 +411,8 @@ pub async fn chat_completions(
     headers: axum::http::HeaderMap,
     body: Body,
 ) -> Response {
-    let guard = InFlight::new(&state);
+    let guard = InFlight::new(&state, media::RequestPixels::default());
+    let pixels = guard.1.clone();
     let arrival = Instant::now();
     let timeout = state.config.limits.request_timeout;
     let deadline = TokioInstant::now() + timeout;
@@ -397,7 +421,9 @@ pub async fn chat_completions(
         let prepared = prepare(&body, &state)?;
         tracing::debug!(prompt = %prepared.prompt, media = prepared.media.len(), stream = prepared.stream, "request");
         let (images, videos) =
-            match tokio::time::timeout_at(deadline, load_media(&state, &prepared.media, prepared.num_frames)).await {
+            match tokio::time::timeout_at(deadline, load_media(&state, &prepared.media, prepared.num_frames, &pixels))
+                .await
+            {
                 Ok(r) => r?,
                 Err(_) => return Err(ApiError::timeout(timeout.as_secs_f64())),
             };
@@ -494,10 +520,22 @@ fn log_error(e: &ApiError) {
     }
 }
 
+/// Sets the request's cancellation flag when dropped: on return (one part failed), on timeout
+/// and when the client goes away (the handler's future is dropped), the media work still
+/// running or waiting for that request stops.
+struct CancelOnDrop(videollava::media::Cancel);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.cancel();
+    }
+}
+
 async fn load_media(
     state: &Arc<AppState>,
     refs: &[MediaRef],
     num_frames: usize,
+    pixels: &media::RequestPixels,
 ) -> Result<(Vec<videollava::media::RgbImage>, Vec<videollava::media::Video>), ApiError> {
     let policy = MediaPolicy {
         allowed_media_dir: state.config.allowed_media_dir.clone(),
@@ -505,31 +543,57 @@ async fn load_media(
         limits: state.config.limits.clone(),
     };
     let options = videollava::media::video::VideoOptions { num_frames, ..Default::default() };
-    // All items load in parallel; results keep the order of appearance.
-    let tasks: Vec<_> = refs
-        .iter()
-        .map(|r| {
-            let (r, policy, options) = (r.clone(), policy.clone(), options.clone());
-            tokio::task::spawn_blocking(move || match r.kind {
-                MediaKind::Image => media::load_image(&r.url, &policy).map(|i| (Some(i), None)),
-                MediaKind::Video => media::load_video_with(&r.url, &policy, &options).map(|(v, _)| (None, Some(v))),
+    let cancel = videollava::media::Cancel::new();
+    let _stop = CancelOnDrop(cancel.clone());
+    // Items load in parallel on the media worker pool; results keep the order of appearance.
+    let mut tasks = tokio::task::JoinSet::new();
+    for (i, r) in refs.iter().enumerate() {
+        let (r, policy, cancel, pixels, options) =
+            (r.clone(), policy.clone(), cancel.clone(), pixels.clone(), options.clone());
+        tasks.spawn(async move {
+            let permit = media::acquire_worker(&policy.limits).await;
+            let result = tokio::task::spawn_blocking(move || {
+                let _permit = permit;
+                match r.kind {
+                    MediaKind::Image => media::load_image(&r.url, &policy, &cancel, &pixels).map(|x| (Some(x), None)),
+                    MediaKind::Video => {
+                        media::load_video_with(&r.url, &policy, &cancel, &pixels, &options).map(|v| (None, Some(v)))
+                    }
+                }
             })
-        })
-        .collect();
+            .await;
+            (i, result)
+        });
+    }
+    let mut slots: Vec<Option<MediaItem>> = (0..refs.len()).map(|_| None).collect();
+    while let Some(joined) = tasks.join_next().await {
+        let (i, result) = match joined {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!("a media task failed: {e}");
+                return Err(ApiError::internal(format!("a media task failed: {e}")));
+            }
+        };
+        match result {
+            Ok(Ok(item)) => slots[i] = Some(item),
+            // The first failure ends the request; `_stop` cancels the other parts.
+            Ok(Err(e)) => return Err(e),
+            Err(e) => {
+                tracing::error!("decoding media item {i} panicked: {e}");
+                return Err(ApiError::internal(format!("decoding media item {i} panicked: {e}")));
+            }
+        }
+    }
     let mut images = Vec::new();
     let mut videos = Vec::new();
-    for t in tasks {
-        match t.await {
-            Ok(Ok((i, v))) => {
-                images.extend(i);
-                videos.extend(v);
-            }
-            Ok(Err(e)) => return Err(e),
-            Err(_) => return Err(ApiError::bad_request("a media item could not be decoded (the decoder failed)")),
-        }
+    for (i, v) in slots.into_iter().flatten() {
+        images.extend(i);
+        videos.extend(v);
     }
     Ok((images, videos))
 }
+
+type MediaItem = (Option<videollava::media::RgbImage>, Option<videollava::media::Video>);
 
 /// What every response of one completion shares.
 struct Completion {
@@ -875,5 +939,102 @@ impl Drop for SseStream {
         if !self.finished {
             tracing::info!(id = %self.ctx.id, "client went away mid-stream: generation cancelled");
         }
+    }
+}
+
+#[cfg(test)]
+mod fuzz {
+    //! Request parsing under mutation: message conversion and data URIs must refuse, never panic.
+    //! `FUZZ_SECONDS` (default 2) bounds the run.
+    use super::*;
+
+    struct Rng(u64);
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 >> 12;
+            self.0 ^= self.0 << 25;
+            self.0 ^= self.0 >> 27;
+            self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+        fn below(&mut self, n: usize) -> usize {
+            (self.next() % n.max(1) as u64) as usize
+        }
+    }
+
+    const TOKENS: &[&str] = &[
+        "{",
+        "}",
+        "[",
+        "]",
+        ",",
+        ":",
+        "\"",
+        "null",
+        "true",
+        "1e999",
+        "-1",
+        "\"role\"",
+        "\"user\"",
+        "\"content\"",
+        "\"type\"",
+        "\"text\"",
+        "\"image_url\"",
+        "\"video_url\"",
+        "\"url\"",
+        "\"data:image/png;base64,\"",
+        "\"<image>\"",
+        "\"\\u0000\"",
+        "\"stop\"",
+        "\"max_tokens\"",
+        "\"messages\"",
+        "\"system\"",
+        "\"assistant\"",
+        "0",
+        "\"\"",
+    ];
+
+    #[test]
+    fn fuzz_request_parsing() {
+        let secs: f64 = std::env::var("FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2.0);
+        let seed: u64 = std::env::var("FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1).max(1);
+        let valid = br#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,aGVsbG8="}},{"type":"video_url","video_url":"x.mp4"},{"type":"text","text":"hi"}]},{"role":"assistant","content":"ok"}],"stop":["a","b"],"max_tokens":3}"#;
+        let mut rng = Rng(seed);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(secs);
+        let mut execs = 0u64;
+        while std::time::Instant::now() < deadline {
+            let mut v = valid.to_vec();
+            for _ in 0..1 + rng.below(6) {
+                let at = rng.below(v.len() + 1);
+                match rng.below(3) {
+                    0 if !v.is_empty() => {
+                        let end = (at + 1 + rng.below(16)).min(v.len());
+                        v.drain(at.min(v.len() - 1)..end);
+                    }
+                    1 => {
+                        let t = TOKENS[rng.below(TOKENS.len())].as_bytes();
+                        v.splice(at..at, t.iter().copied());
+                    }
+                    _ if !v.is_empty() => {
+                        let i = rng.below(v.len());
+                        v[i] = rng.next() as u8;
+                    }
+                    _ => {}
+                }
+            }
+            if let Ok(value) = serde_json::from_slice::<Value>(&v) {
+                if let Ok(req) = serde_json::from_value::<ChatRequest>(value.clone()) {
+                    if let Ok((_, media)) = convert_messages(&req.messages) {
+                        for m in media {
+                            if let Some(rest) = m.url.strip_prefix("data:") {
+                                let _ = crate::media::decode_data_uri_for_tests(rest, 1 << 20);
+                            }
+                        }
+                    }
+                }
+            }
+            execs += 1;
+        }
+        eprintln!("fuzz request parsing: {execs} executions in {secs} s, no panic");
+        assert!(execs > 0);
     }
 }

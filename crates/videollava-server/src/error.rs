@@ -80,8 +80,15 @@ impl ApiError {
         self
     }
 
+    /// The JSON body. A 500's own message stays in the log (it may hold internal details); the
+    /// client reads a generic one.
     pub fn body(&self) -> serde_json::Value {
-        json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}})
+        let message = if self.status == StatusCode::INTERNAL_SERVER_ERROR {
+            "internal server error (the details are in the server log)"
+        } else {
+            self.message.as_str()
+        };
+        json!({"error": {"message": message, "type": self.kind, "param": self.param, "code": self.code}})
     }
 }
 

@@ -97,11 +97,12 @@ async fn preview(state: &Arc<AppState>, headers: &axum::http::HeaderMap, body: B
     let options = VideoOptions { num_frames, sampling: FrameSampling::default() };
     let task = tokio::task::spawn_blocking(move || {
         let _permit = permit;
-        let (video, timing) = media::load_video_with(&url, &policy, &options)?;
+        let (cancel, pixels) = (videollava::media::Cancel::new(), media::RequestPixels::default());
+        let video = media::load_video_with(&url, &policy, &cancel, &pixels, &options)?;
         let thumbs = video.frames.iter().map(thumbnail_jpeg).collect::<Result<Vec<_>, _>>()?;
-        Ok::<_, ApiError>((video, timing, thumbs))
+        Ok::<_, ApiError>((video, thumbs))
     });
-    let (video, timing, thumbs) = match tokio::time::timeout(limits.request_timeout, task).await {
+    let (video, thumbs) = match tokio::time::timeout(limits.request_timeout, task).await {
         Err(_) => return Err(ApiError::timeout(limits.request_timeout.as_secs_f64())),
         Ok(Err(_)) => return Err(ApiError::bad_request("the video could not be decoded (the decoder failed)")),
         Ok(Ok(r)) => r?,
@@ -113,7 +114,7 @@ async fn preview(state: &Arc<AppState>, headers: &axum::http::HeaderMap, body: B
         .map(|(&index, jpeg)| {
             json!({
                 "index": index,
-                "timestamp": timing.frame_rate.map(|r| index as f64 / r),
+                "timestamp": video.frame_rate.map(|r| index as f64 / r),
                 "image": format!("data:image/jpeg;base64,{}", base64::engine::general_purpose::STANDARD.encode(jpeg)),
             })
         })
@@ -123,8 +124,8 @@ async fn preview(state: &Arc<AppState>, headers: &axum::http::HeaderMap, body: B
         "object": "video.frames",
         "num_frames": num_frames,
         "total_frames": video.total_frames,
-        "frame_rate": timing.frame_rate,
-        "duration": timing.duration,
+        "frame_rate": video.frame_rate,
+        "duration": video.duration,
         "width": width,
         "height": height,
         "frames": frames,

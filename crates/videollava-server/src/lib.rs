@@ -20,6 +20,7 @@ pub mod error;
 pub mod frames;
 pub mod media;
 pub mod metrics;
+mod panic;
 mod web;
 
 use std::future::Future;
@@ -56,10 +57,25 @@ pub struct Limits {
     pub max_media_bytes: u64,
     /// Most pixels of an image or of a video frame.
     pub max_pixels: u64,
-    /// Longest video, in seconds (container duration).
+    /// Largest width or height of an image or video frame.
+    pub max_side: usize,
+    /// Largest ratio of an image's longer side to its shorter side.
+    pub max_aspect_ratio: f64,
+    /// Most scans of a progressive JPEG.
+    pub max_jpeg_scans: u32,
+    /// Longest video, in seconds (header and presentation timestamps, checked while decoding).
     pub max_video_seconds: f64,
-    /// Most frames in a video stream.
+    /// Most frames in a video stream (counted while decoding).
     pub max_video_frames: u64,
+    /// Most decoded pixels the media of one request may hold (all images and kept frames).
+    pub max_request_pixels: u64,
+    /// Most decoded pixels all requests may hold together (refused with 503 beyond).
+    pub max_decoded_pixels: u64,
+    /// Most bytes of remote media being fetched or decoded, all requests together.
+    pub max_remote_bytes: u64,
+    /// Media decoding threads (0: one per core, at least 2). Read when the first media item of
+    /// the process is decoded.
+    pub media_workers: usize,
     /// Most media items (images plus videos) in one request.
     pub max_media_items: usize,
     /// Wall-clock limit of one request, from arrival to its last token.
@@ -74,8 +90,15 @@ impl Default for Limits {
             max_body_bytes: 64 << 20,
             max_media_bytes: 256 << 20,
             max_pixels: 8192 * 8192,
+            max_side: 16384,
+            max_aspect_ratio: 200.0,
+            max_jpeg_scans: 500,
             max_video_seconds: 600.0,
             max_video_frames: 36_000,
+            max_request_pixels: 1 << 27,
+            max_decoded_pixels: 1 << 28,
+            max_remote_bytes: 1 << 30,
+            media_workers: 0,
             max_media_items: 16,
             request_timeout: Duration::from_secs(600),
             fetch_timeout: Duration::from_secs(30),
@@ -184,6 +207,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(fallback)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(panic::catch_panic))
         .layer(axum::middleware::from_fn_with_state(state.clone(), track))
         .with_state(state)
 }
@@ -202,20 +226,25 @@ async fn method_not_allowed(req: Request) -> ApiError {
 
 async fn health(State(state): State<Arc<AppState>>) -> Response {
     let s = state.scheduler.stats();
-    axum::Json(serde_json::json!({
-        "status": "ok",
-        "model": state.model_name,
-        "queue_depth": s.queue_depth,
-        "running": s.running,
-        "max_batch_size": s.max_batch_size,
-        "limits": {
-            "max_body_bytes": state.config.limits.max_body_bytes,
-            "max_media_bytes": state.config.limits.max_media_bytes,
-            "max_video_seconds": state.config.limits.max_video_seconds,
-            "max_num_frames": frames::MAX_NUM_FRAMES,
-        },
-    }))
-    .into_response()
+    let alive = state.scheduler.is_alive();
+    let status = if alive { axum::http::StatusCode::OK } else { axum::http::StatusCode::SERVICE_UNAVAILABLE };
+    (
+        status,
+        axum::Json(serde_json::json!({
+            "status": if alive { "ok" } else { "unhealthy: the engine thread has stopped" },
+            "model": state.model_name,
+            "queue_depth": s.queue_depth,
+            "running": s.running,
+            "max_batch_size": s.max_batch_size,
+            "limits": {
+                "max_body_bytes": state.config.limits.max_body_bytes,
+                "max_media_bytes": state.config.limits.max_media_bytes,
+                "max_video_seconds": state.config.limits.max_video_seconds,
+                "max_num_frames": frames::MAX_NUM_FRAMES,
+            },
+        })),
+    )
+        .into_response()
 }
 
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
@@ -282,6 +311,7 @@ pub fn init_logging() {
 /// running requests finish, and shuts the scheduler down.
 pub async fn serve(config: ServerConfig, scheduler: Scheduler) -> anyhow::Result<()> {
     init_logging();
+    media::remove_stale_temp_files();
     let addr = format!("{}:{}", config.host, config.port);
     let listener =
         tokio::net::TcpListener::bind(&addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;

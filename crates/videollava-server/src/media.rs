@@ -2,16 +2,24 @@
 //! `data:` URIs (base64), `http(s)` URLs fetched with a size and time limit from public addresses
 //! only (checked after DNS resolution, and the checked address is the one connected to), and
 //! local paths under the allowed directory.
+//!
+//! Decoding happens in the `videollava::media` decoders, which check every size, frame count and
+//! duration against [`MediaLimits`] from headers and while decoding, and read only the bytes they
+//! are given (FFmpeg never opens a file or URL itself). Work runs on a bounded pool of media
+//! workers ([`acquire_worker`]), stops when its request's [`Cancel`] flag is set, and what all
+//! requests hold (remote bytes being fetched, decoded pixels) is bounded across requests.
 
 use std::io::Read as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use base64::Engine as _;
-use videollava::media::video::{decode_video_file, VideoOptions};
-use videollava::media::{RgbImage, Video};
+use videollava::media::limits::Budget;
+use videollava::media::video::{decode_video_bytes, decode_video_file_with, VideoOptions};
+use videollava::media::{Cancel, MediaLimits, RgbImage, Video};
 
 use crate::error::ApiError;
 use crate::Limits;
@@ -40,9 +48,10 @@ pub struct MediaPolicy {
     pub limits: Limits,
 }
 
-/// Bytes of a media item, in memory or as a file to read.
+/// Bytes of a media item, in memory (with the share of the remote-bytes bound it holds, if
+/// fetched) or as a file to read.
 enum Source {
-    Bytes(Vec<u8>),
+    Bytes(Vec<u8>, Option<Held>),
     File(PathBuf),
 }
 
@@ -58,187 +67,199 @@ pub fn describe(url: &str) -> String {
     }
 }
 
-/// Decodes an image reference. Blocking: run in `spawn_blocking`.
-pub fn load_image(url: &str, policy: &MediaPolicy) -> Result<RgbImage, ApiError> {
-    let name = describe(url);
-    let bytes = match locate(url, MediaKind::Image, policy)? {
-        Source::Bytes(b) => b,
-        Source::File(p) => read_limited(&p, policy.limits.max_media_bytes)?,
-    };
-    let image = videollava::media::image::decode_image_bytes(&bytes, &name)
-        .map_err(|e| ApiError::bad_param("image_url", format!("invalid image: {e}")))?;
-    let pixels = image.width as u64 * image.height as u64;
-    if pixels > policy.limits.max_pixels {
-        return Err(ApiError::bad_param(
-            "image_url",
-            format!(
-                "image {name} is {}x{} = {pixels} pixels, over the limit of {}",
-                image.width, image.height, policy.limits.max_pixels
-            ),
-        ));
-    }
-    Ok(image)
+// ---------------------------------------------------------------------------------------------
+// Bounds shared by all requests
+
+/// A counter of something held by all requests together, with a ceiling.
+pub struct Pool {
+    held: AtomicU64,
+    what: &'static str,
 }
 
-/// Decodes a video reference (written to a temporary file first when it is not a local file).
-/// Blocking: run in `spawn_blocking`.
-pub fn load_video(url: &str, policy: &MediaPolicy) -> Result<Video, ApiError> {
-    load_video_with(url, policy, &VideoOptions::default()).map(|(video, _)| video)
-}
-
-/// The container's timing of a video, for showing the chosen frames with their times.
-#[derive(Debug, Clone, Copy, Default)]
-pub struct VideoTiming {
-    /// Average frame rate of the video stream (frames per second), when the container gives it.
-    pub frame_rate: Option<f64>,
-    /// Duration in seconds, when the container gives it.
-    pub duration: Option<f64>,
-}
-
-/// [`load_video`] with a frame count and sampling of the caller's, plus the container's timing.
-/// Blocking: run in `spawn_blocking`.
-pub fn load_video_with(
-    url: &str,
-    policy: &MediaPolicy,
-    options: &VideoOptions,
-) -> Result<(Video, VideoTiming), ApiError> {
-    let name = describe(url);
-    let (path, _guard) = match locate(url, MediaKind::Video, policy)? {
-        Source::File(p) => (p, None),
-        Source::Bytes(b) => {
-            let tmp =
-                TempFile::write(&b).map_err(|e| ApiError::internal(format!("cannot write a temporary file: {e}")))?;
-            (tmp.path.clone(), Some(tmp))
-        }
-    };
-    probe_video(&path, &name, &policy.limits)?;
-    check_frame_budget(&path, &name, options.num_frames, &policy.limits)?;
-    let video = decode_video_file(&path, options).map_err(|e| {
-        ApiError::bad_param("video_url", format!("invalid video {name}: {}", strip_path(&e.to_string(), &path)))
-    })?;
-    if video.total_frames as u64 > policy.limits.max_video_frames {
-        return Err(ApiError::bad_param(
-            "video_url",
-            format!(
-                "video {name} has {} frames, over the limit of {}",
-                video.total_frames, policy.limits.max_video_frames
-            ),
-        ));
+impl Pool {
+    const fn new(what: &'static str) -> Self {
+        Self { held: AtomicU64::new(0), what }
     }
-    if let Some(f) = video.frames.first() {
-        let pixels = f.width as u64 * f.height as u64;
-        if pixels > policy.limits.max_pixels {
-            return Err(ApiError::bad_param(
-                "video_url",
-                format!("video frames of {name} have {pixels} pixels, over the limit"),
-            ));
-        }
-    }
-    Ok((video, video_timing(&path)))
-}
 
-/// The decoded frames of one video stay within the pixels of the model's 8 frames at the
-/// per-frame limit: more frames than 8 are allowed only for smaller frames.
-fn check_frame_budget(path: &Path, name: &str, num_frames: usize, limits: &Limits) -> Result<(), ApiError> {
-    use ffmpeg_next as ff;
-    let default_frames = VideoOptions::default().num_frames;
-    if num_frames <= default_frames {
-        return Ok(());
-    }
-    let Ok(ictx) = ff::format::input(&path) else { return Ok(()) };
-    let Some(stream) = ictx.streams().best(ff::media::Type::Video) else { return Ok(()) };
-    let Ok(dec) = ff::codec::context::Context::from_parameters(stream.parameters()).and_then(|c| c.decoder().video())
-    else {
-        return Ok(());
-    };
-    let pixels = dec.width() as u64 * dec.height() as u64;
-    let budget = limits.max_pixels.saturating_mul(default_frames as u64);
-    if pixels.saturating_mul(num_frames as u64) > budget {
-        return Err(ApiError::bad_param(
-            "num_frames",
-            format!(
-                "{num_frames} frames of {}x{} from video {name} are {} pixels, over the limit of {budget} \
-                 ({default_frames} frames of the largest size allowed); ask for fewer frames",
-                dec.width(),
-                dec.height(),
-                pixels.saturating_mul(num_frames as u64)
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// Frame rate and duration from the container header (None where it says nothing usable).
-fn video_timing(path: &Path) -> VideoTiming {
-    use ffmpeg_next as ff;
-    let Ok(ictx) = ff::format::input(&path) else { return VideoTiming::default() };
-    let duration = (ictx.duration() > 0).then(|| ictx.duration() as f64 / f64::from(ff::ffi::AV_TIME_BASE));
-    let frame_rate = ictx.streams().best(ff::media::Type::Video).and_then(|s| {
-        let r = s.avg_frame_rate();
-        (r.numerator() > 0 && r.denominator() > 0).then(|| f64::from(r.numerator()) / f64::from(r.denominator()))
-    });
-    VideoTiming { frame_rate, duration }
-}
-
-/// Temporary file paths must not leak into client-facing messages.
-fn strip_path(message: &str, path: &Path) -> String {
-    message.replace(&path.display().to_string(), "video")
-}
-
-/// Refuses videos that are too long or too large before decoding them (container header).
-fn probe_video(path: &Path, name: &str, limits: &Limits) -> Result<(), ApiError> {
-    use ffmpeg_next as ff;
-    let bad = |m: String| ApiError::bad_param("video_url", m);
-    let _ = ff::init();
-    ff::util::log::set_level(ff::util::log::Level::Quiet);
-    let ictx =
-        ff::format::input(&path).map_err(|e| bad(format!("invalid video {name}: not a readable media file ({e})")))?;
-    let duration = ictx.duration();
-    if duration > 0 {
-        let seconds = duration as f64 / f64::from(ff::ffi::AV_TIME_BASE);
-        if seconds > limits.max_video_seconds {
-            return Err(bad(format!(
-                "video {name} lasts {seconds:.1} s, over the limit of {} s",
-                limits.max_video_seconds
-            )));
-        }
-    }
-    let stream = ictx
-        .streams()
-        .best(ff::media::Type::Video)
-        .ok_or_else(|| bad(format!("invalid video {name}: no video stream")))?;
-    let frames = stream.frames();
-    if frames > 0 && frames as u64 > limits.max_video_frames {
-        return Err(bad(format!("video {name} has {frames} frames, over the limit of {}", limits.max_video_frames)));
-    }
-    if let Ok(ctx) = ff::codec::context::Context::from_parameters(stream.parameters()) {
-        if let Ok(dec) = ctx.decoder().video() {
-            let pixels = dec.width() as u64 * dec.height() as u64;
-            if pixels > limits.max_pixels {
-                return Err(bad(format!(
-                    "video {name} is {}x{} = {pixels} pixels per frame, over the limit of {}",
-                    dec.width(),
-                    dec.height(),
-                    limits.max_pixels
-                )));
+    /// Takes `n` if the total stays within `max`.
+    fn take(&'static self, n: u64, max: u64) -> Result<Held, String> {
+        let mut cur = self.held.load(Ordering::SeqCst);
+        loop {
+            let next = cur.saturating_add(n);
+            if next > max {
+                return Err(format!(
+                    "the server holds too much {} for other requests right now ({cur} of {max}); retry later",
+                    self.what
+                ));
+            }
+            match self.held.compare_exchange(cur, next, Ordering::SeqCst, Ordering::SeqCst) {
+                Ok(_) => return Ok(Held { pool: self, n }),
+                Err(c) => cur = c,
             }
         }
     }
-    Ok(())
+
+    /// Currently held (for tests and metrics).
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::SeqCst)
+    }
 }
 
-fn locate(url: &str, kind: MediaKind, policy: &MediaPolicy) -> Result<Source, ApiError> {
+/// A share of a [`Pool`], given back on drop.
+pub struct Held {
+    pool: &'static Pool,
+    n: u64,
+}
+
+impl Held {
+    fn grow(&mut self, n: u64, max: u64) -> Result<(), String> {
+        let more = self.pool.take(n, max)?;
+        self.n += more.n;
+        std::mem::forget(more);
+        Ok(())
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.pool.held.fetch_sub(self.n, Ordering::SeqCst);
+    }
+}
+
+/// Bytes of remote media being fetched or waiting to be decoded, all requests together.
+pub static REMOTE_BYTES: Pool = Pool::new("remote media bytes");
+/// Decoded pixels held by requests (from their decoding until their response ends).
+pub static DECODED_PIXELS: Pool = Pool::new("decoded media pixels");
+
+/// The media worker pool: as many permits as the machine has cores (at least 2), or
+/// `limits.media_workers` when set.
+fn workers(limits: &Limits) -> &'static Arc<tokio::sync::Semaphore> {
+    static POOL: OnceLock<Arc<tokio::sync::Semaphore>> = OnceLock::new();
+    POOL.get_or_init(|| {
+        let n = if limits.media_workers > 0 {
+            limits.media_workers
+        } else {
+            std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).max(2)
+        };
+        Arc::new(tokio::sync::Semaphore::new(n))
+    })
+}
+
+/// Waits for a media worker.
+pub async fn acquire_worker(limits: &Limits) -> tokio::sync::OwnedSemaphorePermit {
+    workers(limits).clone().acquire_owned().await.expect("the media worker pool is never closed")
+}
+
+/// The decoded pixels one request holds; released when dropped (when its response ends).
+#[derive(Default, Clone)]
+pub struct RequestPixels(Arc<std::sync::Mutex<Vec<Held>>>);
+
+/// The decoder limits of a request: the server's limits, with the decoded pixels it holds
+/// counted in `pixels` against the server-wide [`DECODED_PIXELS`] bound.
+fn media_limits(limits: &Limits, pixels: &RequestPixels) -> MediaLimits {
+    let (per_request, total) = (limits.max_request_pixels, limits.max_decoded_pixels);
+    let holder = pixels.clone();
+    MediaLimits {
+        max_side: limits.max_side,
+        max_pixels: limits.max_pixels,
+        max_aspect_ratio: limits.max_aspect_ratio,
+        max_video_frames: limits.max_video_frames,
+        max_video_seconds: limits.max_video_seconds,
+        max_jpeg_scans: limits.max_jpeg_scans,
+        budget: Budget::new(move |n| {
+            let mut held = holder.0.lock().unwrap_or_else(|p| p.into_inner());
+            let mine: u64 = held.iter().map(|h| h.n).sum();
+            if mine.saturating_add(n) > per_request {
+                return Err(format!(
+                    "the request's media would hold {} decoded pixels, over the limit of {per_request} per request",
+                    mine.saturating_add(n)
+                ));
+            }
+            held.push(DECODED_PIXELS.take(n, total)?);
+            Ok(())
+        }),
+    }
+}
+
+fn media_error(kind: MediaKind, what: &str, e: videollava::Error) -> ApiError {
+    let msg = e.to_string();
+    let mut err = ApiError::bad_param(kind.param(), format!("invalid {what}: {msg}"));
+    if msg.contains("retry later") {
+        err = ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "server_error", msg).with_code("media_busy");
+    }
+    err
+}
+
+/// Decodes an image reference. Blocking: run it on a media worker.
+pub fn load_image(
+    url: &str,
+    policy: &MediaPolicy,
+    cancel: &Cancel,
+    pixels: &RequestPixels,
+) -> Result<RgbImage, ApiError> {
+    let name = describe(url);
+    let bytes = match locate(url, MediaKind::Image, policy, cancel)? {
+        Source::Bytes(b, _held) => b,
+        Source::File(p) => read_limited(&p, policy.limits.max_media_bytes)?,
+    };
+    cancel.check(&name).map_err(|e| media_error(MediaKind::Image, "image", e))?;
+    videollava::media::image::decode_image_bytes_with(&bytes, &name, &media_limits(&policy.limits, pixels))
+        .map_err(|e| media_error(MediaKind::Image, "image", e))
+}
+
+/// Decodes a video reference from memory (FFmpeg reads only these bytes), 8 frames. Blocking:
+/// run it on a media worker.
+pub fn load_video(url: &str, policy: &MediaPolicy, cancel: &Cancel, pixels: &RequestPixels) -> Result<Video, ApiError> {
+    load_video_with(url, policy, cancel, pixels, &VideoOptions::default())
+}
+
+/// [`load_video`] with the caller's frame count and sampling (a request's `num_frames`, the
+/// frame preview, `videollava batch` rows). The decoded pixels count against the request's
+/// budget, so more frames are allowed only for smaller ones.
+pub fn load_video_with(
+    url: &str,
+    policy: &MediaPolicy,
+    cancel: &Cancel,
+    pixels: &RequestPixels,
+    options: &VideoOptions,
+) -> Result<Video, ApiError> {
+    let name = describe(url);
+    let limits = media_limits(&policy.limits, pixels);
+    match locate(url, MediaKind::Video, policy, cancel)? {
+        // Errors name the file as the client wrote it, not the server's resolved path.
+        Source::File(p) => decode_video_file_with(&p, options, &limits, cancel).map_err(|e| {
+            let message = e.to_string().replace(&p.display().to_string(), &name);
+            media_error(MediaKind::Video, "video", videollava::Error::Input(message))
+        }),
+        Source::Bytes(b, _held) => decode_video_bytes(Arc::from(b), &name, options, &limits, cancel)
+            .map_err(|e| media_error(MediaKind::Video, "video", e)),
+    }
+}
+
+/// The placeholder tokens a request's media will take, known before decoding when the
+/// processor's output size is fixed.
+pub fn media_tokens(
+    images: usize,
+    videos: usize,
+    num_frames: usize,
+    image_tokens: usize,
+    video_tokens_per_frame: usize,
+) -> u64 {
+    images as u64 * image_tokens as u64 + videos as u64 * num_frames as u64 * video_tokens_per_frame as u64
+}
+
+fn locate(url: &str, kind: MediaKind, policy: &MediaPolicy, cancel: &Cancel) -> Result<Source, ApiError> {
     let param = kind.param();
     let url = url.trim();
     if url.is_empty() {
         return Err(ApiError::bad_param(param, "empty media url"));
     }
     if let Some(rest) = url.strip_prefix("data:") {
-        return decode_data_uri(rest, kind, policy.limits.max_media_bytes).map(Source::Bytes);
+        return decode_data_uri(rest, kind, policy.limits.max_media_bytes).map(|b| Source::Bytes(b, None));
     }
     let lower = url.to_ascii_lowercase();
     if lower.starts_with("http://") || lower.starts_with("https://") {
-        return fetch(url, kind, policy).map(Source::Bytes);
+        return fetch(url, kind, policy, cancel).map(|(b, held)| Source::Bytes(b, Some(held)));
     }
     if lower.starts_with("file:") {
         let parsed = url::Url::parse(url).map_err(|e| ApiError::bad_param(param, format!("invalid file URL: {e}")))?;
@@ -304,6 +325,30 @@ fn decode_data_uri(rest: &str, kind: MediaKind, max_bytes: u64) -> Result<Vec<u8
         param,
         format!("invalid base64 in data URI: {}", last.map(|e| e.to_string()).unwrap_or_default()),
     ))
+}
+
+/// Removes temporary media files left by older versions of the server that crashed (they wrote
+/// `videollava-media-<pid>-...` files; this version keeps media in memory and writes none), when
+/// the process that wrote them is gone.
+pub fn remove_stale_temp_files() {
+    if !Path::new("/proc/self").exists() {
+        return; // no way to tell a live writer from a dead one
+    }
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else { return };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix("videollava-media-") else { continue };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// [`decode_data_uri`] for the request-parsing fuzz test.
+#[cfg(test)]
+pub(crate) fn decode_data_uri_for_tests(rest: &str, max_bytes: u64) -> Result<Vec<u8>, ApiError> {
+    decode_data_uri(rest, MediaKind::Image, max_bytes)
 }
 
 /// A local path: must resolve (symlinks followed) to a regular file under the allowed directory.
@@ -418,9 +463,18 @@ fn forbidden_v6(ip: Ipv6Addr) -> bool {
     if s[0] == 0x64 && s[1] == 0xff9b && s[2..6].iter().all(|&x| x == 0) {
         return forbidden_v4(Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8));
     }
+    // IPv4-translated (SIIT) ::ffff:0:a.b.c.d
+    if s[..4].iter().all(|&x| x == 0) && s[4] == 0xffff && s[5] == 0 {
+        return forbidden_v4(Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8));
+    }
     // 6to4 2002::/16 embeds an IPv4 address
     if s[0] == 0x2002 {
         return forbidden_v4(Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8));
+    }
+    // Local-use NAT64 64:ff9b:1::/48 (RFC 8215) and Teredo 2001::/32: the IPv4 address they
+    // reach is not checkable here (network-specific, or obfuscated), so they are refused.
+    if (s[0] == 0x64 && s[1] == 0xff9b && s[2] == 1) || (s[0] == 0x2001 && s[1] == 0) {
+        return true;
     }
     ip.is_loopback()
         || ip.is_unspecified()
@@ -484,7 +538,7 @@ impl ureq::unversioned::resolver::Resolver for CheckedResolver {
 
 static FETCHES: AtomicU64 = AtomicU64::new(0);
 
-fn fetch(url: &str, kind: MediaKind, policy: &MediaPolicy) -> Result<Vec<u8>, ApiError> {
+fn fetch(url: &str, kind: MediaKind, policy: &MediaPolicy, cancel: &Cancel) -> Result<(Vec<u8>, Held), ApiError> {
     let param = kind.param();
     let name = describe(url);
     let parsed = url::Url::parse(url).map_err(|e| ApiError::bad_param(param, format!("invalid URL {name}: {e}")))?;
@@ -512,13 +566,34 @@ fn fetch(url: &str, kind: MediaKind, policy: &MediaPolicy) -> Result<Vec<u8>, Ap
     if !status.is_success() {
         return Err(ApiError::bad_param(param, format!("fetching {name} returned HTTP {}", status.as_u16())));
     }
-    let body = resp
-        .body_mut()
-        .with_config()
-        .limit(limits.max_media_bytes)
-        .read_to_vec()
-        .map_err(|e| fetch_error(e, &name, param, limits))?;
-    Ok(body)
+    // Read in chunks: each one is counted against the server-wide bound on remote bytes, and
+    // the fetch stops when the request is cancelled.
+    let busy = |m: String| {
+        ApiError::new(axum::http::StatusCode::SERVICE_UNAVAILABLE, "server_error", m).with_code("media_busy")
+    };
+    let mut held = REMOTE_BYTES.take(0, limits.max_remote_bytes).map_err(busy)?;
+    let mut reader = resp.body_mut().with_config().limit(limits.max_media_bytes).reader();
+    let mut body = Vec::new();
+    let mut chunk = vec![0u8; 64 << 10];
+    loop {
+        if cancel.is_cancelled() {
+            return Err(ApiError::bad_param(param, format!("fetching {name} was cancelled")));
+        }
+        let n = match reader.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                return Err(match e.into_inner().and_then(|i| i.downcast::<ureq::Error>().ok()) {
+                    Some(u) => fetch_error(*u, &name, param, limits),
+                    None => ApiError::bad_param(param, format!("cannot fetch {name}: the body could not be read")),
+                })
+            }
+        };
+        held.grow(n as u64, limits.max_remote_bytes).map_err(busy)?;
+        body.extend_from_slice(&chunk[..n]);
+    }
+    Ok((body, held))
 }
 
 fn fetch_error(e: ureq::Error, name: &str, param: &str, limits: &Limits) -> ApiError {
@@ -538,33 +613,6 @@ fn fetch_error(e: ureq::Error, name: &str, param: &str, limits: &Limits) -> ApiE
             format!("fetching {name} took longer than {} s", limits.fetch_timeout.as_secs_f64()),
         ),
         other => ApiError::bad_param(param, format!("cannot fetch {name}: {other}")),
-    }
-}
-
-/// A temporary file removed on drop.
-struct TempFile {
-    path: PathBuf,
-}
-
-impl TempFile {
-    fn write(bytes: &[u8]) -> std::io::Result<Self> {
-        static N: AtomicU64 = AtomicU64::new(0);
-        let nanos =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let path = std::env::temp_dir().join(format!(
-            "videollava-media-{}-{}-{nanos}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        ));
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
-        std::io::Write::write_all(&mut f, bytes)?;
-        Ok(Self { path })
-    }
-}
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
     }
 }
 
@@ -595,10 +643,20 @@ mod tests {
             "::ffff:10.0.0.1",
             "64:ff9b::a9fe:a9fe",
             "2002:7f00:1::",
+            "::ffff:0:7f00:1",
+            "::ffff:0:a9fe:a9fe",
+            "64:ff9b::127.0.0.1",
+            "64:ff9b::10.0.0.1",
+            "64:ff9b:1::808:808",
+            "2002:a9fe:a9fe::1",
+            "2001:0:4136:e378:8000:63bf:3fff:fdd2",
+            "::127.0.0.1",
         ] {
             assert!(is_forbidden_ip(a.parse().unwrap()), "{a} should be refused");
         }
-        for a in ["8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
+        for a in
+            ["8.8.8.8", "1.1.1.1", "172.32.0.1", "100.128.0.1", "2606:4700::1111", "::ffff:8.8.8.8", "64:ff9b::808:808"]
+        {
             assert!(!is_forbidden_ip(a.parse().unwrap()), "{a} should be allowed");
         }
     }

@@ -158,22 +158,22 @@ fn chat_num_frames_changes_what_the_model_sees() {
 }
 
 #[test]
-fn more_than_8_frames_only_for_smaller_frames() {
-    // clip.mp4 is 48x36 = 1728 pixels a frame; the budget is 8 frames at the per-frame limit.
-    let server =
-        start(ServerConfig { limits: Limits { max_pixels: 2000, ..Limits::default() }, ..ServerConfig::default() });
+fn more_frames_only_within_the_requests_pixel_budget() {
+    // clip.mp4 is 48x36 = 1728 pixels a frame; the request may hold 16,000 decoded pixels.
+    let limits = Limits { max_request_pixels: 16_000, ..Limits::default() };
+    let server = start(ServerConfig { limits, ..ServerConfig::default() });
     let video = || json!({"url": data_uri("clip.mp4", "video/mp4")});
     let (status, v) = frames(&server.base, &json!({"video_url": video(), "num_frames": 9}));
-    assert_eq!(status, 200, "9 x 1728 <= 8 x 2000: {v}");
+    assert_eq!(status, 200, "9 x 1728 <= 16000: {v}");
     let (status, v) = frames(&server.base, &json!({"video_url": video(), "num_frames": 10}));
-    assert_error(status, &v, 400, "10 x 1728 > 8 x 2000");
-    assert_eq!(v["error"]["param"], "num_frames");
+    assert_error(status, &v, 400, "10 x 1728 > 16000");
+    assert_eq!(v["error"]["param"], "video_url");
     let chat = json!({"messages": [{"role": "user", "content": [
         {"type": "video_url", "video_url": video()}, {"type": "text", "text": "Hi"}]}],
         "max_tokens": 1, "num_frames": 10});
     let (status, v) = post(&server.base, &chat);
     assert_error(status, &v, 400, "a chat request with 10 frames");
-    assert_eq!(v["error"]["param"], "num_frames");
+    assert_eq!(v["error"]["param"], "video_url");
 }
 
 #[test]

@@ -103,6 +103,10 @@ pub struct EngineInfo {
     pub eos_token: String,
     pub max_position_embeddings: usize,
     pub default_options: GenerateOptions,
+    /// Placeholder tokens of one image, and of one video frame, when the processor's output size
+    /// does not depend on the input (so a request's media tokens are known before decoding).
+    pub image_tokens: Option<usize>,
+    pub video_tokens_per_frame: Option<usize>,
 }
 
 /// Queue and batch occupancy.
@@ -128,6 +132,8 @@ struct Shared {
     queue: Mutex<VecDeque<Job>>,
     wake: Condvar,
     closing: AtomicBool,
+    /// False once the engine thread has ended (shut down, or died of a panic outside a request).
+    alive: AtomicBool,
     running: AtomicUsize,
     config: SchedulerConfig,
 }
@@ -153,25 +159,51 @@ impl Scheduler {
             eos_token: name(tok.eos_token_id),
             max_position_embeddings: engine.model().config.text_config.max_position_embeddings,
             default_options: engine.default_options(),
+            image_tokens: engine
+                .processor
+                .image_processor
+                .fixed_output_size()
+                .map(|(h, w)| engine.processor.image_token_count(h, w)),
+            video_tokens_per_frame: engine
+                .processor
+                .image_processor
+                .fixed_output_size()
+                .map(|(h, w)| engine.processor.video_token_count(1, h, w)),
         };
         let shared = Arc::new(Shared {
             queue: Mutex::new(VecDeque::new()),
             wake: Condvar::new(),
             closing: AtomicBool::new(false),
+            alive: AtomicBool::new(true),
             running: AtomicUsize::new(0),
             config,
         });
         let worker = shared.clone();
         let thread = std::thread::Builder::new()
             .name("videollava-engine".into())
-            .spawn(move || run_loop(engine, worker))
+            .spawn(move || {
+                // Marks the engine gone however the loop ends (a panic included) and fails the
+                // requests still queued rather than leaving them waiting forever.
+                struct Alive(Arc<Shared>);
+                impl Drop for Alive {
+                    fn drop(&mut self) {
+                        self.0.alive.store(false, Ordering::SeqCst);
+                        let mut q = self.0.queue.lock().unwrap_or_else(|p| p.into_inner());
+                        for job in q.drain(..) {
+                            failed(&job.tx, &Error::Model("the engine stopped".into()));
+                        }
+                    }
+                }
+                let _alive = Alive(worker.clone());
+                run_loop(engine, worker)
+            })
             .expect("spawn the engine thread");
         Scheduler { shared, info: Arc::new(info), thread: Arc::new(Mutex::new(Some(thread))) }
     }
 
     /// Queues a request; its events arrive on the returned handle.
     pub fn submit(&self, request: GenerationRequest) -> std::result::Result<RequestHandle, SubmitError> {
-        if self.shared.closing.load(Ordering::SeqCst) {
+        if self.shared.closing.load(Ordering::SeqCst) || !self.is_alive() {
             return Err(SubmitError::ShuttingDown);
         }
         let (tx, rx) = unbounded_channel();
@@ -184,6 +216,11 @@ impl Scheduler {
         }
         self.shared.wake.notify_all();
         Ok(RequestHandle { events: rx })
+    }
+
+    /// Whether the engine thread is running (false after shutdown or if it died).
+    pub fn is_alive(&self) -> bool {
+        self.shared.alive.load(Ordering::SeqCst)
     }
 
     pub fn info(&self) -> &EngineInfo {
@@ -240,6 +277,22 @@ fn failed(tx: &UnboundedSender<StreamEvent>, e: &Error) {
     let _ = tx.send(StreamEvent::Failed { message: e.to_string(), client_error });
 }
 
+/// Runs one request's (or one batch step's) work; a panic becomes an error, so that it fails
+/// what it was serving and the engine thread goes on with the other requests.
+fn isolate<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            let detail = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "non-string panic".into());
+            Err(Error::Model(format!("internal error during {what}: panic: {detail}")))
+        }
+    }
+}
+
 fn ms(since: Instant) -> f64 {
     since.elapsed().as_secs_f64() * 1e3
 }
@@ -289,7 +342,7 @@ fn start_prefill(engine: &Engine, job: Job) -> std::result::Result<Prefilling, (
             decoder_ms: 0.0,
         })
     };
-    run().map_err(|e| (tx.clone(), e))
+    isolate("preprocessing", run).map_err(|e| (tx.clone(), e))
 }
 
 /// Runs the next chunk of `p`'s prompt. After the last one, chooses the first token and returns
@@ -354,7 +407,7 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
             if p.tx.is_closed() {
                 pending.pop_front(); // the client left during its prefill
             } else {
-                match prefill_step(&engine, p) {
+                match isolate("prefill", || prefill_step(&engine, p)) {
                     Ok(None) => {}
                     Ok(Some((active, row_cache))) => {
                         pending.pop_front();
@@ -405,7 +458,7 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
         }
 
         // One decode step for the whole batch.
-        if let Err(e) = decode_step(&engine, &mut rows, &mut cache, max_ctx) {
+        if let Err(e) = isolate("a decode step", || decode_step(&engine, &mut rows, &mut cache, max_ctx)) {
             fail_all(&mut rows, &mut cache, &e);
             shared.running.store(pending.len(), Ordering::SeqCst);
         }
@@ -429,4 +482,17 @@ fn fail_all(rows: &mut Vec<Active>, cache: &mut KvCache, e: &Error) {
         let _ = row.tx.send(StreamEvent::Failed { message: e.to_string(), client_error: false });
     }
     *cache = KvCache::default();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panic_becomes_an_error_of_that_request() {
+        let e = isolate("preprocessing", || -> Result<()> { panic!("index out of bounds") }).unwrap_err();
+        assert!(matches!(e, Error::Model(_)));
+        assert!(e.to_string().contains("panic: index out of bounds"), "{e}");
+        assert_eq!(isolate("x", || Ok(3)).unwrap(), 3);
+    }
 }

@@ -36,13 +36,18 @@ impl RgbImage {
 }
 
 /// A clip: the frames chosen from a video, in order, all of one size.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Video {
     pub frames: Vec<RgbImage>,
     /// Indices of the chosen frames in the decoded stream (empty for caller-supplied frames).
     pub frame_indices: Vec<usize>,
     /// Number of frames in the stream that the indices refer to (0 for caller-supplied frames).
     pub total_frames: usize,
+    /// The stream's average frame rate (frames per second) as the container states it, when it
+    /// does: frame `i` shows at about `i / frame_rate` seconds.
+    pub frame_rate: Option<f64>,
+    /// The container's duration in seconds, when it states one.
+    pub duration: Option<f64>,
 }
 
 impl Video {
@@ -58,6 +63,6 @@ impl Video {
                 f.width, f.height
             )));
         }
-        Ok(Self { frames, frame_indices: Vec::new(), total_frames: 0 })
+        Ok(Self { frames, frame_indices: Vec::new(), total_frames: 0, frame_rate: None, duration: None })
     }
 }

@@ -27,24 +27,21 @@
 //! explicit `ImageOps.exif_transpose`), so rotated phone photos come out as stored, as in the
 //! Python reference. Embedded ICC profiles are ignored, as `convert("RGB")` ignores them.
 //!
-//! Images larger than [`MAX_SIDE`] pixels on a side or [`MAX_PIXELS`] in all are refused before
-//! any pixel buffer is allocated.
+//! Sizes are checked against [`MediaLimits`] (sides, pixels, aspect ratio) from the header,
+//! before any pixel buffer is allocated; progressive JPEGs have a scan limit; non-interlaced PNGs
+//! are decoded row by row (no full-resolution 16-bit buffer).
 
 use std::io::Cursor;
 use std::path::Path;
 
 use crate::error::{Error, Result};
-use crate::media::RgbImage;
-
-/// Largest accepted width or height, in pixels.
-pub const MAX_SIDE: usize = 16384;
-/// Largest accepted pixel count (width times height).
-pub const MAX_PIXELS: usize = 100_000_000;
+use crate::media::{MediaLimits, RgbImage};
 
 const SUPPORTED: &str = "supported formats: JPEG, PNG, GIF, WebP, BMP";
 
 /// Decodes an image file (format from the magic bytes, not the extension) to RGB u8, as Pillow's
 /// `Image.open(path).convert("RGB")`. EXIF orientation is not applied (Pillow does not either).
+/// Sizes are checked against [`MediaLimits::default`].
 pub fn decode_image_file(path: &Path) -> Result<RgbImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     decode_image_bytes(&bytes, &path.display().to_string())
@@ -52,16 +49,21 @@ pub fn decode_image_file(path: &Path) -> Result<RgbImage> {
 
 /// The same for bytes in memory; `source_name` names the input in errors (a path, a URL, "image #2").
 pub fn decode_image_bytes(bytes: &[u8], source_name: &str) -> Result<RgbImage> {
+    decode_image_bytes_with(bytes, source_name, &MediaLimits::default())
+}
+
+/// [`decode_image_bytes`] with explicit limits, checked from the header before decoding.
+pub fn decode_image_bytes_with(bytes: &[u8], source_name: &str, limits: &MediaLimits) -> Result<RgbImage> {
     let name = source_name;
     if bytes.is_empty() {
         return Err(Error::media(name, "the file is empty (0 bytes), not an image"));
     }
     match sniff(bytes) {
-        Kind::Jpeg => decode_jpeg(bytes, name),
-        Kind::Png => decode_png(bytes, name),
-        Kind::Gif => decode_gif(bytes, name),
-        Kind::WebP => decode_webp(bytes, name),
-        Kind::Bmp => decode_bmp(bytes, name),
+        Kind::Jpeg => decode_jpeg(bytes, name, limits),
+        Kind::Png => decode_png(bytes, name, limits),
+        Kind::Gif => decode_gif(bytes, name, limits),
+        Kind::WebP => decode_webp(bytes, name, limits),
+        Kind::Bmp => decode_bmp(bytes, name, limits),
         Kind::Unsupported(format) => {
             Err(Error::media(name, format!("{format} images are not supported ({SUPPORTED})")))
         }
@@ -134,26 +136,14 @@ fn hex_prefix(b: &[u8]) -> String {
     format!("bytes {}{}", hex.join(" "), if b.len() > n { " ..." } else { "" })
 }
 
-fn check_size(name: &str, format: &str, width: usize, height: usize) -> Result<()> {
-    if width == 0 || height == 0 {
-        return Err(Error::media(name, format!("{format} image has no pixels ({width}x{height})")));
-    }
-    if width > MAX_SIDE || height > MAX_SIDE || width.saturating_mul(height) > MAX_PIXELS {
-        return Err(Error::media(
-            name,
-            format!(
-                "{format} image is {width}x{height} pixels, larger than this decoder accepts \
-                 (at most {MAX_SIDE} per side and {} megapixels)",
-                MAX_PIXELS / 1_000_000
-            ),
-        ));
-    }
-    Ok(())
+fn check_size(limits: &MediaLimits, name: &str, format: &str, width: usize, height: usize) -> Result<()> {
+    limits.check_size(name, &format!("{format} image"), width as u64, height as u64)?;
+    limits.reserve(name, width as u64 * height as u64)
 }
 
 // ------------------------------------------------------------------------------------------ JPEG
 
-fn decode_jpeg(bytes: &[u8], name: &str) -> Result<RgbImage> {
+fn decode_jpeg(bytes: &[u8], name: &str, limits: &MediaLimits) -> Result<RgbImage> {
     use turbojpeg::raw;
 
     let mut tj = TjDecompressor::new().ok_or_else(|| Error::media(name, "cannot start the JPEG decoder"))?;
@@ -162,6 +152,8 @@ fn decode_jpeg(bytes: &[u8], name: &str) -> Result<RgbImage> {
     tj.set(raw::TJPARAM_TJPARAM_FASTDCT, 0);
     tj.set(raw::TJPARAM_TJPARAM_FASTUPSAMPLE, 0);
     tj.set(raw::TJPARAM_TJPARAM_STOPONWARNING, 0);
+    // A progressive JPEG of many tiny scans costs a pass over the image per scan.
+    tj.set(raw::TJPARAM_TJPARAM_SCANLIMIT, limits.max_jpeg_scans.min(i32::MAX as u32) as i32);
 
     // SAFETY: the handle is valid; the buffer pointer and length come from one slice.
     let rc = unsafe { raw::tj3DecompressHeader(tj.0, bytes.as_ptr(), bytes.len() as _) };
@@ -179,7 +171,7 @@ fn decode_jpeg(bytes: &[u8], name: &str) -> Result<RgbImage> {
         return Err(Error::media(name, "invalid JPEG: no frame header (SOF) before the image data"));
     }
     let (w, h) = (w as usize, h as usize);
-    check_size(name, "JPEG", w, h)?;
+    check_size(limits, name, "JPEG", w, h)?;
     let precision = tj.get(raw::TJPARAM_TJPARAM_PRECISION);
     if precision != 8 {
         return Err(Error::media(name, format!("{precision}-bit JPEG is not supported (only 8-bit, as in Pillow)")));
@@ -303,91 +295,119 @@ pub fn cmyk_to_rgb(cmyk: [u8; 4]) -> [u8; 3] {
 
 // ------------------------------------------------------------------------------------------- PNG
 
-fn decode_png(bytes: &[u8], name: &str) -> Result<RgbImage> {
-    use png::{BitDepth, ColorType};
-
+fn decode_png(bytes: &[u8], name: &str, limits: &MediaLimits) -> Result<RgbImage> {
     let png_err = |e: png::DecodingError| Error::media(name, format!("cannot decode PNG: {}", png_message(e)));
-    let mut decoder = png::Decoder::new_with_limits(Cursor::new(bytes), png::Limits { bytes: 2 << 30 });
+    // The decoder's own allocations (chunks, a row or a frame) stay within the pixel limit.
+    let budget = usize::try_from(limits.max_pixels.saturating_mul(8).saturating_add(64 << 20)).unwrap_or(usize::MAX);
+    let mut decoder = png::Decoder::new_with_limits(Cursor::new(bytes), png::Limits { bytes: budget });
     decoder.set_transformations(png::Transformations::IDENTITY);
     let mut reader = decoder.read_info().map_err(png_err)?;
     let (w, h) = {
         let info = reader.info();
         (info.width as usize, info.height as usize)
     };
-    check_size(name, "PNG", w, h)?;
+    check_size(limits, name, "PNG", w, h)?;
     let (color, depth) = (reader.info().color_type, reader.info().bit_depth);
     let palette: Option<Vec<u8>> = reader.info().palette.as_ref().map(|p| p.to_vec());
-    let size =
-        reader.output_buffer_size().ok_or_else(|| Error::media(name, format!("PNG image of {w}x{h} is too large")))?;
-    let mut buf = vec![0u8; size];
-    let frame = reader.next_frame(&mut buf).map_err(png_err)?;
-    let line = frame.line_size;
     let bits = depth as usize;
-
     let mut data = Vec::with_capacity(w * h * 3);
-    for y in 0..h {
-        let row = &buf[y * line..(y + 1) * line];
-        match (color, depth) {
-            (ColorType::Grayscale, BitDepth::Sixteen) => {
-                // Pillow mode I;16, convert("RGB") clips each value to 255.
-                for x in 0..w {
-                    let v = u16::from_be_bytes([row[2 * x], row[2 * x + 1]]);
-                    let g = v.min(255) as u8;
-                    data.extend_from_slice(&[g, g, g]);
-                }
-            }
-            (ColorType::Grayscale, _) => {
-                let scale = match depth {
-                    BitDepth::One => 255,
-                    BitDepth::Two => 85,
-                    BitDepth::Four => 17,
-                    _ => 1,
-                };
-                for x in 0..w {
-                    let g = (sample(row, x, bits) as u32 * scale) as u8;
-                    data.extend_from_slice(&[g, g, g]);
-                }
-            }
-            (ColorType::Indexed, _) => {
-                let pal = palette.as_deref().unwrap_or(&[]);
-                for x in 0..w {
-                    let i = sample(row, x, bits) as usize;
-                    data.extend_from_slice(&palette_rgb(pal, i));
-                }
-            }
-            (ColorType::Rgb, BitDepth::Sixteen) => {
-                for x in 0..w {
-                    let p = &row[6 * x..6 * x + 6];
-                    data.extend_from_slice(&[p[0], p[2], p[4]]);
-                }
-            }
-            (ColorType::Rgb, _) => data.extend_from_slice(&row[..3 * w]),
-            (ColorType::GrayscaleAlpha, BitDepth::Sixteen) => {
-                for x in 0..w {
-                    let g = row[4 * x];
-                    data.extend_from_slice(&[g, g, g]);
-                }
-            }
-            (ColorType::GrayscaleAlpha, _) => {
-                for x in 0..w {
-                    let g = row[2 * x];
-                    data.extend_from_slice(&[g, g, g]);
-                }
-            }
-            (ColorType::Rgba, BitDepth::Sixteen) => {
-                for x in 0..w {
-                    let p = &row[8 * x..8 * x + 8];
-                    data.extend_from_slice(&[p[0], p[2], p[4]]);
-                }
-            }
-            (ColorType::Rgba, _) => {
-                for x in 0..w {
-                    data.extend_from_slice(&row[4 * x..4 * x + 3]);
-                }
-            }
+    if reader.info().interlaced {
+        // Adam7 rows come pass by pass: the whole frame is needed (bounded by the limits above).
+        let size = reader
+            .output_buffer_size()
+            .ok_or_else(|| Error::media(name, format!("PNG image of {w}x{h} is too large")))?;
+        let mut buf = vec![0u8; size];
+        let frame = reader.next_frame(&mut buf).map_err(png_err)?;
+        let line = frame.line_size;
+        for y in 0..h {
+            png_row_to_rgb(&buf[y * line..(y + 1) * line], w, color, depth, bits, palette.as_deref(), &mut data);
+        }
+    } else {
+        // Row by row: no full-resolution buffer of 16-bit samples.
+        let mut rows = 0;
+        while rows < h {
+            let Some(row) = reader.next_row().map_err(png_err)? else { break };
+            png_row_to_rgb(row.data(), w, color, depth, bits, palette.as_deref(), &mut data);
+            rows += 1;
+        }
+        if rows < h {
+            return Err(Error::media(name, "cannot decode PNG: the file is truncated"));
         }
     }
     RgbImage::new(w, h, data)
+}
+
+/// One unfiltered PNG row (`color`/`depth` samples) appended to `data` as RGB, with Pillow's
+/// unpackers.
+fn png_row_to_rgb(
+    row: &[u8],
+    w: usize,
+    color: png::ColorType,
+    depth: png::BitDepth,
+    bits: usize,
+    palette: Option<&[u8]>,
+    data: &mut Vec<u8>,
+) {
+    use png::{BitDepth, ColorType};
+    match (color, depth) {
+        (ColorType::Grayscale, BitDepth::Sixteen) => {
+            // Pillow mode I;16, convert("RGB") clips each value to 255.
+            for x in 0..w {
+                let v = u16::from_be_bytes([row[2 * x], row[2 * x + 1]]);
+                let g = v.min(255) as u8;
+                data.extend_from_slice(&[g, g, g]);
+            }
+        }
+        (ColorType::Grayscale, _) => {
+            let scale = match depth {
+                BitDepth::One => 255,
+                BitDepth::Two => 85,
+                BitDepth::Four => 17,
+                _ => 1,
+            };
+            for x in 0..w {
+                let g = (sample(row, x, bits) as u32 * scale) as u8;
+                data.extend_from_slice(&[g, g, g]);
+            }
+        }
+        (ColorType::Indexed, _) => {
+            let pal = palette.unwrap_or(&[]);
+            for x in 0..w {
+                let i = sample(row, x, bits) as usize;
+                data.extend_from_slice(&palette_rgb(pal, i));
+            }
+        }
+        (ColorType::Rgb, BitDepth::Sixteen) => {
+            for x in 0..w {
+                let p = &row[6 * x..6 * x + 6];
+                data.extend_from_slice(&[p[0], p[2], p[4]]);
+            }
+        }
+        (ColorType::Rgb, _) => data.extend_from_slice(&row[..3 * w]),
+        (ColorType::GrayscaleAlpha, BitDepth::Sixteen) => {
+            for x in 0..w {
+                let g = row[4 * x];
+                data.extend_from_slice(&[g, g, g]);
+            }
+        }
+        (ColorType::GrayscaleAlpha, _) => {
+            for x in 0..w {
+                let g = row[2 * x];
+                data.extend_from_slice(&[g, g, g]);
+            }
+        }
+        (ColorType::Rgba, BitDepth::Sixteen) => {
+            for x in 0..w {
+                let p = &row[8 * x..8 * x + 8];
+                data.extend_from_slice(&[p[0], p[2], p[4]]);
+            }
+        }
+        (ColorType::Rgba, _) => {
+            for x in 0..w {
+                data.extend_from_slice(&row[4 * x..4 * x + 3]);
+            }
+        }
+    }
 }
 
 fn png_message(e: png::DecodingError) -> String {
@@ -423,7 +443,7 @@ fn palette_rgb(pal: &[u8], i: usize) -> [u8; 3] {
 
 // ------------------------------------------------------------------------------------------- GIF
 
-fn decode_gif(bytes: &[u8], name: &str) -> Result<RgbImage> {
+fn decode_gif(bytes: &[u8], name: &str, limits: &MediaLimits) -> Result<RgbImage> {
     let gif_err = |e: gif::DecodingError| {
         let msg = match &e {
             gif::DecodingError::Io(io) if io.kind() == std::io::ErrorKind::UnexpectedEof => {
@@ -436,7 +456,9 @@ fn decode_gif(bytes: &[u8], name: &str) -> Result<RgbImage> {
     let mut opts = gif::DecodeOptions::new();
     opts.set_color_output(gif::ColorOutput::Indexed);
     opts.check_frame_consistency(false);
-    opts.set_memory_limit(gif::MemoryLimit::Bytes(std::num::NonZeroU64::new(MAX_PIXELS as u64 * 4).unwrap()));
+    let memory =
+        std::num::NonZeroU64::new(limits.max_pixels.saturating_mul(4).max(1)).unwrap_or(std::num::NonZeroU64::MIN);
+    opts.set_memory_limit(gif::MemoryLimit::Bytes(memory));
     // The gif crate refuses frames without any colour table, which Pillow decodes as mode L
     // (index = grey level). Giving such files a global identity grey ramp is equivalent.
     let patched;
@@ -461,7 +483,7 @@ fn decode_gif(bytes: &[u8], name: &str) -> Result<RgbImage> {
     let (fx, fy, fw, fh) = (frame.left as usize, frame.top as usize, frame.width as usize, frame.height as usize);
     // Pillow grows the image when the first frame reaches past the logical screen.
     let (w, h) = (sw.max(fx + fw), sh.max(fy + fh));
-    check_size(name, "GIF", w, h)?;
+    check_size(limits, name, "GIF", w, h)?;
     let transparent = frame.transparent;
     let local: Option<Vec<u8>> = frame.palette.clone();
     let mut indices = vec![0u8; fw * fh];
@@ -488,23 +510,23 @@ fn is_grey_ramp(p: &[u8]) -> bool {
 
 // ------------------------------------------------------------------------------------ WebP, BMP
 
-fn decode_webp(bytes: &[u8], name: &str) -> Result<RgbImage> {
+fn decode_webp(bytes: &[u8], name: &str, limits: &MediaLimits) -> Result<RgbImage> {
     let dec = image::codecs::webp::WebPDecoder::new(Cursor::new(bytes)).map_err(|e| image_err(name, "WebP", e))?;
-    decode_with_image(dec, name, "WebP")
+    decode_with_image(dec, name, "WebP", limits)
 }
 
-fn decode_bmp(bytes: &[u8], name: &str) -> Result<RgbImage> {
-    if let Some(img) = decode_bmp16(bytes, name)? {
+fn decode_bmp(bytes: &[u8], name: &str, limits: &MediaLimits) -> Result<RgbImage> {
+    if let Some(img) = decode_bmp16(bytes, name, limits)? {
         return Ok(img);
     }
     let dec = image::codecs::bmp::BmpDecoder::new(Cursor::new(bytes)).map_err(|e| image_err(name, "BMP", e))?;
-    decode_with_image(dec, name, "BMP")
+    decode_with_image(dec, name, "BMP", limits)
 }
 
 /// 16-bit BMPs (5-5-5, and 5-6-5 bitfields): the `image` crate rounds when widening the
 /// channels, Pillow's `BGR;15` / `BGR;16` unpackers truncate (`v * 255 / 31`), so these are
 /// unpacked here. `None` for every other kind of BMP.
-fn decode_bmp16(b: &[u8], name: &str) -> Result<Option<RgbImage>> {
+fn decode_bmp16(b: &[u8], name: &str, limits: &MediaLimits) -> Result<Option<RgbImage>> {
     let u16_at = |o: usize| b.get(o..o + 2).map(|s| u16::from_le_bytes([s[0], s[1]]));
     let u32_at = |o: usize| b.get(o..o + 4).map(|s| u32::from_le_bytes([s[0], s[1], s[2], s[3]]));
     let (Some(offset), Some(header_size), Some(bpp), Some(compression)) =
@@ -525,7 +547,7 @@ fn decode_bmp16(b: &[u8], name: &str) -> Result<Option<RgbImage>> {
         return Ok(None);
     };
     let (width, height) = (w.unsigned_abs() as usize, h.unsigned_abs() as usize);
-    check_size(name, "BMP", width, height)?;
+    check_size(limits, name, "BMP", width, height)?;
     let stride = (width * 2).div_ceil(4) * 4;
     let offset = offset as usize;
     let needed = offset.checked_add(stride * height);
@@ -558,11 +580,58 @@ fn image_err(name: &str, format: &str, e: image::ImageError) -> Error {
     }
 }
 
-fn decode_with_image(dec: impl image::ImageDecoder, name: &str, format: &str) -> Result<RgbImage> {
+fn decode_with_image(
+    mut dec: impl image::ImageDecoder,
+    name: &str,
+    format: &str,
+    limits: &MediaLimits,
+) -> Result<RgbImage> {
     let (w, h) = dec.dimensions();
-    check_size(name, format, w as usize, h as usize)?;
+    check_size(limits, name, format, w as usize, h as usize)?;
+    // The header check above bounds the pixels; this bounds the decoder's own allocations too.
+    let mut image_limits = image::Limits::default();
+    image_limits.max_image_width = Some(w);
+    image_limits.max_image_height = Some(h);
+    image_limits.max_alloc = Some(limits.max_pixels.saturating_mul(8));
+    dec.set_limits(image_limits).map_err(|e| image_err(name, format, e))?;
     let img = image::DynamicImage::from_decoder(dec).map_err(|e| image_err(name, format, e))?;
     // Drops alpha without compositing, as convert("RGB") does.
     let rgb = img.into_rgb8();
     RgbImage::new(w as usize, h as usize, rgb.into_raw())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/images").join(name)).unwrap()
+    }
+
+    #[test]
+    fn progressive_jpeg_scan_limit() {
+        let jpeg = fixture("jpeg_progressive.jpg");
+        assert!(decode_image_bytes(&jpeg, "p.jpg").is_ok());
+        let limits = MediaLimits { max_jpeg_scans: 2, ..MediaLimits::default() };
+        let e = decode_image_bytes_with(&jpeg, "p.jpg", &limits).unwrap_err().to_string();
+        assert!(e.contains("p.jpg") && e.contains("scans"), "{e}");
+    }
+
+    #[test]
+    fn limits_apply_from_the_header_to_every_format() {
+        let limits = MediaLimits { max_pixels: 100, ..MediaLimits::default() };
+        for name in
+            ["jpeg_420.jpg", "png_rgb.png", "png_rgb_adam7.png", "gif_static.gif", "webp_lossy.webp", "bmp_24.bmp"]
+        {
+            let e = decode_image_bytes_with(&fixture(name), name, &limits).unwrap_err().to_string();
+            assert!(e.contains("over the limit"), "{name}: {e}");
+        }
+        // The budget hook is asked for the pixels before decoding, and its refusal is the error.
+        let limits = MediaLimits {
+            budget: crate::media::limits::Budget::new(|n| Err(format!("no room for {n} pixels"))),
+            ..MediaLimits::default()
+        };
+        let e = decode_image_bytes_with(&fixture("png_rgb.png"), "x.png", &limits).unwrap_err().to_string();
+        assert!(e.contains("no room for"), "{e}");
+    }
 }

@@ -4,8 +4,12 @@
 //! - [`video`]: videos decoded with FFmpeg in stream order, `N` frames picked, converted to RGB
 //!   as PyAV's `frame.to_ndarray(format="rgb24")` does.
 
+//! - [`limits`]: the bounds every decoder checks from headers and while decoding.
+
 mod frame;
 pub mod image;
+pub mod limits;
 pub mod video;
 
 pub use frame::{RgbImage, Video};
+pub use limits::{Cancel, MediaLimits};

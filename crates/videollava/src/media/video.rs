@@ -19,17 +19,18 @@
 //! display size after the decoder's cropping; no resizing happens here.
 
 use std::collections::BTreeMap;
+use std::io::{Cursor, Read, Seek};
 use std::os::raw::c_int;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::sync::Once;
+use std::sync::{Arc, Once};
 
 use ff::format::Pixel;
 use ff::software::scaling::{Context as Scaler, Flags};
 use ffmpeg_next as ff;
 
 use crate::error::{Error, Result};
-use crate::media::{RgbImage, Video};
+use crate::media::{Cancel, MediaLimits, RgbImage, Video};
 
 /// How the frames of a clip are chosen among the `total` decoded frames.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -121,6 +122,51 @@ pub fn sample_indices(total: usize, num_frames: usize, sampling: FrameSampling) 
     Ok(indices)
 }
 
+/// Containers FFmpeg may open (demuxer names; a name matches any alias of a demuxer). Every
+/// demuxer that opens other inputs (HLS/DASH playlists, `concat`, image sequences, `tee`, ...)
+/// is absent, and nested opens are refused anyway ([`PROTOCOL_WHITELIST`]).
+const FORMAT_WHITELIST: &str =
+    "mov,matroska,webm,avi,gif,mpegts,flv,ogg,h264,hevc,m4v,mpegvideo,yuv4mpegpipe,ivf,mjpeg,asf,mpeg";
+/// Protocols FFmpeg may open while demuxing: none (the bytes come through our own reader).
+const PROTOCOL_WHITELIST: &str = "none";
+const SUPPORTED_CONTAINERS: &str =
+    "MP4/MOV, Matroska/WebM, AVI, GIF, MPEG-TS/PS, FLV, Ogg, IVF, Y4M, raw H.264/HEVC/MPEG-4";
+
+/// Where the bytes of a video come from. FFmpeg reads them through a custom I/O context: it is
+/// never given a file name or URL, so it cannot be steered into opening anything else.
+#[derive(Clone)]
+enum Source {
+    File(PathBuf),
+    Bytes(Arc<[u8]>),
+}
+
+trait ReadSeek: Read + Seek + Send {}
+impl<T: Read + Seek + Send> ReadSeek for T {}
+
+impl Source {
+    fn reader(&self) -> Result<Box<dyn ReadSeek>> {
+        match self {
+            Source::File(p) => {
+                std::fs::File::open(p).map(|f| Box::new(f) as Box<dyn ReadSeek>).map_err(|e| Error::io(p, e))
+            }
+            Source::Bytes(b) => Ok(Box::new(Cursor::new(b.clone()))),
+        }
+    }
+
+    fn head(&self) -> Vec<u8> {
+        match self {
+            Source::Bytes(b) => b[..b.len().min(64)].to_vec(),
+            Source::File(p) => {
+                let mut head = Vec::new();
+                if let Ok(f) = std::fs::File::open(p) {
+                    let _ = f.take(64).read_to_end(&mut head);
+                }
+                head
+            }
+        }
+    }
+}
+
 /// Decodes a video file and returns `options.num_frames` frames chosen by `options.sampling`.
 ///
 /// * Frames are counted in the order the decoder emits them (presentation order, B-frames
@@ -135,57 +181,187 @@ pub fn sample_indices(total: usize, num_frames: usize, sampling: FrameSampling) 
 /// count is missing the stream is demuxed once (cheap) to count packets; if the decoded count
 /// still disagrees, the file is decoded a second time with indices from the real count.
 ///
-/// Errors (one line naming the file): missing/unreadable file, not a media file, truncated
-/// container, no video stream, unsupported codec, decoding failure, zero decodable frames,
-/// `num_frames == 0`.
+/// [`MediaLimits::default`] applies: frame size and aspect ratio (header and every frame), frame
+/// count and duration (enforced while demuxing and decoding, whatever the header says).
+///
+/// Errors (one line naming the file): missing/unreadable file, not a supported container (HLS
+/// playlists, concat lists, image sequences are refused), truncated container, no video stream,
+/// unsupported codec, decoding failure, zero decodable frames, over a limit, `num_frames == 0`.
 pub fn decode_video_file(path: &Path, options: &VideoOptions) -> Result<Video> {
-    let name = path.display().to_string();
+    decode_video_file_with(path, options, &MediaLimits::default(), &Cancel::new())
+}
+
+/// [`decode_video_file`] with explicit limits and a cancellation flag.
+pub fn decode_video_file_with(
+    path: &Path,
+    options: &VideoOptions,
+    limits: &MediaLimits,
+    cancel: &Cancel,
+) -> Result<Video> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if !meta.is_file() {
+        return Err(Error::media(path.display().to_string(), "not a regular file"));
+    }
+    decode(&Source::File(path.to_path_buf()), &path.display().to_string(), options, limits, cancel)
+}
+
+/// [`decode_video_file`] for bytes in memory; `source_name` names the input in errors.
+pub fn decode_video_bytes(
+    bytes: Arc<[u8]>,
+    source_name: &str,
+    options: &VideoOptions,
+    limits: &MediaLimits,
+    cancel: &Cancel,
+) -> Result<Video> {
+    if bytes.is_empty() {
+        return Err(Error::media(source_name, "the file is empty (0 bytes), not a video"));
+    }
+    decode(&Source::Bytes(bytes), source_name, options, limits, cancel)
+}
+
+fn decode(source: &Source, name: &str, options: &VideoOptions, limits: &MediaLimits, cancel: &Cancel) -> Result<Video> {
     if options.num_frames == 0 {
         return Err(Error::media(name, "num_frames must be at least 1"));
     }
-    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
-    if !meta.is_file() {
-        return Err(Error::media(name, "not a regular file"));
-    }
     init_ffmpeg();
+    refuse_playlists(&source.head(), name)?;
 
-    let (mut input, stream_index) = open_video(path)?;
+    let (mut input, stream_index) = open_video(source, name, limits, cancel)?;
+    // The kept frames, at the header's size (each decoded frame is checked against the limits).
+    // SAFETY: `codecpar` of a stream of an open input is a valid AVCodecParameters; plain fields.
+    let (w, h) = input
+        .stream(stream_index)
+        .map(|s| unsafe {
+            let par = &*s.parameters().as_ptr();
+            (par.width.max(0) as u64, par.height.max(0) as u64)
+        })
+        .unwrap_or((0, 0));
+    let mut reserved = Reserved { per_frame: w.saturating_mul(h), frames: options.num_frames as u64 };
+    limits.reserve(name, reserved.frames.saturating_mul(reserved.per_frame))?;
     let header_frames = input.stream(stream_index).map(|s| usize::try_from(s.frames()).unwrap_or(0)).unwrap_or(0);
+    let frame_rate = input.stream(stream_index).and_then(|s| {
+        let r = s.avg_frame_rate();
+        (r.numerator() > 0 && r.denominator() > 0).then(|| f64::from(r.numerator()) / f64::from(r.denominator()))
+    });
+    let duration = (input.duration() > 0).then(|| input.duration() as f64 / f64::from(ff::ffi::AV_TIME_BASE));
+    if header_frames as u64 > limits.max_video_frames {
+        return Err(too_many_frames(name, limits, Some(header_frames)));
+    }
     // Our guess of the frame count: the header, or else the number of packets of the stream (one
-    // frame per packet for nearly every codec), counted by a demux-only pass.
+    // frame per packet for nearly every codec), counted by a demux-only pass (bounded).
     let guess = if header_frames > 0 {
         header_frames
     } else {
-        let packets = input.packets().filter(|(s, _)| s.index() == stream_index).count();
-        (input, _) = open_video(path)?;
-        packets
+        let mut clock = Clock::new(&input, stream_index);
+        let mut packets = 0u64;
+        for (s, packet) in input.packets() {
+            if s.index() != stream_index {
+                continue;
+            }
+            cancel.check(name)?;
+            packets += 1;
+            if packets > limits.max_video_frames {
+                return Err(too_many_frames(name, limits, None));
+            }
+            clock.check(packet.pts().or(packet.dts()), name, limits)?;
+        }
+        (input, _) = open_video(source, name, limits, cancel)?;
+        packets as usize
     };
 
     let (total, frames) = if guess > 0 {
         let indices = sample_indices(guess, options.num_frames, options.sampling)?;
-        let pass = decode_pass(input, stream_index, path, &indices)?;
+        let pass = decode_pass(input, stream_index, name, &indices, limits, cancel, &mut reserved)?;
         if pass.decoded == guess {
             (guess, pass.frames)
         } else {
-            rerun(path, options, pass.decoded)?
+            rerun(source, name, options, pass.decoded, limits, cancel, &mut reserved)?
         }
     } else {
-        let pass = decode_pass(input, stream_index, path, &[])?;
-        rerun(path, options, pass.decoded)?
+        let pass = decode_pass(input, stream_index, name, &[], limits, cancel, &mut reserved)?;
+        rerun(source, name, options, pass.decoded, limits, cancel, &mut reserved)?
     };
     let frame_indices = sample_indices(total, options.num_frames, options.sampling)?;
-    Ok(Video { frames, frame_indices, total_frames: total })
+    Ok(Video { frames, frame_indices, total_frames: total, frame_rate, duration })
+}
+
+fn too_many_frames(name: &str, limits: &MediaLimits, claimed: Option<usize>) -> Error {
+    match claimed {
+        Some(n) => Error::media(name, format!("video has {n} frames, over the limit of {}", limits.max_video_frames)),
+        None => Error::media(name, format!("video has more than {} frames (the limit)", limits.max_video_frames)),
+    }
+}
+
+/// Clear errors for text files FFmpeg would follow (its demuxers for them are not allowed anyway).
+fn refuse_playlists(head: &[u8], name: &str) -> Result<()> {
+    let text = String::from_utf8_lossy(head);
+    let t = text.trim_start_matches('\u{feff}').trim_start();
+    let kind = if t.starts_with("#EXTM3U") || t.starts_with("#EXT-X-") {
+        Some("an HLS playlist (.m3u8)")
+    } else if t.starts_with("ffconcat") {
+        Some("an FFmpeg concat list")
+    } else if t.starts_with("<?xml") || t.starts_with("<MPD") || t.starts_with("<smil") {
+        Some("an XML manifest (DASH/SMIL)")
+    } else if t.starts_with("[playlist]") || t.starts_with("#EXTINF") {
+        Some("a playlist")
+    } else {
+        None
+    };
+    match kind {
+        Some(k) => Err(Error::media(
+            name,
+            format!(
+                "{k} is not a video: playlists and lists that name other files are refused (send the video itself)"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Presentation-time bound of a stream: refuses timestamps past `max_video_seconds` after the first.
+struct Clock {
+    time_base: f64,
+    start: Option<i64>,
+}
+
+impl Clock {
+    fn new(input: &ff::format::context::Input, index: usize) -> Self {
+        let tb = input.stream(index).map(|s| s.time_base()).unwrap_or(ff::Rational(0, 1));
+        let time_base =
+            if tb.denominator() != 0 { f64::from(tb.numerator()) / f64::from(tb.denominator()) } else { 0.0 };
+        Self { time_base, start: None }
+    }
+
+    fn check(&mut self, ts: Option<i64>, name: &str, limits: &MediaLimits) -> Result<()> {
+        let Some(ts) = ts else { return Ok(()) };
+        let start = *self.start.get_or_insert(ts);
+        let seconds = (ts.saturating_sub(start)) as f64 * self.time_base;
+        if seconds > limits.max_video_seconds {
+            return Err(Error::media(
+                name,
+                format!("video lasts more than {} s (the limit): a frame at {seconds:.1} s", limits.max_video_seconds),
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Second pass once the real frame count is known.
-fn rerun(path: &Path, options: &VideoOptions, decoded: usize) -> Result<(usize, Vec<RgbImage>)> {
-    let name = path.display().to_string();
+fn rerun(
+    source: &Source,
+    name: &str,
+    options: &VideoOptions,
+    decoded: usize,
+    limits: &MediaLimits,
+    cancel: &Cancel,
+    reserved: &mut Reserved,
+) -> Result<(usize, Vec<RgbImage>)> {
     if decoded == 0 {
         return Err(Error::media(name, "the video stream has no decodable frames"));
     }
     let indices = sample_indices(decoded, options.num_frames, options.sampling)?;
-    let (input, stream_index) = open_video(path)?;
-    let pass = decode_pass(input, stream_index, path, &indices)?;
+    let (input, stream_index) = open_video(source, name, limits, cancel)?;
+    let pass = decode_pass(input, stream_index, name, &indices, limits, cancel, reserved)?;
     if pass.decoded != decoded {
         return Err(Error::media(
             name,
@@ -205,17 +381,66 @@ fn init_ffmpeg() {
     });
 }
 
-/// Opens the container and finds its best video stream.
-fn open_video(path: &Path) -> Result<(ff::format::context::Input, usize)> {
-    let name = path.display().to_string();
-    let input =
-        ff::format::input(path).map_err(|e| Error::media(&name, format!("cannot open as a media file: {e}")))?;
-    let index = input
-        .streams()
-        .best(ff::media::Type::Video)
-        .map(|s| s.index())
-        .ok_or_else(|| Error::media(&name, "no video stream"))?;
+/// Opens the container through a custom I/O context over `source` (only allowed demuxers, no
+/// nested opens), checks its duration and finds its best video stream, whose frame size is
+/// checked against `limits` when the header gives it.
+fn open_video(
+    source: &Source,
+    name: &str,
+    limits: &MediaLimits,
+    cancel: &Cancel,
+) -> Result<(ff::format::context::Input, usize)> {
+    let io = ff::format::context::StreamIo::from_read_seek(source.reader()?)
+        .map_err(|e| Error::media(name, format!("cannot set up reading: {e}")))?;
+    let mut dict = ff::Dictionary::new();
+    dict.set("format_whitelist", FORMAT_WHITELIST);
+    dict.set("protocol_whitelist", PROTOCOL_WHITELIST);
+    // Bounded probing: FFmpeg reads at most this much to find the streams.
+    dict.set("probesize", "33554432");
+    dict.set("analyzeduration", "30000000");
+    let flag = cancel.clone();
+    let input = ff::format::input_from_stream_with_interrupt(io, None, Some(dict), move || flag.is_cancelled())
+        .map_err(|e| match e {
+            ff::Error::Exit => {
+                Error::media(name, "decoding cancelled (the request failed, timed out or its client left)")
+            }
+            ff::Error::InvalidData | ff::Error::Other { errno: ff::util::error::EINVAL } => Error::media(
+                name,
+                format!(
+                    "not a supported video container ({SUPPORTED_CONTAINERS}; playlists, concat lists and image \
+                     sequences are refused): {e}"
+                ),
+            ),
+            e => Error::media(name, format!("cannot open as a media file: {e}")),
+        })?;
+    let duration = input.duration();
+    if duration > 0 {
+        let seconds = duration as f64 / f64::from(ff::ffi::AV_TIME_BASE);
+        if seconds > limits.max_video_seconds {
+            return Err(Error::media(
+                name,
+                format!("video lasts {seconds:.1} s, over the limit of {} s", limits.max_video_seconds),
+            ));
+        }
+    }
+    let stream = input.streams().best(ff::media::Type::Video).ok_or_else(|| Error::media(name, "no video stream"))?;
+    let index = stream.index();
+    // SAFETY: `codecpar` of a stream of an open input is a valid AVCodecParameters; plain fields.
+    let (w, h) = unsafe {
+        let par = &*stream.parameters().as_ptr();
+        (par.width, par.height)
+    };
+    if w > 0 && h > 0 {
+        limits.check_size(name, "video frame", w as u64, h as u64)?;
+    }
     Ok((input, index))
+}
+
+/// Pixels asked of the budget for the kept frames: `frames` frames of `per_frame` pixels. Grows
+/// when a decoded frame is larger than the header said.
+struct Reserved {
+    per_frame: u64,
+    frames: u64,
 }
 
 struct Pass {
@@ -227,12 +452,21 @@ struct Pass {
 }
 
 /// Decodes the whole stream `index` of a freshly opened `input`, converting only the frames whose
-/// index is in `wanted`.
-fn decode_pass(mut input: ff::format::context::Input, index: usize, path: &Path, wanted: &[usize]) -> Result<Pass> {
-    let name = path.display().to_string();
-    let params = input.stream(index).expect("stream index from best()").parameters();
+/// index is in `wanted`. Stops with an error past `limits` (frame count, presentation time, frame
+/// size) or when `cancel` is set.
+fn decode_pass(
+    mut input: ff::format::context::Input,
+    index: usize,
+    name: &str,
+    wanted: &[usize],
+    limits: &MediaLimits,
+    cancel: &Cancel,
+    reserved: &mut Reserved,
+) -> Result<Pass> {
+    let params = input.stream(index).ok_or_else(|| Error::media(name, "no video stream"))?.parameters();
+    let mut clock = Clock::new(&input, index);
     let mut ctx = ff::codec::context::Context::from_parameters(params)
-        .map_err(|e| Error::media(&name, format!("cannot set up the decoder: {e}")))?;
+        .map_err(|e| Error::media(name, format!("cannot set up the decoder: {e}")))?;
     // Frame threading: output is bit-identical to single-threaded decoding (FFmpeg guarantees it
     // for its frame-threaded decoders); 0 lets FFmpeg pick the thread count.
     ctx.set_threading(ff::codec::threading::Config {
@@ -240,15 +474,24 @@ fn decode_pass(mut input: ff::format::context::Input, index: usize, path: &Path,
         count: 0,
         ..Default::default()
     });
+    // FFmpeg checks its `max_pixels` against the *coded* size (rounded up to whole macroblocks:
+    // a 48x36 H.264 frame is coded as 48x48), so it gets twice our limit plus one 256x256 block
+    // of slack; every decoded frame is then checked against the exact limit.
+    let ffmpeg_max = limits.max_pixels.saturating_mul(2).saturating_add(1 << 16).min(i64::MAX as u64) as i64;
+    // SAFETY: `ctx` owns a valid AVCodecContext not yet opened; `max_pixels` makes the decoder
+    // refuse to allocate frames over the limit whatever the bitstream says.
+    unsafe {
+        (*ctx.as_mut_ptr()).max_pixels = ffmpeg_max;
+    }
     let codec_id = ctx.id();
     let mut decoder = ctx.decoder().video().map_err(|e| match e {
         ff::Error::DecoderNotFound if codec_id == ff::codec::Id::None => {
-            Error::media(&name, "unknown video codec: no decoder available")
+            Error::media(name, "unknown video codec: no decoder available")
         }
         ff::Error::DecoderNotFound => {
-            Error::media(&name, format!("unsupported video codec {codec_id:?}: no decoder available"))
+            Error::media(name, format!("unsupported video codec {codec_id:?}: no decoder available"))
         }
-        e => Error::media(&name, format!("cannot open the {codec_id:?} decoder: {e}")),
+        e => Error::media(name, format!("cannot open the {codec_id:?} decoder: {e}")),
     })?;
 
     // Which requested positions each frame index fills.
@@ -265,8 +508,18 @@ fn decode_pass(mut input: ff::format::context::Input, index: usize, path: &Path,
         loop {
             match decoder.receive_frame(&mut frame) {
                 Ok(()) => {
+                    if *decoded as u64 >= limits.max_video_frames {
+                        return Err(too_many_frames(name, limits, None));
+                    }
+                    clock.check(frame.timestamp(), name, limits)?;
+                    limits.check_size(name, "video frame", u64::from(frame.width()), u64::from(frame.height()))?;
                     if let Some(positions) = targets.get(decoded) {
-                        let rgb = converter.convert(&frame, &name)?;
+                        let pixels = u64::from(frame.width()) * u64::from(frame.height());
+                        if pixels > reserved.per_frame {
+                            limits.reserve(name, (pixels - reserved.per_frame).saturating_mul(reserved.frames))?;
+                            reserved.per_frame = pixels;
+                        }
+                        let rgb = converter.convert(&frame, name)?;
                         for &p in positions {
                             out[p] = Some(rgb.clone());
                         }
@@ -275,7 +528,7 @@ fn decode_pass(mut input: ff::format::context::Input, index: usize, path: &Path,
                 }
                 Err(ff::Error::Eof) => return Ok(()),
                 Err(ff::Error::Other { errno }) if errno == ff::util::error::EAGAIN => return Ok(()),
-                Err(e) => return Err(Error::media(&name, format!("decoding frame {decoded} failed: {e}"))),
+                Err(e) => return Err(Error::media(name, format!("decoding frame {decoded} failed: {e}"))),
             }
         }
     };
@@ -284,16 +537,18 @@ fn decode_pass(mut input: ff::format::context::Input, index: usize, path: &Path,
         if stream.index() != index {
             continue;
         }
+        cancel.check(name)?;
         decoder
             .send_packet(&packet)
-            .map_err(|e| Error::media(&name, format!("decoding failed after {decoded} frames: {e}")))?;
+            .map_err(|e| Error::media(name, format!("decoding failed after {decoded} frames: {e}")))?;
         drain(&mut decoder, &mut decoded)?;
     }
-    decoder.send_eof().map_err(|e| Error::media(&name, format!("flushing the decoder failed: {e}")))?;
+    cancel.check(name)?;
+    decoder.send_eof().map_err(|e| Error::media(name, format!("flushing the decoder failed: {e}")))?;
     drain(&mut decoder, &mut decoded)?;
 
     let frames = if !wanted.is_empty() && out.iter().all(Option::is_some) {
-        out.into_iter().map(Option::unwrap).collect()
+        out.into_iter().flatten().collect()
     } else {
         Vec::new()
     };
@@ -378,6 +633,90 @@ mod tests {
         assert!(err.contains("random") && err.contains("uniform") && err.contains("linspace"), "{err}");
         assert_eq!(FrameSampling::default(), FrameSampling::Uniform);
         assert_eq!(VideoOptions::default().num_frames, 8);
+    }
+
+    fn y4m(width: usize, height: usize, frames: usize, fps: &str) -> Arc<[u8]> {
+        let mut v = format!("YUV4MPEG2 W{width} H{height} F{fps} Ip A1:1 C420jpeg\n").into_bytes();
+        for _ in 0..frames {
+            v.extend_from_slice(b"FRAME\n");
+            v.extend(std::iter::repeat_n(128u8, width * height + 2 * width.div_ceil(2) * height.div_ceil(2)));
+        }
+        Arc::from(v)
+    }
+
+    fn decode_y4m(bytes: Arc<[u8]>, limits: &MediaLimits) -> Result<Video> {
+        decode_video_bytes(bytes, "clip", &VideoOptions::default(), limits, &Cancel::new())
+    }
+
+    #[test]
+    fn limits_hold_while_decoding() {
+        let limits = MediaLimits { max_video_frames: 100, max_video_seconds: 10.0, ..MediaLimits::default() };
+        let v = decode_y4m(y4m(4, 4, 100, "25:1"), &limits).unwrap();
+        assert_eq!((v.total_frames, v.frames.len()), (100, 8));
+        let e = decode_y4m(y4m(4, 4, 101, "25:1"), &limits).unwrap_err().to_string();
+        assert!(e.contains("more than 100 frames"), "{e}");
+        let e = decode_y4m(y4m(4, 4, 3, "1:10"), &limits).unwrap_err().to_string();
+        assert!(e.contains("lasts 30.0 s, over the limit of 10 s"), "{e}");
+        // Timestamps are checked while demuxing and decoding, whatever the header says.
+        let mut clock = Clock { time_base: 0.001, start: None };
+        assert!(clock.check(Some(5_000), "clip", &limits).is_ok());
+        assert!(clock.check(None, "clip", &limits).is_ok());
+        assert!(clock.check(Some(15_000), "clip", &limits).is_ok());
+        let e = clock.check(Some(15_001), "clip", &limits).unwrap_err().to_string();
+        assert!(e.contains("lasts more than 10 s"), "{e}");
+        let e = decode_y4m(y4m(2_000_000, 1, 1, "25:1"), &limits).unwrap_err().to_string();
+        assert!(e.contains("2000000x1"), "{e}");
+        let cancel = Cancel::new();
+        cancel.cancel();
+        let e = decode_video_bytes(y4m(4, 4, 5, "25:1"), "clip", &VideoOptions::default(), &limits, &cancel)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cancelled"), "{e}");
+        // The budget hook sees the kept frames' pixels before decoding: 8 frames of 4x4.
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let s2 = seen.clone();
+        let limits = MediaLimits {
+            budget: crate::media::limits::Budget::new(move |n| {
+                s2.lock().unwrap().push(n);
+                if n > 1000 {
+                    Err("too many".into())
+                } else {
+                    Ok(())
+                }
+            }),
+            ..MediaLimits::default()
+        };
+        decode_y4m(y4m(4, 4, 5, "25:1"), &limits).unwrap();
+        assert_eq!(*seen.lock().unwrap(), [8 * 16]);
+        let e = decode_y4m(y4m(16, 16, 5, "25:1"), &limits).unwrap_err().to_string();
+        assert!(e.contains("too many"), "{e}");
+    }
+
+    /// Playlists are refused by the sniffing, and FFmpeg refuses them too (format whitelist, no
+    /// nested opens) when the sniffing is bypassed.
+    #[test]
+    fn playlists_never_open_other_files() {
+        let dir = std::env::temp_dir().join(format!("videollava-playlist-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let real = dir.join("real.y4m");
+        std::fs::write(&real, &*y4m(4, 4, 3, "25:1")).unwrap();
+        let lists = [
+            format!("#EXTM3U\n#EXTINF:1.0,\nfile://{}\n#EXT-X-ENDLIST\n", real.display()),
+            format!("ffconcat version 1.0\nfile '{}'\n", real.display()),
+        ];
+        for list in &lists {
+            let bytes: Arc<[u8]> = Arc::from(list.as_bytes().to_vec());
+            let e = decode_y4m(bytes.clone(), &MediaLimits::default()).unwrap_err().to_string();
+            assert!(e.contains("refused"), "{e}");
+            init_ffmpeg();
+            let e = open_video(&Source::Bytes(bytes), "list", &MediaLimits::default(), &Cancel::new())
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("not a supported video container"), "{e}");
+        }
+        // Image sequences by pattern need a file name; FFmpeg never gets one.
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -25,6 +25,11 @@ use crate::error::{Error, Result};
 use crate::media::RgbImage;
 use crate::processor::resize::{resize, Resample};
 
+/// Most pixels the resize step may produce (2^25, 96 MiB of RGB). Resizing keeps the aspect
+/// ratio, so a very thin image (16384x1 resized to a 224 shortest edge is 224 x 3.7M) would
+/// otherwise cost gigabytes and seconds; such images are refused with a message saying why.
+pub const MAX_RESIZED_PIXELS: usize = 1 << 25;
+
 pub use crate::config::{ImageProcessorConfig, SizeDict, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD};
 
 /// How the resize step sizes its output.
@@ -168,6 +173,29 @@ impl ImageProcessor {
         }
     }
 
+    /// [`resized_size`](Self::resized_size), refused when the result has more than
+    /// [`MAX_RESIZED_PIXELS`] (an extreme aspect ratio) or a zero side.
+    pub fn checked_resized_size(&self, height: usize, width: usize) -> Result<(usize, usize)> {
+        let (h, w) = self.resized_size(height, width);
+        if h == 0 || w == 0 || h.saturating_mul(w) > MAX_RESIZED_PIXELS {
+            return Err(Error::Input(format!(
+                "image of {width}x{height} pixels would be resized to {w}x{h}: its aspect ratio is too extreme \
+                 (the resize keeps it, and at most {MAX_RESIZED_PIXELS} pixels are allowed after resizing)"
+            )));
+        }
+        Ok((h, w))
+    }
+
+    /// Output `(height, width)` when it does not depend on the input (center crop, or an exact
+    /// resize without crop): what every image becomes, known before decoding any.
+    pub fn fixed_output_size(&self) -> Option<(usize, usize)> {
+        match (self.crop, self.resize_rule) {
+            (Some(hw), _) => Some(hw),
+            (None, Some(ResizeRule::Exact { height, width })) => Some((height, width)),
+            _ => None,
+        }
+    }
+
     /// Final `(height, width)` of [`preprocess`](Self::preprocess) for an input of this size.
     pub fn output_size(&self, height: usize, width: usize) -> (usize, usize) {
         match self.crop {
@@ -189,7 +217,7 @@ impl ImageProcessor {
         // 1. Resize (u8).
         let resized;
         let img: &RgbImage = if self.resize_rule.is_some() {
-            let (h, w) = self.resized_size(image.height, image.width);
+            let (h, w) = self.checked_resized_size(image.height, image.width)?;
             resized = resize(image, w, h, self.filter);
             &resized
         } else {
