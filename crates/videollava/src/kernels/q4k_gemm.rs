@@ -68,11 +68,12 @@ pub fn matmul_q4k(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [
     matmul_q4k_checked(x, m, w, n, k, out);
 }
 
-/// Whether [`matmul_q4k`] uses the AVX-512 VNNI path on this CPU (run-time detection).
+/// Whether [`matmul_q4k`] uses a SIMD path (AVX-512 VNNI or AVX2) on the calling thread
+/// ([`super::cpu::features`]).
 pub fn has_fast_path() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        Kernel::detect() == Kernel::Avx512
+        Kernel::detect() != Kernel::Scalar
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -102,7 +103,13 @@ fn matmul_q4k_checked(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &m
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if has_fast_path() {
+    if Kernel::detect() == Kernel::Avx2 {
+        // SAFETY: Kernel::Avx2 means the CPU has AVX2, FMA and F16C; the shapes are checked above.
+        unsafe { super::qgemm_avx2::q4k(x, m, w, n, k, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if Kernel::detect() == Kernel::Avx512 {
         // SAFETY: the CPU has the features the kernels are compiled for (checked just above), the
         // slice lengths match the shapes (asserted above) and k >= 256.
         unsafe { avx512::gemm(x, m, w, n, k, out) };
@@ -596,37 +603,19 @@ mod tests {
     use super::*;
     use crate::kernels::cpu::{self, KernelSet};
 
-    /// [`matmul_q4k`] with the AVX-512 VNNI kernel allowed (`fast`, where the CPU has it) or the
-    /// portable path forced through the kernel-set switch.
-    fn matmul_q4k_forced(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32], fast: bool) {
-        let _forced = cpu::force(if fast { KernelSet::Avx512 } else { KernelSet::Portable });
+    /// [`matmul_q4k`] with the kernel set capped at `set` through the switch.
+    fn matmul_q4k_forced(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32], set: KernelSet) {
+        let _forced = cpu::force(set);
         matmul_q4k(x, m, w, n, k, out);
     }
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Module, Tensor};
 
-    /// Deterministic xorshift stream.
-    struct Rng(u64);
-    impl Rng {
-        fn new(seed: u64) -> Self {
-            Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-        }
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        /// Uniform in [-1, 1).
-        fn unit(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        }
-    }
+    use crate::kernels::testing::{simd_sets, values_with_outliers, Rng};
 
     /// Activations in about ±1, with outliers, and one all-zero block when there is room.
     fn activations(len: usize, seed: u64) -> Vec<f32> {
-        let mut r = Rng::new(seed);
-        let mut x: Vec<f32> = (0..len).map(|i| if i % 97 == 13 { 8.0 * r.unit() } else { r.unit() }).collect();
+        let mut x = values_with_outliers(len, seed, 8.0);
         if len >= 2 * QK {
             x[QK..2 * QK].fill(0.0);
         }
@@ -720,14 +709,14 @@ mod tests {
         Ok(())
     }
 
-    fn run(m: usize, n: usize, k: usize, allow_fast: bool) {
+    fn run(m: usize, n: usize, k: usize, set: KernelSet) {
         let x = activations(m * k, (m * 1000 + k) as u64);
         let w = weights(n, k, (n * 7919 + k) as u64 + 1);
         // NaN everywhere: every element must be overwritten.
         let mut out = vec![f32::NAN; m * n];
-        matmul_q4k_forced(&x, m, &w, n, k, &mut out, allow_fast);
+        matmul_q4k_forced(&x, m, &w, n, k, &mut out, set);
         if let Err((i, j, got, want)) = check(&x, m, &w, n, k, &out) {
-            panic!("m={m} n={n} k={k} fast={allow_fast}: out[{i}, {j}] = {got}, want {want}");
+            panic!("m={m} n={n} k={k} {set}: out[{i}, {j}] = {got}, want {want}");
         }
     }
 
@@ -736,14 +725,16 @@ mod tests {
     const KS: [usize; 3] = [256, 512, 4096];
 
     #[test]
-    fn fast_path_matches_reference() {
-        if !has_fast_path() {
-            eprintln!("no AVX-512 VNNI on this CPU: the public entry point runs the portable path");
+    fn simd_paths_match_reference() {
+        if simd_sets().is_empty() {
+            eprintln!("no AVX2 on this CPU: the public entry point runs the portable path");
         }
-        for m in MS {
-            for n in NS {
-                for k in KS {
-                    run(m, n, k, true);
+        for set in simd_sets() {
+            for m in MS {
+                for n in NS {
+                    for k in KS {
+                        run(m, n, k, set);
+                    }
                 }
             }
         }
@@ -754,7 +745,7 @@ mod tests {
         for m in MS {
             for n in NS {
                 for k in KS {
-                    run(m, n, k, false);
+                    run(m, n, k, KernelSet::Portable);
                 }
             }
         }
@@ -766,11 +757,14 @@ mod tests {
     #[test]
     fn blocked_shapes_match_reference() {
         for &(m, n, k) in &[(200, 300, 1280), (97, 530, 2304), (400, 40, 768), (3, 1000, 512), (61, 257, 256)] {
-            run(m, n, k, true);
-            run(m, n, k, false);
+            for set in cpu::available_sets() {
+                run(m, n, k, set);
+            }
         }
         for m in 1..=13 {
-            run(m, 70, 1536, true);
+            for set in simd_sets() {
+                run(m, 70, 1536, set);
+            }
         }
     }
 
@@ -787,10 +781,10 @@ mod tests {
         let mixed: Vec<f32> = (0..m * k).map(|t| if (t / 3) % 2 == 0 { 1.0 } else { -1.0 }).collect();
         let all_minus = vec![-1f32; m * k];
         for x in [all_plus, mixed, all_minus] {
-            for fast in [true, false] {
+            for set in cpu::available_sets() {
                 let mut out = vec![f32::NAN; m * n];
-                matmul_q4k_forced(&x, m, &w, n, k, &mut out, fast);
-                assert!(check(&x, m, &w, n, k, &out).is_ok(), "fast={fast}");
+                matmul_q4k_forced(&x, m, &w, n, k, &mut out, set);
+                assert!(check(&x, m, &w, n, k, &out).is_ok(), "{set}");
             }
         }
     }
@@ -840,9 +834,9 @@ mod tests {
                     std::iter::repeat_n(d / 2.0 + 127.0 * (d - da).abs(), QK)
                 })
                 .collect();
-            for fast in [true, false] {
+            for set in cpu::available_sets() {
                 let mut out = vec![f32::NAN; m * n];
-                matmul_q4k_forced(&x, m, &bytes, n, k, &mut out, fast);
+                matmul_q4k_forced(&x, m, &bytes, n, k, &mut out, set);
                 // Largest error relative to the bound, ours and candle's.
                 let (mut worst_ours, mut worst_candle, mut max_ours, mut max_candle) = (0f64, 0f64, 0f64, 0f64);
                 for i in 0..m {
@@ -861,7 +855,7 @@ mod tests {
                         let d = (out[i * n + j] as f64 - want).abs();
                         assert!(
                             d <= bound + slack,
-                            "m={m} n={n} k={k} fast={fast}: out[{i}, {j}] = {}, f32 product {want} (bound {bound})",
+                            "m={m} n={n} k={k} {set}: out[{i}, {j}] = {}, f32 product {want} (bound {bound})",
                             out[i * n + j]
                         );
                         let dc = (op[i * n + j] as f64 - want).abs();
@@ -872,7 +866,7 @@ mod tests {
                     }
                 }
                 eprintln!(
-                    "m={m:3} n={n:3} k={k:4} fast={fast:5}: max |ours - x·Wdeqᵀ| {max_ours:.3e} \
+                    "m={m:3} n={n:3} k={k:4} {set:8}: max |ours - x·Wdeqᵀ| {max_ours:.3e} \
                      ({worst_ours:.3} of the bound), candle op {max_candle:.3e} ({worst_candle:.3} of our bound)"
                 );
             }

@@ -56,11 +56,12 @@ pub fn matmul_q8_0(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut 
     matmul_q8_0_checked(x, m, w, n, k, out);
 }
 
-/// Whether [`matmul_q8_0`] uses the AVX-512 VNNI path on this CPU (run-time detection).
+/// Whether [`matmul_q8_0`] uses a SIMD path (AVX-512 VNNI or AVX2) on the calling thread
+/// ([`super::cpu::features`]).
 pub fn has_fast_path() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        Kernel::detect() == Kernel::Avx512
+        Kernel::detect() != Kernel::Scalar
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -90,7 +91,13 @@ fn matmul_q8_0_checked(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if has_fast_path() {
+    if Kernel::detect() == Kernel::Avx2 {
+        // SAFETY: Kernel::Avx2 means the CPU has AVX2, FMA and F16C; the shapes are checked above.
+        unsafe { super::qgemm_avx2::q8_0(x, m, w, n, k, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if Kernel::detect() == Kernel::Avx512 {
         // SAFETY: the CPU has the features the kernels are compiled for (checked just above), the
         // slice lengths match the shapes (asserted above) and k >= 32.
         unsafe { avx512::gemm(x, m, w, n, k, out) };
@@ -524,37 +531,19 @@ mod tests {
     use super::*;
     use crate::kernels::cpu::{self, KernelSet};
 
-    /// [`matmul_q8_0`] with the AVX-512 VNNI kernel allowed (`fast`, where the CPU has it) or the
-    /// portable path forced through the kernel-set switch.
-    fn matmul_q8_0_forced(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32], fast: bool) {
-        let _forced = cpu::force(if fast { KernelSet::Avx512 } else { KernelSet::Portable });
+    /// [`matmul_q8_0`] with the kernel set capped at `set` through the switch.
+    fn matmul_q8_0_forced(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32], set: KernelSet) {
+        let _forced = cpu::force(set);
         matmul_q8_0(x, m, w, n, k, out);
     }
     use candle_core::quantized::{k_quants, GgmlDType, QTensor};
     use candle_core::{Device, Module, Tensor};
 
-    /// Deterministic xorshift stream.
-    struct Rng(u64);
-    impl Rng {
-        fn new(seed: u64) -> Self {
-            Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-        }
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        /// Uniform in [-1, 1).
-        fn unit(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        }
-    }
+    use crate::kernels::testing::{simd_sets, values_with_outliers, Rng};
 
     /// Activations in about ±1, with outliers, and one all-zero block when there is room.
     fn activations(len: usize, seed: u64) -> Vec<f32> {
-        let mut r = Rng::new(seed);
-        let mut x: Vec<f32> = (0..len).map(|i| if i % 97 == 13 { 8.0 * r.unit() } else { r.unit() }).collect();
+        let mut x = values_with_outliers(len, seed, 8.0);
         if len >= 2 * QK {
             x[QK..2 * QK].fill(0.0);
         }
@@ -603,14 +592,14 @@ mod tests {
         Ok(())
     }
 
-    fn run(m: usize, n: usize, k: usize, allow_fast: bool) {
+    fn run(m: usize, n: usize, k: usize, set: KernelSet) {
         let x = activations(m * k, (m * 1000 + k) as u64);
         let w = weights(n, k, (n * 7919 + k) as u64 + 1);
         // NaN everywhere: every element must be overwritten.
         let mut out = vec![f32::NAN; m * n];
-        matmul_q8_0_forced(&x, m, &w, n, k, &mut out, allow_fast);
+        matmul_q8_0_forced(&x, m, &w, n, k, &mut out, set);
         if let Err((i, j, got, want)) = check(&x, m, &w, n, k, &out) {
-            panic!("m={m} n={n} k={k} fast={allow_fast}: out[{i}, {j}] = {got}, want {want}");
+            panic!("m={m} n={n} k={k} {set}: out[{i}, {j}] = {got}, want {want}");
         }
     }
 
@@ -619,14 +608,16 @@ mod tests {
     const KS: [usize; 4] = [32, 64, 96, 4096];
 
     #[test]
-    fn fast_path_matches_reference() {
-        if !has_fast_path() {
-            eprintln!("no AVX-512 VNNI on this CPU: the public entry point runs the portable path");
+    fn simd_paths_match_reference() {
+        if simd_sets().is_empty() {
+            eprintln!("no AVX2 on this CPU: the public entry point runs the portable path");
         }
-        for m in MS {
-            for n in NS {
-                for k in KS {
-                    run(m, n, k, true);
+        for set in simd_sets() {
+            for m in MS {
+                for n in NS {
+                    for k in KS {
+                        run(m, n, k, set);
+                    }
                 }
             }
         }
@@ -637,7 +628,7 @@ mod tests {
         for m in MS {
             for n in NS {
                 for k in KS {
-                    run(m, n, k, false);
+                    run(m, n, k, KernelSet::Portable);
                 }
             }
         }
@@ -649,11 +640,14 @@ mod tests {
     #[test]
     fn blocked_shapes_match_reference() {
         for &(m, n, k) in &[(200, 300, 1184), (97, 530, 288), (400, 40, 608), (3, 1000, 544), (61, 257, 32)] {
-            run(m, n, k, true);
-            run(m, n, k, false);
+            for set in cpu::available_sets() {
+                run(m, n, k, set);
+            }
         }
         for m in 1..=13 {
-            run(m, 70, 576, true);
+            for set in simd_sets() {
+                run(m, 70, 576, set);
+            }
         }
     }
 
@@ -673,10 +667,10 @@ mod tests {
                 };
             }
         }
-        for fast in [true, false] {
+        for set in cpu::available_sets() {
             let mut out = vec![f32::NAN; m * n];
-            matmul_q8_0_forced(&x, m, &w, n, k, &mut out, fast);
-            assert!(check(&x, m, &w, n, k, &out).is_ok(), "fast={fast}");
+            matmul_q8_0_forced(&x, m, &w, n, k, &mut out, set);
+            assert!(check(&x, m, &w, n, k, &out).is_ok(), "{set}");
         }
     }
 
@@ -723,17 +717,17 @@ mod tests {
             let op: Vec<f32> = xt.apply_op1_no_bwd(&qt).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             let generic = candle_generic(&x, m, &bytes, n, k);
             let tiled = n % 16 == 0 && k % 256 == 0;
-            for fast in [true, false] {
+            for set in cpu::available_sets() {
                 let mut out = vec![f32::NAN; m * n];
-                matmul_q8_0_forced(&x, m, &bytes, n, k, &mut out, fast);
+                matmul_q8_0_forced(&x, m, &bytes, n, k, &mut out, set);
                 let max_out = out.iter().fold(0f32, |a, &v| a.max(v.abs()));
                 let diff = |want: &[f32]| out.iter().zip(want).fold(0f32, |a, (&g, &e)| a.max((g - e).abs()));
                 let tol = 1e-4 * (max_out + 1.0);
                 let d = diff(&generic);
-                assert!(d <= tol, "m={m} n={n} k={k} fast={fast}: max |ours - candle generic| = {d} > {tol}");
+                assert!(d <= tol, "m={m} n={n} k={k} {set}: max |ours - candle generic| = {d} > {tol}");
                 if !tiled {
                     let d = diff(&op);
-                    assert!(d <= tol, "m={m} n={n} k={k} fast={fast}: max |ours - candle op| = {d} > {tol}");
+                    assert!(d <= tol, "m={m} n={n} k={k} {set}: max |ours - candle op| = {d} > {tol}");
                     continue;
                 }
                 // Q8K activations (one scale per 256 values) against our Q8_0 ones: each rounds
@@ -756,7 +750,7 @@ mod tests {
                         let d = (g as f64 - want as f64).abs();
                         assert!(
                             d <= bound + tol as f64,
-                            "m={m} n={n} k={k} fast={fast}: out[{i}, {j}] = {g}, candle op {want} (bound {bound})"
+                            "m={m} n={n} k={k} {set}: out[{i}, {j}] = {g}, candle op {want} (bound {bound})"
                         );
                     }
                 }

@@ -81,16 +81,26 @@ pub fn qgemv(format: QFormat, x: &[f32], rows: usize, w: &[u8], n: usize, k: usi
 pub(crate) enum Kernel {
     /// Portable Rust, any CPU.
     Scalar,
+    /// AVX2 + FMA + F16C (Haswell and later, Zen 1 and later).
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
     /// AVX-512 F/BW/VL/VNNI (Ice Lake and later, Zen 4 and later).
     #[cfg(target_arch = "x86_64")]
     Avx512,
 }
 
 impl Kernel {
+    /// The best kernel the calling thread may use now ([`super::cpu::features`]).
     pub(crate) fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
-        if super::cpu::features().avx512_vnni {
-            return Kernel::Avx512;
+        {
+            let f = super::cpu::features();
+            if f.avx512_vnni {
+                return Kernel::Avx512;
+            }
+            if f.avx2 {
+                return Kernel::Avx2;
+            }
         }
         Kernel::Scalar
     }
@@ -130,6 +140,12 @@ fn qgemv_with(kernel: Kernel, format: QFormat, x: &[f32], rows: usize, w: &[u8],
                     scalar_rows(wc, nw, rows, row_bytes, oc, |wr, r| dot_q4k_scalar(wr, &act, r))
                 }
                 (Kernel::Scalar, _) => scalar_rows(wc, nw, rows, row_bytes, oc, |wr, r| dot_q6k_scalar(wr, &act, r)),
+                // SAFETY: Kernel::Avx2 is only chosen when the CPU has AVX2, FMA and F16C.
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx2, QFormat::Q4K) => unsafe { avx2::q4k(wc, nw, rows, &act, oc) },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx2, _) => unsafe { avx2::q6k(wc, nw, rows, &act, oc) },
                 #[cfg(target_arch = "x86_64")]
                 (Kernel::Avx512, QFormat::Q4K) => {
                     // SAFETY: Kernel::Avx512 is only chosen after runtime detection of every
@@ -144,6 +160,9 @@ fn qgemv_with(kernel: Kernel, format: QFormat, x: &[f32], rows: usize, w: &[u8],
             let act = ActQ80::quantize(kernel, x, rows, nb);
             for_row_chunks(n, rows, row_bytes, w, out, |wc, nw, oc| match kernel {
                 Kernel::Scalar => scalar_rows(wc, nw, rows, row_bytes, oc, |wr, r| dot_q8_0_scalar(wr, &act, r)),
+                // SAFETY: Kernel::Avx2 is only chosen when the CPU has AVX2, FMA and F16C.
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2 => unsafe { avx2::q8_0(wc, nw, rows, &act, oc) },
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx512 => unsafe { avx512::q8_0(wc, nw, rows, &act, oc) },
             });
@@ -253,6 +272,8 @@ impl ActQ8K {
             let bs = &mut bsums[bi * 16..(bi + 1) * 16];
             d[bi] = match kernel {
                 Kernel::Scalar => q8k_block_scalar(xs, &mut q, bs),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2 => q8k_block_scalar(xs, &mut q, bs),
                 // SAFETY: features detected before Kernel::Avx512 is chosen.
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx512 => unsafe { avx512::q8k_block(xs, &mut q, bs) },
@@ -352,6 +373,8 @@ impl ActQ80 {
                 let q = &mut qs[o * QK8_0..(o + 1) * QK8_0];
                 let d = match kernel {
                     Kernel::Scalar => q8_0_block_scalar(xs, q),
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx2 => q8_0_block_scalar(xs, q),
                     // SAFETY: features detected before Kernel::Avx512 is chosen.
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Avx512 => unsafe { avx512::q8_0_block(xs, q) },
@@ -465,22 +488,6 @@ pub(crate) mod avx512 {
 
     use super::{ActQ80, ActQ8K, QK8_0, QK_K};
     use std::arch::x86_64::*;
-
-    macro_rules! by_rows {
-        ($rows:expr, $f:ident($($a:expr),*)) => {
-            match $rows {
-                1 => $f::<1>($($a),*),
-                2 => $f::<2>($($a),*),
-                3 => $f::<3>($($a),*),
-                4 => $f::<4>($($a),*),
-                5 => $f::<5>($($a),*),
-                6 => $f::<6>($($a),*),
-                7 => $f::<7>($($a),*),
-                8 => $f::<8>($($a),*),
-                _ => unreachable!("rows checked by qgemv"),
-            }
-        };
-    }
 
     /// # Safety
     /// The CPU must support avx512f/bw/vl/vnni, avx2, fma and f16c.
@@ -870,9 +877,306 @@ pub(crate) mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    //! AVX2 inner loops (Haswell and later, Zen 1 and later; no VNNI needed): `maddubs` (u8 × i8
+    //! -> i16 pairs) then `madd` (i16 × i16 -> i32 pairs) give each block's exact integer dot
+    //! products, as the scalar loops; only the order of the f32 sums differs. Each processes
+    //! `nw` consecutive weight rows against all activation rows (`R`, a compile-time constant)
+    //! and writes `out_t[j * R + r]`. Activations are quantized by the scalar quantizers.
+    //!
+    //! The functions are safe `#[target_feature]` functions: the caller asserts the CPU
+    //! features once (an `unsafe` call); inside, memory is read through bounds-checked slices.
+
+    use super::{q4k_scales_mins, ActQ80, ActQ8K, QK8_0, QK_K};
+    use std::arch::x86_64::*;
+
+    /// Q4K rows; lengths are checked here.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn q4k(w: &[u8], nw: usize, rows: usize, act: &ActQ8K, out_t: &mut [f32]) {
+        assert_eq!(w.len(), nw * act.nb * 144, "q4k: weight chunk size");
+        assert_eq!(out_t.len(), nw * rows, "q4k: output chunk size");
+        assert_eq!(act.qs.len(), rows * act.nb * QK_K, "q4k: activation size");
+        by_rows!(rows, q4k_r(w, nw, act, out_t))
+    }
+
+    /// Q6K rows; lengths are checked here.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn q6k(w: &[u8], nw: usize, rows: usize, act: &ActQ8K, out_t: &mut [f32]) {
+        assert_eq!(w.len(), nw * act.nb * 210, "q6k: weight chunk size");
+        assert_eq!(out_t.len(), nw * rows, "q6k: output chunk size");
+        assert_eq!(act.qs.len(), rows * act.nb * QK_K, "q6k: activation size");
+        by_rows!(rows, q6k_r(w, nw, act, out_t))
+    }
+
+    /// Q8_0 rows; lengths are checked here.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn q8_0(w: &[u8], nw: usize, rows: usize, act: &ActQ80, out_t: &mut [f32]) {
+        assert_eq!(w.len(), nw * act.nb * 34, "q8_0: weight chunk size");
+        assert_eq!(out_t.len(), nw * rows, "q8_0: output chunk size");
+        assert_eq!(act.qs.len(), rows * act.nb_pad * QK8_0, "q8_0: activation size");
+        assert_eq!(act.dvec.len(), rows * act.nb_pad * 8, "q8_0: activation scale size");
+        q8_0_slices(w, nw, rows, &act.qs, &act.dvec, act.nb_pad, out_t)
+    }
+
+    /// [`q8_0`] over borrowed activation rows: `qs` `[rows, nb_pad, 32]`, `dvec` `[rows, nb_pad,
+    /// 8]` (an [`ActQ80`]'s fields, or a range of its rows); `nb = w.len() / (nw * 34)`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) fn q8_0_slices(
+        w: &[u8],
+        nw: usize,
+        rows: usize,
+        qs: &[i8],
+        dvec: &[f32],
+        nb_pad: usize,
+        out_t: &mut [f32],
+    ) {
+        assert!(nw > 0 && w.len().is_multiple_of(nw * 34), "q8_0: weight chunk size");
+        let nb = w.len() / (nw * 34);
+        assert!(nb <= nb_pad, "q8_0: activation stride");
+        assert_eq!(out_t.len(), nw * rows, "q8_0: output chunk size");
+        assert_eq!(qs.len(), rows * nb_pad * QK8_0, "q8_0: activation size");
+        assert_eq!(dvec.len(), rows * nb_pad * 8, "q8_0: activation scale size");
+        by_rows!(rows, q8_0_r(w, nw, nb, nb_pad, qs, dvec, out_t))
+    }
+
+    /// The first 32 bytes of `s` (panics when shorter).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(crate) fn load_u8(s: &[u8]) -> __m256i {
+        let s: &[u8; 32] = s[..32].try_into().expect("32 bytes");
+        // SAFETY: `s` is 32 readable bytes; `loadu` has no alignment requirement.
+        unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+    }
+
+    /// The first 32 values of `s` (panics when shorter).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(crate) fn load_i8(s: &[i8]) -> __m256i {
+        let s: &[i8; 32] = s[..32].try_into().expect("32 values");
+        // SAFETY: `s` is 32 readable bytes; `loadu` has no alignment requirement.
+        unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+    }
+
+    /// The first 16 values of `s` (panics when shorter).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(crate) fn load_i16(s: &[i16]) -> __m256i {
+        let s: &[i16; 16] = s[..16].try_into().expect("16 values");
+        // SAFETY: `s` is 32 readable bytes; `loadu` has no alignment requirement.
+        unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+    }
+
+    /// The little-endian f16 in `b[0..2]` as f32, via F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    pub(crate) fn f16_at(b: &[u8]) -> f32 {
+        let bits = u16::from_le_bytes([b[0], b[1]]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    /// The 8 values of `s` (panics when shorter).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(crate) fn load_f32(s: &[f32]) -> __m256 {
+        let s: &[f32; 8] = s[..8].try_into().expect("8 values");
+        // SAFETY: `s` is 32 readable bytes; `loadu` has no alignment requirement.
+        unsafe { _mm256_loadu_ps(s.as_ptr()) }
+    }
+
+    /// 8 f16 bit patterns as f32, via F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    pub(crate) fn f16x8(bits: &[u16; 8]) -> __m256 {
+        // SAFETY: `bits` is 16 readable bytes; `loadu` has no alignment requirement.
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(bits.as_ptr().cast()) })
+    }
+
+    /// The exact i32 sum of the 8 lanes (wrapping, as the scalar sums never overflow).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(crate) fn hsum_i32(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s)))
+    }
+
+    /// Lane `t` of the result is the sum of the 8 lanes of `p[t]` (exact integers).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(crate) fn reduce8(p: &[__m256i; 8]) -> __m256i {
+        let t0 = _mm256_hadd_epi32(p[0], p[1]);
+        let t1 = _mm256_hadd_epi32(p[2], p[3]);
+        let t2 = _mm256_hadd_epi32(p[4], p[5]);
+        let t3 = _mm256_hadd_epi32(p[6], p[7]);
+        let u0 = _mm256_hadd_epi32(t0, t1);
+        let u1 = _mm256_hadd_epi32(t2, t3);
+        _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(u0, u1), _mm256_permute2x128_si256::<0x31>(u0, u1))
+    }
+
+    /// The sum of the 8 lanes.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(crate) fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+
+    /// Q4K: the 128 `qs` bytes give eight 32-lane u8 operands (low / high nibbles of each 32
+    /// bytes: sub-blocks 2c and 2c + 1), `maddubs` against the activation (at most 2 · 15 · 128
+    /// per i16, no saturation), `madd` with the sub-block scale; the min term is one `madd` of
+    /// the 16 activation sums with the mins (each repeated for its two 16-value halves).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn q4k_r<const R: usize>(w: &[u8], nw: usize, act: &ActQ8K, out_t: &mut [f32]) {
+        let nb = act.nb;
+        let row_bytes = nb * 144;
+        let m4 = _mm256_set1_epi8(0x0F);
+        let dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+        for (j, row) in w.chunks_exact(row_bytes).take(nw).enumerate() {
+            let mut acc = [0f32; R];
+            for (b, blk) in row.chunks_exact(144).enumerate() {
+                let (dw, dminw) = (f16_at(&blk[0..2]), f16_at(&blk[2..4]));
+                let (sc, mn) = q4k_scales_mins(&blk[4..16]);
+                let sc = sc.to_le_bytes();
+                let mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(_mm_cvtsi64_si128(mn as i64), dup));
+                let qs = &blk[16..144];
+                let mut v = [_mm256_setzero_si256(); 8];
+                for c in 0..4 {
+                    let q = load_u8(&qs[32 * c..]);
+                    v[2 * c] = _mm256_and_si256(q, m4);
+                    v[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+                }
+                let mut s = [_mm256_setzero_si256(); 8];
+                for (s, &b) in s.iter_mut().zip(&sc) {
+                    *s = _mm256_set1_epi16(b as i16);
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let ab = r * nb + b;
+                    let q8 = &act.qs[ab * QK_K..(ab + 1) * QK_K];
+                    let mut si = _mm256_setzero_si256();
+                    for z in 0..8 {
+                        let p = _mm256_maddubs_epi16(v[z], load_i8(&q8[32 * z..]));
+                        si = _mm256_add_epi32(si, _mm256_madd_epi16(p, s[z]));
+                    }
+                    let sm = _mm256_madd_epi16(mins, load_i16(&act.bsums[ab * 16..]));
+                    // The scalar loop's f32 arithmetic on the same exact integers.
+                    let yd = act.d[ab];
+                    let (d, dmin) = (yd * dw, yd * dminw);
+                    *acc += d * hsum_i32(si) as f32 - dmin * hsum_i32(sm) as f32;
+                }
+            }
+            out_t[j * R..(j + 1) * R].copy_from_slice(&acc);
+        }
+    }
+
+    /// Q6K: values rebuilt as unsigned `q + 32` (0..63) in natural order, eight 32-lane
+    /// operands; `maddubs` (at most 2 · 63 · 128 per i16) and `madd` with the 16-value scales
+    /// give exact i32 sums, and the `+32` is removed with `madd(-32 · scales, bsums)`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn q6k_r<const R: usize>(w: &[u8], nw: usize, act: &ActQ8K, out_t: &mut [f32]) {
+        let nb = act.nb;
+        let row_bytes = nb * 210;
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m3 = _mm256_set1_epi8(0x03);
+        for (j, row) in w.chunks_exact(row_bytes).take(nw).enumerate() {
+            let mut acc = [0f32; R];
+            for (b, blk) in row.chunks_exact(210).enumerate() {
+                let dw = f16_at(&blk[208..210]);
+                let mut v = [_mm256_setzero_si256(); 8];
+                for h in 0..2 {
+                    let l0 = load_u8(&blk[64 * h..]);
+                    let l1 = load_u8(&blk[64 * h + 32..]);
+                    let hb = load_u8(&blk[128 + 32 * h..]);
+                    // Bits 4 and 5 of each value: 2 bits of `qh` moved up (at most 0x30 per byte).
+                    let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(hb, m3));
+                    let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(hb, _mm256_slli_epi16::<2>(m3)));
+                    let h2 = _mm256_and_si256(hb, _mm256_slli_epi16::<4>(m3));
+                    let h3 = _mm256_and_si256(_mm256_srli_epi16::<2>(hb), _mm256_slli_epi16::<4>(m3));
+                    v[4 * h] = _mm256_or_si256(_mm256_and_si256(l0, m4), h0);
+                    v[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), h1);
+                    v[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4), h2);
+                    v[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4), h3);
+                }
+                let scales = &blk[192..208];
+                let mut s = [_mm256_setzero_si256(); 8];
+                for (z, s) in s.iter_mut().enumerate() {
+                    let (lo, hi) = (scales[2 * z] as i8 as i16, scales[2 * z + 1] as i8 as i16);
+                    *s = _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo));
+                }
+                let sc16: [i16; 16] = std::array::from_fn(|g| -32 * scales[g] as i8 as i16);
+                let scn = load_i16(&sc16);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let ab = r * nb + b;
+                    let q8 = &act.qs[ab * QK_K..(ab + 1) * QK_K];
+                    let mut si = _mm256_madd_epi16(scn, load_i16(&act.bsums[ab * 16..]));
+                    for z in 0..8 {
+                        let p = _mm256_maddubs_epi16(v[z], load_i8(&q8[32 * z..]));
+                        si = _mm256_add_epi32(si, _mm256_madd_epi16(p, s[z]));
+                    }
+                    // The scalar loop's f32 arithmetic on the same exact integer.
+                    *acc += dw * act.d[ab] * hsum_i32(si) as f32;
+                }
+            }
+            out_t[j * R..(j + 1) * R].copy_from_slice(&acc);
+        }
+    }
+
+    /// Q8_0: signed × signed products as `maddubs(|w|, sign(w) · a)` (`|w|` exact as u8 even
+    /// for -128; activations lie in -127..=127, so at most 2 · 128 · 127 per i16), then `madd`
+    /// with ones; eight blocks' sums are reduced together into one vector of exact block sums
+    /// (lane = block), scaled by `d_w · d_a` lane-wise.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    fn q8_0_r<const R: usize>(
+        w: &[u8],
+        nw: usize,
+        nb: usize,
+        nb_pad: usize,
+        qs: &[i8],
+        dvec: &[f32],
+        out_t: &mut [f32],
+    ) {
+        let row_bytes = nb * 34;
+        let ones = _mm256_set1_epi16(1);
+        let zero = _mm256_setzero_si256();
+        for (j, row) in w.chunks_exact(row_bytes).take(nw).enumerate() {
+            let mut acc = [_mm256_setzero_ps(); R];
+            // Eight blocks at a time: each block's integer sum lands exact in one lane.
+            for b0 in (0..nb).step_by(8) {
+                let cnt = 8.min(nb - b0);
+                let (mut wv, mut absw, mut dbits) = ([zero; 8], [zero; 8], [0u16; 8]);
+                for t in 0..cnt {
+                    let blk = &row[(b0 + t) * 34..(b0 + t + 1) * 34];
+                    dbits[t] = u16::from_le_bytes([blk[0], blk[1]]);
+                    wv[t] = load_u8(&blk[2..]);
+                    absw[t] = _mm256_sign_epi8(wv[t], wv[t]);
+                }
+                let dw = f16x8(&dbits);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let mut p = [zero; 8];
+                    let mut da = [0f32; 8];
+                    for t in 0..cnt {
+                        let o = r * nb_pad + b0 + t;
+                        let sa = _mm256_sign_epi8(load_i8(&qs[o * QK8_0..]), wv[t]);
+                        p[t] = _mm256_madd_epi16(_mm256_maddubs_epi16(absw[t], sa), ones);
+                        da[t] = dvec[o * 8];
+                    }
+                    let isum = _mm256_cvtepi32_ps(reduce8(&p));
+                    *acc = _mm256_fmadd_ps(isum, _mm256_mul_ps(dw, load_f32(&da)), *acc);
+                }
+            }
+            for (r, acc) in acc.iter().enumerate() {
+                out_t[j * R + r] = hsum(*acc);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::cpu;
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
@@ -900,14 +1204,6 @@ mod tests {
             QFormat::Q4K => GgmlDType::Q4K,
             QFormat::Q6K => GgmlDType::Q6K,
         }
-    }
-
-    fn kernels() -> Vec<Kernel> {
-        let mut ks = vec![Kernel::Scalar];
-        if Kernel::detect() != Kernel::Scalar {
-            ks.push(Kernel::detect());
-        }
-        ks
     }
 
     /// candle's generic CPU quantized matmul (`k_quants::matmul`, per-block `vec_dot`), the
@@ -949,9 +1245,10 @@ mod tests {
         let wd: Vec<f32> = qt.dequantize(&dev).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         // Activation quantization block: Q8_0 activations for Q8_0 weights, Q8K otherwise.
         let ab = if format == QFormat::Q8_0 { QK8_0 } else { QK_K };
-        for kernel in kernels() {
+        cpu::for_each_set(|set| {
+            let kernel = Kernel::detect();
             let mut out = vec![f32::NAN; rows * n];
-            qgemv_with(kernel, format, &xv, rows, &bytes, n, k, &mut out);
+            qgemv(format, &xv, rows, &bytes, n, k, &mut out);
             for r in 0..rows {
                 let xr = &xv[r * k..(r + 1) * k];
                 for j in 0..n {
@@ -968,7 +1265,7 @@ mod tests {
                         })
                         .sum();
                     let got = out[r * n + j] as f64;
-                    let ctx = format!("{format:?} {kernel:?} rows={rows} n={n} k={k} r={r} j={j}");
+                    let ctx = format!("{format:?} {set} {kernel:?} rows={rows} n={n} k={k} r={r} j={j}");
                     let want = generic[r * n + j] as f64;
                     let tol = 1e-5 * abs + 1e-30;
                     assert!((got - want).abs() <= tol, "{ctx}: ours {got} vs candle generic {want} (tol {tol})");
@@ -981,7 +1278,7 @@ mod tests {
                     assert!((got - exact).abs() <= tol, "{ctx}: ours {got} vs f64 {exact} (tol {tol})");
                 }
             }
-        }
+        });
     }
 
     #[test]
@@ -1039,14 +1336,14 @@ mod tests {
             let mut x = vec![0f32; 2 * k];
             x[k + 300] = -3.0;
             let want = candle_generic(format, &x, 2, &bytes, n, k);
-            for kernel in kernels() {
+            cpu::for_each_set(|set| {
                 let mut out = vec![f32::NAN; 2 * n];
-                qgemv_with(kernel, format, &x, 2, &bytes, n, k, &mut out);
+                qgemv(format, &x, 2, &bytes, n, k, &mut out);
                 for (i, (&g, &e)) in out.iter().zip(&want).enumerate() {
-                    assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()), "{format:?} {kernel:?} {i}: {g} vs {e}");
+                    assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()), "{format:?} {set} {i}: {g} vs {e}");
                 }
-                assert!(out[..n].iter().all(|&v| v == 0.0), "{format:?} {kernel:?}: zero row");
-            }
+                assert!(out[..n].iter().all(|&v| v == 0.0), "{format:?} {set}: zero row");
+            });
         }
     }
 
@@ -1087,6 +1384,34 @@ mod tests {
                 a.dvec.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 b.dvec.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
             );
+        }
+    }
+
+    /// The AVX2 Q4K and Q6K kernels do the scalar loop's f32 arithmetic on the same exact
+    /// integers, block by block: their results equal the scalar path's bit for bit.
+    #[test]
+    fn avx2_k_quants_equal_scalar_bitwise() {
+        if !cpu::available_sets().contains(&cpu::KernelSet::Avx2) {
+            eprintln!("no AVX2 on this CPU: nothing to compare");
+            return;
+        }
+        for format in [QFormat::Q4K, QFormat::Q6K] {
+            for (rows, n, k) in [(1, 37, 768), (3, 64, 256), (8, 19, 4096)] {
+                let w = Tensor::from_vec(values(n * k, 11 + n as u64), (n, k), &Device::Cpu).unwrap();
+                let bytes = QTensor::quantize(&w, gdtype(format)).unwrap().data().unwrap().into_owned();
+                let x = values(rows * k, 5 + k as u64);
+                let run = |set| {
+                    let _g = cpu::force(set);
+                    let mut out = vec![f32::NAN; rows * n];
+                    qgemv(format, &x, rows, &bytes, n, k, &mut out);
+                    out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    run(cpu::KernelSet::Avx2),
+                    run(cpu::KernelSet::Portable),
+                    "{format:?} rows={rows} n={n} k={k}"
+                );
+            }
         }
     }
 
