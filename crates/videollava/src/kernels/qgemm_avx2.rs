@@ -188,3 +188,86 @@ fn q4k_r<const R: usize>(w: &[u8], nw: usize, nbk: usize, act: &ActRows, out_t: 
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::kernels::cpu::{self, KernelSet};
+    use crate::kernels::qgemv::{qgemv, QFormat};
+    use crate::kernels::testing::values_with_outliers;
+    use crate::kernels::{q4k_gemm, q8_gemm};
+    use candle_core::quantized::{GgmlDType, QTensor};
+    use candle_core::{Device, Tensor};
+    use std::time::Instant;
+
+    /// Best of `iters` timed calls after a warm-up call, in seconds (the best, not the median:
+    /// the machine may be shared).
+    fn best(iters: usize, f: &mut dyn FnMut()) -> f64 {
+        f();
+        (0..iters)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min)
+    }
+
+    /// The quantized kernels under each kernel set of this CPU (forced through the switch):
+    /// the matrix-vector product (1 row, GB/s of compact blocks, 4 matrices in turn so that the
+    /// weight comes from memory) and the int8 GEMMs (`m` rows, GOP/s). `cargo test
+    /// -p videollava --lib qgemm_avx2::tests::bench -- --ignored --nocapture` (with `--release`,
+    /// or `--config 'profile.dev.package.videollava.opt-level=3'` and overflow checks off).
+    #[test]
+    #[ignore]
+    fn bench_kernel_sets() {
+        let dev = Device::Cpu;
+        let (n, k) = (4096, 4096);
+        eprintln!("threads: rayon {}", rayon::current_num_threads());
+        for (format, dtype) in
+            [(QFormat::Q8_0, GgmlDType::Q8_0), (QFormat::Q4K, GgmlDType::Q4K), (QFormat::Q6K, GgmlDType::Q6K)]
+        {
+            let mats: Vec<Vec<u8>> = (0..4)
+                .map(|s| {
+                    let w = Tensor::from_vec(values_with_outliers(n * k, 7 + s, 4.0), (n, k), &dev).unwrap();
+                    QTensor::quantize(&w, dtype).unwrap().data().unwrap().into_owned()
+                })
+                .collect();
+            let x = values_with_outliers(8 * k, 3, 4.0);
+            for set in cpu::available_sets() {
+                let _g = cpu::force(set);
+                for rows in [1, 8] {
+                    let mut out = vec![0f32; rows * n];
+                    let mut it = 0;
+                    let t = best(if set == KernelSet::Portable { 4 } else { 20 }, &mut || {
+                        qgemv(format, &x[..rows * k], rows, &mats[it % 4], n, k, &mut out);
+                        it += 1;
+                    });
+                    eprintln!(
+                        "qgemv {format:?} {n}x{k} rows={rows} {set:8}: {:7.3} ms, {:5.1} GB/s, {:6.1} GOP/s",
+                        t * 1e3,
+                        mats[0].len() as f64 / t / 1e9,
+                        2.0 * (rows * n * k) as f64 / t / 1e9
+                    );
+                }
+            }
+            if format == QFormat::Q6K {
+                continue;
+            }
+            let m = 256;
+            let x = values_with_outliers(m * k, 9, 4.0);
+            let mut out = vec![0f32; m * n];
+            for set in cpu::available_sets() {
+                let _g = cpu::force(set);
+                let t = best(if set == KernelSet::Portable { 1 } else { 3 }, &mut || match format {
+                    QFormat::Q8_0 => q8_gemm::matmul_q8_0(&x, m, &mats[0], n, k, &mut out),
+                    _ => q4k_gemm::matmul_q4k(&x, m, &mats[0], n, k, &mut out),
+                });
+                eprintln!(
+                    "gemm  {format:?} m={m} {n}x{k} {set:8}: {:8.2} ms, {:6.1} GOP/s",
+                    t * 1e3,
+                    2.0 * (m * n * k) as f64 / t / 1e9
+                );
+            }
+        }
+    }
+}
