@@ -199,22 +199,38 @@ mod tests {
     use candle_core::{Device, Tensor};
     use std::time::Instant;
 
-    /// Best of `iters` timed calls after a warm-up call, in seconds (the best, not the median:
-    /// the machine may be shared).
-    fn best(iters: usize, f: &mut dyn FnMut()) -> f64 {
+    /// CPU time of this process so far (user + system, all threads), seconds; 10 ms ticks.
+    fn cpu_seconds() -> f64 {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        // Fields after the parenthesised command name: utime and stime are the 12th and 13th.
+        let rest = stat.rsplit(')').next().unwrap_or("");
+        let f: Vec<f64> = rest.split_whitespace().map(|v| v.parse().unwrap_or(0.0)).collect();
+        if f.len() < 13 {
+            return f64::NAN;
+        }
+        (f[11] + f[12]) / 100.0
+    }
+
+    /// After a warm-up call: the best wall time of one call, and the CPU time per call (all
+    /// threads) averaged over calls run for at least `min_s` seconds (on a shared machine the
+    /// wall time includes waiting for a core; the CPU time does not).
+    fn time(min_s: f64, f: &mut dyn FnMut()) -> (f64, f64) {
         f();
-        (0..iters)
-            .map(|_| {
-                let t = Instant::now();
-                f();
-                t.elapsed().as_secs_f64()
-            })
-            .fold(f64::MAX, f64::min)
+        let (start, cpu0) = (Instant::now(), cpu_seconds());
+        let (mut best, mut calls) = (f64::MAX, 0);
+        while calls < 2 || start.elapsed().as_secs_f64() < min_s {
+            let t = Instant::now();
+            f();
+            best = best.min(t.elapsed().as_secs_f64());
+            calls += 1;
+        }
+        (best, (cpu_seconds() - cpu0) / calls as f64)
     }
 
     /// The quantized kernels under each kernel set of this CPU (forced through the switch):
-    /// the matrix-vector product (1 row, GB/s of compact blocks, 4 matrices in turn so that the
-    /// weight comes from memory) and the int8 GEMMs (`m` rows, GOP/s). `cargo test
+    /// the matrix-vector product (1 and 8 rows, GB/s of compact blocks, 4 matrices in turn so
+    /// that the weight comes from memory) and the int8 GEMMs (`m` rows), as GOP/s of wall time
+    /// and GOP per CPU-second (all threads). `cargo test
     /// -p videollava --lib qgemm_avx2::tests::bench -- --ignored --nocapture` (with `--release`,
     /// or `--config 'profile.dev.package.videollava.opt-level=3'` and overflow checks off).
     #[test]
@@ -238,15 +254,18 @@ mod tests {
                 for rows in [1, 8] {
                     let mut out = vec![0f32; rows * n];
                     let mut it = 0;
-                    let t = best(if set == KernelSet::Portable { 4 } else { 20 }, &mut || {
+                    let (t, cpu) = time(0.5, &mut || {
                         qgemv(format, &x[..rows * k], rows, &mats[it % 4], n, k, &mut out);
                         it += 1;
                     });
+                    let ops = 2.0 * (rows * n * k) as f64;
                     eprintln!(
-                        "qgemv {format:?} {n}x{k} rows={rows} {set:8}: {:7.3} ms, {:5.1} GB/s, {:6.1} GOP/s",
+                        "qgemv {format:?} {n}x{k} rows={rows} {set:8}: best {:7.3} ms, {:5.1} GB/s, {:6.1} GOP/s; \
+                         per CPU-second {:6.1} GOP",
                         t * 1e3,
                         mats[0].len() as f64 / t / 1e9,
-                        2.0 * (rows * n * k) as f64 / t / 1e9
+                        ops / t / 1e9,
+                        ops / cpu / 1e9
                     );
                 }
             }
@@ -258,14 +277,16 @@ mod tests {
             let mut out = vec![0f32; m * n];
             for set in cpu::available_sets() {
                 let _g = cpu::force(set);
-                let t = best(if set == KernelSet::Portable { 1 } else { 3 }, &mut || match format {
+                let (t, cpu) = time(1.0, &mut || match format {
                     QFormat::Q8_0 => q8_gemm::matmul_q8_0(&x, m, &mats[0], n, k, &mut out),
                     _ => q4k_gemm::matmul_q4k(&x, m, &mats[0], n, k, &mut out),
                 });
+                let ops = 2.0 * (m * n * k) as f64;
                 eprintln!(
-                    "gemm  {format:?} m={m} {n}x{k} {set:8}: {:8.2} ms, {:6.1} GOP/s",
+                    "gemm  {format:?} m={m} {n}x{k} {set:8}: best {:8.2} ms, {:6.1} GOP/s; per CPU-second {:6.1} GOP",
                     t * 1e3,
-                    2.0 * (m * n * k) as f64 / t / 1e9
+                    ops / t / 1e9,
+                    ops / cpu / 1e9
                 );
             }
         }
