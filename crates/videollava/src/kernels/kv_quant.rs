@@ -293,7 +293,9 @@ mod avx512 {
     /// 16 codes at `c` as f32.
     #[inline(always)]
     unsafe fn widen16(c: *const u8) -> __m512 {
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c as *const __m128i)))
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c as *const __m128i))) }
     }
 
     /// One (batch row, key/value head): its `rep * L` query rows, `rep * L * D` f32 outputs.
@@ -304,38 +306,57 @@ mod avx512 {
     /// `16 * C` values; views covering the shape.
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
     pub(super) unsafe fn task<const C: usize>(p: &Task, bi: usize, kvh: usize) -> Vec<f32> {
-        let (t, d, l) = (p.t, p.d, p.l);
-        let (rows, nb, nf) = (p.rep * l, d / (16 * C), d / 16);
-        let rules = &p.rules;
-        let valid = &rules.key_valid[bi * t..(bi + 1) * t];
-        let mut out = vec![0f32; rows * d];
-        let mut s = vec![0f32; t];
-        for r in 0..rows {
-            let (head, i) = (kvh * p.rep + r / l, r % l);
-            let qa = rules.past + i;
-            let hi = if rules.causal { (qa + 1).min(t) } else { t };
-            let lo = rules.sliding_window.map_or(0, |w| (qa + 1).saturating_sub(w)).min(hi);
-            let qrow = &p.q[((bi * p.h + head) * l + i) * d..][..d];
-            let mut qv = [_mm512_setzero_ps(); MAX_D / 16];
-            for (f, x) in qv.iter_mut().enumerate().take(nf) {
-                *x = _mm512_loadu_ps(qrow.as_ptr().add(16 * f));
-            }
-            // Scores: Σ_blocks scale_b · Σ_i q_i · code_i, 16 keys reduced together.
-            let mut score_scale = p.scale;
-            let mut j0 = lo;
-            if C == 2 {
-                // Blocks of 32: the query as i16 (step = its largest |q| / 32767, 2^-15
-                // relative) so that each block's products are one `vpmaddwd` (exact i32: at most
-                // 2 * 127 * 32767 per lane, also exact in f32).
-                let qmax = qrow.iter().fold(0f32, |m, x| m.max(x.abs()));
-                let qstep = if qmax > 0.0 { qmax / 32767.0 } else { 0.0 };
-                let inv = _mm512_set1_ps(if qmax > 0.0 { 1.0 / qstep } else { 0.0 });
-                score_scale *= qstep;
-                let mut q16 = [_mm512_setzero_si512(); MAX_D / 32];
-                for (blk, x) in q16.iter_mut().enumerate().take(nb) {
-                    let lo16 = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(qv[2 * blk], inv)));
-                    let hi16 = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(qv[2 * blk + 1], inv)));
-                    *x = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo16), hi16);
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let (t, d, l) = (p.t, p.d, p.l);
+            let (rows, nb, nf) = (p.rep * l, d / (16 * C), d / 16);
+            let rules = &p.rules;
+            let valid = &rules.key_valid[bi * t..(bi + 1) * t];
+            let mut out = vec![0f32; rows * d];
+            let mut s = vec![0f32; t];
+            for r in 0..rows {
+                let (head, i) = (kvh * p.rep + r / l, r % l);
+                let qa = rules.past + i;
+                let hi = if rules.causal { (qa + 1).min(t) } else { t };
+                let lo = rules.sliding_window.map_or(0, |w| (qa + 1).saturating_sub(w)).min(hi);
+                let qrow = &p.q[((bi * p.h + head) * l + i) * d..][..d];
+                let mut qv = [_mm512_setzero_ps(); MAX_D / 16];
+                for (f, x) in qv.iter_mut().enumerate().take(nf) {
+                    *x = _mm512_loadu_ps(qrow.as_ptr().add(16 * f));
+                }
+                // Scores: Σ_blocks scale_b · Σ_i q_i · code_i, 16 keys reduced together.
+                let mut score_scale = p.scale;
+                let mut j0 = lo;
+                if C == 2 {
+                    // Blocks of 32: the query as i16 (step = its largest |q| / 32767, 2^-15
+                    // relative) so that each block's products are one `vpmaddwd` (exact i32: at most
+                    // 2 * 127 * 32767 per lane, also exact in f32).
+                    let qmax = qrow.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    let qstep = if qmax > 0.0 { qmax / 32767.0 } else { 0.0 };
+                    let inv = _mm512_set1_ps(if qmax > 0.0 { 1.0 / qstep } else { 0.0 });
+                    score_scale *= qstep;
+                    let mut q16 = [_mm512_setzero_si512(); MAX_D / 32];
+                    for (blk, x) in q16.iter_mut().enumerate().take(nb) {
+                        let lo16 = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(qv[2 * blk], inv)));
+                        let hi16 = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(qv[2 * blk + 1], inv)));
+                        *x = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo16), hi16);
+                    }
+                    while j0 < hi {
+                        let jn = (hi - j0).min(16);
+                        let mut acc = [_mm512_setzero_ps(); 16];
+                        for (kk, a) in acc.iter_mut().enumerate().take(jn) {
+                            let c = p.kc.data.as_ptr().add(p.kc.at(bi, kvh, j0 + kk));
+                            let sc = p.ks.data.as_ptr().add(p.ks.at(bi, kvh, j0 + kk));
+                            for (blk, qb) in q16.iter().enumerate().take(nb) {
+                                let k16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(c.add(32 * blk) as *const __m256i));
+                                let dot = _mm512_cvtepi32_ps(_mm512_madd_epi16(k16, *qb));
+                                *a = _mm512_fmadd_ps(dot, _mm512_set1_ps(*sc.add(blk)), *a);
+                            }
+                        }
+                        _mm512_mask_storeu_ps(s.as_mut_ptr().add(j0), mask16(jn), reduce16(acc));
+                        j0 += jn;
+                    }
                 }
                 while j0 < hi {
                     let jn = (hi - j0).min(16);
@@ -343,60 +364,45 @@ mod avx512 {
                     for (kk, a) in acc.iter_mut().enumerate().take(jn) {
                         let c = p.kc.data.as_ptr().add(p.kc.at(bi, kvh, j0 + kk));
                         let sc = p.ks.data.as_ptr().add(p.ks.at(bi, kvh, j0 + kk));
-                        for (blk, qb) in q16.iter().enumerate().take(nb) {
-                            let k16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(c.add(32 * blk) as *const __m256i));
-                            let dot = _mm512_cvtepi32_ps(_mm512_madd_epi16(k16, *qb));
+                        for blk in 0..nb {
+                            let f = C * blk;
+                            let mut dot = _mm512_mul_ps(qv[f], widen16(c.add(16 * f)));
+                            for x in 1..C {
+                                dot = _mm512_fmadd_ps(qv[f + x], widen16(c.add(16 * (f + x))), dot);
+                            }
                             *a = _mm512_fmadd_ps(dot, _mm512_set1_ps(*sc.add(blk)), *a);
                         }
                     }
                     _mm512_mask_storeu_ps(s.as_mut_ptr().add(j0), mask16(jn), reduce16(acc));
                     j0 += jn;
                 }
-            }
-            while j0 < hi {
-                let jn = (hi - j0).min(16);
-                let mut acc = [_mm512_setzero_ps(); 16];
-                for (kk, a) in acc.iter_mut().enumerate().take(jn) {
-                    let c = p.kc.data.as_ptr().add(p.kc.at(bi, kvh, j0 + kk));
-                    let sc = p.ks.data.as_ptr().add(p.ks.at(bi, kvh, j0 + kk));
+                let dst = &mut out[r * d..(r + 1) * d];
+                let seen = softmax_probs(&mut s[lo..hi], &valid[lo..hi], score_scale, p.round);
+                // A row that sees no key averages all T values (see `MaskRules`).
+                let (lo, hi, uniform) = if seen { (lo, hi, None) } else { (0, t, Some((p.round)(1.0 / t as f32))) };
+                let mut acc = [_mm512_setzero_ps(); MAX_D / 16];
+                for j in lo..hi {
+                    let pj = uniform.unwrap_or(s[j]);
+                    if pj == 0.0 {
+                        continue;
+                    }
+                    let c = p.vc.data.as_ptr().add(p.vc.at(bi, kvh, j));
+                    let sc = p.vs.data.as_ptr().add(p.vs.at(bi, kvh, j));
                     for blk in 0..nb {
-                        let f = C * blk;
-                        let mut dot = _mm512_mul_ps(qv[f], widen16(c.add(16 * f)));
-                        for x in 1..C {
-                            dot = _mm512_fmadd_ps(qv[f + x], widen16(c.add(16 * (f + x))), dot);
+                        let w = _mm512_set1_ps(pj * *sc.add(blk));
+                        for x in 0..C {
+                            let f = C * blk + x;
+                            acc[f] = _mm512_fmadd_ps(w, widen16(c.add(16 * f)), acc[f]);
                         }
-                        *a = _mm512_fmadd_ps(dot, _mm512_set1_ps(*sc.add(blk)), *a);
                     }
                 }
-                _mm512_mask_storeu_ps(s.as_mut_ptr().add(j0), mask16(jn), reduce16(acc));
-                j0 += jn;
-            }
-            let dst = &mut out[r * d..(r + 1) * d];
-            let seen = softmax_probs(&mut s[lo..hi], &valid[lo..hi], score_scale, p.round);
-            // A row that sees no key averages all T values (see `MaskRules`).
-            let (lo, hi, uniform) = if seen { (lo, hi, None) } else { (0, t, Some((p.round)(1.0 / t as f32))) };
-            let mut acc = [_mm512_setzero_ps(); MAX_D / 16];
-            for j in lo..hi {
-                let pj = uniform.unwrap_or(s[j]);
-                if pj == 0.0 {
-                    continue;
-                }
-                let c = p.vc.data.as_ptr().add(p.vc.at(bi, kvh, j));
-                let sc = p.vs.data.as_ptr().add(p.vs.at(bi, kvh, j));
-                for blk in 0..nb {
-                    let w = _mm512_set1_ps(pj * *sc.add(blk));
-                    for x in 0..C {
-                        let f = C * blk + x;
-                        acc[f] = _mm512_fmadd_ps(w, widen16(c.add(16 * f)), acc[f]);
-                    }
+                for (f, a) in acc.iter().enumerate().take(nf) {
+                    _mm512_storeu_ps(dst.as_mut_ptr().add(16 * f), *a);
                 }
             }
-            for (f, a) in acc.iter().enumerate().take(nf) {
-                _mm512_storeu_ps(dst.as_mut_ptr().add(16 * f), *a);
-            }
+            let _ = (p.b, p.hkv);
+            out
         }
-        let _ = (p.b, p.hkv);
-        out
     }
 }
 

@@ -15,7 +15,8 @@
 //! Every kernel is checked against a plain reference with each kernel set this CPU has forced in
 //! turn ([`cpu::for_each_set`]), so one machine with AVX-512 also proves the lower paths.
 
-#![allow(unsafe_op_in_unsafe_fn)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
 
 /// Calls `$f::<R>` with the activation row count as a compile-time constant.
 macro_rules! by_rows {

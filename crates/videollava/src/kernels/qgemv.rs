@@ -492,83 +492,103 @@ pub(crate) mod avx512 {
     /// # Safety
     /// The CPU must support avx512f/bw/vl/vnni, avx2, fma and f16c.
     pub(super) unsafe fn q4k(w: &[u8], nw: usize, rows: usize, act: &ActQ8K, out_t: &mut [f32]) {
-        assert_eq!(w.len(), nw * act.nb * 144, "q4k: weight chunk size");
-        assert_eq!(out_t.len(), nw * rows, "q4k: output chunk size");
-        assert_eq!(act.qs.len(), rows * act.nb * QK_K, "q4k: activation size");
-        by_rows!(rows, q4k_r(w, nw, act, out_t))
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            assert_eq!(w.len(), nw * act.nb * 144, "q4k: weight chunk size");
+            assert_eq!(out_t.len(), nw * rows, "q4k: output chunk size");
+            assert_eq!(act.qs.len(), rows * act.nb * QK_K, "q4k: activation size");
+            by_rows!(rows, q4k_r(w, nw, act, out_t))
+        }
     }
 
     /// # Safety
     /// As [`q4k`].
     pub(super) unsafe fn q6k(w: &[u8], nw: usize, rows: usize, act: &ActQ8K, out_t: &mut [f32]) {
-        assert_eq!(w.len(), nw * act.nb * 210, "q6k: weight chunk size");
-        assert_eq!(out_t.len(), nw * rows, "q6k: output chunk size");
-        assert_eq!(act.qs.len(), rows * act.nb * QK_K, "q6k: activation size");
-        by_rows!(rows, q6k_r(w, nw, act, out_t))
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            assert_eq!(w.len(), nw * act.nb * 210, "q6k: weight chunk size");
+            assert_eq!(out_t.len(), nw * rows, "q6k: output chunk size");
+            assert_eq!(act.qs.len(), rows * act.nb * QK_K, "q6k: activation size");
+            by_rows!(rows, q6k_r(w, nw, act, out_t))
+        }
     }
 
     /// # Safety
     /// As [`q4k`].
     pub(super) unsafe fn q8_0(w: &[u8], nw: usize, rows: usize, act: &ActQ80, out_t: &mut [f32]) {
-        assert_eq!(w.len(), nw * act.nb * 34, "q8_0: weight chunk size");
-        assert_eq!(out_t.len(), nw * rows, "q8_0: output chunk size");
-        assert_eq!(act.qs.len(), rows * act.nb_pad * QK8_0, "q8_0: activation size");
-        assert_eq!(act.dvec.len(), rows * act.nb_pad * 8, "q8_0: activation scale size");
-        by_rows!(rows, q8_0_r(w, nw, act, out_t))
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            assert_eq!(w.len(), nw * act.nb * 34, "q8_0: weight chunk size");
+            assert_eq!(out_t.len(), nw * rows, "q8_0: output chunk size");
+            assert_eq!(act.qs.len(), rows * act.nb_pad * QK8_0, "q8_0: activation size");
+            assert_eq!(act.dvec.len(), rows * act.nb_pad * 8, "q8_0: activation scale size");
+            by_rows!(rows, q8_0_r(w, nw, act, out_t))
+        }
     }
 
     /// [`super::q8k_block_scalar`] vectorised; bit-identical for finite inputs.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub(super) unsafe fn q8k_block(xs: &[f32], q: &mut [i8; QK_K], bs: &mut [i16]) -> f32 {
-        assert!(xs.len() == QK_K && bs.len() == 16, "q8k_block: block size");
-        let p = xs.as_ptr();
-        let mut m = _mm512_setzero_ps();
-        for i in 0..16 {
-            // max_ps returns the second operand when the first is NaN: NaNs are skipped.
-            m = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(p.add(16 * i))), m);
-        }
-        let amax = _mm512_reduce_max_ps(m);
-        if amax == 0.0 {
-            q.fill(0);
-            bs.fill(0);
-            return 0.0;
-        }
-        // The first value of largest magnitude, as candle picks it.
-        let vamax = _mm512_set1_ps(amax);
-        let mut max = 0f32;
-        for i in 0..16 {
-            let hit = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_abs_ps(_mm512_loadu_ps(p.add(16 * i))), vamax);
-            if hit != 0 {
-                max = xs[16 * i + hit.trailing_zeros() as usize];
-                break;
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            assert!(xs.len() == QK_K && bs.len() == 16, "q8k_block: block size");
+            let p = xs.as_ptr();
+            let mut m = _mm512_setzero_ps();
+            for i in 0..16 {
+                // max_ps returns the second operand when the first is NaN: NaNs are skipped.
+                m = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(p.add(16 * i))), m);
             }
+            let amax = _mm512_reduce_max_ps(m);
+            if amax == 0.0 {
+                q.fill(0);
+                bs.fill(0);
+                return 0.0;
+            }
+            // The first value of largest magnitude, as candle picks it.
+            let vamax = _mm512_set1_ps(amax);
+            let mut max = 0f32;
+            for i in 0..16 {
+                let hit = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_abs_ps(_mm512_loadu_ps(p.add(16 * i))), vamax);
+                if hit != 0 {
+                    max = xs[16 * i + hit.trailing_zeros() as usize];
+                    break;
+                }
+            }
+            let iscale = -127f32 / max;
+            let vs = _mm512_set1_ps(iscale);
+            for (i, s) in bs.iter_mut().enumerate() {
+                let iv = round_to_i32(_mm512_mul_ps(vs, _mm512_loadu_ps(p.add(16 * i))));
+                let iv = _mm512_max_epi32(_mm512_min_epi32(iv, _mm512_set1_epi32(127)), _mm512_set1_epi32(-128));
+                _mm_storeu_si128(q.as_mut_ptr().add(16 * i) as *mut _, _mm512_cvtepi32_epi8(iv));
+                *s = _mm512_reduce_add_epi32(iv) as i16;
+            }
+            1.0 / iscale
         }
-        let iscale = -127f32 / max;
-        let vs = _mm512_set1_ps(iscale);
-        for (i, s) in bs.iter_mut().enumerate() {
-            let iv = round_to_i32(_mm512_mul_ps(vs, _mm512_loadu_ps(p.add(16 * i))));
-            let iv = _mm512_max_epi32(_mm512_min_epi32(iv, _mm512_set1_epi32(127)), _mm512_set1_epi32(-128));
-            _mm_storeu_si128(q.as_mut_ptr().add(16 * i) as *mut _, _mm512_cvtepi32_epi8(iv));
-            *s = _mm512_reduce_add_epi32(iv) as i16;
-        }
-        1.0 / iscale
     }
 
     /// [`super::q8_0_block_scalar`] vectorised; bit-identical for finite inputs.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub(crate) unsafe fn q8_0_block(xs: &[f32], q: &mut [i8]) -> f32 {
-        assert!(xs.len() == QK8_0 && q.len() == QK8_0, "q8_0_block: block size");
-        let v0 = _mm512_loadu_ps(xs.as_ptr());
-        let v1 = _mm512_loadu_ps(xs.as_ptr().add(16));
-        let m = _mm512_max_ps(_mm512_abs_ps(v1), _mm512_max_ps(_mm512_abs_ps(v0), _mm512_setzero_ps()));
-        let d = _mm512_reduce_max_ps(m) / 127.0;
-        let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
-        for (i, v) in [v0, v1].into_iter().enumerate() {
-            // Saturating narrowing, as Rust's `f32 as i8`.
-            let b = _mm512_cvtsepi32_epi8(round_to_i32(_mm512_mul_ps(v, id)));
-            _mm_storeu_si128(q.as_mut_ptr().add(16 * i) as *mut _, b);
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            assert!(xs.len() == QK8_0 && q.len() == QK8_0, "q8_0_block: block size");
+            let v0 = _mm512_loadu_ps(xs.as_ptr());
+            let v1 = _mm512_loadu_ps(xs.as_ptr().add(16));
+            let m = _mm512_max_ps(_mm512_abs_ps(v1), _mm512_max_ps(_mm512_abs_ps(v0), _mm512_setzero_ps()));
+            let d = _mm512_reduce_max_ps(m) / 127.0;
+            let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+            for (i, v) in [v0, v1].into_iter().enumerate() {
+                // Saturating narrowing, as Rust's `f32 as i8`.
+                let b = _mm512_cvtsepi32_epi8(round_to_i32(_mm512_mul_ps(v, id)));
+                _mm_storeu_si128(q.as_mut_ptr().add(16 * i) as *mut _, b);
+            }
+            d
         }
-        d
     }
 
     /// Round half away from zero (`f32::round`) and convert to i32.
@@ -586,15 +606,21 @@ pub(crate) mod avx512 {
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn load(p: *const u8) -> __m512i {
-        _mm512_loadu_si512(p as *const _)
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe { _mm512_loadu_si512(p as *const _) }
     }
 
     /// The f16 at `p` (unaligned, little-endian) as f32, via F16C.
     #[target_feature(enable = "f16c")]
     #[inline]
     unsafe fn f16_at(p: *const u8) -> f32 {
-        let bits = u16::from_le_bytes([*p, *p.add(1)]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let bits = u16::from_le_bytes([*p, *p.add(1)]);
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        }
     }
 
     /// Q4K: the two 64-byte halves of `qs` give four 64-lane u8 operands (low/high nibbles),
@@ -610,144 +636,148 @@ pub(crate) mod avx512 {
     /// activation's 32-value sums in the same lane order (`group_sums`).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn q4k_r<const R: usize>(w: &[u8], nw: usize, act: &ActQ8K, out_t: &mut [f32]) {
-        const G: usize = super::Q4K_GROUP;
-        let nb = act.nb;
-        let ng = nb.div_ceil(G);
-        assert_eq!(act.group_d.len(), R * ng * 16, "q4k: group scales");
-        assert_eq!(act.group_sums.len(), R * ng * 64, "q4k: group sums");
-        let row_bytes = nb * 144;
-        let m4 = _mm512_set1_epi8(0x0F);
-        // vpshufb controls: i16 lanes 0..15 take scale byte `a`, lanes 16..31 scale byte `b`,
-        // for the operand pairs (a, b) = (0,2), (1,3), (4,6), (5,7).
-        let mut ctl = [_mm512_setzero_si512(); 4];
-        for (c, (a, b)) in ctl.iter_mut().zip([(0u8, 2u8), (1, 3), (4, 6), (5, 7)]) {
-            let mut bytes = [0x80u8; 64];
-            for (i, v) in bytes.iter_mut().enumerate().step_by(2) {
-                *v = if i < 32 { a } else { b };
-            }
-            *c = load(bytes.as_ptr());
-        }
-        // vpshufb controls spreading the bytes (0, 1) / (2, 3) of each dword into i16 pairs.
-        let mut spread = [_mm512_setzero_si512(); 2];
-        for (h, c) in spread.iter_mut().enumerate() {
-            let mut bytes = [0x80u8; 64];
-            for i in 0..16 {
-                bytes[4 * i] = ((4 * i) % 16 + 2 * h) as u8;
-                bytes[4 * i + 2] = ((4 * i) % 16 + 2 * h + 1) as u8;
-            }
-            *c = load(bytes.as_ptr());
-        }
-        let (k1, k2, k3) =
-            (_mm512_set1_epi32(0x3f3f3f3f), _mm512_set1_epi32(0x0f0f0f0f), _mm512_set1_epi32(0x03030303));
-        let wp = w.as_ptr();
-        let aq = act.qs.as_ptr() as *const u8;
-        // Per group: the scale bytes of each block as a u64 (by block, see below), and per row
-        // `d * yd` by lane.
-        let mut sc = [0u64; 16];
-        let mut dd = [[0f32; 16]; R];
-        for j in 0..nw {
-            let row = wp.add(j * row_bytes);
-            let mut acc = [_mm512_setzero_ps(); R];
-            for g in 0..ng {
-                let m = (nb - g * G).min(G);
-                let base = row.add(g * G * 144);
-                // Headers: vector z holds blocks 4z..4z+3 (zeros past the row's end).
-                let hdr = |b: usize| -> __m128i {
-                    if b < m {
-                        _mm_loadu_si128(base.add(b * 144) as *const _)
-                    } else {
-                        _mm_setzero_si128()
-                    }
-                };
-                let mut hv = [_mm512_setzero_si512(); 4];
-                for (z, v) in hv.iter_mut().enumerate() {
-                    let x = _mm512_castsi128_si512(hdr(4 * z));
-                    let x = _mm512_inserti32x4::<1>(x, hdr(4 * z + 1));
-                    let x = _mm512_inserti32x4::<2>(x, hdr(4 * z + 2));
-                    *v = _mm512_inserti32x4::<3>(x, hdr(4 * z + 3));
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            const G: usize = super::Q4K_GROUP;
+            let nb = act.nb;
+            let ng = nb.div_ceil(G);
+            assert_eq!(act.group_d.len(), R * ng * 16, "q4k: group scales");
+            assert_eq!(act.group_sums.len(), R * ng * 64, "q4k: group sums");
+            let row_bytes = nb * 144;
+            let m4 = _mm512_set1_epi8(0x0F);
+            // vpshufb controls: i16 lanes 0..15 take scale byte `a`, lanes 16..31 scale byte `b`,
+            // for the operand pairs (a, b) = (0,2), (1,3), (4,6), (5,7).
+            let mut ctl = [_mm512_setzero_si512(); 4];
+            for (c, (a, b)) in ctl.iter_mut().zip([(0u8, 2u8), (1, 3), (4, 6), (5, 7)]) {
+                let mut bytes = [0x80u8; 64];
+                for (i, v) in bytes.iter_mut().enumerate().step_by(2) {
+                    *v = if i < 32 { a } else { b };
                 }
-                let t0 = _mm512_unpacklo_epi32(hv[0], hv[1]);
-                let t1 = _mm512_unpackhi_epi32(hv[0], hv[1]);
-                let t2 = _mm512_unpacklo_epi32(hv[2], hv[3]);
-                let t3 = _mm512_unpackhi_epi32(hv[2], hv[3]);
-                // Word w of the headers of all 16 blocks (lane e = block 4 * (e % 4) + e / 4).
-                let w0 = _mm512_unpacklo_epi64(t0, t2);
-                let u0 = _mm512_unpackhi_epi64(t0, t2);
-                let u1 = _mm512_unpacklo_epi64(t1, t3);
-                let u2 = _mm512_unpackhi_epi64(t1, t3);
-                let dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(w0));
-                let dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(w0)));
-                // `q4k_scales_mins`, lane-wise.
-                let s0 = _mm512_and_si512(u0, k1);
-                let s1 = _mm512_or_si512(
-                    _mm512_and_si512(u2, k2),
-                    _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u0), k3)),
-                );
-                let m0 = _mm512_and_si512(u1, k1);
-                let m1 = _mm512_or_si512(
-                    _mm512_and_si512(_mm512_srli_epi32::<4>(u2), k2),
-                    _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u1), k3)),
-                );
-                // Scale bytes as u64 per lane: lanes (4L, 4L+1) in `lo`, (4L+2, 4L+3) in `hi`.
-                _mm512_storeu_si512(sc.as_mut_ptr() as *mut _, _mm512_unpacklo_epi32(s0, s1));
-                _mm512_storeu_si512(sc.as_mut_ptr().add(8) as *mut _, _mm512_unpackhi_epi32(s0, s1));
-                let mins = [
-                    _mm512_shuffle_epi8(m0, spread[0]),
-                    _mm512_shuffle_epi8(m0, spread[1]),
-                    _mm512_shuffle_epi8(m1, spread[0]),
-                    _mm512_shuffle_epi8(m1, spread[1]),
-                ];
-                for r in 0..R {
-                    let at = r * ng + g;
-                    let yd = _mm512_loadu_ps(act.group_d.as_ptr().add(at * 16));
-                    _mm512_storeu_ps(dd[r].as_mut_ptr(), _mm512_mul_ps(dw, yd));
-                    let gs = act.group_sums.as_ptr().add(at * 64) as *const u8;
-                    let mut sm = _mm512_setzero_si512();
-                    for (k, mk) in mins.iter().enumerate() {
-                        sm = _mm512_dpwssd_epi32(sm, *mk, load(gs.add(64 * k)));
-                    }
-                    acc[r] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(sm), _mm512_mul_ps(dmin, yd), acc[r]);
+                *c = load(bytes.as_ptr());
+            }
+            // vpshufb controls spreading the bytes (0, 1) / (2, 3) of each dword into i16 pairs.
+            let mut spread = [_mm512_setzero_si512(); 2];
+            for (h, c) in spread.iter_mut().enumerate() {
+                let mut bytes = [0x80u8; 64];
+                for i in 0..16 {
+                    bytes[4 * i] = ((4 * i) % 16 + 2 * h) as u8;
+                    bytes[4 * i + 2] = ((4 * i) % 16 + 2 * h + 1) as u8;
                 }
-                for b in 0..m {
-                    let blk = base.add(b * 144);
-                    // The same block of the next group: its header is read at the group's start.
-                    let ahead = blk.add(G * 144) as *const i8;
-                    _mm_prefetch::<_MM_HINT_T0>(ahead);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(64));
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(128));
-                    // Block b = 4z + L sits in lane e = 4L + z; its u64 of scale bytes at
-                    // 2L + z (z < 2) or 8 + 2L + z - 2.
-                    let (z, l) = (b / 4, b % 4);
-                    let e = 4 * l + z;
-                    let si_at = if z < 2 { 2 * l + z } else { 6 + 2 * l + z };
-                    let sb = _mm512_set1_epi64(sc[si_at] as i64);
-                    let q0 = load(blk.add(16));
-                    let q1 = load(blk.add(80));
-                    let v = [
-                        _mm512_and_si512(q0, m4),
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(q0), m4),
-                        _mm512_and_si512(q1, m4),
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(q1), m4),
-                    ];
-                    let s = [
-                        _mm512_shuffle_epi8(sb, ctl[0]),
-                        _mm512_shuffle_epi8(sb, ctl[1]),
-                        _mm512_shuffle_epi8(sb, ctl[2]),
-                        _mm512_shuffle_epi8(sb, ctl[3]),
-                    ];
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        let a = aq.add((r * nb + g * G + b) * QK_K);
-                        let mut si = _mm512_setzero_si512();
-                        for z in 0..4 {
-                            let p = _mm512_maddubs_epi16(v[z], load(a.add(64 * z)));
-                            si = _mm512_dpwssd_epi32(si, p, s[z]);
+                *c = load(bytes.as_ptr());
+            }
+            let (k1, k2, k3) =
+                (_mm512_set1_epi32(0x3f3f3f3f), _mm512_set1_epi32(0x0f0f0f0f), _mm512_set1_epi32(0x03030303));
+            let wp = w.as_ptr();
+            let aq = act.qs.as_ptr() as *const u8;
+            // Per group: the scale bytes of each block as a u64 (by block, see below), and per row
+            // `d * yd` by lane.
+            let mut sc = [0u64; 16];
+            let mut dd = [[0f32; 16]; R];
+            for j in 0..nw {
+                let row = wp.add(j * row_bytes);
+                let mut acc = [_mm512_setzero_ps(); R];
+                for g in 0..ng {
+                    let m = (nb - g * G).min(G);
+                    let base = row.add(g * G * 144);
+                    // Headers: vector z holds blocks 4z..4z+3 (zeros past the row's end).
+                    let hdr = |b: usize| -> __m128i {
+                        if b < m {
+                            _mm_loadu_si128(base.add(b * 144) as *const _)
+                        } else {
+                            _mm_setzero_si128()
                         }
-                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_set1_ps(dd[r][e]), *acc);
+                    };
+                    let mut hv = [_mm512_setzero_si512(); 4];
+                    for (z, v) in hv.iter_mut().enumerate() {
+                        let x = _mm512_castsi128_si512(hdr(4 * z));
+                        let x = _mm512_inserti32x4::<1>(x, hdr(4 * z + 1));
+                        let x = _mm512_inserti32x4::<2>(x, hdr(4 * z + 2));
+                        *v = _mm512_inserti32x4::<3>(x, hdr(4 * z + 3));
+                    }
+                    let t0 = _mm512_unpacklo_epi32(hv[0], hv[1]);
+                    let t1 = _mm512_unpackhi_epi32(hv[0], hv[1]);
+                    let t2 = _mm512_unpacklo_epi32(hv[2], hv[3]);
+                    let t3 = _mm512_unpackhi_epi32(hv[2], hv[3]);
+                    // Word w of the headers of all 16 blocks (lane e = block 4 * (e % 4) + e / 4).
+                    let w0 = _mm512_unpacklo_epi64(t0, t2);
+                    let u0 = _mm512_unpackhi_epi64(t0, t2);
+                    let u1 = _mm512_unpacklo_epi64(t1, t3);
+                    let u2 = _mm512_unpackhi_epi64(t1, t3);
+                    let dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(w0));
+                    let dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(w0)));
+                    // `q4k_scales_mins`, lane-wise.
+                    let s0 = _mm512_and_si512(u0, k1);
+                    let s1 = _mm512_or_si512(
+                        _mm512_and_si512(u2, k2),
+                        _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u0), k3)),
+                    );
+                    let m0 = _mm512_and_si512(u1, k1);
+                    let m1 = _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi32::<4>(u2), k2),
+                        _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u1), k3)),
+                    );
+                    // Scale bytes as u64 per lane: lanes (4L, 4L+1) in `lo`, (4L+2, 4L+3) in `hi`.
+                    _mm512_storeu_si512(sc.as_mut_ptr() as *mut _, _mm512_unpacklo_epi32(s0, s1));
+                    _mm512_storeu_si512(sc.as_mut_ptr().add(8) as *mut _, _mm512_unpackhi_epi32(s0, s1));
+                    let mins = [
+                        _mm512_shuffle_epi8(m0, spread[0]),
+                        _mm512_shuffle_epi8(m0, spread[1]),
+                        _mm512_shuffle_epi8(m1, spread[0]),
+                        _mm512_shuffle_epi8(m1, spread[1]),
+                    ];
+                    for r in 0..R {
+                        let at = r * ng + g;
+                        let yd = _mm512_loadu_ps(act.group_d.as_ptr().add(at * 16));
+                        _mm512_storeu_ps(dd[r].as_mut_ptr(), _mm512_mul_ps(dw, yd));
+                        let gs = act.group_sums.as_ptr().add(at * 64) as *const u8;
+                        let mut sm = _mm512_setzero_si512();
+                        for (k, mk) in mins.iter().enumerate() {
+                            sm = _mm512_dpwssd_epi32(sm, *mk, load(gs.add(64 * k)));
+                        }
+                        acc[r] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(sm), _mm512_mul_ps(dmin, yd), acc[r]);
+                    }
+                    for b in 0..m {
+                        let blk = base.add(b * 144);
+                        // The same block of the next group: its header is read at the group's start.
+                        let ahead = blk.add(G * 144) as *const i8;
+                        _mm_prefetch::<_MM_HINT_T0>(ahead);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(64));
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(128));
+                        // Block b = 4z + L sits in lane e = 4L + z; its u64 of scale bytes at
+                        // 2L + z (z < 2) or 8 + 2L + z - 2.
+                        let (z, l) = (b / 4, b % 4);
+                        let e = 4 * l + z;
+                        let si_at = if z < 2 { 2 * l + z } else { 6 + 2 * l + z };
+                        let sb = _mm512_set1_epi64(sc[si_at] as i64);
+                        let q0 = load(blk.add(16));
+                        let q1 = load(blk.add(80));
+                        let v = [
+                            _mm512_and_si512(q0, m4),
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(q0), m4),
+                            _mm512_and_si512(q1, m4),
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(q1), m4),
+                        ];
+                        let s = [
+                            _mm512_shuffle_epi8(sb, ctl[0]),
+                            _mm512_shuffle_epi8(sb, ctl[1]),
+                            _mm512_shuffle_epi8(sb, ctl[2]),
+                            _mm512_shuffle_epi8(sb, ctl[3]),
+                        ];
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let a = aq.add((r * nb + g * G + b) * QK_K);
+                            let mut si = _mm512_setzero_si512();
+                            for z in 0..4 {
+                                let p = _mm512_maddubs_epi16(v[z], load(a.add(64 * z)));
+                                si = _mm512_dpwssd_epi32(si, p, s[z]);
+                            }
+                            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_set1_ps(dd[r][e]), *acc);
+                        }
                     }
                 }
-            }
-            for (r, acc) in acc.iter().enumerate() {
-                out_t[j * R + r] = _mm512_reduce_add_ps(*acc);
+                for (r, acc) in acc.iter().enumerate() {
+                    out_t[j * R + r] = _mm512_reduce_add_ps(*acc);
+                }
             }
         }
     }
@@ -757,71 +787,75 @@ pub(crate) mod avx512 {
     /// sums, and the `-32` offset is removed with `dpwssd(-32 * scales, bsums)`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn q6k_r<const R: usize>(w: &[u8], nw: usize, act: &ActQ8K, out_t: &mut [f32]) {
-        let nb = act.nb;
-        let row_bytes = nb * 210;
-        let m4 = _mm512_set1_epi8(0x0F);
-        let m30 = _mm512_set1_epi8(0x30);
-        let neg32 = _mm256_set1_epi16(-32);
-        // vpermw indices: i16 lane L of operand z takes scale 4z + L/8.
-        let mut idx = [_mm512_setzero_si512(); 4];
-        for (z, c) in idx.iter_mut().enumerate() {
-            let mut lanes = [0u16; 32];
-            for (l, v) in lanes.iter_mut().enumerate() {
-                *v = (4 * z + l / 8) as u16;
-            }
-            *c = load(lanes.as_ptr() as *const u8);
-        }
-        let wp = w.as_ptr();
-        let aq = act.qs.as_ptr() as *const u8;
-        let ab = act.bsums.as_ptr() as *const u8;
-        let ad = act.d.as_ptr();
-        for j in 0..nw {
-            let mut acc = [_mm512_setzero_ps(); R];
-            for b in 0..nb {
-                let blk = wp.add(j * row_bytes + b * 210);
-                if b + 2 < nb {
-                    _mm_prefetch::<_MM_HINT_T0>(blk.add(2 * 210) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T0>(blk.add(2 * 210 + 192) as *const i8);
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let nb = act.nb;
+            let row_bytes = nb * 210;
+            let m4 = _mm512_set1_epi8(0x0F);
+            let m30 = _mm512_set1_epi8(0x30);
+            let neg32 = _mm256_set1_epi16(-32);
+            // vpermw indices: i16 lane L of operand z takes scale 4z + L/8.
+            let mut idx = [_mm512_setzero_si512(); 4];
+            for (z, c) in idx.iter_mut().enumerate() {
+                let mut lanes = [0u16; 32];
+                for (l, v) in lanes.iter_mut().enumerate() {
+                    *v = (4 * z + l / 8) as u16;
                 }
-                let vdw = _mm512_set1_ps(f16_at(blk.add(208)));
-                let ql0 = load(blk);
-                let ql1 = load(blk.add(64));
-                let qh = load(blk.add(128));
-                let qh_s2 = _mm512_srli_epi16::<2>(qh);
-                // [qh[0..32], qh[0..32] >> 2] and [qh[32..64], qh[32..64] >> 2].
-                let h0 = _mm512_shuffle_i64x2::<0x44>(qh, qh_s2);
-                let h1 = _mm512_shuffle_i64x2::<0xEE>(qh, qh_s2);
-                // (ql & 0x0F) | high bits, via ternary logic 0xEA = (A & B) | C.
-                let v = [
-                    _mm512_ternarylogic_epi32::<0xEA>(ql0, m4, _mm512_and_si512(_mm512_slli_epi16::<4>(h0), m30)),
-                    _mm512_ternarylogic_epi32::<0xEA>(_mm512_srli_epi16::<4>(ql0), m4, _mm512_and_si512(h0, m30)),
-                    _mm512_ternarylogic_epi32::<0xEA>(ql1, m4, _mm512_and_si512(_mm512_slli_epi16::<4>(h1), m30)),
-                    _mm512_ternarylogic_epi32::<0xEA>(_mm512_srli_epi16::<4>(ql1), m4, _mm512_and_si512(h1, m30)),
-                ];
-                let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(192) as *const _));
-                let scz = _mm512_zextsi256_si512(sc16);
-                let s = [
-                    _mm512_permutexvar_epi16(idx[0], scz),
-                    _mm512_permutexvar_epi16(idx[1], scz),
-                    _mm512_permutexvar_epi16(idx[2], scz),
-                    _mm512_permutexvar_epi16(idx[3], scz),
-                ];
-                let scn = _mm512_zextsi256_si512(_mm256_mullo_epi16(sc16, neg32));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let o = r * nb + b;
-                    let a = aq.add(o * QK_K);
-                    let bs = _mm512_zextsi256_si512(_mm256_loadu_si256(ab.add(o * 32) as *const _));
-                    let mut si = _mm512_madd_epi16(scn, bs);
-                    for z in 0..4 {
-                        let p = _mm512_maddubs_epi16(v[z], load(a.add(64 * z)));
-                        si = _mm512_dpwssd_epi32(si, p, s[z]);
+                *c = load(lanes.as_ptr() as *const u8);
+            }
+            let wp = w.as_ptr();
+            let aq = act.qs.as_ptr() as *const u8;
+            let ab = act.bsums.as_ptr() as *const u8;
+            let ad = act.d.as_ptr();
+            for j in 0..nw {
+                let mut acc = [_mm512_setzero_ps(); R];
+                for b in 0..nb {
+                    let blk = wp.add(j * row_bytes + b * 210);
+                    if b + 2 < nb {
+                        _mm_prefetch::<_MM_HINT_T0>(blk.add(2 * 210) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(blk.add(2 * 210 + 192) as *const i8);
                     }
-                    let yd = _mm512_set1_ps(*ad.add(o));
-                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(yd, vdw), *acc);
+                    let vdw = _mm512_set1_ps(f16_at(blk.add(208)));
+                    let ql0 = load(blk);
+                    let ql1 = load(blk.add(64));
+                    let qh = load(blk.add(128));
+                    let qh_s2 = _mm512_srli_epi16::<2>(qh);
+                    // [qh[0..32], qh[0..32] >> 2] and [qh[32..64], qh[32..64] >> 2].
+                    let h0 = _mm512_shuffle_i64x2::<0x44>(qh, qh_s2);
+                    let h1 = _mm512_shuffle_i64x2::<0xEE>(qh, qh_s2);
+                    // (ql & 0x0F) | high bits, via ternary logic 0xEA = (A & B) | C.
+                    let v = [
+                        _mm512_ternarylogic_epi32::<0xEA>(ql0, m4, _mm512_and_si512(_mm512_slli_epi16::<4>(h0), m30)),
+                        _mm512_ternarylogic_epi32::<0xEA>(_mm512_srli_epi16::<4>(ql0), m4, _mm512_and_si512(h0, m30)),
+                        _mm512_ternarylogic_epi32::<0xEA>(ql1, m4, _mm512_and_si512(_mm512_slli_epi16::<4>(h1), m30)),
+                        _mm512_ternarylogic_epi32::<0xEA>(_mm512_srli_epi16::<4>(ql1), m4, _mm512_and_si512(h1, m30)),
+                    ];
+                    let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(192) as *const _));
+                    let scz = _mm512_zextsi256_si512(sc16);
+                    let s = [
+                        _mm512_permutexvar_epi16(idx[0], scz),
+                        _mm512_permutexvar_epi16(idx[1], scz),
+                        _mm512_permutexvar_epi16(idx[2], scz),
+                        _mm512_permutexvar_epi16(idx[3], scz),
+                    ];
+                    let scn = _mm512_zextsi256_si512(_mm256_mullo_epi16(sc16, neg32));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let o = r * nb + b;
+                        let a = aq.add(o * QK_K);
+                        let bs = _mm512_zextsi256_si512(_mm256_loadu_si256(ab.add(o * 32) as *const _));
+                        let mut si = _mm512_madd_epi16(scn, bs);
+                        for z in 0..4 {
+                            let p = _mm512_maddubs_epi16(v[z], load(a.add(64 * z)));
+                            si = _mm512_dpwssd_epi32(si, p, s[z]);
+                        }
+                        let yd = _mm512_set1_ps(*ad.add(o));
+                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(yd, vdw), *acc);
+                    }
                 }
-            }
-            for (r, acc) in acc.iter().enumerate() {
-                out_t[j * R + r] = _mm512_reduce_add_ps(*acc);
+                for (r, acc) in acc.iter().enumerate() {
+                    out_t[j * R + r] = _mm512_reduce_add_ps(*acc);
+                }
             }
         }
     }
@@ -831,47 +865,53 @@ pub(crate) mod avx512 {
     /// -127..=127 so negating them cannot overflow.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn q8_0_r<const R: usize>(w: &[u8], nw: usize, act: &ActQ80, out_t: &mut [f32]) {
-        let (nb, nb_pad) = (act.nb, act.nb_pad);
-        let row_bytes = nb * 34;
-        let dup = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-        let zero = _mm512_setzero_si512();
-        let wp = w.as_ptr();
-        let aq = act.qs.as_ptr() as *const u8;
-        let ad = act.dvec.as_ptr();
-        for j in 0..nw {
-            let row = wp.add(j * row_bytes);
-            let mut acc = [_mm512_setzero_ps(); R];
-            let mut b = 0;
-            while b < nb {
-                let blk = row.add(b * 34);
-                let (wv, dbits) = if b + 1 < nb {
-                    let lo = _mm256_loadu_si256(blk.add(2) as *const _);
-                    let hi = _mm256_loadu_si256(blk.add(36) as *const _);
-                    let d0 = u16::from_le_bytes([*blk, *blk.add(1)]) as u32;
-                    let d1 = u16::from_le_bytes([*blk.add(34), *blk.add(35)]) as u32;
-                    (_mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi), d0 | d1 << 16)
-                } else {
-                    // Odd tail block: the upper half stays zero, as does its scale.
-                    let lo = _mm256_loadu_si256(blk.add(2) as *const _);
-                    let d0 = u16::from_le_bytes([*blk, *blk.add(1)]) as u32;
-                    (_mm512_zextsi256_si512(lo), d0)
-                };
-                let dw =
-                    _mm512_permutexvar_ps(dup, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(dbits as i32))));
-                let absw = _mm512_abs_epi8(wv);
-                let neg = _mm512_movepi8_mask(wv);
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let o = r * nb_pad + b;
-                    let a = load(aq.add(o * QK8_0));
-                    let sa = _mm512_mask_sub_epi8(a, neg, zero, a);
-                    let p = _mm512_dpbusd_epi32(zero, absw, sa);
-                    let sv = _mm512_mul_ps(dw, _mm512_loadu_ps(ad.add(o * 8)));
-                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sv, *acc);
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let (nb, nb_pad) = (act.nb, act.nb_pad);
+            let row_bytes = nb * 34;
+            let dup = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+            let zero = _mm512_setzero_si512();
+            let wp = w.as_ptr();
+            let aq = act.qs.as_ptr() as *const u8;
+            let ad = act.dvec.as_ptr();
+            for j in 0..nw {
+                let row = wp.add(j * row_bytes);
+                let mut acc = [_mm512_setzero_ps(); R];
+                let mut b = 0;
+                while b < nb {
+                    let blk = row.add(b * 34);
+                    let (wv, dbits) = if b + 1 < nb {
+                        let lo = _mm256_loadu_si256(blk.add(2) as *const _);
+                        let hi = _mm256_loadu_si256(blk.add(36) as *const _);
+                        let d0 = u16::from_le_bytes([*blk, *blk.add(1)]) as u32;
+                        let d1 = u16::from_le_bytes([*blk.add(34), *blk.add(35)]) as u32;
+                        (_mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi), d0 | d1 << 16)
+                    } else {
+                        // Odd tail block: the upper half stays zero, as does its scale.
+                        let lo = _mm256_loadu_si256(blk.add(2) as *const _);
+                        let d0 = u16::from_le_bytes([*blk, *blk.add(1)]) as u32;
+                        (_mm512_zextsi256_si512(lo), d0)
+                    };
+                    let dw = _mm512_permutexvar_ps(
+                        dup,
+                        _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(dbits as i32))),
+                    );
+                    let absw = _mm512_abs_epi8(wv);
+                    let neg = _mm512_movepi8_mask(wv);
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let o = r * nb_pad + b;
+                        let a = load(aq.add(o * QK8_0));
+                        let sa = _mm512_mask_sub_epi8(a, neg, zero, a);
+                        let p = _mm512_dpbusd_epi32(zero, absw, sa);
+                        let sv = _mm512_mul_ps(dw, _mm512_loadu_ps(ad.add(o * 8)));
+                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sv, *acc);
+                    }
+                    b += 2;
                 }
-                b += 2;
-            }
-            for (r, acc) in acc.iter().enumerate() {
-                out_t[j * R + r] = _mm512_reduce_add_ps(*acc);
+                for (r, acc) in acc.iter().enumerate() {
+                    out_t[j * R + r] = _mm512_reduce_add_ps(*acc);
+                }
             }
         }
     }
