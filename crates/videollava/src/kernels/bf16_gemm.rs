@@ -224,6 +224,7 @@ struct OutPtr(*mut f32);
 // SAFETY: every task writes a set of elements no other task touches, and the pointer outlives the
 // parallel loop (the loops end before the functions that made it return).
 unsafe impl Send for OutPtr {}
+// SAFETY: as for `Send`: shared use only writes disjoint elements.
 unsafe impl Sync for OutPtr {}
 impl OutPtr {
     // A method, so that closures capture the whole (Send) struct, not its raw-pointer field.
@@ -327,6 +328,7 @@ pub(crate) mod avx512 {
             PACK.with(|cell| match cell.try_borrow_mut() {
                 // SAFETY: as for `gemm`; the task writes the rows of tiles t0..t1, columns j0..j1 only.
                 Ok(mut buf) => unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut buf) },
+                // SAFETY: as above, with a fresh buffer.
                 Err(_) => unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut Vec::new()) },
             });
         });

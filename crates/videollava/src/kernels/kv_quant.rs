@@ -239,8 +239,10 @@ pub fn attention(
     // MAX_D (so blocks are 16 or 32 values) and the views cover `[b, hkv, t, d]` (checked above
     // and by candle's layouts).
     let results: Vec<Vec<f32>> = if block_len(d) == 32 {
+        // SAFETY: see above (blocks of 32 values).
         tasks.par_iter().map(|&(bi, kvh)| unsafe { avx512::task::<2>(&p, bi, kvh) }).collect()
     } else {
+        // SAFETY: see above (blocks of 16 values).
         tasks.par_iter().map(|&(bi, kvh)| unsafe { avx512::task::<1>(&p, bi, kvh) }).collect()
     };
     drop((kcg, ksg, vcg, vsg));

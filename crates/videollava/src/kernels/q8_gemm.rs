@@ -24,6 +24,9 @@
 //!   (`-128 · Σ qw` of the block, which undo the `+128` of the activations) and 32 f32 scales.
 //!   A 6×32 micro-kernel (12 zmm integer accumulators, 12 zmm f32 accumulators) then runs, per
 //!   k-chunk, each micro-panel of `W` (in L1) against the row tiles (streaming from L2).
+//! - AVX2 + FMA + F16C (no AVX-512 VNNI): `kernels::qgemm_avx2`'s blocked driver over the
+//!   matrix-vector kernels' register-blocked row loops (8 activation rows per weight block
+//!   decoded), the same quantized numbers (exact integer per 32-value block).
 //! - Portable (any CPU): the same quantized numbers, integer dot per block, in plain Rust.
 //!
 //! Numerics: as candle's CPU quantized matmul for Q8_0 weights (ggml `vec_dot_q8_0_q8_0`):
@@ -146,6 +149,7 @@ struct OutPtr(*mut f32);
 // parallel loop (the loop ends before the function that made it returns).
 #[cfg(target_arch = "x86_64")]
 unsafe impl Send for OutPtr {}
+// SAFETY: as for `Send`: shared use only writes disjoint elements.
 #[cfg(target_arch = "x86_64")]
 unsafe impl Sync for OutPtr {}
 #[cfg(target_arch = "x86_64")]
@@ -281,6 +285,7 @@ mod avx512 {
             PACK.with(|cell| match cell.try_borrow_mut() {
                 // SAFETY: as for `gemm`; the task writes the rows of tiles t0..t1, columns j0..j1 only.
                 Ok(mut buf) => unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut buf) },
+                // SAFETY: as above, with a fresh buffer.
                 Err(_) => unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut Vec::new()) },
             });
         });

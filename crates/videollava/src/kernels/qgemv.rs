@@ -12,7 +12,8 @@
 //! streaming every weight byte once per token. candle 0.11's quantized matmul on x86 repacks
 //! Q4K/Q8_0 into expanded tiles, which makes an `m = 1` product read more bytes than the compact
 //! blocks hold and reach only about 14 GB/s of compact weight. These kernels read the compact
-//! blocks directly (AVX-512 VNNI where the CPU has it, a portable scalar loop elsewhere), split
+//! blocks directly (AVX-512 VNNI where the CPU has it, else AVX2 `maddubs`/`madd`, else a
+//! portable scalar loop; picked by [`super::cpu::features`]), split
 //! the output rows over rayon tasks and reuse each weight block for all `rows` activation rows,
 //! so the weight streams through once per call at close to memory bandwidth.
 //!
@@ -152,6 +153,7 @@ fn qgemv_with(kernel: Kernel, format: QFormat, x: &[f32], rows: usize, w: &[u8],
                     // feature the kernel enables; slice lengths are checked inside.
                     unsafe { avx512::q4k(wc, nw, rows, &act, oc) }
                 }
+                // SAFETY: as above.
                 #[cfg(target_arch = "x86_64")]
                 (Kernel::Avx512, _) => unsafe { avx512::q6k(wc, nw, rows, &act, oc) },
             });
@@ -163,6 +165,8 @@ fn qgemv_with(kernel: Kernel, format: QFormat, x: &[f32], rows: usize, w: &[u8],
                 // SAFETY: Kernel::Avx2 is only chosen when the CPU has AVX2, FMA and F16C.
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx2 => unsafe { avx2::q8_0(wc, nw, rows, &act, oc) },
+                // SAFETY: Kernel::Avx512 is only chosen after runtime detection of every feature
+                // the kernel enables; slice lengths are checked inside.
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx512 => unsafe { avx512::q8_0(wc, nw, rows, &act, oc) },
             });
