@@ -16,9 +16,10 @@
 //! numbers as dequantizing the cache to f32 and running [`super::attention::attention`], up to f32
 //! summation order and, for blocks of 32, the query taken as i16 (one `vpmaddwd` per block of
 //! keys; a step of 2^-15 of the row's largest |q|, far below bf16's 2^-8); probabilities are
-//! rounded to the query's dtype in both. It needs AVX-512 F/BW
-//! (x86-64) and `D` a multiple of 16 up to 256; otherwise callers dequantize ([`dequantize`]) and
-//! run the dense kernel.
+//! rounded to the query's dtype in both. It needs AVX-512 F/BW, or
+//! AVX2 + FMA (f32 products of the widened codes for every block size, no i16 query), on x86-64,
+//! and `D` a multiple of 16 up to 256; otherwise callers dequantize ([`dequantize`]) and run the
+//! dense kernel.
 
 use std::str::FromStr;
 
@@ -172,7 +173,7 @@ const MAX_D: usize = 256;
 /// Decode attention over an 8-bit cache: `q` `[B, H, L, D]` (f32, bf16 or f16), keys and values
 /// as codes `[B, H_kv, T, D]` + scales `[B, H_kv, T, D / 32]` (views of the cache), the masking
 /// `rules` and `scale` as in [`super::attention::attention`]. Returns `[B, L, H * D]` in `q`'s
-/// dtype, or `None` where this kernel does not apply (CPU without AVX-512 F/BW, `D` not a multiple
+/// dtype, or `None` where this kernel does not apply (CPU without AVX2, `D` not a multiple
 /// of 16 or over 256, more than [`MAX_ROWS`] query rows per key/value head, or a non-CPU tensor):
 /// the caller then dequantizes.
 pub fn attention(
@@ -238,7 +239,10 @@ pub fn attention(
     // SAFETY: `fast_available()` checked AVX-512 F/BW, AVX2 and FMA; `d` is a multiple of 16 up to
     // MAX_D (so blocks are 16 or 32 values) and the views cover `[b, hkv, t, d]` (checked above
     // and by candle's layouts).
-    let results: Vec<Vec<f32>> = if block_len(d) == 32 {
+    let results: Vec<Vec<f32>> = if !super::cpu::features().avx512 {
+        // SAFETY: `fast_available()` without AVX-512 means AVX2, FMA and F16C.
+        tasks.par_iter().map(|&(bi, kvh)| unsafe { avx2::task(&p, bi, kvh) }).collect()
+    } else if block_len(d) == 32 {
         // SAFETY: see above (blocks of 32 values).
         tasks.par_iter().map(|&(bi, kvh)| unsafe { avx512::task::<2>(&p, bi, kvh) }).collect()
     } else {
@@ -259,9 +263,9 @@ pub fn attention(
     Ok(Some(if dtype == DType::F32 { out } else { out.to_dtype(dtype)? }))
 }
 
-/// Whether [`attention`]'s kernel can run on this CPU.
+/// Whether [`attention`]'s kernel can run on the calling thread (AVX-512 F/BW, or AVX2 + FMA).
 fn fast_available() -> bool {
-    super::cpu::features().avx512
+    super::cpu::features().avx2
 }
 
 /// What every task of [`attention`] reads.
@@ -408,6 +412,108 @@ mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! The AVX2 path: f32 arithmetic on the widened codes for every block size (no i16 query),
+    //! one key at a time; the same numbers as the dequantized dense path up to f32 summation
+    //! order.
+    use std::arch::x86_64::*;
+
+    use super::{Task, MAX_D};
+    use crate::kernels::attention::softmax_probs;
+
+    /// 8 codes of `c` (the first 8 bytes) as f32.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn widen8(c: &[u8]) -> __m256 {
+        let c: [u8; 8] = c[..8].try_into().expect("8 codes");
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(c))))
+    }
+
+    /// The sum of the 8 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+
+    /// One (batch row, key/value head) as [`super::avx512::task`]: `rep * L` query rows,
+    /// `rep * L * D` f32 outputs; `p.d` a multiple of 16 up to `MAX_D` (checked by the caller:
+    /// a short view panics).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn task(p: &Task, bi: usize, kvh: usize) -> Vec<f32> {
+        let (t, d, l) = (p.t, p.d, p.l);
+        assert!(d.is_multiple_of(16) && d <= MAX_D, "kv_quant avx2: head size {d}");
+        let (rows, bl) = (p.rep * l, super::block_len(d));
+        let (nf, nb) = (d / 8, d / bl);
+        let rules = &p.rules;
+        let valid = &rules.key_valid[bi * t..(bi + 1) * t];
+        let mut out = vec![0f32; rows * d];
+        let mut s = vec![0f32; t];
+        for r in 0..rows {
+            let (head, i) = (kvh * p.rep + r / l, r % l);
+            let qa = rules.past + i;
+            let hi = if rules.causal { (qa + 1).min(t) } else { t };
+            let lo = rules.sliding_window.map_or(0, |w| (qa + 1).saturating_sub(w)).min(hi);
+            let qrow = &p.q[((bi * p.h + head) * l + i) * d..][..d];
+            let mut qv = [_mm256_setzero_ps(); MAX_D / 8];
+            for (x, q) in qv.iter_mut().zip(qrow.chunks_exact(8)) {
+                let q: &[f32; 8] = q.try_into().expect("8 values");
+                // SAFETY: `q` is 8 readable f32; `loadu` has no alignment requirement.
+                *x = unsafe { _mm256_loadu_ps(q.as_ptr()) };
+            }
+            // Scores: Σ_blocks scale_b · Σ_i q_i · code_i.
+            for (j, sj) in s.iter_mut().enumerate().take(hi).skip(lo) {
+                let c = &p.kc.data[p.kc.at(bi, kvh, j)..][..d];
+                let sc = &p.ks.data[p.ks.at(bi, kvh, j)..][..nb];
+                let mut acc = _mm256_setzero_ps();
+                for (blk, &scale) in sc.iter().enumerate() {
+                    let f0 = blk * bl / 8;
+                    let mut dot = _mm256_mul_ps(qv[f0], widen8(&c[8 * f0..]));
+                    for f in f0 + 1..f0 + bl / 8 {
+                        dot = _mm256_fmadd_ps(qv[f], widen8(&c[8 * f..]), dot);
+                    }
+                    acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(scale), acc);
+                }
+                *sj = hsum(acc);
+            }
+            let seen = softmax_probs(&mut s[lo..hi], &valid[lo..hi], p.scale, p.round);
+            // A row that sees no key averages all T values (see `MaskRules`).
+            let (lo, hi, uniform) = if seen { (lo, hi, None) } else { (0, t, Some((p.round)(1.0 / t as f32))) };
+            let mut acc = [_mm256_setzero_ps(); MAX_D / 8];
+            for (j, &sj) in s.iter().enumerate().take(hi).skip(lo) {
+                let pj = uniform.unwrap_or(sj);
+                if pj == 0.0 {
+                    continue;
+                }
+                let c = &p.vc.data[p.vc.at(bi, kvh, j)..][..d];
+                let sc = &p.vs.data[p.vs.at(bi, kvh, j)..][..nb];
+                for (f, a) in acc.iter_mut().enumerate().take(nf) {
+                    let w = _mm256_set1_ps(pj * sc[8 * f / bl]);
+                    *a = _mm256_fmadd_ps(w, widen8(&c[8 * f..]), *a);
+                }
+            }
+            for (a, dst) in acc.iter().zip(out[r * d..(r + 1) * d].chunks_exact_mut(8)) {
+                let dst: &mut [f32; 8] = dst.try_into().expect("8 values");
+                // SAFETY: `dst` is 8 writable f32; `storeu` has no alignment requirement.
+                unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), *a) };
+            }
+        }
+        out
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod avx2 {
+    use super::Task;
+    /// Never called: `fast_available()` is false off x86-64.
+    pub(super) unsafe fn task(_p: &Task, _bi: usize, _kvh: usize) -> Vec<f32> {
+        unreachable!("the 8-bit KV kernel is x86-64 only")
+    }
+}
+
 #[cfg(not(target_arch = "x86_64"))]
 mod avx512 {
     use super::Task;
@@ -515,20 +621,24 @@ mod tests {
     #[test]
     fn decode_kernel_matches_the_dequantized_dense_path() {
         if !fast_available() {
-            eprintln!("skipped: this CPU has no AVX-512 F/BW/VNNI (the dequantizing path is tested elsewhere)");
+            eprintln!("skipped: this CPU has no AVX2 (the dequantizing path is tested elsewhere)");
             return;
         }
         // f32 queries: f32 summation order, and for blocks of 32 the query taken as i16 (a step
         // of 2^-15 of its largest |q|, ~3e-5 here). bf16 queries: probabilities rounded to bf16
         // (one step 2^-8 relative) against f32 ones, then the output rounded to bf16: a few bf16
         // steps of values in [-2, 2].
-        for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 0.03)] {
-            for case in cases() {
-                let (fast, dense) = run_case(&case, dtype);
-                let fast = fast.expect("kernel applies");
-                assert_eq!(fast.dtype(), dtype);
-                let diff = max_diff(&fast, &dense);
-                assert!(diff <= tol, "{dtype:?} case {case:?}: max |diff| {diff}");
+        // Every SIMD kernel set of this CPU (AVX2; AVX-512), forced through the switch.
+        for set in crate::kernels::testing::simd_sets() {
+            let _forced = crate::kernels::cpu::force(set);
+            for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 0.03)] {
+                for case in cases() {
+                    let (fast, dense) = run_case(&case, dtype);
+                    let fast = fast.expect("kernel applies");
+                    assert_eq!(fast.dtype(), dtype);
+                    let diff = max_diff(&fast, &dense);
+                    assert!(diff <= tol, "{set} {dtype:?} case {case:?}: max |diff| {diff}");
+                }
             }
         }
     }
