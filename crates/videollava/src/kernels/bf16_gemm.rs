@@ -720,12 +720,10 @@ mod tests {
 
     /// Deterministic BF16 values in about ±4 (a few exact zeros, no denormals).
     fn values(len: usize, seed: u64) -> Vec<u16> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut rng = crate::kernels::testing::Rng::new(seed);
         (0..len)
             .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
+                let s = rng.next();
                 if s % 17 == 0 {
                     return 0;
                 }

@@ -529,16 +529,10 @@ mod tests {
     use crate::kernels::attention;
 
     fn rand_tensor(shape: (usize, usize, usize, usize), seed: u64, dtype: DType) -> Tensor {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut rng = crate::kernels::testing::Rng::new(seed);
         let n = shape.0 * shape.1 * shape.2 * shape.3;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0) as f32
-            })
-            .collect();
+        let v: Vec<f32> =
+            (0..n).map(|_| ((rng.next() >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0) as f32).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
     }
 

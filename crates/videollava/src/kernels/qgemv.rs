@@ -1226,20 +1226,7 @@ mod tests {
 
     /// Deterministic values in roughly [-1, 1) with some larger outliers.
     fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|i| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                let u = (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
-                if i % 97 == 13 {
-                    4.0 * u
-                } else {
-                    u
-                }
-            })
-            .collect()
+        crate::kernels::testing::values_with_outliers(len, seed, 4.0)
     }
 
     fn gdtype(f: QFormat) -> GgmlDType {
