@@ -710,115 +710,119 @@ mod bf16dot {
     /// The CPU must have AVX-512 F, BW and BF16, AVX2 and FMA.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
     pub(super) unsafe fn task(p: &Params<bf16>, bi: usize, kvh: usize, i0: usize, cl: usize) -> Vec<f32> {
-        let Shape { t, d, .. } = p.shape;
-        let rules = &p.rules;
-        let rows = p.rep * cl;
-        let valid = &rules.key_valid[bi * t..(bi + 1) * t];
-        // Each row's candidate keys [lo, hi) by position; validity is applied in the softmax.
-        let range = |r: usize| {
-            let qa = rules.past + i0 + r % cl;
-            let hi = if rules.causal { (qa + 1).min(t) } else { t };
-            let lo = rules.sliding_window.map_or(0, |w| (qa + 1).saturating_sub(w)).min(hi);
-            (lo, hi)
-        };
-        let ranges: Vec<(usize, usize)> = (0..rows).map(range).collect();
-        let lo = ranges.iter().map(|r| r.0).min().unwrap_or(0);
-        let hi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
-        let w = hi - lo;
-        let blocks = row_blocks(&ranges);
-        let key_row = |j: usize| p.k.as_ptr().add(p.k_at.at(bi, kvh, j)) as *const i16;
-        let value_row = |j: usize| p.v.as_ptr().add(p.v_at.at(bi, kvh, j)) as *const i16;
-        if rows <= DIRECT_ROWS && d.is_multiple_of(32) && d <= DIRECT_MAX_D {
-            return direct(p, bi, kvh, i0, cl, &ranges, lo, hi, &key_row, &value_row);
-        }
-
-        // Query rows as pairs of consecutive D values (odd D: a zero high half last).
-        let dp = d.div_ceil(2);
-        let mut qp = vec![0u32; rows * dp];
-        for (r, dst) in qp.chunks_exact_mut(dp).enumerate() {
-            let at = p.q_at.at(bi, kvh * p.rep + r / cl, i0 + r % cl);
-            for (i, &x) in p.q[at..at + d].iter().enumerate() {
-                dst[i / 2] |= (x.to_bits() as u32) << (16 * (i % 2));
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let Shape { t, d, .. } = p.shape;
+            let rules = &p.rules;
+            let rows = p.rep * cl;
+            let valid = &rules.key_valid[bi * t..(bi + 1) * t];
+            // Each row's candidate keys [lo, hi) by position; validity is applied in the softmax.
+            let range = |r: usize| {
+                let qa = rules.past + i0 + r % cl;
+                let hi = if rules.causal { (qa + 1).min(t) } else { t };
+                let lo = rules.sliding_window.map_or(0, |w| (qa + 1).saturating_sub(w)).min(hi);
+                (lo, hi)
+            };
+            let ranges: Vec<(usize, usize)> = (0..rows).map(range).collect();
+            let lo = ranges.iter().map(|r| r.0).min().unwrap_or(0);
+            let hi = ranges.iter().map(|r| r.1).max().unwrap_or(0);
+            let w = hi - lo;
+            let blocks = row_blocks(&ranges);
+            let key_row = |j: usize| p.k.as_ptr().add(p.k_at.at(bi, kvh, j)) as *const i16;
+            let value_row = |j: usize| p.v.as_ptr().add(p.v_at.at(bi, kvh, j)) as *const i16;
+            if rows <= DIRECT_ROWS && d.is_multiple_of(32) && d <= DIRECT_MAX_D {
+                return direct(p, bi, kvh, i0, cl, &ranges, lo, hi, &key_row, &value_row);
             }
-        }
 
-        // Scores.
-        let mut s = vec![0f32; rows * w];
-        let mut kp = vec![0u32; dp * KS];
-        let mut j0 = lo;
-        while j0 < hi {
-            let jn = (hi - j0).min(KS);
-            pack_keys(&key_row, j0, jn, d, &mut kp);
-            for &(r0, nr, blo, bhi) in &blocks {
-                if bhi <= j0 || blo >= j0 + jn {
-                    continue;
-                }
-                let (q, dst) = (qp.as_ptr().add(r0 * dp), s.as_mut_ptr().add(r0 * w + j0 - lo));
-                match nr {
-                    4 => qk::<4>(q, dp, kp.as_ptr(), dst, w, jn),
-                    2 => qk::<2>(q, dp, kp.as_ptr(), dst, w, jn),
-                    _ => qk::<1>(q, dp, kp.as_ptr(), dst, w, jn),
+            // Query rows as pairs of consecutive D values (odd D: a zero high half last).
+            let dp = d.div_ceil(2);
+            let mut qp = vec![0u32; rows * dp];
+            for (r, dst) in qp.chunks_exact_mut(dp).enumerate() {
+                let at = p.q_at.at(bi, kvh * p.rep + r / cl, i0 + r % cl);
+                for (i, &x) in p.q[at..at + d].iter().enumerate() {
+                    dst[i / 2] |= (x.to_bits() as u32) << (16 * (i % 2));
                 }
             }
-            j0 += jn;
-        }
 
-        // Probabilities (exactly as in `task`).
-        let mut empty = vec![false; rows];
-        for (r, &(rlo, rhi)) in ranges.iter().enumerate() {
-            let row = &mut s[r * w..(r + 1) * w];
-            row[..rlo - lo].fill(0.0);
-            row[rhi - lo..].fill(0.0);
-            empty[r] = !softmax_row_bf16(&mut row[rlo - lo..rhi - lo], &valid[rlo..rhi], p.scale, rlo % 16);
-        }
-        // As bf16 pairs of consecutive keys from `lo` (the probabilities are bf16 values already;
-        // odd `w`: a zero high half last).
-        let wp = w.div_ceil(2);
-        let mut pp = vec![0u32; rows * wp];
-        for (src, dst) in s.chunks_exact(w.max(1)).zip(pp.chunks_exact_mut(wp.max(1))) {
-            let pairs = src.chunks_exact(2);
-            let last = pairs.remainder().first().map(|x| x.to_bits() >> 16);
-            for (x, pr) in dst.iter_mut().zip(pairs) {
-                *x = (pr[0].to_bits() >> 16) | (pr[1].to_bits() & 0xFFFF_0000);
-            }
-            if let Some(l) = last {
-                dst[wp - 1] = l;
-            }
-        }
-        drop(s);
-
-        // Weighted sum of the values: `o` rows of `ds` f32 (columns padded to 64).
-        let ds = d.next_multiple_of(64);
-        let mut o = vec![0f32; rows * ds];
-        let mut vp = vec![0u32; KV / 2 * ds];
-        let mut j0 = lo;
-        while j0 < hi {
-            let jn = (hi - j0).min(KV);
-            let np = jn.div_ceil(2);
-            pack_values(&value_row, j0, jn, d, ds, &mut vp);
-            let m0 = (j0 - lo) / 2;
-            for &(r0, nr, blo, bhi) in &blocks {
-                if bhi <= j0 || blo >= j0 + jn {
-                    continue;
-                }
-                for c0 in (0..d).step_by(64) {
-                    let pr = pp.as_ptr().add(r0 * wp + m0);
-                    let (v, dst) = (vp.as_ptr().add(c0), o.as_mut_ptr().add(r0 * ds + c0));
+            // Scores.
+            let mut s = vec![0f32; rows * w];
+            let mut kp = vec![0u32; dp * KS];
+            let mut j0 = lo;
+            while j0 < hi {
+                let jn = (hi - j0).min(KS);
+                pack_keys(&key_row, j0, jn, d, &mut kp);
+                for &(r0, nr, blo, bhi) in &blocks {
+                    if bhi <= j0 || blo >= j0 + jn {
+                        continue;
+                    }
+                    let (q, dst) = (qp.as_ptr().add(r0 * dp), s.as_mut_ptr().add(r0 * w + j0 - lo));
                     match nr {
-                        4 => pv::<4>(pr, wp, v, ds, np, dst),
-                        2 => pv::<2>(pr, wp, v, ds, np, dst),
-                        _ => pv::<1>(pr, wp, v, ds, np, dst),
+                        4 => qk::<4>(q, dp, kp.as_ptr(), dst, w, jn),
+                        2 => qk::<2>(q, dp, kp.as_ptr(), dst, w, jn),
+                        _ => qk::<1>(q, dp, kp.as_ptr(), dst, w, jn),
                     }
                 }
+                j0 += jn;
             }
-            j0 += jn;
+
+            // Probabilities (exactly as in `task`).
+            let mut empty = vec![false; rows];
+            for (r, &(rlo, rhi)) in ranges.iter().enumerate() {
+                let row = &mut s[r * w..(r + 1) * w];
+                row[..rlo - lo].fill(0.0);
+                row[rhi - lo..].fill(0.0);
+                empty[r] = !softmax_row_bf16(&mut row[rlo - lo..rhi - lo], &valid[rlo..rhi], p.scale, rlo % 16);
+            }
+            // As bf16 pairs of consecutive keys from `lo` (the probabilities are bf16 values already;
+            // odd `w`: a zero high half last).
+            let wp = w.div_ceil(2);
+            let mut pp = vec![0u32; rows * wp];
+            for (src, dst) in s.chunks_exact(w.max(1)).zip(pp.chunks_exact_mut(wp.max(1))) {
+                let pairs = src.chunks_exact(2);
+                let last = pairs.remainder().first().map(|x| x.to_bits() >> 16);
+                for (x, pr) in dst.iter_mut().zip(pairs) {
+                    *x = (pr[0].to_bits() >> 16) | (pr[1].to_bits() & 0xFFFF_0000);
+                }
+                if let Some(l) = last {
+                    dst[wp - 1] = l;
+                }
+            }
+            drop(s);
+
+            // Weighted sum of the values: `o` rows of `ds` f32 (columns padded to 64).
+            let ds = d.next_multiple_of(64);
+            let mut o = vec![0f32; rows * ds];
+            let mut vp = vec![0u32; KV / 2 * ds];
+            let mut j0 = lo;
+            while j0 < hi {
+                let jn = (hi - j0).min(KV);
+                let np = jn.div_ceil(2);
+                pack_values(&value_row, j0, jn, d, ds, &mut vp);
+                let m0 = (j0 - lo) / 2;
+                for &(r0, nr, blo, bhi) in &blocks {
+                    if bhi <= j0 || blo >= j0 + jn {
+                        continue;
+                    }
+                    for c0 in (0..d).step_by(64) {
+                        let pr = pp.as_ptr().add(r0 * wp + m0);
+                        let (v, dst) = (vp.as_ptr().add(c0), o.as_mut_ptr().add(r0 * ds + c0));
+                        match nr {
+                            4 => pv::<4>(pr, wp, v, ds, np, dst),
+                            2 => pv::<2>(pr, wp, v, ds, np, dst),
+                            _ => pv::<1>(pr, wp, v, ds, np, dst),
+                        }
+                    }
+                }
+                j0 += jn;
+            }
+            let mut out = vec![0f32; rows * d];
+            for (dst, src) in out.chunks_exact_mut(d).zip(o.chunks_exact(ds)) {
+                dst.copy_from_slice(&src[..d]);
+            }
+            uniform_rows(p, bi, kvh, &empty, &mut out);
+            out
         }
-        let mut out = vec![0f32; rows * d];
-        for (dst, src) in out.chunks_exact_mut(d).zip(o.chunks_exact(ds)) {
-            dst.copy_from_slice(&src[..d]);
-        }
-        uniform_rows(p, bi, kvh, &empty, &mut out);
-        out
     }
 
     /// Rows that see no key: uniform over all T keys (see `MaskRules`), as in `task`.
@@ -897,65 +901,69 @@ mod bf16dot {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
     pub(super) unsafe fn softmax_row_bf16(row: &mut [f32], valid: &[u32], scale: f32, phase: usize) -> bool {
-        debug_assert!(row.len() == valid.len() && phase < 16);
-        let n = row.len();
-        let (rp, vp) = (row.as_mut_ptr(), valid.as_ptr());
-        let vs = _mm512_set1_ps(scale);
-        let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
-        let mut m = ninf;
-        let mut i = 0;
-        while i < n {
-            let k = mask16(n - i);
-            let ok = _mm512_mask_cmpneq_epi32_mask(
-                k,
-                _mm512_maskz_loadu_epi32(k, vp.add(i) as *const i32),
-                _mm512_setzero_si512(),
-            );
-            let x = _mm512_mask_blend_ps(ok, ninf, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, rp.add(i)), vs));
-            _mm512_mask_storeu_ps(rp.add(i), k, x);
-            m = _mm512_max_ps(m, x);
-            i += 16;
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            debug_assert!(row.len() == valid.len() && phase < 16);
+            let n = row.len();
+            let (rp, vp) = (row.as_mut_ptr(), valid.as_ptr());
+            let vs = _mm512_set1_ps(scale);
+            let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
+            let mut m = ninf;
+            let mut i = 0;
+            while i < n {
+                let k = mask16(n - i);
+                let ok = _mm512_mask_cmpneq_epi32_mask(
+                    k,
+                    _mm512_maskz_loadu_epi32(k, vp.add(i) as *const i32),
+                    _mm512_setzero_si512(),
+                );
+                let x = _mm512_mask_blend_ps(ok, ninf, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, rp.add(i)), vs));
+                _mm512_mask_storeu_ps(rp.add(i), k, x);
+                m = _mm512_max_ps(m, x);
+                i += 16;
+            }
+            let max = _mm512_reduce_max_ps(m);
+            if max == f32::NEG_INFINITY {
+                row.fill(0.0);
+                return false;
+            }
+            let vmax = _mm512_set1_ps(max);
+            // The sum in PyTorch's order (`vec::reduce_all` over the whole row of keys, where the
+            // invisible ones add exact zeros): key j in lane j % 16, so the first chunk starts at
+            // lane `phase`.
+            let mut acc = _mm512_setzero_ps();
+            let first = (16 - phase).min(n);
+            let mut i = 0;
+            while i < n {
+                let (k, at, len) = if i == 0 {
+                    (mask16(first) << phase, rp.wrapping_sub(phase), first)
+                } else {
+                    (mask16(n - i), rp.add(i), (n - i).min(16))
+                };
+                // SAFETY (pointer): masked-off lanes, including those before the row, are never
+                // accessed.
+                let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, at), vmax));
+                let e = _mm512_maskz_mov_ps(k, e);
+                _mm512_mask_storeu_ps(at, k, e);
+                acc = _mm512_add_ps(acc, e);
+                i += len;
+            }
+            let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(acc));
+            // Round to nearest even on the upper 16 bits (finite, non-negative values).
+            let (half, one) = (_mm512_set1_epi32(0x7FFF), _mm512_set1_epi32(1));
+            let keep = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
+            let mut i = 0;
+            while i < n {
+                let k = mask16(n - i);
+                let bits = _mm512_castps_si512(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, rp.add(i)), inv));
+                let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), one);
+                let r = _mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(half, lsb)), keep);
+                _mm512_mask_storeu_ps(rp.add(i), k, _mm512_castsi512_ps(r));
+                i += 16;
+            }
+            true
         }
-        let max = _mm512_reduce_max_ps(m);
-        if max == f32::NEG_INFINITY {
-            row.fill(0.0);
-            return false;
-        }
-        let vmax = _mm512_set1_ps(max);
-        // The sum in PyTorch's order (`vec::reduce_all` over the whole row of keys, where the
-        // invisible ones add exact zeros): key j in lane j % 16, so the first chunk starts at
-        // lane `phase`.
-        let mut acc = _mm512_setzero_ps();
-        let first = (16 - phase).min(n);
-        let mut i = 0;
-        while i < n {
-            let (k, at, len) = if i == 0 {
-                (mask16(first) << phase, rp.wrapping_sub(phase), first)
-            } else {
-                (mask16(n - i), rp.add(i), (n - i).min(16))
-            };
-            // SAFETY (pointer): masked-off lanes, including those before the row, are never
-            // accessed.
-            let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, at), vmax));
-            let e = _mm512_maskz_mov_ps(k, e);
-            _mm512_mask_storeu_ps(at, k, e);
-            acc = _mm512_add_ps(acc, e);
-            i += len;
-        }
-        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(acc));
-        // Round to nearest even on the upper 16 bits (finite, non-negative values).
-        let (half, one) = (_mm512_set1_epi32(0x7FFF), _mm512_set1_epi32(1));
-        let keep = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-        let mut i = 0;
-        while i < n {
-            let k = mask16(n - i);
-            let bits = _mm512_castps_si512(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, rp.add(i)), inv));
-            let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), one);
-            let r = _mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(half, lsb)), keep);
-            _mm512_mask_storeu_ps(rp.add(i), k, _mm512_castsi512_ps(r));
-            i += 16;
-        }
-        true
     }
 
     /// Few query rows (decoding): keys and values are read in place, once per row, with no
@@ -977,55 +985,59 @@ mod bf16dot {
         key_row: &impl Fn(usize) -> *const i16,
         value_row: &impl Fn(usize) -> *const i16,
     ) -> Vec<f32> {
-        let Shape { t, d, .. } = p.shape;
-        let (rows, w, nc, nf) = (ranges.len(), hi - lo, d / 32, d / 16);
-        let valid = &p.rules.key_valid[bi * t..(bi + 1) * t];
-        let mut s = vec![0f32; rows * w];
-        for (r, &(rlo, rhi)) in ranges.iter().enumerate() {
-            let qp = p.q.as_ptr().add(p.q_at.at(bi, kvh * p.rep + r / cl, i0 + r % cl)) as *const i16;
-            let mut qv = [bh(_mm512_setzero_si512()); DIRECT_MAX_D / 32];
-            for (c, x) in qv.iter_mut().enumerate().take(nc) {
-                *x = bh(_mm512_loadu_si512(qp.add(32 * c) as *const _));
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let Shape { t, d, .. } = p.shape;
+            let (rows, w, nc, nf) = (ranges.len(), hi - lo, d / 32, d / 16);
+            let valid = &p.rules.key_valid[bi * t..(bi + 1) * t];
+            let mut s = vec![0f32; rows * w];
+            for (r, &(rlo, rhi)) in ranges.iter().enumerate() {
+                let qp = p.q.as_ptr().add(p.q_at.at(bi, kvh * p.rep + r / cl, i0 + r % cl)) as *const i16;
+                let mut qv = [bh(_mm512_setzero_si512()); DIRECT_MAX_D / 32];
+                for (c, x) in qv.iter_mut().enumerate().take(nc) {
+                    *x = bh(_mm512_loadu_si512(qp.add(32 * c) as *const _));
+                }
+                let mut j0 = rlo;
+                while j0 < rhi {
+                    let jn = (rhi - j0).min(16);
+                    let mut acc = [_mm512_setzero_ps(); 16];
+                    for (kk, a) in acc.iter_mut().enumerate().take(jn) {
+                        let kr = key_row(j0 + kk);
+                        for (c, &qc) in qv.iter().enumerate().take(nc) {
+                            *a = _mm512_dpbf16_ps(*a, qc, bh(_mm512_loadu_si512(kr.add(32 * c) as *const _)));
+                        }
+                    }
+                    _mm512_mask_storeu_ps(s.as_mut_ptr().add(r * w + j0 - lo), mask16(jn), reduce16(acc));
+                    j0 += jn;
+                }
             }
-            let mut j0 = rlo;
-            while j0 < rhi {
-                let jn = (rhi - j0).min(16);
-                let mut acc = [_mm512_setzero_ps(); 16];
-                for (kk, a) in acc.iter_mut().enumerate().take(jn) {
-                    let kr = key_row(j0 + kk);
-                    for (c, &qc) in qv.iter().enumerate().take(nc) {
-                        *a = _mm512_dpbf16_ps(*a, qc, bh(_mm512_loadu_si512(kr.add(32 * c) as *const _)));
+            let mut empty = vec![false; rows];
+            for (r, &(rlo, rhi)) in ranges.iter().enumerate() {
+                let row = &mut s[r * w..(r + 1) * w];
+                empty[r] = !softmax_row_bf16(&mut row[rlo - lo..rhi - lo], &valid[rlo..rhi], p.scale, rlo % 16);
+            }
+            let mut out = vec![0f32; rows * d];
+            for (r, &(rlo, rhi)) in ranges.iter().enumerate() {
+                let pr = &s[r * w..(r + 1) * w];
+                let mut acc = [_mm512_setzero_ps(); DIRECT_MAX_D / 16];
+                for j in rlo..rhi {
+                    let pj = _mm512_set1_ps(pr[j - lo]);
+                    let vr = value_row(j);
+                    for (f, a) in acc.iter_mut().enumerate().take(nf) {
+                        let x = _mm512_cvtpbh_ps(transmute::<__m256i, __m256bh>(_mm256_loadu_si256(
+                            vr.add(16 * f) as *const _
+                        )));
+                        *a = _mm512_fmadd_ps(pj, x, *a);
                     }
                 }
-                _mm512_mask_storeu_ps(s.as_mut_ptr().add(r * w + j0 - lo), mask16(jn), reduce16(acc));
-                j0 += jn;
-            }
-        }
-        let mut empty = vec![false; rows];
-        for (r, &(rlo, rhi)) in ranges.iter().enumerate() {
-            let row = &mut s[r * w..(r + 1) * w];
-            empty[r] = !softmax_row_bf16(&mut row[rlo - lo..rhi - lo], &valid[rlo..rhi], p.scale, rlo % 16);
-        }
-        let mut out = vec![0f32; rows * d];
-        for (r, &(rlo, rhi)) in ranges.iter().enumerate() {
-            let pr = &s[r * w..(r + 1) * w];
-            let mut acc = [_mm512_setzero_ps(); DIRECT_MAX_D / 16];
-            for j in rlo..rhi {
-                let pj = _mm512_set1_ps(pr[j - lo]);
-                let vr = value_row(j);
-                for (f, a) in acc.iter_mut().enumerate().take(nf) {
-                    let x = _mm512_cvtpbh_ps(transmute::<__m256i, __m256bh>(_mm256_loadu_si256(
-                        vr.add(16 * f) as *const _
-                    )));
-                    *a = _mm512_fmadd_ps(pj, x, *a);
+                for (f, a) in acc.iter().enumerate().take(nf) {
+                    _mm512_storeu_ps(out.as_mut_ptr().add(r * d + 16 * f), *a);
                 }
             }
-            for (f, a) in acc.iter().enumerate().take(nf) {
-                _mm512_storeu_ps(out.as_mut_ptr().add(r * d + 16 * f), *a);
-            }
+            uniform_rows(p, bi, kvh, &empty, &mut out);
+            out
         }
-        uniform_rows(p, bi, kvh, &empty, &mut out);
-        out
     }
 
     /// Packs keys `j0..j0 + jn` (`jn <= KS`) as `kp[i * KS + jj] = k[j0 + jj, 2i] | k[j0 + jj,
@@ -1033,24 +1045,28 @@ mod bf16dot {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn pack_keys(key_row: &impl Fn(usize) -> *const i16, j0: usize, jn: usize, d: usize, kp: &mut [u32]) {
-        let dp = d.div_ceil(2);
-        debug_assert!(jn <= KS && kp.len() >= dp * KS);
-        let dst = kp.as_mut_ptr();
-        for g0 in (0..KS).step_by(16) {
-            let mut i0 = 0;
-            while i0 < dp {
-                let load_mask = mask32(d - 2 * i0);
-                let mut v = [_mm512_setzero_si512(); 16];
-                for (r, x) in v.iter_mut().enumerate() {
-                    if g0 + r < jn {
-                        *x = _mm512_maskz_loadu_epi16(load_mask, key_row(j0 + g0 + r).add(2 * i0));
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let dp = d.div_ceil(2);
+            debug_assert!(jn <= KS && kp.len() >= dp * KS);
+            let dst = kp.as_mut_ptr();
+            for g0 in (0..KS).step_by(16) {
+                let mut i0 = 0;
+                while i0 < dp {
+                    let load_mask = mask32(d - 2 * i0);
+                    let mut v = [_mm512_setzero_si512(); 16];
+                    for (r, x) in v.iter_mut().enumerate() {
+                        if g0 + r < jn {
+                            *x = _mm512_maskz_loadu_epi16(load_mask, key_row(j0 + g0 + r).add(2 * i0));
+                        }
                     }
+                    let tr = transpose16(v);
+                    for (ii, x) in tr.iter().enumerate().take(16.min(dp - i0)) {
+                        _mm512_storeu_si512(dst.add((i0 + ii) * KS + g0) as *mut _, *x);
+                    }
+                    i0 += 16;
                 }
-                let tr = transpose16(v);
-                for (ii, x) in tr.iter().enumerate().take(16.min(dp - i0)) {
-                    _mm512_storeu_si512(dst.add((i0 + ii) * KS + g0) as *mut _, *x);
-                }
-                i0 += 16;
             }
         }
     }
@@ -1068,27 +1084,31 @@ mod bf16dot {
         ds: usize,
         vp: &mut [u32],
     ) {
-        debug_assert!(jn <= KV && ds.is_multiple_of(32) && ds >= d && vp.len() >= jn.div_ceil(2) * ds);
-        // Lane 2c takes element c of the first row, lane 2c + 1 element c of the second.
-        let idx_lo = _mm512_set_epi16(
-            47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33,
-            1, 32, 0,
-        );
-        let idx_hi = _mm512_add_epi16(idx_lo, _mm512_set1_epi16(16));
-        let dst = vp.as_mut_ptr();
-        for m in 0..jn.div_ceil(2) {
-            let (ja, jb) = (2 * m, 2 * m + 1);
-            for c0 in (0..ds).step_by(32) {
-                let load_mask = if c0 < d { mask32(d - c0) } else { 0 };
-                let a = _mm512_maskz_loadu_epi16(load_mask, value_row(j0 + ja).add(c0));
-                let b = if jb < jn {
-                    _mm512_maskz_loadu_epi16(load_mask, value_row(j0 + jb).add(c0))
-                } else {
-                    _mm512_setzero_si512()
-                };
-                let at = dst.add(m * ds + c0);
-                _mm512_storeu_si512(at as *mut _, _mm512_permutex2var_epi16(a, idx_lo, b));
-                _mm512_storeu_si512(at.add(16) as *mut _, _mm512_permutex2var_epi16(a, idx_hi, b));
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            debug_assert!(jn <= KV && ds.is_multiple_of(32) && ds >= d && vp.len() >= jn.div_ceil(2) * ds);
+            // Lane 2c takes element c of the first row, lane 2c + 1 element c of the second.
+            let idx_lo = _mm512_set_epi16(
+                47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2,
+                33, 1, 32, 0,
+            );
+            let idx_hi = _mm512_add_epi16(idx_lo, _mm512_set1_epi16(16));
+            let dst = vp.as_mut_ptr();
+            for m in 0..jn.div_ceil(2) {
+                let (ja, jb) = (2 * m, 2 * m + 1);
+                for c0 in (0..ds).step_by(32) {
+                    let load_mask = if c0 < d { mask32(d - c0) } else { 0 };
+                    let a = _mm512_maskz_loadu_epi16(load_mask, value_row(j0 + ja).add(c0));
+                    let b = if jb < jn {
+                        _mm512_maskz_loadu_epi16(load_mask, value_row(j0 + jb).add(c0))
+                    } else {
+                        _mm512_setzero_si512()
+                    };
+                    let at = dst.add(m * ds + c0);
+                    _mm512_storeu_si512(at as *mut _, _mm512_permutex2var_epi16(a, idx_lo, b));
+                    _mm512_storeu_si512(at.add(16) as *mut _, _mm512_permutex2var_epi16(a, idx_hi, b));
+                }
             }
         }
     }
@@ -1099,21 +1119,26 @@ mod bf16dot {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn qk<const R: usize>(q: *const u32, dp: usize, kp: *const u32, s: *mut f32, w: usize, jn: usize) {
-        let mut a = [[_mm512_setzero_ps(); 4]; R];
-        for i in 0..dp {
-            let k: [__m512bh; 4] = std::array::from_fn(|v| bh(_mm512_loadu_si512(kp.add(i * KS + 16 * v) as *const _)));
-            for (r, ar) in a.iter_mut().enumerate() {
-                let qv = bh(_mm512_set1_epi32(*q.add(r * dp + i) as i32));
-                for v in 0..4 {
-                    ar[v] = _mm512_dpbf16_ps(ar[v], qv, k[v]);
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let mut a = [[_mm512_setzero_ps(); 4]; R];
+            for i in 0..dp {
+                let k: [__m512bh; 4] =
+                    std::array::from_fn(|v| bh(_mm512_loadu_si512(kp.add(i * KS + 16 * v) as *const _)));
+                for (r, ar) in a.iter_mut().enumerate() {
+                    let qv = bh(_mm512_set1_epi32(*q.add(r * dp + i) as i32));
+                    for v in 0..4 {
+                        ar[v] = _mm512_dpbf16_ps(ar[v], qv, k[v]);
+                    }
                 }
             }
-        }
-        for (r, ar) in a.iter().enumerate() {
-            for (v, x) in ar.iter().enumerate() {
-                // `wrapping_add`: with `jn <= 16 * v` this quarter may lie past the end of the
-                // scores; a masked-off lane never faults.
-                _mm512_mask_storeu_ps(s.wrapping_add(r * w + 16 * v), mask16(jn.saturating_sub(16 * v)), *x);
+            for (r, ar) in a.iter().enumerate() {
+                for (v, x) in ar.iter().enumerate() {
+                    // `wrapping_add`: with `jn <= 16 * v` this quarter may lie past the end of the
+                    // scores; a masked-off lane never faults.
+                    _mm512_mask_storeu_ps(s.wrapping_add(r * w + 16 * v), mask16(jn.saturating_sub(16 * v)), *x);
+                }
             }
         }
     }
@@ -1123,20 +1148,25 @@ mod bf16dot {
     #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     unsafe fn pv<const R: usize>(pp: *const u32, wp: usize, vp: *const u32, ds: usize, np: usize, o: *mut f32) {
-        let mut a: [[__m512; 4]; R] =
-            std::array::from_fn(|r| std::array::from_fn(|v| _mm512_loadu_ps(o.add(r * ds + 16 * v))));
-        for m in 0..np {
-            let x: [__m512bh; 4] = std::array::from_fn(|v| bh(_mm512_loadu_si512(vp.add(m * ds + 16 * v) as *const _)));
-            for (r, ar) in a.iter_mut().enumerate() {
-                let pv = bh(_mm512_set1_epi32(*pp.add(r * wp + m) as i32));
-                for v in 0..4 {
-                    ar[v] = _mm512_dpbf16_ps(ar[v], pv, x[v]);
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let mut a: [[__m512; 4]; R] =
+                std::array::from_fn(|r| std::array::from_fn(|v| _mm512_loadu_ps(o.add(r * ds + 16 * v))));
+            for m in 0..np {
+                let x: [__m512bh; 4] =
+                    std::array::from_fn(|v| bh(_mm512_loadu_si512(vp.add(m * ds + 16 * v) as *const _)));
+                for (r, ar) in a.iter_mut().enumerate() {
+                    let pv = bh(_mm512_set1_epi32(*pp.add(r * wp + m) as i32));
+                    for v in 0..4 {
+                        ar[v] = _mm512_dpbf16_ps(ar[v], pv, x[v]);
+                    }
                 }
             }
-        }
-        for (r, ar) in a.iter().enumerate() {
-            for (v, x) in ar.iter().enumerate() {
-                _mm512_storeu_ps(o.add(r * ds + 16 * v), *x);
+            for (r, ar) in a.iter().enumerate() {
+                for (v, x) in ar.iter().enumerate() {
+                    _mm512_storeu_ps(o.add(r * ds + 16 * v), *x);
+                }
             }
         }
     }

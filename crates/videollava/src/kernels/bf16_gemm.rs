@@ -224,6 +224,7 @@ struct OutPtr(*mut f32);
 // SAFETY: every task writes a set of elements no other task touches, and the pointer outlives the
 // parallel loop (the loops end before the functions that made it return).
 unsafe impl Send for OutPtr {}
+// SAFETY: as for `Send`: shared use only writes disjoint elements.
 unsafe impl Sync for OutPtr {}
 impl OutPtr {
     // A method, so that closures capture the whole (Send) struct, not its raw-pointer field.
@@ -327,6 +328,7 @@ pub(crate) mod avx512 {
             PACK.with(|cell| match cell.try_borrow_mut() {
                 // SAFETY: as for `gemm`; the task writes the rows of tiles t0..t1, columns j0..j1 only.
                 Ok(mut buf) => unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut buf) },
+                // SAFETY: as above, with a fresh buffer.
                 Err(_) => unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut Vec::new()) },
             });
         });
@@ -348,44 +350,47 @@ pub(crate) mod avx512 {
         out: OutPtr,
         buf: &mut Vec<u32>,
     ) {
-        let kp = k.div_ceil(2);
-        let panels = cols.div_ceil(NR);
-        let panel_len = kp * NR;
-        if buf.len() < panels * panel_len {
-            // Every element in use is overwritten by the packing below.
-            buf.resize(panels * panel_len, 0);
-        }
-        for p in 0..panels {
-            let c0 = j0 + p * NR;
-            let valid = NR.min(j0 + cols - c0);
-            pack_rows::<NR>(&w[c0 * k..(c0 + valid) * k], k, &mut buf[p * panel_len..(p + 1) * panel_len]);
-        }
-        let c = out.get();
-        let ap = apack.as_ptr();
-        let bp = buf.as_ptr();
-        let mut tc = t0;
-        while tc < t1 {
-            let tc_end = t1.min(tc + MC_TILES);
-            let mut pc = 0;
-            while pc < kp {
-                let kcp = KCP.min(kp - pc);
-                let accumulate = pc > 0;
-                let tile = |t: usize, p: usize| {
-                    let c0 = j0 + p * NR;
-                    let valid = NR.min(j0 + cols - c0);
-                    let m0 = if valid >= 16 { 0xffff } else { (1u32 << valid) as u16 - 1 };
-                    let m1 = if valid <= 16 {
-                        0
-                    } else if valid >= 32 {
-                        0xffff
-                    } else {
-                        (1u32 << (valid - 16)) as u16 - 1
-                    };
-                    let b = bp.add(p * panel_len + pc * NR);
-                    let rows = MR.min(m - t * MR);
-                    let at = ap.add(t * kp * MR + pc * MR);
-                    let ct = c.add(t * MR * n + c0);
-                    macro_rules! call {
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let kp = k.div_ceil(2);
+            let panels = cols.div_ceil(NR);
+            let panel_len = kp * NR;
+            if buf.len() < panels * panel_len {
+                // Every element in use is overwritten by the packing below.
+                buf.resize(panels * panel_len, 0);
+            }
+            for p in 0..panels {
+                let c0 = j0 + p * NR;
+                let valid = NR.min(j0 + cols - c0);
+                pack_rows::<NR>(&w[c0 * k..(c0 + valid) * k], k, &mut buf[p * panel_len..(p + 1) * panel_len]);
+            }
+            let c = out.get();
+            let ap = apack.as_ptr();
+            let bp = buf.as_ptr();
+            let mut tc = t0;
+            while tc < t1 {
+                let tc_end = t1.min(tc + MC_TILES);
+                let mut pc = 0;
+                while pc < kp {
+                    let kcp = KCP.min(kp - pc);
+                    let accumulate = pc > 0;
+                    let tile = |t: usize, p: usize| {
+                        let c0 = j0 + p * NR;
+                        let valid = NR.min(j0 + cols - c0);
+                        let m0 = if valid >= 16 { 0xffff } else { (1u32 << valid) as u16 - 1 };
+                        let m1 = if valid <= 16 {
+                            0
+                        } else if valid >= 32 {
+                            0xffff
+                        } else {
+                            (1u32 << (valid - 16)) as u16 - 1
+                        };
+                        let b = bp.add(p * panel_len + pc * NR);
+                        let rows = MR.min(m - t * MR);
+                        let at = ap.add(t * kp * MR + pc * MR);
+                        let ct = c.add(t * MR * n + c0);
+                        macro_rules! call {
                         ($($r:literal)*) => {
                             match rows {
                                 $($r => micro::<$r>(at, b, kcp, ct, n, m0, m1, accumulate),)*
@@ -393,17 +398,18 @@ pub(crate) mod avx512 {
                             }
                         };
                     }
-                    call!(1 2 3 4 5 6 7 8 9 10 11 12 13 14);
-                };
-                // A micro-panel of `A` stays in L1 while the micro-panels of `W` stream from L2.
-                for t in tc..tc_end {
-                    for p in 0..panels {
-                        tile(t, p);
+                        call!(1 2 3 4 5 6 7 8 9 10 11 12 13 14);
+                    };
+                    // A micro-panel of `A` stays in L1 while the micro-panels of `W` stream from L2.
+                    for t in tc..tc_end {
+                        for p in 0..panels {
+                            tile(t, p);
+                        }
                     }
+                    pc += kcp;
                 }
-                pc += kcp;
+                tc = tc_end;
             }
-            tc = tc_end;
         }
     }
 
@@ -413,31 +419,38 @@ pub(crate) mod avx512 {
     /// written. By 16×16 transposes of 32-bit pairs (16 rows × 16 pairs at a time).
     #[target_feature(enable = "avx512f,avx512bw")]
     unsafe fn pack_rows<const S: usize>(src: &[u16], k: usize, dst: &mut [u32]) {
-        let rows = src.len() / k;
-        let kp = k.div_ceil(2);
-        debug_assert!(rows <= S && dst.len() >= kp * S);
-        let d = dst.as_mut_ptr();
-        let mut g0 = 0;
-        while g0 < S {
-            let lanes = 16.min(S - g0);
-            let lane_mask: u16 = if lanes == 16 { 0xffff } else { (1u32 << lanes) as u16 - 1 };
-            let mut q0 = 0;
-            while q0 < kp {
-                let count = 32.min(k - 2 * q0);
-                let load_mask: u32 = if count == 32 { u32::MAX } else { (1u32 << count) - 1 };
-                let mut v = [_mm512_setzero_si512(); 16];
-                for (r, x) in v.iter_mut().enumerate() {
-                    if g0 + r < rows {
-                        *x = _mm512_maskz_loadu_epi16(load_mask, src.as_ptr().add((g0 + r) * k + 2 * q0) as *const i16);
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let rows = src.len() / k;
+            let kp = k.div_ceil(2);
+            debug_assert!(rows <= S && dst.len() >= kp * S);
+            let d = dst.as_mut_ptr();
+            let mut g0 = 0;
+            while g0 < S {
+                let lanes = 16.min(S - g0);
+                let lane_mask: u16 = if lanes == 16 { 0xffff } else { (1u32 << lanes) as u16 - 1 };
+                let mut q0 = 0;
+                while q0 < kp {
+                    let count = 32.min(k - 2 * q0);
+                    let load_mask: u32 = if count == 32 { u32::MAX } else { (1u32 << count) - 1 };
+                    let mut v = [_mm512_setzero_si512(); 16];
+                    for (r, x) in v.iter_mut().enumerate() {
+                        if g0 + r < rows {
+                            *x = _mm512_maskz_loadu_epi16(
+                                load_mask,
+                                src.as_ptr().add((g0 + r) * k + 2 * q0) as *const i16,
+                            );
+                        }
                     }
+                    let t = transpose16(v);
+                    for (qq, x) in t.iter().enumerate().take(16.min(kp - q0)) {
+                        _mm512_mask_storeu_epi32(d.add((q0 + qq) * S + g0) as *mut i32, lane_mask, *x);
+                    }
+                    q0 += 16;
                 }
-                let t = transpose16(v);
-                for (qq, x) in t.iter().enumerate().take(16.min(kp - q0)) {
-                    _mm512_mask_storeu_epi32(d.add((q0 + qq) * S + g0) as *mut i32, lane_mask, *x);
-                }
-                q0 += 16;
+                g0 += 16;
             }
-            g0 += 16;
         }
     }
 
@@ -502,37 +515,41 @@ pub(crate) mod avx512 {
         m1: u16,
         accumulate: bool,
     ) {
-        // The output tile is needed at the end: start fetching it now. (`wrapping_add`: with a
-        // partial panel the second half may lie past the end of `out`; a prefetch never faults,
-        // nor does a masked-off lane of a masked load or store.)
-        for r in 0..R {
-            _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc) as *const i8);
-            _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc + 16) as *const i8);
-        }
-        let mut c0 = [_mm512_setzero_ps(); R];
-        let mut c1 = [_mm512_setzero_ps(); R];
-        let mut aq = a;
-        let mut bq = b;
-        for _ in 0..pairs {
-            let b0 = bh(_mm512_loadu_si512(bq as *const _));
-            let b1 = bh(_mm512_loadu_si512(bq.add(16) as *const _));
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            // The output tile is needed at the end: start fetching it now. (`wrapping_add`: with a
+            // partial panel the second half may lie past the end of `out`; a prefetch never faults,
+            // nor does a masked-off lane of a masked load or store.)
             for r in 0..R {
-                let av = bh(_mm512_set1_epi32(*aq.add(r) as i32));
-                c0[r] = _mm512_dpbf16_ps(c0[r], av, b0);
-                c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);
+                _mm_prefetch::<_MM_HINT_T0>(c.add(r * ldc) as *const i8);
+                _mm_prefetch::<_MM_HINT_T0>(c.wrapping_add(r * ldc + 16) as *const i8);
             }
-            aq = aq.add(MR);
-            bq = bq.add(NR);
-        }
-        for r in 0..R {
-            let cr = c.add(r * ldc);
-            let cr16 = cr.wrapping_add(16);
-            if accumulate {
-                c0[r] = _mm512_add_ps(c0[r], _mm512_maskz_loadu_ps(m0, cr));
-                c1[r] = _mm512_add_ps(c1[r], _mm512_maskz_loadu_ps(m1, cr16));
+            let mut c0 = [_mm512_setzero_ps(); R];
+            let mut c1 = [_mm512_setzero_ps(); R];
+            let mut aq = a;
+            let mut bq = b;
+            for _ in 0..pairs {
+                let b0 = bh(_mm512_loadu_si512(bq as *const _));
+                let b1 = bh(_mm512_loadu_si512(bq.add(16) as *const _));
+                for r in 0..R {
+                    let av = bh(_mm512_set1_epi32(*aq.add(r) as i32));
+                    c0[r] = _mm512_dpbf16_ps(c0[r], av, b0);
+                    c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);
+                }
+                aq = aq.add(MR);
+                bq = bq.add(NR);
             }
-            _mm512_mask_storeu_ps(cr, m0, c0[r]);
-            _mm512_mask_storeu_ps(cr16, m1, c1[r]);
+            for r in 0..R {
+                let cr = c.add(r * ldc);
+                let cr16 = cr.wrapping_add(16);
+                if accumulate {
+                    c0[r] = _mm512_add_ps(c0[r], _mm512_maskz_loadu_ps(m0, cr));
+                    c1[r] = _mm512_add_ps(c1[r], _mm512_maskz_loadu_ps(m1, cr16));
+                }
+                _mm512_mask_storeu_ps(cr, m0, c0[r]);
+                _mm512_mask_storeu_ps(cr16, m1, c1[r]);
+            }
         }
     }
 
@@ -567,34 +584,38 @@ pub(crate) mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn gemv_task(ap: &[u16], m: usize, w: &[u16], n: usize, k: usize, j0: usize, j1: usize, out: OutPtr) {
-        let (ap, w, c) = (ap.as_ptr(), w.as_ptr(), out.get());
-        // Row stride of packed `A` (one 32-value step of all `m` rows).
-        let sa = m * 32;
-        match m {
-            1 => gemv_rows::<1, 8, true>(ap, sa, w, k, j0, j1, c, n),
-            2 => gemv_rows::<2, 8, true>(ap, sa, w, k, j0, j1, c, n),
-            3 => gemv_rows::<3, 4, true>(ap, sa, w, k, j0, j1, c, n),
-            4 => gemv_rows::<4, 4, true>(ap, sa, w, k, j0, j1, c, n),
-            _ => {
-                // Rows 0..4 of `A` stream a block of `W` from memory, the others find it in the
-                // L2 cache, 4 rows at a time (more rows at once would leave fewer rows of `W`
-                // in flight, or not fit the registers).
-                let mut jb = j0;
-                while jb < j1 {
-                    let je = j1.min(jb + GEMV_JB);
-                    gemv_rows::<4, 4, true>(ap, sa, w, k, jb, je, c, n);
-                    let mut i0 = 4;
-                    while i0 < m {
-                        let (api, ci) = (ap.add(i0 * 32), c.add(i0 * n));
-                        match m - i0 {
-                            1 => gemv_rows::<1, 8, false>(api, sa, w, k, jb, je, ci, n),
-                            2 => gemv_rows::<2, 8, false>(api, sa, w, k, jb, je, ci, n),
-                            3 => gemv_rows::<3, 4, false>(api, sa, w, k, jb, je, ci, n),
-                            _ => gemv_rows::<4, 4, false>(api, sa, w, k, jb, je, ci, n),
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let (ap, w, c) = (ap.as_ptr(), w.as_ptr(), out.get());
+            // Row stride of packed `A` (one 32-value step of all `m` rows).
+            let sa = m * 32;
+            match m {
+                1 => gemv_rows::<1, 8, true>(ap, sa, w, k, j0, j1, c, n),
+                2 => gemv_rows::<2, 8, true>(ap, sa, w, k, j0, j1, c, n),
+                3 => gemv_rows::<3, 4, true>(ap, sa, w, k, j0, j1, c, n),
+                4 => gemv_rows::<4, 4, true>(ap, sa, w, k, j0, j1, c, n),
+                _ => {
+                    // Rows 0..4 of `A` stream a block of `W` from memory, the others find it in the
+                    // L2 cache, 4 rows at a time (more rows at once would leave fewer rows of `W`
+                    // in flight, or not fit the registers).
+                    let mut jb = j0;
+                    while jb < j1 {
+                        let je = j1.min(jb + GEMV_JB);
+                        gemv_rows::<4, 4, true>(ap, sa, w, k, jb, je, c, n);
+                        let mut i0 = 4;
+                        while i0 < m {
+                            let (api, ci) = (ap.add(i0 * 32), c.add(i0 * n));
+                            match m - i0 {
+                                1 => gemv_rows::<1, 8, false>(api, sa, w, k, jb, je, ci, n),
+                                2 => gemv_rows::<2, 8, false>(api, sa, w, k, jb, je, ci, n),
+                                3 => gemv_rows::<3, 4, false>(api, sa, w, k, jb, je, ci, n),
+                                _ => gemv_rows::<4, 4, false>(api, sa, w, k, jb, je, ci, n),
+                            }
+                            i0 += 4;
                         }
-                        i0 += 4;
+                        jb = je;
                     }
-                    jb = je;
                 }
             }
         }
@@ -616,14 +637,18 @@ pub(crate) mod avx512 {
         c: *mut f32,
         ldc: usize,
     ) {
-        let mut j = j0;
-        while j + J <= j1 {
-            gemv_group::<M, J, PF>(ap, sa, w.add(j * k), k, c.add(j), ldc);
-            j += J;
-        }
-        while j < j1 {
-            gemv_group::<M, 1, false>(ap, sa, w.add(j * k), k, c.add(j), ldc);
-            j += 1;
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let mut j = j0;
+            while j + J <= j1 {
+                gemv_group::<M, J, PF>(ap, sa, w.add(j * k), k, c.add(j), ldc);
+                j += J;
+            }
+            while j < j1 {
+                gemv_group::<M, 1, false>(ap, sa, w.add(j * k), k, c.add(j), ldc);
+                j += 1;
+            }
         }
     }
 
@@ -639,46 +664,50 @@ pub(crate) mod avx512 {
         c: *mut f32,
         ldc: usize,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); M]; J];
-        let full = k / 32;
-        for s in 0..full {
-            let mut wv = [bh(_mm512_setzero_si512()); J];
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); M]; J];
+            let full = k / 32;
+            for s in 0..full {
+                let mut wv = [bh(_mm512_setzero_si512()); J];
+                for j in 0..J {
+                    wv[j] = bh(_mm512_loadu_si512(w.add(j * k + s * 32) as *const _));
+                }
+                if PF {
+                    for j in 0..J {
+                        // May point past `W` near its end: a prefetch never faults.
+                        _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add((2 * J + j) * k + s * 32) as *const i8);
+                    }
+                }
+                let a = ap.add(s * sa);
+                for i in 0..M {
+                    let av = bh(_mm512_loadu_si512(a.add(i * 32) as *const _));
+                    for j in 0..J {
+                        acc[j][i] = _mm512_dpbf16_ps(acc[j][i], av, wv[j]);
+                    }
+                }
+            }
+            if full * 32 < k {
+                // The last, partial step: masked loads of `W` (packed `A` is zero padded).
+                let s = full;
+                let mask = ((1u64 << (k - s * 32)) - 1) as u32;
+                let mut wv = [bh(_mm512_setzero_si512()); J];
+                for j in 0..J {
+                    wv[j] = bh(_mm512_maskz_loadu_epi16(mask, w.add(j * k + s * 32) as *const i16));
+                }
+                let a = ap.add(s * sa);
+                for i in 0..M {
+                    let av = bh(_mm512_loadu_si512(a.add(i * 32) as *const _));
+                    for j in 0..J {
+                        acc[j][i] = _mm512_dpbf16_ps(acc[j][i], av, wv[j]);
+                    }
+                }
+            }
             for j in 0..J {
-                wv[j] = bh(_mm512_loadu_si512(w.add(j * k + s * 32) as *const _));
-            }
-            if PF {
-                for j in 0..J {
-                    // May point past `W` near its end: a prefetch never faults.
-                    _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add((2 * J + j) * k + s * 32) as *const i8);
+                for i in 0..M {
+                    *c.add(i * ldc + j) = _mm512_reduce_add_ps(acc[j][i]);
                 }
-            }
-            let a = ap.add(s * sa);
-            for i in 0..M {
-                let av = bh(_mm512_loadu_si512(a.add(i * 32) as *const _));
-                for j in 0..J {
-                    acc[j][i] = _mm512_dpbf16_ps(acc[j][i], av, wv[j]);
-                }
-            }
-        }
-        if full * 32 < k {
-            // The last, partial step: masked loads of `W` (packed `A` is zero padded).
-            let s = full;
-            let mask = ((1u64 << (k - s * 32)) - 1) as u32;
-            let mut wv = [bh(_mm512_setzero_si512()); J];
-            for j in 0..J {
-                wv[j] = bh(_mm512_maskz_loadu_epi16(mask, w.add(j * k + s * 32) as *const i16));
-            }
-            let a = ap.add(s * sa);
-            for i in 0..M {
-                let av = bh(_mm512_loadu_si512(a.add(i * 32) as *const _));
-                for j in 0..J {
-                    acc[j][i] = _mm512_dpbf16_ps(acc[j][i], av, wv[j]);
-                }
-            }
-        }
-        for j in 0..J {
-            for i in 0..M {
-                *c.add(i * ldc + j) = _mm512_reduce_add_ps(acc[j][i]);
             }
         }
     }
@@ -691,12 +720,10 @@ mod tests {
 
     /// Deterministic BF16 values in about ±4 (a few exact zeros, no denormals).
     fn values(len: usize, seed: u64) -> Vec<u16> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut rng = crate::kernels::testing::Rng::new(seed);
         (0..len)
             .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
+                let s = rng.next();
                 if s % 17 == 0 {
                     return 0;
                 }

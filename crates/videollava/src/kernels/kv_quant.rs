@@ -16,9 +16,10 @@
 //! numbers as dequantizing the cache to f32 and running [`super::attention::attention`], up to f32
 //! summation order and, for blocks of 32, the query taken as i16 (one `vpmaddwd` per block of
 //! keys; a step of 2^-15 of the row's largest |q|, far below bf16's 2^-8); probabilities are
-//! rounded to the query's dtype in both. It needs AVX-512 F/BW
-//! (x86-64) and `D` a multiple of 16 up to 256; otherwise callers dequantize ([`dequantize`]) and
-//! run the dense kernel.
+//! rounded to the query's dtype in both. It needs AVX-512 F/BW, or
+//! AVX2 + FMA (f32 products of the widened codes for every block size, no i16 query), on x86-64,
+//! and `D` a multiple of 16 up to 256; otherwise callers dequantize ([`dequantize`]) and run the
+//! dense kernel.
 
 use std::str::FromStr;
 
@@ -172,7 +173,7 @@ const MAX_D: usize = 256;
 /// Decode attention over an 8-bit cache: `q` `[B, H, L, D]` (f32, bf16 or f16), keys and values
 /// as codes `[B, H_kv, T, D]` + scales `[B, H_kv, T, D / 32]` (views of the cache), the masking
 /// `rules` and `scale` as in [`super::attention::attention`]. Returns `[B, L, H * D]` in `q`'s
-/// dtype, or `None` where this kernel does not apply (CPU without AVX-512 F/BW, `D` not a multiple
+/// dtype, or `None` where this kernel does not apply (CPU without AVX2, `D` not a multiple
 /// of 16 or over 256, more than [`MAX_ROWS`] query rows per key/value head, or a non-CPU tensor):
 /// the caller then dequantizes.
 pub fn attention(
@@ -238,9 +239,14 @@ pub fn attention(
     // SAFETY: `fast_available()` checked AVX-512 F/BW, AVX2 and FMA; `d` is a multiple of 16 up to
     // MAX_D (so blocks are 16 or 32 values) and the views cover `[b, hkv, t, d]` (checked above
     // and by candle's layouts).
-    let results: Vec<Vec<f32>> = if block_len(d) == 32 {
+    let results: Vec<Vec<f32>> = if !super::cpu::features().avx512 {
+        // SAFETY: `fast_available()` without AVX-512 means AVX2, FMA and F16C.
+        tasks.par_iter().map(|&(bi, kvh)| unsafe { avx2::task(&p, bi, kvh) }).collect()
+    } else if block_len(d) == 32 {
+        // SAFETY: see above (blocks of 32 values).
         tasks.par_iter().map(|&(bi, kvh)| unsafe { avx512::task::<2>(&p, bi, kvh) }).collect()
     } else {
+        // SAFETY: see above (blocks of 16 values).
         tasks.par_iter().map(|&(bi, kvh)| unsafe { avx512::task::<1>(&p, bi, kvh) }).collect()
     };
     drop((kcg, ksg, vcg, vsg));
@@ -257,9 +263,9 @@ pub fn attention(
     Ok(Some(if dtype == DType::F32 { out } else { out.to_dtype(dtype)? }))
 }
 
-/// Whether [`attention`]'s kernel can run on this CPU.
+/// Whether [`attention`]'s kernel can run on the calling thread (AVX-512 F/BW, or AVX2 + FMA).
 fn fast_available() -> bool {
-    super::cpu::features().avx512
+    super::cpu::features().avx2
 }
 
 /// What every task of [`attention`] reads.
@@ -293,7 +299,9 @@ mod avx512 {
     /// 16 codes at `c` as f32.
     #[inline(always)]
     unsafe fn widen16(c: *const u8) -> __m512 {
-        _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c as *const __m128i)))
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c as *const __m128i))) }
     }
 
     /// One (batch row, key/value head): its `rep * L` query rows, `rep * L * D` f32 outputs.
@@ -304,8 +312,142 @@ mod avx512 {
     /// `16 * C` values; views covering the shape.
     #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
     pub(super) unsafe fn task<const C: usize>(p: &Task, bi: usize, kvh: usize) -> Vec<f32> {
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let (t, d, l) = (p.t, p.d, p.l);
+            let (rows, nb, nf) = (p.rep * l, d / (16 * C), d / 16);
+            let rules = &p.rules;
+            let valid = &rules.key_valid[bi * t..(bi + 1) * t];
+            let mut out = vec![0f32; rows * d];
+            let mut s = vec![0f32; t];
+            for r in 0..rows {
+                let (head, i) = (kvh * p.rep + r / l, r % l);
+                let qa = rules.past + i;
+                let hi = if rules.causal { (qa + 1).min(t) } else { t };
+                let lo = rules.sliding_window.map_or(0, |w| (qa + 1).saturating_sub(w)).min(hi);
+                let qrow = &p.q[((bi * p.h + head) * l + i) * d..][..d];
+                let mut qv = [_mm512_setzero_ps(); MAX_D / 16];
+                for (f, x) in qv.iter_mut().enumerate().take(nf) {
+                    *x = _mm512_loadu_ps(qrow.as_ptr().add(16 * f));
+                }
+                // Scores: Σ_blocks scale_b · Σ_i q_i · code_i, 16 keys reduced together.
+                let mut score_scale = p.scale;
+                let mut j0 = lo;
+                if C == 2 {
+                    // Blocks of 32: the query as i16 (step = its largest |q| / 32767, 2^-15
+                    // relative) so that each block's products are one `vpmaddwd` (exact i32: at most
+                    // 2 * 127 * 32767 per lane, also exact in f32).
+                    let qmax = qrow.iter().fold(0f32, |m, x| m.max(x.abs()));
+                    let qstep = if qmax > 0.0 { qmax / 32767.0 } else { 0.0 };
+                    let inv = _mm512_set1_ps(if qmax > 0.0 { 1.0 / qstep } else { 0.0 });
+                    score_scale *= qstep;
+                    let mut q16 = [_mm512_setzero_si512(); MAX_D / 32];
+                    for (blk, x) in q16.iter_mut().enumerate().take(nb) {
+                        let lo16 = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(qv[2 * blk], inv)));
+                        let hi16 = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(qv[2 * blk + 1], inv)));
+                        *x = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo16), hi16);
+                    }
+                    while j0 < hi {
+                        let jn = (hi - j0).min(16);
+                        let mut acc = [_mm512_setzero_ps(); 16];
+                        for (kk, a) in acc.iter_mut().enumerate().take(jn) {
+                            let c = p.kc.data.as_ptr().add(p.kc.at(bi, kvh, j0 + kk));
+                            let sc = p.ks.data.as_ptr().add(p.ks.at(bi, kvh, j0 + kk));
+                            for (blk, qb) in q16.iter().enumerate().take(nb) {
+                                let k16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(c.add(32 * blk) as *const __m256i));
+                                let dot = _mm512_cvtepi32_ps(_mm512_madd_epi16(k16, *qb));
+                                *a = _mm512_fmadd_ps(dot, _mm512_set1_ps(*sc.add(blk)), *a);
+                            }
+                        }
+                        _mm512_mask_storeu_ps(s.as_mut_ptr().add(j0), mask16(jn), reduce16(acc));
+                        j0 += jn;
+                    }
+                }
+                while j0 < hi {
+                    let jn = (hi - j0).min(16);
+                    let mut acc = [_mm512_setzero_ps(); 16];
+                    for (kk, a) in acc.iter_mut().enumerate().take(jn) {
+                        let c = p.kc.data.as_ptr().add(p.kc.at(bi, kvh, j0 + kk));
+                        let sc = p.ks.data.as_ptr().add(p.ks.at(bi, kvh, j0 + kk));
+                        for blk in 0..nb {
+                            let f = C * blk;
+                            let mut dot = _mm512_mul_ps(qv[f], widen16(c.add(16 * f)));
+                            for x in 1..C {
+                                dot = _mm512_fmadd_ps(qv[f + x], widen16(c.add(16 * (f + x))), dot);
+                            }
+                            *a = _mm512_fmadd_ps(dot, _mm512_set1_ps(*sc.add(blk)), *a);
+                        }
+                    }
+                    _mm512_mask_storeu_ps(s.as_mut_ptr().add(j0), mask16(jn), reduce16(acc));
+                    j0 += jn;
+                }
+                let dst = &mut out[r * d..(r + 1) * d];
+                let seen = softmax_probs(&mut s[lo..hi], &valid[lo..hi], score_scale, p.round);
+                // A row that sees no key averages all T values (see `MaskRules`).
+                let (lo, hi, uniform) = if seen { (lo, hi, None) } else { (0, t, Some((p.round)(1.0 / t as f32))) };
+                let mut acc = [_mm512_setzero_ps(); MAX_D / 16];
+                for j in lo..hi {
+                    let pj = uniform.unwrap_or(s[j]);
+                    if pj == 0.0 {
+                        continue;
+                    }
+                    let c = p.vc.data.as_ptr().add(p.vc.at(bi, kvh, j));
+                    let sc = p.vs.data.as_ptr().add(p.vs.at(bi, kvh, j));
+                    for blk in 0..nb {
+                        let w = _mm512_set1_ps(pj * *sc.add(blk));
+                        for x in 0..C {
+                            let f = C * blk + x;
+                            acc[f] = _mm512_fmadd_ps(w, widen16(c.add(16 * f)), acc[f]);
+                        }
+                    }
+                }
+                for (f, a) in acc.iter().enumerate().take(nf) {
+                    _mm512_storeu_ps(dst.as_mut_ptr().add(16 * f), *a);
+                }
+            }
+            let _ = (p.b, p.hkv);
+            out
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    //! The AVX2 path: f32 arithmetic on the widened codes for every block size (no i16 query),
+    //! one key at a time; the same numbers as the dequantized dense path up to f32 summation
+    //! order.
+    use std::arch::x86_64::*;
+
+    use super::{Task, MAX_D};
+    use crate::kernels::attention::softmax_probs;
+
+    /// 8 codes of `c` (the first 8 bytes) as f32.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn widen8(c: &[u8]) -> __m256 {
+        let c: [u8; 8] = c[..8].try_into().expect("8 codes");
+        _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(c))))
+    }
+
+    /// The sum of the 8 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+
+    /// One (batch row, key/value head) as [`super::avx512::task`]: `rep * L` query rows,
+    /// `rep * L * D` f32 outputs; `p.d` a multiple of 16 up to `MAX_D` (checked by the caller:
+    /// a short view panics).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn task(p: &Task, bi: usize, kvh: usize) -> Vec<f32> {
         let (t, d, l) = (p.t, p.d, p.l);
-        let (rows, nb, nf) = (p.rep * l, d / (16 * C), d / 16);
+        assert!(d.is_multiple_of(16) && d <= MAX_D, "kv_quant avx2: head size {d}");
+        let (rows, bl) = (p.rep * l, super::block_len(d));
+        let (nf, nb) = (d / 8, d / bl);
         let rules = &p.rules;
         let valid = &rules.key_valid[bi * t..(bi + 1) * t];
         let mut out = vec![0f32; rows * d];
@@ -316,87 +458,59 @@ mod avx512 {
             let hi = if rules.causal { (qa + 1).min(t) } else { t };
             let lo = rules.sliding_window.map_or(0, |w| (qa + 1).saturating_sub(w)).min(hi);
             let qrow = &p.q[((bi * p.h + head) * l + i) * d..][..d];
-            let mut qv = [_mm512_setzero_ps(); MAX_D / 16];
-            for (f, x) in qv.iter_mut().enumerate().take(nf) {
-                *x = _mm512_loadu_ps(qrow.as_ptr().add(16 * f));
+            let mut qv = [_mm256_setzero_ps(); MAX_D / 8];
+            for (x, q) in qv.iter_mut().zip(qrow.chunks_exact(8)) {
+                let q: &[f32; 8] = q.try_into().expect("8 values");
+                // SAFETY: `q` is 8 readable f32; `loadu` has no alignment requirement.
+                *x = unsafe { _mm256_loadu_ps(q.as_ptr()) };
             }
-            // Scores: Σ_blocks scale_b · Σ_i q_i · code_i, 16 keys reduced together.
-            let mut score_scale = p.scale;
-            let mut j0 = lo;
-            if C == 2 {
-                // Blocks of 32: the query as i16 (step = its largest |q| / 32767, 2^-15
-                // relative) so that each block's products are one `vpmaddwd` (exact i32: at most
-                // 2 * 127 * 32767 per lane, also exact in f32).
-                let qmax = qrow.iter().fold(0f32, |m, x| m.max(x.abs()));
-                let qstep = if qmax > 0.0 { qmax / 32767.0 } else { 0.0 };
-                let inv = _mm512_set1_ps(if qmax > 0.0 { 1.0 / qstep } else { 0.0 });
-                score_scale *= qstep;
-                let mut q16 = [_mm512_setzero_si512(); MAX_D / 32];
-                for (blk, x) in q16.iter_mut().enumerate().take(nb) {
-                    let lo16 = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(qv[2 * blk], inv)));
-                    let hi16 = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(qv[2 * blk + 1], inv)));
-                    *x = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo16), hi16);
-                }
-                while j0 < hi {
-                    let jn = (hi - j0).min(16);
-                    let mut acc = [_mm512_setzero_ps(); 16];
-                    for (kk, a) in acc.iter_mut().enumerate().take(jn) {
-                        let c = p.kc.data.as_ptr().add(p.kc.at(bi, kvh, j0 + kk));
-                        let sc = p.ks.data.as_ptr().add(p.ks.at(bi, kvh, j0 + kk));
-                        for (blk, qb) in q16.iter().enumerate().take(nb) {
-                            let k16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(c.add(32 * blk) as *const __m256i));
-                            let dot = _mm512_cvtepi32_ps(_mm512_madd_epi16(k16, *qb));
-                            *a = _mm512_fmadd_ps(dot, _mm512_set1_ps(*sc.add(blk)), *a);
-                        }
+            // Scores: Σ_blocks scale_b · Σ_i q_i · code_i.
+            for (j, sj) in s.iter_mut().enumerate().take(hi).skip(lo) {
+                let c = &p.kc.data[p.kc.at(bi, kvh, j)..][..d];
+                let sc = &p.ks.data[p.ks.at(bi, kvh, j)..][..nb];
+                let mut acc = _mm256_setzero_ps();
+                for (blk, &scale) in sc.iter().enumerate() {
+                    let f0 = blk * bl / 8;
+                    let mut dot = _mm256_mul_ps(qv[f0], widen8(&c[8 * f0..]));
+                    for f in f0 + 1..f0 + bl / 8 {
+                        dot = _mm256_fmadd_ps(qv[f], widen8(&c[8 * f..]), dot);
                     }
-                    _mm512_mask_storeu_ps(s.as_mut_ptr().add(j0), mask16(jn), reduce16(acc));
-                    j0 += jn;
+                    acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(scale), acc);
                 }
+                *sj = hsum(acc);
             }
-            while j0 < hi {
-                let jn = (hi - j0).min(16);
-                let mut acc = [_mm512_setzero_ps(); 16];
-                for (kk, a) in acc.iter_mut().enumerate().take(jn) {
-                    let c = p.kc.data.as_ptr().add(p.kc.at(bi, kvh, j0 + kk));
-                    let sc = p.ks.data.as_ptr().add(p.ks.at(bi, kvh, j0 + kk));
-                    for blk in 0..nb {
-                        let f = C * blk;
-                        let mut dot = _mm512_mul_ps(qv[f], widen16(c.add(16 * f)));
-                        for x in 1..C {
-                            dot = _mm512_fmadd_ps(qv[f + x], widen16(c.add(16 * (f + x))), dot);
-                        }
-                        *a = _mm512_fmadd_ps(dot, _mm512_set1_ps(*sc.add(blk)), *a);
-                    }
-                }
-                _mm512_mask_storeu_ps(s.as_mut_ptr().add(j0), mask16(jn), reduce16(acc));
-                j0 += jn;
-            }
-            let dst = &mut out[r * d..(r + 1) * d];
-            let seen = softmax_probs(&mut s[lo..hi], &valid[lo..hi], score_scale, p.round);
+            let seen = softmax_probs(&mut s[lo..hi], &valid[lo..hi], p.scale, p.round);
             // A row that sees no key averages all T values (see `MaskRules`).
             let (lo, hi, uniform) = if seen { (lo, hi, None) } else { (0, t, Some((p.round)(1.0 / t as f32))) };
-            let mut acc = [_mm512_setzero_ps(); MAX_D / 16];
-            for j in lo..hi {
-                let pj = uniform.unwrap_or(s[j]);
+            let mut acc = [_mm256_setzero_ps(); MAX_D / 8];
+            for (j, &sj) in s.iter().enumerate().take(hi).skip(lo) {
+                let pj = uniform.unwrap_or(sj);
                 if pj == 0.0 {
                     continue;
                 }
-                let c = p.vc.data.as_ptr().add(p.vc.at(bi, kvh, j));
-                let sc = p.vs.data.as_ptr().add(p.vs.at(bi, kvh, j));
-                for blk in 0..nb {
-                    let w = _mm512_set1_ps(pj * *sc.add(blk));
-                    for x in 0..C {
-                        let f = C * blk + x;
-                        acc[f] = _mm512_fmadd_ps(w, widen16(c.add(16 * f)), acc[f]);
-                    }
+                let c = &p.vc.data[p.vc.at(bi, kvh, j)..][..d];
+                let sc = &p.vs.data[p.vs.at(bi, kvh, j)..][..nb];
+                for (f, a) in acc.iter_mut().enumerate().take(nf) {
+                    let w = _mm256_set1_ps(pj * sc[8 * f / bl]);
+                    *a = _mm256_fmadd_ps(w, widen8(&c[8 * f..]), *a);
                 }
             }
-            for (f, a) in acc.iter().enumerate().take(nf) {
-                _mm512_storeu_ps(dst.as_mut_ptr().add(16 * f), *a);
+            for (a, dst) in acc.iter().zip(out[r * d..(r + 1) * d].chunks_exact_mut(8)) {
+                let dst: &mut [f32; 8] = dst.try_into().expect("8 values");
+                // SAFETY: `dst` is 8 writable f32; `storeu` has no alignment requirement.
+                unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), *a) };
             }
         }
-        let _ = (p.b, p.hkv);
         out
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+mod avx2 {
+    use super::Task;
+    /// Never called: `fast_available()` is false off x86-64.
+    pub(super) unsafe fn task(_p: &Task, _bi: usize, _kvh: usize) -> Vec<f32> {
+        unreachable!("the 8-bit KV kernel is x86-64 only")
     }
 }
 
@@ -415,16 +529,10 @@ mod tests {
     use crate::kernels::attention;
 
     fn rand_tensor(shape: (usize, usize, usize, usize), seed: u64, dtype: DType) -> Tensor {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut rng = crate::kernels::testing::Rng::new(seed);
         let n = shape.0 * shape.1 * shape.2 * shape.3;
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                ((state >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0) as f32
-            })
-            .collect();
+        let v: Vec<f32> =
+            (0..n).map(|_| ((rng.next() >> 11) as f64 / (1u64 << 53) as f64 * 4.0 - 2.0) as f32).collect();
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
     }
 
@@ -507,20 +615,24 @@ mod tests {
     #[test]
     fn decode_kernel_matches_the_dequantized_dense_path() {
         if !fast_available() {
-            eprintln!("skipped: this CPU has no AVX-512 F/BW/VNNI (the dequantizing path is tested elsewhere)");
+            eprintln!("skipped: this CPU has no AVX2 (the dequantizing path is tested elsewhere)");
             return;
         }
         // f32 queries: f32 summation order, and for blocks of 32 the query taken as i16 (a step
         // of 2^-15 of its largest |q|, ~3e-5 here). bf16 queries: probabilities rounded to bf16
         // (one step 2^-8 relative) against f32 ones, then the output rounded to bf16: a few bf16
         // steps of values in [-2, 2].
-        for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 0.03)] {
-            for case in cases() {
-                let (fast, dense) = run_case(&case, dtype);
-                let fast = fast.expect("kernel applies");
-                assert_eq!(fast.dtype(), dtype);
-                let diff = max_diff(&fast, &dense);
-                assert!(diff <= tol, "{dtype:?} case {case:?}: max |diff| {diff}");
+        // Every SIMD kernel set of this CPU (AVX2; AVX-512), forced through the switch.
+        for set in crate::kernels::testing::simd_sets() {
+            let _forced = crate::kernels::cpu::force(set);
+            for (dtype, tol) in [(DType::F32, 1e-4f32), (DType::BF16, 0.03)] {
+                for case in cases() {
+                    let (fast, dense) = run_case(&case, dtype);
+                    let fast = fast.expect("kernel applies");
+                    assert_eq!(fast.dtype(), dtype);
+                    let diff = max_diff(&fast, &dense);
+                    assert!(diff <= tol, "{set} {dtype:?} case {case:?}: max |diff| {diff}");
+                }
             }
         }
     }

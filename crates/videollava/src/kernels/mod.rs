@@ -7,7 +7,8 @@
 //! - [`bandwidth`]: the machine's measured memory read bandwidth (what bounds decoding);
 //! - [`bf16_gemm`]: BF16 matrix products with f32 accumulation (AVX-512 BF16, portable);
 //! - [`qgemv`]: matrix-vector products over GGML Q4K / Q6K / Q8_0 blocks (quantized decoding);
-//! - [`q8_gemm`], [`q4k_gemm`]: int8 GEMMs over Q8_0 / Q4K blocks (AVX-512 VNNI; quantized prefill);
+//! - [`q8_gemm`], [`q4k_gemm`]: int8 GEMMs over Q8_0 / Q4K blocks (AVX-512 VNNI, AVX2 in
+//!   `qgemm_avx2`; quantized prefill);
 //! - [`fused`]: one-pass BF16 element-wise ops (norms, SiLU·up, RoPE, residual adds, linear outputs);
 //! - [`attention`]: fused attention with the masking rules applied while scoring;
 //! - [`kv_quant`]: the 8-bit key/value format and its decode attention.
@@ -15,7 +16,26 @@
 //! Every kernel is checked against a plain reference with each kernel set this CPU has forced in
 //! turn ([`cpu::for_each_set`]), so one machine with AVX-512 also proves the lower paths.
 
-#![allow(unsafe_op_in_unsafe_fn)]
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+
+/// Calls `$f::<R>` with the activation row count as a compile-time constant.
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_macros))]
+macro_rules! by_rows {
+    ($rows:expr, $f:ident($($a:expr),*)) => {
+        match $rows {
+            1 => $f::<1>($($a),*),
+            2 => $f::<2>($($a),*),
+            3 => $f::<3>($($a),*),
+            4 => $f::<4>($($a),*),
+            5 => $f::<5>($($a),*),
+            6 => $f::<6>($($a),*),
+            7 => $f::<7>($($a),*),
+            8 => $f::<8>($($a),*),
+            _ => unreachable!("rows (1..=8) checked by the caller"),
+        }
+    };
+}
 
 pub mod attention;
 pub mod bandwidth;
@@ -25,6 +45,11 @@ pub mod fused;
 pub mod kv_quant;
 pub mod q4k_gemm;
 pub mod q8_gemm;
+#[cfg(target_arch = "x86_64")]
+mod qgemm_avx2;
 pub mod qgemv;
+
+#[cfg(test)]
+mod testing;
 
 pub use cpu::{Features, KernelSet};

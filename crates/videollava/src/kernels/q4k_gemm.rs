@@ -30,6 +30,9 @@
 //!   `d · sc` and 32 f32 mins `dmin · mn` (both exact in f32). A 6×32 micro-kernel (12 zmm
 //!   integer accumulators, 12 zmm f32 accumulators) then runs, per k-chunk, each micro-panel of
 //!   `W` (in L1) against the row tiles (streaming from L2).
+//! - AVX2 + FMA + F16C (no AVX-512 VNNI): `kernels::qgemm_avx2`'s blocked driver over the
+//!   matrix-vector kernels' register-blocked row loops (8 activation rows per weight block
+//!   decoded), the same quantized numbers (exact integer per 32-value block).
 //! - Portable (any CPU): the same quantized numbers, integer dot per sub-block, in plain Rust.
 //!
 //! Numerics: each activation row is quantized per 32-value block to Q8_0 exactly as candle's
@@ -68,11 +71,12 @@ pub fn matmul_q4k(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [
     matmul_q4k_checked(x, m, w, n, k, out);
 }
 
-/// Whether [`matmul_q4k`] uses the AVX-512 VNNI path on this CPU (run-time detection).
+/// Whether [`matmul_q4k`] uses a SIMD path (AVX-512 VNNI or AVX2) on the calling thread
+/// ([`super::cpu::features`]).
 pub fn has_fast_path() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        Kernel::detect() == Kernel::Avx512
+        Kernel::detect() != Kernel::Scalar
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -102,7 +106,13 @@ fn matmul_q4k_checked(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &m
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if has_fast_path() {
+    if Kernel::detect() == Kernel::Avx2 {
+        // SAFETY: Kernel::Avx2 means the CPU has AVX2, FMA and F16C; the shapes are checked above.
+        unsafe { super::qgemm_avx2::q4k(x, m, w, n, k, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if Kernel::detect() == Kernel::Avx512 {
         // SAFETY: the CPU has the features the kernels are compiled for (checked just above), the
         // slice lengths match the shapes (asserted above) and k >= 256.
         unsafe { avx512::gemm(x, m, w, n, k, out) };
@@ -170,6 +180,7 @@ struct OutPtr(*mut f32);
 // parallel loop (the loop ends before the function that made it returns).
 #[cfg(target_arch = "x86_64")]
 unsafe impl Send for OutPtr {}
+// SAFETY: as for `Send`: shared use only writes disjoint elements.
 #[cfg(target_arch = "x86_64")]
 unsafe impl Sync for OutPtr {}
 #[cfg(target_arch = "x86_64")]
@@ -310,6 +321,7 @@ mod avx512 {
             PACK.with(|cell| match cell.try_borrow_mut() {
                 // SAFETY: as for `gemm`; the task writes the rows of tiles t0..t1, columns j0..j1 only.
                 Ok(mut buf) => unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut buf) },
+                // SAFETY: as above, with a fresh buffer.
                 Err(_) => unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut Vec::new()) },
             });
         });
@@ -321,46 +333,50 @@ mod avx512 {
     /// 11-bit mantissa times at most 32 · 127); missing rows: `qa = 0`, zeros.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn pack_a(x: &[f32], k: usize, r0: usize, rows: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
-        // The 6 rows × 8 quads of a block are 3 zmm: transposed by dword permutes.
-        const _: () = assert!(MR == 6, "pack_a transposes 6 rows");
-        assert!(rows <= MR && dst.len() == kcb * A_BLK, "pack_a: sizes");
-        // Row-major quantized block of the MR rows ([r][32] i8 = dword r * 8 + quad).
-        let mut q = [0i8; MR * QK];
-        // Output dword j = quad * MR + r takes input dword r * 8 + quad.
-        let mut src = [[0i32; 16]; 3];
-        for j in 0..48 {
-            src[j / 16][j % 16] = ((j % MR) * 8 + j / MR) as i32;
-        }
-        let idx = src.map(|v| _mm512_loadu_si512(v.as_ptr() as *const _));
-        let from_v2 = src.map(|v| v.iter().enumerate().fold(0u16, |mk, (l, &i)| mk | (((i >= 32) as u16) << l)));
-        let d = dst.as_mut_ptr();
-        for b in 0..kcb {
-            let blk = d.add(b * A_BLK);
-            for r in 0..rows {
-                let p = (r0 + r) * k + (pc + b) * QK;
-                let qr = &mut q[r * QK..(r + 1) * QK];
-                let s = q8_0_block(&x[p..p + QK], qr);
-                // Rounded to f16 (nearest even, as `half`) and back.
-                let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(s));
-                let da = _mm_cvtss_f32(_mm_cvtph_ps(h));
-                let sum: i32 = qr.iter().map(|&v| v as i32).sum();
-                (blk.add(A_D + 4 * r) as *mut f32).write_unaligned(da);
-                (blk.add(A_DSUM + 4 * r) as *mut f32).write_unaligned(da * sum as f32);
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            // The 6 rows × 8 quads of a block are 3 zmm: transposed by dword permutes.
+            const _: () = assert!(MR == 6, "pack_a transposes 6 rows");
+            assert!(rows <= MR && dst.len() == kcb * A_BLK, "pack_a: sizes");
+            // Row-major quantized block of the MR rows ([r][32] i8 = dword r * 8 + quad).
+            let mut q = [0i8; MR * QK];
+            // Output dword j = quad * MR + r takes input dword r * 8 + quad.
+            let mut src = [[0i32; 16]; 3];
+            for j in 0..48 {
+                src[j / 16][j % 16] = ((j % MR) * 8 + j / MR) as i32;
             }
-            for r in rows..MR {
-                (blk.add(A_D + 4 * r) as *mut f32).write_unaligned(0.0);
-                (blk.add(A_DSUM + 4 * r) as *mut f32).write_unaligned(0.0);
-            }
-            let qp = q.as_ptr();
-            let v = [
-                _mm512_loadu_si512(qp as *const _),
-                _mm512_loadu_si512(qp.add(64) as *const _),
-                _mm512_loadu_si512(qp.add(128) as *const _),
-            ];
-            for o in 0..3 {
-                let t = _mm512_permutex2var_epi32(v[0], idx[o], v[1]);
-                let t = _mm512_mask_permutexvar_epi32(t, from_v2[o], idx[o], v[2]);
-                _mm512_storeu_si512(blk.add(64 * o) as *mut _, t);
+            let idx = src.map(|v| _mm512_loadu_si512(v.as_ptr() as *const _));
+            let from_v2 = src.map(|v| v.iter().enumerate().fold(0u16, |mk, (l, &i)| mk | (((i >= 32) as u16) << l)));
+            let d = dst.as_mut_ptr();
+            for b in 0..kcb {
+                let blk = d.add(b * A_BLK);
+                for r in 0..rows {
+                    let p = (r0 + r) * k + (pc + b) * QK;
+                    let qr = &mut q[r * QK..(r + 1) * QK];
+                    let s = q8_0_block(&x[p..p + QK], qr);
+                    // Rounded to f16 (nearest even, as `half`) and back.
+                    let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(s));
+                    let da = _mm_cvtss_f32(_mm_cvtph_ps(h));
+                    let sum: i32 = qr.iter().map(|&v| v as i32).sum();
+                    (blk.add(A_D + 4 * r) as *mut f32).write_unaligned(da);
+                    (blk.add(A_DSUM + 4 * r) as *mut f32).write_unaligned(da * sum as f32);
+                }
+                for r in rows..MR {
+                    (blk.add(A_D + 4 * r) as *mut f32).write_unaligned(0.0);
+                    (blk.add(A_DSUM + 4 * r) as *mut f32).write_unaligned(0.0);
+                }
+                let qp = q.as_ptr();
+                let v = [
+                    _mm512_loadu_si512(qp as *const _),
+                    _mm512_loadu_si512(qp.add(64) as *const _),
+                    _mm512_loadu_si512(qp.add(128) as *const _),
+                ];
+                for o in 0..3 {
+                    let t = _mm512_permutex2var_epi32(v[0], idx[o], v[1]);
+                    let t = _mm512_mask_permutexvar_epi32(t, from_v2[o], idx[o], v[2]);
+                    _mm512_storeu_si512(blk.add(64 * o) as *mut _, t);
+                }
             }
         }
     }
@@ -373,78 +389,85 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn pack_w(w: &[u8], row_bytes: usize, j0: usize, valid: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
-        assert!(valid <= NR && dst.len() == kcb * W_BLK, "pack_w: sizes");
-        assert!(pc.is_multiple_of(SUBS) && kcb.is_multiple_of(SUBS), "pack_w: whole Q4K blocks");
-        assert!((j0 + valid) * row_bytes <= w.len() && (pc + kcb) / SUBS * BLOCK_BYTES <= row_bytes, "pack_w: range");
-        let m4 = _mm512_set1_epi8(0x0F);
-        let (k1, k2, k3) =
-            (_mm512_set1_epi32(0x3f3f3f3f), _mm512_set1_epi32(0x0f0f0f0f), _mm512_set1_epi32(0x03030303));
-        let byte = _mm512_set1_epi32(0xff);
-        let d = dst.as_mut_ptr();
-        for g in 0..NV {
-            let cols = valid.saturating_sub(16 * g).min(16);
-            let mask: u16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
-            if cols == 0 {
-                for b in 0..kcb {
-                    let blk = d.add(b * W_BLK);
-                    for quad in 0..8 {
-                        _mm512_storeu_si512(blk.add(quad * NR * 4 + 64 * g) as *mut _, _mm512_setzero_si512());
-                    }
-                    _mm512_storeu_si512(blk.add(W_SCALE + 64 * g) as *mut _, _mm512_setzero_si512());
-                    _mm512_storeu_si512(blk.add(W_MIN + 64 * g) as *mut _, _mm512_setzero_si512());
-                }
-                continue;
-            }
-            // Byte offsets of the 16 columns' rows (masked-off lanes are not read).
-            let idx = _mm512_mullo_epi32(
-                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                _mm512_set1_epi32(row_bytes as i32),
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            assert!(valid <= NR && dst.len() == kcb * W_BLK, "pack_w: sizes");
+            assert!(pc.is_multiple_of(SUBS) && kcb.is_multiple_of(SUBS), "pack_w: whole Q4K blocks");
+            assert!(
+                (j0 + valid) * row_bytes <= w.len() && (pc + kcb) / SUBS * BLOCK_BYTES <= row_bytes,
+                "pack_w: range"
             );
-            let gather =
-                |p: *const u8| _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, idx, p as *const i32);
-            let base = w.as_ptr().add((j0 + 16 * g) * row_bytes);
-            for bq in 0..kcb / SUBS {
-                let src = base.add((pc / SUBS + bq) * BLOCK_BYTES);
-                let sb = d.add(bq * SUBS * W_BLK);
-                // d and dmin (the block's first dword), then the 12 scale bytes as 3 dwords,
-                // decoded as `q4k_scales_mins` for 16 columns at once.
-                let dd = gather(src);
-                let dv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
-                let dminv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dd)));
-                let u0 = gather(src.add(4));
-                let u1 = gather(src.add(8));
-                let u2 = gather(src.add(12));
-                let sc = [
-                    _mm512_and_si512(u0, k1),
-                    _mm512_or_si512(
-                        _mm512_and_si512(u2, k2),
-                        _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u0), k3)),
-                    ),
-                ];
-                let mn = [
-                    _mm512_and_si512(u1, k1),
-                    _mm512_or_si512(
-                        _mm512_and_si512(_mm512_srli_epi32::<4>(u2), k2),
-                        _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u1), k3)),
-                    ),
-                ];
-                for s in 0..SUBS {
-                    let sh = _mm512_set1_epi32(8 * (s % 4) as i32);
-                    let scs = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(sc[s / 4], sh), byte));
-                    let mns = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(mn[s / 4], sh), byte));
-                    let blk = sb.add(s * W_BLK);
-                    // Exact: an 11-bit mantissa times a 6-bit integer.
-                    _mm512_storeu_ps(blk.add(W_SCALE + 64 * g) as *mut f32, _mm512_mul_ps(dv, scs));
-                    _mm512_storeu_ps(blk.add(W_MIN + 64 * g) as *mut f32, _mm512_mul_ps(dminv, mns));
+            let m4 = _mm512_set1_epi8(0x0F);
+            let (k1, k2, k3) =
+                (_mm512_set1_epi32(0x3f3f3f3f), _mm512_set1_epi32(0x0f0f0f0f), _mm512_set1_epi32(0x03030303));
+            let byte = _mm512_set1_epi32(0xff);
+            let d = dst.as_mut_ptr();
+            for g in 0..NV {
+                let cols = valid.saturating_sub(16 * g).min(16);
+                let mask: u16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
+                if cols == 0 {
+                    for b in 0..kcb {
+                        let blk = d.add(b * W_BLK);
+                        for quad in 0..8 {
+                            _mm512_storeu_si512(blk.add(quad * NR * 4 + 64 * g) as *mut _, _mm512_setzero_si512());
+                        }
+                        _mm512_storeu_si512(blk.add(W_SCALE + 64 * g) as *mut _, _mm512_setzero_si512());
+                        _mm512_storeu_si512(blk.add(W_MIN + 64 * g) as *mut _, _mm512_setzero_si512());
+                    }
+                    continue;
                 }
-                // qs: chunk c (32 bytes) holds sub-blocks 2c (low nibbles) and 2c + 1 (high).
-                for c in 0..SUBS / 2 {
-                    for quad in 0..8 {
-                        let v = gather(src.add(16 + 32 * c + 4 * quad));
-                        let lo = _mm512_and_si512(v, m4);
-                        let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(v), m4);
-                        _mm512_storeu_si512(sb.add(2 * c * W_BLK + quad * NR * 4 + 64 * g) as *mut _, lo);
-                        _mm512_storeu_si512(sb.add((2 * c + 1) * W_BLK + quad * NR * 4 + 64 * g) as *mut _, hi);
+                // Byte offsets of the 16 columns' rows (masked-off lanes are not read).
+                let idx = _mm512_mullo_epi32(
+                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                    _mm512_set1_epi32(row_bytes as i32),
+                );
+                let gather =
+                    |p: *const u8| _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, idx, p as *const i32);
+                let base = w.as_ptr().add((j0 + 16 * g) * row_bytes);
+                for bq in 0..kcb / SUBS {
+                    let src = base.add((pc / SUBS + bq) * BLOCK_BYTES);
+                    let sb = d.add(bq * SUBS * W_BLK);
+                    // d and dmin (the block's first dword), then the 12 scale bytes as 3 dwords,
+                    // decoded as `q4k_scales_mins` for 16 columns at once.
+                    let dd = gather(src);
+                    let dv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
+                    let dminv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dd)));
+                    let u0 = gather(src.add(4));
+                    let u1 = gather(src.add(8));
+                    let u2 = gather(src.add(12));
+                    let sc = [
+                        _mm512_and_si512(u0, k1),
+                        _mm512_or_si512(
+                            _mm512_and_si512(u2, k2),
+                            _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u0), k3)),
+                        ),
+                    ];
+                    let mn = [
+                        _mm512_and_si512(u1, k1),
+                        _mm512_or_si512(
+                            _mm512_and_si512(_mm512_srli_epi32::<4>(u2), k2),
+                            _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u1), k3)),
+                        ),
+                    ];
+                    for s in 0..SUBS {
+                        let sh = _mm512_set1_epi32(8 * (s % 4) as i32);
+                        let scs = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(sc[s / 4], sh), byte));
+                        let mns = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(mn[s / 4], sh), byte));
+                        let blk = sb.add(s * W_BLK);
+                        // Exact: an 11-bit mantissa times a 6-bit integer.
+                        _mm512_storeu_ps(blk.add(W_SCALE + 64 * g) as *mut f32, _mm512_mul_ps(dv, scs));
+                        _mm512_storeu_ps(blk.add(W_MIN + 64 * g) as *mut f32, _mm512_mul_ps(dminv, mns));
+                    }
+                    // qs: chunk c (32 bytes) holds sub-blocks 2c (low nibbles) and 2c + 1 (high).
+                    for c in 0..SUBS / 2 {
+                        for quad in 0..8 {
+                            let v = gather(src.add(16 + 32 * c + 4 * quad));
+                            let lo = _mm512_and_si512(v, m4);
+                            let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(v), m4);
+                            _mm512_storeu_si512(sb.add(2 * c * W_BLK + quad * NR * 4 + 64 * g) as *mut _, lo);
+                            _mm512_storeu_si512(sb.add((2 * c + 1) * W_BLK + quad * NR * 4 + 64 * g) as *mut _, hi);
+                        }
                     }
                 }
             }
@@ -468,48 +491,51 @@ mod avx512 {
         out: OutPtr,
         buf: &mut Vec<Line>,
     ) {
-        let nb = k / QK;
-        let row_bytes = k / QK_K * BLOCK_BYTES;
-        let m_tiles = m.div_ceil(MR);
-        let panels = cols.div_ceil(NR);
-        // Packed stripe: by k-chunk, then panel (`kcb * W_BLK` bytes each).
-        let wpack = bytes_of(buf, panels * nb * W_BLK);
-        let mut pc = 0;
-        while pc < nb {
-            let kcb = KCB.min(nb - pc);
-            for p in 0..panels {
-                let c0 = j0 + p * NR;
-                let valid = NR.min(j0 + cols - c0);
-                let o = (pc * panels + p * kcb) * W_BLK;
-                pack_w(w, row_bytes, c0, valid, pc, kcb, &mut wpack[o..o + kcb * W_BLK]);
-            }
-            pc += kcb;
-        }
-        let c = out.get();
-        let ap = apack.as_ptr();
-        let bp = wpack.as_ptr();
-        let mut tc = t0;
-        while tc < t1 {
-            let tc_end = t1.min(tc + MC_TILES);
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let nb = k / QK;
+            let row_bytes = k / QK_K * BLOCK_BYTES;
+            let m_tiles = m.div_ceil(MR);
+            let panels = cols.div_ceil(NR);
+            // Packed stripe: by k-chunk, then panel (`kcb * W_BLK` bytes each).
+            let wpack = bytes_of(buf, panels * nb * W_BLK);
             let mut pc = 0;
             while pc < nb {
                 let kcb = KCB.min(nb - pc);
-                let accumulate = pc > 0;
                 for p in 0..panels {
                     let c0 = j0 + p * NR;
                     let valid = NR.min(j0 + cols - c0);
-                    let mut masks = [0u16; NV];
-                    for (v, mk) in masks.iter_mut().enumerate() {
-                        let lanes = valid.saturating_sub(16 * v).min(16);
-                        *mk = if lanes >= 16 { 0xffff } else { (1u32 << lanes) as u16 - 1 };
-                    }
-                    let b = bp.add((pc * panels + p * kcb) * W_BLK);
-                    // The micro-panel of `W` stays in L1 while the row tiles stream from L2.
-                    for t in tc..tc_end {
-                        let rows = MR.min(m - t * MR);
-                        let a = ap.add((pc * m_tiles + t * kcb) * A_BLK);
-                        let ct = c.add(t * MR * n + c0);
-                        macro_rules! call {
+                    let o = (pc * panels + p * kcb) * W_BLK;
+                    pack_w(w, row_bytes, c0, valid, pc, kcb, &mut wpack[o..o + kcb * W_BLK]);
+                }
+                pc += kcb;
+            }
+            let c = out.get();
+            let ap = apack.as_ptr();
+            let bp = wpack.as_ptr();
+            let mut tc = t0;
+            while tc < t1 {
+                let tc_end = t1.min(tc + MC_TILES);
+                let mut pc = 0;
+                while pc < nb {
+                    let kcb = KCB.min(nb - pc);
+                    let accumulate = pc > 0;
+                    for p in 0..panels {
+                        let c0 = j0 + p * NR;
+                        let valid = NR.min(j0 + cols - c0);
+                        let mut masks = [0u16; NV];
+                        for (v, mk) in masks.iter_mut().enumerate() {
+                            let lanes = valid.saturating_sub(16 * v).min(16);
+                            *mk = if lanes >= 16 { 0xffff } else { (1u32 << lanes) as u16 - 1 };
+                        }
+                        let b = bp.add((pc * panels + p * kcb) * W_BLK);
+                        // The micro-panel of `W` stays in L1 while the row tiles stream from L2.
+                        for t in tc..tc_end {
+                            let rows = MR.min(m - t * MR);
+                            let a = ap.add((pc * m_tiles + t * kcb) * A_BLK);
+                            let ct = c.add(t * MR * n + c0);
+                            macro_rules! call {
                             ($($r:literal)*) => {
                                 match rows {
                                     $($r => micro::<$r>(a, b, kcb, ct, n, masks, accumulate),)*
@@ -517,12 +543,13 @@ mod avx512 {
                                 }
                             };
                         }
-                        call!(1 2 3 4 5 6);
+                            call!(1 2 3 4 5 6);
+                        }
                     }
+                    pc += kcb;
                 }
-                pc += kcb;
+                tc = tc_end;
             }
-            tc = tc_end;
         }
     }
 
@@ -543,49 +570,53 @@ mod avx512 {
         masks: [u16; NV],
         accumulate: bool,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); NV]; R];
-        for blk in 0..nblk {
-            let ab = a.add(blk * A_BLK);
-            let bb = b.add(blk * W_BLK);
-            let mut isum = [[_mm512_setzero_si512(); NV]; R];
-            for quad in 0..8 {
-                let mut wv = [_mm512_setzero_si512(); NV];
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); NV]; R];
+            for blk in 0..nblk {
+                let ab = a.add(blk * A_BLK);
+                let bb = b.add(blk * W_BLK);
+                let mut isum = [[_mm512_setzero_si512(); NV]; R];
+                for quad in 0..8 {
+                    let mut wv = [_mm512_setzero_si512(); NV];
+                    for v in 0..NV {
+                        wv[v] = _mm512_load_si512(bb.add(quad * NR * 4 + 64 * v) as *const _);
+                    }
+                    for r in 0..R {
+                        let av = _mm512_set1_epi32((ab.add((quad * MR + r) * 4) as *const i32).read_unaligned());
+                        for v in 0..NV {
+                            // Nibbles (0..15) unsigned, activations signed.
+                            isum[r][v] = _mm512_dpbusd_epi32(isum[r][v], wv[v], av);
+                        }
+                    }
+                }
+                let mut dsc = [_mm512_setzero_ps(); NV];
+                let mut dmn = [_mm512_setzero_ps(); NV];
                 for v in 0..NV {
-                    wv[v] = _mm512_load_si512(bb.add(quad * NR * 4 + 64 * v) as *const _);
+                    dsc[v] = _mm512_load_ps(bb.add(W_SCALE + 64 * v) as *const f32);
+                    dmn[v] = _mm512_load_ps(bb.add(W_MIN + 64 * v) as *const f32);
                 }
                 for r in 0..R {
-                    let av = _mm512_set1_epi32((ab.add((quad * MR + r) * 4) as *const i32).read_unaligned());
+                    let da = _mm512_set1_ps((ab.add(A_D + 4 * r) as *const f32).read_unaligned());
+                    let dsum = _mm512_set1_ps((ab.add(A_DSUM + 4 * r) as *const f32).read_unaligned());
                     for v in 0..NV {
-                        // Nibbles (0..15) unsigned, activations signed.
-                        isum[r][v] = _mm512_dpbusd_epi32(isum[r][v], wv[v], av);
+                        let t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r][v]), _mm512_mul_ps(dsc[v], da), acc[r][v]);
+                        acc[r][v] = _mm512_fnmadd_ps(dmn[v], dsum, t);
                     }
                 }
             }
-            let mut dsc = [_mm512_setzero_ps(); NV];
-            let mut dmn = [_mm512_setzero_ps(); NV];
-            for v in 0..NV {
-                dsc[v] = _mm512_load_ps(bb.add(W_SCALE + 64 * v) as *const f32);
-                dmn[v] = _mm512_load_ps(bb.add(W_MIN + 64 * v) as *const f32);
-            }
             for r in 0..R {
-                let da = _mm512_set1_ps((ab.add(A_D + 4 * r) as *const f32).read_unaligned());
-                let dsum = _mm512_set1_ps((ab.add(A_DSUM + 4 * r) as *const f32).read_unaligned());
                 for v in 0..NV {
-                    let t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r][v]), _mm512_mul_ps(dsc[v], da), acc[r][v]);
-                    acc[r][v] = _mm512_fnmadd_ps(dmn[v], dsum, t);
+                    // `wrapping_add`: with a partial panel a masked-off vector may lie past the end
+                    // of `out`; a masked-off lane of a masked load or store never faults.
+                    let cr = c.wrapping_add(r * ldc + 16 * v);
+                    let mut val = acc[r][v];
+                    if accumulate {
+                        val = _mm512_add_ps(val, _mm512_maskz_loadu_ps(masks[v], cr));
+                    }
+                    _mm512_mask_storeu_ps(cr, masks[v], val);
                 }
-            }
-        }
-        for r in 0..R {
-            for v in 0..NV {
-                // `wrapping_add`: with a partial panel a masked-off vector may lie past the end
-                // of `out`; a masked-off lane of a masked load or store never faults.
-                let cr = c.wrapping_add(r * ldc + 16 * v);
-                let mut val = acc[r][v];
-                if accumulate {
-                    val = _mm512_add_ps(val, _mm512_maskz_loadu_ps(masks[v], cr));
-                }
-                _mm512_mask_storeu_ps(cr, masks[v], val);
             }
         }
     }
@@ -596,37 +627,19 @@ mod tests {
     use super::*;
     use crate::kernels::cpu::{self, KernelSet};
 
-    /// [`matmul_q4k`] with the AVX-512 VNNI kernel allowed (`fast`, where the CPU has it) or the
-    /// portable path forced through the kernel-set switch.
-    fn matmul_q4k_forced(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32], fast: bool) {
-        let _forced = cpu::force(if fast { KernelSet::Avx512 } else { KernelSet::Portable });
+    /// [`matmul_q4k`] with the kernel set capped at `set` through the switch.
+    fn matmul_q4k_forced(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32], set: KernelSet) {
+        let _forced = cpu::force(set);
         matmul_q4k(x, m, w, n, k, out);
     }
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Module, Tensor};
 
-    /// Deterministic xorshift stream.
-    struct Rng(u64);
-    impl Rng {
-        fn new(seed: u64) -> Self {
-            Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-        }
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        /// Uniform in [-1, 1).
-        fn unit(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        }
-    }
+    use crate::kernels::testing::{simd_sets, values_with_outliers, Rng};
 
     /// Activations in about ±1, with outliers, and one all-zero block when there is room.
     fn activations(len: usize, seed: u64) -> Vec<f32> {
-        let mut r = Rng::new(seed);
-        let mut x: Vec<f32> = (0..len).map(|i| if i % 97 == 13 { 8.0 * r.unit() } else { r.unit() }).collect();
+        let mut x = values_with_outliers(len, seed, 8.0);
         if len >= 2 * QK {
             x[QK..2 * QK].fill(0.0);
         }
@@ -720,14 +733,14 @@ mod tests {
         Ok(())
     }
 
-    fn run(m: usize, n: usize, k: usize, allow_fast: bool) {
+    fn run(m: usize, n: usize, k: usize, set: KernelSet) {
         let x = activations(m * k, (m * 1000 + k) as u64);
         let w = weights(n, k, (n * 7919 + k) as u64 + 1);
         // NaN everywhere: every element must be overwritten.
         let mut out = vec![f32::NAN; m * n];
-        matmul_q4k_forced(&x, m, &w, n, k, &mut out, allow_fast);
+        matmul_q4k_forced(&x, m, &w, n, k, &mut out, set);
         if let Err((i, j, got, want)) = check(&x, m, &w, n, k, &out) {
-            panic!("m={m} n={n} k={k} fast={allow_fast}: out[{i}, {j}] = {got}, want {want}");
+            panic!("m={m} n={n} k={k} {set}: out[{i}, {j}] = {got}, want {want}");
         }
     }
 
@@ -736,14 +749,16 @@ mod tests {
     const KS: [usize; 3] = [256, 512, 4096];
 
     #[test]
-    fn fast_path_matches_reference() {
-        if !has_fast_path() {
-            eprintln!("no AVX-512 VNNI on this CPU: the public entry point runs the portable path");
+    fn simd_paths_match_reference() {
+        if simd_sets().is_empty() {
+            eprintln!("no AVX2 on this CPU: the public entry point runs the portable path");
         }
-        for m in MS {
-            for n in NS {
-                for k in KS {
-                    run(m, n, k, true);
+        for set in simd_sets() {
+            for m in MS {
+                for n in NS {
+                    for k in KS {
+                        run(m, n, k, set);
+                    }
                 }
             }
         }
@@ -754,7 +769,7 @@ mod tests {
         for m in MS {
             for n in NS {
                 for k in KS {
-                    run(m, n, k, false);
+                    run(m, n, k, KernelSet::Portable);
                 }
             }
         }
@@ -766,11 +781,14 @@ mod tests {
     #[test]
     fn blocked_shapes_match_reference() {
         for &(m, n, k) in &[(200, 300, 1280), (97, 530, 2304), (400, 40, 768), (3, 1000, 512), (61, 257, 256)] {
-            run(m, n, k, true);
-            run(m, n, k, false);
+            for set in cpu::available_sets() {
+                run(m, n, k, set);
+            }
         }
         for m in 1..=13 {
-            run(m, 70, 1536, true);
+            for set in simd_sets() {
+                run(m, 70, 1536, set);
+            }
         }
     }
 
@@ -787,10 +805,10 @@ mod tests {
         let mixed: Vec<f32> = (0..m * k).map(|t| if (t / 3) % 2 == 0 { 1.0 } else { -1.0 }).collect();
         let all_minus = vec![-1f32; m * k];
         for x in [all_plus, mixed, all_minus] {
-            for fast in [true, false] {
+            for set in cpu::available_sets() {
                 let mut out = vec![f32::NAN; m * n];
-                matmul_q4k_forced(&x, m, &w, n, k, &mut out, fast);
-                assert!(check(&x, m, &w, n, k, &out).is_ok(), "fast={fast}");
+                matmul_q4k_forced(&x, m, &w, n, k, &mut out, set);
+                assert!(check(&x, m, &w, n, k, &out).is_ok(), "{set}");
             }
         }
     }
@@ -840,9 +858,9 @@ mod tests {
                     std::iter::repeat_n(d / 2.0 + 127.0 * (d - da).abs(), QK)
                 })
                 .collect();
-            for fast in [true, false] {
+            for set in cpu::available_sets() {
                 let mut out = vec![f32::NAN; m * n];
-                matmul_q4k_forced(&x, m, &bytes, n, k, &mut out, fast);
+                matmul_q4k_forced(&x, m, &bytes, n, k, &mut out, set);
                 // Largest error relative to the bound, ours and candle's.
                 let (mut worst_ours, mut worst_candle, mut max_ours, mut max_candle) = (0f64, 0f64, 0f64, 0f64);
                 for i in 0..m {
@@ -861,7 +879,7 @@ mod tests {
                         let d = (out[i * n + j] as f64 - want).abs();
                         assert!(
                             d <= bound + slack,
-                            "m={m} n={n} k={k} fast={fast}: out[{i}, {j}] = {}, f32 product {want} (bound {bound})",
+                            "m={m} n={n} k={k} {set}: out[{i}, {j}] = {}, f32 product {want} (bound {bound})",
                             out[i * n + j]
                         );
                         let dc = (op[i * n + j] as f64 - want).abs();
@@ -872,7 +890,7 @@ mod tests {
                     }
                 }
                 eprintln!(
-                    "m={m:3} n={n:3} k={k:4} fast={fast:5}: max |ours - x·Wdeqᵀ| {max_ours:.3e} \
+                    "m={m:3} n={n:3} k={k:4} {set:8}: max |ours - x·Wdeqᵀ| {max_ours:.3e} \
                      ({worst_ours:.3} of the bound), candle op {max_candle:.3e} ({worst_candle:.3} of our bound)"
                 );
             }

@@ -24,6 +24,9 @@
 //!   (`-128 · Σ qw` of the block, which undo the `+128` of the activations) and 32 f32 scales.
 //!   A 6×32 micro-kernel (12 zmm integer accumulators, 12 zmm f32 accumulators) then runs, per
 //!   k-chunk, each micro-panel of `W` (in L1) against the row tiles (streaming from L2).
+//! - AVX2 + FMA + F16C (no AVX-512 VNNI): `kernels::qgemm_avx2`'s blocked driver over the
+//!   matrix-vector kernels' register-blocked row loops (8 activation rows per weight block
+//!   decoded), the same quantized numbers (exact integer per 32-value block).
 //! - Portable (any CPU): the same quantized numbers, integer dot per block, in plain Rust.
 //!
 //! Numerics: as candle's CPU quantized matmul for Q8_0 weights (ggml `vec_dot_q8_0_q8_0`):
@@ -56,11 +59,12 @@ pub fn matmul_q8_0(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut 
     matmul_q8_0_checked(x, m, w, n, k, out);
 }
 
-/// Whether [`matmul_q8_0`] uses the AVX-512 VNNI path on this CPU (run-time detection).
+/// Whether [`matmul_q8_0`] uses a SIMD path (AVX-512 VNNI or AVX2) on the calling thread
+/// ([`super::cpu::features`]).
 pub fn has_fast_path() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        Kernel::detect() == Kernel::Avx512
+        Kernel::detect() != Kernel::Scalar
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -90,7 +94,13 @@ fn matmul_q8_0_checked(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    if has_fast_path() {
+    if Kernel::detect() == Kernel::Avx2 {
+        // SAFETY: Kernel::Avx2 means the CPU has AVX2, FMA and F16C; the shapes are checked above.
+        unsafe { super::qgemm_avx2::q8_0(x, m, w, n, k, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if Kernel::detect() == Kernel::Avx512 {
         // SAFETY: the CPU has the features the kernels are compiled for (checked just above), the
         // slice lengths match the shapes (asserted above) and k >= 32.
         unsafe { avx512::gemm(x, m, w, n, k, out) };
@@ -139,6 +149,7 @@ struct OutPtr(*mut f32);
 // parallel loop (the loop ends before the function that made it returns).
 #[cfg(target_arch = "x86_64")]
 unsafe impl Send for OutPtr {}
+// SAFETY: as for `Send`: shared use only writes disjoint elements.
 #[cfg(target_arch = "x86_64")]
 unsafe impl Sync for OutPtr {}
 #[cfg(target_arch = "x86_64")]
@@ -274,6 +285,7 @@ mod avx512 {
             PACK.with(|cell| match cell.try_borrow_mut() {
                 // SAFETY: as for `gemm`; the task writes the rows of tiles t0..t1, columns j0..j1 only.
                 Ok(mut buf) => unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut buf) },
+                // SAFETY: as above, with a fresh buffer.
                 Err(_) => unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut Vec::new()) },
             });
         });
@@ -284,42 +296,46 @@ mod avx512 {
     /// then the `MR` f16-rounded scales (missing rows: `qa = 0`, scale 0).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn pack_a(x: &[f32], k: usize, r0: usize, rows: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
-        // The 6 rows × 8 quads of a block are 3 zmm: transposed by dword permutes.
-        const _: () = assert!(MR == 6, "pack_a transposes 6 rows");
-        assert!(rows <= MR && dst.len() == kcb * A_BLK, "pack_a: sizes");
-        // Row-major quantized block of the MR rows ([r][32] i8 = dword r * 8 + quad).
-        let mut q = [0i8; MR * QK];
-        // Output dword j = quad * MR + r takes input dword r * 8 + quad.
-        let mut src = [[0i32; 16]; 3];
-        for j in 0..48 {
-            src[j / 16][j % 16] = ((j % MR) * 8 + j / MR) as i32;
-        }
-        let idx = src.map(|v| _mm512_loadu_si512(v.as_ptr() as *const _));
-        let from_v2 = src.map(|v| v.iter().enumerate().fold(0u16, |mk, (l, &i)| mk | (((i >= 32) as u16) << l)));
-        let bias = _mm512_set1_epi8(-128);
-        let d = dst.as_mut_ptr();
-        for b in 0..kcb {
-            let blk = d.add(b * A_BLK);
-            for r in 0..rows {
-                let p = (r0 + r) * k + (pc + b) * QK;
-                let s = q8_0_block(&x[p..p + QK], &mut q[r * QK..(r + 1) * QK]);
-                // Rounded to f16 (nearest even, as `half`) and back.
-                let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(s));
-                (blk.add(8 * MR * 4 + 4 * r) as *mut f32).write_unaligned(_mm_cvtss_f32(_mm_cvtph_ps(h)));
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            // The 6 rows × 8 quads of a block are 3 zmm: transposed by dword permutes.
+            const _: () = assert!(MR == 6, "pack_a transposes 6 rows");
+            assert!(rows <= MR && dst.len() == kcb * A_BLK, "pack_a: sizes");
+            // Row-major quantized block of the MR rows ([r][32] i8 = dword r * 8 + quad).
+            let mut q = [0i8; MR * QK];
+            // Output dword j = quad * MR + r takes input dword r * 8 + quad.
+            let mut src = [[0i32; 16]; 3];
+            for j in 0..48 {
+                src[j / 16][j % 16] = ((j % MR) * 8 + j / MR) as i32;
             }
-            for r in rows..MR {
-                (blk.add(8 * MR * 4 + 4 * r) as *mut f32).write_unaligned(0.0);
-            }
-            let qp = q.as_ptr();
-            let v = [
-                _mm512_loadu_si512(qp as *const _),
-                _mm512_loadu_si512(qp.add(64) as *const _),
-                _mm512_loadu_si512(qp.add(128) as *const _),
-            ];
-            for o in 0..3 {
-                let t = _mm512_permutex2var_epi32(v[0], idx[o], v[1]);
-                let t = _mm512_mask_permutexvar_epi32(t, from_v2[o], idx[o], v[2]);
-                _mm512_storeu_si512(blk.add(64 * o) as *mut _, _mm512_xor_si512(t, bias));
+            let idx = src.map(|v| _mm512_loadu_si512(v.as_ptr() as *const _));
+            let from_v2 = src.map(|v| v.iter().enumerate().fold(0u16, |mk, (l, &i)| mk | (((i >= 32) as u16) << l)));
+            let bias = _mm512_set1_epi8(-128);
+            let d = dst.as_mut_ptr();
+            for b in 0..kcb {
+                let blk = d.add(b * A_BLK);
+                for r in 0..rows {
+                    let p = (r0 + r) * k + (pc + b) * QK;
+                    let s = q8_0_block(&x[p..p + QK], &mut q[r * QK..(r + 1) * QK]);
+                    // Rounded to f16 (nearest even, as `half`) and back.
+                    let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(s));
+                    (blk.add(8 * MR * 4 + 4 * r) as *mut f32).write_unaligned(_mm_cvtss_f32(_mm_cvtph_ps(h)));
+                }
+                for r in rows..MR {
+                    (blk.add(8 * MR * 4 + 4 * r) as *mut f32).write_unaligned(0.0);
+                }
+                let qp = q.as_ptr();
+                let v = [
+                    _mm512_loadu_si512(qp as *const _),
+                    _mm512_loadu_si512(qp.add(64) as *const _),
+                    _mm512_loadu_si512(qp.add(128) as *const _),
+                ];
+                for o in 0..3 {
+                    let t = _mm512_permutex2var_epi32(v[0], idx[o], v[1]);
+                    let t = _mm512_mask_permutexvar_epi32(t, from_v2[o], idx[o], v[2]);
+                    _mm512_storeu_si512(blk.add(64 * o) as *mut _, _mm512_xor_si512(t, bias));
+                }
             }
         }
     }
@@ -331,50 +347,54 @@ mod avx512 {
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
     unsafe fn pack_w(w: &[u8], row_bytes: usize, j0: usize, valid: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
-        assert!(valid <= NR && dst.len() == kcb * W_BLK, "pack_w: sizes");
-        assert!((j0 + valid) * row_bytes <= w.len() && (pc + kcb) * BLOCK_BYTES <= row_bytes, "pack_w: range");
-        let ones = _mm512_set1_epi8(1);
-        let d = dst.as_mut_ptr();
-        for g in 0..NV {
-            let cols = valid.saturating_sub(16 * g).min(16);
-            let mask: u16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
-            if cols == 0 {
-                for b in 0..kcb {
-                    let blk = d.add(b * W_BLK);
-                    for quad in 0..8 {
-                        _mm512_storeu_si512(blk.add(quad * NR * 4 + 64 * g) as *mut _, _mm512_setzero_si512());
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            assert!(valid <= NR && dst.len() == kcb * W_BLK, "pack_w: sizes");
+            assert!((j0 + valid) * row_bytes <= w.len() && (pc + kcb) * BLOCK_BYTES <= row_bytes, "pack_w: range");
+            let ones = _mm512_set1_epi8(1);
+            let d = dst.as_mut_ptr();
+            for g in 0..NV {
+                let cols = valid.saturating_sub(16 * g).min(16);
+                let mask: u16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
+                if cols == 0 {
+                    for b in 0..kcb {
+                        let blk = d.add(b * W_BLK);
+                        for quad in 0..8 {
+                            _mm512_storeu_si512(blk.add(quad * NR * 4 + 64 * g) as *mut _, _mm512_setzero_si512());
+                        }
+                        _mm512_storeu_si512(blk.add(W_CORR + 64 * g) as *mut _, _mm512_setzero_si512());
+                        _mm512_storeu_si512(blk.add(W_SCALE + 64 * g) as *mut _, _mm512_setzero_si512());
                     }
-                    _mm512_storeu_si512(blk.add(W_CORR + 64 * g) as *mut _, _mm512_setzero_si512());
-                    _mm512_storeu_si512(blk.add(W_SCALE + 64 * g) as *mut _, _mm512_setzero_si512());
+                    continue;
                 }
-                continue;
-            }
-            // Byte offsets of the 16 columns' rows (masked-off lanes are not read).
-            let idx = _mm512_mullo_epi32(
-                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                _mm512_set1_epi32(row_bytes as i32),
-            );
-            let base = w.as_ptr().add((j0 + 16 * g) * row_bytes);
-            for b in 0..kcb {
-                let src = base.add((pc + b) * BLOCK_BYTES);
-                let blk = d.add(b * W_BLK);
-                let mut sum = _mm512_setzero_si512();
-                for quad in 0..8 {
-                    let v = _mm512_mask_i32gather_epi32::<1>(
-                        _mm512_setzero_si512(),
-                        mask,
-                        idx,
-                        src.add(2 + 4 * quad) as *const i32,
-                    );
-                    sum = _mm512_dpbusd_epi32(sum, ones, v);
-                    _mm512_storeu_si512(blk.add(quad * NR * 4 + 64 * g) as *mut _, v);
+                // Byte offsets of the 16 columns' rows (masked-off lanes are not read).
+                let idx = _mm512_mullo_epi32(
+                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                    _mm512_set1_epi32(row_bytes as i32),
+                );
+                let base = w.as_ptr().add((j0 + 16 * g) * row_bytes);
+                for b in 0..kcb {
+                    let src = base.add((pc + b) * BLOCK_BYTES);
+                    let blk = d.add(b * W_BLK);
+                    let mut sum = _mm512_setzero_si512();
+                    for quad in 0..8 {
+                        let v = _mm512_mask_i32gather_epi32::<1>(
+                            _mm512_setzero_si512(),
+                            mask,
+                            idx,
+                            src.add(2 + 4 * quad) as *const i32,
+                        );
+                        sum = _mm512_dpbusd_epi32(sum, ones, v);
+                        _mm512_storeu_si512(blk.add(quad * NR * 4 + 64 * g) as *mut _, v);
+                    }
+                    let corr = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32::<7>(sum));
+                    _mm512_storeu_si512(blk.add(W_CORR + 64 * g) as *mut _, corr);
+                    // The dword at the block start: its low half is the f16 scale.
+                    let dv = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, idx, src as *const i32);
+                    let scale = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dv));
+                    _mm512_storeu_ps(blk.add(W_SCALE + 64 * g) as *mut f32, scale);
                 }
-                let corr = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32::<7>(sum));
-                _mm512_storeu_si512(blk.add(W_CORR + 64 * g) as *mut _, corr);
-                // The dword at the block start: its low half is the f16 scale.
-                let dv = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, idx, src as *const i32);
-                let scale = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dv));
-                _mm512_storeu_ps(blk.add(W_SCALE + 64 * g) as *mut f32, scale);
             }
         }
     }
@@ -396,48 +416,51 @@ mod avx512 {
         out: OutPtr,
         buf: &mut Vec<Line>,
     ) {
-        let nb = k / QK;
-        let row_bytes = nb * BLOCK_BYTES;
-        let m_tiles = m.div_ceil(MR);
-        let panels = cols.div_ceil(NR);
-        // Packed stripe: by k-chunk, then panel (`kcb * W_BLK` bytes each).
-        let wpack = bytes_of(buf, panels * nb * W_BLK);
-        let mut pc = 0;
-        while pc < nb {
-            let kcb = KCB.min(nb - pc);
-            for p in 0..panels {
-                let c0 = j0 + p * NR;
-                let valid = NR.min(j0 + cols - c0);
-                let o = (pc * panels + p * kcb) * W_BLK;
-                pack_w(w, row_bytes, c0, valid, pc, kcb, &mut wpack[o..o + kcb * W_BLK]);
-            }
-            pc += kcb;
-        }
-        let c = out.get();
-        let ap = apack.as_ptr();
-        let bp = wpack.as_ptr();
-        let mut tc = t0;
-        while tc < t1 {
-            let tc_end = t1.min(tc + MC_TILES);
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let nb = k / QK;
+            let row_bytes = nb * BLOCK_BYTES;
+            let m_tiles = m.div_ceil(MR);
+            let panels = cols.div_ceil(NR);
+            // Packed stripe: by k-chunk, then panel (`kcb * W_BLK` bytes each).
+            let wpack = bytes_of(buf, panels * nb * W_BLK);
             let mut pc = 0;
             while pc < nb {
                 let kcb = KCB.min(nb - pc);
-                let accumulate = pc > 0;
                 for p in 0..panels {
                     let c0 = j0 + p * NR;
                     let valid = NR.min(j0 + cols - c0);
-                    let mut masks = [0u16; NV];
-                    for (v, mk) in masks.iter_mut().enumerate() {
-                        let lanes = valid.saturating_sub(16 * v).min(16);
-                        *mk = if lanes >= 16 { 0xffff } else { (1u32 << lanes) as u16 - 1 };
-                    }
-                    let b = bp.add((pc * panels + p * kcb) * W_BLK);
-                    // The micro-panel of `W` stays in L1 while the row tiles stream from L2.
-                    for t in tc..tc_end {
-                        let rows = MR.min(m - t * MR);
-                        let a = ap.add((pc * m_tiles + t * kcb) * A_BLK);
-                        let ct = c.add(t * MR * n + c0);
-                        macro_rules! call {
+                    let o = (pc * panels + p * kcb) * W_BLK;
+                    pack_w(w, row_bytes, c0, valid, pc, kcb, &mut wpack[o..o + kcb * W_BLK]);
+                }
+                pc += kcb;
+            }
+            let c = out.get();
+            let ap = apack.as_ptr();
+            let bp = wpack.as_ptr();
+            let mut tc = t0;
+            while tc < t1 {
+                let tc_end = t1.min(tc + MC_TILES);
+                let mut pc = 0;
+                while pc < nb {
+                    let kcb = KCB.min(nb - pc);
+                    let accumulate = pc > 0;
+                    for p in 0..panels {
+                        let c0 = j0 + p * NR;
+                        let valid = NR.min(j0 + cols - c0);
+                        let mut masks = [0u16; NV];
+                        for (v, mk) in masks.iter_mut().enumerate() {
+                            let lanes = valid.saturating_sub(16 * v).min(16);
+                            *mk = if lanes >= 16 { 0xffff } else { (1u32 << lanes) as u16 - 1 };
+                        }
+                        let b = bp.add((pc * panels + p * kcb) * W_BLK);
+                        // The micro-panel of `W` stays in L1 while the row tiles stream from L2.
+                        for t in tc..tc_end {
+                            let rows = MR.min(m - t * MR);
+                            let a = ap.add((pc * m_tiles + t * kcb) * A_BLK);
+                            let ct = c.add(t * MR * n + c0);
+                            macro_rules! call {
                             ($($r:literal)*) => {
                                 match rows {
                                     $($r => micro::<$r>(a, b, kcb, ct, n, masks, accumulate),)*
@@ -445,12 +468,13 @@ mod avx512 {
                                 }
                             };
                         }
-                        call!(1 2 3 4 5 6);
+                            call!(1 2 3 4 5 6);
+                        }
                     }
+                    pc += kcb;
                 }
-                pc += kcb;
+                tc = tc_end;
             }
-            tc = tc_end;
         }
     }
 
@@ -470,50 +494,55 @@ mod avx512 {
         masks: [u16; NV],
         accumulate: bool,
     ) {
-        let mut acc = [[_mm512_setzero_ps(); NV]; R];
-        for blk in 0..nblk {
-            let ab = a.add(blk * A_BLK);
-            let bb = b.add(blk * W_BLK);
-            let mut isum = [[_mm512_setzero_si512(); NV]; R];
-            for v in 0..NV {
-                let corr = _mm512_load_si512(bb.add(W_CORR + 64 * v) as *const _);
-                for r in 0..R {
-                    isum[r][v] = corr;
-                }
-            }
-            for quad in 0..8 {
-                let mut wv = [_mm512_setzero_si512(); NV];
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let mut acc = [[_mm512_setzero_ps(); NV]; R];
+            for blk in 0..nblk {
+                let ab = a.add(blk * A_BLK);
+                let bb = b.add(blk * W_BLK);
+                let mut isum = [[_mm512_setzero_si512(); NV]; R];
                 for v in 0..NV {
-                    wv[v] = _mm512_load_si512(bb.add(quad * NR * 4 + 64 * v) as *const _);
+                    let corr = _mm512_load_si512(bb.add(W_CORR + 64 * v) as *const _);
+                    for r in 0..R {
+                        isum[r][v] = corr;
+                    }
+                }
+                for quad in 0..8 {
+                    let mut wv = [_mm512_setzero_si512(); NV];
+                    for v in 0..NV {
+                        wv[v] = _mm512_load_si512(bb.add(quad * NR * 4 + 64 * v) as *const _);
+                    }
+                    for r in 0..R {
+                        let av = _mm512_set1_epi32((ab.add((quad * MR + r) * 4) as *const i32).read_unaligned());
+                        for v in 0..NV {
+                            isum[r][v] = _mm512_dpbusd_epi32(isum[r][v], av, wv[v]);
+                        }
+                    }
+                }
+                let mut dw = [_mm512_setzero_ps(); NV];
+                for v in 0..NV {
+                    dw[v] = _mm512_load_ps(bb.add(W_SCALE + 64 * v) as *const f32);
                 }
                 for r in 0..R {
-                    let av = _mm512_set1_epi32((ab.add((quad * MR + r) * 4) as *const i32).read_unaligned());
+                    let da = _mm512_set1_ps((ab.add(8 * MR * 4 + 4 * r) as *const f32).read_unaligned());
                     for v in 0..NV {
-                        isum[r][v] = _mm512_dpbusd_epi32(isum[r][v], av, wv[v]);
+                        acc[r][v] =
+                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r][v]), _mm512_mul_ps(dw[v], da), acc[r][v]);
                     }
                 }
             }
-            let mut dw = [_mm512_setzero_ps(); NV];
-            for v in 0..NV {
-                dw[v] = _mm512_load_ps(bb.add(W_SCALE + 64 * v) as *const f32);
-            }
             for r in 0..R {
-                let da = _mm512_set1_ps((ab.add(8 * MR * 4 + 4 * r) as *const f32).read_unaligned());
                 for v in 0..NV {
-                    acc[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r][v]), _mm512_mul_ps(dw[v], da), acc[r][v]);
+                    // `wrapping_add`: with a partial panel a masked-off vector may lie past the end
+                    // of `out`; a masked-off lane of a masked load or store never faults.
+                    let cr = c.wrapping_add(r * ldc + 16 * v);
+                    let mut val = acc[r][v];
+                    if accumulate {
+                        val = _mm512_add_ps(val, _mm512_maskz_loadu_ps(masks[v], cr));
+                    }
+                    _mm512_mask_storeu_ps(cr, masks[v], val);
                 }
-            }
-        }
-        for r in 0..R {
-            for v in 0..NV {
-                // `wrapping_add`: with a partial panel a masked-off vector may lie past the end
-                // of `out`; a masked-off lane of a masked load or store never faults.
-                let cr = c.wrapping_add(r * ldc + 16 * v);
-                let mut val = acc[r][v];
-                if accumulate {
-                    val = _mm512_add_ps(val, _mm512_maskz_loadu_ps(masks[v], cr));
-                }
-                _mm512_mask_storeu_ps(cr, masks[v], val);
             }
         }
     }
@@ -524,37 +553,19 @@ mod tests {
     use super::*;
     use crate::kernels::cpu::{self, KernelSet};
 
-    /// [`matmul_q8_0`] with the AVX-512 VNNI kernel allowed (`fast`, where the CPU has it) or the
-    /// portable path forced through the kernel-set switch.
-    fn matmul_q8_0_forced(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32], fast: bool) {
-        let _forced = cpu::force(if fast { KernelSet::Avx512 } else { KernelSet::Portable });
+    /// [`matmul_q8_0`] with the kernel set capped at `set` through the switch.
+    fn matmul_q8_0_forced(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32], set: KernelSet) {
+        let _forced = cpu::force(set);
         matmul_q8_0(x, m, w, n, k, out);
     }
     use candle_core::quantized::{k_quants, GgmlDType, QTensor};
     use candle_core::{Device, Module, Tensor};
 
-    /// Deterministic xorshift stream.
-    struct Rng(u64);
-    impl Rng {
-        fn new(seed: u64) -> Self {
-            Self(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-        }
-        fn next(&mut self) -> u64 {
-            self.0 ^= self.0 << 13;
-            self.0 ^= self.0 >> 7;
-            self.0 ^= self.0 << 17;
-            self.0
-        }
-        /// Uniform in [-1, 1).
-        fn unit(&mut self) -> f32 {
-            (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
-        }
-    }
+    use crate::kernels::testing::{simd_sets, values_with_outliers, Rng};
 
     /// Activations in about ±1, with outliers, and one all-zero block when there is room.
     fn activations(len: usize, seed: u64) -> Vec<f32> {
-        let mut r = Rng::new(seed);
-        let mut x: Vec<f32> = (0..len).map(|i| if i % 97 == 13 { 8.0 * r.unit() } else { r.unit() }).collect();
+        let mut x = values_with_outliers(len, seed, 8.0);
         if len >= 2 * QK {
             x[QK..2 * QK].fill(0.0);
         }
@@ -603,14 +614,14 @@ mod tests {
         Ok(())
     }
 
-    fn run(m: usize, n: usize, k: usize, allow_fast: bool) {
+    fn run(m: usize, n: usize, k: usize, set: KernelSet) {
         let x = activations(m * k, (m * 1000 + k) as u64);
         let w = weights(n, k, (n * 7919 + k) as u64 + 1);
         // NaN everywhere: every element must be overwritten.
         let mut out = vec![f32::NAN; m * n];
-        matmul_q8_0_forced(&x, m, &w, n, k, &mut out, allow_fast);
+        matmul_q8_0_forced(&x, m, &w, n, k, &mut out, set);
         if let Err((i, j, got, want)) = check(&x, m, &w, n, k, &out) {
-            panic!("m={m} n={n} k={k} fast={allow_fast}: out[{i}, {j}] = {got}, want {want}");
+            panic!("m={m} n={n} k={k} {set}: out[{i}, {j}] = {got}, want {want}");
         }
     }
 
@@ -619,14 +630,16 @@ mod tests {
     const KS: [usize; 4] = [32, 64, 96, 4096];
 
     #[test]
-    fn fast_path_matches_reference() {
-        if !has_fast_path() {
-            eprintln!("no AVX-512 VNNI on this CPU: the public entry point runs the portable path");
+    fn simd_paths_match_reference() {
+        if simd_sets().is_empty() {
+            eprintln!("no AVX2 on this CPU: the public entry point runs the portable path");
         }
-        for m in MS {
-            for n in NS {
-                for k in KS {
-                    run(m, n, k, true);
+        for set in simd_sets() {
+            for m in MS {
+                for n in NS {
+                    for k in KS {
+                        run(m, n, k, set);
+                    }
                 }
             }
         }
@@ -637,7 +650,7 @@ mod tests {
         for m in MS {
             for n in NS {
                 for k in KS {
-                    run(m, n, k, false);
+                    run(m, n, k, KernelSet::Portable);
                 }
             }
         }
@@ -649,11 +662,14 @@ mod tests {
     #[test]
     fn blocked_shapes_match_reference() {
         for &(m, n, k) in &[(200, 300, 1184), (97, 530, 288), (400, 40, 608), (3, 1000, 544), (61, 257, 32)] {
-            run(m, n, k, true);
-            run(m, n, k, false);
+            for set in cpu::available_sets() {
+                run(m, n, k, set);
+            }
         }
         for m in 1..=13 {
-            run(m, 70, 576, true);
+            for set in simd_sets() {
+                run(m, 70, 576, set);
+            }
         }
     }
 
@@ -673,10 +689,10 @@ mod tests {
                 };
             }
         }
-        for fast in [true, false] {
+        for set in cpu::available_sets() {
             let mut out = vec![f32::NAN; m * n];
-            matmul_q8_0_forced(&x, m, &w, n, k, &mut out, fast);
-            assert!(check(&x, m, &w, n, k, &out).is_ok(), "fast={fast}");
+            matmul_q8_0_forced(&x, m, &w, n, k, &mut out, set);
+            assert!(check(&x, m, &w, n, k, &out).is_ok(), "{set}");
         }
     }
 
@@ -723,17 +739,17 @@ mod tests {
             let op: Vec<f32> = xt.apply_op1_no_bwd(&qt).unwrap().flatten_all().unwrap().to_vec1().unwrap();
             let generic = candle_generic(&x, m, &bytes, n, k);
             let tiled = n % 16 == 0 && k % 256 == 0;
-            for fast in [true, false] {
+            for set in cpu::available_sets() {
                 let mut out = vec![f32::NAN; m * n];
-                matmul_q8_0_forced(&x, m, &bytes, n, k, &mut out, fast);
+                matmul_q8_0_forced(&x, m, &bytes, n, k, &mut out, set);
                 let max_out = out.iter().fold(0f32, |a, &v| a.max(v.abs()));
                 let diff = |want: &[f32]| out.iter().zip(want).fold(0f32, |a, (&g, &e)| a.max((g - e).abs()));
                 let tol = 1e-4 * (max_out + 1.0);
                 let d = diff(&generic);
-                assert!(d <= tol, "m={m} n={n} k={k} fast={fast}: max |ours - candle generic| = {d} > {tol}");
+                assert!(d <= tol, "m={m} n={n} k={k} {set}: max |ours - candle generic| = {d} > {tol}");
                 if !tiled {
                     let d = diff(&op);
-                    assert!(d <= tol, "m={m} n={n} k={k} fast={fast}: max |ours - candle op| = {d} > {tol}");
+                    assert!(d <= tol, "m={m} n={n} k={k} {set}: max |ours - candle op| = {d} > {tol}");
                     continue;
                 }
                 // Q8K activations (one scale per 256 values) against our Q8_0 ones: each rounds
@@ -756,7 +772,7 @@ mod tests {
                         let d = (g as f64 - want as f64).abs();
                         assert!(
                             d <= bound + tol as f64,
-                            "m={m} n={n} k={k} fast={fast}: out[{i}, {j}] = {g}, candle op {want} (bound {bound})"
+                            "m={m} n={n} k={k} {set}: out[{i}, {j}] = {g}, candle op {want} (bound {bound})"
                         );
                     }
                 }

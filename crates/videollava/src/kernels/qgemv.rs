@@ -12,7 +12,8 @@
 //! streaming every weight byte once per token. candle 0.11's quantized matmul on x86 repacks
 //! Q4K/Q8_0 into expanded tiles, which makes an `m = 1` product read more bytes than the compact
 //! blocks hold and reach only about 14 GB/s of compact weight. These kernels read the compact
-//! blocks directly (AVX-512 VNNI where the CPU has it, a portable scalar loop elsewhere), split
+//! blocks directly (AVX-512 VNNI where the CPU has it, else AVX2 `maddubs`/`madd`, else a
+//! portable scalar loop; picked by [`super::cpu::features`]), split
 //! the output rows over rayon tasks and reuse each weight block for all `rows` activation rows,
 //! so the weight streams through once per call at close to memory bandwidth.
 //!
@@ -81,16 +82,26 @@ pub fn qgemv(format: QFormat, x: &[f32], rows: usize, w: &[u8], n: usize, k: usi
 pub(crate) enum Kernel {
     /// Portable Rust, any CPU.
     Scalar,
+    /// AVX2 + FMA + F16C (Haswell and later, Zen 1 and later).
+    #[cfg(target_arch = "x86_64")]
+    Avx2,
     /// AVX-512 F/BW/VL/VNNI (Ice Lake and later, Zen 4 and later).
     #[cfg(target_arch = "x86_64")]
     Avx512,
 }
 
 impl Kernel {
+    /// The best kernel the calling thread may use now ([`super::cpu::features`]).
     pub(crate) fn detect() -> Self {
         #[cfg(target_arch = "x86_64")]
-        if super::cpu::features().avx512_vnni {
-            return Kernel::Avx512;
+        {
+            let f = super::cpu::features();
+            if f.avx512_vnni {
+                return Kernel::Avx512;
+            }
+            if f.avx2 {
+                return Kernel::Avx2;
+            }
         }
         Kernel::Scalar
     }
@@ -130,12 +141,19 @@ fn qgemv_with(kernel: Kernel, format: QFormat, x: &[f32], rows: usize, w: &[u8],
                     scalar_rows(wc, nw, rows, row_bytes, oc, |wr, r| dot_q4k_scalar(wr, &act, r))
                 }
                 (Kernel::Scalar, _) => scalar_rows(wc, nw, rows, row_bytes, oc, |wr, r| dot_q6k_scalar(wr, &act, r)),
+                // SAFETY: Kernel::Avx2 is only chosen when the CPU has AVX2, FMA and F16C.
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx2, QFormat::Q4K) => unsafe { avx2::q4k(wc, nw, rows, &act, oc) },
+                // SAFETY: as above.
+                #[cfg(target_arch = "x86_64")]
+                (Kernel::Avx2, _) => unsafe { avx2::q6k(wc, nw, rows, &act, oc) },
                 #[cfg(target_arch = "x86_64")]
                 (Kernel::Avx512, QFormat::Q4K) => {
                     // SAFETY: Kernel::Avx512 is only chosen after runtime detection of every
                     // feature the kernel enables; slice lengths are checked inside.
                     unsafe { avx512::q4k(wc, nw, rows, &act, oc) }
                 }
+                // SAFETY: as above.
                 #[cfg(target_arch = "x86_64")]
                 (Kernel::Avx512, _) => unsafe { avx512::q6k(wc, nw, rows, &act, oc) },
             });
@@ -144,6 +162,11 @@ fn qgemv_with(kernel: Kernel, format: QFormat, x: &[f32], rows: usize, w: &[u8],
             let act = ActQ80::quantize(kernel, x, rows, nb);
             for_row_chunks(n, rows, row_bytes, w, out, |wc, nw, oc| match kernel {
                 Kernel::Scalar => scalar_rows(wc, nw, rows, row_bytes, oc, |wr, r| dot_q8_0_scalar(wr, &act, r)),
+                // SAFETY: Kernel::Avx2 is only chosen when the CPU has AVX2, FMA and F16C.
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2 => unsafe { avx2::q8_0(wc, nw, rows, &act, oc) },
+                // SAFETY: Kernel::Avx512 is only chosen after runtime detection of every feature
+                // the kernel enables; slice lengths are checked inside.
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx512 => unsafe { avx512::q8_0(wc, nw, rows, &act, oc) },
             });
@@ -253,6 +276,8 @@ impl ActQ8K {
             let bs = &mut bsums[bi * 16..(bi + 1) * 16];
             d[bi] = match kernel {
                 Kernel::Scalar => q8k_block_scalar(xs, &mut q, bs),
+                #[cfg(target_arch = "x86_64")]
+                Kernel::Avx2 => q8k_block_scalar(xs, &mut q, bs),
                 // SAFETY: features detected before Kernel::Avx512 is chosen.
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx512 => unsafe { avx512::q8k_block(xs, &mut q, bs) },
@@ -352,6 +377,8 @@ impl ActQ80 {
                 let q = &mut qs[o * QK8_0..(o + 1) * QK8_0];
                 let d = match kernel {
                     Kernel::Scalar => q8_0_block_scalar(xs, q),
+                    #[cfg(target_arch = "x86_64")]
+                    Kernel::Avx2 => q8_0_block_scalar(xs, q),
                     // SAFETY: features detected before Kernel::Avx512 is chosen.
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Avx512 => unsafe { avx512::q8_0_block(xs, q) },
@@ -466,102 +493,106 @@ pub(crate) mod avx512 {
     use super::{ActQ80, ActQ8K, QK8_0, QK_K};
     use std::arch::x86_64::*;
 
-    macro_rules! by_rows {
-        ($rows:expr, $f:ident($($a:expr),*)) => {
-            match $rows {
-                1 => $f::<1>($($a),*),
-                2 => $f::<2>($($a),*),
-                3 => $f::<3>($($a),*),
-                4 => $f::<4>($($a),*),
-                5 => $f::<5>($($a),*),
-                6 => $f::<6>($($a),*),
-                7 => $f::<7>($($a),*),
-                8 => $f::<8>($($a),*),
-                _ => unreachable!("rows checked by qgemv"),
-            }
-        };
-    }
-
     /// # Safety
     /// The CPU must support avx512f/bw/vl/vnni, avx2, fma and f16c.
     pub(super) unsafe fn q4k(w: &[u8], nw: usize, rows: usize, act: &ActQ8K, out_t: &mut [f32]) {
-        assert_eq!(w.len(), nw * act.nb * 144, "q4k: weight chunk size");
-        assert_eq!(out_t.len(), nw * rows, "q4k: output chunk size");
-        assert_eq!(act.qs.len(), rows * act.nb * QK_K, "q4k: activation size");
-        by_rows!(rows, q4k_r(w, nw, act, out_t))
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            assert_eq!(w.len(), nw * act.nb * 144, "q4k: weight chunk size");
+            assert_eq!(out_t.len(), nw * rows, "q4k: output chunk size");
+            assert_eq!(act.qs.len(), rows * act.nb * QK_K, "q4k: activation size");
+            by_rows!(rows, q4k_r(w, nw, act, out_t))
+        }
     }
 
     /// # Safety
     /// As [`q4k`].
     pub(super) unsafe fn q6k(w: &[u8], nw: usize, rows: usize, act: &ActQ8K, out_t: &mut [f32]) {
-        assert_eq!(w.len(), nw * act.nb * 210, "q6k: weight chunk size");
-        assert_eq!(out_t.len(), nw * rows, "q6k: output chunk size");
-        assert_eq!(act.qs.len(), rows * act.nb * QK_K, "q6k: activation size");
-        by_rows!(rows, q6k_r(w, nw, act, out_t))
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            assert_eq!(w.len(), nw * act.nb * 210, "q6k: weight chunk size");
+            assert_eq!(out_t.len(), nw * rows, "q6k: output chunk size");
+            assert_eq!(act.qs.len(), rows * act.nb * QK_K, "q6k: activation size");
+            by_rows!(rows, q6k_r(w, nw, act, out_t))
+        }
     }
 
     /// # Safety
     /// As [`q4k`].
     pub(super) unsafe fn q8_0(w: &[u8], nw: usize, rows: usize, act: &ActQ80, out_t: &mut [f32]) {
-        assert_eq!(w.len(), nw * act.nb * 34, "q8_0: weight chunk size");
-        assert_eq!(out_t.len(), nw * rows, "q8_0: output chunk size");
-        assert_eq!(act.qs.len(), rows * act.nb_pad * QK8_0, "q8_0: activation size");
-        assert_eq!(act.dvec.len(), rows * act.nb_pad * 8, "q8_0: activation scale size");
-        by_rows!(rows, q8_0_r(w, nw, act, out_t))
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            assert_eq!(w.len(), nw * act.nb * 34, "q8_0: weight chunk size");
+            assert_eq!(out_t.len(), nw * rows, "q8_0: output chunk size");
+            assert_eq!(act.qs.len(), rows * act.nb_pad * QK8_0, "q8_0: activation size");
+            assert_eq!(act.dvec.len(), rows * act.nb_pad * 8, "q8_0: activation scale size");
+            by_rows!(rows, q8_0_r(w, nw, act, out_t))
+        }
     }
 
     /// [`super::q8k_block_scalar`] vectorised; bit-identical for finite inputs.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub(super) unsafe fn q8k_block(xs: &[f32], q: &mut [i8; QK_K], bs: &mut [i16]) -> f32 {
-        assert!(xs.len() == QK_K && bs.len() == 16, "q8k_block: block size");
-        let p = xs.as_ptr();
-        let mut m = _mm512_setzero_ps();
-        for i in 0..16 {
-            // max_ps returns the second operand when the first is NaN: NaNs are skipped.
-            m = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(p.add(16 * i))), m);
-        }
-        let amax = _mm512_reduce_max_ps(m);
-        if amax == 0.0 {
-            q.fill(0);
-            bs.fill(0);
-            return 0.0;
-        }
-        // The first value of largest magnitude, as candle picks it.
-        let vamax = _mm512_set1_ps(amax);
-        let mut max = 0f32;
-        for i in 0..16 {
-            let hit = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_abs_ps(_mm512_loadu_ps(p.add(16 * i))), vamax);
-            if hit != 0 {
-                max = xs[16 * i + hit.trailing_zeros() as usize];
-                break;
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            assert!(xs.len() == QK_K && bs.len() == 16, "q8k_block: block size");
+            let p = xs.as_ptr();
+            let mut m = _mm512_setzero_ps();
+            for i in 0..16 {
+                // max_ps returns the second operand when the first is NaN: NaNs are skipped.
+                m = _mm512_max_ps(_mm512_abs_ps(_mm512_loadu_ps(p.add(16 * i))), m);
             }
+            let amax = _mm512_reduce_max_ps(m);
+            if amax == 0.0 {
+                q.fill(0);
+                bs.fill(0);
+                return 0.0;
+            }
+            // The first value of largest magnitude, as candle picks it.
+            let vamax = _mm512_set1_ps(amax);
+            let mut max = 0f32;
+            for i in 0..16 {
+                let hit = _mm512_cmp_ps_mask::<_CMP_EQ_OQ>(_mm512_abs_ps(_mm512_loadu_ps(p.add(16 * i))), vamax);
+                if hit != 0 {
+                    max = xs[16 * i + hit.trailing_zeros() as usize];
+                    break;
+                }
+            }
+            let iscale = -127f32 / max;
+            let vs = _mm512_set1_ps(iscale);
+            for (i, s) in bs.iter_mut().enumerate() {
+                let iv = round_to_i32(_mm512_mul_ps(vs, _mm512_loadu_ps(p.add(16 * i))));
+                let iv = _mm512_max_epi32(_mm512_min_epi32(iv, _mm512_set1_epi32(127)), _mm512_set1_epi32(-128));
+                _mm_storeu_si128(q.as_mut_ptr().add(16 * i) as *mut _, _mm512_cvtepi32_epi8(iv));
+                *s = _mm512_reduce_add_epi32(iv) as i16;
+            }
+            1.0 / iscale
         }
-        let iscale = -127f32 / max;
-        let vs = _mm512_set1_ps(iscale);
-        for (i, s) in bs.iter_mut().enumerate() {
-            let iv = round_to_i32(_mm512_mul_ps(vs, _mm512_loadu_ps(p.add(16 * i))));
-            let iv = _mm512_max_epi32(_mm512_min_epi32(iv, _mm512_set1_epi32(127)), _mm512_set1_epi32(-128));
-            _mm_storeu_si128(q.as_mut_ptr().add(16 * i) as *mut _, _mm512_cvtepi32_epi8(iv));
-            *s = _mm512_reduce_add_epi32(iv) as i16;
-        }
-        1.0 / iscale
     }
 
     /// [`super::q8_0_block_scalar`] vectorised; bit-identical for finite inputs.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub(crate) unsafe fn q8_0_block(xs: &[f32], q: &mut [i8]) -> f32 {
-        assert!(xs.len() == QK8_0 && q.len() == QK8_0, "q8_0_block: block size");
-        let v0 = _mm512_loadu_ps(xs.as_ptr());
-        let v1 = _mm512_loadu_ps(xs.as_ptr().add(16));
-        let m = _mm512_max_ps(_mm512_abs_ps(v1), _mm512_max_ps(_mm512_abs_ps(v0), _mm512_setzero_ps()));
-        let d = _mm512_reduce_max_ps(m) / 127.0;
-        let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
-        for (i, v) in [v0, v1].into_iter().enumerate() {
-            // Saturating narrowing, as Rust's `f32 as i8`.
-            let b = _mm512_cvtsepi32_epi8(round_to_i32(_mm512_mul_ps(v, id)));
-            _mm_storeu_si128(q.as_mut_ptr().add(16 * i) as *mut _, b);
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            assert!(xs.len() == QK8_0 && q.len() == QK8_0, "q8_0_block: block size");
+            let v0 = _mm512_loadu_ps(xs.as_ptr());
+            let v1 = _mm512_loadu_ps(xs.as_ptr().add(16));
+            let m = _mm512_max_ps(_mm512_abs_ps(v1), _mm512_max_ps(_mm512_abs_ps(v0), _mm512_setzero_ps()));
+            let d = _mm512_reduce_max_ps(m) / 127.0;
+            let id = _mm512_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+            for (i, v) in [v0, v1].into_iter().enumerate() {
+                // Saturating narrowing, as Rust's `f32 as i8`.
+                let b = _mm512_cvtsepi32_epi8(round_to_i32(_mm512_mul_ps(v, id)));
+                _mm_storeu_si128(q.as_mut_ptr().add(16 * i) as *mut _, b);
+            }
+            d
         }
-        d
     }
 
     /// Round half away from zero (`f32::round`) and convert to i32.
@@ -579,15 +610,21 @@ pub(crate) mod avx512 {
     #[target_feature(enable = "avx512f")]
     #[inline]
     unsafe fn load(p: *const u8) -> __m512i {
-        _mm512_loadu_si512(p as *const _)
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe { _mm512_loadu_si512(p as *const _) }
     }
 
     /// The f16 at `p` (unaligned, little-endian) as f32, via F16C.
     #[target_feature(enable = "f16c")]
     #[inline]
     unsafe fn f16_at(p: *const u8) -> f32 {
-        let bits = u16::from_le_bytes([*p, *p.add(1)]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let bits = u16::from_le_bytes([*p, *p.add(1)]);
+            _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+        }
     }
 
     /// Q4K: the two 64-byte halves of `qs` give four 64-lane u8 operands (low/high nibbles),
@@ -603,144 +640,148 @@ pub(crate) mod avx512 {
     /// activation's 32-value sums in the same lane order (`group_sums`).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn q4k_r<const R: usize>(w: &[u8], nw: usize, act: &ActQ8K, out_t: &mut [f32]) {
-        const G: usize = super::Q4K_GROUP;
-        let nb = act.nb;
-        let ng = nb.div_ceil(G);
-        assert_eq!(act.group_d.len(), R * ng * 16, "q4k: group scales");
-        assert_eq!(act.group_sums.len(), R * ng * 64, "q4k: group sums");
-        let row_bytes = nb * 144;
-        let m4 = _mm512_set1_epi8(0x0F);
-        // vpshufb controls: i16 lanes 0..15 take scale byte `a`, lanes 16..31 scale byte `b`,
-        // for the operand pairs (a, b) = (0,2), (1,3), (4,6), (5,7).
-        let mut ctl = [_mm512_setzero_si512(); 4];
-        for (c, (a, b)) in ctl.iter_mut().zip([(0u8, 2u8), (1, 3), (4, 6), (5, 7)]) {
-            let mut bytes = [0x80u8; 64];
-            for (i, v) in bytes.iter_mut().enumerate().step_by(2) {
-                *v = if i < 32 { a } else { b };
-            }
-            *c = load(bytes.as_ptr());
-        }
-        // vpshufb controls spreading the bytes (0, 1) / (2, 3) of each dword into i16 pairs.
-        let mut spread = [_mm512_setzero_si512(); 2];
-        for (h, c) in spread.iter_mut().enumerate() {
-            let mut bytes = [0x80u8; 64];
-            for i in 0..16 {
-                bytes[4 * i] = ((4 * i) % 16 + 2 * h) as u8;
-                bytes[4 * i + 2] = ((4 * i) % 16 + 2 * h + 1) as u8;
-            }
-            *c = load(bytes.as_ptr());
-        }
-        let (k1, k2, k3) =
-            (_mm512_set1_epi32(0x3f3f3f3f), _mm512_set1_epi32(0x0f0f0f0f), _mm512_set1_epi32(0x03030303));
-        let wp = w.as_ptr();
-        let aq = act.qs.as_ptr() as *const u8;
-        // Per group: the scale bytes of each block as a u64 (by block, see below), and per row
-        // `d * yd` by lane.
-        let mut sc = [0u64; 16];
-        let mut dd = [[0f32; 16]; R];
-        for j in 0..nw {
-            let row = wp.add(j * row_bytes);
-            let mut acc = [_mm512_setzero_ps(); R];
-            for g in 0..ng {
-                let m = (nb - g * G).min(G);
-                let base = row.add(g * G * 144);
-                // Headers: vector z holds blocks 4z..4z+3 (zeros past the row's end).
-                let hdr = |b: usize| -> __m128i {
-                    if b < m {
-                        _mm_loadu_si128(base.add(b * 144) as *const _)
-                    } else {
-                        _mm_setzero_si128()
-                    }
-                };
-                let mut hv = [_mm512_setzero_si512(); 4];
-                for (z, v) in hv.iter_mut().enumerate() {
-                    let x = _mm512_castsi128_si512(hdr(4 * z));
-                    let x = _mm512_inserti32x4::<1>(x, hdr(4 * z + 1));
-                    let x = _mm512_inserti32x4::<2>(x, hdr(4 * z + 2));
-                    *v = _mm512_inserti32x4::<3>(x, hdr(4 * z + 3));
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            const G: usize = super::Q4K_GROUP;
+            let nb = act.nb;
+            let ng = nb.div_ceil(G);
+            assert_eq!(act.group_d.len(), R * ng * 16, "q4k: group scales");
+            assert_eq!(act.group_sums.len(), R * ng * 64, "q4k: group sums");
+            let row_bytes = nb * 144;
+            let m4 = _mm512_set1_epi8(0x0F);
+            // vpshufb controls: i16 lanes 0..15 take scale byte `a`, lanes 16..31 scale byte `b`,
+            // for the operand pairs (a, b) = (0,2), (1,3), (4,6), (5,7).
+            let mut ctl = [_mm512_setzero_si512(); 4];
+            for (c, (a, b)) in ctl.iter_mut().zip([(0u8, 2u8), (1, 3), (4, 6), (5, 7)]) {
+                let mut bytes = [0x80u8; 64];
+                for (i, v) in bytes.iter_mut().enumerate().step_by(2) {
+                    *v = if i < 32 { a } else { b };
                 }
-                let t0 = _mm512_unpacklo_epi32(hv[0], hv[1]);
-                let t1 = _mm512_unpackhi_epi32(hv[0], hv[1]);
-                let t2 = _mm512_unpacklo_epi32(hv[2], hv[3]);
-                let t3 = _mm512_unpackhi_epi32(hv[2], hv[3]);
-                // Word w of the headers of all 16 blocks (lane e = block 4 * (e % 4) + e / 4).
-                let w0 = _mm512_unpacklo_epi64(t0, t2);
-                let u0 = _mm512_unpackhi_epi64(t0, t2);
-                let u1 = _mm512_unpacklo_epi64(t1, t3);
-                let u2 = _mm512_unpackhi_epi64(t1, t3);
-                let dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(w0));
-                let dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(w0)));
-                // `q4k_scales_mins`, lane-wise.
-                let s0 = _mm512_and_si512(u0, k1);
-                let s1 = _mm512_or_si512(
-                    _mm512_and_si512(u2, k2),
-                    _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u0), k3)),
-                );
-                let m0 = _mm512_and_si512(u1, k1);
-                let m1 = _mm512_or_si512(
-                    _mm512_and_si512(_mm512_srli_epi32::<4>(u2), k2),
-                    _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u1), k3)),
-                );
-                // Scale bytes as u64 per lane: lanes (4L, 4L+1) in `lo`, (4L+2, 4L+3) in `hi`.
-                _mm512_storeu_si512(sc.as_mut_ptr() as *mut _, _mm512_unpacklo_epi32(s0, s1));
-                _mm512_storeu_si512(sc.as_mut_ptr().add(8) as *mut _, _mm512_unpackhi_epi32(s0, s1));
-                let mins = [
-                    _mm512_shuffle_epi8(m0, spread[0]),
-                    _mm512_shuffle_epi8(m0, spread[1]),
-                    _mm512_shuffle_epi8(m1, spread[0]),
-                    _mm512_shuffle_epi8(m1, spread[1]),
-                ];
-                for r in 0..R {
-                    let at = r * ng + g;
-                    let yd = _mm512_loadu_ps(act.group_d.as_ptr().add(at * 16));
-                    _mm512_storeu_ps(dd[r].as_mut_ptr(), _mm512_mul_ps(dw, yd));
-                    let gs = act.group_sums.as_ptr().add(at * 64) as *const u8;
-                    let mut sm = _mm512_setzero_si512();
-                    for (k, mk) in mins.iter().enumerate() {
-                        sm = _mm512_dpwssd_epi32(sm, *mk, load(gs.add(64 * k)));
-                    }
-                    acc[r] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(sm), _mm512_mul_ps(dmin, yd), acc[r]);
+                *c = load(bytes.as_ptr());
+            }
+            // vpshufb controls spreading the bytes (0, 1) / (2, 3) of each dword into i16 pairs.
+            let mut spread = [_mm512_setzero_si512(); 2];
+            for (h, c) in spread.iter_mut().enumerate() {
+                let mut bytes = [0x80u8; 64];
+                for i in 0..16 {
+                    bytes[4 * i] = ((4 * i) % 16 + 2 * h) as u8;
+                    bytes[4 * i + 2] = ((4 * i) % 16 + 2 * h + 1) as u8;
                 }
-                for b in 0..m {
-                    let blk = base.add(b * 144);
-                    // The same block of the next group: its header is read at the group's start.
-                    let ahead = blk.add(G * 144) as *const i8;
-                    _mm_prefetch::<_MM_HINT_T0>(ahead);
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(64));
-                    _mm_prefetch::<_MM_HINT_T0>(ahead.add(128));
-                    // Block b = 4z + L sits in lane e = 4L + z; its u64 of scale bytes at
-                    // 2L + z (z < 2) or 8 + 2L + z - 2.
-                    let (z, l) = (b / 4, b % 4);
-                    let e = 4 * l + z;
-                    let si_at = if z < 2 { 2 * l + z } else { 6 + 2 * l + z };
-                    let sb = _mm512_set1_epi64(sc[si_at] as i64);
-                    let q0 = load(blk.add(16));
-                    let q1 = load(blk.add(80));
-                    let v = [
-                        _mm512_and_si512(q0, m4),
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(q0), m4),
-                        _mm512_and_si512(q1, m4),
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(q1), m4),
-                    ];
-                    let s = [
-                        _mm512_shuffle_epi8(sb, ctl[0]),
-                        _mm512_shuffle_epi8(sb, ctl[1]),
-                        _mm512_shuffle_epi8(sb, ctl[2]),
-                        _mm512_shuffle_epi8(sb, ctl[3]),
-                    ];
-                    for (r, acc) in acc.iter_mut().enumerate() {
-                        let a = aq.add((r * nb + g * G + b) * QK_K);
-                        let mut si = _mm512_setzero_si512();
-                        for z in 0..4 {
-                            let p = _mm512_maddubs_epi16(v[z], load(a.add(64 * z)));
-                            si = _mm512_dpwssd_epi32(si, p, s[z]);
+                *c = load(bytes.as_ptr());
+            }
+            let (k1, k2, k3) =
+                (_mm512_set1_epi32(0x3f3f3f3f), _mm512_set1_epi32(0x0f0f0f0f), _mm512_set1_epi32(0x03030303));
+            let wp = w.as_ptr();
+            let aq = act.qs.as_ptr() as *const u8;
+            // Per group: the scale bytes of each block as a u64 (by block, see below), and per row
+            // `d * yd` by lane.
+            let mut sc = [0u64; 16];
+            let mut dd = [[0f32; 16]; R];
+            for j in 0..nw {
+                let row = wp.add(j * row_bytes);
+                let mut acc = [_mm512_setzero_ps(); R];
+                for g in 0..ng {
+                    let m = (nb - g * G).min(G);
+                    let base = row.add(g * G * 144);
+                    // Headers: vector z holds blocks 4z..4z+3 (zeros past the row's end).
+                    let hdr = |b: usize| -> __m128i {
+                        if b < m {
+                            _mm_loadu_si128(base.add(b * 144) as *const _)
+                        } else {
+                            _mm_setzero_si128()
                         }
-                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_set1_ps(dd[r][e]), *acc);
+                    };
+                    let mut hv = [_mm512_setzero_si512(); 4];
+                    for (z, v) in hv.iter_mut().enumerate() {
+                        let x = _mm512_castsi128_si512(hdr(4 * z));
+                        let x = _mm512_inserti32x4::<1>(x, hdr(4 * z + 1));
+                        let x = _mm512_inserti32x4::<2>(x, hdr(4 * z + 2));
+                        *v = _mm512_inserti32x4::<3>(x, hdr(4 * z + 3));
+                    }
+                    let t0 = _mm512_unpacklo_epi32(hv[0], hv[1]);
+                    let t1 = _mm512_unpackhi_epi32(hv[0], hv[1]);
+                    let t2 = _mm512_unpacklo_epi32(hv[2], hv[3]);
+                    let t3 = _mm512_unpackhi_epi32(hv[2], hv[3]);
+                    // Word w of the headers of all 16 blocks (lane e = block 4 * (e % 4) + e / 4).
+                    let w0 = _mm512_unpacklo_epi64(t0, t2);
+                    let u0 = _mm512_unpackhi_epi64(t0, t2);
+                    let u1 = _mm512_unpacklo_epi64(t1, t3);
+                    let u2 = _mm512_unpackhi_epi64(t1, t3);
+                    let dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(w0));
+                    let dmin = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(w0)));
+                    // `q4k_scales_mins`, lane-wise.
+                    let s0 = _mm512_and_si512(u0, k1);
+                    let s1 = _mm512_or_si512(
+                        _mm512_and_si512(u2, k2),
+                        _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u0), k3)),
+                    );
+                    let m0 = _mm512_and_si512(u1, k1);
+                    let m1 = _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi32::<4>(u2), k2),
+                        _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u1), k3)),
+                    );
+                    // Scale bytes as u64 per lane: lanes (4L, 4L+1) in `lo`, (4L+2, 4L+3) in `hi`.
+                    _mm512_storeu_si512(sc.as_mut_ptr() as *mut _, _mm512_unpacklo_epi32(s0, s1));
+                    _mm512_storeu_si512(sc.as_mut_ptr().add(8) as *mut _, _mm512_unpackhi_epi32(s0, s1));
+                    let mins = [
+                        _mm512_shuffle_epi8(m0, spread[0]),
+                        _mm512_shuffle_epi8(m0, spread[1]),
+                        _mm512_shuffle_epi8(m1, spread[0]),
+                        _mm512_shuffle_epi8(m1, spread[1]),
+                    ];
+                    for r in 0..R {
+                        let at = r * ng + g;
+                        let yd = _mm512_loadu_ps(act.group_d.as_ptr().add(at * 16));
+                        _mm512_storeu_ps(dd[r].as_mut_ptr(), _mm512_mul_ps(dw, yd));
+                        let gs = act.group_sums.as_ptr().add(at * 64) as *const u8;
+                        let mut sm = _mm512_setzero_si512();
+                        for (k, mk) in mins.iter().enumerate() {
+                            sm = _mm512_dpwssd_epi32(sm, *mk, load(gs.add(64 * k)));
+                        }
+                        acc[r] = _mm512_fnmadd_ps(_mm512_cvtepi32_ps(sm), _mm512_mul_ps(dmin, yd), acc[r]);
+                    }
+                    for b in 0..m {
+                        let blk = base.add(b * 144);
+                        // The same block of the next group: its header is read at the group's start.
+                        let ahead = blk.add(G * 144) as *const i8;
+                        _mm_prefetch::<_MM_HINT_T0>(ahead);
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(64));
+                        _mm_prefetch::<_MM_HINT_T0>(ahead.add(128));
+                        // Block b = 4z + L sits in lane e = 4L + z; its u64 of scale bytes at
+                        // 2L + z (z < 2) or 8 + 2L + z - 2.
+                        let (z, l) = (b / 4, b % 4);
+                        let e = 4 * l + z;
+                        let si_at = if z < 2 { 2 * l + z } else { 6 + 2 * l + z };
+                        let sb = _mm512_set1_epi64(sc[si_at] as i64);
+                        let q0 = load(blk.add(16));
+                        let q1 = load(blk.add(80));
+                        let v = [
+                            _mm512_and_si512(q0, m4),
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(q0), m4),
+                            _mm512_and_si512(q1, m4),
+                            _mm512_and_si512(_mm512_srli_epi16::<4>(q1), m4),
+                        ];
+                        let s = [
+                            _mm512_shuffle_epi8(sb, ctl[0]),
+                            _mm512_shuffle_epi8(sb, ctl[1]),
+                            _mm512_shuffle_epi8(sb, ctl[2]),
+                            _mm512_shuffle_epi8(sb, ctl[3]),
+                        ];
+                        for (r, acc) in acc.iter_mut().enumerate() {
+                            let a = aq.add((r * nb + g * G + b) * QK_K);
+                            let mut si = _mm512_setzero_si512();
+                            for z in 0..4 {
+                                let p = _mm512_maddubs_epi16(v[z], load(a.add(64 * z)));
+                                si = _mm512_dpwssd_epi32(si, p, s[z]);
+                            }
+                            *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_set1_ps(dd[r][e]), *acc);
+                        }
                     }
                 }
-            }
-            for (r, acc) in acc.iter().enumerate() {
-                out_t[j * R + r] = _mm512_reduce_add_ps(*acc);
+                for (r, acc) in acc.iter().enumerate() {
+                    out_t[j * R + r] = _mm512_reduce_add_ps(*acc);
+                }
             }
         }
     }
@@ -750,71 +791,75 @@ pub(crate) mod avx512 {
     /// sums, and the `-32` offset is removed with `dpwssd(-32 * scales, bsums)`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn q6k_r<const R: usize>(w: &[u8], nw: usize, act: &ActQ8K, out_t: &mut [f32]) {
-        let nb = act.nb;
-        let row_bytes = nb * 210;
-        let m4 = _mm512_set1_epi8(0x0F);
-        let m30 = _mm512_set1_epi8(0x30);
-        let neg32 = _mm256_set1_epi16(-32);
-        // vpermw indices: i16 lane L of operand z takes scale 4z + L/8.
-        let mut idx = [_mm512_setzero_si512(); 4];
-        for (z, c) in idx.iter_mut().enumerate() {
-            let mut lanes = [0u16; 32];
-            for (l, v) in lanes.iter_mut().enumerate() {
-                *v = (4 * z + l / 8) as u16;
-            }
-            *c = load(lanes.as_ptr() as *const u8);
-        }
-        let wp = w.as_ptr();
-        let aq = act.qs.as_ptr() as *const u8;
-        let ab = act.bsums.as_ptr() as *const u8;
-        let ad = act.d.as_ptr();
-        for j in 0..nw {
-            let mut acc = [_mm512_setzero_ps(); R];
-            for b in 0..nb {
-                let blk = wp.add(j * row_bytes + b * 210);
-                if b + 2 < nb {
-                    _mm_prefetch::<_MM_HINT_T0>(blk.add(2 * 210) as *const i8);
-                    _mm_prefetch::<_MM_HINT_T0>(blk.add(2 * 210 + 192) as *const i8);
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let nb = act.nb;
+            let row_bytes = nb * 210;
+            let m4 = _mm512_set1_epi8(0x0F);
+            let m30 = _mm512_set1_epi8(0x30);
+            let neg32 = _mm256_set1_epi16(-32);
+            // vpermw indices: i16 lane L of operand z takes scale 4z + L/8.
+            let mut idx = [_mm512_setzero_si512(); 4];
+            for (z, c) in idx.iter_mut().enumerate() {
+                let mut lanes = [0u16; 32];
+                for (l, v) in lanes.iter_mut().enumerate() {
+                    *v = (4 * z + l / 8) as u16;
                 }
-                let vdw = _mm512_set1_ps(f16_at(blk.add(208)));
-                let ql0 = load(blk);
-                let ql1 = load(blk.add(64));
-                let qh = load(blk.add(128));
-                let qh_s2 = _mm512_srli_epi16::<2>(qh);
-                // [qh[0..32], qh[0..32] >> 2] and [qh[32..64], qh[32..64] >> 2].
-                let h0 = _mm512_shuffle_i64x2::<0x44>(qh, qh_s2);
-                let h1 = _mm512_shuffle_i64x2::<0xEE>(qh, qh_s2);
-                // (ql & 0x0F) | high bits, via ternary logic 0xEA = (A & B) | C.
-                let v = [
-                    _mm512_ternarylogic_epi32::<0xEA>(ql0, m4, _mm512_and_si512(_mm512_slli_epi16::<4>(h0), m30)),
-                    _mm512_ternarylogic_epi32::<0xEA>(_mm512_srli_epi16::<4>(ql0), m4, _mm512_and_si512(h0, m30)),
-                    _mm512_ternarylogic_epi32::<0xEA>(ql1, m4, _mm512_and_si512(_mm512_slli_epi16::<4>(h1), m30)),
-                    _mm512_ternarylogic_epi32::<0xEA>(_mm512_srli_epi16::<4>(ql1), m4, _mm512_and_si512(h1, m30)),
-                ];
-                let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(192) as *const _));
-                let scz = _mm512_zextsi256_si512(sc16);
-                let s = [
-                    _mm512_permutexvar_epi16(idx[0], scz),
-                    _mm512_permutexvar_epi16(idx[1], scz),
-                    _mm512_permutexvar_epi16(idx[2], scz),
-                    _mm512_permutexvar_epi16(idx[3], scz),
-                ];
-                let scn = _mm512_zextsi256_si512(_mm256_mullo_epi16(sc16, neg32));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let o = r * nb + b;
-                    let a = aq.add(o * QK_K);
-                    let bs = _mm512_zextsi256_si512(_mm256_loadu_si256(ab.add(o * 32) as *const _));
-                    let mut si = _mm512_madd_epi16(scn, bs);
-                    for z in 0..4 {
-                        let p = _mm512_maddubs_epi16(v[z], load(a.add(64 * z)));
-                        si = _mm512_dpwssd_epi32(si, p, s[z]);
+                *c = load(lanes.as_ptr() as *const u8);
+            }
+            let wp = w.as_ptr();
+            let aq = act.qs.as_ptr() as *const u8;
+            let ab = act.bsums.as_ptr() as *const u8;
+            let ad = act.d.as_ptr();
+            for j in 0..nw {
+                let mut acc = [_mm512_setzero_ps(); R];
+                for b in 0..nb {
+                    let blk = wp.add(j * row_bytes + b * 210);
+                    if b + 2 < nb {
+                        _mm_prefetch::<_MM_HINT_T0>(blk.add(2 * 210) as *const i8);
+                        _mm_prefetch::<_MM_HINT_T0>(blk.add(2 * 210 + 192) as *const i8);
                     }
-                    let yd = _mm512_set1_ps(*ad.add(o));
-                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(yd, vdw), *acc);
+                    let vdw = _mm512_set1_ps(f16_at(blk.add(208)));
+                    let ql0 = load(blk);
+                    let ql1 = load(blk.add(64));
+                    let qh = load(blk.add(128));
+                    let qh_s2 = _mm512_srli_epi16::<2>(qh);
+                    // [qh[0..32], qh[0..32] >> 2] and [qh[32..64], qh[32..64] >> 2].
+                    let h0 = _mm512_shuffle_i64x2::<0x44>(qh, qh_s2);
+                    let h1 = _mm512_shuffle_i64x2::<0xEE>(qh, qh_s2);
+                    // (ql & 0x0F) | high bits, via ternary logic 0xEA = (A & B) | C.
+                    let v = [
+                        _mm512_ternarylogic_epi32::<0xEA>(ql0, m4, _mm512_and_si512(_mm512_slli_epi16::<4>(h0), m30)),
+                        _mm512_ternarylogic_epi32::<0xEA>(_mm512_srli_epi16::<4>(ql0), m4, _mm512_and_si512(h0, m30)),
+                        _mm512_ternarylogic_epi32::<0xEA>(ql1, m4, _mm512_and_si512(_mm512_slli_epi16::<4>(h1), m30)),
+                        _mm512_ternarylogic_epi32::<0xEA>(_mm512_srli_epi16::<4>(ql1), m4, _mm512_and_si512(h1, m30)),
+                    ];
+                    let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(blk.add(192) as *const _));
+                    let scz = _mm512_zextsi256_si512(sc16);
+                    let s = [
+                        _mm512_permutexvar_epi16(idx[0], scz),
+                        _mm512_permutexvar_epi16(idx[1], scz),
+                        _mm512_permutexvar_epi16(idx[2], scz),
+                        _mm512_permutexvar_epi16(idx[3], scz),
+                    ];
+                    let scn = _mm512_zextsi256_si512(_mm256_mullo_epi16(sc16, neg32));
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let o = r * nb + b;
+                        let a = aq.add(o * QK_K);
+                        let bs = _mm512_zextsi256_si512(_mm256_loadu_si256(ab.add(o * 32) as *const _));
+                        let mut si = _mm512_madd_epi16(scn, bs);
+                        for z in 0..4 {
+                            let p = _mm512_maddubs_epi16(v[z], load(a.add(64 * z)));
+                            si = _mm512_dpwssd_epi32(si, p, s[z]);
+                        }
+                        let yd = _mm512_set1_ps(*ad.add(o));
+                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(si), _mm512_mul_ps(yd, vdw), *acc);
+                    }
                 }
-            }
-            for (r, acc) in acc.iter().enumerate() {
-                out_t[j * R + r] = _mm512_reduce_add_ps(*acc);
+                for (r, acc) in acc.iter().enumerate() {
+                    out_t[j * R + r] = _mm512_reduce_add_ps(*acc);
+                }
             }
         }
     }
@@ -824,47 +869,349 @@ pub(crate) mod avx512 {
     /// -127..=127 so negating them cannot overflow.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     unsafe fn q8_0_r<const R: usize>(w: &[u8], nw: usize, act: &ActQ80, out_t: &mut [f32]) {
-        let (nb, nb_pad) = (act.nb, act.nb_pad);
-        let row_bytes = nb * 34;
-        let dup = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
-        let zero = _mm512_setzero_si512();
-        let wp = w.as_ptr();
-        let aq = act.qs.as_ptr() as *const u8;
-        let ad = act.dvec.as_ptr();
-        for j in 0..nw {
-            let row = wp.add(j * row_bytes);
-            let mut acc = [_mm512_setzero_ps(); R];
-            let mut b = 0;
-            while b < nb {
-                let blk = row.add(b * 34);
-                let (wv, dbits) = if b + 1 < nb {
-                    let lo = _mm256_loadu_si256(blk.add(2) as *const _);
-                    let hi = _mm256_loadu_si256(blk.add(36) as *const _);
-                    let d0 = u16::from_le_bytes([*blk, *blk.add(1)]) as u32;
-                    let d1 = u16::from_le_bytes([*blk.add(34), *blk.add(35)]) as u32;
-                    (_mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi), d0 | d1 << 16)
-                } else {
-                    // Odd tail block: the upper half stays zero, as does its scale.
-                    let lo = _mm256_loadu_si256(blk.add(2) as *const _);
-                    let d0 = u16::from_le_bytes([*blk, *blk.add(1)]) as u32;
-                    (_mm512_zextsi256_si512(lo), d0)
-                };
-                let dw =
-                    _mm512_permutexvar_ps(dup, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(dbits as i32))));
-                let absw = _mm512_abs_epi8(wv);
-                let neg = _mm512_movepi8_mask(wv);
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let o = r * nb_pad + b;
-                    let a = load(aq.add(o * QK8_0));
-                    let sa = _mm512_mask_sub_epi8(a, neg, zero, a);
-                    let p = _mm512_dpbusd_epi32(zero, absw, sa);
-                    let sv = _mm512_mul_ps(dw, _mm512_loadu_ps(ad.add(o * 8)));
-                    *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sv, *acc);
+        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+        unsafe {
+            let (nb, nb_pad) = (act.nb, act.nb_pad);
+            let row_bytes = nb * 34;
+            let dup = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+            let zero = _mm512_setzero_si512();
+            let wp = w.as_ptr();
+            let aq = act.qs.as_ptr() as *const u8;
+            let ad = act.dvec.as_ptr();
+            for j in 0..nw {
+                let row = wp.add(j * row_bytes);
+                let mut acc = [_mm512_setzero_ps(); R];
+                let mut b = 0;
+                while b < nb {
+                    let blk = row.add(b * 34);
+                    let (wv, dbits) = if b + 1 < nb {
+                        let lo = _mm256_loadu_si256(blk.add(2) as *const _);
+                        let hi = _mm256_loadu_si256(blk.add(36) as *const _);
+                        let d0 = u16::from_le_bytes([*blk, *blk.add(1)]) as u32;
+                        let d1 = u16::from_le_bytes([*blk.add(34), *blk.add(35)]) as u32;
+                        (_mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi), d0 | d1 << 16)
+                    } else {
+                        // Odd tail block: the upper half stays zero, as does its scale.
+                        let lo = _mm256_loadu_si256(blk.add(2) as *const _);
+                        let d0 = u16::from_le_bytes([*blk, *blk.add(1)]) as u32;
+                        (_mm512_zextsi256_si512(lo), d0)
+                    };
+                    let dw = _mm512_permutexvar_ps(
+                        dup,
+                        _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(dbits as i32))),
+                    );
+                    let absw = _mm512_abs_epi8(wv);
+                    let neg = _mm512_movepi8_mask(wv);
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let o = r * nb_pad + b;
+                        let a = load(aq.add(o * QK8_0));
+                        let sa = _mm512_mask_sub_epi8(a, neg, zero, a);
+                        let p = _mm512_dpbusd_epi32(zero, absw, sa);
+                        let sv = _mm512_mul_ps(dw, _mm512_loadu_ps(ad.add(o * 8)));
+                        *acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), sv, *acc);
+                    }
+                    b += 2;
                 }
-                b += 2;
+                for (r, acc) in acc.iter().enumerate() {
+                    out_t[j * R + r] = _mm512_reduce_add_ps(*acc);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2 {
+    //! AVX2 inner loops (Haswell and later, Zen 1 and later; no VNNI needed): `maddubs` (u8 × i8
+    //! -> i16 pairs) then `madd` (i16 × i16 -> i32 pairs) give each block's exact integer dot
+    //! products, as the scalar loops; only the order of the f32 sums differs. Each processes
+    //! `nw` consecutive weight rows against all activation rows (`R`, a compile-time constant)
+    //! and writes `out_t[j * R + r]`. Activations are quantized by the scalar quantizers.
+    //!
+    //! The functions are safe `#[target_feature]` functions: the caller asserts the CPU
+    //! features once (an `unsafe` call); inside, memory is read through bounds-checked slices.
+
+    use super::{q4k_scales_mins, ActQ80, ActQ8K, QK8_0, QK_K};
+    use std::arch::x86_64::*;
+
+    /// Q4K rows; lengths are checked here.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn q4k(w: &[u8], nw: usize, rows: usize, act: &ActQ8K, out_t: &mut [f32]) {
+        assert_eq!(w.len(), nw * act.nb * 144, "q4k: weight chunk size");
+        assert_eq!(out_t.len(), nw * rows, "q4k: output chunk size");
+        assert_eq!(act.qs.len(), rows * act.nb * QK_K, "q4k: activation size");
+        by_rows!(rows, q4k_r(w, nw, act, out_t))
+    }
+
+    /// Q6K rows; lengths are checked here.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn q6k(w: &[u8], nw: usize, rows: usize, act: &ActQ8K, out_t: &mut [f32]) {
+        assert_eq!(w.len(), nw * act.nb * 210, "q6k: weight chunk size");
+        assert_eq!(out_t.len(), nw * rows, "q6k: output chunk size");
+        assert_eq!(act.qs.len(), rows * act.nb * QK_K, "q6k: activation size");
+        by_rows!(rows, q6k_r(w, nw, act, out_t))
+    }
+
+    /// Q8_0 rows; lengths are checked here.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) fn q8_0(w: &[u8], nw: usize, rows: usize, act: &ActQ80, out_t: &mut [f32]) {
+        assert_eq!(w.len(), nw * act.nb * 34, "q8_0: weight chunk size");
+        assert_eq!(out_t.len(), nw * rows, "q8_0: output chunk size");
+        assert_eq!(act.qs.len(), rows * act.nb_pad * QK8_0, "q8_0: activation size");
+        assert_eq!(act.dvec.len(), rows * act.nb_pad * 8, "q8_0: activation scale size");
+        q8_0_slices(w, nw, rows, &act.qs, &act.dvec, act.nb_pad, out_t)
+    }
+
+    /// [`q8_0`] over borrowed activation rows: `qs` `[rows, nb_pad, 32]`, `dvec` `[rows, nb_pad,
+    /// 8]` (an [`ActQ80`]'s fields, or a range of its rows); `nb = w.len() / (nw * 34)`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(crate) fn q8_0_slices(
+        w: &[u8],
+        nw: usize,
+        rows: usize,
+        qs: &[i8],
+        dvec: &[f32],
+        nb_pad: usize,
+        out_t: &mut [f32],
+    ) {
+        assert!(nw > 0 && w.len().is_multiple_of(nw * 34), "q8_0: weight chunk size");
+        let nb = w.len() / (nw * 34);
+        assert!(nb <= nb_pad, "q8_0: activation stride");
+        assert_eq!(out_t.len(), nw * rows, "q8_0: output chunk size");
+        assert_eq!(qs.len(), rows * nb_pad * QK8_0, "q8_0: activation size");
+        assert_eq!(dvec.len(), rows * nb_pad * 8, "q8_0: activation scale size");
+        by_rows!(rows, q8_0_r(w, nw, nb, nb_pad, qs, dvec, out_t))
+    }
+
+    /// The first 32 bytes of `s` (panics when shorter).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(crate) fn load_u8(s: &[u8]) -> __m256i {
+        let s: &[u8; 32] = s[..32].try_into().expect("32 bytes");
+        // SAFETY: `s` is 32 readable bytes; `loadu` has no alignment requirement.
+        unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+    }
+
+    /// The first 32 values of `s` (panics when shorter).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(crate) fn load_i8(s: &[i8]) -> __m256i {
+        let s: &[i8; 32] = s[..32].try_into().expect("32 values");
+        // SAFETY: `s` is 32 readable bytes; `loadu` has no alignment requirement.
+        unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+    }
+
+    /// The first 16 values of `s` (panics when shorter).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(crate) fn load_i16(s: &[i16]) -> __m256i {
+        let s: &[i16; 16] = s[..16].try_into().expect("16 values");
+        // SAFETY: `s` is 32 readable bytes; `loadu` has no alignment requirement.
+        unsafe { _mm256_loadu_si256(s.as_ptr().cast()) }
+    }
+
+    /// The little-endian f16 in `b[0..2]` as f32, via F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    pub(crate) fn f16_at(b: &[u8]) -> f32 {
+        let bits = u16::from_le_bytes([b[0], b[1]]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
+
+    /// The 8 values of `s` (panics when shorter).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(crate) fn load_f32(s: &[f32]) -> __m256 {
+        let s: &[f32; 8] = s[..8].try_into().expect("8 values");
+        // SAFETY: `s` is 32 readable bytes; `loadu` has no alignment requirement.
+        unsafe { _mm256_loadu_ps(s.as_ptr()) }
+    }
+
+    /// 8 f16 bit patterns as f32, via F16C.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    pub(crate) fn f16x8(bits: &[u16; 8]) -> __m256 {
+        // SAFETY: `bits` is 16 readable bytes; `loadu` has no alignment requirement.
+        _mm256_cvtph_ps(unsafe { _mm_loadu_si128(bits.as_ptr().cast()) })
+    }
+
+    /// The exact i32 sum of the 8 lanes (wrapping, as the scalar sums never overflow).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(crate) fn hsum_i32(v: __m256i) -> i32 {
+        let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01_00_11_10>(s));
+        _mm_cvtsi128_si32(_mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s)))
+    }
+
+    /// Lane `t` of the result is the sum of the 8 lanes of `p[t]` (exact integers).
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(crate) fn reduce8(p: &[__m256i; 8]) -> __m256i {
+        let t0 = _mm256_hadd_epi32(p[0], p[1]);
+        let t1 = _mm256_hadd_epi32(p[2], p[3]);
+        let t2 = _mm256_hadd_epi32(p[4], p[5]);
+        let t3 = _mm256_hadd_epi32(p[6], p[7]);
+        let u0 = _mm256_hadd_epi32(t0, t1);
+        let u1 = _mm256_hadd_epi32(t2, t3);
+        _mm256_add_epi32(_mm256_permute2x128_si256::<0x20>(u0, u1), _mm256_permute2x128_si256::<0x31>(u0, u1))
+    }
+
+    /// The sum of the 8 lanes.
+    #[target_feature(enable = "avx2")]
+    #[inline]
+    pub(crate) fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+
+    /// Q4K: the 128 `qs` bytes give eight 32-lane u8 operands (low / high nibbles of each 32
+    /// bytes: sub-blocks 2c and 2c + 1), `maddubs` against the activation (at most 2 · 15 · 128
+    /// per i16, no saturation), `madd` with the sub-block scale; the min term is one `madd` of
+    /// the 16 activation sums with the mins (each repeated for its two 16-value halves).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn q4k_r<const R: usize>(w: &[u8], nw: usize, act: &ActQ8K, out_t: &mut [f32]) {
+        let nb = act.nb;
+        let row_bytes = nb * 144;
+        let m4 = _mm256_set1_epi8(0x0F);
+        let dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+        for (j, row) in w.chunks_exact(row_bytes).take(nw).enumerate() {
+            let mut acc = [0f32; R];
+            for (b, blk) in row.chunks_exact(144).enumerate() {
+                let (dw, dminw) = (f16_at(&blk[0..2]), f16_at(&blk[2..4]));
+                let (sc, mn) = q4k_scales_mins(&blk[4..16]);
+                let sc = sc.to_le_bytes();
+                let mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(_mm_cvtsi64_si128(mn as i64), dup));
+                let qs = &blk[16..144];
+                let mut v = [_mm256_setzero_si256(); 8];
+                for c in 0..4 {
+                    let q = load_u8(&qs[32 * c..]);
+                    v[2 * c] = _mm256_and_si256(q, m4);
+                    v[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+                }
+                let mut s = [_mm256_setzero_si256(); 8];
+                for (s, &b) in s.iter_mut().zip(&sc) {
+                    *s = _mm256_set1_epi16(b as i16);
+                }
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let ab = r * nb + b;
+                    let q8 = &act.qs[ab * QK_K..(ab + 1) * QK_K];
+                    let mut si = _mm256_setzero_si256();
+                    for z in 0..8 {
+                        let p = _mm256_maddubs_epi16(v[z], load_i8(&q8[32 * z..]));
+                        si = _mm256_add_epi32(si, _mm256_madd_epi16(p, s[z]));
+                    }
+                    let sm = _mm256_madd_epi16(mins, load_i16(&act.bsums[ab * 16..]));
+                    // The scalar loop's f32 arithmetic on the same exact integers.
+                    let yd = act.d[ab];
+                    let (d, dmin) = (yd * dw, yd * dminw);
+                    *acc += d * hsum_i32(si) as f32 - dmin * hsum_i32(sm) as f32;
+                }
+            }
+            out_t[j * R..(j + 1) * R].copy_from_slice(&acc);
+        }
+    }
+
+    /// Q6K: values rebuilt as unsigned `q + 32` (0..63) in natural order, eight 32-lane
+    /// operands; `maddubs` (at most 2 · 63 · 128 per i16) and `madd` with the 16-value scales
+    /// give exact i32 sums, and the `+32` is removed with `madd(-32 · scales, bsums)`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn q6k_r<const R: usize>(w: &[u8], nw: usize, act: &ActQ8K, out_t: &mut [f32]) {
+        let nb = act.nb;
+        let row_bytes = nb * 210;
+        let m4 = _mm256_set1_epi8(0x0F);
+        let m3 = _mm256_set1_epi8(0x03);
+        for (j, row) in w.chunks_exact(row_bytes).take(nw).enumerate() {
+            let mut acc = [0f32; R];
+            for (b, blk) in row.chunks_exact(210).enumerate() {
+                let dw = f16_at(&blk[208..210]);
+                let mut v = [_mm256_setzero_si256(); 8];
+                for h in 0..2 {
+                    let l0 = load_u8(&blk[64 * h..]);
+                    let l1 = load_u8(&blk[64 * h + 32..]);
+                    let hb = load_u8(&blk[128 + 32 * h..]);
+                    // Bits 4 and 5 of each value: 2 bits of `qh` moved up (at most 0x30 per byte).
+                    let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(hb, m3));
+                    let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(hb, _mm256_slli_epi16::<2>(m3)));
+                    let h2 = _mm256_and_si256(hb, _mm256_slli_epi16::<4>(m3));
+                    let h3 = _mm256_and_si256(_mm256_srli_epi16::<2>(hb), _mm256_slli_epi16::<4>(m3));
+                    v[4 * h] = _mm256_or_si256(_mm256_and_si256(l0, m4), h0);
+                    v[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), h1);
+                    v[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4), h2);
+                    v[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4), h3);
+                }
+                let scales = &blk[192..208];
+                let mut s = [_mm256_setzero_si256(); 8];
+                for (z, s) in s.iter_mut().enumerate() {
+                    let (lo, hi) = (scales[2 * z] as i8 as i16, scales[2 * z + 1] as i8 as i16);
+                    *s = _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo));
+                }
+                let sc16: [i16; 16] = std::array::from_fn(|g| -32 * scales[g] as i8 as i16);
+                let scn = load_i16(&sc16);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let ab = r * nb + b;
+                    let q8 = &act.qs[ab * QK_K..(ab + 1) * QK_K];
+                    let mut si = _mm256_madd_epi16(scn, load_i16(&act.bsums[ab * 16..]));
+                    for z in 0..8 {
+                        let p = _mm256_maddubs_epi16(v[z], load_i8(&q8[32 * z..]));
+                        si = _mm256_add_epi32(si, _mm256_madd_epi16(p, s[z]));
+                    }
+                    // The scalar loop's f32 arithmetic on the same exact integer.
+                    *acc += dw * act.d[ab] * hsum_i32(si) as f32;
+                }
+            }
+            out_t[j * R..(j + 1) * R].copy_from_slice(&acc);
+        }
+    }
+
+    /// Q8_0: signed × signed products as `maddubs(|w|, sign(w) · a)` (`|w|` exact as u8 even
+    /// for -128; activations lie in -127..=127, so at most 2 · 128 · 127 per i16), then `madd`
+    /// with ones; eight blocks' sums are reduced together into one vector of exact block sums
+    /// (lane = block), scaled by `d_w · d_a` lane-wise.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[allow(clippy::too_many_arguments)]
+    fn q8_0_r<const R: usize>(
+        w: &[u8],
+        nw: usize,
+        nb: usize,
+        nb_pad: usize,
+        qs: &[i8],
+        dvec: &[f32],
+        out_t: &mut [f32],
+    ) {
+        let row_bytes = nb * 34;
+        let ones = _mm256_set1_epi16(1);
+        let zero = _mm256_setzero_si256();
+        for (j, row) in w.chunks_exact(row_bytes).take(nw).enumerate() {
+            let mut acc = [_mm256_setzero_ps(); R];
+            // Eight blocks at a time: each block's integer sum lands exact in one lane.
+            for b0 in (0..nb).step_by(8) {
+                let cnt = 8.min(nb - b0);
+                let (mut wv, mut absw, mut dbits) = ([zero; 8], [zero; 8], [0u16; 8]);
+                for t in 0..cnt {
+                    let blk = &row[(b0 + t) * 34..(b0 + t + 1) * 34];
+                    dbits[t] = u16::from_le_bytes([blk[0], blk[1]]);
+                    wv[t] = load_u8(&blk[2..]);
+                    absw[t] = _mm256_sign_epi8(wv[t], wv[t]);
+                }
+                let dw = f16x8(&dbits);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let mut p = [zero; 8];
+                    let mut da = [0f32; 8];
+                    for t in 0..cnt {
+                        let o = r * nb_pad + b0 + t;
+                        let sa = _mm256_sign_epi8(load_i8(&qs[o * QK8_0..]), wv[t]);
+                        p[t] = _mm256_madd_epi16(_mm256_maddubs_epi16(absw[t], sa), ones);
+                        da[t] = dvec[o * 8];
+                    }
+                    let isum = _mm256_cvtepi32_ps(reduce8(&p));
+                    *acc = _mm256_fmadd_ps(isum, _mm256_mul_ps(dw, load_f32(&da)), *acc);
+                }
             }
             for (r, acc) in acc.iter().enumerate() {
-                out_t[j * R + r] = _mm512_reduce_add_ps(*acc);
+                out_t[j * R + r] = hsum(*acc);
             }
         }
     }
@@ -873,25 +1220,13 @@ pub(crate) mod avx512 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::cpu;
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
 
     /// Deterministic values in roughly [-1, 1) with some larger outliers.
     fn values(len: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..len)
-            .map(|i| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                let u = (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
-                if i % 97 == 13 {
-                    4.0 * u
-                } else {
-                    u
-                }
-            })
-            .collect()
+        crate::kernels::testing::values_with_outliers(len, seed, 4.0)
     }
 
     fn gdtype(f: QFormat) -> GgmlDType {
@@ -900,14 +1235,6 @@ mod tests {
             QFormat::Q4K => GgmlDType::Q4K,
             QFormat::Q6K => GgmlDType::Q6K,
         }
-    }
-
-    fn kernels() -> Vec<Kernel> {
-        let mut ks = vec![Kernel::Scalar];
-        if Kernel::detect() != Kernel::Scalar {
-            ks.push(Kernel::detect());
-        }
-        ks
     }
 
     /// candle's generic CPU quantized matmul (`k_quants::matmul`, per-block `vec_dot`), the
@@ -949,9 +1276,10 @@ mod tests {
         let wd: Vec<f32> = qt.dequantize(&dev).unwrap().flatten_all().unwrap().to_vec1().unwrap();
         // Activation quantization block: Q8_0 activations for Q8_0 weights, Q8K otherwise.
         let ab = if format == QFormat::Q8_0 { QK8_0 } else { QK_K };
-        for kernel in kernels() {
+        cpu::for_each_set(|set| {
+            let kernel = Kernel::detect();
             let mut out = vec![f32::NAN; rows * n];
-            qgemv_with(kernel, format, &xv, rows, &bytes, n, k, &mut out);
+            qgemv(format, &xv, rows, &bytes, n, k, &mut out);
             for r in 0..rows {
                 let xr = &xv[r * k..(r + 1) * k];
                 for j in 0..n {
@@ -968,7 +1296,7 @@ mod tests {
                         })
                         .sum();
                     let got = out[r * n + j] as f64;
-                    let ctx = format!("{format:?} {kernel:?} rows={rows} n={n} k={k} r={r} j={j}");
+                    let ctx = format!("{format:?} {set} {kernel:?} rows={rows} n={n} k={k} r={r} j={j}");
                     let want = generic[r * n + j] as f64;
                     let tol = 1e-5 * abs + 1e-30;
                     assert!((got - want).abs() <= tol, "{ctx}: ours {got} vs candle generic {want} (tol {tol})");
@@ -981,7 +1309,7 @@ mod tests {
                     assert!((got - exact).abs() <= tol, "{ctx}: ours {got} vs f64 {exact} (tol {tol})");
                 }
             }
-        }
+        });
     }
 
     #[test]
@@ -1039,14 +1367,14 @@ mod tests {
             let mut x = vec![0f32; 2 * k];
             x[k + 300] = -3.0;
             let want = candle_generic(format, &x, 2, &bytes, n, k);
-            for kernel in kernels() {
+            cpu::for_each_set(|set| {
                 let mut out = vec![f32::NAN; 2 * n];
-                qgemv_with(kernel, format, &x, 2, &bytes, n, k, &mut out);
+                qgemv(format, &x, 2, &bytes, n, k, &mut out);
                 for (i, (&g, &e)) in out.iter().zip(&want).enumerate() {
-                    assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()), "{format:?} {kernel:?} {i}: {g} vs {e}");
+                    assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()), "{format:?} {set} {i}: {g} vs {e}");
                 }
-                assert!(out[..n].iter().all(|&v| v == 0.0), "{format:?} {kernel:?}: zero row");
-            }
+                assert!(out[..n].iter().all(|&v| v == 0.0), "{format:?} {set}: zero row");
+            });
         }
     }
 
@@ -1087,6 +1415,34 @@ mod tests {
                 a.dvec.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
                 b.dvec.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
             );
+        }
+    }
+
+    /// The AVX2 Q4K and Q6K kernels do the scalar loop's f32 arithmetic on the same exact
+    /// integers, block by block: their results equal the scalar path's bit for bit.
+    #[test]
+    fn avx2_k_quants_equal_scalar_bitwise() {
+        if !cpu::available_sets().contains(&cpu::KernelSet::Avx2) {
+            eprintln!("no AVX2 on this CPU: nothing to compare");
+            return;
+        }
+        for format in [QFormat::Q4K, QFormat::Q6K] {
+            for (rows, n, k) in [(1, 37, 768), (3, 64, 256), (8, 19, 4096)] {
+                let w = Tensor::from_vec(values(n * k, 11 + n as u64), (n, k), &Device::Cpu).unwrap();
+                let bytes = QTensor::quantize(&w, gdtype(format)).unwrap().data().unwrap().into_owned();
+                let x = values(rows * k, 5 + k as u64);
+                let run = |set| {
+                    let _g = cpu::force(set);
+                    let mut out = vec![f32::NAN; rows * n];
+                    qgemv(format, &x, rows, &bytes, n, k, &mut out);
+                    out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
+                assert_eq!(
+                    run(cpu::KernelSet::Avx2),
+                    run(cpu::KernelSet::Portable),
+                    "{format:?} rows={rows} n={n} k={k}"
+                );
+            }
         }
     }
 
