@@ -191,7 +191,7 @@ fn q4k_r<const R: usize>(w: &[u8], nw: usize, nbk: usize, act: &ActRows, out_t: 
 
 #[cfg(test)]
 mod tests {
-    use crate::kernels::cpu::{self, KernelSet};
+    use crate::kernels::cpu;
     use crate::kernels::qgemv::{qgemv, QFormat};
     use crate::kernels::testing::values_with_outliers;
     use crate::kernels::{q4k_gemm, q8_gemm};
