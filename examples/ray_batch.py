@@ -108,12 +108,16 @@ class Answerer:
 
 
 def read_manifest(path: str) -> "ray.data.Dataset":
-    if path.endswith(".jsonl") or path.endswith(".json"):
-        return ray.data.read_json(path, lines=True) if path.endswith(".jsonl") else ray.data.read_json(path)
+    # Reading a manifest is light: it takes no core from the actors (which may hold them all).
+    light = {"ray_remote_args": {"num_cpus": 0}}
+    if path.endswith(".jsonl"):
+        return ray.data.read_json(path, lines=True, **light)
+    if path.endswith(".json"):
+        return ray.data.read_json(path, **light)
     if path.endswith(".parquet"):
-        return ray.data.read_parquet(path)
+        return ray.data.read_parquet(path, **light)
     if path.endswith(".csv"):
-        return ray.data.read_csv(path)
+        return ray.data.read_csv(path, **light)
     raise SystemExit(f"error: {path}: the manifest must be .jsonl, .json, .parquet or .csv")
 
 
@@ -143,6 +147,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     out.add_argument("--output-dir", help="a folder for Ray's writers (one file per block)")
     p.add_argument("--output-format", choices=["jsonl", "parquet"], default="jsonl", help="with --output-dir")
     p.add_argument("--address", default=None, help="Ray cluster (HOST:PORT or auto); default: RAY_ADDRESS, else a local Ray")
+    p.add_argument("--node-ip-address", default=None, help="this machine's address in the cluster (default: Ray's guess)")
     p.add_argument("--concurrency", type=int, default=1, help="actors, each with its own copy of the model")
     p.add_argument("--cpus-per-actor", type=int, default=None, help="cores per actor (default: the cluster's cores / concurrency)")
     p.add_argument("--batch-size", type=int, default=4, help="rows handed to an actor at a time")
@@ -161,7 +166,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
     if args.concurrency < 1 or args.batch_size < 1:
         raise SystemExit("error: --concurrency and --batch-size must be at least 1")
-    ray.init(address=args.address, log_to_driver=False)
+    ray.init(address=args.address, log_to_driver=False, _node_ip_address=args.node_ip_address)
     try:
         from videollava import DEFAULT_MODEL
 

@@ -45,9 +45,13 @@ def run_cli(args: List[str], check: bool = True) -> subprocess.CompletedProcess:
 
 def cli_generate(prompt: str, image: str | None = None, video: str | None = None, max_new_tokens: int = 12,
                  extra: List[str] | None = None, model: Path = MODEL) -> Dict:
-    """`videollava generate --format json` for one prompt: its one JSON line."""
+    """`videollava generate --format json` for one prompt: its one JSON line. A prompt already in
+    the chat format (`USER:` / `ASSISTANT:`) goes verbatim (`--raw-prompt`), as the bindings and
+    `videollava batch` take it."""
     args = ["generate", "--model", str(model), "--prompt", prompt, "--dtype", "f32",
             "--max-new-tokens", str(max_new_tokens), "--format", "json", "--quantized-cache", "off"]
+    if "USER:" in prompt or "ASSISTANT:" in prompt:
+        args.append("--raw-prompt")
     if image:
         args += ["--image", image]
     if video:

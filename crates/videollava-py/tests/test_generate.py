@@ -29,9 +29,7 @@ CASES = [
 
 @pytest.mark.parametrize("prompt,image,video", CASES)
 def test_generate_equals_the_cli_token_for_token(model: VideoLlava, prompt, image, video):
-    # A prompt in the chat format is used verbatim, as `--raw-prompt` does.
-    raw = ["--raw-prompt"] if "USER:" in prompt else []
-    want = cli_generate(prompt, image=image, video=video, max_new_tokens=12, extra=raw)
+    want = cli_generate(prompt, image=image, video=video, max_new_tokens=12)
     got = model.generate(prompt, image=image, video=video, max_new_tokens=12)
     assert got.token_ids == want["token_ids"]
     assert got.text == want["text"]

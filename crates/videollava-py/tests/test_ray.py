@@ -145,10 +145,14 @@ def write_manifest(folder: Path) -> tuple:
 
 
 def run_example(cluster: Cluster, manifest: Path, output: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(EXAMPLE), "--address", cluster.address, "--manifest", str(manifest),
+    cmd = [sys.executable, str(EXAMPLE), "--address", cluster.address, "--node-ip-address", "127.0.0.1",
+           "--manifest", str(manifest),
            "--output", str(output), "--model", str(MODEL), "--dtype", "f32", "--concurrency", "2",
            "--cpus-per-actor", "1", "--batch-size", "2", "--max-new-tokens", str(MAX_NEW_TOKENS)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=ray_env(), timeout=600)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=ray_env(), timeout=300)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"ray_batch.py ran over 300 s:\n{e.stderr}\n{cluster.logs()}") from None
     assert proc.returncode == 0, f"ray_batch.py failed:\n{proc.stdout}\n{proc.stderr}\n{cluster.logs()}"
     return proc
 
