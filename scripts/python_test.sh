@@ -26,9 +26,12 @@ if ! "$py" -c 'import maturin, pytest, numpy, PIL, pyarrow, ray.data' 2>/dev/nul
   "$py" -m pip install -q 'maturin>=1.9.4,<2' pytest numpy pillow 'ray[data]'
 fi
 
-# The CLI the tests compare with (`cargo test --workspace` has built it already).
-cargo build -p videollava-cli --locked -q
-export VIDEOLLAVA_BIN="$repo/target/debug/videollava"
+# The CLI the tests compare with. The same selection as scripts/test.sh's `cargo test`, so that
+# after it this builds nothing (a build of the CLI alone would resolve features anew).
+if [ -z "${VIDEOLLAVA_BIN:-}" ]; then
+  cargo test --workspace --locked --no-run -q
+  export VIDEOLLAVA_BIN="$repo/target/debug/videollava"
+fi
 
 echo "python_test.sh: building and installing the wheel (a release build of the engine)" >&2
 "$py" -m pip install -q --force-reinstall --no-deps ./crates/videollava-py

@@ -8,3 +8,5 @@ scripts/install-system-deps.sh
 # A clean build needs no incremental cache (it only costs disk).
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 cargo test --workspace --locked "$@"
+# The Python package (crates/videollava-py) and examples/ray_batch.py.
+scripts/python_test.sh

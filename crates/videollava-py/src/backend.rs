@@ -291,7 +291,11 @@ impl TempFile {
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let path = std::env::temp_dir().join(format!("videollava-py-{}-{n}-{nanos}.media", std::process::id()));
-        let mut file = std::fs::OpenOptions::new().write(true).create_new(true).open(&path)?;
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&path)?;
         let guard = Self(path);
         file.write_all(bytes)?;
         Ok(guard)

@@ -19,7 +19,12 @@ import pytest
 
 from conftest import MEDIA, MODEL, REPO, cli_generate
 
-ray = pytest.importorskip("ray", reason="ray[data] is not installed (scripts/python_test.sh installs it)")
+try:
+    import ray.data  # noqa: F401
+except ImportError:
+    if os.environ.get("CI"):
+        raise  # CI must run these tests, never pass by skipping them
+    pytest.skip("ray[data] is not installed (scripts/python_test.sh installs it)", allow_module_level=True)
 
 EXAMPLE = REPO / "examples" / "ray_batch.py"
 MAX_NEW_TOKENS = 8
