@@ -9,17 +9,21 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Instant;
 
-use videollava::engine::{DTypeChoice, Engine, StageTimings};
-use videollava::generate::{GenerateOptions, SamplingParams};
+use videollava::engine::{DTypeChoice, Engine};
+use videollava::generate::GenerateOptions;
 use videollava::hub::{resolve_model, HubOptions};
 use videollava::media::image::{decode_image_bytes, decode_image_file, MAX_PIXELS, MAX_SIDE};
-use videollava::media::video::{decode_video_file, FrameSampling, VideoOptions};
+use videollava::media::video::{decode_video_file, FrameSampling};
 use videollava::media::{RgbImage, Video};
 use videollava::model::{KvCacheFormat, QuantCache, QuantFormat};
-use videollava::processor::{Processor, ProcessorOutput};
-use videollava::{Error, Result};
 
+// The library types `lib.rs` handles, named here so that it uses nothing else of the library.
+pub use videollava::engine::StageTimings;
+pub use videollava::generate::SamplingParams;
 pub use videollava::hub::DEFAULT_MODEL;
+pub use videollava::media::video::VideoOptions;
+pub use videollava::processor::{Processor, ProcessorOutput};
+pub use videollava::{Error, Result};
 
 /// Most frames a caller-supplied clip may have (the checkpoints use 8).
 pub const MAX_FRAMES: usize = 1024;

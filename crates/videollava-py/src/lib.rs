@@ -21,15 +21,12 @@ use pyo3::exceptions::{PyRuntimeError, PyStopIteration, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString};
 
-use backend::{Generated, LoadConfig, Medium, Settings};
-use videollava::engine::StageTimings;
-use videollava::generate::SamplingParams;
-use videollava::processor::ProcessorOutput;
+use backend::{Generated, LoadConfig, Medium, ProcessorOutput, SamplingParams, Settings, StageTimings};
 
 /// The Python exception for a library error: a class of `videollava.errors` chosen by the
 /// error's kind, carrying the library's message.
-fn to_py_err(e: videollava::Error) -> PyErr {
-    use videollava::Error as E;
+fn to_py_err(e: backend::Error) -> PyErr {
+    use backend::Error as E;
     let class = match &e {
         E::Io { .. } => "FileError",
         E::Config { .. } => "ConfigError",
@@ -135,7 +132,7 @@ struct Request {
     prompts: Vec<String>,
     images: Vec<Medium>,
     videos: Vec<Medium>,
-    video_options: videollava::media::video::VideoOptions,
+    video_options: backend::VideoOptions,
     settings: Settings,
 }
 
@@ -153,7 +150,7 @@ struct Shared {
 
 impl Shared {
     /// Decodes the media and generates (blocking; call without the GIL).
-    fn run(&self, request: Request, on_token: &mut dyn FnMut(usize, &str)) -> videollava::Result<GenerateResult> {
+    fn run(&self, request: Request, on_token: &mut dyn FnMut(usize, &str)) -> backend::Result<GenerateResult> {
         let options = self.model.options(&request.settings)?;
         let (images, videos, media_ms) = backend::decode_media(request.images, request.videos, &request.video_options)?;
         let _guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -326,7 +323,7 @@ fn request(
 
 enum Event {
     Piece(usize, String),
-    Done(videollava::Result<GenerateResult>),
+    Done(backend::Result<GenerateResult>),
 }
 
 /// Text pieces of a running generation, as `(row, text)`; `result()` after the end.
@@ -384,7 +381,7 @@ impl NativeStream {
 /// A checkpoint's processor (use `videollava.Processor`).
 #[pyclass(frozen, module = "videollava._native")]
 struct NativeProcessor {
-    processor: Arc<videollava::processor::Processor>,
+    processor: Arc<backend::Processor>,
 }
 
 #[pymethods]
