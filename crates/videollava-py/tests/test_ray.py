@@ -49,9 +49,17 @@ def node_ports() -> list:
 
 
 def ray_env() -> dict:
+    """The environment of the Ray processes: no RAY_* of the caller's; a token left in ~/.ray by
+    another Ray would switch token authentication on: off for this private cluster."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    env["RAY_AUTH_MODE"] = "disabled"
     return env
+
+
+# Ray replaces 127.0.0.1 and localhost by the machine's routable address; other addresses of the
+# loopback range it takes as they are. One for each node, so that each is found by its own.
+HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
 
 
 class Cluster:
@@ -62,20 +70,25 @@ class Cluster:
         # Short: Ray's socket paths live below it and are limited to 107 characters.
         self.temp_dir = tempfile.mkdtemp(prefix="vl-ray-", dir="/tmp")
         self.port = free_port()
-        self.address = f"127.0.0.1:{self.port}"
+        self.address = f"{HEAD_IP}:{self.port}"
         self.procs: list = []
         self.ray = str(Path(sys.executable).parent / "ray")
 
     def start(self) -> None:
-        common = ["--block", "--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0",
-                  "--object-store-memory=100000000", "--disable-usage-stats"]
-        head = [self.ray, "start", "--head", f"--port={self.port}", "--include-dashboard=false",
-                f"--temp-dir={self.temp_dir}", *common, *node_ports()]
+        common = ["--block", "--num-cpus=1", "--num-gpus=0", "--object-store-memory=100000000",
+                  "--disable-usage-stats"]
+        head = [self.ray, "start", "--head", f"--node-ip-address={HEAD_IP}", f"--port={self.port}",
+                "--include-dashboard=false", f"--temp-dir={self.temp_dir}", *common, *node_ports()]
         self._spawn(head, "head")
         self._wait_for_nodes(1)
-        worker = [self.ray, "start", f"--address={self.address}", *common, *node_ports()]
+        worker = [self.ray, "start", f"--address={self.address}", f"--node-ip-address={WORKER_IP}", *common,
+                  *node_ports()]
         self._spawn(worker, "worker")
         self._wait_for_nodes(2)
+        # Both nodes on their loopback addresses, never the machine's network address.
+        for name, ip in (("head", HEAD_IP), ("worker", WORKER_IP)):
+            log = open(os.path.join(self.temp_dir, f"{name}.log")).read()
+            assert set(re.findall(r"Local node IP: (\S+)", log)) == {ip}, f"{name} node: {log[-2000:]}"
 
     def _spawn(self, cmd: list, name: str) -> None:
         log = open(os.path.join(self.temp_dir, f"{name}.log"), "w")
@@ -150,7 +163,7 @@ def write_manifest(folder: Path) -> tuple:
 
 
 def run_example(cluster: Cluster, manifest: Path, output: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(EXAMPLE), "--address", cluster.address, "--node-ip-address", "127.0.0.1",
+    cmd = [sys.executable, str(EXAMPLE), "--address", cluster.address, "--node-ip-address", HEAD_IP,
            "--manifest", str(manifest),
            "--output", str(output), "--model", str(MODEL), "--dtype", "f32", "--concurrency", "2",
            "--cpus-per-actor", "1", "--batch-size", "2", "--max-new-tokens", str(MAX_NEW_TOKENS)]
