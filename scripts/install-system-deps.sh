@@ -3,7 +3,7 @@
 # cmake and nasm for the bundled libjpeg-turbo, chromium and its WebDriver for the web page's
 # browser test), only those that are missing.
 set -euo pipefail
-packages=(pkg-config clang libclang-dev libavcodec-dev libavformat-dev libavutil-dev libswscale-dev cmake nasm chromium chromium-driver)
+packages=(pkg-config clang libclang-dev libavcodec-dev libavformat-dev libavutil-dev libswscale-dev cmake nasm chromium chromium-driver python3-venv python3-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -16,3 +16,5 @@ if [ "$(uname -m)" = x86_64 ] && [ $# -eq 0 ]; then
     VIDEOLLAVA_KERNELS=$set cargo test -p videollava --locked --lib --test integration
   done
 fi
+# The Python package (crates/videollava-py) and examples/ray_batch.py.
+scripts/python_test.sh
