@@ -386,7 +386,7 @@ mod tests {
 
     fn bf16_bias_rounded_once(set: crate::kernels::KernelSet) {
         let dev = Device::Cpu;
-        for (rows, n, k) in [(100, 33, 48), (7, 40, 64), (1, 33, 48), (100, 33, 48), (60, 129, 31), (9, 300, 257)] {
+        for (rows, n, k) in [(100, 33, 48), (7, 40, 64), (1, 33, 48), (100, 33, 48), (60, 129, 31)] {
             let w = Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap().to_dtype(DType::BF16).unwrap();
             let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap().to_dtype(DType::BF16).unwrap();
             let b = Tensor::randn(0f32, 3.0, n, &dev).unwrap().to_dtype(DType::BF16).unwrap();
