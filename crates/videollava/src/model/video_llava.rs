@@ -15,6 +15,7 @@ use crate::model::clip::ClipVisionTower;
 use crate::model::feature_cache::{FeatureCache, FeatureCacheStats, Tower, DEFAULT_CAPACITY_BYTES};
 use crate::model::linear::{Linear, LinearWeight};
 use crate::model::llama::{KvCache, LanguageModel};
+use crate::model::prefix_cache::{PrefixCache, PrefixCacheStats, PrefixKey, PrefixStore};
 use crate::model::projector::Projector;
 use crate::model::quantize::{self, CachedQuantized, QuantCache, QuantFormat, QuantizeReport};
 use crate::model::weights::CheckpointWeights;
@@ -114,6 +115,8 @@ pub struct VideoLlava {
     /// Projected features of recent images and videos, by pixel content (used by [`Self::prefill`];
     /// shared by clones).
     feature_cache: std::sync::Arc<std::sync::Mutex<FeatureCache>>,
+    /// Keys/values of computed prompt prefixes ([`Self::cached_prefix`]; shared by clones).
+    prefix_cache: std::sync::Arc<std::sync::Mutex<PrefixCache>>,
     /// [`Self::prefill`] runs the decoder over at most this many prompt positions at a time (0:
     /// all at once).
     prefill_chunk: usize,
@@ -286,6 +289,9 @@ impl VideoLlava {
             device: vb.device().clone(),
             quantization: None,
             feature_cache: std::sync::Arc::new(std::sync::Mutex::new(FeatureCache::new(DEFAULT_CAPACITY_BYTES))),
+            prefix_cache: std::sync::Arc::new(std::sync::Mutex::new(PrefixCache::new(
+                crate::model::prefix_cache::DEFAULT_CAPACITY_BYTES,
+            ))),
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             config,
         })
@@ -553,6 +559,10 @@ impl VideoLlava {
     /// (default) or 8-bit codes (`--kv-cache q8_0`, see [`crate::kernels::kv_quant`]).
     pub fn set_kv_cache_format(&mut self, format: crate::kernels::kv_quant::KvCacheFormat) {
         self.language_model.set_kv_cache_format(format);
+        // Cached prefixes in the other format could not be appended to.
+        if let Ok(mut c) = self.prefix_cache.lock() {
+            c.clear();
+        }
     }
 
     /// How the decoder caches keys and values (`--kv-cache`).
@@ -565,6 +575,99 @@ impl VideoLlava {
         if let Ok(mut c) = self.feature_cache.lock() {
             c.set_capacity(bytes);
         }
+    }
+
+    fn prefix_lock(&self) -> Result<std::sync::MutexGuard<'_, PrefixCache>> {
+        self.prefix_cache.lock().map_err(|_| Error::Model("prefix cache lock poisoned".into()))
+    }
+
+    /// The prefix-cache key of a one-row processed prompt (`None` when the prefix cache is off
+    /// or the prompt is padded).
+    pub fn prefix_key(&self, inputs: &ProcessorOutput) -> Option<PrefixKey> {
+        if !self.prefix_cache.lock().map(|c| c.enabled()).unwrap_or(false) {
+            return None;
+        }
+        PrefixKey::from_inputs(inputs, self.config.image_token_id, self.config.video_token_id)
+    }
+
+    /// The longest cached prefix of `key`, at most `key.len() - 1` positions (the last one must
+    /// be computed for its logits), from memory or a saved prefix: its length and a one-row
+    /// cache holding it, to prefill the rest into ([`Self::prefill_part`] from that position).
+    pub fn cached_prefix(&self, key: &PrefixKey) -> Result<Option<(usize, KvCache)>> {
+        if key.len() < 2 {
+            return Ok(None);
+        }
+        let layers = self.config.text_config.num_hidden_layers;
+        self.prefix_lock()?.lookup(key, key.len() - 1, self.kv_cache_format(), self.dtype, &self.device, layers)
+    }
+
+    /// Keeps a prefilled prompt's keys/values (one row, `cache` holding at least `key.len()`
+    /// positions) for later prompts; with a directory of saved prefixes, also writes its media
+    /// prefix there (on a background thread) unless it is there already.
+    pub fn cache_prefix(&self, key: &PrefixKey, cache: &KvCache) -> Result<()> {
+        let mut c = self.prefix_lock()?;
+        c.insert(key.elems(), cache)?;
+        let media = key.media_end();
+        if let Some(store) = c.store().cloned() {
+            let media_key = &key.elems()[..media];
+            if media > 0 && !store.file_for(media_key).is_file() {
+                let (media_key, kv) = (media_key.to_vec(), cache.narrow_positions(0, media)?);
+                c.note_disk_save();
+                std::thread::spawn(move || {
+                    if let Err(e) = store.save(&media_key, &kv) {
+                        eprintln!("videollava: could not save a prefix: {e}");
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Bounds the prefix cache to `bytes` (0: nothing kept in memory).
+    pub fn set_prefix_cache_capacity(&self, bytes: usize) {
+        if let Ok(mut c) = self.prefix_cache.lock() {
+            c.set_capacity(bytes);
+        }
+    }
+
+    /// Saves media prefixes to, and looks them up in, `store` (`None`: memory only).
+    pub fn set_prefix_store(&self, store: Option<PrefixStore>) {
+        if let Ok(mut c) = self.prefix_cache.lock() {
+            c.set_store(store);
+        }
+    }
+
+    /// Hits, misses, reused positions and bytes of the prefix cache.
+    pub fn prefix_cache_stats(&self) -> PrefixCacheStats {
+        self.prefix_cache.lock().map(|c| c.stats()).unwrap_or_default()
+    }
+
+    /// The prefix cache itself (shared with clones of this model), e.g. to read its statistics
+    /// from another thread.
+    pub fn prefix_cache(&self) -> std::sync::Arc<std::sync::Mutex<PrefixCache>> {
+        self.prefix_cache.clone()
+    }
+
+    /// As [`Self::prepare_prompt`], but when the first `covered` positions come from a cached
+    /// prefix that holds every placeholder (`media_end <= covered`), the vision towers are
+    /// skipped: those positions' embeddings are never read.
+    pub fn prepare_prompt_after(
+        &self,
+        inputs: &ProcessorOutput,
+        key: Option<&PrefixKey>,
+        covered: usize,
+    ) -> Result<PreparedPrompt> {
+        let media_covered = key.is_some_and(|k| k.media_end() <= covered && k.media_end() > 0);
+        if !media_covered {
+            return self.prepare_prompt(inputs);
+        }
+        let (b, l) = (inputs.batch_size, inputs.seq_len);
+        let ids: Vec<u32> = inputs.input_ids.iter().map(|&x| x as u32).collect();
+        let mask: Vec<u32> = inputs.attention_mask.iter().map(|&x| x as u32).collect();
+        let ids = Tensor::from_vec(ids, (b, l), &self.device)?;
+        let mask = Tensor::from_vec(mask, (b, l), &self.device)?;
+        let embeds = self.language_model.embed(&ids)?;
+        Ok(PreparedPrompt { embeds, mask, len: l, vision_ms: 0.0 })
     }
 
     /// Runs the decoder on ready-made embeddings `[B, L, H]` (see [`VideoLlava::merge_embeddings`])
