@@ -421,7 +421,8 @@ impl VideoLlava {
 
 impl VideoLlava {
     /// Prefill of a processed batch: visual features computed once (or taken from the feature
-    /// cache when the same pixels were seen before), merged into the placeholder
+    /// cache when the same pixels were seen before; for one unpadded prompt into an empty
+    /// `cache`, after its longest prefix in the prefix cache), merged into the placeholder
     /// embeddings, then the whole prompt through the decoder into `cache`, [`Self::set_prefill_chunk`]
     /// positions at a time. `position_ids` `[B, L]`. Returns f32 logits of the last position
     /// `[B, V]` and the milliseconds spent in the vision towers and in the decoder.
@@ -431,10 +432,17 @@ impl VideoLlava {
         position_ids: &Tensor,
         cache: &mut KvCache,
     ) -> Result<(Tensor, f64, f64)> {
-        let prompt = self.prepare_prompt(inputs)?;
+        // One unpadded prompt into an empty cache: start after its longest cached prefix, and
+        // keep its keys/values for later prompts (see `prefix_cache`).
+        let key = if cache.is_empty() { self.prefix_key(inputs) } else { None };
+        let mut start = 0;
+        if let Some((n, kv)) = key.as_ref().and_then(|k| self.cached_prefix(k).unwrap_or(None)) {
+            *cache = kv;
+            start = n;
+        }
+        let prompt = self.prepare_prompt_after(inputs, key.as_ref(), start)?;
         let t = std::time::Instant::now();
         let chunk = self.prefill_chunk_len(prompt.len);
-        let mut start = 0;
         let logits = loop {
             let n = chunk.min(prompt.len - start);
             if let Some(logits) = self.prefill_part(&prompt, position_ids, start, n, cache)? {
@@ -442,6 +450,9 @@ impl VideoLlava {
             }
             start += n;
         };
+        if let Some(k) = &key {
+            self.cache_prefix(k, cache)?;
+        }
         Ok((logits, prompt.vision_ms, t.elapsed().as_secs_f64() * 1e3))
     }
 
