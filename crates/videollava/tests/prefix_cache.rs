@@ -15,11 +15,14 @@ use videollava::media::image::decode_image_file;
 use videollava::media::video::{decode_video_file, VideoOptions};
 use videollava::model::KvCacheFormat;
 
+/// Prefill chunk of these tests' engines.
+const CHUNK: usize = 16;
+
 fn engine(name: &str, dtype: DTypeChoice, kv: KvCacheFormat, prefix_bytes: usize) -> Engine {
     let mut e = Engine::load(&fixtures_dir().join("checkpoints").join(name), dtype, &Device::Cpu).unwrap();
     e.model.set_kv_cache_format(kv);
-    // Small chunks, so a reused prefix also ends inside a chunk.
-    e.model.set_prefill_chunk(64);
+    // Small chunks, so the tiny prompts span several.
+    e.model.set_prefill_chunk(CHUNK);
     e.model.set_prefix_cache_capacity(prefix_bytes);
     e
 }
@@ -90,7 +93,8 @@ fn check(name: &str, dtype: DTypeChoice, kv: KvCacheFormat) {
     let tag = format!("{name} {dtype:?} {kv}");
     let off = engine(name, dtype, kv, 0);
     let r0 = requests(&off, None).remove(0);
-    let turn1 = off.generate(&[r0.prompt.as_str()], &[], &r0.videos, &r0.options, &mut |_| {}).unwrap().0.remove(0).text;
+    let turn1 =
+        off.generate(&[r0.prompt.as_str()], &[], &r0.videos, &r0.options, &mut |_| {}).unwrap().0.remove(0).text;
     let reqs = requests(&off, Some(&turn1));
     let lens: Vec<usize> = reqs.iter().map(|r| prompt_len(&off, r)).collect();
     let media: Vec<usize> = reqs.iter().map(|r| media_end(&off, r)).collect();
@@ -104,15 +108,22 @@ fn check(name: &str, dtype: DTypeChoice, kv: KvCacheFormat) {
     let got: Vec<(GeneratedSequence, RequestTimings)> = reqs.iter().map(|r| run(&with, r)).collect();
     for (i, ((g, _), w)) in got.iter().zip(&want).enumerate() {
         assert_eq!(g.token_ids, w.token_ids, "{tag}: request {i}: greedy ids differ with the prefix cache");
-        let max = g.logprobs.iter().zip(&w.logprobs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(max <= 1e-5, "{tag}: request {i}: logprobs differ by {max}");
+        assert_eq!(g.logprobs, w.logprobs, "{tag}: request {i}: the numbers are the same bit for bit");
     }
     let cached: Vec<usize> = got.iter().map(|(_, t)| t.cached_prompt_tokens).collect();
-    // The first sees nothing cached but the text before its video, the same prompt again reuses
-    // all but its last position, the second turn at least its video.
+    // Hits are cut to a multiple of the prefill chunk (CHUNK). The first request finds nothing,
+    // the same prompt again reuses all whole chunks before its last position, the second turn
+    // at least the chunks its video fills.
+    let whole = |n: usize| n / CHUNK * CHUNK;
     assert_eq!(cached[0], 0, "{tag}");
-    assert_eq!(cached[1], lens[1] - 1, "{tag}");
-    assert!(cached[2] >= media[0], "{tag}: second turn reused {} positions, the video ends at {}", cached[2], media[0]);
+    assert_eq!(cached[1], whole(lens[1] - 1), "{tag}");
+    assert!(cached[1] > 0, "{tag}");
+    assert!(
+        cached[2] >= whole(media[0]) && cached[2] > 0,
+        "{tag}: second turn reused {}, video ends at {}",
+        cached[2],
+        media[0]
+    );
     // Another video: only the text before the first placeholder can match.
     let video_positions = {
         let e = engine(name, dtype, kv, 0);
@@ -120,7 +131,7 @@ fn check(name: &str, dtype: DTypeChoice, kv: KvCacheFormat) {
         inputs.input_ids.iter().position(|&t| t == e.model.config.video_token_id as i64).unwrap()
     };
     assert!(cached[3] <= video_positions, "{tag}: another video reused {} positions", cached[3]);
-    assert!(cached[5] >= media[4], "{tag}: the image follow-up reused {} positions", cached[5]);
+    assert!(cached[5] >= whole(media[4]) && cached[5] > 0, "{tag}: the image follow-up reused {} positions", cached[5]);
     let s = with.prefix_cache_stats();
     assert!(s.hits >= 3 && s.bytes > 0 && s.bytes <= 64 << 20, "{tag}: {s:?}");
     assert_eq!(s.reused_tokens, cached.iter().sum::<usize>() as u64, "{tag}");
@@ -153,7 +164,11 @@ fn temp_dir(tag: &str) -> PathBuf {
 
 fn saved_files(dir: &Path) -> Vec<PathBuf> {
     std::fs::read_dir(dir)
-        .map(|r| r.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.extension().is_some_and(|x| x == "safetensors")).collect())
+        .map(|r| {
+            r.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -191,7 +206,8 @@ fn saved_prefixes_survive_a_restart_and_foreign_files_are_ignored() {
     let restarted = Scheduler::start(fresh(Some(&dir)), config);
     let (got, timings) = run(&restarted, &follow_up);
     assert_eq!(got.token_ids, want.token_ids);
-    assert_eq!(timings.cached_prompt_tokens, media, "the saved video prefix is reused");
+    assert_eq!(timings.cached_prompt_tokens, media / CHUNK * CHUNK, "the saved video prefix is reused");
+    assert!(timings.cached_prompt_tokens > 0);
     let s = restarted.prefix_cache_stats();
     assert_eq!((s.disk_loads, s.disk_rejected), (1, 0), "{s:?}");
     restarted.shutdown();
@@ -207,7 +223,8 @@ fn saved_prefixes_survive_a_restart_and_foreign_files_are_ignored() {
     let store = e.model.prefix_cache().lock().unwrap().store().cloned().unwrap();
     assert_eq!(store.file_for(media_key), files[0]);
     let layers = e.model.config.text_config.num_hidden_layers;
-    let kv = store.load(media_key, KvCacheFormat::Model, candle_core::DType::F32, &Device::Cpu, layers).unwrap().unwrap();
+    let kv =
+        store.load(media_key, KvCacheFormat::Model, candle_core::DType::F32, &Device::Cpu, layers).unwrap().unwrap();
     let other_dir = temp_dir("saved-prefix-other");
     let other = videollava::model::prefix_cache::PrefixStore::new(&other_dir, "another model".into()).unwrap();
     std::fs::copy(other.save(media_key, &kv).unwrap(), &files[0]).unwrap();
@@ -218,7 +235,7 @@ fn saved_prefixes_survive_a_restart_and_foreign_files_are_ignored() {
         let s = Scheduler::start(fresh(Some(&dir)), config);
         let (got, timings) = run(&s, &follow_up);
         assert_eq!(got.token_ids, want.token_ids, "{what}");
-        assert!(timings.cached_prompt_tokens < media, "{what}: {}", timings.cached_prompt_tokens);
+        assert!(timings.cached_prompt_tokens < media / CHUNK * CHUNK, "{what}: {}", timings.cached_prompt_tokens);
         let stats = s.prefix_cache_stats();
         assert_eq!((stats.disk_loads, stats.disk_rejected), (0, 1), "{what}: {stats:?}");
         s.shutdown();

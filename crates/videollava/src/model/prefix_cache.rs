@@ -9,6 +9,13 @@
 //! embeddings up to `P`, hence (causal attention, prefill at positions `0..L` with no padding)
 //! equal keys and values up to `P`; other media differ in their digest and cannot hit.
 //!
+//! Exactness: a hit is cut down to a multiple of the prefill chunk
+//! ([`crate::model::VideoLlava::set_prefill_chunk`]), so the rest of the prompt goes through the
+//! decoder in the same chunks, hence the same kernels with the same row counts, as without the
+//! cache: the numbers are the same bit for bit. (So a prompt shorter than one chunk reuses
+//! nothing; a chunk of 0, the whole prompt at once, reuses any length, where the BF16 and
+//! 8-bit-cache kernels for few rows may then round differently from those for many.)
+//!
 //! Storage: a radix tree of segments, each holding its positions' keys/values for one row
 //! (`[1, kv_heads, n, head_dim]` per layer, in the cache's format: compute dtype or 8-bit), so
 //! prompts that share a video share its keys/values once. Eviction: least recently used leaf
@@ -91,7 +98,10 @@ impl PrefixKey {
         };
         let images = digests(inputs.pixel_values_images.as_ref(), "image")?;
         let videos = digests(inputs.pixel_values_videos.as_ref(), "video")?;
-        Self::new(&ids, &[(image_token, images, inputs.image_tokens_per_item), (video_token, videos, inputs.video_tokens_per_item)])
+        Self::new(
+            &ids,
+            &[(image_token, images, inputs.image_tokens_per_item), (video_token, videos, inputs.video_tokens_per_item)],
+        )
     }
 
     /// `media`: for each placeholder token, the digests of its items in order and the positions
@@ -264,18 +274,21 @@ impl PrefixCache {
     }
 
     /// The keys/values of the longest cached prefix of `key` no longer than `max_len`
-    /// positions: its length and a one-row cache with room to append (`None` on a miss).
-    /// `format`, `dtype`, `device` and `layers` describe the model, to check saved prefixes.
+    /// positions and, with `align > 0`, cut down to a multiple of `align`: its length and a
+    /// one-row cache with room to append (`None` on a miss). `format`, `dtype`, `device` and
+    /// `layers` describe the model, to check saved prefixes.
+    #[allow(clippy::too_many_arguments)]
     pub fn lookup(
         &mut self,
         key: &PrefixKey,
         max_len: usize,
+        align: usize,
         format: KvCacheFormat,
         dtype: DType,
         device: &Device,
         layers: usize,
     ) -> Result<Option<(usize, KvCache)>> {
-        let want = &key.elems[..max_len.min(key.len())];
+        let mut want = &key.elems[..max_len.min(key.len())];
         let mut path = self.walk(want);
         let matched: usize = path.iter().map(|x| x.1).sum();
         let media = key.media_end;
@@ -289,11 +302,12 @@ impl PrefixCache {
                     self.stats.disk_loads += 1;
                     self.insert(&key.elems[..media], &kv)?;
                     path = self.walk(want);
-                    if path.iter().map(|x| x.1).sum::<usize>() < media {
+                    let n = if align > 0 { media - media % align } else { media };
+                    if path.iter().map(|x| x.1).sum::<usize>() < media && n > 0 {
                         // Not kept in memory (no budget for it): use it once.
                         self.stats.hits += 1;
-                        self.stats.reused_tokens += media as u64;
-                        return Ok(Some((media, KvCache::concat_positions(&[&kv])?)));
+                        self.stats.reused_tokens += n as u64;
+                        return Ok(Some((n, KvCache::concat_positions(&[&kv.narrow_positions(0, n)?])?)));
                     }
                 }
                 Some(Err(why)) => {
@@ -303,7 +317,12 @@ impl PrefixCache {
                 None => {}
             }
         }
-        let matched: usize = path.iter().map(|x| x.1).sum();
+        let mut matched: usize = path.iter().map(|x| x.1).sum();
+        if align > 0 && matched % align != 0 {
+            matched -= matched % align;
+            want = &want[..matched];
+            path = self.walk(want);
+        }
         if matched == 0 {
             self.stats.misses += 1;
             return Ok(None);
@@ -391,8 +410,7 @@ impl PrefixCache {
                 cn.parent = Some(child_id);
             }
         }
-        let child =
-            Node { key: tail_key, kv: tail, bytes: tail_bytes, parent: Some(id), children, last_used };
+        let child = Node { key: tail_key, kv: tail, bytes: tail_bytes, parent: Some(id), children, last_used };
         self.nodes.insert(child_id, child);
         self.bytes = self.bytes - old_bytes + head_bytes + tail_bytes;
         Ok(())
@@ -569,7 +587,11 @@ impl PrefixStore {
                 .map(|j| tensors.remove(&format!("layers.{i}.{j}")).ok_or(format!("tensor layers.{i}.{j} missing")))
                 .collect::<std::result::Result<Vec<_>, _>>()?;
             if parts[0].dims().first() != Some(&1) || parts[0].dims().get(2) != Some(&key.len()) {
-                return Err(format!("layer {i} holds {:?}, expected one row of {} positions", parts[0].dims(), key.len()));
+                return Err(format!(
+                    "layer {i} holds {:?}, expected one row of {} positions",
+                    parts[0].dims(),
+                    key.len()
+                ));
             }
             bufs.push(KvBuffer::from_stored_parts(parts, format, dtype).map_err(|e| e.to_string())?);
         }
@@ -603,7 +625,7 @@ mod tests {
 
     fn lookup(c: &mut PrefixCache, key: &[u64]) -> Option<(usize, KvCache)> {
         let key = PrefixKey { elems: key.to_vec(), media_end: 0 };
-        c.lookup(&key, key.len() - 1, KvCacheFormat::Model, DType::F32, &Device::Cpu, 2).unwrap()
+        c.lookup(&key, key.len() - 1, 0, KvCacheFormat::Model, DType::F32, &Device::Cpu, 2).unwrap()
     }
 
     #[test]
@@ -681,7 +703,7 @@ mod tests {
         let mut c = PrefixCache::new(1 << 20);
         c.set_store(Some(mine));
         let k = PrefixKey { elems: vec![1, 2, 3, 4, 5], media_end: 4 };
-        assert!(c.lookup(&k, 4, KvCacheFormat::Model, DType::F32, &Device::Cpu, 2).unwrap().is_none());
+        assert!(c.lookup(&k, 4, 0, KvCacheFormat::Model, DType::F32, &Device::Cpu, 2).unwrap().is_none());
         assert_eq!((c.stats().disk_rejected, c.stats().misses), (1, 1));
         let _ = std::fs::remove_dir_all(&dir);
     }

@@ -602,14 +602,18 @@ impl VideoLlava {
     }
 
     /// The longest cached prefix of `key`, at most `key.len() - 1` positions (the last one must
-    /// be computed for its logits), from memory or a saved prefix: its length and a one-row
+    /// be computed for its logits) and cut down to a multiple of the prefill chunk (see
+    /// `prefix_cache`), from memory or a saved prefix: its length and a one-row
     /// cache holding it, to prefill the rest into ([`Self::prefill_part`] from that position).
     pub fn cached_prefix(&self, key: &PrefixKey) -> Result<Option<(usize, KvCache)>> {
         if key.len() < 2 {
             return Ok(None);
         }
         let layers = self.config.text_config.num_hidden_layers;
-        self.prefix_lock()?.lookup(key, key.len() - 1, self.kv_cache_format(), self.dtype, &self.device, layers)
+        // Cut at a chunk boundary: the rest is then prefilled exactly as without the cache.
+        let align = self.prefill_chunk;
+        let max = key.len() - 1;
+        self.prefix_lock()?.lookup(key, max, align, self.kv_cache_format(), self.dtype, &self.device, layers)
     }
 
     /// Keeps a prefilled prompt's keys/values (one row, `cache` holding at least `key.len()`
