@@ -110,12 +110,19 @@ impl PrefixKey {
         let mut elems: Vec<u64> = ids.iter().map(|&t| t as u64).collect();
         let mut media_end = 0;
         for (token, digests, per_item) in media {
+            if *per_item == 0 {
+                // No items of this kind: a placeholder then has no features (the prompt fails).
+                if digests.is_empty() && !ids.contains(token) {
+                    continue;
+                }
+                return None;
+            }
             let mut k = 0usize;
             for (p, &t) in ids.iter().enumerate() {
                 if t != *token {
                     continue;
                 }
-                let item = *digests.get(k / (*per_item).max(1))?;
+                let item = *digests.get(k / per_item)?;
                 elems[p] = MEDIA_BIT | (mix(item ^ mix((k % per_item) as u64 ^ ((*token as u64) << 32))) >> 1);
                 media_end = media_end.max(p + 1);
                 k += 1;
@@ -675,6 +682,9 @@ mod tests {
         assert_eq!(a, PrefixKey::new(&ids, &[(800, vec![11], per)]).unwrap());
         assert!(a.elems()[2..5].iter().all(|&e| e & MEDIA_BIT != 0));
         assert!(PrefixKey::new(&ids, &[(800, vec![11, 12], per)]).is_none(), "placeholders and items disagree");
+        assert!(PrefixKey::new(&ids, &[(800, vec![], 0)]).is_none(), "placeholders without items");
+        let text = PrefixKey::new(&[1, 2, 3], &[(800, vec![], 0), (801, vec![], 0)]).unwrap();
+        assert_eq!((text.elems(), text.media_end()), (&[1u64, 2, 3][..], 0));
     }
 
     #[test]
