@@ -203,9 +203,13 @@ fn saved_prefixes_survive_a_restart_and_foreign_files_are_ignored() {
     assert_eq!(first.prefix_cache_stats().disk_saves, 1);
     first.shutdown();
 
-    let restarted = Scheduler::start(fresh(Some(&dir)), config);
+    let e = fresh(Some(&dir));
+    let model = e.model.clone(); // shares the feature cache
+    let restarted = Scheduler::start(e, config);
     let (got, timings) = run(&restarted, &follow_up);
     assert_eq!(got.token_ids, want.token_ids);
+    // Only the video's frames after the cut went through the tower, outside the feature cache.
+    assert_eq!(model.feature_cache_stats().misses, 0, "{:?}", model.feature_cache_stats());
     assert_eq!(timings.cached_prompt_tokens, media / CHUNK * CHUNK, "the saved video prefix is reused");
     assert!(timings.cached_prompt_tokens > 0);
     let s = restarted.prefix_cache_stats();

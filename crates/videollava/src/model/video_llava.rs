@@ -663,26 +663,97 @@ impl VideoLlava {
         self.prefix_cache.clone()
     }
 
-    /// As [`Self::prepare_prompt`], but when the first `covered` positions come from a cached
-    /// prefix that holds every placeholder (`media_end <= covered`), the vision towers are
-    /// skipped: those positions' embeddings are never read.
+    /// As [`Self::prepare_prompt`] for one unpadded prompt whose first `covered` positions come
+    /// from a cached prefix: those positions' embeddings are never read, so the vision towers
+    /// run only for the media items (and, of a video, the frames) with a placeholder at or after
+    /// `covered`; the others get zeros. After a saved prefix is read back, a video whose last
+    /// frame straddles the cut costs one frame through the tower instead of all.
     pub fn prepare_prompt_after(
         &self,
         inputs: &ProcessorOutput,
         key: Option<&PrefixKey>,
         covered: usize,
     ) -> Result<PreparedPrompt> {
-        let media_covered = key.is_some_and(|k| k.media_end() <= covered && k.media_end() > 0);
-        if !media_covered {
+        if covered == 0 || !key.is_some_and(|k| k.media_end() > 0) || inputs.batch_size != 1 {
             return self.prepare_prompt(inputs);
         }
-        let (b, l) = (inputs.batch_size, inputs.seq_len);
+        let t = std::time::Instant::now();
+        let l = inputs.seq_len;
         let ids: Vec<u32> = inputs.input_ids.iter().map(|&x| x as u32).collect();
+        let image_features = inputs
+            .pixel_values_images
+            .as_ref()
+            .map(|p| self.features_after(p, Tower::Image, &ids, inputs.image_tokens_per_item, covered))
+            .transpose()?;
+        let video_features = inputs
+            .pixel_values_videos
+            .as_ref()
+            .map(|p| self.features_after(p, Tower::Video, &ids, inputs.video_tokens_per_item, covered))
+            .transpose()?;
+        let vision_ms = t.elapsed().as_secs_f64() * 1e3;
         let mask: Vec<u32> = inputs.attention_mask.iter().map(|&x| x as u32).collect();
-        let ids = Tensor::from_vec(ids, (b, l), &self.device)?;
-        let mask = Tensor::from_vec(mask, (b, l), &self.device)?;
-        let embeds = self.language_model.embed(&ids)?;
-        Ok(PreparedPrompt { embeds, mask, len: l, vision_ms: 0.0 })
+        let ids = Tensor::from_vec(ids, (1, l), &self.device)?;
+        let mask = Tensor::from_vec(mask, (1, l), &self.device)?;
+        let embeds = self.merge_embeddings(&ids, image_features.as_ref(), video_features.as_ref())?;
+        Ok(PreparedPrompt { embeds, mask, len: l, vision_ms })
+    }
+
+    /// Features of the items of `p` as [`Self::features_cached`] returns them (`[N * frames,
+    /// tokens, H]`), computed only for the frames (videos) or items (images) holding a
+    /// placeholder position at or after `covered` in `ids`; zeros elsewhere.
+    fn features_after(
+        &self,
+        p: &PixelTensor,
+        tower: Tower,
+        ids: &[u32],
+        per_item: usize,
+        covered: usize,
+    ) -> Result<Tensor> {
+        let token = match tower {
+            Tower::Image => self.config.image_token_id,
+            Tower::Video => self.config.video_token_id,
+        };
+        let n = p.shape.first().copied().unwrap_or(0);
+        // Rows of features per item: frames for a video, 1 for an image.
+        let rows = match tower {
+            Tower::Image => 1,
+            Tower::Video => p.shape.get(1).copied().unwrap_or(0),
+        };
+        if n == 0 || rows == 0 || per_item == 0 || per_item % rows != 0 || p.data.len() % n != 0 {
+            return self.features_cached(p, tower);
+        }
+        let positions: Vec<usize> = ids.iter().enumerate().filter(|(_, &t)| t == token).map(|(i, _)| i).collect();
+        if positions.len() != n * per_item {
+            return self.features_cached(p, tower); // fails with the usual message
+        }
+        let per_row = per_item / rows;
+        // The first row (frame or image) with a position at or after `covered`.
+        let first = (0..n * rows).find(|&g| positions[g * per_row + per_row - 1] >= covered).unwrap_or(n * rows);
+        let h = self.config.text_config.hidden_size;
+        let mut parts = Vec::new();
+        if first > 0 {
+            parts.push(Tensor::zeros((first, per_row, h), self.dtype, &self.device)?);
+        }
+        let per = p.data.len() / n;
+        let (item0, row0) = (first / rows, first % rows);
+        if row0 > 0 {
+            // The item holding the cut: only its frames from `row0` on.
+            let frame = per / rows;
+            let data = p.data[item0 * per + row0 * frame..(item0 + 1) * per].to_vec();
+            let mut shape = p.shape.clone();
+            shape[0] = 1;
+            shape[1] = rows - row0;
+            let px = Tensor::from_vec(data, shape, &self.device)?;
+            parts.push(self.video_features(&px)?);
+        }
+        let whole = if row0 > 0 { item0 + 1 } else { item0 };
+        if whole < n {
+            let mut shape = p.shape.clone();
+            shape[0] = n - whole;
+            let rest = PixelTensor { shape, data: p.data[whole * per..].to_vec() };
+            parts.push(self.features_cached(&rest, tower)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
     }
 
     /// Runs the decoder on ready-made embeddings `[B, L, H]` (see [`VideoLlava::merge_embeddings`])
