@@ -130,6 +130,45 @@ def run_level(base, n, make_body, timeout):
     }
 
 
+def conversation(base, url, question, max_tokens, model, timeout):
+    """Turn 1 about the video, then turn 2 with the history resent (as OpenAI clients do):
+    returns both turns' timings (turn 2 should reuse turn 1's prefix)."""
+    turns = []
+    messages = [
+        {
+            "role": "user",
+            "content": [{"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": question}],
+        }
+    ]
+    for follow_up in (None, "And what happens after that?"):
+        if follow_up:
+            messages += [{"role": "assistant", "content": answer}, {"role": "user", "content": follow_up}]
+        body = {
+            "messages": messages,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        if model:
+            body["model"] = model
+        out = []
+        one_request(base, body, timeout, out)
+        r = out[0]
+        if "error" in r:
+            raise SystemExit(f"conversation turn failed: {r['error']}")
+        turns.append(r)
+        # The answer text for the history: ask again without streaming (same greedy answer).
+        plain = dict(body, stream=False)
+        plain.pop("stream_options")
+        req = urllib.request.Request(
+            base + "/v1/chat/completions", data=json.dumps(plain).encode(), headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            answer = json.loads(resp.read())["choices"][0]["message"]["content"]
+    return turns
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", default="http://127.0.0.1:8000", help="server address")
@@ -145,6 +184,12 @@ def main():
         help="a different question per request (the video prefix is still shared)",
     )
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per request")
+    ap.add_argument(
+        "--conversation",
+        action="store_true",
+        help="instead: one conversation of two turns about the video (history resent), "
+        "reporting each turn's time to first token",
+    )
     ap.add_argument("--json", action="store_true", help="print one JSON object per level")
     args = ap.parse_args()
 
@@ -173,6 +218,19 @@ def main():
         if args.model:
             body["model"] = args.model
         return body
+
+    if args.conversation:
+        if not url:
+            raise SystemExit("--conversation needs --video or --video-path-on-server")
+        t1, t2 = conversation(args.base, url, args.question, args.max_tokens, args.model, args.timeout)
+        ttft1, ttft2 = t1["first"] - t1["start"], t2["first"] - t2["start"]
+        print(
+            f"turn 1: TTFT {ttft1:.3f} s ({t1['prompt_tokens']} prompt tokens, {t1['cached_tokens']} cached); "
+            f"turn 2: TTFT {ttft2:.3f} s ({t2['prompt_tokens']} prompt tokens, {t2['cached_tokens']} cached); "
+            f"turn 2 / turn 1: {100 * ttft2 / ttft1:.1f}%"
+        )
+        print(json.dumps({"prefix_cache": metrics(args.base)}))
+        return
 
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
     rows = []
