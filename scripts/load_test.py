@@ -191,6 +191,7 @@ def main():
         "reporting each turn's time to first token",
     )
     ap.add_argument("--json", action="store_true", help="print one JSON object per level")
+    ap.add_argument("--warmup", type=int, default=1, help="requests sent (one at a time) before measuring")
     args = ap.parse_args()
 
     if args.video:
@@ -233,6 +234,9 @@ def main():
         return
 
     levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    for i in range(args.warmup):
+        # Media decoding, feature and prefix caches, allocations: not part of what is measured.
+        run_level(args.base, 1, make_body, args.timeout)
     rows = []
     for n in levels:
         row = run_level(args.base, n, make_body, args.timeout)
