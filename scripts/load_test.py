@@ -6,7 +6,10 @@ path with --video-path-on-server, plus a question) to /v1/chat/completions with 
 and reports, per concurrency level:
   - time to first token (TTFT) p50 / p95 / max,
   - aggregate decode tokens/s: completion tokens after each request's first one, summed,
-    over the time from the first request's first token to the last request's end,
+    over the time from the first request's first token to the last request's end (prefills
+    of later requests included),
+  - steady decode tokens/s: tokens received, all requests together, while every request is
+    decoding (from the last first token to the first end),
   - mean per-request decode tokens/s, and the prefix-cache counters from /metrics.
 Only the Python standard library is used. Example:
 
@@ -39,6 +42,7 @@ def one_request(base, body, timeout, out):
     t0 = time.perf_counter()
     first = None
     tokens = 0
+    stamps = []
     usage = None
     req = urllib.request.Request(
         base + "/v1/chat/completions",
@@ -59,8 +63,10 @@ def one_request(base, body, timeout, out):
                     usage = chunk["usage"]
                 for c in chunk.get("choices", []):
                     if c.get("delta", {}).get("content"):
+                        now = time.perf_counter()
                         if first is None:
-                            first = time.perf_counter()
+                            first = now
+                        stamps.append(now)
                         tokens += 1
     except Exception as e:  # noqa: BLE001 - reported, not raised
         out.append({"error": str(e)})
@@ -76,6 +82,7 @@ def one_request(base, body, timeout, out):
             "completion_tokens": completion,
             "prompt_tokens": (usage or {}).get("prompt_tokens", 0),
             "cached_tokens": cached,
+            "stamps": stamps,
         }
     )
 
@@ -115,9 +122,15 @@ def run_level(base, n, make_body, timeout):
         for r in ok
         if r["completion_tokens"] > 1 and r["end"] > r["first"]
     ]
+    # While every request decodes at once (from the last first token to the first end): content
+    # chunks received per second, all requests together (no prefill of a newcomer in between).
+    lo, hi = max(r["first"] for r in ok), min(r["end"] for r in ok)
+    in_window = sum(1 for r in ok for t in r["stamps"] if lo < t <= hi)
+    steady = round(in_window / (hi - lo), 2) if hi - lo > 0.05 and in_window > 0 else None
     return {
         "concurrency": n,
         "ok": len(ok),
+        "steady_decode_tok_s": steady,
         "errors": errors,
         "wall_s": round(wall, 3),
         "ttft_p50_s": round(percentile(ttft, 50), 3),
@@ -243,21 +256,22 @@ def main():
         row["prefix_cache"] = metrics(args.base)
         rows.append(row)
         if args.json:
-            print(json.dumps(row), flush=True)
+            print(json.dumps({k: v for k, v in row.items()}), flush=True)
         else:
             print(
                 f"N={n:3d}: ok {row.get('ok', 0)}, errors {len(row['errors'])}, "
                 f"TTFT p50 {row.get('ttft_p50_s')} s p95 {row.get('ttft_p95_s')} s, "
-                f"aggregate decode {row.get('aggregate_decode_tok_s')} tok/s, "
+                f"aggregate decode {row.get('aggregate_decode_tok_s')} tok/s "
+                f"(all decoding at once: {row.get('steady_decode_tok_s')}), "
                 f"per request {row.get('mean_request_decode_tok_s')} tok/s, "
                 f"cached prompt tokens {row.get('cached_prompt_tokens')}",
                 flush=True,
             )
             for e in row["errors"][:3]:
                 print(f"  error: {e}", file=sys.stderr)
-    if len(rows) > 1 and rows[0].get("aggregate_decode_tok_s") and rows[-1].get("aggregate_decode_tok_s"):
-        ratio = rows[-1]["aggregate_decode_tok_s"] / rows[0]["aggregate_decode_tok_s"]
-        print(f"aggregate decode at N={levels[-1]} / N={levels[0]}: {ratio:.2f}x")
+    for key in ("aggregate_decode_tok_s", "steady_decode_tok_s"):
+        if len(rows) > 1 and rows[0].get(key) and rows[-1].get(key):
+            print(f"{key} at N={levels[-1]} / N={levels[0]}: {rows[-1][key] / rows[0][key]:.2f}x")
 
 
 if __name__ == "__main__":

@@ -325,7 +325,7 @@ impl PrefixCache {
             }
         }
         let mut matched: usize = path.iter().map(|x| x.1).sum();
-        if align > 0 && matched % align != 0 {
+        if align > 0 && !matched.is_multiple_of(align) {
             matched -= matched % align;
             want = &want[..matched];
             path = self.walk(want);

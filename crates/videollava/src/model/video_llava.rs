@@ -674,7 +674,7 @@ impl VideoLlava {
         key: Option<&PrefixKey>,
         covered: usize,
     ) -> Result<PreparedPrompt> {
-        if covered == 0 || !key.is_some_and(|k| k.media_end() > 0) || inputs.batch_size != 1 {
+        if covered == 0 || key.is_none_or(|k| k.media_end() == 0) || inputs.batch_size != 1 {
             return self.prepare_prompt(inputs);
         }
         let t = std::time::Instant::now();
@@ -719,7 +719,7 @@ impl VideoLlava {
             Tower::Image => 1,
             Tower::Video => p.shape.get(1).copied().unwrap_or(0),
         };
-        if n == 0 || rows == 0 || per_item == 0 || per_item % rows != 0 || p.data.len() % n != 0 {
+        if n == 0 || rows == 0 || per_item == 0 || !per_item.is_multiple_of(rows) || !p.data.len().is_multiple_of(n) {
             return self.features_cached(p, tower);
         }
         let positions: Vec<usize> = ids.iter().enumerate().filter(|(_, &t)| t == token).map(|(i, _)| i).collect();
@@ -735,7 +735,18 @@ impl VideoLlava {
             parts.push(Tensor::zeros((first, per_row, h), self.dtype, &self.device)?);
         }
         let per = p.data.len() / n;
-        let (item0, row0) = (first / rows, first % rows);
+        let (item0, mut row0) = (first / rows, first % rows);
+        if row0 > 0 {
+            // The item holding the cut: whole from the feature cache if it is there.
+            let key = FeatureCache::key(tower, &p.shape[1..], &p.data[item0 * per..(item0 + 1) * per]);
+            if self.feature_cache.lock().map(|c| c.contains(key)).unwrap_or(false) {
+                parts.pop();
+                if item0 * rows > 0 {
+                    parts.push(Tensor::zeros((item0 * rows, per_row, h), self.dtype, &self.device)?);
+                }
+                row0 = 0;
+            }
+        }
         if row0 > 0 {
             // The item holding the cut: only its frames from `row0` on.
             let frame = per / rows;
