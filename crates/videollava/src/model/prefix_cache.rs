@@ -447,6 +447,8 @@ pub struct PrefixStore {
     dir: PathBuf,
     /// Identifies the weights and the numbers they give ([`model_fingerprint`]).
     model: String,
+    /// A save is being written (one at a time: each holds a copy of its keys/values).
+    saving: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -487,7 +489,17 @@ impl PrefixStore {
     pub fn new(dir: impl Into<PathBuf>, fingerprint: String) -> Result<Self> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        Ok(Self { dir, model: fingerprint })
+        Ok(Self { dir, model: fingerprint, saving: Default::default() })
+    }
+
+    /// Claims the right to write one save (`false` while another is being written); release
+    /// it with [`Self::end_save`].
+    pub fn begin_save(&self) -> bool {
+        !self.saving.swap(true, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    pub fn end_save(&self) {
+        self.saving.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
     pub fn dir(&self) -> &Path {

@@ -625,13 +625,23 @@ impl VideoLlava {
         let media = key.media_end();
         if let Some(store) = c.store().cloned() {
             let media_key = &key.elems()[..media];
-            if media > 0 && !store.file_for(media_key).is_file() {
-                let (media_key, kv) = (media_key.to_vec(), cache.narrow_positions(0, media)?);
+            // One save at a time (skipped while another is written: the next prompt with this
+            // media saves it), so the copies waiting for the disk stay bounded.
+            if media > 0 && !store.file_for(media_key).is_file() && store.begin_save() {
+                let kv = match cache.narrow_positions(0, media) {
+                    Ok(kv) => kv,
+                    Err(e) => {
+                        store.end_save();
+                        return Err(e);
+                    }
+                };
+                let media_key = media_key.to_vec();
                 c.note_disk_save();
                 std::thread::spawn(move || {
                     if let Err(e) = store.save(&media_key, &kv) {
                         eprintln!("videollava: could not save a prefix: {e}");
                     }
+                    store.end_save();
                 });
             }
         }
