@@ -77,6 +77,17 @@ pub struct ModelArgs {
     /// same media skips the vision towers (0: off).
     #[arg(long, default_value_t = 256, value_name = "MIB")]
     pub feature_cache_mib: usize,
+    /// MiB of computed prompt prefixes' keys/values kept in memory (least recently used
+    /// dropped first), so a prompt that starts like an earlier one (same tokens, same media: a
+    /// follow-up question about a video, the next turn of a conversation) prefills only the
+    /// rest (0: off). The default holds two 7B video prefixes in BF16 (~1.1 GB each).
+    #[arg(long, default_value_t = videollava::model::prefix_cache::DEFAULT_CAPACITY_BYTES >> 20, value_name = "MIB")]
+    pub prefix_cache_mib: usize,
+    /// Also save the keys/values of media prefixes (a prompt up to its last image or video) in
+    /// this directory, so the same media after a restart, or in another process, skips their
+    /// prefill. Files of another checkpoint, dtype or cache format are ignored.
+    #[arg(long, value_name = "DIR")]
+    pub prefix_cache_dir: Option<PathBuf>,
     /// Copy the BF16 weights into memory at load instead of reading them in place from the
     /// memory-mapped checkpoint files (the default where the CPU has AVX-512 BF16).
     #[arg(long)]
@@ -120,6 +131,10 @@ impl ModelArgs {
         engine.model().set_feature_cache_capacity(self.feature_cache_mib << 20);
         engine.model_mut().set_kv_cache_format(self.kv_cache);
         engine.model_mut().set_prefill_chunk(self.prefill_chunk);
+        engine.model().set_prefix_cache_capacity(self.prefix_cache_mib << 20);
+        engine
+            .set_prefix_cache_dir(self.prefix_cache_dir.as_deref())
+            .with_context(|| format!("--prefix-cache-dir {:?}", self.prefix_cache_dir))?;
         if let Some(q) = &engine.model().quantization {
             let mut kinds: Vec<String> = q.quantized.iter().map(|(k, n)| format!("{n} {k}")).collect();
             kinds.sort();

@@ -652,9 +652,15 @@ impl Completion {
         })
     }
 
-    fn usage(seq: &GeneratedSequence) -> Value {
+    /// OpenAI's usage object; `cached_tokens`: prompt positions taken from the prefix cache.
+    fn usage(seq: &GeneratedSequence, cached_tokens: usize) -> Value {
         let completion = seq.token_ids.len();
-        json!({"prompt_tokens": seq.prompt_tokens, "completion_tokens": completion, "total_tokens": seq.prompt_tokens + completion})
+        json!({
+            "prompt_tokens": seq.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": seq.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens},
+        })
     }
 
     fn record(&self, seq: &GeneratedSequence, queue_ms: f64) {
@@ -757,7 +763,7 @@ async fn collect(
                         "logprobs": logprobs,
                         "finish_reason": sequence.finish_reason.as_str(),
                     }],
-                    "usage": Completion::usage(&sequence),
+                    "usage": Completion::usage(&sequence, timings.cached_prompt_tokens),
                     "timings": Completion::timings(&sequence, &timings),
                 }));
             }
@@ -876,7 +882,7 @@ impl SseStream {
                         "created": self.ctx.created,
                         "model": self.ctx.model,
                         "choices": [],
-                        "usage": Completion::usage(&sequence),
+                        "usage": Completion::usage(&sequence, timings.cached_prompt_tokens),
                         "timings": Completion::timings(&sequence, &timings),
                     });
                     self.out.push_back(sse(&v));

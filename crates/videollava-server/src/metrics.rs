@@ -144,3 +144,33 @@ impl Metrics {
         out
     }
 }
+
+/// The engine's prefix cache (computed prompt prefixes reused by later prompts) in the
+/// exposition format.
+pub fn render_prefix_cache(s: &videollava::model::prefix_cache::PrefixCacheStats) -> String {
+    let mut out = String::new();
+    for (name, kind, help, v) in [
+        ("videollava_prefix_cache_hits_total", "counter", "Prompts that reused a cached prefix.", s.hits),
+        ("videollava_prefix_cache_misses_total", "counter", "Prompts with no cached prefix.", s.misses),
+        (
+            "videollava_prefix_cache_reused_tokens_total",
+            "counter",
+            "Prompt positions taken from the prefix cache instead of the decoder.",
+            s.reused_tokens,
+        ),
+        ("videollava_prefix_cache_bytes", "gauge", "Bytes of keys/values held by the prefix cache.", s.bytes as u64),
+        ("videollava_prefix_cache_capacity_bytes", "gauge", "Byte budget of the prefix cache.", s.capacity as u64),
+        ("videollava_prefix_cache_entries", "gauge", "Prefix segments held.", s.entries as u64),
+        ("videollava_prefix_cache_disk_loads_total", "counter", "Saved prefixes read.", s.disk_loads),
+        ("videollava_prefix_cache_disk_saves_total", "counter", "Prefixes saved.", s.disk_saves),
+        (
+            "videollava_prefix_cache_disk_rejected_total",
+            "counter",
+            "Saved prefixes ignored (another model, dtype or cache format, or damaged).",
+            s.disk_rejected,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+    out
+}

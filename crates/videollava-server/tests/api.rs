@@ -110,7 +110,10 @@ fn streamed_chunks_concatenate_to_the_same_text() {
     assert!(s.chunks.iter().all(|c| c["id"] == first["id"]));
     let usage_chunk = s.chunks.last().unwrap();
     assert_eq!(usage_chunk["choices"].as_array().unwrap().len(), 0);
-    assert_eq!(usage_chunk["usage"], whole["usage"]);
+    // The same counts (the second request may take more of its prompt from the prefix cache).
+    for field in ["prompt_tokens", "completion_tokens", "total_tokens"] {
+        assert_eq!(usage_chunk["usage"][field], whole["usage"][field], "{field}");
+    }
     let finish = &s.chunks[s.chunks.len() - 2];
     assert_eq!(finish["choices"][0]["finish_reason"], whole["choices"][0]["finish_reason"]);
     for c in &s.chunks[..s.chunks.len() - 2] {
@@ -591,4 +594,61 @@ fn graceful_shutdown_lets_running_streams_finish() {
     wait_until("the listener to close", Duration::from_secs(20), || {
         agent().get(&format!("{}/health", server.base)).call().is_err()
     });
+}
+
+/// A conversation's second turn resends the first (video included, as a data URI): it reuses
+/// the first turn's keys/values (a prefix-cache hit in `/metrics`, cached tokens in `usage`)
+/// and answers what `Engine::generate` (no prefix cache) answers.
+#[test]
+fn a_second_turn_about_the_same_video_reuses_the_first_turns_prefix() {
+    // Prefix hits are cut to whole prefill chunks: small ones for the tiny prompts.
+    const CHUNK: usize = 16;
+    let mut e = load_engine(&model_dir());
+    e.model_mut().set_prefill_chunk(CHUNK);
+    let server = start_engine(ServerConfig::default(), e, SchedulerConfig { max_batch_size: 8, max_queue: 64 });
+    let engine = load_engine(&model_dir());
+    let video = decode_video_file(&media_path("clip.mp4"), &VideoOptions::default()).unwrap();
+    let turn1 = json!([
+        {"type": "video_url", "video_url": {"url": data_uri("clip.mp4", "video/mp4")}},
+        {"type": "text", "text": "Why is this video funny?"},
+    ]);
+    let (status, first) = post(&server.base, &chat_body(turn1.clone(), 8));
+    assert_eq!(status, 200, "{first}");
+    let answer = first["choices"][0]["message"]["content"].as_str().unwrap().to_string();
+    let metric = |m: &str, name: &str| -> u64 {
+        m.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.parse().ok()).unwrap_or(0)
+    };
+    let (_, m1) = get(&server.base, "/metrics");
+    let (hits1, reused1) =
+        (metric(&m1, "videollava_prefix_cache_hits_total"), metric(&m1, "videollava_prefix_cache_reused_tokens_total"));
+    assert!(metric(&m1, "videollava_prefix_cache_bytes") > 0, "the first turn is kept: {m1}");
+
+    let messages = json!([
+        {"role": "user", "content": turn1},
+        {"role": "assistant", "content": answer},
+        {"role": "user", "content": "And what happens next?"},
+    ]);
+    let (status, second) = post(&server.base, &json!({"model": "model-llama", "messages": messages, "max_tokens": 8}));
+    assert_eq!(status, 200, "{second}");
+    let want = solo(
+        &engine,
+        &[
+            ChatMessage::new("user", vec![ContentPart::Video, ContentPart::Text("Why is this video funny?".into())]),
+            ChatMessage::assistant(&answer),
+            ChatMessage::new("user", vec![ContentPart::Text("And what happens next?".into())]),
+        ],
+        &[],
+        std::slice::from_ref(&video),
+        8,
+    );
+    assert_eq!(second["choices"][0]["message"]["content"].as_str().unwrap(), want.text);
+    let (_, m2) = get(&server.base, "/metrics");
+    assert_eq!(metric(&m2, "videollava_prefix_cache_hits_total"), hits1 + 1, "{m2}");
+    let reused = metric(&m2, "videollava_prefix_cache_reused_tokens_total") - reused1;
+    // At least the whole chunks the first turn's video fills are reused.
+    let video_positions = engine.processor().process(&["<video>"], &[], std::slice::from_ref(&video)).unwrap().seq_len;
+    let floor = (video_positions / CHUNK) * CHUNK;
+    assert!(reused as usize >= floor && reused > 0, "reused {reused} positions, the video alone is {video_positions}");
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap();
+    assert_eq!(cached, reused);
 }

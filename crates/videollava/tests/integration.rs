@@ -14,6 +14,7 @@ mod image_decode;
 mod image_processor_parity;
 mod model_behaviour;
 mod model_parity;
+mod prefix_cache;
 mod processor_parity;
 mod scheduler;
 mod streaming;

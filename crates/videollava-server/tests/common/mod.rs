@@ -62,7 +62,12 @@ pub fn start(config: ServerConfig) -> TestServer {
 }
 
 pub fn start_with(config: ServerConfig, dir: &Path, sched: SchedulerConfig) -> TestServer {
-    let scheduler = Scheduler::start(load_engine(dir), sched);
+    start_engine(config, load_engine(dir), sched)
+}
+
+/// A server over an engine set up by the caller.
+pub fn start_engine(config: ServerConfig, engine: Engine, sched: SchedulerConfig) -> TestServer {
+    let scheduler = Scheduler::start(engine, sched);
     let (tx, rx) = std::sync::mpsc::channel();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let s2 = scheduler.clone();

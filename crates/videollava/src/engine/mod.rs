@@ -161,6 +161,24 @@ impl Engine {
         self.load_ms
     }
 
+    /// Saves the keys/values of media prefixes in `dir` and looks them up there, so a question
+    /// about a video seen before (by another process, or before a restart) skips its prefill
+    /// (`None`: memory only). Files are named and headed by a fingerprint of this checkpoint as
+    /// loaded ([`crate::model::prefix_cache::model_fingerprint`]); others are ignored.
+    pub fn set_prefix_cache_dir(&self, dir: Option<&Path>) -> Result<()> {
+        let store = match dir {
+            None => None,
+            Some(d) => {
+                let quant = self.model.quantization.as_ref().and_then(|q| q.format).map(|f| f.name());
+                let fingerprint =
+                    crate::model::prefix_cache::model_fingerprint(&self.model_dir, self.model.dtype, quant)?;
+                Some(crate::model::prefix_cache::PrefixStore::new(d, fingerprint)?)
+            }
+        };
+        self.model.set_prefix_store(store);
+        Ok(())
+    }
+
     pub fn tokenizer(&self) -> &TextTokenizer {
         &self.processor.tokenizer
     }

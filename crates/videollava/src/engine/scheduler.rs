@@ -25,6 +25,7 @@ use crate::error::{Error, Result};
 use crate::generate::{check_context, decode_logits, GenerateOptions, GeneratedSequence, SequenceState};
 use crate::media::{RgbImage, Video};
 use crate::model::llama::KvCache;
+use crate::model::prefix_cache::{PrefixCache, PrefixCacheStats, PrefixKey};
 use crate::model::video_llava::PreparedPrompt;
 
 /// Sizes of the batch and of the waiting queue.
@@ -63,6 +64,8 @@ pub struct RequestTimings {
     pub decode_ms: f64,
     /// From submission to the first token.
     pub time_to_first_token_ms: f64,
+    /// Prompt positions taken from the prefix cache instead of the decoder.
+    pub cached_prompt_tokens: usize,
 }
 
 /// What a request's receiver sees, in order: tokens, then one `Finished` or `Failed`.
@@ -144,6 +147,7 @@ pub struct Scheduler {
     shared: Arc<Shared>,
     info: Arc<EngineInfo>,
     thread: Arc<Mutex<Option<JoinHandle<()>>>>,
+    prefix_cache: Arc<Mutex<PrefixCache>>,
 }
 
 impl Scheduler {
@@ -163,12 +167,12 @@ impl Scheduler {
                 .processor
                 .image_processor
                 .fixed_output_size()
-                .map(|(h, w)| engine.processor.image_token_count(h, w)),
+                .map(|(h, w)| engine.processor().image_token_count(h, w)),
             video_tokens_per_frame: engine
                 .processor
                 .image_processor
                 .fixed_output_size()
-                .map(|(h, w)| engine.processor.video_token_count(1, h, w)),
+                .map(|(h, w)| engine.processor().video_token_count(1, h, w)),
         };
         let shared = Arc::new(Shared {
             queue: Mutex::new(VecDeque::new()),
@@ -179,6 +183,7 @@ impl Scheduler {
             config,
         });
         let worker = shared.clone();
+        let prefix_cache = engine.model().prefix_cache();
         let thread = std::thread::Builder::new()
             .name("videollava-engine".into())
             .spawn(move || {
@@ -198,7 +203,7 @@ impl Scheduler {
                 run_loop(engine, worker)
             })
             .expect("spawn the engine thread");
-        Scheduler { shared, info: Arc::new(info), thread: Arc::new(Mutex::new(Some(thread))) }
+        Scheduler { shared, info: Arc::new(info), thread: Arc::new(Mutex::new(Some(thread))), prefix_cache }
     }
 
     /// Queues a request; its events arrive on the returned handle.
@@ -233,6 +238,11 @@ impl Scheduler {
             running: self.shared.running.load(Ordering::SeqCst),
             max_batch_size: self.shared.config.max_batch_size,
         }
+    }
+
+    /// Hits, reused positions and bytes of the engine's prefix cache.
+    pub fn prefix_cache_stats(&self) -> PrefixCacheStats {
+        self.prefix_cache.lock().map(|c| c.stats()).unwrap_or_default()
     }
 
     /// Stops accepting requests, lets queued and running ones finish, and waits for the thread.
@@ -306,8 +316,10 @@ struct Prefilling {
     ids: Vec<u32>,
     prompt: PreparedPrompt,
     positions: Tensor,
-    /// Prompt positions already in `cache`.
+    /// Prompt positions already in `cache` (from the prefix cache, then from earlier chunks).
     done: usize,
+    /// The prompt's prefix-cache key (`None`: not cached).
+    prefix_key: Option<PrefixKey>,
     cache: KvCache,
     decoder_ms: f64,
 }
@@ -328,7 +340,13 @@ fn start_prefill(engine: &Engine, job: Job) -> std::result::Result<Prefilling, (
         let l = inputs.seq_len;
         let ids: Vec<u32> = inputs.input_ids.iter().map(|&x| x as u32).collect();
         let positions = Tensor::from_vec((0..l as u32).collect::<Vec<_>>(), (1, l), &model.device)?;
-        let prompt = model.prepare_prompt(&inputs)?;
+        // The longest computed prefix of this prompt (same tokens, same media), if any: only the
+        // rest goes through the decoder (a failing lookup only costs the reuse).
+        let prefix_key = model.prefix_key(&inputs);
+        let hit = prefix_key.as_ref().and_then(|k| model.cached_prefix(k).unwrap_or(None));
+        let (done, cache) = hit.unwrap_or_default();
+        timings.cached_prompt_tokens = done;
+        let prompt = model.prepare_prompt_after(&inputs, prefix_key.as_ref(), done)?;
         Ok(Prefilling {
             tx: tx.clone(),
             options: request.options.clone(),
@@ -337,8 +355,9 @@ fn start_prefill(engine: &Engine, job: Job) -> std::result::Result<Prefilling, (
             ids,
             prompt,
             positions,
-            done: 0,
-            cache: KvCache::default(),
+            done,
+            prefix_key,
+            cache,
             decoder_ms: 0.0,
         })
     };
@@ -355,6 +374,11 @@ fn prefill_step(engine: &Engine, p: &mut Prefilling) -> Result<Option<(Active, K
     p.done += n;
     p.decoder_ms += ms(t);
     let Some(logits) = logits else { return Ok(None) };
+    if let Some(key) = p.prefix_key.take() {
+        if let Err(e) = model.cache_prefix(&key, &p.cache) {
+            eprintln!("videollava: prefix not cached: {e}");
+        }
+    }
     let mut timings = p.timings;
     timings.prefill_ms = p.prompt.vision_ms + p.decoder_ms;
     timings.vision_ms = p.prompt.vision_ms;

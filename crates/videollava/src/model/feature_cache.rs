@@ -73,6 +73,11 @@ impl FeatureCache {
         h
     }
 
+    /// Whether features are stored under `key` (no hit or miss counted).
+    pub fn contains(&self, key: u64) -> bool {
+        self.entries.iter().any(|(k, _, _)| *k == key)
+    }
+
     /// The features stored under `key`, marking them most recently used.
     pub fn get(&mut self, key: u64) -> Option<Tensor> {
         match self.entries.iter().position(|(k, _, _)| *k == key) {

@@ -217,6 +217,75 @@ impl KvBuffer {
         Self::from_filled_parts(parts, a.format, a.dtype)
     }
 
+    /// Positions `start..start + len` as a buffer of their own (copied, no spare capacity).
+    pub fn narrow_positions(&self, start: usize, len: usize) -> Result<Self> {
+        if start + len > self.len {
+            return Err(Error::Model(format!("positions {start}..{} of a {}-position cache", start + len, self.len)));
+        }
+        let parts = (0..self.parts.len())
+            .map(|i| Ok(self.parts[i].narrow(2, start, len)?.contiguous()?))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { parts, format: self.format, dtype: self.dtype, len, owner: Arc::new(()) })
+    }
+
+    /// The positions of `pieces` one after another (same rows, format and dtype), with spare
+    /// capacity for appending.
+    pub fn concat_positions(pieces: &[&Self]) -> Result<Self> {
+        let first = pieces.first().ok_or_else(|| Error::Model("no cache pieces to join".into()))?;
+        let cap = grown_capacity(0, pieces.iter().map(|p| p.len).sum());
+        let parts = first
+            .parts
+            .iter()
+            .map(|p| {
+                let (b, h, _, d) = p.dims4()?;
+                Ok(Tensor::zeros((b, h, cap, d), p.dtype(), p.device())?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut joined = Self { parts, format: first.format, dtype: first.dtype, len: 0, owner: Arc::new(()) };
+        for piece in pieces {
+            if piece.format != joined.format || piece.dtype != joined.dtype || piece.parts.len() != joined.parts.len() {
+                return Err(Error::Model("cannot join caches of different formats".into()));
+            }
+            let filled = (0..piece.parts.len()).map(|i| piece.filled(i)).collect::<Result<Vec<_>>>()?;
+            joined.append_parts(&filled)?;
+        }
+        Ok(joined)
+    }
+
+    /// The filled parts as stored (see [`Self::from_stored_parts`]): `[k, v]`, or (8-bit)
+    /// `[key codes, value codes, key scales, value scales]`, each `[B, kv_heads, len, _]`.
+    pub fn stored_parts(&self) -> Result<Vec<Tensor>> {
+        (0..self.parts.len()).map(|i| self.filled(i)).collect()
+    }
+
+    /// A buffer from parts as [`Self::stored_parts`] returns them; `dtype` is the compute dtype
+    /// keys and values are read back in.
+    pub fn from_stored_parts(parts: Vec<Tensor>, format: KvCacheFormat, dtype: DType) -> Result<Self> {
+        let want = match format {
+            KvCacheFormat::Model => 2,
+            KvCacheFormat::Q8_0 => 4,
+        };
+        if parts.len() != want {
+            return Err(Error::Model(format!("a {format} cache has {want} parts, got {}", parts.len())));
+        }
+        let (b, h, l, _) = parts[0].dims4()?;
+        for p in &parts {
+            let (pb, ph, pl, _) = p.dims4()?;
+            if (pb, ph, pl) != (b, h, l) {
+                return Err(Error::Model(format!("cache parts {:?} and {:?} disagree", parts[0].dims(), p.dims())));
+            }
+        }
+        if format == KvCacheFormat::Model && (parts[0].dtype() != dtype || parts[1].dtype() != dtype) {
+            return Err(Error::Model(format!("cache parts are {:?}, expected {dtype:?}", parts[0].dtype())));
+        }
+        Self::from_filled_parts(parts, format, dtype)
+    }
+
+    /// The compute dtype keys and values are read back in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// Drops the first `n` positions (no spare capacity left).
     pub fn drop_front(&self, n: usize) -> Result<Self> {
         let n = n.min(self.len);

@@ -388,6 +388,61 @@ impl KvCache {
         Ok(())
     }
 
+    /// Positions `start..start + len` of every row, copied (what a prefix cache keeps).
+    pub fn narrow_positions(&self, start: usize, len: usize) -> Result<KvCache> {
+        let Some(mask) = &self.mask else { return Err(Error::Model("narrowing an empty cache".into())) };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                Some(b) => Ok(Some(b.narrow_positions(start, len)?)),
+                None => Err(Error::Model("narrowing an unfilled cache".into())),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache { layers, mask: Some(mask.narrow(1, start, len)?.contiguous()?) })
+    }
+
+    /// The positions of `pieces` one after another (same rows and depth), with room to append.
+    pub fn concat_positions(pieces: &[&KvCache]) -> Result<KvCache> {
+        let first = pieces.first().ok_or_else(|| Error::Model("no cache pieces to join".into()))?;
+        let mut layers = Vec::with_capacity(first.layers.len());
+        for i in 0..first.layers.len() {
+            let bufs = pieces
+                .iter()
+                .map(|p| p.layers.get(i).and_then(|l| l.as_ref()))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| Error::Model("cannot join caches of different depths".into()))?;
+            layers.push(Some(KvBuffer::concat_positions(&bufs)?));
+        }
+        let masks = pieces
+            .iter()
+            .map(|p| p.mask.as_ref())
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| Error::Model("cannot join an empty cache".into()))?;
+        Ok(KvCache { layers, mask: Some(Tensor::cat(&masks, 1)?) })
+    }
+
+    /// One row's cache from its layers' buffers (all of one length, every position real).
+    pub fn from_layers(layers: Vec<KvBuffer>) -> Result<KvCache> {
+        let len = layers.first().map(|b| b.len()).unwrap_or(0);
+        if layers.iter().any(|b| b.len() != len) || len == 0 {
+            return Err(Error::Model("cache layers differ in length or are empty".into()));
+        }
+        let dev = layers[0].stored_parts()?[0].device().clone();
+        let mask = Tensor::ones((1, len), DType::U32, &dev)?;
+        Ok(KvCache { layers: layers.into_iter().map(Some).collect(), mask: Some(mask) })
+    }
+
+    /// Each layer's buffer (`None` for a layer never filled).
+    pub fn layers(&self) -> &[Option<KvBuffer>] {
+        &self.layers
+    }
+
+    /// Bytes held by the layers' buffers.
+    pub fn bytes(&self) -> usize {
+        self.layers.iter().flatten().map(|b| b.bytes()).sum()
+    }
+
     /// Number of rows (sequences) in the cache.
     pub fn batch_size(&self) -> usize {
         self.mask.as_ref().map(|m| m.dim(0).unwrap_or(0)).unwrap_or(0)

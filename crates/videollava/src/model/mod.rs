@@ -19,6 +19,7 @@ pub mod feature_cache;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
+pub mod prefix_cache;
 pub mod projector;
 pub mod quantize;
 pub mod video_llava;

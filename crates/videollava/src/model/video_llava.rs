@@ -15,6 +15,7 @@ use crate::model::clip::ClipVisionTower;
 use crate::model::feature_cache::{FeatureCache, FeatureCacheStats, Tower, DEFAULT_CAPACITY_BYTES};
 use crate::model::linear::{Linear, LinearWeight};
 use crate::model::llama::{KvCache, LanguageModel};
+use crate::model::prefix_cache::{PrefixCache, PrefixCacheStats, PrefixKey, PrefixStore};
 use crate::model::projector::Projector;
 use crate::model::quantize::{self, CachedQuantized, QuantCache, QuantFormat, QuantizeReport};
 use crate::model::weights::CheckpointWeights;
@@ -114,6 +115,8 @@ pub struct VideoLlava {
     /// Projected features of recent images and videos, by pixel content (used by [`Self::prefill`];
     /// shared by clones).
     feature_cache: std::sync::Arc<std::sync::Mutex<FeatureCache>>,
+    /// Keys/values of computed prompt prefixes ([`Self::cached_prefix`]; shared by clones).
+    prefix_cache: std::sync::Arc<std::sync::Mutex<PrefixCache>>,
     /// [`Self::prefill`] runs the decoder over at most this many prompt positions at a time (0:
     /// all at once).
     prefill_chunk: usize,
@@ -286,6 +289,9 @@ impl VideoLlava {
             device: vb.device().clone(),
             quantization: None,
             feature_cache: std::sync::Arc::new(std::sync::Mutex::new(FeatureCache::new(DEFAULT_CAPACITY_BYTES))),
+            prefix_cache: std::sync::Arc::new(std::sync::Mutex::new(PrefixCache::new(
+                crate::model::prefix_cache::DEFAULT_CAPACITY_BYTES,
+            ))),
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
             config,
         })
@@ -415,7 +421,8 @@ impl VideoLlava {
 
 impl VideoLlava {
     /// Prefill of a processed batch: visual features computed once (or taken from the feature
-    /// cache when the same pixels were seen before), merged into the placeholder
+    /// cache when the same pixels were seen before; for one unpadded prompt into an empty
+    /// `cache`, after its longest prefix in the prefix cache), merged into the placeholder
     /// embeddings, then the whole prompt through the decoder into `cache`, [`Self::set_prefill_chunk`]
     /// positions at a time. `position_ids` `[B, L]`. Returns f32 logits of the last position
     /// `[B, V]` and the milliseconds spent in the vision towers and in the decoder.
@@ -425,10 +432,17 @@ impl VideoLlava {
         position_ids: &Tensor,
         cache: &mut KvCache,
     ) -> Result<(Tensor, f64, f64)> {
-        let prompt = self.prepare_prompt(inputs)?;
+        // One unpadded prompt into an empty cache: start after its longest cached prefix, and
+        // keep its keys/values for later prompts (see `prefix_cache`).
+        let key = if cache.is_empty() { self.prefix_key(inputs) } else { None };
+        let mut start = 0;
+        if let Some((n, kv)) = key.as_ref().and_then(|k| self.cached_prefix(k).unwrap_or(None)) {
+            *cache = kv;
+            start = n;
+        }
+        let prompt = self.prepare_prompt_after(inputs, key.as_ref(), start)?;
         let t = std::time::Instant::now();
         let chunk = self.prefill_chunk_len(prompt.len);
-        let mut start = 0;
         let logits = loop {
             let n = chunk.min(prompt.len - start);
             if let Some(logits) = self.prefill_part(&prompt, position_ids, start, n, cache)? {
@@ -436,6 +450,9 @@ impl VideoLlava {
             }
             start += n;
         };
+        if let Some(k) = &key {
+            self.cache_prefix(k, cache)?;
+        }
         Ok((logits, prompt.vision_ms, t.elapsed().as_secs_f64() * 1e3))
     }
 
@@ -558,6 +575,10 @@ impl VideoLlava {
 
     pub fn set_kv_cache_format(&mut self, format: crate::kernels::kv_quant::KvCacheFormat) {
         self.language_model.set_kv_cache_format(format);
+        // Cached prefixes in the other format could not be appended to.
+        if let Ok(mut c) = self.prefix_cache.lock() {
+            c.clear();
+        }
     }
 
     /// How the decoder caches keys and values (`--kv-cache`).
@@ -570,6 +591,195 @@ impl VideoLlava {
         if let Ok(mut c) = self.feature_cache.lock() {
             c.set_capacity(bytes);
         }
+    }
+
+    fn prefix_lock(&self) -> Result<std::sync::MutexGuard<'_, PrefixCache>> {
+        self.prefix_cache.lock().map_err(|_| Error::Model("prefix cache lock poisoned".into()))
+    }
+
+    /// The prefix-cache key of a one-row processed prompt (`None` when the prefix cache is off
+    /// or the prompt is padded).
+    pub fn prefix_key(&self, inputs: &ProcessorOutput) -> Option<PrefixKey> {
+        if !self.prefix_cache.lock().map(|c| c.enabled()).unwrap_or(false) {
+            return None;
+        }
+        PrefixKey::from_inputs(inputs, self.config.image_token_id, self.config.video_token_id)
+    }
+
+    /// The longest cached prefix of `key`, at most `key.len() - 1` positions (the last one must
+    /// be computed for its logits) and cut down to a multiple of the prefill chunk (see
+    /// `prefix_cache`), from memory or a saved prefix: its length and a one-row
+    /// cache holding it, to prefill the rest into ([`Self::prefill_part`] from that position).
+    pub fn cached_prefix(&self, key: &PrefixKey) -> Result<Option<(usize, KvCache)>> {
+        if key.len() < 2 {
+            return Ok(None);
+        }
+        let layers = self.config.text_config.num_hidden_layers;
+        // Cut at a chunk boundary: the rest is then prefilled exactly as without the cache.
+        let align = self.prefill_chunk;
+        let max = key.len() - 1;
+        self.prefix_lock()?.lookup(key, max, align, self.kv_cache_format(), self.dtype, &self.device, layers)
+    }
+
+    /// Keeps a prefilled prompt's keys/values (one row, `cache` holding at least `key.len()`
+    /// positions) for later prompts; with a directory of saved prefixes, also writes its media
+    /// prefix there (on a background thread) unless it is there already.
+    pub fn cache_prefix(&self, key: &PrefixKey, cache: &KvCache) -> Result<()> {
+        let mut c = self.prefix_lock()?;
+        c.insert(key.elems(), cache)?;
+        let media = key.media_end();
+        if let Some(store) = c.store().cloned() {
+            let media_key = &key.elems()[..media];
+            // One save at a time (skipped while another is written: the next prompt with this
+            // media saves it), so the copies waiting for the disk stay bounded.
+            if media > 0 && !store.file_for(media_key).is_file() && store.begin_save() {
+                let kv = match cache.narrow_positions(0, media) {
+                    Ok(kv) => kv,
+                    Err(e) => {
+                        store.end_save();
+                        return Err(e);
+                    }
+                };
+                let media_key = media_key.to_vec();
+                c.note_disk_save();
+                std::thread::spawn(move || {
+                    if let Err(e) = store.save(&media_key, &kv) {
+                        eprintln!("videollava: could not save a prefix: {e}");
+                    }
+                    store.end_save();
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Bounds the prefix cache to `bytes` (0: nothing kept in memory).
+    pub fn set_prefix_cache_capacity(&self, bytes: usize) {
+        if let Ok(mut c) = self.prefix_cache.lock() {
+            c.set_capacity(bytes);
+        }
+    }
+
+    /// Saves media prefixes to, and looks them up in, `store` (`None`: memory only).
+    pub fn set_prefix_store(&self, store: Option<PrefixStore>) {
+        if let Ok(mut c) = self.prefix_cache.lock() {
+            c.set_store(store);
+        }
+    }
+
+    /// Hits, misses, reused positions and bytes of the prefix cache.
+    pub fn prefix_cache_stats(&self) -> PrefixCacheStats {
+        self.prefix_cache.lock().map(|c| c.stats()).unwrap_or_default()
+    }
+
+    /// The prefix cache itself (shared with clones of this model), e.g. to read its statistics
+    /// from another thread.
+    pub fn prefix_cache(&self) -> std::sync::Arc<std::sync::Mutex<PrefixCache>> {
+        self.prefix_cache.clone()
+    }
+
+    /// As [`Self::prepare_prompt`] for one unpadded prompt whose first `covered` positions come
+    /// from a cached prefix: those positions' embeddings are never read, so the vision towers
+    /// run only for the media items (and, of a video, the frames) with a placeholder at or after
+    /// `covered`; the others get zeros. After a saved prefix is read back, a video whose last
+    /// frame straddles the cut costs one frame through the tower instead of all.
+    pub fn prepare_prompt_after(
+        &self,
+        inputs: &ProcessorOutput,
+        key: Option<&PrefixKey>,
+        covered: usize,
+    ) -> Result<PreparedPrompt> {
+        if covered == 0 || key.is_none_or(|k| k.media_end() == 0) || inputs.batch_size != 1 {
+            return self.prepare_prompt(inputs);
+        }
+        let t = std::time::Instant::now();
+        let l = inputs.seq_len;
+        let ids: Vec<u32> = inputs.input_ids.iter().map(|&x| x as u32).collect();
+        let image_features = inputs
+            .pixel_values_images
+            .as_ref()
+            .map(|p| self.features_after(p, Tower::Image, &ids, inputs.image_tokens_per_item, covered))
+            .transpose()?;
+        let video_features = inputs
+            .pixel_values_videos
+            .as_ref()
+            .map(|p| self.features_after(p, Tower::Video, &ids, inputs.video_tokens_per_item, covered))
+            .transpose()?;
+        let vision_ms = t.elapsed().as_secs_f64() * 1e3;
+        let mask: Vec<u32> = inputs.attention_mask.iter().map(|&x| x as u32).collect();
+        let ids = Tensor::from_vec(ids, (1, l), &self.device)?;
+        let mask = Tensor::from_vec(mask, (1, l), &self.device)?;
+        let embeds = self.merge_embeddings(&ids, image_features.as_ref(), video_features.as_ref())?;
+        Ok(PreparedPrompt { embeds, mask, len: l, vision_ms })
+    }
+
+    /// Features of the items of `p` as [`Self::features_cached`] returns them (`[N * frames,
+    /// tokens, H]`), computed only for the frames (videos) or items (images) holding a
+    /// placeholder position at or after `covered` in `ids`; zeros elsewhere.
+    fn features_after(
+        &self,
+        p: &PixelTensor,
+        tower: Tower,
+        ids: &[u32],
+        per_item: usize,
+        covered: usize,
+    ) -> Result<Tensor> {
+        let token = match tower {
+            Tower::Image => self.config.image_token_id,
+            Tower::Video => self.config.video_token_id,
+        };
+        let n = p.shape.first().copied().unwrap_or(0);
+        // Rows of features per item: frames for a video, 1 for an image.
+        let rows = match tower {
+            Tower::Image => 1,
+            Tower::Video => p.shape.get(1).copied().unwrap_or(0),
+        };
+        if n == 0 || rows == 0 || per_item == 0 || !per_item.is_multiple_of(rows) || !p.data.len().is_multiple_of(n) {
+            return self.features_cached(p, tower);
+        }
+        let positions: Vec<usize> = ids.iter().enumerate().filter(|(_, &t)| t == token).map(|(i, _)| i).collect();
+        if positions.len() != n * per_item {
+            return self.features_cached(p, tower); // fails with the usual message
+        }
+        let per_row = per_item / rows;
+        // The first row (frame or image) with a position at or after `covered`.
+        let first = (0..n * rows).find(|&g| positions[g * per_row + per_row - 1] >= covered).unwrap_or(n * rows);
+        let h = self.config.text_config.hidden_size;
+        let mut parts = Vec::new();
+        if first > 0 {
+            parts.push(Tensor::zeros((first, per_row, h), self.dtype, &self.device)?);
+        }
+        let per = p.data.len() / n;
+        let (item0, mut row0) = (first / rows, first % rows);
+        if row0 > 0 {
+            // The item holding the cut: whole from the feature cache if it is there.
+            let key = FeatureCache::key(tower, &p.shape[1..], &p.data[item0 * per..(item0 + 1) * per]);
+            if self.feature_cache.lock().map(|c| c.contains(key)).unwrap_or(false) {
+                parts.pop();
+                if item0 * rows > 0 {
+                    parts.push(Tensor::zeros((item0 * rows, per_row, h), self.dtype, &self.device)?);
+                }
+                row0 = 0;
+            }
+        }
+        if row0 > 0 {
+            // The item holding the cut: only its frames from `row0` on.
+            let frame = per / rows;
+            let data = p.data[item0 * per + row0 * frame..(item0 + 1) * per].to_vec();
+            let mut shape = p.shape.clone();
+            shape[0] = 1;
+            shape[1] = rows - row0;
+            let px = Tensor::from_vec(data, shape, &self.device)?;
+            parts.push(self.video_features(&px)?);
+        }
+        let whole = if row0 > 0 { item0 + 1 } else { item0 };
+        if whole < n {
+            let mut shape = p.shape.clone();
+            shape[0] = n - whole;
+            let rest = PixelTensor { shape, data: p.data[whole * per..].to_vec() };
+            parts.push(self.features_cached(&rest, tower)?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
     }
 
     /// Runs the decoder on ready-made embeddings `[B, L, H]` (see [`VideoLlava::merge_embeddings`])
