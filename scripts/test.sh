@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 scripts/install-system-deps.sh
 # A clean build needs no incremental cache (it only costs disk).
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
+# The library's module graph: no import cycles, every edge in the data flow's direction.
+python3 scripts/dev/module_graph.py crates/videollava/src
 cargo test --workspace --locked "$@"
 # The library's tests again with each lower kernel set forced (no rebuild: the switch is read at
 # run time), so a machine with AVX-512 also proves the AVX2 and portable paths end to end.

@@ -1,8 +1,11 @@
-"""Prints the library's module import graph and fails on cycles.
+"""Prints the library's module import graph and fails on cycles and on edges against the data flow.
 
 Edges: file A imports file B when A names `crate::x::y` or `super::y` resolving to B's module
 (`use` lines and paths in code). Reported at two levels: top-level modules (config, media, ...)
-and files. Usage: python3 scripts/dev/module_graph.py [crates/videollava/src]
+and files. The flow (README's layout): the floor (error, batch_feature, mapped, kernels, hub) under
+config -> media -> processor -> model -> generate -> engine -> batch; a module may import only modules
+before it in that order, and the model takes tensors (it imports neither media nor processor).
+Usage: python3 scripts/dev/module_graph.py [crates/videollava/src]
 """
 import os
 import re
@@ -87,4 +90,19 @@ for a in sorted(top):
 bad = cycles(top) + cycles(edges)
 for c in bad:
     print("CYCLE:", " -> ".join(x if isinstance(x, str) else "::".join(x) for x in c))
-sys.exit(1 if bad else 0)
+
+ORDER = ["error", "batch_feature", "mapped", "kernels", "hub",
+         "config", "media", "processor", "model", "generate", "engine", "batch"]
+FORBIDDEN = {("model", "media"), ("model", "processor")}
+against = []
+for a in sorted(top):
+    for b in sorted(top[a]):
+        if a not in ORDER or b not in ORDER:
+            against.append(f"{a} -> {b}: module not in the flow list of scripts/dev/module_graph.py")
+        elif ORDER.index(b) > ORDER.index(a) or (a, b) in FORBIDDEN:
+            against.append(f"{a} -> {b}: against the data flow")
+for line in against:
+    print("EDGE:", line)
+if not bad and not against:
+    print("no cycles; every edge follows the data flow")
+sys.exit(1 if bad or against else 0)

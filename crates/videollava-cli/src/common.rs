@@ -88,6 +88,10 @@ pub struct ModelArgs {
     /// prefill. Files of another checkpoint, dtype or cache format are ignored.
     #[arg(long, value_name = "DIR")]
     pub prefix_cache_dir: Option<PathBuf>,
+    /// MiB of saved prefixes kept in `--prefix-cache-dir` (the least recently used deleted
+    /// first after each save). The default holds about fourteen 7B video prefixes in BF16.
+    #[arg(long, default_value_t = videollava::model::prefix_cache::DEFAULT_DIR_BYTES >> 20, value_name = "MIB")]
+    pub prefix_cache_dir_mib: u64,
     /// Copy the BF16 weights into memory at load instead of reading them in place from the
     /// memory-mapped checkpoint files (the default where the CPU has AVX-512 BF16).
     #[arg(long)]
@@ -133,7 +137,7 @@ impl ModelArgs {
         engine.model_mut().set_prefill_chunk(self.prefill_chunk);
         engine.model().set_prefix_cache_capacity(self.prefix_cache_mib << 20);
         engine
-            .set_prefix_cache_dir(self.prefix_cache_dir.as_deref())
+            .set_prefix_cache_dir_bounded(self.prefix_cache_dir.as_deref(), self.prefix_cache_dir_mib << 20)
             .with_context(|| format!("--prefix-cache-dir {:?}", self.prefix_cache_dir))?;
         if let Some(q) = &engine.model().quantization {
             let mut kinds: Vec<String> = q.quantized.iter().map(|(k, n)| format!("{n} {k}")).collect();

@@ -8,6 +8,7 @@ mod generate;
 mod preprocess;
 mod quality;
 mod serve;
+mod stderr_log;
 
 use std::process::ExitCode;
 
@@ -57,6 +58,9 @@ fn keep_freed_memory() {
 fn main() -> ExitCode {
     keep_freed_memory();
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        stderr_log::init();
+    }
     let result = match cli.command {
         Command::Generate(args) => generate::run(args),
         Command::Batch(args) => batch::run(args),

@@ -6,6 +6,7 @@
 //! - [`config`]: the checkpoint's Hugging Face JSON files, with transformers' defaults filled in;
 //! - [`media`]: decoding images and videos to RGB u8 and choosing video frames;
 //! - [`processor`]: pixels (a Pillow-exact image processor), prompt expansion, tokens, batches;
+//! - [`batch_feature`]: what the processor hands the model (token ids, mask, pixel values);
 //! - [`model`]: the CLIP towers, projector and Llama/Mistral decoder: weights in, logits out;
 //! - [`generate`]: KV cache, sampling, stopping, streaming;
 //! - [`engine`]: one loaded checkpoint that the CLI and the server drive;
@@ -15,12 +16,14 @@
 //! - [`batch`]: manifests, shards and results files of offline batch runs.
 
 pub mod batch;
+pub mod batch_feature;
 pub mod config;
 pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod hub;
 pub mod kernels;
+pub mod mapped;
 pub mod media;
 pub mod model;
 pub mod processor;

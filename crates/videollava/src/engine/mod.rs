@@ -165,14 +165,22 @@ impl Engine {
     /// about a video seen before (by another process, or before a restart) skips its prefill
     /// (`None`: memory only). Files are named and headed by a fingerprint of this checkpoint as
     /// loaded ([`crate::model::prefix_cache::model_fingerprint`]); others are ignored.
+    /// The directory is bounded to [`crate::model::prefix_cache::DEFAULT_DIR_BYTES`]; see
+    /// [`Self::set_prefix_cache_dir_bounded`].
     pub fn set_prefix_cache_dir(&self, dir: Option<&Path>) -> Result<()> {
+        self.set_prefix_cache_dir_bounded(dir, crate::model::prefix_cache::DEFAULT_DIR_BYTES)
+    }
+
+    /// [`Self::set_prefix_cache_dir`] with the directory bounded to `max_bytes` of saved
+    /// prefixes: the least recently used are deleted after each save while it holds more.
+    pub fn set_prefix_cache_dir_bounded(&self, dir: Option<&Path>, max_bytes: u64) -> Result<()> {
         let store = match dir {
             None => None,
             Some(d) => {
                 let quant = self.model.quantization.as_ref().and_then(|q| q.format).map(|f| f.name());
                 let fingerprint =
                     crate::model::prefix_cache::model_fingerprint(&self.model_dir, self.model.dtype, quant)?;
-                Some(crate::model::prefix_cache::PrefixStore::new(d, fingerprint)?)
+                Some(crate::model::prefix_cache::PrefixStore::new(d, fingerprint)?.with_max_bytes(max_bytes))
             }
         };
         self.model.set_prefix_store(store);

@@ -376,7 +376,7 @@ fn prefill_step(engine: &Engine, p: &mut Prefilling) -> Result<Option<(Active, K
     let Some(logits) = logits else { return Ok(None) };
     if let Some(key) = p.prefix_key.take() {
         if let Err(e) = model.cache_prefix(&key, &p.cache) {
-            eprintln!("videollava: prefix not cached: {e}");
+            log::warn!("prefix not cached: {e}");
         }
     }
     let mut timings = p.timings;

@@ -10,7 +10,7 @@ use candle_core::{DType, Tensor, D};
 use candle_nn::{linear, VarBuilder};
 
 use super::linear::Linear;
-use crate::kernels::fused::residual_add;
+use super::ops::{self, residual_add};
 
 use crate::config::VisionConfig;
 use crate::error::{Error, Result};
@@ -33,13 +33,7 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = crate::kernels::fused::layer_norm(x, &self.weight, &self.bias, self.eps)? {
-            return Ok(y);
-        }
-        let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
-        let y = candle_nn::ops::layer_norm(&x.contiguous()?, &self.weight, &self.bias, self.eps as f32)?;
-        Ok(y.to_dtype(dtype)?)
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
     }
 }
 
@@ -68,26 +62,13 @@ impl Attention {
 
     /// `x`: `[N, L, D]`; full (unmasked) attention over the L tokens of each image.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let (n, l, d) = x.dims3()?;
-        let heads = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((n, l, self.num_heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
-        };
+        let heads = |t: Tensor| ops::split_heads(&t, self.num_heads);
         let scale = (self.head_dim as f64).powf(-0.5);
         let q = heads((self.q_proj.forward(x)? * scale)?)?;
         let k = heads(self.k_proj.forward(x)?)?;
         let v = heads(self.v_proj.forward(x)?)?;
-        let out = if q.device().is_cpu() {
-            // The fused kernel (f32 scores per chunk of queries, no [L, L] matrices); q is
-            // already scaled, as transformers scales it before the product.
-            let all = vec![1u32; n * l];
-            let rules =
-                crate::kernels::attention::MaskRules { key_valid: &all, past: 0, causal: false, sliding_window: None };
-            crate::kernels::attention::attention(&q, &k, &v, 1.0, &rules)?
-        } else {
-            let scores = q.matmul(&k.t()?)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-            probs.matmul(&v)?.transpose(1, 2)?.reshape((n, l, d))?
-        };
+        // q is already scaled, as transformers scales it before the product.
+        let out = ops::full_attention(&q, &k, &v)?;
         self.out_proj.forward(&out)
     }
 }

@@ -326,8 +326,7 @@ fn with_bf16_bits<T>(t: &Tensor, len: usize, f: impl FnOnce(&[u16]) -> Result<T>
     let values = values
         .get(start..start + len)
         .ok_or_else(|| Error::Model(format!("bf16 tensor holds {} values, {len} needed", values.len())))?;
-    // SAFETY: bf16 is a transparent 16-bit value; reading it as u16 bits is sound.
-    let bits: &[u16] = unsafe { std::slice::from_raw_parts(values.as_ptr() as *const u16, values.len()) };
+    let bits: &[u16] = bytemuck::cast_slice(values);
     f(bits)
 }
 

@@ -7,19 +7,16 @@
 //! RMSNorm is computed in f32 then cast back before the weight multiply (as transformers does);
 //! RoPE tables are computed in f32; attention scores and softmax are in f32.
 //! The causal and sliding-window masks follow cache positions (the index in the padded sequence),
-//! the padding mask hides padded keys, as transformers' mask builders do. On the CPU these rules
-//! are applied inside the fused kernel ([`crate::kernels::attention`]), which never materialises an
-//! `[L, P + L]` mask or score matrix; on other devices an additive `[B, 1, L, P + L]` f32 mask is
-//! built and candle's matmuls do the work.
+//! the padding mask hides padded keys, as transformers' mask builders do ([`ops::AttentionMask`]:
+//! on the CPU the fused kernel applies these rules without materialising an `[L, P + L]` mask).
 
-use candle_core::{DType, Device, Tensor, D};
+use candle_core::{DType, Tensor};
 use candle_nn::{linear_b, VarBuilder};
 
 use super::kv_cache::KvBuffer;
 use super::linear::Linear;
-use crate::kernels::attention::{self, MaskRules};
-use crate::kernels::fused::residual_add;
-use crate::kernels::kv_quant::{self, KvCacheFormat};
+use super::ops::{self, residual_add, AttentionMask};
+use crate::kernels::kv_quant::KvCacheFormat;
 
 use crate::config::{RopeScaling, TextConfig, TextModelType};
 use crate::error::{Error, Result};
@@ -37,14 +34,7 @@ impl RmsNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        if let Some(y) = crate::kernels::fused::rms_norm(x, &self.weight, self.eps)? {
-            return Ok(y);
-        }
-        let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = xf.broadcast_div(&(var + self.eps)?.sqrt()?)?.to_dtype(dtype)?;
-        Ok(normed.broadcast_mul(&self.weight)?)
+        ops::rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -144,20 +134,10 @@ impl Attention {
         mask: &AttentionMask,
         cache: &mut Option<KvBuffer>,
     ) -> Result<Tensor> {
-        let (b, l, _) = x.dims3()?;
-        let split = |t: Tensor, n: usize| -> Result<Tensor> {
-            Ok(t.reshape((b, l, n, self.head_dim))?.transpose(1, 2)?.contiguous()?)
-        };
-        // Heads [B, n, L, head_dim] with the rotary embedding: one fused pass for BF16 on the CPU.
-        let rotated = |t: Tensor, n: usize| -> Result<Tensor> {
-            match crate::kernels::fused::rope_heads(&t, n, cos, sin)? {
-                Some(t) => Ok(t),
-                None => Ok(candle_nn::rotary_emb::rope(&split(t, n)?, cos, sin)?),
-            }
-        };
-        let q = rotated(self.q_proj.forward(x)?, self.num_heads)?;
-        let k = rotated(self.k_proj.forward(x)?, self.num_kv_heads)?;
-        let v = split(self.v_proj.forward(x)?, self.num_kv_heads)?;
+        // Heads [B, n, L, head_dim], queries and keys with the rotary embedding.
+        let q = ops::rope_heads(&self.q_proj.forward(x)?, self.num_heads, cos, sin)?;
+        let k = ops::rope_heads(&self.k_proj.forward(x)?, self.num_kv_heads, cos, sin)?;
+        let v = ops::split_heads(&self.v_proj.forward(x)?, self.num_kv_heads)?;
         let buffer = match cache {
             Some(buffer) => {
                 buffer.append(&k, &v)?;
@@ -166,76 +146,9 @@ impl Attention {
             None => cache.insert(KvBuffer::with_format(&k, &v, self.kv_format)?),
         };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = match mask {
-            AttentionMask::Rules { key_valid, past, window } => {
-                let rules = MaskRules { key_valid, past: *past, causal: true, sliding_window: *window };
-                // An 8-bit cache is read in place when decoding; otherwise (and for prefill)
-                // dequantized for the dense kernel.
-                let in_place = match buffer.q8_views()? {
-                    Some((k, v)) => kv_quant::attention(&q, (&k.0, &k.1), (&v.0, &v.1), scale as f32, &rules)?,
-                    None => None,
-                };
-                match in_place {
-                    Some(out) => out,
-                    // Strided views of the filled part of the cache: [B, kv_heads, P + L, head_dim].
-                    None => attention::attention(&q, &buffer.keys()?, &buffer.values()?, scale as f32, &rules)?,
-                }
-            }
-            AttentionMask::Additive(mask) => {
-                let (k, v) = (buffer.keys()?, buffer.values()?);
-                let rep = self.num_heads / self.num_kv_heads;
-                let (k, v) = (repeat_kv(&k.contiguous()?, rep)?, repeat_kv(&v.contiguous()?, rep)?);
-                let scores = (q.matmul(&k.t()?)?.to_dtype(DType::F32)? * scale)?;
-                let scores = scores.broadcast_add(mask)?;
-                let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-                probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, self.num_heads * self.head_dim))?
-            }
-        };
+        let out = ops::cached_attention(&q, buffer, mask, scale)?;
         self.o_proj.forward(&out)
     }
-}
-
-/// How the attention of `L` new positions after `P` cached ones is masked.
-#[derive(Debug)]
-enum AttentionMask {
-    /// CPU: the rules, applied inside the fused kernel. `key_valid` `[B, P + L]` row-major (1 =
-    /// real token), `past` = `P`, `window` Mistral's sliding window.
-    Rules { key_valid: Vec<u32>, past: usize, window: Option<usize> },
-    /// Other devices: the additive f32 mask `[B, 1, L, P + L]` of [`LanguageModel::build_mask`].
-    Additive(Tensor),
-}
-
-/// The additive f32 mask `[B, 1, L, P + L]` for `L` new positions after `P` cached ones, from
-/// `full_mask` `[B, P + L]` (u32 1/0): `f32::MIN` where the key is padding, after the query, or
-/// (with `window`) `window` or more positions before it; 0 elsewhere.
-fn additive_mask(full_mask: &Tensor, l: usize, window: Option<usize>, device: &Device) -> Result<Tensor> {
-    let (b, total) = full_mask.dims2()?;
-    let past = total - l;
-    let keep = full_mask.to_vec2::<u32>()?;
-    let min = f32::MIN;
-    let mut data = vec![0f32; b * l * total];
-    for (bi, row) in keep.iter().enumerate() {
-        for qi in 0..l {
-            let q = past + qi;
-            let out = &mut data[(bi * l + qi) * total..(bi * l + qi + 1) * total];
-            for (k, v) in out.iter_mut().enumerate() {
-                let visible = k <= q && row[k] != 0 && window.is_none_or(|w| q - k < w);
-                if !visible {
-                    *v = min;
-                }
-            }
-        }
-    }
-    Ok(Tensor::from_vec(data, (b, 1, l, total), device)?)
-}
-
-/// `[B, kv, T, d]` -> `[B, kv * rep, T, d]`, each kv head serving `rep` query heads in a row.
-fn repeat_kv(x: &Tensor, rep: usize) -> Result<Tensor> {
-    if rep == 1 {
-        return Ok(x.clone());
-    }
-    let (b, kv, t, d) = x.dims4()?;
-    Ok(x.unsqueeze(2)?.broadcast_as((b, kv, rep, t, d))?.reshape((b, kv * rep, t, d))?)
 }
 
 #[derive(Debug, Clone)]
@@ -260,15 +173,7 @@ impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate = self.gate_proj.forward(x)?;
         let up = self.up_proj.forward(x)?;
-        let fused = match self.act.as_str() {
-            "silu" | "swish" => crate::kernels::fused::silu_mul(&gate, &up)?,
-            _ => None,
-        };
-        let h = match fused {
-            Some(h) => h,
-            None => (super::activation::activation(&self.act, &gate)? * up)?,
-        };
-        self.down_proj.forward(&h)
+        self.down_proj.forward(&ops::gated(&self.act, &gate, &up)?)
     }
 }
 
@@ -528,12 +433,6 @@ impl LanguageModel {
         }
     }
 
-    /// The additive f32 mask `[B, 1, L, P + L]` for `L` new positions after `P` cached ones
-    /// (non-CPU devices only: the CPU kernel applies the same rules without it).
-    fn build_mask(&self, full_mask: &Tensor, l: usize, device: &Device) -> Result<Tensor> {
-        additive_mask(full_mask, l, self.sliding_window(), device)
-    }
-
     /// Runs the decoder over `embeds` `[B, L, H]` at `position_ids` `[B, L]` (u32), where
     /// `attention_mask` `[B, L]` (u32) marks the real tokens among the new ones. With `cache`, the
     /// keys and values are appended to it and earlier ones attended to.
@@ -569,13 +468,7 @@ impl LanguageModel {
             Some(m) => Tensor::cat(&[m, attention_mask], 1)?,
             None => attention_mask.clone(),
         };
-        let mask = if embeds.device().is_cpu() {
-            let (_, total) = full_mask.dims2()?;
-            let key_valid = full_mask.flatten_all()?.to_vec1::<u32>()?;
-            AttentionMask::Rules { key_valid, past: total - l, window: self.sliding_window() }
-        } else {
-            AttentionMask::Additive(self.build_mask(&full_mask, l, embeds.device())?)
-        };
+        let mask = AttentionMask::causal(&full_mask, l, self.sliding_window())?;
         let (cos, sin) = rope_tables(&self.inv_freq, position_ids, embeds.dtype())?;
 
         let mut x = embeds.clone();
@@ -657,6 +550,8 @@ impl LanguageModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::ops::additive_mask;
+    use candle_core::Device;
 
     /// The CPU kernel (mask rules) and the candle path (additive mask) agree through a prefill
     /// with left padding, a chunked continuation and a decode step, with and without a window.

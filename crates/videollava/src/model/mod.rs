@@ -4,6 +4,8 @@
 //! - [`activation`]: the activation functions configs name;
 //! - [`clip`]: the CLIP vision towers (image and video);
 //! - [`projector`]: the 2-layer GELU projector into the language model's width;
+//! - [`ops`]: the operations the blocks call (norms, RoPE, gated activation, attention), each
+//!   running a fused CPU kernel where one applies and candle's op elsewhere;
 //! - [`linear`]: linear layers (dense, memory-mapped or quantized), dispatching to the kernels of
 //!   [`crate::kernels`] on the CPU;
 //! - [`quantize`]: 8-bit and 4-bit weights for the language model's linear layers (`--quantize`);
@@ -19,6 +21,7 @@ pub mod feature_cache;
 pub mod kv_cache;
 pub mod linear;
 pub mod llama;
+pub mod ops;
 pub mod prefix_cache;
 pub mod projector;
 pub mod quantize;

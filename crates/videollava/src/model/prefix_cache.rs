@@ -24,7 +24,10 @@
 //! Saved prefixes ([`PrefixStore`], `--prefix-cache-dir`): the keys/values of a prompt's media
 //! prefix (up to the end of its last placeholder) are written to a safetensors file named by a
 //! digest of the model fingerprint and the key, with a header naming the model fingerprint,
-//! dtype, cache format and key digest; a file whose header disagrees is ignored with a log line.
+//! dtype, cache format and key digest; a file whose header disagrees is ignored with a log line
+//! (the `log` crate's `warn!`). The directory is bounded: after each save, the least recently
+//! used saved prefixes (by modification time, refreshed on every load) are deleted while the
+//! directory's `.safetensors` files exceed [`PrefixStore::max_bytes`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -32,15 +35,19 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use sha2::{Digest, Sha256};
 
+use crate::batch_feature::{PixelTensor, ProcessorOutput};
 use crate::error::{Error, Result};
 use crate::kernels::kv_quant::KvCacheFormat;
 use crate::model::kv_cache::KvBuffer;
 use crate::model::llama::KvCache;
-use crate::processor::{PixelTensor, ProcessorOutput};
 
 /// Default budget: 2.5 GiB, two video prefixes of the 7B model in BF16 (2,074 positions x 32
 /// layers x 2 x 4,096 x 2 bytes = 1.09 GB each), or four with the 8-bit cache.
 pub const DEFAULT_CAPACITY_BYTES: usize = 2560 << 20;
+
+/// Default bound on the bytes of saved prefixes in a [`PrefixStore`]'s directory: 16 GiB, about
+/// fourteen 7B video prefixes in BF16.
+pub const DEFAULT_DIR_BYTES: u64 = 16 << 30;
 
 /// Version of the saved-prefix file layout (part of the header).
 const FILE_FORMAT: &str = "videollava-prefix-v1";
@@ -319,7 +326,7 @@ impl PrefixCache {
                 }
                 Some(Err(why)) => {
                     self.stats.disk_rejected += 1;
-                    eprintln!("videollava: ignoring a saved prefix: {why}");
+                    log::warn!("ignoring a saved prefix: {why}");
                 }
                 None => {}
             }
@@ -449,6 +456,8 @@ pub struct PrefixStore {
     model: String,
     /// A save is being written (one at a time: each holds a copy of its keys/values).
     saving: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Bound on the bytes of saved prefixes in `dir`.
+    max_bytes: u64,
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -489,7 +498,50 @@ impl PrefixStore {
     pub fn new(dir: impl Into<PathBuf>, fingerprint: String) -> Result<Self> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(|e| Error::io(&dir, e))?;
-        Ok(Self { dir, model: fingerprint, saving: Default::default() })
+        Ok(Self { dir, model: fingerprint, saving: Default::default(), max_bytes: DEFAULT_DIR_BYTES })
+    }
+
+    /// The same store bounded to `max_bytes` of saved prefixes (0: save nothing).
+    pub fn with_max_bytes(mut self, max_bytes: u64) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
+    /// Bound on the bytes of saved prefixes in the directory.
+    pub fn max_bytes(&self) -> u64 {
+        self.max_bytes
+    }
+
+    /// Deletes the least recently used saved prefixes (oldest modification time first; `keep`
+    /// never) while the directory's `.safetensors` files hold more than [`Self::max_bytes`].
+    /// Returns the number of files deleted.
+    pub fn prune(&self, keep: &Path) -> Result<usize> {
+        let mut files: Vec<(std::time::SystemTime, u64, PathBuf)> = std::fs::read_dir(&self.dir)
+            .map_err(|e| Error::io(&self.dir, e))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+            .filter_map(|e| {
+                let meta = e.metadata().ok()?;
+                meta.is_file().then(|| (meta.modified().unwrap_or(std::time::UNIX_EPOCH), meta.len(), e.path()))
+            })
+            .collect();
+        let mut total: u64 = files.iter().map(|f| f.1).sum();
+        files.sort();
+        let mut deleted = 0;
+        for (_, len, path) in files {
+            if total <= self.max_bytes {
+                break;
+            }
+            if path == keep {
+                continue;
+            }
+            // Another process may have deleted it first: either way its bytes are gone.
+            if std::fs::remove_file(&path).is_ok() || !path.exists() {
+                total -= len;
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
     }
 
     /// Claims the right to write one save (`false` while another is being written); release
@@ -526,6 +578,14 @@ impl PrefixStore {
     pub fn save(&self, key: &[u64], kv: &KvCache) -> Result<PathBuf> {
         let file = self.file_for(key);
         let kv = if kv.len() == key.len() { kv.clone() } else { kv.narrow_positions(0, key.len())? };
+        // The file holds the filled positions of each layer's buffers.
+        let bytes: usize = kv.layers().iter().flatten().map(|b| b.bytes() / b.capacity().max(1) * b.len()).sum();
+        if bytes as u64 > self.max_bytes {
+            return Err(Error::Model(format!(
+                "a prefix of {bytes} bytes does not fit the saved prefixes' bound of {} bytes",
+                self.max_bytes
+            )));
+        }
         let mut tensors: Vec<(String, Tensor)> = Vec::new();
         let (mut format, mut dtype) = (KvCacheFormat::Model, DType::F32);
         for (i, layer) in kv.layers().iter().enumerate() {
@@ -548,6 +608,7 @@ impl PrefixStore {
         safetensors::serialize_to_file(tensors.iter().map(|(n, t)| (n.as_str(), t)), Some(header), &tmp)
             .map_err(|e| Error::Model(format!("writing {}: {e}", tmp.display())))?;
         std::fs::rename(&tmp, &file).map_err(|e| Error::io(&file, e))?;
+        self.prune(&file)?;
         Ok(file)
     }
 
@@ -565,7 +626,15 @@ impl PrefixStore {
         if !file.is_file() {
             return None;
         }
-        Some(self.read(&file, key, format, dtype, device, layers).map_err(|e| format!("{}: {e}", file.display())))
+        let read = self.read(&file, key, format, dtype, device, layers);
+        if read.is_ok() {
+            // Recently used: pruned last. Best effort (a read-only directory still serves).
+            let _ = std::fs::File::options()
+                .write(true)
+                .open(&file)
+                .and_then(|f| f.set_modified(std::time::SystemTime::now()));
+        }
+        Some(read.map_err(|e| format!("{}: {e}", file.display())))
     }
 
     fn read(
@@ -727,6 +796,38 @@ mod tests {
         let k = PrefixKey { elems: vec![1, 2, 3, 4, 5], media_end: 4 };
         assert!(c.lookup(&k, 4, 0, KvCacheFormat::Model, DType::F32, &Device::Cpu, 2).unwrap().is_none());
         assert_eq!((c.stats().disk_rejected, c.stats().misses), (1, 1));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// The directory stays within its bound: the least recently used files (a load counts as a
+    /// use) are deleted after a save, and a prefix larger than the bound is not written.
+    #[test]
+    fn saved_prefixes_stay_within_the_directory_bound() {
+        let dir = std::env::temp_dir().join(format!("videollava-prefix-bound-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = PrefixStore::new(&dir, "model-a".into()).unwrap();
+        let one = std::fs::metadata(store.save(&[1; 6], &cache(1.0, 6)).unwrap()).unwrap().len();
+        std::fs::remove_dir_all(&dir).unwrap();
+        // Room for two files of this size, not three.
+        let store = PrefixStore::new(&dir, "model-a".into()).unwrap().with_max_bytes(2 * one + one / 2);
+        let t0 = std::time::SystemTime::now() - std::time::Duration::from_secs(100);
+        let age = |key: &[u64], secs: u64| {
+            let f = std::fs::File::options().write(true).open(store.file_for(key)).unwrap();
+            f.set_modified(t0 + std::time::Duration::from_secs(secs)).unwrap();
+        };
+        store.save(&[1; 6], &cache(1.0, 6)).unwrap();
+        age(&[1; 6], 1);
+        store.save(&[2; 6], &cache(2.0, 6)).unwrap();
+        age(&[2; 6], 2);
+        // Key 1 used after key 2 was saved: key 2 is now the least recently used.
+        assert!(store.load(&[1; 6], KvCacheFormat::Model, DType::F32, &Device::Cpu, 2).unwrap().is_ok());
+        store.save(&[3; 6], &cache(3.0, 6)).unwrap();
+        let present = |key: &[u64]| store.file_for(key).is_file();
+        assert_eq!((present(&[1; 6]), present(&[2; 6]), present(&[3; 6])), (true, false, true));
+        // Bigger than the whole bound: refused, nothing deleted.
+        let err = store.save(&[4; 60], &cache(4.0, 60)).unwrap_err().to_string();
+        assert!(err.contains("does not fit"), "{err}");
+        assert_eq!((present(&[1; 6]), present(&[3; 6]), present(&[4; 60])), (true, true, false));
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -190,10 +190,10 @@ impl CachedQuantized {
         if meta(META_FORMAT).as_deref() != Some(format.name()) || meta(META_KEY).as_deref() != Some(key) {
             return Err(format!("{}: made from other weights or another format; ignored", path.display()));
         }
-        // SAFETY: the file is only read through the map; like any memory-mapped weights, it must
-        // not be rewritten in place while the model runs (the cache is replaced by renaming a new
-        // file over it, which leaves this mapping on the old one).
-        let map = File::open(path).ok().and_then(|f| unsafe { memmap2::Mmap::map(&f) }.ok()).map(Arc::new);
+        // Like any memory-mapped weights, the file must not be rewritten in place while the model
+        // runs (the cache is replaced by renaming a new file over it, which leaves this map on the
+        // old one).
+        let map = File::open(path).ok().and_then(|f| crate::mapped::map_read_only(&f).ok()).map(Arc::new);
         Ok(Some(Self { path: path.to_path_buf(), content, map }))
     }
 

@@ -9,6 +9,7 @@ use std::path::Path;
 
 use candle_core::{DType, Device, Tensor, D};
 
+use crate::batch_feature::{PixelTensor, ProcessorOutput};
 use crate::config::{FeatureSelectStrategy, VideoLlavaConfig};
 use crate::error::{Error, Result};
 use crate::model::clip::ClipVisionTower;
@@ -19,7 +20,6 @@ use crate::model::prefix_cache::{PrefixCache, PrefixCacheStats, PrefixKey, Prefi
 use crate::model::projector::Projector;
 use crate::model::quantize::{self, CachedQuantized, QuantCache, QuantFormat, QuantizeReport};
 use crate::model::weights::CheckpointWeights;
-use crate::processor::{PixelTensor, ProcessorOutput};
 
 /// How to load a checkpoint: compute dtype and optional weight quantization.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -644,7 +644,7 @@ impl VideoLlava {
                 c.note_disk_save();
                 std::thread::spawn(move || {
                     if let Err(e) = store.save(&media_key, &kv) {
-                        eprintln!("videollava: could not save a prefix: {e}");
+                        log::warn!("could not save a prefix: {e}");
                     }
                     store.end_save();
                 });

@@ -161,17 +161,14 @@ impl SafetensorsReader {
 }
 
 /// Reads `n` little-endian values of `T` into a fresh buffer and wraps it as a tensor.
-fn read_typed<T: WithDType>(
+fn read_typed<T: WithDType + bytemuck::Pod>(
     n: usize,
     shape: &[usize],
     dev: &Device,
     read: impl FnOnce(&mut [u8]) -> candle_core::Result<()>,
 ) -> candle_core::Result<Tensor> {
     let mut v: Vec<T> = vec![T::from_f64(0.0); n];
-    // SAFETY: `v` owns `n` initialised values of a plain numeric type; viewing its memory as bytes
-    // to fill it is sound, and every bit pattern is a valid value of these types.
-    let bytes = unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr() as *mut u8, n * std::mem::size_of::<T>()) };
-    read(bytes)?;
+    read(bytemuck::cast_slice_mut(&mut v))?;
     Tensor::from_vec(v, shape, dev)
 }
 
@@ -228,10 +225,9 @@ impl MappedBf16 {
     /// The values as BF16 bit patterns, row-major.
     pub fn bits(&self) -> &[u16] {
         let bytes = &self.map[self.offset..self.offset + self.rows * self.cols * 2];
-        // SAFETY: `offset` is even and the map is page-aligned, so the pointer is 2-byte aligned;
-        // the slice lies inside the map (checked when it was made) and lives as long as `self`;
-        // every bit pattern is a valid u16.
-        unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const u16, bytes.len() / 2) }
+        // Cannot fail: `offset` is even and the map page-aligned (2-byte aligned), the length even;
+        // both checked when the view was made.
+        bytemuck::cast_slice(bytes)
     }
 
     /// A copy as a BF16 tensor (for code paths without a kernel reading the map).
@@ -264,9 +260,8 @@ impl CheckpointWeights {
                 Some(m) => m.clone(),
                 None => {
                     let (path, file) = &self.tensors.files[e.file];
-                    // SAFETY: the map is read-only; the checkpoint's files are not modified while
-                    // the model is loaded (documented above).
-                    let m = unsafe { memmap2::Mmap::map(file) }.map_err(|err| Error::io(path, err))?;
+                    // The checkpoint's files are not modified while the model is loaded (above).
+                    let m = crate::mapped::map_read_only(file).map_err(|err| Error::io(path, err))?;
                     let m = std::sync::Arc::new(m);
                     maps.insert(e.file, m.clone());
                     m
