@@ -424,6 +424,9 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
                 Err((tx, e)) => failed(&tx, &e),
             }
         }
+        // Counted as running from admission (its first token can reach the client before the
+        // prefill step below returns).
+        shared.running.store(rows.len() + pending.len(), Ordering::SeqCst);
 
         // One chunk of the oldest prompt being prefilled: a long prompt is cut into chunks with
         // decode steps of the running rows in between, so they keep streaming meanwhile.
