@@ -14,7 +14,7 @@ use videollava::generate::GenerateOptions;
 use videollava::hub::{resolve_model, HubOptions};
 use videollava::media::image::{decode_image_bytes, decode_image_file};
 use videollava::media::video::{decode_video_bytes, decode_video_file, FrameSampling};
-use videollava::media::{Cancel, MediaLimits};
+use videollava::media::MediaLimits;
 use videollava::media::{RgbImage, Video};
 use videollava::model::{KvCacheFormat, QuantCache, QuantFormat};
 
@@ -23,6 +23,7 @@ pub use videollava::engine::StageTimings;
 pub use videollava::generate::SamplingParams;
 pub use videollava::hub::DEFAULT_MODEL;
 pub use videollava::media::video::VideoOptions;
+pub use videollava::media::Cancel;
 pub use videollava::processor::{Processor, ProcessorOutput};
 pub use videollava::{Error, Result};
 
@@ -128,19 +129,22 @@ impl Model {
     }
 
     /// Generates for every prompt of the batch (prompts already in the chat format; media in
-    /// placeholder order across the batch). `on_token(row, text_delta)` sees the text as it
-    /// becomes final.
+    /// placeholder order across the batch). `on_token(row, text_delta)` sees every token, with
+    /// the text that became final (often empty). Once `cancel` is set it stops before the next
+    /// decode step with [`Error::Cancelled`].
     pub fn generate(
         &self,
         prompts: &[String],
         images: &[RgbImage],
         videos: &[Video],
         options: &GenerateOptions,
+        cancel: &Cancel,
         on_token: &mut dyn FnMut(usize, &str),
     ) -> Result<(Vec<Generated>, StageTimings)> {
         let refs: Vec<&str> = prompts.iter().map(String::as_str).collect();
-        let (seqs, timings) =
-            self.engine.generate(&refs, images, videos, options, &mut |ev| on_token(ev.row, ev.text_delta))?;
+        let (seqs, timings) = self
+            .engine
+            .generate_cancellable(&refs, images, videos, options, cancel, &mut |ev| on_token(ev.row, ev.text_delta))?;
         let tok = self.engine.tokenizer();
         let out = seqs
             .into_iter()
@@ -245,14 +249,13 @@ pub fn decode_image(medium: Medium, name: &str) -> Result<RgbImage> {
 }
 
 /// Decodes a video into a clip. Files and encoded bytes give `options.num_frames` frames chosen
-/// by `options.sampling`; caller-supplied frames are the clip as they are.
-pub fn decode_video(medium: Medium, options: &VideoOptions, name: &str) -> Result<Video> {
+/// by `options.sampling`; caller-supplied frames are the clip as they are. `cancel` stops the
+/// decoding of encoded bytes early.
+pub fn decode_video(medium: Medium, options: &VideoOptions, name: &str, cancel: &Cancel) -> Result<Video> {
     match medium {
         Medium::Path(p) => decode_video_file(&p, options),
         // FFmpeg reads the bytes from memory (no temporary file).
-        Medium::Encoded(bytes) => {
-            decode_video_bytes(bytes.into(), name, options, &MediaLimits::default(), &Cancel::new())
-        }
+        Medium::Encoded(bytes) => decode_video_bytes(bytes.into(), name, options, &MediaLimits::default(), cancel),
         Medium::Pixels { shape, data } => match shape[..] {
             [t, h, w, 3] => {
                 if t == 0 || t > MAX_FRAMES {
@@ -282,6 +285,7 @@ pub fn decode_media(
     images: Vec<Medium>,
     videos: Vec<Medium>,
     options: &VideoOptions,
+    cancel: &Cancel,
 ) -> Result<(Vec<RgbImage>, Vec<Video>, f64)> {
     let t = Instant::now();
     let images = images
@@ -292,7 +296,7 @@ pub fn decode_media(
     let videos = videos
         .into_iter()
         .enumerate()
-        .map(|(i, m)| decode_video(m, options, &format!("video #{}", i + 1)))
+        .map(|(i, m)| decode_video(m, options, &format!("video #{}", i + 1), cancel))
         .collect::<Result<Vec<_>>>()?;
     Ok((images, videos, t.elapsed().as_secs_f64() * 1e3))
 }

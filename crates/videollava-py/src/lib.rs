@@ -13,15 +13,17 @@
 mod backend;
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use pyo3::exceptions::{PyRuntimeError, PyStopIteration, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::types::{PyByteArray, PyBytes, PyDict, PyList, PyString};
 
-use backend::{Generated, LoadConfig, Medium, ProcessorOutput, SamplingParams, Settings, StageTimings};
+use backend::{Cancel, Generated, LoadConfig, Medium, ProcessorOutput, SamplingParams, Settings, StageTimings};
 
 /// The Python exception for a library error: a class of `videollava.errors` chosen by the
 /// error's kind, carrying the library's message.
@@ -35,6 +37,7 @@ fn to_py_err(e: backend::Error) -> PyErr {
         E::Tokenizer(_) => "TokenizerError",
         E::Model(_) | E::Tensor(_) => "ModelError",
         E::Output { .. } => "OutputError",
+        E::Cancelled(_) => "CancelledError",
     };
     let message = e.to_string();
     Python::attach(|py| {
@@ -146,15 +149,28 @@ struct GenerateResult {
 struct Shared {
     model: backend::Model,
     lock: Mutex<()>,
+    /// Tokens generated since the load, by every call (`VideoLlava.tokens_generated`).
+    tokens_generated: AtomicU64,
 }
 
 impl Shared {
-    /// Decodes the media and generates (blocking; call without the GIL).
-    fn run(&self, request: Request, on_token: &mut dyn FnMut(usize, &str)) -> backend::Result<GenerateResult> {
+    /// Decodes the media and generates (blocking; call without the GIL); stops early with
+    /// `Error::Cancelled` once `cancel` is set.
+    fn run(
+        &self,
+        request: Request,
+        cancel: &Cancel,
+        on_token: &mut dyn FnMut(usize, &str),
+    ) -> backend::Result<GenerateResult> {
         let options = self.model.options(&request.settings)?;
-        let (images, videos, media_ms) = backend::decode_media(request.images, request.videos, &request.video_options)?;
+        let (images, videos, media_ms) =
+            backend::decode_media(request.images, request.videos, &request.video_options, cancel)?;
         let _guard = self.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let (outputs, timings) = self.model.generate(&request.prompts, &images, &videos, &options, on_token)?;
+        let (outputs, timings) =
+            self.model.generate(&request.prompts, &images, &videos, &options, cancel, &mut |row, delta| {
+                self.tokens_generated.fetch_add(1, Ordering::Relaxed);
+                on_token(row, delta)
+            })?;
         Ok(GenerateResult { outputs, timings, media_ms })
     }
 }
@@ -185,7 +201,7 @@ impl NativeModel {
         let config =
             LoadConfig { model, dtype, quantize, quantized_cache, mmap, kv_cache, feature_cache_mib, prefill_chunk };
         let model = py.detach(|| backend::Model::load(&config)).map_err(to_py_err)?;
-        Ok(Self { shared: Arc::new(Shared { model, lock: Mutex::new(()) }) })
+        Ok(Self { shared: Arc::new(Shared { model, lock: Mutex::new(()), tokens_generated: AtomicU64::new(0) }) })
     }
 
     /// The prompt for `text` with `images` images and `videos` videos (see `VideoLlava.prompt`).
@@ -206,6 +222,12 @@ impl NativeModel {
     #[getter]
     fn load_ms(&self) -> f64 {
         self.shared.model.load_ms()
+    }
+
+    /// Tokens generated since the load, by every call (an abandoned stream's included).
+    #[getter]
+    fn tokens_generated(&self) -> u64 {
+        self.shared.tokens_generated.load(Ordering::Relaxed)
     }
 
     /// Generates for a batch of chat-format prompts; returns one dict per prompt.
@@ -242,11 +264,12 @@ impl NativeModel {
             top_logprobs,
         )?;
         let shared = self.shared.clone();
-        let result = py.detach(move || shared.run(request, &mut |_, _| {})).map_err(to_py_err)?;
+        let result = py.detach(move || shared.run(request, &Cancel::new(), &mut |_, _| {})).map_err(to_py_err)?;
         results(py, &result)
     }
 
     /// Starts generation on a worker thread; the returned iterator yields `(row, text)` pieces.
+    /// Dropping or closing the iterator stops the generation at its next decode step.
     #[pyo3(signature = (prompts, images, videos, num_frames, frame_sampling, max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, seed, stop, ignore_eos, top_logprobs))]
     fn stream(
         &self,
@@ -282,20 +305,27 @@ impl NativeModel {
         self.shared.model.options(&request.settings).map_err(to_py_err)?;
         let (tx, rx) = channel();
         let shared = self.shared.clone();
-        std::thread::Builder::new()
+        let cancel = Cancel::new();
+        let worker_cancel = cancel.clone();
+        let worker = std::thread::Builder::new()
             .name("videollava-stream".into())
             .spawn(move || {
-                // A send fails only when the iterator was dropped: generation then runs to its
-                // end unobserved (it cannot be interrupted), bounded by max_new_tokens.
-                let result = shared.run(request, &mut |row, delta| {
-                    if !delta.is_empty() {
-                        let _ = tx.send(Event::Piece(row, delta.to_string()));
+                let result = shared.run(request, &worker_cancel, &mut |row, delta| {
+                    // A failed send means the iterator is gone (its Drop also sets the flag).
+                    if !delta.is_empty() && tx.send(Event::Piece(row, delta.to_string())).is_err() {
+                        worker_cancel.cancel();
                     }
                 });
                 let _ = tx.send(Event::Done(result));
             })
             .map_err(|e| PyRuntimeError::new_err(format!("cannot start the generation thread: {e}")))?;
-        Ok(NativeStream { rx: Mutex::new(Some(rx)), result: Mutex::new(None) })
+        Ok(NativeStream {
+            rx: Mutex::new(Some(rx)),
+            result: Mutex::new(None),
+            cancel,
+            worker: Mutex::new(Some(worker)),
+            closed: AtomicBool::new(false),
+        })
     }
 }
 
@@ -326,12 +356,27 @@ enum Event {
     Done(backend::Result<GenerateResult>),
 }
 
-/// Text pieces of a running generation, as `(row, text)`; `result()` after the end.
+/// Text pieces of a running generation, as `(row, text)`; `result()` after the end. Dropping
+/// it or calling `close()` cancels the generation (it stops before its next decode step).
 #[pyclass(module = "videollava._native")]
 struct NativeStream {
-    /// `None` once the end was seen.
+    /// `None` once the end was seen or the stream was closed.
     rx: Mutex<Option<Receiver<Event>>>,
     result: Mutex<Option<GenerateResult>>,
+    /// Set on drop and by `close()`; the worker's generation checks it before every decode step.
+    cancel: Cancel,
+    /// The worker thread, until `close()` joins it.
+    worker: Mutex<Option<JoinHandle<()>>>,
+    /// `close()` was called before the end: iteration stops, with no result.
+    closed: AtomicBool,
+}
+
+impl Drop for NativeStream {
+    fn drop(&mut self) {
+        // Abandoned (garbage-collected, or the loop broke off): stop generating. No join here,
+        // so that a drop never blocks; the worker ends within one decode step.
+        self.cancel.cancel();
+    }
 }
 
 #[pymethods]
@@ -361,7 +406,7 @@ impl NativeStream {
                 Err(RecvTimeoutError::Timeout) => py.check_signals()?,
                 Err(RecvTimeoutError::Disconnected) => {
                     let finished = self.result.lock().unwrap_or_else(|p| p.into_inner()).is_some();
-                    return Err(if finished {
+                    return Err(if finished || self.closed.load(Ordering::SeqCst) {
                         PyStopIteration::new_err(())
                     } else {
                         PyRuntimeError::new_err("the generation thread ended without a result")
@@ -369,6 +414,29 @@ impl NativeStream {
                 }
             }
         }
+    }
+
+    /// Stops the generation if it is still running and waits (without the GIL) until its thread
+    /// has ended, so that the model is free on return. Iteration then stops; `result()` stays
+    /// None unless the generation had already finished. Closing again does nothing.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let finished = self.result.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        if !finished {
+            self.closed.store(true, Ordering::SeqCst);
+        }
+        self.cancel.cancel();
+        *self.rx.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        let worker = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(handle) = worker {
+            py.detach(|| handle.join()).map_err(|_| PyRuntimeError::new_err("the generation thread panicked"))?;
+        }
+        Ok(())
+    }
+
+    /// Whether `close()` stopped the stream before its end.
+    #[getter]
+    fn cancelled(&self) -> bool {
+        self.closed.load(Ordering::SeqCst)
     }
 
     /// The results (one dict per prompt) once the iterator is exhausted, else None.
@@ -408,7 +476,7 @@ impl NativeProcessor {
         let processor = self.processor.clone();
         let out = py
             .detach(move || {
-                let (images, videos, _) = backend::decode_media(images, videos, &options)?;
+                let (images, videos, _) = backend::decode_media(images, videos, &options, &Cancel::new())?;
                 backend::process(&processor, &prompts, &images, &videos)
             })
             .map_err(to_py_err)?;
@@ -440,7 +508,7 @@ fn load_video<'py>(
 ) -> PyResult<(Bound<'py, PyAny>, Vec<usize>)> {
     let m = medium(medium_tuple)?;
     let options = backend::video_options(num_frames, frame_sampling).map_err(to_py_err)?;
-    let video = py.detach(|| backend::decode_video(m, &options, "video")).map_err(to_py_err)?;
+    let video = py.detach(|| backend::decode_video(m, &options, "video", &Cancel::new())).map_err(to_py_err)?;
     let (h, w) = video.frames.first().map_or((0, 0), |f| (f.height, f.width));
     let data: Vec<u8> = video.frames.iter().flat_map(|f| f.data.iter().copied()).collect();
     Ok((array(py, &data, &[video.frames.len(), h, w, 3], "|u1")?, video.frame_indices))

@@ -35,9 +35,9 @@ def cli_binary() -> Path:
     return max(found, key=lambda p: p.stat().st_mtime)
 
 
-def run_cli(args: List[str], check: bool = True) -> subprocess.CompletedProcess:
+def run_cli(args: List[str], check: bool = True, cwd: Path | None = None) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    proc = subprocess.run([str(cli_binary()), *args], capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([str(cli_binary()), *args], capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"videollava {' '.join(args)} failed:\n{proc.stderr}")
     return proc
@@ -59,6 +59,19 @@ def cli_generate(prompt: str, image: str | None = None, video: str | None = None
     lines = run_cli(args + (extra or [])).stdout.splitlines()
     assert len(lines) == 1, lines
     return json.loads(lines[0])
+
+
+def cli_batch(manifest: Path, output: Path, max_new_tokens: int = 12, extra: List[str] | None = None,
+              model: Path = MODEL, cwd: Path | None = None) -> Dict[str, Dict]:
+    """`videollava batch` over a manifest into `output` (started afresh): its results by id. The
+    CLI resolves a relative media path against its working directory, `cwd`."""
+    args = ["batch", "--model", str(model), "--input", str(manifest), "--output", str(output), "--overwrite",
+            "--dtype", "f32", "--max-new-tokens", str(max_new_tokens), "--quantized-cache", "off"]
+    run_cli(args + (extra or []), cwd=cwd)
+    results = [json.loads(line) for line in output.read_text().splitlines()]
+    by_id = {r["id"]: r for r in results}
+    assert len(by_id) == len(results), f"an id written twice: {[r['id'] for r in results]}"
+    return by_id
 
 
 def read_safetensors(path: Path) -> Tuple[Dict[str, np.ndarray], Dict[str, str]]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 import time
@@ -95,6 +96,57 @@ def test_stream_concatenates_to_the_answer(model: VideoLlava):
     assert stream.output is not None
     assert stream.output.token_ids == want.token_ids
     assert stream.output.text == want.text
+    # Closing a finished stream changes nothing.
+    stream.close()
+    assert not stream.cancelled
+    assert stream.output.token_ids == want.token_ids
+
+
+# Far more tokens than an abandoned stream may cost: the text prompt leaves ~4000 of the
+# checkpoint's 4096 positions, so without a cancellation the worker would generate them all.
+LONG = 3500
+TEXT = "Tell me a joke about rabbits."
+
+
+def _leave_by_break(model: VideoLlava) -> None:
+    for _piece in model.stream(TEXT, max_new_tokens=LONG, ignore_eos=True):
+        break
+
+
+def _leave_by_del(model: VideoLlava) -> None:
+    stream = model.stream(TEXT, max_new_tokens=LONG, ignore_eos=True)
+    next(stream)
+    del stream
+
+
+def _leave_to_the_garbage_collector(model: VideoLlava) -> None:
+    stream = model.stream(TEXT, max_new_tokens=LONG, ignore_eos=True)
+    next(stream)
+    stream.cycle = stream  # only the cycle collector can free it
+    del stream
+    gc.collect()
+
+
+def _leave_by_close(model: VideoLlava) -> None:
+    stream = model.stream(TEXT, max_new_tokens=LONG, ignore_eos=True)
+    next(stream)
+    stream.close()
+    assert stream.cancelled
+    assert list(stream) == [] and stream.output is None
+
+
+@pytest.mark.parametrize("leave", [_leave_by_break, _leave_by_del, _leave_to_the_garbage_collector, _leave_by_close])
+def test_an_abandoned_stream_stops_generating(model: VideoLlava, leave):
+    before = model.tokens_generated
+    leave(model)
+    # The next call needs the model, which the stream's worker holds until its generation ends:
+    # once it returns, the counter holds every token the abandoned stream generated.
+    out = model.generate(TEXT, max_new_tokens=2, ignore_eos=True)
+    spent = model.tokens_generated - before - len(out.token_ids)
+    assert len(out.token_ids) == 2
+    # It stops at its first decode step after the drop: a few tokens past the first piece, far
+    # from the LONG it was asked for.
+    assert 1 <= spent <= LONG // 10, f"the abandoned stream generated {spent} of {LONG} tokens"
 
 
 def test_generate_batch_equals_one_by_one(model: VideoLlava):

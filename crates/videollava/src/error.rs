@@ -43,6 +43,11 @@ pub enum Error {
     #[error("{}: {message}", path.display())]
     Output { path: PathBuf, message: String },
 
+    /// The caller withdrew the request (its [`crate::media::Cancel`] was set, e.g. a stream's
+    /// reader went away) before it finished.
+    #[error("{0}")]
+    Cancelled(String),
+
     /// The tensor library failed (its error kept as the source).
     #[error("{0}")]
     Tensor(#[from] candle_core::Error),

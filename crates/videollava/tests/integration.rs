@@ -8,6 +8,7 @@ mod common;
 mod chat_template;
 mod checkpoint_5x;
 mod fuzz;
+mod generate_cancel;
 mod generate_parity;
 mod hub_cache;
 mod image_decode;

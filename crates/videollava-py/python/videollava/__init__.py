@@ -27,6 +27,7 @@ import numpy as np
 
 from . import _native
 from .errors import (
+    CancelledError,
     ConfigError,
     FileError,
     InputError,
@@ -56,6 +57,7 @@ __all__ = [
     "ModelError",
     "FileError",
     "OutputError",
+    "CancelledError",
 ]
 
 __version__: str = _native.__version__
@@ -203,7 +205,11 @@ class TextStream(Iterator[str]):
 
     Generation runs on a worker thread; each ``next()`` waits for the next piece without holding
     the GIL. After the last piece, :attr:`output` holds the full :class:`GenerationOutput`.
-    Abandoning the iterator early does not stop the worker: it runs on to ``max_new_tokens``.
+
+    Abandoning the stream stops the generation: when the iterator is dropped (a ``for`` loop left
+    with ``break``, ``del``, garbage collection) the worker stops before its next decode step and
+    frees its cache. :meth:`close` does the same and waits until the worker has ended; it is also
+    a context manager (``with model.stream(...) as s:``) that closes on exit.
     """
 
     def __init__(self, native: Any, prompt: str) -> None:
@@ -213,6 +219,23 @@ class TextStream(Iterator[str]):
 
     def __iter__(self) -> "TextStream":
         return self
+
+    def __enter__(self) -> "TextStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stops the generation if it is still running and waits until its worker has ended (the
+        model is free for the next call on return). Iteration then ends; :attr:`output` stays
+        ``None`` unless the answer was already complete. Closing again does nothing."""
+        self._native.close()
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether :meth:`close` stopped the generation before its end."""
+        return bool(self._native.cancelled)
 
     def __next__(self) -> str:
         try:
@@ -365,6 +388,12 @@ class VideoLlava:
         """The checkpoint's directory (the hub cache's snapshot for a hub id)."""
         return self._native.model_dir
 
+    @property
+    def tokens_generated(self) -> int:
+        """Tokens this model has generated since it was loaded, over every call (the tokens of a
+        stream stopped early included)."""
+        return int(self._native.tokens_generated)
+
     def prompt(self, text: str, images: int = 0, videos: int = 0) -> str:
         """The prompt the model sees for ``text``: verbatim when already in the chat format (it
         holds ``USER:`` or ``ASSISTANT:``), else the checkpoint's chat format around it with one
@@ -474,7 +503,8 @@ class VideoLlava:
     ) -> TextStream:
         """Like :meth:`generate`, but returns the text piece by piece as it is generated; the
         pieces concatenate to ``generate``'s text. Errors in the inputs raise here, errors of the
-        generation itself from the iteration."""
+        generation itself from the iteration. Leaving the stream early (``break``, dropping it,
+        :meth:`TextStream.close`) stops the generation before its next decode step."""
         prompts, image_tuples, video_tuples = self._prepare(
             [prompt], [_one_or_many(image, images, "image")], [_one_or_many(video, videos, "video")], raw_prompt
         )

@@ -16,6 +16,7 @@ __all__ = [
     "ModelError",
     "FileError",
     "OutputError",
+    "CancelledError",
 ]
 
 
@@ -49,3 +50,7 @@ class FileError(VideoLlavaError, OSError):
 
 class OutputError(VideoLlavaError):
     """An output file could not be written."""
+
+
+class CancelledError(VideoLlavaError):
+    """The generation was stopped before its end (its stream was closed or abandoned)."""

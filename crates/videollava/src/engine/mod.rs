@@ -19,8 +19,9 @@ use candle_core::{DType, Device};
 
 use crate::config::CheckpointConfig;
 use crate::error::{Error, Result};
-use crate::generate::{generate, GenerateOptions, GenerateTimings, GeneratedSequence, TokenEvent};
-use crate::media::{RgbImage, Video};
+use crate::generate::{generate_cancellable, GenerateOptions, GenerateTimings, GeneratedSequence, TokenEvent};
+use crate::media::{Cancel, RgbImage, Video};
+use crate::model::llama::KvCache;
 use crate::model::{LoadOptions, QuantCache, QuantFormat, VideoLlava};
 use crate::processor::tokenizer::TextTokenizer;
 use crate::processor::{Processor, ProcessorOutput};
@@ -267,8 +268,24 @@ impl Engine {
         options: &GenerateOptions,
         on_token: &mut dyn FnMut(TokenEvent),
     ) -> Result<(Vec<GeneratedSequence>, StageTimings)> {
+        self.generate_cancellable(prompts, images, videos, options, &Cancel::new(), on_token)
+    }
+
+    /// Like [`Engine::generate`], but stops with [`Error::Cancelled`] at the first decode step
+    /// after `cancel` is set (a caller that stopped listening: an abandoned stream).
+    pub fn generate_cancellable(
+        &self,
+        prompts: &[&str],
+        images: &[RgbImage],
+        videos: &[Video],
+        options: &GenerateOptions,
+        cancel: &Cancel,
+        on_token: &mut dyn FnMut(TokenEvent),
+    ) -> Result<(Vec<GeneratedSequence>, StageTimings)> {
         let (inputs, preprocess_ms) = self.preprocess(prompts, images, videos)?;
-        let (out, g) = generate(&self.model, self.tokenizer(), &inputs, options, on_token)?;
+        let mut cache = KvCache::default();
+        let (out, g) =
+            generate_cancellable(&self.model, self.tokenizer(), &inputs, options, &mut cache, cancel, on_token)?;
         let timings = StageTimings { load_ms: self.load_ms, preprocess_ms, ..Default::default() }.with_generation(&g);
         Ok((out, timings))
     }

@@ -14,6 +14,7 @@ use std::time::Instant;
 use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::media::Cancel;
 use crate::model::llama::KvCache;
 use crate::model::VideoLlava;
 use crate::processor::tokenizer::TextTokenizer;
@@ -248,6 +249,22 @@ pub fn generate_continuing(
     cache: &mut KvCache,
     on_token: &mut dyn FnMut(TokenEvent),
 ) -> Result<(Vec<GeneratedSequence>, GenerateTimings)> {
+    generate_cancellable(model, tokenizer, inputs, options, cache, &Cancel::new(), on_token)
+}
+
+/// Like [`generate_continuing`], but gives up with [`Error::Cancelled`] once `cancel` is set:
+/// it is checked before the prefill and before every decode step, so an abandoned generation
+/// costs at most one more forward pass. The cache is then left mid-generation (discard it).
+pub fn generate_cancellable(
+    model: &VideoLlava,
+    tokenizer: &TextTokenizer,
+    inputs: &ProcessorOutput,
+    options: &GenerateOptions,
+    cache: &mut KvCache,
+    cancel: &Cancel,
+    on_token: &mut dyn FnMut(TokenEvent),
+) -> Result<(Vec<GeneratedSequence>, GenerateTimings)> {
+    let cancelled = || Error::Cancelled("generation cancelled (its caller went away)".into());
     options.validate()?;
     let device = model.device.clone();
     let (b, l) = (inputs.batch_size, inputs.seq_len);
@@ -276,6 +293,9 @@ pub fn generate_continuing(
         check_context(&format!("prompt #{}", r.index + 1), r.prompt_tokens, max_ctx)?;
     }
 
+    if cancel.is_cancelled() {
+        return Err(cancelled());
+    }
     // Prefill: visual features once, then the whole prompt.
     let positions = position_ids_after(&mask_u32, b, l, &past_real, &device)?;
     let (logits, vision_ms, prefill_ms) = model.prefill(inputs, &positions, cache)?;
@@ -303,6 +323,9 @@ pub fn generate_continuing(
         if keep.len() != active.len() {
             cache.retain_rows(&keep)?;
             active = keep.iter().map(|&s| active[s]).collect();
+        }
+        if cancel.is_cancelled() {
+            return Err(cancelled());
         }
         let running: Vec<&SequenceState> = active.iter().map(|&ri| &rows[ri]).collect();
         logits_rows = decode_logits(model, &running, cache)?;
