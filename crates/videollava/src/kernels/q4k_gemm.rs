@@ -199,13 +199,109 @@ mod avx512 {
             k / QK_K * BLOCK_BYTES
         }
 
-        #[inline(always)]
+        /// Packs weight rows `j0..j0 + valid` (`valid <= NR`; `w` the whole weight, `row_bytes` per
+        /// row), sub-blocks `pc..pc + kcb` (whole Q4K blocks), into `dst` (`kcb * W_BLK` bytes,
+        /// 64-byte aligned): per sub-block, `dst[(q * NR + c) * 4 + l] = q[j0 + c, 4q + l]` (the
+        /// nibble as a byte), then the scales `d · sc` (f32), then the mins `dmin · mn` (f32);
+        /// missing columns are zeros.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        #[allow(clippy::too_many_arguments)]
         unsafe fn pack_w(w: &[u8], row_bytes: usize, j0: usize, valid: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
-            // SAFETY: the CPU has the features (the trait's contract).
-            unsafe { pack_w(w, row_bytes, j0, valid, pc, kcb, dst) }
+            // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+            // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+            unsafe {
+                assert!(valid <= NR && dst.len() == kcb * W_BLK, "pack_w: sizes");
+                assert!(pc.is_multiple_of(SUBS) && kcb.is_multiple_of(SUBS), "pack_w: whole Q4K blocks");
+                assert!(
+                    (j0 + valid) * row_bytes <= w.len() && (pc + kcb) / SUBS * BLOCK_BYTES <= row_bytes,
+                    "pack_w: range"
+                );
+                let m4 = _mm512_set1_epi8(0x0F);
+                let (k1, k2, k3) =
+                    (_mm512_set1_epi32(0x3f3f3f3f), _mm512_set1_epi32(0x0f0f0f0f), _mm512_set1_epi32(0x03030303));
+                let byte = _mm512_set1_epi32(0xff);
+                let d = dst.as_mut_ptr();
+                for g in 0..NV {
+                    let cols = valid.saturating_sub(16 * g).min(16);
+                    let mask: u16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
+                    if cols == 0 {
+                        for b in 0..kcb {
+                            let blk = d.add(b * W_BLK);
+                            for quad in 0..8 {
+                                _mm512_storeu_si512(blk.add(quad * NR * 4 + 64 * g) as *mut _, _mm512_setzero_si512());
+                            }
+                            _mm512_storeu_si512(blk.add(W_SCALE + 64 * g) as *mut _, _mm512_setzero_si512());
+                            _mm512_storeu_si512(blk.add(W_MIN + 64 * g) as *mut _, _mm512_setzero_si512());
+                        }
+                        continue;
+                    }
+                    // Byte offsets of the 16 columns' rows (masked-off lanes are not read).
+                    let idx = _mm512_mullo_epi32(
+                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                        _mm512_set1_epi32(row_bytes as i32),
+                    );
+                    let gather = |p: *const u8| {
+                        _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, idx, p as *const i32)
+                    };
+                    let base = w.as_ptr().add((j0 + 16 * g) * row_bytes);
+                    for bq in 0..kcb / SUBS {
+                        let src = base.add((pc / SUBS + bq) * BLOCK_BYTES);
+                        let sb = d.add(bq * SUBS * W_BLK);
+                        // d and dmin (the block's first dword), then the 12 scale bytes as 3 dwords,
+                        // decoded as `q4k_scales_mins` for 16 columns at once.
+                        let dd = gather(src);
+                        let dv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
+                        let dminv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dd)));
+                        let u0 = gather(src.add(4));
+                        let u1 = gather(src.add(8));
+                        let u2 = gather(src.add(12));
+                        let sc = [
+                            _mm512_and_si512(u0, k1),
+                            _mm512_or_si512(
+                                _mm512_and_si512(u2, k2),
+                                _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u0), k3)),
+                            ),
+                        ];
+                        let mn = [
+                            _mm512_and_si512(u1, k1),
+                            _mm512_or_si512(
+                                _mm512_and_si512(_mm512_srli_epi32::<4>(u2), k2),
+                                _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u1), k3)),
+                            ),
+                        ];
+                        for s in 0..SUBS {
+                            let sh = _mm512_set1_epi32(8 * (s % 4) as i32);
+                            let scs = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(sc[s / 4], sh), byte));
+                            let mns = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(mn[s / 4], sh), byte));
+                            let blk = sb.add(s * W_BLK);
+                            // Exact: an 11-bit mantissa times a 6-bit integer.
+                            _mm512_storeu_ps(blk.add(W_SCALE + 64 * g) as *mut f32, _mm512_mul_ps(dv, scs));
+                            _mm512_storeu_ps(blk.add(W_MIN + 64 * g) as *mut f32, _mm512_mul_ps(dminv, mns));
+                        }
+                        // qs: chunk c (32 bytes) holds sub-blocks 2c (low nibbles) and 2c + 1 (high).
+                        for c in 0..SUBS / 2 {
+                            for quad in 0..8 {
+                                let v = gather(src.add(16 + 32 * c + 4 * quad));
+                                let lo = _mm512_and_si512(v, m4);
+                                let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(v), m4);
+                                _mm512_storeu_si512(sb.add(2 * c * W_BLK + quad * NR * 4 + 64 * g) as *mut _, lo);
+                                _mm512_storeu_si512(sb.add((2 * c + 1) * W_BLK + quad * NR * 4 + 64 * g) as *mut _, hi);
+                            }
+                        }
+                    }
+                }
+            }
         }
 
-        #[inline(always)]
+        /// `R`×`NR` micro-tile over `nblk` blocks:
+        /// `c[r, 0..NR] (+)= Σ_b dsc[b] · da[r, b] · isum − dmn[b] · (da · Σ qa)[r, b]`,
+        /// `isum = Σ q · qa` (exact integers), from the packed micro-panels `a` (`A_BLK` bytes per
+        /// block) and `b` (`W_BLK` bytes per block, 64-byte aligned). Stores the columns enabled in
+        /// `masks` (16 per vector) of rows `0..R` (stride `ldc`).
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        #[allow(clippy::too_many_arguments)]
         unsafe fn micro<const R: usize>(
             a: *const u8,
             b: *const u8,
@@ -215,159 +311,45 @@ mod avx512 {
             masks: [u16; NV],
             accumulate: bool,
         ) {
-            // SAFETY: the trait's contract, which the driver upholds.
-            unsafe { micro::<R>(a, b, nblk, c, ldc, masks, accumulate) }
-        }
-    }
-
-    /// Packs weight rows `j0..j0 + valid` (`valid <= NR`; `w` the whole weight, `row_bytes` per
-    /// row), sub-blocks `pc..pc + kcb` (whole Q4K blocks), into `dst` (`kcb * W_BLK` bytes,
-    /// 64-byte aligned): per sub-block, `dst[(q * NR + c) * 4 + l] = q[j0 + c, 4q + l]` (the
-    /// nibble as a byte), then the scales `d · sc` (f32), then the mins `dmin · mn` (f32);
-    /// missing columns are zeros.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn pack_w(w: &[u8], row_bytes: usize, j0: usize, valid: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
-        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
-        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
-        unsafe {
-            assert!(valid <= NR && dst.len() == kcb * W_BLK, "pack_w: sizes");
-            assert!(pc.is_multiple_of(SUBS) && kcb.is_multiple_of(SUBS), "pack_w: whole Q4K blocks");
-            assert!(
-                (j0 + valid) * row_bytes <= w.len() && (pc + kcb) / SUBS * BLOCK_BYTES <= row_bytes,
-                "pack_w: range"
-            );
-            let m4 = _mm512_set1_epi8(0x0F);
-            let (k1, k2, k3) =
-                (_mm512_set1_epi32(0x3f3f3f3f), _mm512_set1_epi32(0x0f0f0f0f), _mm512_set1_epi32(0x03030303));
-            let byte = _mm512_set1_epi32(0xff);
-            let d = dst.as_mut_ptr();
-            for g in 0..NV {
-                let cols = valid.saturating_sub(16 * g).min(16);
-                let mask: u16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
-                if cols == 0 {
-                    for b in 0..kcb {
-                        let blk = d.add(b * W_BLK);
-                        for quad in 0..8 {
-                            _mm512_storeu_si512(blk.add(quad * NR * 4 + 64 * g) as *mut _, _mm512_setzero_si512());
+            // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+            // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+            unsafe {
+                let mut acc = [[_mm512_setzero_ps(); NV]; R];
+                for blk in 0..nblk {
+                    let ab = a.add(blk * A_BLK);
+                    let bb = b.add(blk * W_BLK);
+                    let mut isum = [[_mm512_setzero_si512(); NV]; R];
+                    for quad in 0..8 {
+                        let mut wv = [_mm512_setzero_si512(); NV];
+                        for v in 0..NV {
+                            wv[v] = _mm512_load_si512(bb.add(quad * NR * 4 + 64 * v) as *const _);
                         }
-                        _mm512_storeu_si512(blk.add(W_SCALE + 64 * g) as *mut _, _mm512_setzero_si512());
-                        _mm512_storeu_si512(blk.add(W_MIN + 64 * g) as *mut _, _mm512_setzero_si512());
-                    }
-                    continue;
-                }
-                // Byte offsets of the 16 columns' rows (masked-off lanes are not read).
-                let idx = _mm512_mullo_epi32(
-                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                    _mm512_set1_epi32(row_bytes as i32),
-                );
-                let gather =
-                    |p: *const u8| _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, idx, p as *const i32);
-                let base = w.as_ptr().add((j0 + 16 * g) * row_bytes);
-                for bq in 0..kcb / SUBS {
-                    let src = base.add((pc / SUBS + bq) * BLOCK_BYTES);
-                    let sb = d.add(bq * SUBS * W_BLK);
-                    // d and dmin (the block's first dword), then the 12 scale bytes as 3 dwords,
-                    // decoded as `q4k_scales_mins` for 16 columns at once.
-                    let dd = gather(src);
-                    let dv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
-                    let dminv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dd)));
-                    let u0 = gather(src.add(4));
-                    let u1 = gather(src.add(8));
-                    let u2 = gather(src.add(12));
-                    let sc = [
-                        _mm512_and_si512(u0, k1),
-                        _mm512_or_si512(
-                            _mm512_and_si512(u2, k2),
-                            _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u0), k3)),
-                        ),
-                    ];
-                    let mn = [
-                        _mm512_and_si512(u1, k1),
-                        _mm512_or_si512(
-                            _mm512_and_si512(_mm512_srli_epi32::<4>(u2), k2),
-                            _mm512_slli_epi32::<4>(_mm512_and_si512(_mm512_srli_epi32::<6>(u1), k3)),
-                        ),
-                    ];
-                    for s in 0..SUBS {
-                        let sh = _mm512_set1_epi32(8 * (s % 4) as i32);
-                        let scs = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(sc[s / 4], sh), byte));
-                        let mns = _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(mn[s / 4], sh), byte));
-                        let blk = sb.add(s * W_BLK);
-                        // Exact: an 11-bit mantissa times a 6-bit integer.
-                        _mm512_storeu_ps(blk.add(W_SCALE + 64 * g) as *mut f32, _mm512_mul_ps(dv, scs));
-                        _mm512_storeu_ps(blk.add(W_MIN + 64 * g) as *mut f32, _mm512_mul_ps(dminv, mns));
-                    }
-                    // qs: chunk c (32 bytes) holds sub-blocks 2c (low nibbles) and 2c + 1 (high).
-                    for c in 0..SUBS / 2 {
-                        for quad in 0..8 {
-                            let v = gather(src.add(16 + 32 * c + 4 * quad));
-                            let lo = _mm512_and_si512(v, m4);
-                            let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(v), m4);
-                            _mm512_storeu_si512(sb.add(2 * c * W_BLK + quad * NR * 4 + 64 * g) as *mut _, lo);
-                            _mm512_storeu_si512(sb.add((2 * c + 1) * W_BLK + quad * NR * 4 + 64 * g) as *mut _, hi);
+                        for r in 0..R {
+                            let av = _mm512_set1_epi32((ab.add((quad * MR + r) * 4) as *const i32).read_unaligned());
+                            for v in 0..NV {
+                                // Nibbles (0..15) unsigned, activations signed.
+                                isum[r][v] = _mm512_dpbusd_epi32(isum[r][v], wv[v], av);
+                            }
                         }
                     }
-                }
-            }
-        }
-    }
-
-    /// `R`×`NR` micro-tile over `nblk` blocks:
-    /// `c[r, 0..NR] (+)= Σ_b dsc[b] · da[r, b] · isum − dmn[b] · (da · Σ qa)[r, b]`,
-    /// `isum = Σ q · qa` (exact integers), from the packed micro-panels `a` (`A_BLK` bytes per
-    /// block) and `b` (`W_BLK` bytes per block, 64-byte aligned). Stores the columns enabled in
-    /// `masks` (16 per vector) of rows `0..R` (stride `ldc`).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn micro<const R: usize>(
-        a: *const u8,
-        b: *const u8,
-        nblk: usize,
-        c: *mut f32,
-        ldc: usize,
-        masks: [u16; NV],
-        accumulate: bool,
-    ) {
-        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
-        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
-        unsafe {
-            let mut acc = [[_mm512_setzero_ps(); NV]; R];
-            for blk in 0..nblk {
-                let ab = a.add(blk * A_BLK);
-                let bb = b.add(blk * W_BLK);
-                let mut isum = [[_mm512_setzero_si512(); NV]; R];
-                for quad in 0..8 {
-                    let mut wv = [_mm512_setzero_si512(); NV];
+                    let mut dsc = [_mm512_setzero_ps(); NV];
+                    let mut dmn = [_mm512_setzero_ps(); NV];
                     for v in 0..NV {
-                        wv[v] = _mm512_load_si512(bb.add(quad * NR * 4 + 64 * v) as *const _);
+                        dsc[v] = _mm512_load_ps(bb.add(W_SCALE + 64 * v) as *const f32);
+                        dmn[v] = _mm512_load_ps(bb.add(W_MIN + 64 * v) as *const f32);
                     }
                     for r in 0..R {
-                        let av = _mm512_set1_epi32((ab.add((quad * MR + r) * 4) as *const i32).read_unaligned());
+                        let da = _mm512_set1_ps((ab.add(A_D + 4 * r) as *const f32).read_unaligned());
+                        let dsum = _mm512_set1_ps((ab.add(A_DSUM + 4 * r) as *const f32).read_unaligned());
                         for v in 0..NV {
-                            // Nibbles (0..15) unsigned, activations signed.
-                            isum[r][v] = _mm512_dpbusd_epi32(isum[r][v], wv[v], av);
+                            let t =
+                                _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r][v]), _mm512_mul_ps(dsc[v], da), acc[r][v]);
+                            acc[r][v] = _mm512_fnmadd_ps(dmn[v], dsum, t);
                         }
                     }
                 }
-                let mut dsc = [_mm512_setzero_ps(); NV];
-                let mut dmn = [_mm512_setzero_ps(); NV];
-                for v in 0..NV {
-                    dsc[v] = _mm512_load_ps(bb.add(W_SCALE + 64 * v) as *const f32);
-                    dmn[v] = _mm512_load_ps(bb.add(W_MIN + 64 * v) as *const f32);
-                }
-                for r in 0..R {
-                    let da = _mm512_set1_ps((ab.add(A_D + 4 * r) as *const f32).read_unaligned());
-                    let dsum = _mm512_set1_ps((ab.add(A_DSUM + 4 * r) as *const f32).read_unaligned());
-                    for v in 0..NV {
-                        let t = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r][v]), _mm512_mul_ps(dsc[v], da), acc[r][v]);
-                        acc[r][v] = _mm512_fnmadd_ps(dmn[v], dsum, t);
-                    }
-                }
+                store_tile::<R>(&acc, c, ldc, masks, accumulate);
             }
-            store_tile::<R>(&acc, c, ldc, masks, accumulate);
         }
     }
 }

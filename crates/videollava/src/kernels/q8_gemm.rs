@@ -168,13 +168,73 @@ mod avx512 {
             k / QK * BLOCK_BYTES
         }
 
-        #[inline(always)]
+        /// Packs weight rows `j0..j0 + valid` (`valid <= NR`; `w` the whole weight, `row_bytes` per
+        /// row), blocks `pc..pc + kcb`, into `dst` (`kcb * W_BLK` bytes, 64-byte aligned): per
+        /// block, `dst[(q * NR + c) * 4 + l] = qw[j0 + c, 4q + l]`, then the corrections
+        /// `-128 · Σ qw[j0 + c, block]` (i32), then the scales (f32); missing columns are zeros.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        #[allow(clippy::too_many_arguments)]
         unsafe fn pack_w(w: &[u8], row_bytes: usize, j0: usize, valid: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
-            // SAFETY: the CPU has the features (the trait's contract).
-            unsafe { pack_w(w, row_bytes, j0, valid, pc, kcb, dst) }
+            // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+            // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+            unsafe {
+                assert!(valid <= NR && dst.len() == kcb * W_BLK, "pack_w: sizes");
+                assert!((j0 + valid) * row_bytes <= w.len() && (pc + kcb) * BLOCK_BYTES <= row_bytes, "pack_w: range");
+                let ones = _mm512_set1_epi8(1);
+                let d = dst.as_mut_ptr();
+                for g in 0..NV {
+                    let cols = valid.saturating_sub(16 * g).min(16);
+                    let mask: u16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
+                    if cols == 0 {
+                        for b in 0..kcb {
+                            let blk = d.add(b * W_BLK);
+                            for quad in 0..8 {
+                                _mm512_storeu_si512(blk.add(quad * NR * 4 + 64 * g) as *mut _, _mm512_setzero_si512());
+                            }
+                            _mm512_storeu_si512(blk.add(W_CORR + 64 * g) as *mut _, _mm512_setzero_si512());
+                            _mm512_storeu_si512(blk.add(W_SCALE + 64 * g) as *mut _, _mm512_setzero_si512());
+                        }
+                        continue;
+                    }
+                    // Byte offsets of the 16 columns' rows (masked-off lanes are not read).
+                    let idx = _mm512_mullo_epi32(
+                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                        _mm512_set1_epi32(row_bytes as i32),
+                    );
+                    let base = w.as_ptr().add((j0 + 16 * g) * row_bytes);
+                    for b in 0..kcb {
+                        let src = base.add((pc + b) * BLOCK_BYTES);
+                        let blk = d.add(b * W_BLK);
+                        let mut sum = _mm512_setzero_si512();
+                        for quad in 0..8 {
+                            let v = _mm512_mask_i32gather_epi32::<1>(
+                                _mm512_setzero_si512(),
+                                mask,
+                                idx,
+                                src.add(2 + 4 * quad) as *const i32,
+                            );
+                            sum = _mm512_dpbusd_epi32(sum, ones, v);
+                            _mm512_storeu_si512(blk.add(quad * NR * 4 + 64 * g) as *mut _, v);
+                        }
+                        let corr = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32::<7>(sum));
+                        _mm512_storeu_si512(blk.add(W_CORR + 64 * g) as *mut _, corr);
+                        // The dword at the block start: its low half is the f16 scale.
+                        let dv = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, idx, src as *const i32);
+                        let scale = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dv));
+                        _mm512_storeu_ps(blk.add(W_SCALE + 64 * g) as *mut f32, scale);
+                    }
+                }
+            }
         }
 
-        #[inline(always)]
+        /// `R`×`NR` micro-tile over `nblk` blocks: `c[r, 0..NR] (+)= Σ_b dw[b] · da[r, b] · isum`,
+        /// `isum = Σ_q (qa + 128) · qw - 128 · Σ qw` (exact integers), from the packed micro-panels
+        /// `a` (`A_BLK` bytes per block) and `b` (`W_BLK` bytes per block, 64-byte aligned). Stores
+        /// the columns enabled in `masks` (16 per vector) of rows `0..R` (stride `ldc`).
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        #[allow(clippy::too_many_arguments)]
         unsafe fn micro<const R: usize>(
             a: *const u8,
             b: *const u8,
@@ -184,126 +244,46 @@ mod avx512 {
             masks: [u16; NV],
             accumulate: bool,
         ) {
-            // SAFETY: the trait's contract, which the driver upholds.
-            unsafe { micro::<R>(a, b, nblk, c, ldc, masks, accumulate) }
-        }
-    }
-
-    /// Packs weight rows `j0..j0 + valid` (`valid <= NR`; `w` the whole weight, `row_bytes` per
-    /// row), blocks `pc..pc + kcb`, into `dst` (`kcb * W_BLK` bytes, 64-byte aligned): per
-    /// block, `dst[(q * NR + c) * 4 + l] = qw[j0 + c, 4q + l]`, then the corrections
-    /// `-128 · Σ qw[j0 + c, block]` (i32), then the scales (f32); missing columns are zeros.
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn pack_w(w: &[u8], row_bytes: usize, j0: usize, valid: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
-        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
-        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
-        unsafe {
-            assert!(valid <= NR && dst.len() == kcb * W_BLK, "pack_w: sizes");
-            assert!((j0 + valid) * row_bytes <= w.len() && (pc + kcb) * BLOCK_BYTES <= row_bytes, "pack_w: range");
-            let ones = _mm512_set1_epi8(1);
-            let d = dst.as_mut_ptr();
-            for g in 0..NV {
-                let cols = valid.saturating_sub(16 * g).min(16);
-                let mask: u16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
-                if cols == 0 {
-                    for b in 0..kcb {
-                        let blk = d.add(b * W_BLK);
-                        for quad in 0..8 {
-                            _mm512_storeu_si512(blk.add(quad * NR * 4 + 64 * g) as *mut _, _mm512_setzero_si512());
+            // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+            // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+            unsafe {
+                let mut acc = [[_mm512_setzero_ps(); NV]; R];
+                for blk in 0..nblk {
+                    let ab = a.add(blk * A_BLK);
+                    let bb = b.add(blk * W_BLK);
+                    let mut isum = [[_mm512_setzero_si512(); NV]; R];
+                    for v in 0..NV {
+                        let corr = _mm512_load_si512(bb.add(W_CORR + 64 * v) as *const _);
+                        for r in 0..R {
+                            isum[r][v] = corr;
                         }
-                        _mm512_storeu_si512(blk.add(W_CORR + 64 * g) as *mut _, _mm512_setzero_si512());
-                        _mm512_storeu_si512(blk.add(W_SCALE + 64 * g) as *mut _, _mm512_setzero_si512());
                     }
-                    continue;
-                }
-                // Byte offsets of the 16 columns' rows (masked-off lanes are not read).
-                let idx = _mm512_mullo_epi32(
-                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                    _mm512_set1_epi32(row_bytes as i32),
-                );
-                let base = w.as_ptr().add((j0 + 16 * g) * row_bytes);
-                for b in 0..kcb {
-                    let src = base.add((pc + b) * BLOCK_BYTES);
-                    let blk = d.add(b * W_BLK);
-                    let mut sum = _mm512_setzero_si512();
                     for quad in 0..8 {
-                        let v = _mm512_mask_i32gather_epi32::<1>(
-                            _mm512_setzero_si512(),
-                            mask,
-                            idx,
-                            src.add(2 + 4 * quad) as *const i32,
-                        );
-                        sum = _mm512_dpbusd_epi32(sum, ones, v);
-                        _mm512_storeu_si512(blk.add(quad * NR * 4 + 64 * g) as *mut _, v);
-                    }
-                    let corr = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32::<7>(sum));
-                    _mm512_storeu_si512(blk.add(W_CORR + 64 * g) as *mut _, corr);
-                    // The dword at the block start: its low half is the f16 scale.
-                    let dv = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, idx, src as *const i32);
-                    let scale = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dv));
-                    _mm512_storeu_ps(blk.add(W_SCALE + 64 * g) as *mut f32, scale);
-                }
-            }
-        }
-    }
-
-    /// `R`×`NR` micro-tile over `nblk` blocks: `c[r, 0..NR] (+)= Σ_b dw[b] · da[r, b] · isum`,
-    /// `isum = Σ_q (qa + 128) · qw - 128 · Σ qw` (exact integers), from the packed micro-panels
-    /// `a` (`A_BLK` bytes per block) and `b` (`W_BLK` bytes per block, 64-byte aligned). Stores
-    /// the columns enabled in `masks` (16 per vector) of rows `0..R` (stride `ldc`).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn micro<const R: usize>(
-        a: *const u8,
-        b: *const u8,
-        nblk: usize,
-        c: *mut f32,
-        ldc: usize,
-        masks: [u16; NV],
-        accumulate: bool,
-    ) {
-        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
-        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
-        unsafe {
-            let mut acc = [[_mm512_setzero_ps(); NV]; R];
-            for blk in 0..nblk {
-                let ab = a.add(blk * A_BLK);
-                let bb = b.add(blk * W_BLK);
-                let mut isum = [[_mm512_setzero_si512(); NV]; R];
-                for v in 0..NV {
-                    let corr = _mm512_load_si512(bb.add(W_CORR + 64 * v) as *const _);
-                    for r in 0..R {
-                        isum[r][v] = corr;
-                    }
-                }
-                for quad in 0..8 {
-                    let mut wv = [_mm512_setzero_si512(); NV];
-                    for v in 0..NV {
-                        wv[v] = _mm512_load_si512(bb.add(quad * NR * 4 + 64 * v) as *const _);
-                    }
-                    for r in 0..R {
-                        let av = _mm512_set1_epi32((ab.add((quad * MR + r) * 4) as *const i32).read_unaligned());
+                        let mut wv = [_mm512_setzero_si512(); NV];
                         for v in 0..NV {
-                            isum[r][v] = _mm512_dpbusd_epi32(isum[r][v], av, wv[v]);
+                            wv[v] = _mm512_load_si512(bb.add(quad * NR * 4 + 64 * v) as *const _);
+                        }
+                        for r in 0..R {
+                            let av = _mm512_set1_epi32((ab.add((quad * MR + r) * 4) as *const i32).read_unaligned());
+                            for v in 0..NV {
+                                isum[r][v] = _mm512_dpbusd_epi32(isum[r][v], av, wv[v]);
+                            }
+                        }
+                    }
+                    let mut dw = [_mm512_setzero_ps(); NV];
+                    for v in 0..NV {
+                        dw[v] = _mm512_load_ps(bb.add(W_SCALE + 64 * v) as *const f32);
+                    }
+                    for r in 0..R {
+                        let da = _mm512_set1_ps((ab.add(A_D + 4 * r) as *const f32).read_unaligned());
+                        for v in 0..NV {
+                            acc[r][v] =
+                                _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r][v]), _mm512_mul_ps(dw[v], da), acc[r][v]);
                         }
                     }
                 }
-                let mut dw = [_mm512_setzero_ps(); NV];
-                for v in 0..NV {
-                    dw[v] = _mm512_load_ps(bb.add(W_SCALE + 64 * v) as *const f32);
-                }
-                for r in 0..R {
-                    let da = _mm512_set1_ps((ab.add(A_D + 4 * r) as *const f32).read_unaligned());
-                    for v in 0..NV {
-                        acc[r][v] =
-                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r][v]), _mm512_mul_ps(dw[v], da), acc[r][v]);
-                    }
-                }
+                store_tile::<R>(&acc, c, ldc, masks, accumulate);
             }
-            store_tile::<R>(&acc, c, ldc, masks, accumulate);
         }
     }
 }
