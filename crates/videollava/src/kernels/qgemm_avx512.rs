@@ -186,8 +186,18 @@ pub(crate) unsafe fn gemm<F: Format>(x: &[f32], m: usize, w: &[u8], n: usize, k:
         for t in 0..tiles {
             let r0 = (t0 + t) * MR;
             let rows = MR.min(m - r0);
-            // SAFETY: the CPU has the features (caller's contract).
-            unsafe { pack_a::<F>(x, k, r0, rows, pc, kcb, &mut dst[t * kcb * a_blk..(t + 1) * kcb * a_blk]) };
+            let dst = &mut dst[t * kcb * a_blk..(t + 1) * kcb * a_blk];
+            // The row count as a constant: the full tiles' 6 row quantizations are unrolled.
+            macro_rules! pack {
+                ($($r:literal)*) => {
+                    match rows {
+                        // SAFETY: the CPU has the features (caller's contract).
+                        $($r => unsafe { pack_a::<F, $r>(x, k, r0, pc, kcb, dst) },)*
+                        _ => unreachable!("rows in 1..=MR"),
+                    }
+                };
+            }
+            pack!(1 2 3 4 5 6);
         }
     });
     // Column stripes of about `NC_PANELS` micro-panels, as many per thread; rows split too
@@ -216,20 +226,20 @@ pub(crate) unsafe fn gemm<F: Format>(x: &[f32], m: usize, w: &[u8], n: usize, k:
     });
 }
 
-/// Quantizes rows `r0..r0 + rows` (`rows <= MR`) of `x` (`[m, k]`), blocks `pc..pc + kcb`,
+/// Quantizes rows `r0..r0 + ROWS` (`ROWS <= MR`) of `x` (`[m, k]`), blocks `pc..pc + kcb`,
 /// into `dst` (`kcb * A_BLK` bytes): per block, `dst[(q * MR + r) * 4 + l] = qa[r, 4q + l]`
 /// (`+ 128` with [`Format::BIASED_ACT`]), then the `MR` f16-rounded scales `d_a`, then (with
 /// [`Format::ACT_SUMS`]) the `MR` products `d_a · Σ qa` (exact: an 11-bit mantissa times at
 /// most 32 · 127); missing rows: `qa = 0`, zeros.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-unsafe fn pack_a<F: Format>(x: &[f32], k: usize, r0: usize, rows: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
+unsafe fn pack_a<F: Format, const ROWS: usize>(x: &[f32], k: usize, r0: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
     // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
     // features it is compiled for, and the pointers and lengths it gets are valid as documented.
     unsafe {
         let a_blk = F::A_BLK;
         // The 6 rows × 8 quads of a block are 3 zmm: transposed by dword permutes.
         const _: () = assert!(MR == 6, "pack_a transposes 6 rows");
-        assert!(rows <= MR && dst.len() == kcb * a_blk, "pack_a: sizes");
+        assert!(ROWS <= MR && dst.len() == kcb * a_blk, "pack_a: sizes");
         // Row-major quantized block of the MR rows ([r][32] i8 = dword r * 8 + quad).
         let mut q = [0i8; MR * QK];
         // Output dword j = quad * MR + r takes input dword r * 8 + quad.
@@ -243,20 +253,31 @@ unsafe fn pack_a<F: Format>(x: &[f32], k: usize, r0: usize, rows: usize, pc: usi
         let d = dst.as_mut_ptr();
         for b in 0..kcb {
             let blk = d.add(b * a_blk);
-            for r in 0..rows {
-                let p = (r0 + r) * k + (pc + b) * QK;
-                let qr = &mut q[r * QK..(r + 1) * QK];
-                let s = q8_0_block(&x[p..p + QK], qr);
-                // Rounded to f16 (nearest even, as `half`) and back.
-                let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(s));
-                let da = _mm_cvtss_f32(_mm_cvtph_ps(h));
-                (blk.add(A_D + 4 * r) as *mut f32).write_unaligned(da);
-                if F::ACT_SUMS {
-                    let sum: i32 = qr.iter().map(|&v| v as i32).sum();
+            // Written out per row (not a loop) so that the rows' quantizations are unrolled.
+            macro_rules! quantize_rows {
+                ($($r:literal)*) => {$(
+                    if $r < ROWS {
+                        let p = (r0 + $r) * k + (pc + b) * QK;
+                        let qr = &mut q[$r * QK..($r + 1) * QK];
+                        let s = q8_0_block(&x[p..p + QK], qr);
+                        // Rounded to f16 (nearest even, as `half`) and back.
+                        let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(s));
+                        let da = _mm_cvtss_f32(_mm_cvtph_ps(h));
+                        (blk.add(A_D + 4 * $r) as *mut f32).write_unaligned(da);
+                    }
+                )*};
+            }
+            const _: () = assert!(MR == 6, "quantize_rows covers 6 rows");
+            quantize_rows!(0 1 2 3 4 5);
+            if F::ACT_SUMS {
+                // After all the rows: reading a row back just after its stores costs more.
+                for r in 0..ROWS {
+                    let sum: i32 = q[r * QK..(r + 1) * QK].iter().map(|&v| v as i32).sum();
+                    let da = (blk.add(A_D + 4 * r) as *const f32).read_unaligned();
                     (blk.add(A_DSUM + 4 * r) as *mut f32).write_unaligned(da * sum as f32);
                 }
             }
-            for r in rows..MR {
+            for r in ROWS..MR {
                 (blk.add(A_D + 4 * r) as *mut f32).write_unaligned(0.0);
                 if F::ACT_SUMS {
                     (blk.add(A_DSUM + 4 * r) as *mut f32).write_unaligned(0.0);
