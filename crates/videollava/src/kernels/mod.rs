@@ -7,8 +7,9 @@
 //! - [`bandwidth`]: the machine's measured memory read bandwidth (what bounds decoding);
 //! - [`bf16_gemm`]: BF16 matrix products with f32 accumulation (AVX-512 BF16, portable);
 //! - [`qgemv`]: matrix-vector products over GGML Q4K / Q6K / Q8_0 blocks (quantized decoding);
-//! - [`q8_gemm`], [`q4k_gemm`]: int8 GEMMs over Q8_0 / Q4K blocks (AVX-512 VNNI, AVX2 in
-//!   `qgemm_avx2`; quantized prefill);
+//! - [`q8_gemm`], [`q4k_gemm`]: int8 GEMMs over Q8_0 / Q4K blocks (quantized prefill; the
+//!   blocked drivers shared by both formats: AVX-512 VNNI in `qgemm_avx512`, AVX2 in
+//!   `qgemm_avx2`);
 //! - [`fused`]: one-pass BF16 element-wise ops (norms, SiLU·up, RoPE, residual adds, linear outputs);
 //! - [`attention`]: fused attention with the masking rules applied while scoring;
 //! - [`kv_quant`]: the 8-bit key/value format and its decode attention.
@@ -47,6 +48,8 @@ pub mod q4k_gemm;
 pub mod q8_gemm;
 #[cfg(target_arch = "x86_64")]
 mod qgemm_avx2;
+#[cfg(target_arch = "x86_64")]
+mod qgemm_avx512;
 pub mod qgemv;
 
 #[cfg(test)]

@@ -13,17 +13,13 @@
 //! instruction) peaks at about twice the BF16 GEMM's rate.
 //!
 //! Paths, picked at run time:
-//! - AVX-512 F/BW/VL/VNNI: a blocked GEMM. Activations are quantized once per call and packed
-//!   into micro-panels of `MR = 6` rows: per 32-value block, 8 k-quads × 6 rows × 4 bytes (the
-//!   32-bit broadcast `vpdpbusd` takes), stored as `u8` (`qa + 128`), then the 6 f32 scales. The
-//!   packed activations are ordered by k-chunk (`KCB` blocks), then row tile, then block, so that
-//!   a task walking the row tiles of one k-chunk reads them contiguously. Tasks (rayon) take a
-//!   stripe of about 256 output columns (and a range of row tiles when there are too few
-//!   stripes) and pack their stripe of `W` into a thread-local buffer as micro-panels of
-//!   `NR = 32` columns: per block, 8 k-quads × 32 columns × 4 `i8`, then 32 `i32` corrections
-//!   (`-128 · Σ qw` of the block, which undo the `+128` of the activations) and 32 f32 scales.
-//!   A 6×32 micro-kernel (12 zmm integer accumulators, 12 zmm f32 accumulators) then runs, per
-//!   k-chunk, each micro-panel of `W` (in L1) against the row tiles (streaming from L2).
+//! - AVX-512 F/BW/VL/VNNI: `kernels::qgemm_avx512`'s blocked driver (shared with
+//!   [`super::q4k_gemm`]). Activations are quantized once per call and packed into micro-panels
+//!   of 6 rows as `u8` (`qa + 128`); each task packs its stripe of `W` (this module) as
+//!   micro-panels of 32 columns: per block, 8 k-quads × 32 columns × 4 `i8`, then 32 `i32`
+//!   corrections (`-128 · Σ qw` of the block, which undo the `+128` of the activations) and 32
+//!   f32 scales. A 6×32 micro-kernel (this module; 12 zmm integer accumulators, 12 zmm f32
+//!   accumulators) then runs each micro-panel of `W` (in L1) against the row tiles.
 //! - AVX2 + FMA + F16C (no AVX-512 VNNI): `kernels::qgemm_avx2`'s blocked driver over the
 //!   matrix-vector kernels' register-blocked row loops (8 activation rows per weight block
 //!   decoded), the same quantized numbers (exact integer per 32-value block).
@@ -103,7 +99,7 @@ fn matmul_q8_0_checked(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &
     if Kernel::detect() == Kernel::Avx512 {
         // SAFETY: the CPU has the features the kernels are compiled for (checked just above), the
         // slice lengths match the shapes (asserted above) and k >= 32.
-        unsafe { avx512::gemm(x, m, w, n, k, out) };
+        unsafe { super::qgemm_avx512::gemm::<avx512::Q8_0>(x, m, w, n, k, out) };
         return;
     }
     portable(x, m, w, n, k, out);
@@ -141,408 +137,152 @@ fn portable(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) 
     });
 }
 
-/// The output pointer shared by tasks that write disjoint elements.
-#[cfg(target_arch = "x86_64")]
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes a set of elements no other task touches, and the pointer outlives the
-// parallel loop (the loop ends before the function that made it returns).
-#[cfg(target_arch = "x86_64")]
-unsafe impl Send for OutPtr {}
-// SAFETY: as for `Send`: shared use only writes disjoint elements.
-#[cfg(target_arch = "x86_64")]
-unsafe impl Sync for OutPtr {}
-#[cfg(target_arch = "x86_64")]
-impl OutPtr {
-    // A method, so that closures capture the whole (Send) struct, not its raw-pointer field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 #[cfg(target_arch = "x86_64")]
 // Register-blocked kernels index their accumulator arrays by loop counters on purpose.
 #[allow(clippy::needless_range_loop)]
 mod avx512 {
-    use super::{OutPtr, BLOCK_BYTES, QK};
-    use crate::kernels::qgemv::avx512::q8_0_block;
+    use super::{BLOCK_BYTES, QK};
+    use crate::kernels::qgemm_avx512::{store_tile, Format, A_D, MR, NR, NV};
     use core::arch::x86_64::*;
-    use rayon::prelude::*;
-    use std::cell::RefCell;
-    use std::sync::Mutex;
 
-    /// Rows of the micro-tile (each a 32-bit broadcast).
-    const MR: usize = 6;
-    /// zmm vectors (of 16 columns) per micro-tile row.
-    const NV: usize = 2;
-    /// Columns of the micro-tile.
-    const NR: usize = 16 * NV;
-    /// Bytes of one block (32 `k` values) of a packed activation micro-panel: 8 k-quads × `MR`
-    /// rows × 4 `u8`, then `MR` f32 scales.
-    const A_BLK: usize = 8 * MR * 4 + MR * 4;
+    /// Q8_0 weights for [`crate::kernels::qgemm_avx512`]: activations packed as `qa + 128`
+    /// (`u8`), weights as `i8` with the corrections `-128 · Σ qw` that undo the bias.
+    pub(super) struct Q8_0;
+
     /// Bytes of one block of a packed weight micro-panel: 8 k-quads × `NR` columns × 4 `i8`, then
     /// `NR` i32 corrections, then `NR` f32 scales.
     const W_BLK: usize = 8 * NR * 4 + NR * 8;
     /// Offsets, in a packed weight block, of the corrections and of the scales.
     const W_CORR: usize = 8 * NR * 4;
     const W_SCALE: usize = W_CORR + NR * 4;
-    /// Blocks per k-chunk: the micro-panel of `W` for one chunk (`KCB * W_BLK` bytes) stays in L1.
-    const KCB: usize = 16;
-    /// Micro-panels (of `NR` columns) per column stripe (one task's packed `W`).
-    const NC_PANELS: usize = 8;
-    /// Row tiles per cache block of the packed activations (`MC_TILES * KCB * A_BLK` bytes, in L2).
-    const MC_TILES: usize = 32;
-    /// Row tiles per activation packing task.
-    const PACK_TILES: usize = 16;
+    /// Bytes of one block of a packed activation micro-panel.
+    const A_BLK: usize = <Q8_0 as Format>::A_BLK;
 
-    /// 64-byte aligned storage for the packed operands.
-    #[repr(C, align(64))]
-    #[derive(Clone, Copy)]
-    struct Line([u8; 64]);
+    impl Format for Q8_0 {
+        const BIASED_ACT: bool = true;
+        const ACT_SUMS: bool = false;
+        const W_BLK: usize = W_BLK;
+        const SUBS: usize = 1;
 
-    /// Packed activations, kept between calls.
-    static A_PACK: Mutex<Vec<Line>> = Mutex::new(Vec::new());
-    /// Largest packed activation buffer kept between calls (lines: 256 MiB).
-    const A_CACHE_MAX: usize = 4 << 20;
-
-    thread_local! {
-        /// Packed stripe of `W`, reused by the tasks run on this thread.
-        static PACK: RefCell<Vec<Line>> = const { RefCell::new(Vec::new()) };
-    }
-
-    /// Grows `buf` to at least `bytes` bytes and returns its first `bytes` bytes.
-    fn bytes_of(buf: &mut Vec<Line>, bytes: usize) -> &mut [u8] {
-        let lines = bytes.div_ceil(64);
-        if buf.len() < lines {
-            // Every byte in use is overwritten by the packing.
-            buf.resize(lines, Line([0; 64]));
+        fn row_bytes(k: usize) -> usize {
+            k / QK * BLOCK_BYTES
         }
-        // SAFETY: `Line` is 64 plain bytes; the buffer holds at least `bytes` bytes.
-        unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, bytes) }
-    }
 
-    /// Blocked GEMM (any `m >= 1`, `n >= 1`).
-    ///
-    /// # Safety
-    /// The CPU has avx512f/bw/vl/vnni, avx2, fma and f16c; the slices match the shapes; `k` is a
-    /// positive multiple of 32.
-    pub(super) unsafe fn gemm(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
-        let nb = k / QK;
-        let m_tiles = m.div_ceil(MR);
-        let len = m_tiles * nb * A_BLK;
-        // The buffer is kept between calls (fresh pages cost more than the packing); a concurrent
-        // call, or a very large one, gets a buffer of its own.
-        let mut cached = if len.div_ceil(64) <= A_CACHE_MAX { A_PACK.try_lock().ok() } else { None };
-        let mut own = Vec::new();
-        let abuf: &mut Vec<Line> = match cached.as_deref_mut() {
-            Some(v) => v,
-            None => &mut own,
-        };
-        let apack = bytes_of(abuf, len);
-        // Packing tasks: (first block of the k-chunk, first tile, region). Within a k-chunk of
-        // `kcb` blocks starting at block `pc`, tile `t` is at `pc * m_tiles * A_BLK +
-        // t * kcb * A_BLK`.
-        let mut jobs = Vec::new();
-        let mut rest = &mut apack[..];
-        let mut pc = 0;
-        while pc < nb {
-            let kcb = KCB.min(nb - pc);
-            let mut t = 0;
-            while t < m_tiles {
-                let tiles = PACK_TILES.min(m_tiles - t);
-                let (head, tail) = rest.split_at_mut(tiles * kcb * A_BLK);
-                jobs.push((pc, kcb, t, tiles, head));
-                rest = tail;
-                t += tiles;
-            }
-            pc += kcb;
-        }
-        jobs.into_par_iter().for_each(|(pc, kcb, t0, tiles, dst)| {
-            for t in 0..tiles {
-                let r0 = (t0 + t) * MR;
-                let rows = MR.min(m - r0);
-                // SAFETY: the CPU has the features (caller's contract).
-                unsafe { pack_a(x, k, r0, rows, pc, kcb, &mut dst[t * kcb * A_BLK..(t + 1) * kcb * A_BLK]) };
-            }
-        });
-        // Column stripes of about `NC_PANELS` micro-panels, as many per thread; rows split too
-        // when there are too few stripes for every thread (and some balancing).
-        let threads = rayon::current_num_threads().max(1);
-        let panels = n.div_ceil(NR);
-        let n_split = (panels.div_ceil(NC_PANELS).div_ceil(threads) * threads).min(panels);
-        let want = 4 * threads;
-        let m_split = if n_split >= want { 1 } else { want.div_ceil(n_split).min(m_tiles) };
-        let tiles_per_task = m_tiles.div_ceil(m_split);
-        let m_split = m_tiles.div_ceil(tiles_per_task);
-        let outp = OutPtr(out.as_mut_ptr());
-        let apack = &apack[..];
-        (0..n_split * m_split).into_par_iter().for_each(|t| {
-            let (js, ms) = (t / m_split, t % m_split);
-            let j0 = js * panels / n_split * NR;
-            let j1 = n.min((js + 1) * panels / n_split * NR);
-            let t0 = ms * tiles_per_task;
-            let t1 = m_tiles.min(t0 + tiles_per_task);
-            PACK.with(|cell| match cell.try_borrow_mut() {
-                // SAFETY: as for `gemm`; the task writes the rows of tiles t0..t1, columns j0..j1 only.
-                Ok(mut buf) => unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut buf) },
-                // SAFETY: as above, with a fresh buffer.
-                Err(_) => unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut Vec::new()) },
-            });
-        });
-    }
-
-    /// Quantizes rows `r0..r0 + rows` (`rows <= MR`) of `x` (`[m, k]`), blocks `pc..pc + kcb`,
-    /// into `dst` (`kcb * A_BLK` bytes): per block, `dst[(q * MR + r) * 4 + l] = qa[r, 4q + l] + 128`,
-    /// then the `MR` f16-rounded scales (missing rows: `qa = 0`, scale 0).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    unsafe fn pack_a(x: &[f32], k: usize, r0: usize, rows: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
-        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
-        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
-        unsafe {
-            // The 6 rows × 8 quads of a block are 3 zmm: transposed by dword permutes.
-            const _: () = assert!(MR == 6, "pack_a transposes 6 rows");
-            assert!(rows <= MR && dst.len() == kcb * A_BLK, "pack_a: sizes");
-            // Row-major quantized block of the MR rows ([r][32] i8 = dword r * 8 + quad).
-            let mut q = [0i8; MR * QK];
-            // Output dword j = quad * MR + r takes input dword r * 8 + quad.
-            let mut src = [[0i32; 16]; 3];
-            for j in 0..48 {
-                src[j / 16][j % 16] = ((j % MR) * 8 + j / MR) as i32;
-            }
-            let idx = src.map(|v| _mm512_loadu_si512(v.as_ptr() as *const _));
-            let from_v2 = src.map(|v| v.iter().enumerate().fold(0u16, |mk, (l, &i)| mk | (((i >= 32) as u16) << l)));
-            let bias = _mm512_set1_epi8(-128);
-            let d = dst.as_mut_ptr();
-            for b in 0..kcb {
-                let blk = d.add(b * A_BLK);
-                for r in 0..rows {
-                    let p = (r0 + r) * k + (pc + b) * QK;
-                    let s = q8_0_block(&x[p..p + QK], &mut q[r * QK..(r + 1) * QK]);
-                    // Rounded to f16 (nearest even, as `half`) and back.
-                    let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(s));
-                    (blk.add(8 * MR * 4 + 4 * r) as *mut f32).write_unaligned(_mm_cvtss_f32(_mm_cvtph_ps(h)));
-                }
-                for r in rows..MR {
-                    (blk.add(8 * MR * 4 + 4 * r) as *mut f32).write_unaligned(0.0);
-                }
-                let qp = q.as_ptr();
-                let v = [
-                    _mm512_loadu_si512(qp as *const _),
-                    _mm512_loadu_si512(qp.add(64) as *const _),
-                    _mm512_loadu_si512(qp.add(128) as *const _),
-                ];
-                for o in 0..3 {
-                    let t = _mm512_permutex2var_epi32(v[0], idx[o], v[1]);
-                    let t = _mm512_mask_permutexvar_epi32(t, from_v2[o], idx[o], v[2]);
-                    _mm512_storeu_si512(blk.add(64 * o) as *mut _, _mm512_xor_si512(t, bias));
-                }
-            }
-        }
-    }
-
-    /// Packs weight rows `j0..j0 + valid` (`valid <= NR`; `w` the whole weight, `row_bytes` per
-    /// row), blocks `pc..pc + kcb`, into `dst` (`kcb * W_BLK` bytes, 64-byte aligned): per
-    /// block, `dst[(q * NR + c) * 4 + l] = qw[j0 + c, 4q + l]`, then the corrections
-    /// `-128 · Σ qw[j0 + c, block]` (i32), then the scales (f32); missing columns are zeros.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn pack_w(w: &[u8], row_bytes: usize, j0: usize, valid: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
-        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
-        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
-        unsafe {
-            assert!(valid <= NR && dst.len() == kcb * W_BLK, "pack_w: sizes");
-            assert!((j0 + valid) * row_bytes <= w.len() && (pc + kcb) * BLOCK_BYTES <= row_bytes, "pack_w: range");
-            let ones = _mm512_set1_epi8(1);
-            let d = dst.as_mut_ptr();
-            for g in 0..NV {
-                let cols = valid.saturating_sub(16 * g).min(16);
-                let mask: u16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
-                if cols == 0 {
+        /// Packs weight rows `j0..j0 + valid` (`valid <= NR`; `w` the whole weight, `row_bytes` per
+        /// row), blocks `pc..pc + kcb`, into `dst` (`kcb * W_BLK` bytes, 64-byte aligned): per
+        /// block, `dst[(q * NR + c) * 4 + l] = qw[j0 + c, 4q + l]`, then the corrections
+        /// `-128 · Σ qw[j0 + c, block]` (i32), then the scales (f32); missing columns are zeros.
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn pack_w(w: &[u8], row_bytes: usize, j0: usize, valid: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
+            // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+            // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+            unsafe {
+                assert!(valid <= NR && dst.len() == kcb * W_BLK, "pack_w: sizes");
+                assert!((j0 + valid) * row_bytes <= w.len() && (pc + kcb) * BLOCK_BYTES <= row_bytes, "pack_w: range");
+                let ones = _mm512_set1_epi8(1);
+                let d = dst.as_mut_ptr();
+                for g in 0..NV {
+                    let cols = valid.saturating_sub(16 * g).min(16);
+                    let mask: u16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
+                    if cols == 0 {
+                        for b in 0..kcb {
+                            let blk = d.add(b * W_BLK);
+                            for quad in 0..8 {
+                                _mm512_storeu_si512(blk.add(quad * NR * 4 + 64 * g) as *mut _, _mm512_setzero_si512());
+                            }
+                            _mm512_storeu_si512(blk.add(W_CORR + 64 * g) as *mut _, _mm512_setzero_si512());
+                            _mm512_storeu_si512(blk.add(W_SCALE + 64 * g) as *mut _, _mm512_setzero_si512());
+                        }
+                        continue;
+                    }
+                    // Byte offsets of the 16 columns' rows (masked-off lanes are not read).
+                    let idx = _mm512_mullo_epi32(
+                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                        _mm512_set1_epi32(row_bytes as i32),
+                    );
+                    let base = w.as_ptr().add((j0 + 16 * g) * row_bytes);
                     for b in 0..kcb {
+                        let src = base.add((pc + b) * BLOCK_BYTES);
                         let blk = d.add(b * W_BLK);
+                        let mut sum = _mm512_setzero_si512();
                         for quad in 0..8 {
-                            _mm512_storeu_si512(blk.add(quad * NR * 4 + 64 * g) as *mut _, _mm512_setzero_si512());
+                            let v = _mm512_mask_i32gather_epi32::<1>(
+                                _mm512_setzero_si512(),
+                                mask,
+                                idx,
+                                src.add(2 + 4 * quad) as *const i32,
+                            );
+                            sum = _mm512_dpbusd_epi32(sum, ones, v);
+                            _mm512_storeu_si512(blk.add(quad * NR * 4 + 64 * g) as *mut _, v);
                         }
-                        _mm512_storeu_si512(blk.add(W_CORR + 64 * g) as *mut _, _mm512_setzero_si512());
-                        _mm512_storeu_si512(blk.add(W_SCALE + 64 * g) as *mut _, _mm512_setzero_si512());
+                        let corr = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32::<7>(sum));
+                        _mm512_storeu_si512(blk.add(W_CORR + 64 * g) as *mut _, corr);
+                        // The dword at the block start: its low half is the f16 scale.
+                        let dv = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, idx, src as *const i32);
+                        let scale = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dv));
+                        _mm512_storeu_ps(blk.add(W_SCALE + 64 * g) as *mut f32, scale);
                     }
-                    continue;
                 }
-                // Byte offsets of the 16 columns' rows (masked-off lanes are not read).
-                let idx = _mm512_mullo_epi32(
-                    _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                    _mm512_set1_epi32(row_bytes as i32),
-                );
-                let base = w.as_ptr().add((j0 + 16 * g) * row_bytes);
-                for b in 0..kcb {
-                    let src = base.add((pc + b) * BLOCK_BYTES);
-                    let blk = d.add(b * W_BLK);
-                    let mut sum = _mm512_setzero_si512();
+            }
+        }
+
+        /// `R`×`NR` micro-tile over `nblk` blocks: `c[r, 0..NR] (+)= Σ_b dw[b] · da[r, b] · isum`,
+        /// `isum = Σ_q (qa + 128) · qw - 128 · Σ qw` (exact integers), from the packed micro-panels
+        /// `a` (`A_BLK` bytes per block) and `b` (`W_BLK` bytes per block, 64-byte aligned). Stores
+        /// the columns enabled in `masks` (16 per vector) of rows `0..R` (stride `ldc`).
+        #[inline]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn micro<const R: usize>(
+            a: *const u8,
+            b: *const u8,
+            nblk: usize,
+            c: *mut f32,
+            ldc: usize,
+            masks: [u16; NV],
+            accumulate: bool,
+        ) {
+            // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
+            // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+            unsafe {
+                let mut acc = [[_mm512_setzero_ps(); NV]; R];
+                for blk in 0..nblk {
+                    let ab = a.add(blk * A_BLK);
+                    let bb = b.add(blk * W_BLK);
+                    let mut isum = [[_mm512_setzero_si512(); NV]; R];
+                    for v in 0..NV {
+                        let corr = _mm512_load_si512(bb.add(W_CORR + 64 * v) as *const _);
+                        for r in 0..R {
+                            isum[r][v] = corr;
+                        }
+                    }
                     for quad in 0..8 {
-                        let v = _mm512_mask_i32gather_epi32::<1>(
-                            _mm512_setzero_si512(),
-                            mask,
-                            idx,
-                            src.add(2 + 4 * quad) as *const i32,
-                        );
-                        sum = _mm512_dpbusd_epi32(sum, ones, v);
-                        _mm512_storeu_si512(blk.add(quad * NR * 4 + 64 * g) as *mut _, v);
-                    }
-                    let corr = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32::<7>(sum));
-                    _mm512_storeu_si512(blk.add(W_CORR + 64 * g) as *mut _, corr);
-                    // The dword at the block start: its low half is the f16 scale.
-                    let dv = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, idx, src as *const i32);
-                    let scale = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dv));
-                    _mm512_storeu_ps(blk.add(W_SCALE + 64 * g) as *mut f32, scale);
-                }
-            }
-        }
-    }
-
-    /// One task of [`gemm`]: row tiles `t0..t1` (`apack`: packed activations), columns
-    /// `j0..j0 + cols`.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn gemm_task(
-        apack: &[u8],
-        m: usize,
-        t0: usize,
-        t1: usize,
-        w: &[u8],
-        n: usize,
-        k: usize,
-        j0: usize,
-        cols: usize,
-        out: OutPtr,
-        buf: &mut Vec<Line>,
-    ) {
-        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
-        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
-        unsafe {
-            let nb = k / QK;
-            let row_bytes = nb * BLOCK_BYTES;
-            let m_tiles = m.div_ceil(MR);
-            let panels = cols.div_ceil(NR);
-            // Packed stripe: by k-chunk, then panel (`kcb * W_BLK` bytes each).
-            let wpack = bytes_of(buf, panels * nb * W_BLK);
-            let mut pc = 0;
-            while pc < nb {
-                let kcb = KCB.min(nb - pc);
-                for p in 0..panels {
-                    let c0 = j0 + p * NR;
-                    let valid = NR.min(j0 + cols - c0);
-                    let o = (pc * panels + p * kcb) * W_BLK;
-                    pack_w(w, row_bytes, c0, valid, pc, kcb, &mut wpack[o..o + kcb * W_BLK]);
-                }
-                pc += kcb;
-            }
-            let c = out.get();
-            let ap = apack.as_ptr();
-            let bp = wpack.as_ptr();
-            let mut tc = t0;
-            while tc < t1 {
-                let tc_end = t1.min(tc + MC_TILES);
-                let mut pc = 0;
-                while pc < nb {
-                    let kcb = KCB.min(nb - pc);
-                    let accumulate = pc > 0;
-                    for p in 0..panels {
-                        let c0 = j0 + p * NR;
-                        let valid = NR.min(j0 + cols - c0);
-                        let mut masks = [0u16; NV];
-                        for (v, mk) in masks.iter_mut().enumerate() {
-                            let lanes = valid.saturating_sub(16 * v).min(16);
-                            *mk = if lanes >= 16 { 0xffff } else { (1u32 << lanes) as u16 - 1 };
-                        }
-                        let b = bp.add((pc * panels + p * kcb) * W_BLK);
-                        // The micro-panel of `W` stays in L1 while the row tiles stream from L2.
-                        for t in tc..tc_end {
-                            let rows = MR.min(m - t * MR);
-                            let a = ap.add((pc * m_tiles + t * kcb) * A_BLK);
-                            let ct = c.add(t * MR * n + c0);
-                            macro_rules! call {
-                            ($($r:literal)*) => {
-                                match rows {
-                                    $($r => micro::<$r>(a, b, kcb, ct, n, masks, accumulate),)*
-                                    _ => unreachable!("rows in 1..=MR"),
-                                }
-                            };
-                        }
-                            call!(1 2 3 4 5 6);
-                        }
-                    }
-                    pc += kcb;
-                }
-                tc = tc_end;
-            }
-        }
-    }
-
-    /// `R`×`NR` micro-tile over `nblk` blocks: `c[r, 0..NR] (+)= Σ_b dw[b] · da[r, b] · isum`,
-    /// `isum = Σ_q (qa + 128) · qw - 128 · Σ qw` (exact integers), from the packed micro-panels
-    /// `a` (`A_BLK` bytes per block) and `b` (`W_BLK` bytes per block, 64-byte aligned). Stores
-    /// the columns enabled in `masks` (16 per vector) of rows `0..R` (stride `ldc`).
-    #[inline]
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn micro<const R: usize>(
-        a: *const u8,
-        b: *const u8,
-        nblk: usize,
-        c: *mut f32,
-        ldc: usize,
-        masks: [u16; NV],
-        accumulate: bool,
-    ) {
-        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
-        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
-        unsafe {
-            let mut acc = [[_mm512_setzero_ps(); NV]; R];
-            for blk in 0..nblk {
-                let ab = a.add(blk * A_BLK);
-                let bb = b.add(blk * W_BLK);
-                let mut isum = [[_mm512_setzero_si512(); NV]; R];
-                for v in 0..NV {
-                    let corr = _mm512_load_si512(bb.add(W_CORR + 64 * v) as *const _);
-                    for r in 0..R {
-                        isum[r][v] = corr;
-                    }
-                }
-                for quad in 0..8 {
-                    let mut wv = [_mm512_setzero_si512(); NV];
-                    for v in 0..NV {
-                        wv[v] = _mm512_load_si512(bb.add(quad * NR * 4 + 64 * v) as *const _);
-                    }
-                    for r in 0..R {
-                        let av = _mm512_set1_epi32((ab.add((quad * MR + r) * 4) as *const i32).read_unaligned());
+                        let mut wv = [_mm512_setzero_si512(); NV];
                         for v in 0..NV {
-                            isum[r][v] = _mm512_dpbusd_epi32(isum[r][v], av, wv[v]);
+                            wv[v] = _mm512_load_si512(bb.add(quad * NR * 4 + 64 * v) as *const _);
+                        }
+                        for r in 0..R {
+                            let av = _mm512_set1_epi32((ab.add((quad * MR + r) * 4) as *const i32).read_unaligned());
+                            for v in 0..NV {
+                                isum[r][v] = _mm512_dpbusd_epi32(isum[r][v], av, wv[v]);
+                            }
+                        }
+                    }
+                    let mut dw = [_mm512_setzero_ps(); NV];
+                    for v in 0..NV {
+                        dw[v] = _mm512_load_ps(bb.add(W_SCALE + 64 * v) as *const f32);
+                    }
+                    for r in 0..R {
+                        let da = _mm512_set1_ps((ab.add(A_D + 4 * r) as *const f32).read_unaligned());
+                        for v in 0..NV {
+                            acc[r][v] =
+                                _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r][v]), _mm512_mul_ps(dw[v], da), acc[r][v]);
                         }
                     }
                 }
-                let mut dw = [_mm512_setzero_ps(); NV];
-                for v in 0..NV {
-                    dw[v] = _mm512_load_ps(bb.add(W_SCALE + 64 * v) as *const f32);
-                }
-                for r in 0..R {
-                    let da = _mm512_set1_ps((ab.add(8 * MR * 4 + 4 * r) as *const f32).read_unaligned());
-                    for v in 0..NV {
-                        acc[r][v] =
-                            _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum[r][v]), _mm512_mul_ps(dw[v], da), acc[r][v]);
-                    }
-                }
-            }
-            for r in 0..R {
-                for v in 0..NV {
-                    // `wrapping_add`: with a partial panel a masked-off vector may lie past the end
-                    // of `out`; a masked-off lane of a masked load or store never faults.
-                    let cr = c.wrapping_add(r * ldc + 16 * v);
-                    let mut val = acc[r][v];
-                    if accumulate {
-                        val = _mm512_add_ps(val, _mm512_maskz_loadu_ps(masks[v], cr));
-                    }
-                    _mm512_mask_storeu_ps(cr, masks[v], val);
-                }
+                store_tile::<R>(&acc, c, ldc, masks, accumulate);
             }
         }
     }

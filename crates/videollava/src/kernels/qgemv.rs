@@ -575,6 +575,7 @@ pub(crate) mod avx512 {
     }
 
     /// [`super::q8_0_block_scalar`] vectorised; bit-identical for finite inputs.
+    #[inline]
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub(crate) unsafe fn q8_0_block(xs: &[f32], q: &mut [i8]) -> f32 {
         // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
