@@ -196,7 +196,7 @@ fn memory_mapped_bf16_weights_give_the_same_logits_as_copies() {
     let (copied, none) = run(false);
     let (mapped, (count, bytes)) = run(true);
     assert_eq!(none, (0, 0), "mmap off maps nothing");
-    if videollava::kernels::bf16_gemm::has_fast_path() {
+    if videollava::kernels::cpu::features().avx512_bf16 {
         // 2 towers x 1 layer x 6 + 2 projector + 2 decoder layers x 7 + LM head.
         let cfg: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();

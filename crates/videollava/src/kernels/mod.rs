@@ -38,19 +38,21 @@ macro_rules! by_rows {
     };
 }
 
-pub mod attention;
+// The kernels are the crate's own (the model calls them); the CPU detection, its switch and the
+// bandwidth probe are public for `bench` and for callers that report what runs.
+pub(crate) mod attention;
 pub mod bandwidth;
-pub mod bf16_gemm;
+pub(crate) mod bf16_gemm;
 pub mod cpu;
-pub mod fused;
-pub mod kv_quant;
-pub mod q4k_gemm;
-pub mod q8_gemm;
+pub(crate) mod fused;
+pub(crate) mod kv_quant;
+pub(crate) mod q4k_gemm;
+pub(crate) mod q8_gemm;
 #[cfg(target_arch = "x86_64")]
 mod qgemm_avx2;
 #[cfg(target_arch = "x86_64")]
 mod qgemm_avx512;
-pub mod qgemv;
+pub(crate) mod qgemv;
 
 #[cfg(test)]
 mod testing;
