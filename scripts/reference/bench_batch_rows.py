@@ -11,7 +11,8 @@ process per row, loading the model each time) on the manifest; every row generat
 --max-new-tokens tokens (EOS ignored), greedy:
 
     python scripts/reference/bench_batch_rows.py ours --bin target/release/videollava --mode batch \
-        --model DIR --rows DIR/rows.jsonl --max-new-tokens 32 [--threads 2] [--limit K] [--json OUT]
+        --model DIR --rows DIR/rows.jsonl --max-new-tokens 32 [--threads 2] [--limit K] [--json OUT] \
+        [--max-batch-size 3]
 
 transformers: one process, the model loaded once, then per row: PyAV decode of 8 frames (uniform,
 as the model card), the processor, `generate(max_new_tokens=N, min_new_tokens=N)` greedy:
@@ -103,7 +104,8 @@ def ours(args):
             f.writelines(json.dumps(r) + "\n" for r in rows)
         if os.path.exists(results):
             os.remove(results)
-        subprocess.run([args.bin, "batch", "--input", manifest, "--output", results] + common, check=True)
+        batch = [args.bin, "batch", "--input", manifest, "--output", results, "--max-batch-size", str(args.max_batch_size)]
+        subprocess.run(batch + common, check=True)
         with open(results) as f:
             for line in f:
                 r = json.loads(line)
@@ -165,6 +167,9 @@ def main():
             p.add_argument("--mode", choices=["batch", "generate"], required=True)
             p.add_argument("--dtype", default="bf16")
             p.add_argument("--quantize")
+            # Rows decoding together (batch mode): each holds its keys/values (~1.1 GB for a 7B
+            # video prompt in BF16), so the default 8 does not fit beside 7B BF16 weights in 24 GB.
+            p.add_argument("--max-batch-size", type=int, default=3)
         else:
             p.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()

@@ -26,12 +26,14 @@ use videollava::media::{RgbImage, Video};
 use videollava::processor::tokenizer::TextTokenizer;
 use videollava_server::media::{load_image, load_video_with, MediaPolicy, RequestPixels};
 
-use crate::common::{sequence_json, GenerationArgs, ModelArgs};
+use crate::common::{sequence_json, GenerationArgs, KvBudgetArgs, ModelArgs};
 
 #[derive(Args)]
 pub struct BatchArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    kv_budget: KvBudgetArgs,
     /// The manifest: JSON Lines (CSV when the name ends in .csv), one question per row with `id`,
     /// `prompt`, `image` and/or `video` (a path or an http(s) URL) and optional per-row options.
     #[arg(long, value_name = "ROWS.jsonl|ROWS.csv")]
@@ -322,7 +324,9 @@ pub fn run(args: BatchArgs) -> Result<()> {
         let max_batch = args.max_batch_size.max(1);
         let threads = args.decode_threads.max(1);
         let ahead = max_batch + threads;
-        let scheduler = Scheduler::start(engine, SchedulerConfig { max_batch_size: max_batch, max_queue: ahead + 1 });
+        let kv_budget_bytes = args.kv_budget.bytes(&engine, &args.model);
+        let config = SchedulerConfig { max_batch_size: max_batch, max_queue: ahead + 1, kv_budget_bytes };
+        let scheduler = Scheduler::start(engine, config);
 
         let n_rows = todo.len();
         let queue = Arc::new(Mutex::new(VecDeque::from(todo)));

@@ -273,3 +273,39 @@ pub fn sequence_json(
     }
     obj
 }
+
+/// How much memory the keys/values of concurrent rows may take (`serve`, `batch`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct KvBudgetArgs {
+    /// MiB of keys/values the rows prefilled or decoded together may claim (prompt plus
+    /// max_new_tokens positions each; a prompt that does not fit waits for running rows to
+    /// finish; one row always runs). Default: the memory available after loading, less the
+    /// weights, the prefix cache and 1 GiB (unbounded where it cannot be read). 0: no bound.
+    #[arg(long, value_name = "MIB")]
+    pub kv_budget_mib: Option<usize>,
+}
+
+impl KvBudgetArgs {
+    /// The budget in bytes for `engine` loaded by `model` (`None`: unbounded).
+    pub fn bytes(&self, engine: &Engine, model: &ModelArgs) -> Option<usize> {
+        match self.kv_budget_mib {
+            Some(0) => None,
+            Some(mib) => Some(mib << 20),
+            None => {
+                let available = mem_available_bytes()?;
+                // Mapped weights sit in the page cache, which MemAvailable counts as free.
+                let weights = engine.model().decode_weight_bytes();
+                let claimed = weights + (model.prefix_cache_mib << 20) + (1 << 30);
+                Some(available.saturating_sub(claimed))
+            }
+        }
+    }
+}
+
+/// `MemAvailable` of /proc/meminfo, in bytes (Linux; `None` elsewhere).
+fn mem_available_bytes() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
+}

@@ -8,12 +8,14 @@ use clap::Args;
 use videollava::engine::{Scheduler, SchedulerConfig};
 use videollava_server::{Limits, ServerConfig};
 
-use crate::common::ModelArgs;
+use crate::common::{KvBudgetArgs, ModelArgs};
 
 #[derive(Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     model: ModelArgs,
+    #[command(flatten)]
+    kv_budget: KvBudgetArgs,
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1")]
     host: String,
@@ -52,8 +54,9 @@ pub fn run(args: ServeArgs) -> Result<()> {
     videollava_server::init_logging();
     let engine = args.model.load()?;
     let is_hub_id = !std::path::Path::new(&args.model.model).exists();
-    let scheduler =
-        Scheduler::start(engine, SchedulerConfig { max_batch_size: args.max_batch_size, max_queue: args.max_queue });
+    let kv_budget_bytes = args.kv_budget.bytes(&engine, &args.model);
+    let config = SchedulerConfig { max_batch_size: args.max_batch_size, max_queue: args.max_queue, kv_budget_bytes };
+    let scheduler = Scheduler::start(engine, config);
     let config = ServerConfig {
         host: args.host,
         port: args.port,

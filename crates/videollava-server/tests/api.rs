@@ -220,7 +220,11 @@ fn eight_concurrent_clients_get_their_solo_answers() {
 #[test]
 fn a_disconnecting_client_frees_its_slot() {
     // One slot: a request queued behind a cancelled one runs as soon as the slot is free.
-    let server = start_with(ServerConfig::default(), &model_dir(), SchedulerConfig { max_batch_size: 1, max_queue: 8 });
+    let server = start_with(
+        ServerConfig::default(),
+        &model_dir(),
+        SchedulerConfig { max_batch_size: 1, max_queue: 8, ..Default::default() },
+    );
     let mut body = chat_body(json!("Write a very long essay."), 1500);
     body["ignore_eos"] = json!(true);
     // How long the whole generation takes when nobody goes away.
@@ -469,7 +473,7 @@ fn a_prompt_over_the_context_length_is_refused() {
     let server = start_with(
         ServerConfig { served_model_name: Some("model-llama".into()), ..ServerConfig::default() },
         &dir,
-        SchedulerConfig { max_batch_size: 4, max_queue: 8 },
+        SchedulerConfig { max_batch_size: 4, max_queue: 8, ..Default::default() },
     );
     let long = "word ".repeat(200);
     let (status, body) = post(&server.base, &chat_body(json!(long), 4));
@@ -485,7 +489,11 @@ fn a_prompt_over_the_context_length_is_refused() {
 
 #[test]
 fn a_full_queue_answers_429() {
-    let server = start_with(ServerConfig::default(), &model_dir(), SchedulerConfig { max_batch_size: 1, max_queue: 1 });
+    let server = start_with(
+        ServerConfig::default(),
+        &model_dir(),
+        SchedulerConfig { max_batch_size: 1, max_queue: 1, ..Default::default() },
+    );
     let mut long = chat_body(json!("Go on and on."), 3000);
     long["stream"] = json!(true);
     long["ignore_eos"] = json!(true);
@@ -605,7 +613,11 @@ fn a_second_turn_about_the_same_video_reuses_the_first_turns_prefix() {
     const CHUNK: usize = 16;
     let mut e = load_engine(&model_dir());
     e.model_mut().set_prefill_chunk(CHUNK);
-    let server = start_engine(ServerConfig::default(), e, SchedulerConfig { max_batch_size: 8, max_queue: 64 });
+    let server = start_engine(
+        ServerConfig::default(),
+        e,
+        SchedulerConfig { max_batch_size: 8, max_queue: 64, ..Default::default() },
+    );
     let engine = load_engine(&model_dir());
     let video = decode_video_file(&media_path("clip.mp4"), &VideoOptions::default()).unwrap();
     let turn1 = json!([

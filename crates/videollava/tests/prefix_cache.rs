@@ -98,7 +98,7 @@ fn check(name: &str, dtype: DTypeChoice, kv: KvCacheFormat) {
     let reqs = requests(&off, Some(&turn1));
     let lens: Vec<usize> = reqs.iter().map(|r| prompt_len(&off, r)).collect();
     let media: Vec<usize> = reqs.iter().map(|r| media_end(&off, r)).collect();
-    let config = SchedulerConfig { max_batch_size: 1, max_queue: 8 };
+    let config = SchedulerConfig { max_batch_size: 1, max_queue: 8, ..Default::default() };
     let without = Scheduler::start(off, config);
     let want: Vec<GeneratedSequence> = reqs.iter().map(|r| run(&without, r).0).collect();
     without.shutdown();
@@ -188,7 +188,7 @@ fn saved_prefixes_survive_a_restart_and_foreign_files_are_ignored() {
     let mut follow_up = reqs[0].clone();
     follow_up.prompt = e.question_prompt("What colour is the sky?", 0, 1).unwrap();
     let media = media_end(&e, &follow_up);
-    let config = SchedulerConfig { max_batch_size: 1, max_queue: 8 };
+    let config = SchedulerConfig { max_batch_size: 1, max_queue: 8, ..Default::default() };
     let reference = Scheduler::start(e, config);
     let want = run(&reference, &follow_up).0;
     reference.shutdown();

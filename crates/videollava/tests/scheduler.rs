@@ -102,7 +102,8 @@ fn check_concurrent_with(name: &str, kv: KvCacheFormat, prefill_chunk: usize) {
     let reference = engine(name);
     let reqs = requests(&reference);
     let want: Vec<GeneratedSequence> = reqs.iter().map(|r| solo(&reference, r)).collect();
-    let scheduler = Scheduler::start(engine(name), SchedulerConfig { max_batch_size: 4, max_queue: 16 });
+    let scheduler =
+        Scheduler::start(engine(name), SchedulerConfig { max_batch_size: 4, max_queue: 16, ..Default::default() });
     // Submit from several threads at staggered times so requests join a running batch.
     let handles: Vec<_> = reqs
         .into_iter()
@@ -167,7 +168,7 @@ fn a_dropped_receiver_frees_its_slot_and_bad_requests_fail_alone() {
         options: GenerateOptions { max_new_tokens: 2000, ignore_eos: true, ..e.default_options() },
         ..reqs[5].clone()
     };
-    let scheduler = Scheduler::start(e, SchedulerConfig { max_batch_size: 2, max_queue: 2 });
+    let scheduler = Scheduler::start(e, SchedulerConfig { max_batch_size: 2, max_queue: 2, ..Default::default() });
     let mut h = scheduler.submit(long).unwrap();
     // Wait until it runs, then leave.
     assert!(matches!(h.events.blocking_recv(), Some(StreamEvent::Token { .. })));
@@ -204,9 +205,53 @@ fn a_full_queue_refuses() {
         options: GenerateOptions { max_new_tokens: 300, ignore_eos: true, ..e.default_options() },
         ..reqs[5].clone()
     };
-    let scheduler = Scheduler::start(e, SchedulerConfig { max_batch_size: 1, max_queue: 1 });
+    let scheduler = Scheduler::start(e, SchedulerConfig { max_batch_size: 1, max_queue: 1, ..Default::default() });
     let mut first = scheduler.submit(long.clone()).unwrap();
     assert!(matches!(first.events.blocking_recv(), Some(StreamEvent::Token { .. })));
     let _queued = scheduler.submit(long.clone()).unwrap();
     assert_eq!(scheduler.submit(long).err(), Some(SubmitError::QueueFull));
+}
+
+/// With a KV budget for one row, a second prompt waits until the first row has finished (its
+/// first token comes after the first's end); without one, it is prefilled between the first
+/// row's decode steps (its first token comes before that end). Same requests, same order.
+#[test]
+fn a_kv_budget_keeps_a_prompt_waiting_until_running_rows_finish() {
+    for bounded in [false, true] {
+        let e = engine("model-llama");
+        let req = GenerationRequest {
+            options: GenerateOptions { max_new_tokens: 40, ignore_eos: true, ..e.default_options() },
+            ..requests(&e)[2].clone()
+        };
+        let prompt_len = e.processor().process(&[req.prompt.as_str()], &[], &[]).unwrap().seq_len;
+        let claim = (prompt_len + 40) * videollava::engine::scheduler::kv_bytes_per_position(&e);
+        // Room for one claim, not two.
+        let budget = bounded.then_some(2 * claim - 1);
+        let config = SchedulerConfig { max_batch_size: 4, max_queue: 4, kv_budget_bytes: budget };
+        let scheduler = Scheduler::start(e, config);
+        let (mut a, mut b) = (scheduler.submit(req.clone()).unwrap(), scheduler.submit(req).unwrap());
+        // Events of both, in the order they were received by one reader polling both.
+        let mut order = Vec::new();
+        let (mut a_done, mut b_first) = (false, false);
+        let t = std::time::Instant::now();
+        while !(a_done && b_first) {
+            assert!(t.elapsed() < Duration::from_secs(60), "no progress");
+            while let Ok(ev) = a.events.try_recv() {
+                if matches!(ev, StreamEvent::Finished { .. }) {
+                    a_done = true;
+                    order.push("a finished");
+                }
+            }
+            while let Ok(ev) = b.events.try_recv() {
+                if matches!(ev, StreamEvent::Token { .. }) && !b_first {
+                    b_first = true;
+                    order.push("b first token");
+                }
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let expected = if bounded { ["a finished", "b first token"] } else { ["b first token", "a finished"] };
+        assert_eq!(order, expected, "kv budget {budget:?}");
+        scheduler.shutdown();
+    }
 }

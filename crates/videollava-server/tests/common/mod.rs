@@ -58,7 +58,7 @@ impl Drop for TestServer {
 }
 
 pub fn start(config: ServerConfig) -> TestServer {
-    start_with(config, &model_dir(), SchedulerConfig { max_batch_size: 8, max_queue: 64 })
+    start_with(config, &model_dir(), SchedulerConfig { max_batch_size: 8, max_queue: 64, ..Default::default() })
 }
 
 pub fn start_with(config: ServerConfig, dir: &Path, sched: SchedulerConfig) -> TestServer {

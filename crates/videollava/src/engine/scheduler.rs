@@ -27,19 +27,37 @@ use crate::media::{RgbImage, Video};
 use crate::model::llama::KvCache;
 use crate::model::prefix_cache::{PrefixCache, PrefixCacheStats, PrefixKey};
 use crate::model::video_llava::PreparedPrompt;
+use crate::model::KvCacheFormat;
 
-/// Sizes of the batch and of the waiting queue.
+/// Sizes of the batch and of the waiting queue, and the memory the running rows may claim.
 #[derive(Debug, Clone, Copy)]
 pub struct SchedulerConfig {
     /// Most sequences decoded together.
     pub max_batch_size: usize,
     /// Most requests waiting for a place; `submit` refuses more.
     pub max_queue: usize,
+    /// Bytes of keys/values the rows being prefilled or decoded may claim together: a row claims
+    /// its prompt plus `max_new_tokens` positions ([`kv_bytes_per_position`]) when its prefill
+    /// starts, and a prompt waits (preprocessed, not prefilled) while it would not fit beside the
+    /// rows already claimed; one row always runs. `None`: bounded by `max_batch_size` only.
+    pub kv_budget_bytes: Option<usize>,
 }
 
 impl Default for SchedulerConfig {
     fn default() -> Self {
-        Self { max_batch_size: 8, max_queue: 64 }
+        Self { max_batch_size: 8, max_queue: 64, kv_budget_bytes: None }
+    }
+}
+
+/// Bytes one prompt position of one row takes in `engine`'s KV cache, over all layers (keys and
+/// values; an 8-bit cache: one byte per value plus an f32 scale per 32 values).
+pub fn kv_bytes_per_position(engine: &Engine) -> usize {
+    let model = engine.model();
+    let t = &model.config.text_config;
+    let values = t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim;
+    match model.kv_cache_format() {
+        KvCacheFormat::Model => values * model.dtype.size_in_bytes(),
+        KvCacheFormat::Q8_0 => values + values / 32 * 4,
     }
 }
 
@@ -153,7 +171,7 @@ pub struct Scheduler {
 impl Scheduler {
     /// Starts the engine thread.
     pub fn start(engine: Engine, config: SchedulerConfig) -> Scheduler {
-        let config = SchedulerConfig { max_batch_size: config.max_batch_size.max(1), max_queue: config.max_queue };
+        let config = SchedulerConfig { max_batch_size: config.max_batch_size.max(1), ..config };
         let tok = engine.tokenizer();
         let name = |id: Option<u32>| tok.token_name(id);
         let info = EngineInfo {
@@ -258,6 +276,8 @@ impl Scheduler {
 
 /// A request in the running batch (row `i` of the batch cache).
 struct Active {
+    /// KV bytes this row claims against [`SchedulerConfig::kv_budget_bytes`].
+    claim: usize,
     state: SequenceState,
     options: GenerateOptions,
     tx: UnboundedSender<StreamEvent>,
@@ -322,6 +342,8 @@ struct Prefilling {
     prefix_key: Option<PrefixKey>,
     cache: KvCache,
     decoder_ms: f64,
+    /// KV bytes the row will claim: prompt plus `max_new_tokens` positions.
+    claim: usize,
 }
 
 /// Preprocesses a request and computes its visual features; its prompt then goes through the
@@ -359,6 +381,7 @@ fn start_prefill(engine: &Engine, job: Job) -> std::result::Result<Prefilling, (
             prefix_key,
             cache,
             decoder_ms: 0.0,
+            claim: (l + request.options.max_new_tokens).saturating_mul(kv_bytes_per_position(engine)),
         })
     };
     isolate("preprocessing", run).map_err(|e| (tx.clone(), e))
@@ -387,8 +410,14 @@ fn prefill_step(engine: &Engine, p: &mut Prefilling) -> Result<Option<(Active, K
     let row = logits.to_vec2::<f32>()?.remove(0);
     let out = state.step(&row, &p.options, engine.tokenizer(), max_ctx)?;
     timings.time_to_first_token_ms = ms(p.submitted);
-    let mut active =
-        Active { state, options: p.options.clone(), tx: p.tx.clone(), timings, decode_started: Instant::now() };
+    let mut active = Active {
+        claim: p.claim,
+        state,
+        options: p.options.clone(),
+        tx: p.tx.clone(),
+        timings,
+        decode_started: Instant::now(),
+    };
     active.emit_step(out);
     Ok(Some((active, std::mem::take(&mut p.cache))))
 }
@@ -430,9 +459,13 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
 
         // One chunk of the oldest prompt being prefilled: a long prompt is cut into chunks with
         // decode steps of the running rows in between, so they keep streaming meanwhile.
+        let claimed: usize = rows.iter().map(|r| r.claim).sum();
         if let Some(p) = pending.front_mut() {
+            let fits = shared.config.kv_budget_bytes.is_none_or(|b| claimed.saturating_add(p.claim) <= b);
             if p.tx.is_closed() {
                 pending.pop_front(); // the client left during its prefill
+            } else if !fits && !rows.is_empty() {
+                // Waits (preprocessed, its features computed) until running rows finish.
             } else {
                 match isolate("prefill", || prefill_step(&engine, p)) {
                     Ok(None) => {}
