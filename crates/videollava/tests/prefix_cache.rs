@@ -247,3 +247,33 @@ fn saved_prefixes_survive_a_restart_and_foreign_files_are_ignored() {
     let _ = std::fs::remove_dir_all(&other_dir);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Questions about one video admitted together (as `batch` and a busy server admit them): the
+/// prefix is looked up when each prefill starts, so the later ones reuse the keys/values the
+/// first one's prefill has just cached, and answer as they do alone.
+#[test]
+fn questions_admitted_together_reuse_the_first_ones_prefix() {
+    let name = "model-llama";
+    let alone = engine(name, DTypeChoice::F32, KvCacheFormat::Model, 0);
+    let reqs = requests(&alone, None);
+    let (a, b) = (reqs[0].clone(), reqs[2].clone()); // "Why is this video funny?", then a follow-up
+    let media = media_end(&alone, &a);
+    let config = SchedulerConfig { max_batch_size: 1, max_queue: 8, ..Default::default() };
+    let solo = Scheduler::start(alone, config);
+    let want: Vec<GeneratedSequence> = [&a, &b].iter().map(|r| run(&solo, r).0).collect();
+    solo.shutdown();
+
+    let config = SchedulerConfig { max_batch_size: 4, max_queue: 8, ..Default::default() };
+    let together = Scheduler::start(engine(name, DTypeChoice::F32, KvCacheFormat::Model, 64 << 20), config);
+    let (ha, hb) = (together.submit(a).unwrap(), together.submit(b).unwrap());
+    let (got_a, got_b) = (collect(ha), collect(hb));
+    assert_eq!(got_a.1.cached_prompt_tokens, 0);
+    assert!(
+        got_b.1.cached_prompt_tokens >= media / CHUNK * CHUNK && got_b.1.cached_prompt_tokens > 0,
+        "the second question reused {} positions (its video ends at {media})",
+        got_b.1.cached_prompt_tokens
+    );
+    assert_eq!(got_a.0.token_ids, want[0].token_ids);
+    assert_eq!(got_b.0.token_ids, want[1].token_ids);
+    together.shutdown();
+}

@@ -1,8 +1,9 @@
 //! Continuous batching: one engine thread serves many requests.
 //!
 //! Requests wait in a bounded queue. At every step the engine thread admits waiting requests
-//! while the batch has room: each is preprocessed and its visual features computed (once), then
-//! its prompt is prefilled on its own, one chunk ([`crate::model::VideoLlava::set_prefill_chunk`])
+//! while the batch has room: each is preprocessed; when its turn to prefill comes, its longest
+//! cached prefix is looked up (so questions about one video admitted together reuse what the
+//! first one's prefill cached) and the vision towers run for the rest; its prompt is prefilled on its own, one chunk ([`crate::model::VideoLlava::set_prefill_chunk`])
 //! per step, so that the running rows get a decode step between chunks instead of waiting for a
 //! whole long prompt. After its last chunk its first token is chosen and its KV cache rows join
 //! the running batch's cache (left-padded so every row keeps its key distances). Each step ends
@@ -21,6 +22,7 @@ use candle_core::Tensor;
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use super::Engine;
+use crate::batch_feature::ProcessorOutput;
 use crate::error::{Error, Result};
 use crate::generate::{check_context, decode_logits, GenerateOptions, GeneratedSequence, SequenceState};
 use crate::media::{RgbImage, Video};
@@ -334,7 +336,12 @@ struct Prefilling {
     submitted: Instant,
     timings: RequestTimings,
     ids: Vec<u32>,
-    prompt: PreparedPrompt,
+    /// The processor's output until the prefill starts (then `None`).
+    inputs: Option<ProcessorOutput>,
+    /// Embeddings after the cached prefix, made when the prefill starts: the prefix is looked
+    /// up then, not at admission, so a prompt admitted beside another about the same media
+    /// reuses the keys/values that one's prefill has just cached (and skips the vision towers).
+    prompt: Option<PreparedPrompt>,
     positions: Tensor,
     /// Prompt positions already in `cache` (from the prefix cache, then from earlier chunks).
     done: usize,
@@ -346,8 +353,8 @@ struct Prefilling {
     claim: usize,
 }
 
-/// Preprocesses a request and computes its visual features; its prompt then goes through the
-/// decoder in [`prefill_step`]s.
+/// Preprocesses a request (processor, context check); its prompt then goes through the decoder
+/// in [`prefill_step`]s.
 fn start_prefill(engine: &Engine, job: Job) -> std::result::Result<Prefilling, (UnboundedSender<StreamEvent>, Error)> {
     let Job { request, tx, submitted } = job;
     let run = || -> Result<Prefilling> {
@@ -362,24 +369,19 @@ fn start_prefill(engine: &Engine, job: Job) -> std::result::Result<Prefilling, (
         let l = inputs.seq_len;
         let ids: Vec<u32> = inputs.input_ids.iter().map(|&x| x as u32).collect();
         let positions = Tensor::from_vec((0..l as u32).collect::<Vec<_>>(), (1, l), &model.device)?;
-        // The longest computed prefix of this prompt (same tokens, same media), if any: only the
-        // rest goes through the decoder (a failing lookup only costs the reuse).
         let prefix_key = model.prefix_key(&inputs);
-        let hit = prefix_key.as_ref().and_then(|k| model.cached_prefix(k).unwrap_or(None));
-        let (done, cache) = hit.unwrap_or_default();
-        timings.cached_prompt_tokens = done;
-        let prompt = model.prepare_prompt_after(&inputs, prefix_key.as_ref(), done)?;
         Ok(Prefilling {
             tx: tx.clone(),
             options: request.options.clone(),
             submitted,
             timings,
             ids,
-            prompt,
+            inputs: Some(inputs),
+            prompt: None,
             positions,
-            done,
+            done: 0,
             prefix_key,
-            cache,
+            cache: KvCache::default(),
             decoder_ms: 0.0,
             claim: (l + request.options.max_new_tokens).saturating_mul(kv_bytes_per_position(engine)),
         })
@@ -387,13 +389,29 @@ fn start_prefill(engine: &Engine, job: Job) -> std::result::Result<Prefilling, (
     isolate("preprocessing", run).map_err(|e| (tx.clone(), e))
 }
 
+/// The embeddings of `p`'s prompt after its longest cached prefix (same tokens, same media), if
+/// any, whose keys/values become the start of `p.cache`: only the rest goes through the decoder
+/// (a failing lookup only costs the reuse). The vision towers run here for what is not cached.
+fn start_decoder(engine: &Engine, p: &mut Prefilling) -> Result<()> {
+    let Some(inputs) = p.inputs.take() else { return Ok(()) };
+    let model = &engine.model();
+    let hit = p.prefix_key.as_ref().and_then(|k| model.cached_prefix(k).unwrap_or(None));
+    let (done, cache) = hit.unwrap_or_default();
+    p.timings.cached_prompt_tokens = done;
+    p.prompt = Some(model.prepare_prompt_after(&inputs, p.prefix_key.as_ref(), done)?);
+    (p.done, p.cache) = (done, cache);
+    Ok(())
+}
+
 /// Runs the next chunk of `p`'s prompt. After the last one, chooses the first token and returns
 /// the request's running state and its cache row.
 fn prefill_step(engine: &Engine, p: &mut Prefilling) -> Result<Option<(Active, KvCache)>> {
+    start_decoder(engine, p)?;
     let model = &engine.model();
+    let prompt = p.prompt.as_ref().ok_or_else(|| Error::Model("prefill without a prepared prompt".into()))?;
     let t = Instant::now();
-    let n = model.prefill_chunk_len(p.prompt.len).min(p.prompt.len - p.done);
-    let logits = model.prefill_part(&p.prompt, &p.positions, p.done, n, &mut p.cache)?;
+    let n = model.prefill_chunk_len(prompt.len).min(prompt.len - p.done);
+    let logits = model.prefill_part(prompt, &p.positions, p.done, n, &mut p.cache)?;
     p.done += n;
     p.decoder_ms += ms(t);
     let Some(logits) = logits else { return Ok(None) };
@@ -403,8 +421,9 @@ fn prefill_step(engine: &Engine, p: &mut Prefilling) -> Result<Option<(Active, K
         }
     }
     let mut timings = p.timings;
-    timings.prefill_ms = p.prompt.vision_ms + p.decoder_ms;
-    timings.vision_ms = p.prompt.vision_ms;
+    let vision_ms = prompt.vision_ms;
+    timings.prefill_ms = vision_ms + p.decoder_ms;
+    timings.vision_ms = vision_ms;
     let max_ctx = model.config.text_config.max_position_embeddings;
     let mut state = SequenceState::new(0, std::mem::take(&mut p.ids), &p.options);
     let row = logits.to_vec2::<f32>()?.remove(0);
@@ -465,7 +484,7 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
             if p.tx.is_closed() {
                 pending.pop_front(); // the client left during its prefill
             } else if !fits && !rows.is_empty() {
-                // Waits (preprocessed, its features computed) until running rows finish.
+                // Waits (preprocessed) until running rows finish.
             } else {
                 match isolate("prefill", || prefill_step(&engine, p)) {
                     Ok(None) => {}
