@@ -12,7 +12,7 @@ process per row, loading the model each time) on the manifest; every row generat
 
     python scripts/reference/bench_batch_rows.py ours --bin target/release/videollava --mode batch \
         --model DIR --rows DIR/rows.jsonl --max-new-tokens 32 [--threads 2] [--limit K] [--json OUT] \
-        [--max-batch-size 3]
+        [--max-batch-size 8]
 
 transformers: one process, the model loaded once, then per row: PyAV decode of 8 frames (uniform,
 as the model card), the processor, `generate(max_new_tokens=N, min_new_tokens=N)` greedy:
@@ -167,9 +167,8 @@ def main():
             p.add_argument("--mode", choices=["batch", "generate"], required=True)
             p.add_argument("--dtype", default="bf16")
             p.add_argument("--quantize")
-            # Rows decoding together (batch mode): each holds its keys/values (~1.1 GB for a 7B
-            # video prompt in BF16), so the default 8 does not fit beside 7B BF16 weights in 24 GB.
-            p.add_argument("--max-batch-size", type=int, default=3)
+            # Rows decoding together (batch mode; the scheduler's KV budget also bounds them).
+            p.add_argument("--max-batch-size", type=int, default=8)
         else:
             p.add_argument("--dtype", default="bfloat16")
     args = ap.parse_args()
