@@ -1,9 +1,12 @@
 //! The one CPU-feature detection of every kernel, and the switch that forces a lower kernel set.
 //!
 //! Kernel sets, lowest to highest: [`KernelSet::Portable`] (plain Rust, any CPU and architecture),
-//! [`KernelSet::Avx2`] (x86-64 with AVX2 + FMA + F16C), [`KernelSet::Avx512`] (AVX-512 F/BW/VL on
-//! top of those). Within a set, a kernel may need more ([`Features::avx512_bf16`] for `vdpbf16ps`,
+//! [`KernelSet::Avx2`] (x86-64 with AVX2 + FMA + F16C: AMD Zen 2/3), [`KernelSet::AvxVnni`] (AVX2
+//! plus the 256-bit `vpdpbusd`: Intel since Alder Lake), [`KernelSet::Avx512`] (AVX-512 F/BW/VL on
+//! top of AVX2), [`KernelSet::Amx`] (AVX-512 plus Intel AMX tiles with BF16: Sapphire Rapids and
+//! later). Within a set, a kernel may need more ([`Features::avx512_bf16`] for `vdpbf16ps`,
 //! [`Features::avx512_vnni`] for `vpdpbusd`); where that is missing it takes the next lower path.
+//! Each set is its own level so that a machine with the higher one also tests the lower ones.
 //!
 //! Features are detected once per process. Two switches lower the ceiling:
 //! - the environment variable `VIDEOLLAVA_KERNELS` = `portable` | `avx2` | `avx512` | `auto`
@@ -22,20 +25,27 @@ pub enum KernelSet {
     Portable,
     /// x86-64 with AVX2, FMA and F16C.
     Avx2,
+    /// [`KernelSet::Avx2`] plus AVX-VNNI (`vpdpbusd` on 256-bit registers).
+    AvxVnni,
     /// x86-64 with AVX-512 F, BW and VL (plus AVX2, FMA, F16C).
     Avx512,
+    /// [`KernelSet::Avx512`] plus AMX tiles with BF16 (`tdpbf16ps`), the OS permitting their use.
+    Amx,
 }
 
 impl KernelSet {
     /// Every set, lowest first.
-    pub const ALL: [KernelSet; 3] = [KernelSet::Portable, KernelSet::Avx2, KernelSet::Avx512];
+    pub const ALL: [KernelSet; 5] =
+        [KernelSet::Portable, KernelSet::Avx2, KernelSet::AvxVnni, KernelSet::Avx512, KernelSet::Amx];
 
     /// The name `VIDEOLLAVA_KERNELS` and `videollava bench` use.
     pub fn name(self) -> &'static str {
         match self {
             KernelSet::Portable => "portable",
             KernelSet::Avx2 => "avx2",
+            KernelSet::AvxVnni => "avxvnni",
             KernelSet::Avx512 => "avx512",
+            KernelSet::Amx => "amx",
         }
     }
 
@@ -44,7 +54,9 @@ impl KernelSet {
             "" | "auto" | "best" => Some(None),
             "portable" | "scalar" | "generic" => Some(Some(KernelSet::Portable)),
             "avx2" => Some(Some(KernelSet::Avx2)),
+            "avxvnni" | "avx-vnni" => Some(Some(KernelSet::AvxVnni)),
             "avx512" | "avx-512" => Some(Some(KernelSet::Avx512)),
+            "amx" => Some(Some(KernelSet::Amx)),
             _ => None,
         }
     }
@@ -69,13 +81,20 @@ pub struct Features {
     pub avx512_bf16: bool,
     /// AVX-512 VNNI (`vpdpbusd`), with [`Self::avx512`].
     pub avx512_vnni: bool,
+    /// AMX tiles with BF16 (`tdpbf16ps`), with [`Self::avx512_bf16`]; the process holds the
+    /// kernel's permission to use the tile data.
+    pub amx_bf16: bool,
 }
 
 impl Features {
     /// The highest kernel set these features allow.
     pub fn kernel_set(self) -> KernelSet {
-        if self.avx512 {
+        if self.amx_bf16 {
+            KernelSet::Amx
+        } else if self.avx512 {
             KernelSet::Avx512
+        } else if self.avx_vnni {
+            KernelSet::AvxVnni
         } else if self.avx2 {
             KernelSet::Avx2
         } else {
@@ -86,14 +105,19 @@ impl Features {
     /// These features with everything above `set` removed.
     pub fn capped(self, set: KernelSet) -> Features {
         let mut f = self;
+        if set < KernelSet::Amx {
+            f.amx_bf16 = false;
+        }
         if set < KernelSet::Avx512 {
             f.avx512 = false;
             f.avx512_bf16 = false;
             f.avx512_vnni = false;
         }
+        if set < KernelSet::AvxVnni {
+            f.avx_vnni = false;
+        }
         if set < KernelSet::Avx2 {
             f.avx2 = false;
-            f.avx_vnni = false;
         }
         f
     }
@@ -116,6 +140,77 @@ fn detect() -> Features {
         avx512,
         avx512_bf16: avx512 && has!("avx512bf16"),
         avx512_vnni: avx512 && has!("avx512vnni"),
+        amx_bf16: avx512 && has!("avx512bf16") && amx::usable(),
+    }
+}
+
+/// Intel AMX: detection and the permission Linux asks for before a process may use the tiles.
+#[cfg(target_arch = "x86_64")]
+mod amx {
+    /// CPUID.(EAX=7,ECX=0):EDX bits of AMX-BF16 and AMX-TILE.
+    const AMX_BF16: u32 = 1 << 22;
+    const AMX_TILE: u32 = 1 << 24;
+    /// XCR0 bits of the tile configuration and tile data state.
+    const XTILE: u64 = (1 << 17) | (1 << 18);
+    /// `arch_prctl` (syscall 158) request, and the state component it asks for (XTILEDATA).
+    const SYS_ARCH_PRCTL: i64 = 158;
+    const ARCH_REQ_XCOMP_PERM: i64 = 0x1023;
+    const XFEATURE_XTILEDATA: i64 = 18;
+
+    /// Whether this CPU has AMX tiles with BF16, the OS saves their state, and this process is
+    /// allowed to use them (asked for once, process-wide, here).
+    pub(super) fn usable() -> bool {
+        use core::arch::x86_64::{__cpuid, __cpuid_count};
+        // Leaf 7 is read only when the maximum leaf (leaf 0's EAX) allows it.
+        if __cpuid(0).eax < 7 {
+            return false;
+        }
+        let edx = __cpuid_count(7, 0).edx;
+        if edx & (AMX_BF16 | AMX_TILE) != AMX_BF16 | AMX_TILE || !std::is_x86_feature_detected!("xsave") {
+            return false;
+        }
+        // SAFETY: `xgetbv` with ECX=0 exists where XSAVE is enabled by the OS (OSXSAVE, which
+        // `is_x86_feature_detected!("xsave")` implies).
+        let xcr0 = unsafe { xcr0() };
+        if xcr0 & XTILE != XTILE {
+            return false;
+        }
+        request_permission()
+    }
+
+    /// `XGETBV(0)`.
+    ///
+    /// # Safety
+    /// The OS has enabled XSAVE (CPUID.1:ECX.OSXSAVE).
+    #[target_feature(enable = "xsave")]
+    unsafe fn xcr0() -> u64 {
+        // SAFETY: the caller's contract.
+        unsafe { core::arch::x86_64::_xgetbv(0) }
+    }
+
+    #[cfg(target_os = "linux")]
+    fn request_permission() -> bool {
+        let ret: i64;
+        // SAFETY: `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)` only changes which
+        // register state this process may use; the syscall clobbers rcx and r11, declared here.
+        unsafe {
+            core::arch::asm!(
+                "syscall",
+                inlateout("rax") SYS_ARCH_PRCTL => ret,
+                in("rdi") ARCH_REQ_XCOMP_PERM,
+                in("rsi") XFEATURE_XTILEDATA,
+                lateout("rcx") _,
+                lateout("r11") _,
+                options(nostack),
+            );
+        }
+        ret == 0
+    }
+
+    /// Other systems: not used (their permission model is not handled here).
+    #[cfg(not(target_os = "linux"))]
+    fn request_permission() -> bool {
+        false
     }
 }
 
@@ -132,7 +227,9 @@ fn env_ceiling() -> Option<KernelSet> {
         match KernelSet::parse(&value) {
             Some(set) => set,
             None => {
-                eprintln!("warning: VIDEOLLAVA_KERNELS={value:?} is not portable, avx2, avx512 or auto; ignored");
+                eprintln!(
+                    "warning: VIDEOLLAVA_KERNELS={value:?} is not portable, avx2, avxvnni, avx512, amx or auto; ignored"
+                );
                 None
             }
         }
@@ -201,19 +298,19 @@ mod tests {
     #[test]
     fn forcing_caps_the_features_and_restores_them() {
         let top = detected().kernel_set();
-        assert_eq!(kernel_set(), top.min(env_ceiling().unwrap_or(KernelSet::Avx512)));
+        assert_eq!(kernel_set(), top.min(env_ceiling().unwrap_or(KernelSet::Amx)));
         {
             let _g = force(KernelSet::Portable);
             assert_eq!(kernel_set(), KernelSet::Portable);
             assert_eq!(features(), Features::default());
             {
                 let _h = force(KernelSet::Avx2);
-                assert_eq!(kernel_set(), top.min(KernelSet::Avx2).min(env_ceiling().unwrap_or(KernelSet::Avx512)));
+                assert_eq!(kernel_set(), top.min(KernelSet::Avx2).min(env_ceiling().unwrap_or(KernelSet::Amx)));
                 assert!(!features().avx512_bf16 && !features().avx512_vnni);
             }
             assert_eq!(kernel_set(), KernelSet::Portable);
         }
-        assert_eq!(kernel_set(), top.min(env_ceiling().unwrap_or(KernelSet::Avx512)));
+        assert_eq!(kernel_set(), top.min(env_ceiling().unwrap_or(KernelSet::Amx)));
         // Another thread is not affected.
         let _g = force(KernelSet::Portable);
         let other = std::thread::spawn(|| FORCED.with(Cell::get)).join().unwrap();

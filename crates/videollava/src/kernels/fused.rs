@@ -83,10 +83,10 @@ macro_rules! multiversion {
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: `set` comes from `cpu::kernel_set()`, which allows AVX-512 only where it
                 // was detected at run time.
-                KernelSet::Avx512 => unsafe { avx512($($arg),*) },
+                s if s >= KernelSet::Avx512 => unsafe { avx512($($arg),*) },
                 #[cfg(target_arch = "x86_64")]
                 // SAFETY: as above, for AVX2 + FMA + F16C.
-                KernelSet::Avx2 => unsafe { avx2($($arg),*) },
+                s if s >= KernelSet::Avx2 => unsafe { avx2($($arg),*) },
                 _ => body($($arg),*),
             }
         }
