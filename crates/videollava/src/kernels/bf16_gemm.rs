@@ -11,6 +11,7 @@
 //! accumulator, 16 lanes), twice the multiply-adds per instruction of an f32 FMA on 512 bits.
 //!
 //! Paths, picked at run time:
+//! - AMX BF16 (Sapphire Rapids and later), `m > 48` and `k % 32 == 0`: [`super::bf16_amx`];
 //! - AVX-512 BF16 (`avx512f` + `avx512bw` + `avx512bf16`; needs Rust 1.89+ for the intrinsics):
 //!   - `m <= 48` (decoding, short chunks): a streaming kernel that reads `W` from memory once
 //!     (dot products along `k`, several rows of `W` at a time, the rows two groups ahead
@@ -58,6 +59,13 @@ pub fn matmul_bf16(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, out: &mut
     }
     if k == 0 {
         out.fill(0.0);
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if m > avx512::GEMV_MAX_ROWS && super::bf16_amx::applies(m, k) {
+        // SAFETY: `applies` checked the CPU and `k`; the slice lengths match the shapes (asserted
+        // above).
+        unsafe { super::bf16_amx::matmul(a, m, w, n, k, out) };
         return;
     }
     #[cfg(target_arch = "x86_64")]
@@ -220,15 +228,19 @@ fn dot_bf16w(x: &[f32], w: &[u16]) -> f32 {
 
 /// The output pointer shared by tasks that write disjoint elements.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
+pub(super) struct OutPtr(*mut f32);
 // SAFETY: every task writes a set of elements no other task touches, and the pointer outlives the
 // parallel loop (the loops end before the functions that made it return).
 unsafe impl Send for OutPtr {}
 // SAFETY: as for `Send`: shared use only writes disjoint elements.
 unsafe impl Sync for OutPtr {}
 impl OutPtr {
+    pub(super) fn new(out: &mut [f32]) -> Self {
+        Self(out.as_mut_ptr())
+    }
+
     // A method, so that closures capture the whole (Send) struct, not its raw-pointer field.
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }
@@ -831,6 +843,74 @@ mod tests {
                     }
                 }
             }
+        }
+    }
+
+    /// Shapes of the AMX path (`k % 32 == 0`): several `k` blocks, several row blocks and task
+    /// stripes, row and column tails, odd tile counts; run on every kernel set (so the lower
+    /// paths see them too), and the AMX kernel called directly from 16 rows up.
+    #[test]
+    fn amx_shapes_match_reference() {
+        let shapes =
+            [(49, 17, 32), (300, 300, 1056), (257, 129, 544), (64, 16, 64), (530, 40, 96), (16, 1, 32), (33, 250, 64)];
+        for &(m, n, k) in &shapes {
+            cpu::for_each_set(|set| run(m, n, k, set));
+        }
+        #[cfg(target_arch = "x86_64")]
+        {
+            if !crate::kernels::bf16_amx::applies(16, 32) {
+                eprintln!("no AMX BF16 on this CPU (or not permitted): the direct AMX calls skipped");
+                return;
+            }
+            for &(m, n, k) in &shapes {
+                let a = values(m * k, (m * 3 + k) as u64);
+                let w = values(n * k, (n * 5 + k) as u64);
+                let mut out = vec![f32::NAN; m * n];
+                // SAFETY: `applies` held (AMX, k % 32 == 0, m >= 16); the lengths match.
+                unsafe { crate::kernels::bf16_amx::matmul(&a, m, &w, n, k, &mut out) };
+                if let Err((i, j, got, want)) = check(&a, m, &w, n, k, &out) {
+                    panic!("amx m={m} n={n} k={k}: out[{i}, {j}] = {got}, want {want}");
+                }
+            }
+        }
+    }
+
+    /// Prefill (m = 512: one prefill chunk) and vision (m = 2056: 8 frames of 257 patches) shapes
+    /// of Llama-7B and CLIP-L, each kernel set this CPU has forced in turn, interleaved.
+    /// `cargo test --release -p videollava --lib bf16_gemm::tests::bench -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn bench_prefill_shapes() {
+        use std::time::Instant;
+        let iters = 5;
+        eprintln!("threads: rayon {}, sets: {:?}", rayon::current_num_threads(), cpu::available_sets());
+        let shapes = [
+            (512, 4096, 4096),
+            (512, 11008, 4096),
+            (512, 4096, 11008),
+            (2056, 1024, 1024),
+            (2056, 4096, 1024),
+            (2056, 1024, 4096),
+        ];
+        for &(m, n, k) in &shapes {
+            let a = values(m * k, 1);
+            let w = values(n * k, 2);
+            let mut out = vec![0f32; m * n];
+            let mut line = format!("m={m:4} n={n:5} k={k:5}:");
+            for set in cpu::available_sets().into_iter().filter(|&s| s >= KernelSet::Avx2) {
+                let _g = cpu::force(set);
+                matmul_bf16(&a, m, &w, n, k, &mut out);
+                let mut t: Vec<f64> = (0..iters)
+                    .map(|_| {
+                        let t = Instant::now();
+                        matmul_bf16(&a, m, &w, n, k, &mut out);
+                        t.elapsed().as_secs_f64()
+                    })
+                    .collect();
+                t.sort_by(f64::total_cmp);
+                line += &format!(" {set} {:7.1}", 2.0 * (m * n * k) as f64 / t[iters / 2] / 1e9);
+            }
+            eprintln!("{line} GFLOP/s");
         }
     }
 

@@ -5,7 +5,8 @@
 //!
 //! - [`cpu`]: the one CPU-feature detection, and the switch that forces a lower kernel set;
 //! - [`bandwidth`]: the machine's measured memory read bandwidth (what bounds decoding);
-//! - [`bf16_gemm`]: BF16 matrix products with f32 accumulation (AVX-512 BF16, portable);
+//! - [`bf16_gemm`]: BF16 matrix products with f32 accumulation (AVX-512 BF16, portable; on AMX
+//!   tiles in `bf16_amx`);
 //! - [`qgemv`]: matrix-vector products over GGML Q4K / Q6K / Q8_0 blocks (quantized decoding);
 //! - [`q8_gemm`], [`q4k_gemm`]: int8 GEMMs over Q8_0 / Q4K blocks (quantized prefill; the
 //!   blocked drivers shared by both formats: AVX-512 VNNI in `qgemm_avx512`, AVX2 in
@@ -42,6 +43,8 @@ macro_rules! by_rows {
 // bandwidth probe are public for `bench` and for callers that report what runs.
 pub(crate) mod attention;
 pub mod bandwidth;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod bf16_amx;
 pub(crate) mod bf16_gemm;
 pub mod cpu;
 pub(crate) mod fused;
