@@ -11,9 +11,12 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 python3 scripts/dev/module_graph.py crates/videollava/src
 cargo test --workspace --locked "$@"
 # The library's tests again with each lower kernel set forced (no rebuild: the switch is read at
-# run time), so a machine with AVX-512 also proves the AVX2 and portable paths end to end.
+# run time), so a machine with AVX-512 also proves the AVX2 and portable paths end to end (and one
+# with AMX the AVX-512 paths).
 if [ "$(uname -m)" = x86_64 ] && [ $# -eq 0 ]; then
-  for set in avx2 portable; do
+  sets="avx2 portable"
+  if grep -qw amx_bf16 /proc/cpuinfo; then sets="avx512 $sets"; fi
+  for set in $sets; do
     echo "== the library's tests with VIDEOLLAVA_KERNELS=$set"
     VIDEOLLAVA_KERNELS=$set cargo test -p videollava --locked --lib --test integration
   done

@@ -96,7 +96,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let report = json!({
         "engine": "videollava",
         "kernel_set": kernels.name(),
-        "cpu_features": {"avx2": f.avx2, "avx_vnni": f.avx_vnni, "avx512": f.avx512, "avx512_bf16": f.avx512_bf16, "avx512_vnni": f.avx512_vnni},
+        "cpu_features": {"avx2": f.avx2, "avx_vnni": f.avx_vnni, "avx512": f.avx512, "avx512_bf16": f.avx512_bf16, "avx512_vnni": f.avx512_vnni, "amx_bf16": f.amx_bf16},
         "read_bandwidth_gb_s": bandwidth.map(|b| b / 1e9),
         "decode_bytes_per_token": bytes_per_token,
         "decode_limit_tokens_per_s": decode_limit,
