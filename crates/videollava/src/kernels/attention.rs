@@ -197,6 +197,8 @@ struct Params<'a, T> {
     simd: bool,
     /// bf16 inputs, AVX-512 BF16 detected at run time (and wanted): the `bf16dot` kernels run.
     bf16dot: bool,
+    /// With `bf16dot`: AMX BF16 tiles usable too, so tasks of 16 rows or more multiply on tiles.
+    amx: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -244,6 +246,7 @@ fn run<T: Elem>(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, rules: &MaskRule
         rules: *rules,
         simd: simd_available(),
         bf16dot: T::DTYPE == DType::BF16 && bf16dot_available(),
+        amx: T::DTYPE == DType::BF16 && bf16dot_available() && super::cpu::features().amx_bf16,
     };
     if b * h * l * d == 0 {
         return Ok(Tensor::zeros((b, l, h * d), T::DTYPE, &Device::Cpu)?);
@@ -656,6 +659,8 @@ mod bf16dot {
     const DIRECT_ROWS: usize = 4;
     /// Largest head dimension [`direct`] handles (its accumulators live in registers).
     const DIRECT_MAX_D: usize = 256;
+    /// From this many rows per task (with `d % 32 == 0`) [`task_amx`] runs, where AMX is usable.
+    const AMX_MIN_ROWS: usize = 16;
 
     #[inline(always)]
     fn bh(v: __m512i) -> __m512bh {
@@ -733,6 +738,9 @@ mod bf16dot {
             let value_row = |j: usize| p.v.as_ptr().add(p.v_at.at(bi, kvh, j)) as *const i16;
             if rows <= DIRECT_ROWS && d.is_multiple_of(32) && d <= DIRECT_MAX_D {
                 return direct(p, bi, kvh, i0, cl, &ranges, lo, hi, &key_row, &value_row);
+            }
+            if p.amx && rows >= AMX_MIN_ROWS && d.is_multiple_of(32) {
+                return task_amx(p, bi, kvh, i0, cl, &ranges, lo, hi, &key_row, &value_row);
             }
 
             // Query rows as pairs of consecutive D values (odd D: a zero high half last).
@@ -823,6 +831,148 @@ mod bf16dot {
             uniform_rows(p, bi, kvh, &empty, &mut out);
             out
         }
+    }
+
+    /// [`task`] on AMX tiles (`d % 32 == 0`, at least [`AMX_MIN_ROWS`] rows): the same steps
+    /// (scores, the same softmax, probabilities rounded to bf16, weighted values) with both
+    /// products as 16×16 tile products, two row tiles by two column tiles at a time
+    /// ([`bf16_amx::run_2x2`]). Layouts: queries row-major `[rows32][d]` bf16; keys in blocks of
+    /// [`KS`], each `[d/2 pairs][KS keys]`; scores and probabilities row-major with the key axis
+    /// padded to [`KS`] (zeros past each row's keys); values `[keys/2 pairs][d]`. Rows are padded
+    /// to a multiple of 32 with zeros (their results are dropped).
+    ///
+    /// # Safety
+    /// As [`task`], and AMX BF16 usable by this process (`p.amx`).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16,avx2,fma")]
+    unsafe fn task_amx(
+        p: &Params<bf16>,
+        bi: usize,
+        kvh: usize,
+        i0: usize,
+        cl: usize,
+        ranges: &[(usize, usize)],
+        lo: usize,
+        hi: usize,
+        key_row: &impl Fn(usize) -> *const i16,
+        value_row: &impl Fn(usize) -> *const i16,
+    ) -> Vec<f32> {
+        use crate::kernels::bf16_amx;
+        let Shape { t, d, .. } = p.shape;
+        let rows = ranges.len();
+        let rows_pad = rows.next_multiple_of(32);
+        let dp = d / 2;
+        let w = hi - lo;
+        let wpad = w.next_multiple_of(KS);
+        let wp = wpad / 2;
+        let valid = &p.rules.key_valid[bi * t..(bi + 1) * t];
+        // The key range of each pair of row tiles (rows past `rows` see nothing).
+        let group = |g: usize| {
+            let rs = &ranges[g..rows.min(g + 32)];
+            (rs.iter().map(|r| r.0).min().unwrap_or(lo), rs.iter().map(|r| r.1).max().unwrap_or(lo))
+        };
+        let mut qp = vec![0u32; rows_pad * dp];
+        for (r, dst) in qp.chunks_exact_mut(dp).take(rows).enumerate() {
+            let at = p.q_at.at(bi, kvh * p.rep + r / cl, i0 + r % cl);
+            for (x, pr) in dst.iter_mut().zip(p.q[at..at + d].chunks_exact(2)) {
+                *x = pr[0].to_bits() as u32 | (pr[1].to_bits() as u32) << 16;
+            }
+        }
+        let nb = wpad / KS;
+        let mut kp = vec![0u32; nb * dp * KS];
+        let mut vp = vec![0u32; wp * d];
+        for (b, (kb, vb)) in kp.chunks_exact_mut(dp * KS).zip(vp.chunks_exact_mut(KS / 2 * d)).enumerate() {
+            let j0 = lo + b * KS;
+            let jn = (hi - j0).min(KS);
+            // SAFETY: the CPU has AVX-512 (caller's contract); rows `j0..j0 + jn` are keys and
+            // values of this head; `kb` holds `dp * KS` pairs, `vb` `KS / 2 * d`.
+            unsafe {
+                pack_keys(key_row, j0, jn, d, kb);
+                pack_values(value_row, j0, jn, d, d, vb);
+            }
+        }
+        let mut s = vec![0f32; rows_pad * wpad];
+        let mut o = vec![0f32; rows_pad * d];
+        let (sp, op) = (s.as_mut_ptr(), o.as_mut_ptr());
+        // SAFETY: AMX usable (caller's contract); released below.
+        unsafe { bf16_amx::configure() };
+        for g in (0..rows_pad).step_by(32) {
+            let (glo, ghi) = group(g);
+            if ghi <= glo {
+                continue;
+            }
+            let (qa, qb) = (qp[g * dp..].as_ptr(), qp[(g + 16) * dp..].as_ptr());
+            for b in (glo - lo) / KS..(ghi - lo).div_ceil(KS) {
+                for kt in (0..KS).step_by(32) {
+                    let kb = kp[b * dp * KS + kt..].as_ptr();
+                    let c = |rr: usize, kk: usize| sp.wrapping_add((g + 16 * rr) * wpad + b * KS + kt + 16 * kk);
+                    // SAFETY: query tiles: rows g..g + 32 of `qp`, `d` values each (dp / 16 steps
+                    // of 64 bytes); key tiles: 16 pair rows of 256 bytes per step within block `b`;
+                    // score tiles: rows g..g + 32, columns of block `b` of `s`.
+                    unsafe {
+                        bf16_amx::run_2x2(
+                            [qa.cast(), qb.cast()],
+                            dp * 4,
+                            [kb.cast(), kb.wrapping_add(16).cast()],
+                            KS * 4,
+                            16 * KS * 4,
+                            [c(0, 0), c(0, 1), c(1, 0), c(1, 1)],
+                            wpad * 4,
+                            dp / 16,
+                            true,
+                        )
+                    };
+                }
+            }
+        }
+        // Probabilities (exactly as in `task`), then as bf16 pairs of consecutive keys.
+        let mut empty = vec![false; rows];
+        let mut pp = vec![0u32; rows_pad * wp];
+        for (r, &(rlo, rhi)) in ranges.iter().enumerate() {
+            let row = &mut s[r * wpad..(r + 1) * wpad];
+            row[..rlo - lo].fill(0.0);
+            row[rhi - lo..].fill(0.0);
+            // SAFETY: the CPU has AVX-512 (caller's contract).
+            empty[r] = !unsafe { softmax_row_bf16(&mut row[rlo - lo..rhi - lo], &valid[rlo..rhi], p.scale, rlo % 16) };
+            for (x, pr) in pp[r * wp..(r + 1) * wp].iter_mut().zip(row.chunks_exact(2)) {
+                *x = (pr[0].to_bits() >> 16) | (pr[1].to_bits() & 0xFFFF_0000);
+            }
+        }
+        drop(s);
+        for g in (0..rows_pad).step_by(32) {
+            let (glo, ghi) = group(g);
+            if ghi <= glo {
+                continue;
+            }
+            // Steps of 32 keys (16 pairs) covering the group's keys.
+            let (s0, s1) = ((glo - lo) / 32, (ghi - lo).div_ceil(32));
+            let (pa, pb) = (pp[g * wp + s0 * 16..].as_ptr(), pp[(g + 16) * wp + s0 * 16..].as_ptr());
+            for c0 in (0..d).step_by(32) {
+                let vb = vp[s0 * 16 * d + c0..].as_ptr();
+                let c = |rr: usize, cc: usize| op.wrapping_add((g + 16 * rr) * d + c0 + 16 * cc);
+                // SAFETY: probability tiles: rows g..g + 32 of `pp`, pairs s0 * 16..s1 * 16 <= wp;
+                // value tiles: pair rows s0 * 16..s1 * 16 <= wp of `vp`, columns c0..c0 + 32 <= d;
+                // output tiles: rows g..g + 32, columns c0..c0 + 32 of `o`.
+                unsafe {
+                    bf16_amx::run_2x2(
+                        [pa.cast(), pb.cast()],
+                        wp * 4,
+                        [vb.cast(), vb.wrapping_add(16).cast()],
+                        d * 4,
+                        16 * d * 4,
+                        [c(0, 0), c(0, 1), c(1, 0), c(1, 1)],
+                        d * 4,
+                        s1 - s0,
+                        true,
+                    )
+                };
+            }
+        }
+        // SAFETY: AMX usable; no tile is used after this.
+        unsafe { bf16_amx::release() };
+        o.truncate(rows * d);
+        uniform_rows(p, bi, kvh, &empty, &mut o);
+        o
     }
 
     /// Rows that see no key: uniform over all T keys (see `MaskRules`), as in `task`.
@@ -1345,6 +1495,11 @@ mod tests {
             Case { b: 2, h: 4, hkv: 1, l: 7, t: 77, d: 128, pad: vec![0, 2], window: Some(30) },
             // Odd head dimension.
             Case { b: 1, h: 2, hkv: 1, l: 21, t: 37, d: 33, pad: vec![1], window: None },
+            // The AMX tasks (16 rows or more, d % 32 == 0): CLIP's frames (257 tokens, d = 64,
+            // row counts not a multiple of 16) and a long prefill chunk after a cache, d = 128.
+            Case { b: 2, h: 2, hkv: 2, l: 257, t: 257, d: 64, pad: vec![0, 0], window: None },
+            Case { b: 1, h: 2, hkv: 2, l: 200, t: 300, d: 128, pad: vec![3], window: None },
+            Case { b: 1, h: 4, hkv: 2, l: 90, t: 90, d: 96, pad: vec![0], window: Some(70) },
         ]);
         cases
     }
@@ -1396,9 +1551,12 @@ mod tests {
                 assert_eq!((out.dims(), out.dtype()), (&[b, l, h * d][..], DType::BF16));
                 out.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
             };
-            let (fast, wide) = (run(&v, KernelSet::Avx512), run(&v, KernelSet::Avx2));
+            let wide = run(&v, KernelSet::Avx2);
             let weight = run(&v.abs().unwrap(), KernelSet::Avx2);
-            for ((&x, &y), &m) in fast.iter().zip(&wide).zip(&weight) {
+            // The AVX-512 BF16 kernels, and the AMX ones where this CPU has them.
+            let fast_sets = cpu::available_sets().into_iter().filter(|&s| s >= KernelSet::Avx512);
+            let fast: Vec<f32> = fast_sets.flat_map(|set| run(&v, set)).collect();
+            for ((&x, &y), &m) in fast.iter().zip(wide.iter().cycle()).zip(weight.iter().cycle()) {
                 assert!(x.is_finite(), "non-finite output");
                 let ulp = bf16_ulp(x.abs().max(y.abs()));
                 let diff = (x - y).abs();
@@ -1418,6 +1576,7 @@ mod tests {
     fn bf16dot_kernels_match_the_materialised_mask_path() {
         for case in bf16dot_cases() {
             check_with(&case, DType::BF16, 2e-2, true, KernelSet::Avx512);
+            check_with(&case, DType::BF16, 2e-2, false, KernelSet::Amx);
         }
     }
 
@@ -1524,17 +1683,29 @@ mod tests {
     #[ignore]
     fn bench_prefill() {
         let dev = Device::Cpu;
-        let (h, t, d) = (32, 2074, 128);
-        let x = || Tensor::randn(0f32, 1.0, (1, h, t, d), &dev).unwrap().to_dtype(DType::BF16).unwrap();
-        let (q, k, v) = (x(), x(), x());
-        let valid = vec![1u32; t];
-        let rules = MaskRules { key_valid: &valid, past: 0, causal: true, sliding_window: None };
-        let flop = 2.0 * 2.0 * (t * t) as f64 / 2.0 * d as f64 * h as f64;
-        for _ in 0..3 {
-            let t0 = std::time::Instant::now();
-            std::hint::black_box(attention(&q, &k, &v, 0.088, &rules).unwrap());
-            let s = t0.elapsed().as_secs_f64();
-            eprintln!("prefill attention: {:.1} ms, {:.0} GFLOP/s", s * 1e3, flop / s / 1e9);
+        // Llama-7B's prefill of a video prompt (causal, one batch row), then CLIP-L's 8 frames
+        // (full attention over 257 tokens, 16 heads of 64).
+        for (b, h, t, d, causal) in [(1, 32, 2074, 128, true), (8, 16, 257, 64, false)] {
+            let x = || Tensor::randn(0f32, 1.0, (b, h, t, d), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+            let (q, k, v) = (x(), x(), x());
+            let valid = vec![1u32; b * t];
+            let rules = MaskRules { key_valid: &valid, past: 0, causal, sliding_window: None };
+            let pairs = if causal { (t * t) as f64 / 2.0 } else { (t * t) as f64 };
+            let flop = 2.0 * 2.0 * pairs * d as f64 * (b * h) as f64;
+            for set in cpu::available_sets().into_iter().filter(|&s| s >= KernelSet::Avx2) {
+                let _g = cpu::force(set);
+                let mut best = f64::MAX;
+                for _ in 0..3 {
+                    let t0 = std::time::Instant::now();
+                    std::hint::black_box(attention(&q, &k, &v, 0.088, &rules).unwrap());
+                    best = best.min(t0.elapsed().as_secs_f64());
+                }
+                eprintln!(
+                    "b={b} h={h} t={t} d={d} causal={causal} {set}: {:.1} ms, {:.0} GFLOP/s",
+                    best * 1e3,
+                    flop / best / 1e9
+                );
+            }
         }
     }
 }

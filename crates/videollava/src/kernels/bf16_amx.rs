@@ -170,8 +170,8 @@ unsafe fn task(c: &Ctx, t0: usize, t1: usize, out: super::bf16_gemm::OutPtr, cbu
     cbuf.resize(nt * tiles_per_block * T * T, 0.0);
     let steps_per_block = KC / KS;
     let cb = cbuf.as_mut_ptr();
-    // SAFETY: the CPU has AMX (caller's contract); `CONFIG` is a valid palette-1 configuration.
-    unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
+    // SAFETY: the CPU has AMX (caller's contract); released at the end of the task.
+    unsafe { configure() };
     for mb0 in (0..c.m_tiles).step_by(tiles_per_block) {
         let mbt = tiles_per_block.min(c.m_tiles - mb0);
         for s0 in (0..c.steps).step_by(steps_per_block) {
@@ -185,7 +185,17 @@ unsafe fn task(c: &Ctx, t0: usize, t1: usize, out: super::bf16_gemm::OutPtr, cbu
                     // a whole tile) or `apack` (tile-contiguous, `ns` steps of 1 KiB), every tile
                     // stored inside `cbuf` (1 KiB each); the tiles are configured above.
                     unsafe {
-                        run_2x2(w0, w1, c.k * 2, at(0), at(1), [ct(0, 0), ct(0, 1), ct(1, 0), ct(1, 1)], ns, s0 == 0)
+                        run_2x2(
+                            [w0.cast(), w1.cast()],
+                            c.k * 2,
+                            [at(0).cast(), at(1).cast()],
+                            64,
+                            1024,
+                            [ct(0, 0), ct(0, 1), ct(1, 0), ct(1, 1)],
+                            64,
+                            ns,
+                            s0 == 0,
+                        )
                     };
                 }
             }
@@ -217,26 +227,29 @@ unsafe fn task(c: &Ctx, t0: usize, t1: usize, out: super::bf16_gemm::OutPtr, cbu
             }
         }
     }
-    // SAFETY: releases the tile state configured above (no tile is used after this).
-    unsafe { asm!("tilerelease", options(nostack, nomem)) };
+    // SAFETY: the CPU has AMX; no tile is used after this.
+    unsafe { release() };
 }
 
-/// `C[j][i] += W_j · A_iᵀ` over `steps` tile steps for two tiles of `W` (`w0`, `w1`: 16 rows,
-/// `w_stride` bytes apart, advancing 64 bytes a step) and two packed tiles of `A` (`a0`, `a1`:
-/// advancing 1 KiB a step); `c` = `[C00, C01, C10, C11]`, 1 KiB tiles of 16 rows of 16 f32,
+/// Two row-major tiles `a0`, `a1` (16 rows `a_stride` bytes apart, 32 BF16 values each;
+/// advancing 64 bytes a step) times two pair-interleaved tiles `b0`, `b1` (16 rows of 16 pairs,
+/// `b_stride` bytes apart; advancing `b_step` bytes a step), summed over `steps` steps into
+/// `c = [C00, C01, C10, C11]` (`C_ji += A_j · B_i`: 16 rows of 16 f32, `c_stride` bytes apart),
 /// loaded first (or zeroed when `fresh`) and stored back.
 ///
 /// # Safety
-/// Tiles configured as [`CONFIG`]; the pointers valid for those reads and writes; `steps >= 1`.
+/// Tiles configured as [`CONFIG`] on this thread; every tile read and written lies in memory the
+/// caller may read (write, for `c`); `steps >= 1`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-unsafe fn run_2x2(
-    w0: *const u16,
-    w1: *const u16,
-    w_stride: usize,
-    a0: *const u32,
-    a1: *const u32,
+pub(crate) unsafe fn run_2x2(
+    a: [*const u8; 2],
+    a_stride: usize,
+    b: [*const u8; 2],
+    b_stride: usize,
+    b_step: usize,
     c: [*mut f32; 4],
+    c_stride: usize,
     steps: usize,
     fresh: bool,
 ) {
@@ -251,33 +264,34 @@ unsafe fn run_2x2(
                 "tileloadd tmm2, [{c2} + {s}]",
                 "tileloadd tmm3, [{c3} + {s}]",
                 c0 = in(reg) c[0], c1 = in(reg) c[1], c2 = in(reg) c[2], c3 = in(reg) c[3],
-                s = in(reg) 64usize,
+                s = in(reg) c_stride,
                 options(nostack, readonly),
             );
         }
         asm!(
             "2:",
-            "tileloadd tmm4, [{w0} + {ws}]",
-            "tileloadd tmm6, [{a0} + {s64}]",
+            "tileloadd tmm4, [{a0} + {as_}]",
+            "tileloadd tmm6, [{b0} + {bs}]",
             "tdpbf16ps tmm0, tmm4, tmm6",
-            "tileloadd tmm7, [{a1} + {s64}]",
+            "tileloadd tmm7, [{b1} + {bs}]",
             "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm5, [{w1} + {ws}]",
+            "tileloadd tmm5, [{a1} + {as_}]",
             "tdpbf16ps tmm2, tmm5, tmm6",
             "tdpbf16ps tmm3, tmm5, tmm7",
-            "add {w0}, 64",
-            "add {w1}, 64",
-            "add {a0}, 1024",
-            "add {a1}, 1024",
+            "add {a0}, 64",
+            "add {a1}, 64",
+            "add {b0}, {bstep}",
+            "add {b1}, {bstep}",
             "dec {n}",
             "jnz 2b",
-            w0 = inout(reg) w0 => _,
-            w1 = inout(reg) w1 => _,
-            a0 = inout(reg) a0 => _,
-            a1 = inout(reg) a1 => _,
+            a0 = inout(reg) a[0] => _,
+            a1 = inout(reg) a[1] => _,
+            b0 = inout(reg) b[0] => _,
+            b1 = inout(reg) b[1] => _,
             n = inout(reg) steps => _,
-            ws = in(reg) w_stride,
-            s64 = in(reg) 64usize,
+            as_ = in(reg) a_stride,
+            bs = in(reg) b_stride,
+            bstep = in(reg) b_step,
             options(nostack, readonly),
         );
         asm!(
@@ -286,8 +300,28 @@ unsafe fn run_2x2(
             "tilestored [{c2} + {s}], tmm2",
             "tilestored [{c3} + {s}], tmm3",
             c0 = in(reg) c[0], c1 = in(reg) c[1], c2 = in(reg) c[2], c3 = in(reg) c[3],
-            s = in(reg) 64usize,
+            s = in(reg) c_stride,
             options(nostack),
         );
     }
+}
+
+/// Configures the 8 tiles as [`CONFIG`] on this thread.
+///
+/// # Safety
+/// The CPU has AMX and the process may use the tiles ([`applies`] held); pair with [`release`].
+#[inline(always)]
+pub(crate) unsafe fn configure() {
+    // SAFETY: the caller's contract; `CONFIG` is a valid palette-1 configuration.
+    unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
+}
+
+/// Releases the tile state of this thread (after [`configure`]).
+///
+/// # Safety
+/// The CPU has AMX.
+#[inline(always)]
+pub(crate) unsafe fn release() {
+    // SAFETY: the caller's contract.
+    unsafe { asm!("tilerelease", options(nostack, nomem)) };
 }
