@@ -43,6 +43,10 @@ const KC: usize = 512;
 const T: usize = 16;
 const KS: usize = 32;
 
+/// Packed `A`, kept between calls, and the largest kept (u32 elements: 256 MiB).
+static A_PACK: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+const A_CACHE_MAX: usize = 64 << 20;
+
 thread_local! {
     /// A task's partial `Cᵀ` tiles, reused by the tasks run on this thread.
     static CBUF: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
@@ -84,7 +88,19 @@ pub(crate) unsafe fn matmul(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, 
     // Even tile counts, so that every pair of tiles exists (the extra ones are zeros).
     let m_tiles = m.div_ceil(T).next_multiple_of(2);
     let n_tiles = n.div_ceil(T).next_multiple_of(2);
-    let mut apack = vec![0u32; m_tiles * steps * T * T];
+    // The buffer is kept between calls (fresh pages cost more than the packing, which writes
+    // every element); a concurrent call, or a very large one, gets a buffer of its own.
+    let len = m_tiles * steps * T * T;
+    let mut cached = if len <= A_CACHE_MAX { A_PACK.try_lock().ok() } else { None };
+    let mut own = Vec::new();
+    let apack: &mut Vec<u32> = match cached.as_deref_mut() {
+        Some(v) => v,
+        None => &mut own,
+    };
+    if apack.len() < len {
+        apack.resize(len, 0);
+    }
+    let apack = &mut apack[..len];
     apack.par_chunks_mut(steps * T * T).enumerate().for_each(|(mt, dst)| {
         // SAFETY: the CPU has AVX-512 (caller's contract).
         unsafe { pack_a(a, m, k, mt, dst) };
@@ -96,7 +112,7 @@ pub(crate) unsafe fn matmul(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, 
     wtail[..(n - tail0) * k].copy_from_slice(&w[tail0 * k..]);
     let stripes = n_tiles.div_ceil(NS / T);
     let outp = super::bf16_gemm::OutPtr::new(out);
-    let ctx = Ctx { apack: &apack, m, m_tiles, steps, w, wtail: &wtail, tail0, n, k };
+    let ctx = Ctx { apack, m, m_tiles, steps, w, wtail: &wtail, tail0, n, k };
     (0..stripes).into_par_iter().for_each(|s| {
         let (t0, t1) = (s * NS / T, n_tiles.min((s + 1) * NS / T));
         CBUF.with(|cell| match cell.try_borrow_mut() {
@@ -176,9 +192,26 @@ unsafe fn task(c: &Ctx, t0: usize, t1: usize, out: super::bf16_gemm::OutPtr, cbu
         let mbt = tiles_per_block.min(c.m_tiles - mb0);
         for s0 in (0..c.steps).step_by(steps_per_block) {
             let ns = steps_per_block.min(c.steps - s0);
+            // The pair of `W` tiles after each one (the next `k` block's first, or the next row
+            // block's, after the last), prefetched while the current pair runs: its 32 rows'
+            // `64 * steps` bytes come from memory in short runs the hardware prefetcher misses.
+            let next_s0 = if s0 + ns < c.steps { s0 + ns } else { 0 };
+            let next_ns = steps_per_block.min(c.steps - next_s0);
+            let last_block = mb0 + tiles_per_block >= c.m_tiles && s0 + ns >= c.steps;
             for jp in (0..nt).step_by(2) {
                 let (w0, w1) = (c.w_tile(t0 + jp, s0), c.w_tile(t0 + jp + 1, s0));
+                let (pj, ps, pn) = if jp + 2 < nt { (jp + 2, s0, ns) } else { (0, next_s0, next_ns) };
+                let prefetch = jp + 2 < nt || !last_block;
+                let lines = 2 * T * pn;
+                let per_ip = lines.div_ceil(mbt.div_ceil(2));
                 for ip in (0..mbt).step_by(2) {
+                    if prefetch {
+                        for l in (ip / 2) * per_ip..lines.min((ip / 2 + 1) * per_ip) {
+                            let (r, q) = (l / pn, l % pn);
+                            let line = c.w_tile(t0 + pj + r / T, ps).wrapping_add((r % T) * c.k + q * KS);
+                            _mm_prefetch::<_MM_HINT_T0>(line.cast());
+                        }
+                    }
                     let at = |i: usize| c.apack[((mb0 + ip + i) * c.steps + s0) * T * T..].as_ptr();
                     let ct = |j: usize, i: usize| cb.wrapping_add(((jp + j) * tiles_per_block + ip + i) * T * T);
                     // SAFETY: every tile read lies inside `w`/`wtail` (16 rows of `k` values from
