@@ -78,3 +78,41 @@ pub(crate) fn matmul<G: QGemm>(x: &[f32], m: usize, w: &[u8], n: usize, k: usize
         Kernel::Avx512 => unsafe { G::avx512(x, m, w, n, k, out) },
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::kernels::{q4k_gemm, q8_gemm};
+
+    /// The message `f` panics with.
+    fn panic_message(f: impl FnOnce() + std::panic::UnwindSafe) -> String {
+        let err = std::panic::catch_unwind(f).expect_err("no panic");
+        match (err.downcast_ref::<String>(), err.downcast_ref::<&str>()) {
+            (Some(s), _) => s.clone(),
+            (None, Some(s)) => s.to_string(),
+            (None, None) => String::new(),
+        }
+    }
+
+    /// Each shape mismatch panics with a message that names the function and the problem,
+    /// for both formats.
+    #[test]
+    fn bad_shapes_panic_naming_the_problem() {
+        type Gemm = fn(&[f32], usize, &[u8], usize, usize, &mut [f32]);
+        let formats: [(Gemm, &str, usize, usize); 2] =
+            [(q8_gemm::matmul_q8_0, "matmul_q8_0", 32, 34), (q4k_gemm::matmul_q4k, "matmul_q4k", 256, 144)];
+        for (gemm, name, qk, block_bytes) in formats {
+            let (m, n, k) = (2, 2, qk);
+            // (len of x, len of w, len of out, k, what the message must say)
+            let cases = [
+                (m * k, n * block_bytes - 1, m * n, k, "expected n*row_bytes".to_string()),
+                (m * k - 1, n * block_bytes, m * n, k, "expected m*k".to_string()),
+                (m * k, n * block_bytes, m * n - 1, k, "expected m*n".to_string()),
+                (m * k / 2, n * block_bytes / 2, m * n, k / 2, format!("is not a multiple of {qk}")),
+            ];
+            for (x_len, w_len, out_len, k, want) in cases {
+                let msg = panic_message(|| gemm(&vec![0.0; x_len], m, &vec![0; w_len], n, k, &mut vec![0.0; out_len]));
+                assert!(msg.starts_with(name) && msg.contains(&want), "{name}: {msg:?} lacks {want:?}");
+            }
+        }
+    }
+}
