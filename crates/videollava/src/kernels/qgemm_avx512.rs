@@ -421,6 +421,7 @@ impl ColumnGroup {
 /// writes within the group's bytes of `dst` and reads within its rows.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn pack_columns(
     w: &[u8],
     row_bytes: usize,
