@@ -17,7 +17,7 @@
 //! resident memory). This is [`super::q8_gemm`]'s int8 GEMM (AVX-512 VNNI `vpdpbusd`) with the
 //! Q4K nibbles as the unsigned operand, reading the compact blocks in place.
 //!
-//! Paths, picked at run time:
+//! Paths, picked at run time (the shape checks and the choice: `kernels::qgemm`):
 //! - AVX-512 F/BW/VL/VNNI: `kernels::qgemm_avx512`'s blocked driver (shared with
 //!   [`super::q8_gemm`]). Activations are quantized once per call and packed into micro-panels
 //!   of 6 rows as `i8`, with the products `d_a · Σ qa` (the block sums of the quantized
@@ -28,7 +28,8 @@
 //!   accumulators) then runs each micro-panel of `W` (in L1) against the row tiles.
 //! - AVX2 + FMA + F16C (no AVX-512 VNNI): `kernels::qgemm_avx2`'s blocked driver over the
 //!   matrix-vector kernels' register-blocked row loops (8 activation rows per weight block
-//!   decoded), the same quantized numbers (exact integer per 32-value block).
+//!   decoded; with AVX-VNNI's 256-bit `vpdpbusd` where the CPU has it, the same bits), the same
+//!   quantized numbers (exact integer per 32-value block).
 //! - Portable (any CPU): the same quantized numbers, integer dot per sub-block, in plain Rust.
 //!
 //! Numerics: each activation row is quantized per 32-value block to Q8_0 exactly as candle's

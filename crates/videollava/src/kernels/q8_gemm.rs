@@ -12,7 +12,7 @@
 //! a 7B Llama on 2 Zen 4 cores; the AVX-512 VNNI `vpdpbusd` (64 u8 × s8 products per
 //! instruction) peaks at about twice the BF16 GEMM's rate.
 //!
-//! Paths, picked at run time:
+//! Paths, picked at run time (the shape checks and the choice: `kernels::qgemm`):
 //! - AVX-512 F/BW/VL/VNNI: `kernels::qgemm_avx512`'s blocked driver (shared with
 //!   [`super::q4k_gemm`]). Activations are quantized once per call and packed into micro-panels
 //!   of 6 rows as `u8` (`qa + 128`); each task packs its stripe of `W` (this module) as
@@ -22,7 +22,8 @@
 //!   accumulators) then runs each micro-panel of `W` (in L1) against the row tiles.
 //! - AVX2 + FMA + F16C (no AVX-512 VNNI): `kernels::qgemm_avx2`'s blocked driver over the
 //!   matrix-vector kernels' register-blocked row loops (8 activation rows per weight block
-//!   decoded), the same quantized numbers (exact integer per 32-value block).
+//!   decoded; with AVX-VNNI's 256-bit `vpdpbusd` where the CPU has it, the same bits), the same
+//!   quantized numbers (exact integer per 32-value block).
 //! - Portable (any CPU): the same quantized numbers, integer dot per block, in plain Rust.
 //!
 //! Numerics: as candle's CPU quantized matmul for Q8_0 weights (ggml `vec_dot_q8_0_q8_0`):

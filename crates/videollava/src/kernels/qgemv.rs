@@ -1607,9 +1607,9 @@ mod tests {
         n: usize,
         k: usize,
     ) -> Vec<u32> {
-        let vnni = set == cpu::KernelSet::AvxVnni && crate::kernels::testing::avx_vnni_reachable();
         let _g = cpu::force(set);
-        if vnni {
+        #[cfg(target_arch = "x86_64")]
+        if set == cpu::KernelSet::AvxVnni && crate::kernels::testing::avx_vnni_reachable() {
             assert_eq!(Kernel::detect(), Kernel::AvxVnni);
         }
         let mut out = vec![f32::NAN; rows * n];

@@ -57,6 +57,7 @@ pub(crate) fn check_gemm(
 
 /// Whether forcing [`KernelSet::AvxVnni`] runs the AVX-VNNI forms of the AVX2 kernels on this
 /// thread: the CPU has AVX-VNNI and `VIDEOLLAVA_KERNELS` leaves it.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn avx_vnni_reachable() -> bool {
     let _g = cpu::force(KernelSet::AvxVnni);
     cpu::features().avx_vnni
