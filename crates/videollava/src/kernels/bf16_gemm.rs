@@ -749,26 +749,14 @@ mod tests {
         widen(b) as f64
     }
 
-    /// Largest violation of `|out - ref| <= 1e-5 * Σ|a w| + 1e-6` (f64 reference), as
-    /// `Err((i, j, got, want))`.
+    /// First violation of `|out - ref| <= 1e-5 * Σ|a w| + 1e-6` (f64 reference,
+    /// [`crate::kernels::testing::check_gemm`]), as `Err((i, j, got, want))`.
     fn check(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, out: &[f32]) -> Result<(), (usize, usize, f32, f64)> {
-        for i in 0..m {
-            for j in 0..n {
-                let (mut s, mut abs) = (0f64, 0f64);
-                for p in 0..k {
-                    let v = widen64(a[i * k + p]) * widen64(w[j * k + p]);
-                    s += v;
-                    abs += v.abs();
-                }
-                let got = out[i * n + j];
-                // Written so that a NaN fails.
-                if (got as f64 - s).abs() <= 1e-5 * abs + 1e-6 {
-                    continue;
-                }
-                return Err((i, j, got, s));
-            }
-        }
-        Ok(())
+        crate::kernels::testing::check_gemm(out, m, n, 1e-6, |i, j| {
+            (0..k)
+                .map(|p| widen64(a[i * k + p]) * widen64(w[j * k + p]))
+                .fold((0f64, 0f64), |(s, abs), v| (s + v, abs + v.abs()))
+        })
     }
 
     /// `matmul_bf16` on the calling thread's kernel set against the f64 reference.

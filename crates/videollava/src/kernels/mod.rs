@@ -8,9 +8,9 @@
 //! - [`bf16_gemm`]: BF16 matrix products with f32 accumulation (AVX-512 BF16, portable; on AMX
 //!   tiles in `bf16_amx`);
 //! - [`qgemv`]: matrix-vector products over GGML Q4K / Q6K / Q8_0 blocks (quantized decoding);
-//! - [`q8_gemm`], [`q4k_gemm`]: int8 GEMMs over Q8_0 / Q4K blocks (quantized prefill; the
-//!   blocked drivers shared by both formats: AVX-512 VNNI in `qgemm_avx512`, AVX2 in
-//!   `qgemm_avx2`);
+//! - [`q8_gemm`], [`q4k_gemm`]: int8 GEMMs over Q8_0 / Q4K blocks (quantized prefill; shared by
+//!   both formats: the entry in `qgemm`, the blocked drivers for AVX-512 VNNI in `qgemm_avx512`
+//!   and for AVX2 / AVX-VNNI in `qgemm_avx2`);
 //! - [`fused`]: one-pass BF16 element-wise ops (norms, SiLU·up, RoPE, residual adds, linear outputs);
 //! - [`attention`]: fused attention with the masking rules applied while scoring;
 //! - [`kv_quant`]: the 8-bit key/value format and its decode attention.
@@ -24,6 +24,20 @@
 /// Calls `$f::<R>` with the activation row count as a compile-time constant.
 #[cfg_attr(not(target_arch = "x86_64"), allow(unused_macros))]
 macro_rules! by_rows {
+    // `$f::<$g, R>`: a kernel with one more leading const generic.
+    ($rows:expr, $f:ident::<$g:tt>($($a:expr),*)) => {
+        match $rows {
+            1 => $f::<$g, 1>($($a),*),
+            2 => $f::<$g, 2>($($a),*),
+            3 => $f::<$g, 3>($($a),*),
+            4 => $f::<$g, 4>($($a),*),
+            5 => $f::<$g, 5>($($a),*),
+            6 => $f::<$g, 6>($($a),*),
+            7 => $f::<$g, 7>($($a),*),
+            8 => $f::<$g, 8>($($a),*),
+            _ => unreachable!("rows (1..=8) checked by the caller"),
+        }
+    };
     ($rows:expr, $f:ident($($a:expr),*)) => {
         match $rows {
             1 => $f::<1>($($a),*),
@@ -51,6 +65,7 @@ pub(crate) mod fused;
 pub(crate) mod kv_quant;
 pub(crate) mod q4k_gemm;
 pub(crate) mod q8_gemm;
+mod qgemm;
 #[cfg(target_arch = "x86_64")]
 mod qgemm_avx2;
 #[cfg(target_arch = "x86_64")]

@@ -17,7 +17,7 @@
 //! resident memory). This is [`super::q8_gemm`]'s int8 GEMM (AVX-512 VNNI `vpdpbusd`) with the
 //! Q4K nibbles as the unsigned operand, reading the compact blocks in place.
 //!
-//! Paths, picked at run time:
+//! Paths, picked at run time (the shape checks and the choice: `kernels::qgemm`):
 //! - AVX-512 F/BW/VL/VNNI: `kernels::qgemm_avx512`'s blocked driver (shared with
 //!   [`super::q8_gemm`]). Activations are quantized once per call and packed into micro-panels
 //!   of 6 rows as `i8`, with the products `d_a · Σ qa` (the block sums of the quantized
@@ -28,7 +28,8 @@
 //!   accumulators) then runs each micro-panel of `W` (in L1) against the row tiles.
 //! - AVX2 + FMA + F16C (no AVX-512 VNNI): `kernels::qgemm_avx2`'s blocked driver over the
 //!   matrix-vector kernels' register-blocked row loops (8 activation rows per weight block
-//!   decoded), the same quantized numbers (exact integer per 32-value block).
+//!   decoded; with AVX-VNNI's 256-bit `vpdpbusd` where the CPU has it, the same bits), the same
+//!   quantized numbers (exact integer per 32-value block).
 //! - Portable (any CPU): the same quantized numbers, integer dot per sub-block, in plain Rust.
 //!
 //! Numerics: each activation row is quantized per 32-value block to Q8_0 exactly as candle's
@@ -44,6 +45,7 @@
 //! activations (about `m · k · 1.25` bytes) are kept between calls, and each rayon thread keeps
 //! its packed stripe of `W` (`256 · k · 1.25` bytes).
 
+use super::qgemm::QGemm;
 use super::qgemv::{q4k_scales_mins, ActQ80, Kernel};
 use half::f16;
 use rayon::prelude::*;
@@ -64,57 +66,38 @@ const SUBS: usize = QK_K / QK;
 ///
 /// Panics when `k` is not a multiple of 256 or a slice length does not match its shape.
 pub fn matmul_q4k(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
-    matmul_q4k_checked(x, m, w, n, k, out);
+    super::qgemm::matmul::<Q4K>(x, m, w, n, k, out);
 }
 
-/// Whether [`matmul_q4k`] uses a SIMD path (AVX-512 VNNI or AVX2) on the calling thread
-/// ([`super::cpu::features`]).
+/// Whether [`matmul_q4k`] uses a SIMD path (AVX-512 VNNI, AVX-VNNI or AVX2) on the calling
+/// thread ([`super::cpu::features`]).
 pub fn has_fast_path() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        Kernel::detect() != Kernel::Scalar
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    super::qgemm::has_fast_path()
 }
 
-fn matmul_q4k_checked(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
-    assert!(k.is_multiple_of(QK_K), "matmul_q4k: k = {k} is not a multiple of {QK_K}");
-    assert!(m.checked_mul(k) == Some(x.len()), "matmul_q4k: `x` has {} elements, expected m*k = {m}*{k}", x.len());
-    let row_bytes = k / QK_K * BLOCK_BYTES;
-    assert!(
-        n.checked_mul(row_bytes) == Some(w.len()),
-        "matmul_q4k: `w` has {} bytes, expected n*row_bytes = {n}*{row_bytes}",
-        w.len()
-    );
-    assert!(
-        m.checked_mul(n) == Some(out.len()),
-        "matmul_q4k: `out` has {} elements, expected m*n = {m}*{n}",
-        out.len()
-    );
-    if m == 0 || n == 0 {
-        return;
+/// The Q4K weight format of the int8 GEMMs.
+pub(crate) struct Q4K;
+
+impl QGemm for Q4K {
+    const NAME: &'static str = "matmul_q4k";
+    const BLOCK_VALUES: usize = QK_K;
+    const BLOCK_BYTES: usize = BLOCK_BYTES;
+
+    fn portable(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
+        portable(x, m, w, n, k, out);
     }
-    if k == 0 {
-        out.fill(0.0);
-        return;
-    }
+
     #[cfg(target_arch = "x86_64")]
-    if Kernel::detect() == Kernel::Avx2 {
-        // SAFETY: Kernel::Avx2 means the CPU has AVX2, FMA and F16C; the shapes are checked above.
-        unsafe { super::qgemm_avx2::q4k(x, m, w, n, k, out) };
-        return;
+    unsafe fn avx2(vnni: bool, x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
+        // SAFETY: the trait's contract (features and shapes).
+        unsafe { super::qgemm_avx2::q4k(vnni, x, m, w, n, k, out) }
     }
+
     #[cfg(target_arch = "x86_64")]
-    if Kernel::detect() == Kernel::Avx512 {
-        // SAFETY: the CPU has the features the kernels are compiled for (checked just above), the
-        // slice lengths match the shapes (asserted above) and k >= 256.
-        unsafe { super::qgemm_avx512::gemm::<avx512::Q4K>(x, m, w, n, k, out) };
-        return;
+    unsafe fn avx512(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
+        // SAFETY: the trait's contract (features and shapes).
+        unsafe { super::qgemm_avx512::gemm::<Q4K>(x, m, w, n, k, out) }
     }
-    portable(x, m, w, n, k, out);
 }
 
 /// The f16 at `b[0..2]` (little-endian), as f32.
@@ -172,13 +155,12 @@ fn portable(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) 
 // Register-blocked kernels index their accumulator arrays by loop counters on purpose.
 #[allow(clippy::needless_range_loop)]
 mod avx512 {
-    use super::{BLOCK_BYTES, QK_K, SUBS};
-    use crate::kernels::qgemm_avx512::{store_tile, Format, A_D, A_DSUM, MR, NR, NV};
+    use super::{BLOCK_BYTES, Q4K, QK_K, SUBS};
+    use crate::kernels::qgemm_avx512::{pack_columns, store_tile, Format, A_D, A_DSUM, MR, NR, NV};
     use core::arch::x86_64::*;
 
-    /// Q4K weights for [`crate::kernels::qgemm_avx512`]: the nibbles as the unsigned operand
-    /// (`u8`), activations as `i8` with their block sums `d_a · Σ qa` for the min term.
-    pub(super) struct Q4K;
+    // Q4K weights for [`crate::kernels::qgemm_avx512`]: the nibbles as the unsigned operand
+    // (`u8`), activations as `i8` with their block sums `d_a · Σ qa` for the min term.
 
     /// Bytes of one block of a packed weight micro-panel: 8 k-quads × `NR` columns × 4 `u8`, then
     /// `NR` f32 scales `d · sc`, then `NR` f32 mins `dmin · mn`.
@@ -208,54 +190,29 @@ mod avx512 {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
         #[allow(clippy::too_many_arguments)]
         unsafe fn pack_w(w: &[u8], row_bytes: usize, j0: usize, valid: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
+            assert!(pc.is_multiple_of(SUBS) && kcb.is_multiple_of(SUBS), "pack_w: whole Q4K blocks");
+            assert!((pc + kcb) / SUBS * BLOCK_BYTES <= row_bytes, "pack_w: range");
+            let m4 = _mm512_set1_epi8(0x0F);
+            let (k1, k2, k3) =
+                (_mm512_set1_epi32(0x3f3f3f3f), _mm512_set1_epi32(0x0f0f0f0f), _mm512_set1_epi32(0x03030303));
+            let byte = _mm512_set1_epi32(0xff);
             // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
-            // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+            // features it is compiled for; the blocks read lie within the rows (asserted above
+            // and by `pack_columns`) and the stores within the group's bytes of `dst`.
             unsafe {
-                assert!(valid <= NR && dst.len() == kcb * W_BLK, "pack_w: sizes");
-                assert!(pc.is_multiple_of(SUBS) && kcb.is_multiple_of(SUBS), "pack_w: whole Q4K blocks");
-                assert!(
-                    (j0 + valid) * row_bytes <= w.len() && (pc + kcb) / SUBS * BLOCK_BYTES <= row_bytes,
-                    "pack_w: range"
-                );
-                let m4 = _mm512_set1_epi8(0x0F);
-                let (k1, k2, k3) =
-                    (_mm512_set1_epi32(0x3f3f3f3f), _mm512_set1_epi32(0x0f0f0f0f), _mm512_set1_epi32(0x03030303));
-                let byte = _mm512_set1_epi32(0xff);
-                let d = dst.as_mut_ptr();
-                for g in 0..NV {
-                    let cols = valid.saturating_sub(16 * g).min(16);
-                    let mask: u16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
-                    if cols == 0 {
-                        for b in 0..kcb {
-                            let blk = d.add(b * W_BLK);
-                            for quad in 0..8 {
-                                _mm512_storeu_si512(blk.add(quad * NR * 4 + 64 * g) as *mut _, _mm512_setzero_si512());
-                            }
-                            _mm512_storeu_si512(blk.add(W_SCALE + 64 * g) as *mut _, _mm512_setzero_si512());
-                            _mm512_storeu_si512(blk.add(W_MIN + 64 * g) as *mut _, _mm512_setzero_si512());
-                        }
-                        continue;
-                    }
-                    // Byte offsets of the 16 columns' rows (masked-off lanes are not read).
-                    let idx = _mm512_mullo_epi32(
-                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                        _mm512_set1_epi32(row_bytes as i32),
-                    );
-                    let gather = |p: *const u8| {
-                        _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, idx, p as *const i32)
-                    };
-                    let base = w.as_ptr().add((j0 + 16 * g) * row_bytes);
+                pack_columns(w, row_bytes, j0, valid, kcb, W_BLK, dst, |cg| {
+                    let g = cg.g;
                     for bq in 0..kcb / SUBS {
-                        let src = base.add((pc / SUBS + bq) * BLOCK_BYTES);
-                        let sb = d.add(bq * SUBS * W_BLK);
+                        let src = cg.base.add((pc / SUBS + bq) * BLOCK_BYTES);
+                        let sb = cg.dst.add(bq * SUBS * W_BLK);
                         // d and dmin (the block's first dword), then the 12 scale bytes as 3 dwords,
                         // decoded as `q4k_scales_mins` for 16 columns at once.
-                        let dd = gather(src);
+                        let dd = cg.gather(src);
                         let dv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dd));
                         let dminv = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(dd)));
-                        let u0 = gather(src.add(4));
-                        let u1 = gather(src.add(8));
-                        let u2 = gather(src.add(12));
+                        let u0 = cg.gather(src.add(4));
+                        let u1 = cg.gather(src.add(8));
+                        let u2 = cg.gather(src.add(12));
                         let sc = [
                             _mm512_and_si512(u0, k1),
                             _mm512_or_si512(
@@ -282,7 +239,7 @@ mod avx512 {
                         // qs: chunk c (32 bytes) holds sub-blocks 2c (low nibbles) and 2c + 1 (high).
                         for c in 0..SUBS / 2 {
                             for quad in 0..8 {
-                                let v = gather(src.add(16 + 32 * c + 4 * quad));
+                                let v = cg.gather(src.add(16 + 32 * c + 4 * quad));
                                 let lo = _mm512_and_si512(v, m4);
                                 let hi = _mm512_and_si512(_mm512_srli_epi32::<4>(v), m4);
                                 _mm512_storeu_si512(sb.add(2 * c * W_BLK + quad * NR * 4 + 64 * g) as *mut _, lo);
@@ -290,7 +247,7 @@ mod avx512 {
                             }
                         }
                     }
-                }
+                });
             }
         }
 
@@ -367,7 +324,7 @@ mod tests {
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Module, Tensor};
 
-    use crate::kernels::testing::{simd_sets, values_with_outliers, Rng};
+    use crate::kernels::testing::{check_gemm, simd_sets, values_with_outliers, Rng};
 
     /// Activations in about ±1, with outliers, and one all-zero block when there is room.
     fn activations(len: usize, seed: u64) -> Vec<f32> {
@@ -432,37 +389,28 @@ mod tests {
     }
 
     /// f64 reference from the same quantized activations (Q8_0, scalar quantizer) and the exact
-    /// weights: `Ok` when every `|out - ref| <= 1e-5 · Σ |terms| + 1e-30` (terms: `d_a · dsc ·
-    /// isum` and `d_a · dmn · Σ qa` per block), else the first violation `(i, j, got, want)`.
+    /// weights ([`check_gemm`]; terms: `d_a · dsc · isum` and `d_a · dmn · Σ qa` per block).
     fn check(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &[f32]) -> Result<(), (usize, usize, f32, f64)> {
         let nb = k / QK;
         let row_bytes = k / QK_K * BLOCK_BYTES;
         let act = ActQ80::quantize(Kernel::Scalar, x, m, nb);
         let decoded: Vec<_> = w.chunks_exact(BLOCK_BYTES).map(decode).collect();
-        for i in 0..m {
-            for j in 0..n {
-                let (mut s, mut abs) = (0f64, 0f64);
-                for b in 0..nb {
-                    let (q, dsc, dmn) = &decoded[j * row_bytes / BLOCK_BYTES + b / SUBS];
-                    let o = i * act.nb_pad + b;
-                    let qa = &act.qs[o * QK..(o + 1) * QK];
-                    let qw = &q[b % SUBS * QK..][..QK];
-                    let isum: i64 = qa.iter().zip(qw).map(|(&a, &q)| a as i64 * q as i64).sum();
-                    let asum: i64 = qa.iter().map(|&a| a as i64).sum();
-                    let da = act.dvec[o * 8] as f64;
-                    let (t1, t2) = (da * dsc[b % SUBS] * isum as f64, da * dmn[b % SUBS] * asum as f64);
-                    s += t1 - t2;
-                    abs += t1.abs() + t2.abs();
-                }
-                let got = out[i * n + j];
-                // Written so that a NaN fails.
-                if (got as f64 - s).abs() <= 1e-5 * abs + 1e-30 {
-                    continue;
-                }
-                return Err((i, j, got, s));
+        check_gemm(out, m, n, 1e-30, |i, j| {
+            let (mut s, mut abs) = (0f64, 0f64);
+            for b in 0..nb {
+                let (q, dsc, dmn) = &decoded[j * row_bytes / BLOCK_BYTES + b / SUBS];
+                let o = i * act.nb_pad + b;
+                let qa = &act.qs[o * QK..(o + 1) * QK];
+                let qw = &q[b % SUBS * QK..][..QK];
+                let isum: i64 = qa.iter().zip(qw).map(|(&a, &q)| a as i64 * q as i64).sum();
+                let asum: i64 = qa.iter().map(|&a| a as i64).sum();
+                let da = act.dvec[o * 8] as f64;
+                let (t1, t2) = (da * dsc[b % SUBS] * isum as f64, da * dmn[b % SUBS] * asum as f64);
+                s += t1 - t2;
+                abs += t1.abs() + t2.abs();
             }
-        }
-        Ok(())
+            (s, abs)
+        })
     }
 
     fn run(m: usize, n: usize, k: usize, set: KernelSet) {
@@ -650,34 +598,6 @@ mod tests {
             *b = b.rotate_left(4);
         }
         assert!(check(&x, m, &w2, n, k, &out).is_err());
-    }
-
-    #[test]
-    #[should_panic(expected = "expected n*row_bytes")]
-    fn wrong_weight_length_panics() {
-        let mut out = vec![0f32; 4];
-        matmul_q4k(&[0.0; 512], 2, &[0; 287], 2, 256, &mut out);
-    }
-
-    #[test]
-    #[should_panic(expected = "expected m*k")]
-    fn wrong_activation_length_panics() {
-        let mut out = vec![0f32; 4];
-        matmul_q4k(&[0.0; 511], 2, &[0; 288], 2, 256, &mut out);
-    }
-
-    #[test]
-    #[should_panic(expected = "expected m*n")]
-    fn wrong_output_length_panics() {
-        let mut out = vec![0f32; 3];
-        matmul_q4k(&[0.0; 512], 2, &[0; 288], 2, 256, &mut out);
-    }
-
-    #[test]
-    #[should_panic(expected = "not a multiple of 256")]
-    fn bad_k_panics() {
-        let mut out = vec![0f32; 1];
-        matmul_q4k(&[0.0; 128], 1, &[0; 72], 1, 128, &mut out);
     }
 
     /// Prefill shapes of a 7B Llama (m = 2074): ours vs candle's `QMatMul`.

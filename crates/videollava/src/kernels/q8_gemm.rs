@@ -12,7 +12,7 @@
 //! a 7B Llama on 2 Zen 4 cores; the AVX-512 VNNI `vpdpbusd` (64 u8 × s8 products per
 //! instruction) peaks at about twice the BF16 GEMM's rate.
 //!
-//! Paths, picked at run time:
+//! Paths, picked at run time (the shape checks and the choice: `kernels::qgemm`):
 //! - AVX-512 F/BW/VL/VNNI: `kernels::qgemm_avx512`'s blocked driver (shared with
 //!   [`super::q4k_gemm`]). Activations are quantized once per call and packed into micro-panels
 //!   of 6 rows as `u8` (`qa + 128`); each task packs its stripe of `W` (this module) as
@@ -22,7 +22,8 @@
 //!   accumulators) then runs each micro-panel of `W` (in L1) against the row tiles.
 //! - AVX2 + FMA + F16C (no AVX-512 VNNI): `kernels::qgemm_avx2`'s blocked driver over the
 //!   matrix-vector kernels' register-blocked row loops (8 activation rows per weight block
-//!   decoded), the same quantized numbers (exact integer per 32-value block).
+//!   decoded; with AVX-VNNI's 256-bit `vpdpbusd` where the CPU has it, the same bits), the same
+//!   quantized numbers (exact integer per 32-value block).
 //! - Portable (any CPU): the same quantized numbers, integer dot per block, in plain Rust.
 //!
 //! Numerics: as candle's CPU quantized matmul for Q8_0 weights (ggml `vec_dot_q8_0_q8_0`):
@@ -36,6 +37,7 @@
 //! are kept between calls, and each rayon thread keeps its packed stripe of `W`
 //! (`256 · k · 1.25` bytes).
 
+use super::qgemm::QGemm;
 use super::qgemv::{ActQ80, Kernel};
 use half::f16;
 use rayon::prelude::*;
@@ -52,57 +54,38 @@ const BLOCK_BYTES: usize = 34;
 ///
 /// Panics when `k` is not a multiple of 32 or a slice length does not match its shape.
 pub fn matmul_q8_0(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
-    matmul_q8_0_checked(x, m, w, n, k, out);
+    super::qgemm::matmul::<Q8_0>(x, m, w, n, k, out);
 }
 
-/// Whether [`matmul_q8_0`] uses a SIMD path (AVX-512 VNNI or AVX2) on the calling thread
-/// ([`super::cpu::features`]).
+/// Whether [`matmul_q8_0`] uses a SIMD path (AVX-512 VNNI, AVX-VNNI or AVX2) on the calling
+/// thread ([`super::cpu::features`]).
 pub fn has_fast_path() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        Kernel::detect() != Kernel::Scalar
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        false
-    }
+    super::qgemm::has_fast_path()
 }
 
-fn matmul_q8_0_checked(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
-    assert!(k.is_multiple_of(QK), "matmul_q8_0: k = {k} is not a multiple of {QK}");
-    assert!(m.checked_mul(k) == Some(x.len()), "matmul_q8_0: `x` has {} elements, expected m*k = {m}*{k}", x.len());
-    let row_bytes = k / QK * BLOCK_BYTES;
-    assert!(
-        n.checked_mul(row_bytes) == Some(w.len()),
-        "matmul_q8_0: `w` has {} bytes, expected n*row_bytes = {n}*{row_bytes}",
-        w.len()
-    );
-    assert!(
-        m.checked_mul(n) == Some(out.len()),
-        "matmul_q8_0: `out` has {} elements, expected m*n = {m}*{n}",
-        out.len()
-    );
-    if m == 0 || n == 0 {
-        return;
+/// The Q8_0 weight format of the int8 GEMMs.
+pub(crate) struct Q8_0;
+
+impl QGemm for Q8_0 {
+    const NAME: &'static str = "matmul_q8_0";
+    const BLOCK_VALUES: usize = QK;
+    const BLOCK_BYTES: usize = BLOCK_BYTES;
+
+    fn portable(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
+        portable(x, m, w, n, k, out);
     }
-    if k == 0 {
-        out.fill(0.0);
-        return;
-    }
+
     #[cfg(target_arch = "x86_64")]
-    if Kernel::detect() == Kernel::Avx2 {
-        // SAFETY: Kernel::Avx2 means the CPU has AVX2, FMA and F16C; the shapes are checked above.
-        unsafe { super::qgemm_avx2::q8_0(x, m, w, n, k, out) };
-        return;
+    unsafe fn avx2(vnni: bool, x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
+        // SAFETY: the trait's contract (features and shapes).
+        unsafe { super::qgemm_avx2::q8_0(vnni, x, m, w, n, k, out) }
     }
+
     #[cfg(target_arch = "x86_64")]
-    if Kernel::detect() == Kernel::Avx512 {
-        // SAFETY: the CPU has the features the kernels are compiled for (checked just above), the
-        // slice lengths match the shapes (asserted above) and k >= 32.
-        unsafe { super::qgemm_avx512::gemm::<avx512::Q8_0>(x, m, w, n, k, out) };
-        return;
+    unsafe fn avx512(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
+        // SAFETY: the trait's contract (features and shapes).
+        unsafe { super::qgemm_avx512::gemm::<Q8_0>(x, m, w, n, k, out) }
     }
-    portable(x, m, w, n, k, out);
 }
 
 /// The f16 scale of the block starting at `blk[0]`, as f32.
@@ -141,13 +124,12 @@ fn portable(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) 
 // Register-blocked kernels index their accumulator arrays by loop counters on purpose.
 #[allow(clippy::needless_range_loop)]
 mod avx512 {
-    use super::{BLOCK_BYTES, QK};
-    use crate::kernels::qgemm_avx512::{store_tile, Format, A_D, MR, NR, NV};
+    use super::{BLOCK_BYTES, Q8_0, QK};
+    use crate::kernels::qgemm_avx512::{pack_columns, store_tile, Format, A_D, MR, NR, NV};
     use core::arch::x86_64::*;
 
-    /// Q8_0 weights for [`crate::kernels::qgemm_avx512`]: activations packed as `qa + 128`
-    /// (`u8`), weights as `i8` with the corrections `-128 · Σ qw` that undo the bias.
-    pub(super) struct Q8_0;
+    // Q8_0 weights for [`crate::kernels::qgemm_avx512`]: activations packed as `qa + 128`
+    // (`u8`), weights as `i8` with the corrections `-128 · Σ qw` that undo the bias.
 
     /// Bytes of one block of a packed weight micro-panel: 8 k-quads × `NR` columns × 4 `i8`, then
     /// `NR` i32 corrections, then `NR` f32 scales.
@@ -176,55 +158,30 @@ mod avx512 {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
         #[allow(clippy::too_many_arguments)]
         unsafe fn pack_w(w: &[u8], row_bytes: usize, j0: usize, valid: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
+            assert!((pc + kcb) * BLOCK_BYTES <= row_bytes, "pack_w: range");
+            let ones = _mm512_set1_epi8(1);
             // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
-            // features it is compiled for, and the pointers and lengths it gets are valid as documented.
+            // features it is compiled for; the blocks read lie within the rows (asserted above
+            // and by `pack_columns`) and the stores within the group's bytes of `dst`.
             unsafe {
-                assert!(valid <= NR && dst.len() == kcb * W_BLK, "pack_w: sizes");
-                assert!((j0 + valid) * row_bytes <= w.len() && (pc + kcb) * BLOCK_BYTES <= row_bytes, "pack_w: range");
-                let ones = _mm512_set1_epi8(1);
-                let d = dst.as_mut_ptr();
-                for g in 0..NV {
-                    let cols = valid.saturating_sub(16 * g).min(16);
-                    let mask: u16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
-                    if cols == 0 {
-                        for b in 0..kcb {
-                            let blk = d.add(b * W_BLK);
-                            for quad in 0..8 {
-                                _mm512_storeu_si512(blk.add(quad * NR * 4 + 64 * g) as *mut _, _mm512_setzero_si512());
-                            }
-                            _mm512_storeu_si512(blk.add(W_CORR + 64 * g) as *mut _, _mm512_setzero_si512());
-                            _mm512_storeu_si512(blk.add(W_SCALE + 64 * g) as *mut _, _mm512_setzero_si512());
-                        }
-                        continue;
-                    }
-                    // Byte offsets of the 16 columns' rows (masked-off lanes are not read).
-                    let idx = _mm512_mullo_epi32(
-                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                        _mm512_set1_epi32(row_bytes as i32),
-                    );
-                    let base = w.as_ptr().add((j0 + 16 * g) * row_bytes);
+                pack_columns(w, row_bytes, j0, valid, kcb, W_BLK, dst, |cg| {
+                    let g = cg.g;
                     for b in 0..kcb {
-                        let src = base.add((pc + b) * BLOCK_BYTES);
-                        let blk = d.add(b * W_BLK);
+                        let src = cg.base.add((pc + b) * BLOCK_BYTES);
+                        let blk = cg.dst.add(b * W_BLK);
                         let mut sum = _mm512_setzero_si512();
                         for quad in 0..8 {
-                            let v = _mm512_mask_i32gather_epi32::<1>(
-                                _mm512_setzero_si512(),
-                                mask,
-                                idx,
-                                src.add(2 + 4 * quad) as *const i32,
-                            );
+                            let v = cg.gather(src.add(2 + 4 * quad));
                             sum = _mm512_dpbusd_epi32(sum, ones, v);
                             _mm512_storeu_si512(blk.add(quad * NR * 4 + 64 * g) as *mut _, v);
                         }
                         let corr = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_slli_epi32::<7>(sum));
                         _mm512_storeu_si512(blk.add(W_CORR + 64 * g) as *mut _, corr);
                         // The dword at the block start: its low half is the f16 scale.
-                        let dv = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), mask, idx, src as *const i32);
-                        let scale = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(dv));
+                        let scale = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(cg.gather(src)));
                         _mm512_storeu_ps(blk.add(W_SCALE + 64 * g) as *mut f32, scale);
                     }
-                }
+                });
             }
         }
 
@@ -301,7 +258,7 @@ mod tests {
     use candle_core::quantized::{k_quants, GgmlDType, QTensor};
     use candle_core::{Device, Module, Tensor};
 
-    use crate::kernels::testing::{simd_sets, values_with_outliers, Rng};
+    use crate::kernels::testing::{check_gemm, simd_sets, values_with_outliers, Rng};
 
     /// Activations in about ±1, with outliers, and one all-zero block when there is room.
     fn activations(len: usize, seed: u64) -> Vec<f32> {
@@ -326,32 +283,24 @@ mod tests {
         w
     }
 
-    /// f64 reference from the same quantized activations and weight integers: `Ok` when every
-    /// `|out - ref| <= 1e-5 · Σ_b |term_b| + 1e-30`, else the first violation `(i, j, got, want)`.
+    /// f64 reference from the same quantized activations and weight integers
+    /// ([`check_gemm`]; terms: `d_w · d_a · isum` per block).
     fn check(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &[f32]) -> Result<(), (usize, usize, f32, f64)> {
         let nb = k / QK;
         let row_bytes = nb * BLOCK_BYTES;
         let act = ActQ80::quantize(Kernel::Scalar, x, m, nb);
-        for i in 0..m {
-            for j in 0..n {
-                let (mut s, mut abs) = (0f64, 0f64);
-                for b in 0..nb {
-                    let blk = &w[j * row_bytes + b * BLOCK_BYTES..][..BLOCK_BYTES];
-                    let o = i * act.nb_pad + b;
-                    let isum: i64 = (0..QK).map(|l| act.qs[o * QK + l] as i64 * blk[2 + l] as i8 as i64).sum::<i64>();
-                    let t = f16_le(blk) as f64 * act.dvec[o * 8] as f64 * isum as f64;
-                    s += t;
-                    abs += t.abs();
-                }
-                let got = out[i * n + j];
-                // Written so that a NaN fails.
-                if (got as f64 - s).abs() <= 1e-5 * abs + 1e-30 {
-                    continue;
-                }
-                return Err((i, j, got, s));
+        check_gemm(out, m, n, 1e-30, |i, j| {
+            let (mut s, mut abs) = (0f64, 0f64);
+            for b in 0..nb {
+                let blk = &w[j * row_bytes + b * BLOCK_BYTES..][..BLOCK_BYTES];
+                let o = i * act.nb_pad + b;
+                let isum: i64 = (0..QK).map(|l| act.qs[o * QK + l] as i64 * blk[2 + l] as i8 as i64).sum::<i64>();
+                let t = f16_le(blk) as f64 * act.dvec[o * 8] as f64 * isum as f64;
+                s += t;
+                abs += t.abs();
             }
-        }
-        Ok(())
+            (s, abs)
+        })
     }
 
     fn run(m: usize, n: usize, k: usize, set: KernelSet) {
@@ -533,34 +482,6 @@ mod tests {
         assert!(check(&x, m, &w, n, k, &out).is_err());
         out[5] = f32::NAN;
         assert!(check(&x, m, &w, n, k, &out).is_err());
-    }
-
-    #[test]
-    #[should_panic(expected = "expected n*row_bytes")]
-    fn wrong_weight_length_panics() {
-        let mut out = vec![0f32; 4];
-        matmul_q8_0(&[0.0; 64], 2, &[0; 67], 2, 32, &mut out);
-    }
-
-    #[test]
-    #[should_panic(expected = "expected m*k")]
-    fn wrong_activation_length_panics() {
-        let mut out = vec![0f32; 4];
-        matmul_q8_0(&[0.0; 63], 2, &[0; 68], 2, 32, &mut out);
-    }
-
-    #[test]
-    #[should_panic(expected = "expected m*n")]
-    fn wrong_output_length_panics() {
-        let mut out = vec![0f32; 3];
-        matmul_q8_0(&[0.0; 64], 2, &[0; 68], 2, 32, &mut out);
-    }
-
-    #[test]
-    #[should_panic(expected = "not a multiple of 32")]
-    fn bad_k_panics() {
-        let mut out = vec![0f32; 1];
-        matmul_q8_0(&[0.0; 48], 1, &[0; 34], 1, 48, &mut out);
     }
 
     /// Prefill shapes of a 7B Llama (m = 2074): ours vs candle's `QMatMul`.

@@ -1,6 +1,8 @@
 //! The AVX2 paths of the int8 GEMMs ([`super::q8_gemm`], [`super::q4k_gemm`]) for CPUs without
-//! AVX-512 VNNI (AMD Zen 1-3, Intel Haswell to Comet Lake): one blocked driver over both block
-//! formats, monomorphised per row kernel.
+//! AVX-512 VNNI (AMD Zen 1-3, Intel Haswell to Comet Lake, and Alder Lake and later cores
+//! without AVX-512): one blocked driver over both block formats, monomorphised per row kernel.
+//! The row kernels' dot products are `maddubs` + `madd`, or where the CPU has AVX-VNNI its
+//! `vpdpbusd` (the same exact integers: see `qgemv::avx2`).
 //!
 //! Conventions as in those modules: `x` f32 `[m, k]`; `w` raw GGML blocks `[n, k]` (`row_bytes`
 //! per row); `out` f32 `[m, n]`, overwritten. Activations are quantized once per call to Q8_0
@@ -14,7 +16,8 @@
 //! is read from memory about `m / ROW_BLOCK` times. Tiles are written to a task buffer, then
 //! copied into `out`.
 
-use super::qgemv::{avx2 as rows, ActQ80, Kernel};
+use super::qgemv::avx2::{self as rows, avx2_forms, dpbusd};
+use super::qgemv::{ActQ80, Kernel};
 use rayon::prelude::*;
 use std::arch::x86_64::*;
 
@@ -73,29 +76,29 @@ where
     }
 }
 
-/// [`super::q8_gemm::matmul_q8_0`] on AVX2 (shapes checked by the caller: `k` a positive
-/// multiple of 32, slices matching).
+/// [`super::q8_gemm::matmul_q8_0`] on AVX2, with AVX-VNNI when `vnni` (shapes checked by the
+/// caller: `k` a positive multiple of 32, slices matching).
 ///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C.
-pub(crate) unsafe fn q8_0(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
+/// The CPU has AVX2, FMA and F16C, and AVX-VNNI when `vnni`.
+pub(crate) unsafe fn q8_0(vnni: bool, x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
     let nb = k / 32;
     let act = ActQ80::quantize(Kernel::Scalar, x, m, nb);
     let nb_pad = act.nb_pad;
     blocked(m, w, n, nb * 34, out, |wp, nw, r0, rows, ot| {
         let qs = &act.qs[r0 * nb_pad * 32..(r0 + rows) * nb_pad * 32];
         let dvec = &act.dvec[r0 * nb_pad * 8..(r0 + rows) * nb_pad * 8];
-        // SAFETY: the CPU has AVX2, FMA and F16C (this function's contract).
-        unsafe { rows::q8_0_slices(wp, nw, rows, qs, dvec, nb_pad, ot) }
+        // SAFETY: the CPU has the features `vnni` names (this function's contract).
+        unsafe { rows::q8_0_slices(vnni, wp, nw, rows, qs, dvec, nb_pad, ot) }
     });
 }
 
-/// [`super::q4k_gemm::matmul_q4k`] on AVX2 (shapes checked by the caller: `k` a positive
-/// multiple of 256, slices matching).
+/// [`super::q4k_gemm::matmul_q4k`] on AVX2, with AVX-VNNI when `vnni` (shapes checked by the
+/// caller: `k` a positive multiple of 256, slices matching).
 ///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C.
-pub(crate) unsafe fn q4k(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
+/// The CPU has AVX2, FMA and F16C, and AVX-VNNI when `vnni`.
+pub(crate) unsafe fn q4k(vnni: bool, x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
     let nb = k / 32;
     let act = ActQ80::quantize(Kernel::Scalar, x, m, nb);
     let nb_pad = act.nb_pad;
@@ -114,8 +117,8 @@ pub(crate) unsafe fn q4k(x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out:
             da: &da[r0 * nb_pad..(r0 + rows) * nb_pad],
             dasum: &dasum[r0 * nb_pad..(r0 + rows) * nb_pad],
         };
-        // SAFETY: the CPU has AVX2, FMA and F16C (this function's contract).
-        unsafe { q4k_rows(wp, nw, rows, &at, ot) }
+        // SAFETY: the CPU has the features `vnni` names (this function's contract).
+        unsafe { q4k_rows(vnni, wp, nw, rows, &at, ot) }
     });
 }
 
@@ -129,8 +132,11 @@ struct ActRows<'a> {
 }
 
 /// Q4K weight rows against Q8_0 activation rows; lengths are checked here.
-#[target_feature(enable = "avx2,fma,f16c")]
-fn q4k_rows(w: &[u8], nw: usize, rows: usize, act: &ActRows, out_t: &mut [f32]) {
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C, and AVX-VNNI when `vnni`.
+unsafe fn q4k_rows(vnni: bool, w: &[u8], nw: usize, rows: usize, act: &ActRows, out_t: &mut [f32]) {
+    assert!((1..=8).contains(&rows), "q4k: rows");
     assert!(nw > 0 && w.len().is_multiple_of(nw * 144), "q4k: weight chunk size");
     let nbk = w.len() / (nw * 144);
     assert!(8 * nbk <= act.nb_pad, "q4k: activation stride");
@@ -138,53 +144,66 @@ fn q4k_rows(w: &[u8], nw: usize, rows: usize, act: &ActRows, out_t: &mut [f32]) 
     assert_eq!(act.qs.len(), rows * act.nb_pad * 32, "q4k: activation size");
     assert_eq!(act.da.len(), rows * act.nb_pad, "q4k: activation scale size");
     assert_eq!(act.dasum.len(), rows * act.nb_pad, "q4k: activation sums size");
-    by_rows!(rows, q4k_r(w, nw, nbk, act, out_t))
+    // SAFETY: the caller's contract; the lengths the kernel relies on are checked above.
+    unsafe { q4k_forms(vnni, rows, w, nw, nbk, act, out_t) }
 }
+
+avx2_forms!(
+    /// [`q4k_r`] for `rows` activation rows.
+    fn q4k_forms => q4k_r(w: &[u8], nw: usize, nbk: usize, act: &ActRows, out_t: &mut [f32])
+);
 
 /// Per weight block: the 8 sub-blocks' nibbles as u8 operands (sub-block `2c`: low nibbles of
 /// `qs[32c..32c + 32]`, `2c + 1`: high), then per activation row and sub-block
-/// `madd(maddubs(q, qa), 1)` (at most 2 · 15 · 127 per i16: no saturation), the 8 sub-blocks'
-/// sums reduced into one vector of exact integers (lane = sub-block) and accumulated as
-/// `fma(isum, (d · sc) · d_a, acc)`; the min term of the 8 sub-blocks is one vector product
-/// `(dmin · mn) · (d_a · Σ qa)` subtracted from the accumulator.
-#[target_feature(enable = "avx2,fma,f16c")]
-fn q4k_r<const R: usize>(w: &[u8], nw: usize, nbk: usize, act: &ActRows, out_t: &mut [f32]) {
-    let row_bytes = nbk * 144;
-    let nb_pad = act.nb_pad;
-    let m4 = _mm256_set1_epi8(0x0F);
-    let ones = _mm256_set1_epi16(1);
-    for (j, row) in w.chunks_exact(row_bytes).take(nw).enumerate() {
-        let mut acc = [_mm256_setzero_ps(); R];
-        for (bq, blk) in row.chunks_exact(144).enumerate() {
-            let (d, dmin) = (rows::f16_at(&blk[0..2]), rows::f16_at(&blk[2..4]));
-            let (sc, mn) = super::qgemv::q4k_scales_mins(&blk[4..16]);
-            let (sc, mn) = (sc.to_le_bytes(), mn.to_le_bytes());
-            // dmin · mn[s] by lane s, and d · sc[s] (both exact in f32: 11-bit × 6-bit).
-            let mn32 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(mn)));
-            let dmn = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(mn32));
-            let sc32 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(sc)));
-            let dsc = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sc32));
-            let mut v = [_mm256_setzero_si256(); 8];
-            for c in 0..4 {
-                let q = rows::load_u8(&blk[16 + 32 * c..]);
-                v[2 * c] = _mm256_and_si256(q, m4);
-                v[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
-            }
-            for (r, acc) in acc.iter_mut().enumerate() {
-                let o = r * nb_pad + 8 * bq;
-                let mut p = [_mm256_setzero_si256(); 8];
-                for (s, p) in p.iter_mut().enumerate() {
-                    let qa = rows::load_i8(&act.qs[(o + s) * 32..]);
-                    *p = _mm256_madd_epi16(_mm256_maddubs_epi16(v[s], qa), ones);
+/// `madd(maddubs(q, qa), 1)` (at most 2 · 15 · 127 per i16: no saturation; one [`dpbusd`]),
+/// the 8 sub-blocks' sums reduced into one vector of exact integers (lane = sub-block) and
+/// accumulated as `fma(isum, (d · sc) · d_a, acc)`; the min term of the 8 sub-blocks is one
+/// vector product `(dmin · mn) · (d_a · Σ qa)` subtracted from the accumulator.
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C, and AVX-VNNI when `VNNI` (it runs inlined into a function
+/// compiled for them: [`avx2_forms`]).
+#[inline(always)]
+unsafe fn q4k_r<const VNNI: bool, const R: usize>(w: &[u8], nw: usize, nbk: usize, act: &ActRows, out_t: &mut [f32]) {
+    // SAFETY: the features are the caller's contract (this body runs inlined into a function
+    // compiled for them); memory is read through bounds-checked slices.
+    unsafe {
+        let row_bytes = nbk * 144;
+        let nb_pad = act.nb_pad;
+        let m4 = _mm256_set1_epi8(0x0F);
+        for (j, row) in w.chunks_exact(row_bytes).take(nw).enumerate() {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for (bq, blk) in row.chunks_exact(144).enumerate() {
+                let (d, dmin) = (rows::f16_at(&blk[0..2]), rows::f16_at(&blk[2..4]));
+                let (sc, mn) = super::qgemv::q4k_scales_mins(&blk[4..16]);
+                let (sc, mn) = (sc.to_le_bytes(), mn.to_le_bytes());
+                // dmin · mn[s] by lane s, and d · sc[s] (both exact in f32: 11-bit × 6-bit).
+                let mn32 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(mn)));
+                let dmn = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(mn32));
+                let sc32 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(sc)));
+                let dsc = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sc32));
+                let mut v = [_mm256_setzero_si256(); 8];
+                for c in 0..4 {
+                    let q = rows::load_u8(&blk[16 + 32 * c..]);
+                    v[2 * c] = _mm256_and_si256(q, m4);
+                    v[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
                 }
-                // Lane s: the exact integer sum of sub-block s.
-                let isum = _mm256_cvtepi32_ps(rows::reduce8(&p));
-                let a = _mm256_fmadd_ps(isum, _mm256_mul_ps(dsc, rows::load_f32(&act.da[o..])), *acc);
-                *acc = _mm256_fnmadd_ps(dmn, rows::load_f32(&act.dasum[o..]), a);
+                for (r, acc) in acc.iter_mut().enumerate() {
+                    let o = r * nb_pad + 8 * bq;
+                    let mut p = [_mm256_setzero_si256(); 8];
+                    for (s, p) in p.iter_mut().enumerate() {
+                        let qa = rows::load_i8(&act.qs[(o + s) * 32..]);
+                        *p = dpbusd::<VNNI>(_mm256_setzero_si256(), v[s], qa);
+                    }
+                    // Lane s: the exact integer sum of sub-block s.
+                    let isum = _mm256_cvtepi32_ps(rows::reduce8(&p));
+                    let a = _mm256_fmadd_ps(isum, _mm256_mul_ps(dsc, rows::load_f32(&act.da[o..])), *acc);
+                    *acc = _mm256_fnmadd_ps(dmn, rows::load_f32(&act.dasum[o..]), a);
+                }
             }
-        }
-        for (r, acc) in acc.iter().enumerate() {
-            out_t[j * R + r] = rows::hsum(*acc);
+            for (r, acc) in acc.iter().enumerate() {
+                out_t[j * R + r] = rows::hsum(*acc);
+            }
         }
     }
 }
@@ -192,12 +211,61 @@ fn q4k_r<const R: usize>(w: &[u8], nw: usize, nbk: usize, act: &ActRows, out_t: 
 #[cfg(test)]
 mod tests {
     use crate::kernels::cpu;
-    use crate::kernels::qgemv::{qgemv, QFormat};
-    use crate::kernels::testing::values_with_outliers;
+    use crate::kernels::qgemv::{qgemv, Kernel, QFormat};
+    use crate::kernels::testing::{avx_vnni_reachable, values_with_outliers};
     use crate::kernels::{q4k_gemm, q8_gemm};
     use candle_core::quantized::{GgmlDType, QTensor};
     use candle_core::{Device, Tensor};
     use std::time::Instant;
+
+    /// Both GEMMs through this driver give the same bits with AVX-VNNI as with `maddubs` +
+    /// `madd` (the same exact block integers, then the same f32 arithmetic), also at the
+    /// extremes (Q8_0 weights of -128 and 127 against activations quantized to ±127; Q4K
+    /// nibbles of 15 with every six-bit scale 63). The f64 references of `q8_gemm` and
+    /// `q4k_gemm` check each set on its own.
+    #[test]
+    fn avx_vnni_gemms_equal_avx2_bitwise() {
+        if !avx_vnni_reachable() {
+            eprintln!("no AVX-VNNI on this CPU (or VIDEOLLAVA_KERNELS caps it): nothing to compare");
+            return;
+        }
+        let dev = Device::Cpu;
+        for &(m, n, k) in &[(1, 5, 256), (13, 70, 512), (67, 33, 1024), (130, 40, 4096)] {
+            let wv = Tensor::from_vec(values_with_outliers(n * k, 5 + n as u64, 4.0), (n, k), &dev).unwrap();
+            let mut q8 = QTensor::quantize(&wv, GgmlDType::Q8_0).unwrap().data().unwrap().into_owned();
+            for blk in q8.chunks_exact_mut(34).step_by(3) {
+                for (l, q) in blk[2..].iter_mut().enumerate() {
+                    *q = if l % 3 == 0 { 0x7f } else { 0x80 };
+                }
+            }
+            let mut q4 = QTensor::quantize(&wv, GgmlDType::Q4K).unwrap().data().unwrap().into_owned();
+            for blk in q4.chunks_exact_mut(144).step_by(3) {
+                blk[4..].fill(0xFF);
+            }
+            let signs: Vec<f32> = (0..m * k).map(|t| if (t / 3) % 2 == 0 { 1.0 } else { -1.0 }).collect();
+            for x in [values_with_outliers(m * k, 7 + m as u64, 8.0), signs] {
+                let bits = |set, q4k: bool| {
+                    let _g = cpu::force(set);
+                    let want = if set == cpu::KernelSet::AvxVnni { Kernel::AvxVnni } else { Kernel::Avx2 };
+                    assert_eq!(Kernel::detect(), want, "{set}");
+                    let mut out = vec![f32::NAN; m * n];
+                    if q4k {
+                        q4k_gemm::matmul_q4k(&x, m, &q4, n, k, &mut out);
+                    } else {
+                        q8_gemm::matmul_q8_0(&x, m, &q8, n, k, &mut out);
+                    }
+                    out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+                };
+                for q4k in [false, true] {
+                    assert_eq!(
+                        bits(cpu::KernelSet::AvxVnni, q4k),
+                        bits(cpu::KernelSet::Avx2, q4k),
+                        "q4k={q4k} m={m} n={n} k={k}"
+                    );
+                }
+            }
+        }
+    }
 
     /// CPU time of this process so far (user + system, all threads), seconds; 10 ms ticks.
     fn cpu_seconds() -> f64 {
@@ -227,7 +295,8 @@ mod tests {
         (best, (cpu_seconds() - cpu0) / calls as f64)
     }
 
-    /// The quantized kernels under each kernel set of this CPU (forced through the switch):
+    /// The quantized kernels under each kernel set of this CPU (forced through the switch, two
+    /// rounds):
     /// the matrix-vector product (1 and 8 rows, GB/s of compact blocks, 4 matrices in turn so
     /// that the weight comes from memory) and the int8 GEMMs (`m` rows), as GOP/s of wall time
     /// and GOP per CPU-second (all threads). `cargo test
@@ -249,7 +318,9 @@ mod tests {
                 })
                 .collect();
             let x = values_with_outliers(8 * k, 3, 4.0);
-            for set in cpu::available_sets() {
+            // Two rounds over the sets: neighbouring sets are measured close in time (the
+            // machine may be shared), and a drift shows as a difference between the rounds.
+            for set in [cpu::available_sets(), cpu::available_sets()].concat() {
                 let _g = cpu::force(set);
                 for rows in [1, 8] {
                     let mut out = vec![0f32; rows * n];
@@ -275,7 +346,7 @@ mod tests {
             let m = 256;
             let x = values_with_outliers(m * k, 9, 4.0);
             let mut out = vec![0f32; m * n];
-            for set in cpu::available_sets() {
+            for set in [cpu::available_sets(), cpu::available_sets()].concat() {
                 let _g = cpu::force(set);
                 let (t, cpu) = time(1.0, &mut || match format {
                     QFormat::Q8_0 => q8_gemm::matmul_q8_0(&x, m, &mats[0], n, k, &mut out),

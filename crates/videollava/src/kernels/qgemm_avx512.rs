@@ -379,6 +379,86 @@ unsafe fn gemm_task<F: Format>(
     }
 }
 
+/// One group of 16 columns (one zmm of 32-bit lanes) of a weight micro-panel being packed by
+/// [`pack_columns`].
+#[derive(Clone, Copy)]
+pub(crate) struct ColumnGroup {
+    /// Which group of the micro-panel: its bytes are `64 * g..64 * g + 64` of every
+    /// `NR * 4`-byte row of a packed block.
+    pub(crate) g: usize,
+    /// The lanes whose columns exist (the others are zeros and their rows are not read).
+    mask: __mmask16,
+    /// Byte offsets of the 16 columns' weight rows (`lane · row_bytes`).
+    idx: __m512i,
+    /// The first byte of the group's first weight row.
+    pub(crate) base: *const u8,
+    /// The packed blocks (`dst` of [`pack_columns`]).
+    pub(crate) dst: *mut u8,
+}
+
+impl ColumnGroup {
+    /// The dword at `p` (a byte address within the group's first weight row) and at the same
+    /// offset of its other 15 rows; zeros in the lanes of missing columns.
+    ///
+    /// # Safety
+    /// The CPU has avx512f/bw/vl/vnni, avx2, fma and f16c; the 4 bytes at `p + lane · row_bytes`
+    /// are readable for every lane in the mask.
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub(crate) unsafe fn gather(self, p: *const u8) -> __m512i {
+        // SAFETY: the caller's contract; masked-off lanes are not read.
+        unsafe { _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), self.mask, self.idx, p as *const i32) }
+    }
+}
+
+/// The column loop of [`Format::pack_w`]: the micro-panel of weight rows `j0..j0 + valid`
+/// (`valid <= NR`; `w` the whole weight, `row_bytes` per row) packed into `dst` (`kcb` blocks of
+/// `w_blk` bytes: rows of `NR * 4` bytes, 16 columns × 4 bytes per group). Calls `pack` for each
+/// group of 16 columns that holds a valid column; zero-fills the groups that hold none.
+///
+/// # Safety
+/// The CPU has avx512f/bw/vl/vnni, avx2, fma and f16c; `w` holds rows `j0..j0 + valid`; `pack`
+/// writes within the group's bytes of `dst` and reads within its rows.
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn pack_columns(
+    w: &[u8],
+    row_bytes: usize,
+    j0: usize,
+    valid: usize,
+    kcb: usize,
+    w_blk: usize,
+    dst: &mut [u8],
+    mut pack: impl FnMut(ColumnGroup),
+) {
+    assert!(valid <= NR && dst.len() == kcb * w_blk && w_blk.is_multiple_of(NR * 4), "pack_w: sizes");
+    assert!((j0 + valid) * row_bytes <= w.len(), "pack_w: rows");
+    let d = dst.as_mut_ptr();
+    for g in 0..NV {
+        let cols = valid.saturating_sub(16 * g).min(16);
+        if cols == 0 {
+            for b in 0..kcb {
+                for row in 0..w_blk / (NR * 4) {
+                    // SAFETY: within block `b` of `dst` (`kcb * w_blk` bytes, asserted above).
+                    unsafe {
+                        _mm512_storeu_si512(d.add(b * w_blk + row * NR * 4 + 64 * g) as *mut _, _mm512_setzero_si512())
+                    };
+                }
+            }
+            continue;
+        }
+        let mask: __mmask16 = if cols >= 16 { 0xffff } else { (1u32 << cols) as u16 - 1 };
+        let idx = _mm512_mullo_epi32(
+            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+            _mm512_set1_epi32(row_bytes as i32),
+        );
+        // SAFETY: row `j0 + 16 g` is within `w` (it is a valid column, asserted above).
+        let base = unsafe { w.as_ptr().add((j0 + 16 * g) * row_bytes) };
+        pack(ColumnGroup { g, mask, idx, base, dst: d });
+    }
+}
+
 /// Stores the `R`×`NR` f32 accumulators `acc` into rows `0..R` of `c` (stride `ldc`): the
 /// columns enabled in `masks` (16 per vector), overwriting, or adding when `accumulate`.
 ///

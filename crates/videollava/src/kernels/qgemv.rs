@@ -12,8 +12,8 @@
 //! streaming every weight byte once per token. candle 0.11's quantized matmul on x86 repacks
 //! Q4K/Q8_0 into expanded tiles, which makes an `m = 1` product read more bytes than the compact
 //! blocks hold and reach only about 14 GB/s of compact weight. These kernels read the compact
-//! blocks directly (AVX-512 VNNI where the CPU has it, else AVX2 `maddubs`/`madd`, else a
-//! portable scalar loop; picked by [`super::cpu::features`]), split
+//! blocks directly (AVX-512 VNNI where the CPU has it, else AVX2 `maddubs`/`madd` or their
+//! AVX-VNNI forms, else a portable scalar loop; picked by [`super::cpu::features`]), split
 //! the output rows over rayon tasks and reuse each weight block for all `rows` activation rows,
 //! so the weight streams through once per call at close to memory bandwidth.
 //!
@@ -85,6 +85,10 @@ pub(crate) enum Kernel {
     /// AVX2 + FMA + F16C (Haswell and later, Zen 1 and later).
     #[cfg(target_arch = "x86_64")]
     Avx2,
+    /// [`Kernel::Avx2`]'s loops with the AVX-VNNI dot products (`vpdpbusd`, `vpdpwssd` on ymm:
+    /// Alder Lake and later).
+    #[cfg(target_arch = "x86_64")]
+    AvxVnni,
     /// AVX-512 F/BW/VL/VNNI (Ice Lake and later, Zen 4 and later).
     #[cfg(target_arch = "x86_64")]
     Avx512,
@@ -98,6 +102,9 @@ impl Kernel {
             let f = super::cpu::features();
             if f.avx512_vnni {
                 return Kernel::Avx512;
+            }
+            if f.avx2 && f.avx_vnni {
+                return Kernel::AvxVnni;
             }
             if f.avx2 {
                 return Kernel::Avx2;
@@ -141,12 +148,17 @@ fn qgemv_with(kernel: Kernel, format: QFormat, x: &[f32], rows: usize, w: &[u8],
                     scalar_rows(wc, nw, rows, row_bytes, oc, |wr, r| dot_q4k_scalar(wr, &act, r))
                 }
                 (Kernel::Scalar, _) => scalar_rows(wc, nw, rows, row_bytes, oc, |wr, r| dot_q6k_scalar(wr, &act, r)),
-                // SAFETY: Kernel::Avx2 is only chosen when the CPU has AVX2, FMA and F16C.
+                // SAFETY: Kernel::Avx2 is only chosen when the CPU has AVX2, FMA and F16C,
+                // Kernel::AvxVnni when it also has AVX-VNNI.
                 #[cfg(target_arch = "x86_64")]
-                (Kernel::Avx2, QFormat::Q4K) => unsafe { avx2::q4k(wc, nw, rows, &act, oc) },
+                (Kernel::Avx2 | Kernel::AvxVnni, QFormat::Q4K) => unsafe {
+                    avx2::q4k(kernel == Kernel::AvxVnni, wc, nw, rows, &act, oc)
+                },
                 // SAFETY: as above.
                 #[cfg(target_arch = "x86_64")]
-                (Kernel::Avx2, _) => unsafe { avx2::q6k(wc, nw, rows, &act, oc) },
+                (Kernel::Avx2 | Kernel::AvxVnni, _) => unsafe {
+                    avx2::q6k(kernel == Kernel::AvxVnni, wc, nw, rows, &act, oc)
+                },
                 #[cfg(target_arch = "x86_64")]
                 (Kernel::Avx512, QFormat::Q4K) => {
                     // SAFETY: Kernel::Avx512 is only chosen after runtime detection of every
@@ -162,9 +174,12 @@ fn qgemv_with(kernel: Kernel, format: QFormat, x: &[f32], rows: usize, w: &[u8],
             let act = ActQ80::quantize(kernel, x, rows, nb);
             for_row_chunks(n, rows, row_bytes, w, out, |wc, nw, oc| match kernel {
                 Kernel::Scalar => scalar_rows(wc, nw, rows, row_bytes, oc, |wr, r| dot_q8_0_scalar(wr, &act, r)),
-                // SAFETY: Kernel::Avx2 is only chosen when the CPU has AVX2, FMA and F16C.
+                // SAFETY: Kernel::Avx2 is only chosen when the CPU has AVX2, FMA and F16C,
+                // Kernel::AvxVnni when it also has AVX-VNNI.
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Avx2 => unsafe { avx2::q8_0(wc, nw, rows, &act, oc) },
+                Kernel::Avx2 | Kernel::AvxVnni => unsafe {
+                    avx2::q8_0(kernel == Kernel::AvxVnni, wc, nw, rows, &act, oc)
+                },
                 // SAFETY: Kernel::Avx512 is only chosen after runtime detection of every feature
                 // the kernel enables; slice lengths are checked inside.
                 #[cfg(target_arch = "x86_64")]
@@ -277,7 +292,7 @@ impl ActQ8K {
             d[bi] = match kernel {
                 Kernel::Scalar => q8k_block_scalar(xs, &mut q, bs),
                 #[cfg(target_arch = "x86_64")]
-                Kernel::Avx2 => q8k_block_scalar(xs, &mut q, bs),
+                Kernel::Avx2 | Kernel::AvxVnni => q8k_block_scalar(xs, &mut q, bs),
                 // SAFETY: features detected before Kernel::Avx512 is chosen.
                 #[cfg(target_arch = "x86_64")]
                 Kernel::Avx512 => unsafe { avx512::q8k_block(xs, &mut q, bs) },
@@ -378,7 +393,7 @@ impl ActQ80 {
                 let d = match kernel {
                     Kernel::Scalar => q8_0_block_scalar(xs, q),
                     #[cfg(target_arch = "x86_64")]
-                    Kernel::Avx2 => q8_0_block_scalar(xs, q),
+                    Kernel::Avx2 | Kernel::AvxVnni => q8_0_block_scalar(xs, q),
                     // SAFETY: features detected before Kernel::Avx512 is chosen.
                     #[cfg(target_arch = "x86_64")]
                     Kernel::Avx512 => unsafe { avx512::q8_0_block(xs, q) },
@@ -930,44 +945,135 @@ pub(crate) mod avx2 {
     //! `nw` consecutive weight rows against all activation rows (`R`, a compile-time constant)
     //! and writes `out_t[j * R + r]`. Activations are quantized by the scalar quantizers.
     //!
-    //! The functions are safe `#[target_feature]` functions: the caller asserts the CPU
-    //! features once (an `unsafe` call); inside, memory is read through bounds-checked slices.
+    //! Where the CPU has AVX-VNNI (Intel since Alder Lake) the same loops run with its fused
+    //! forms: `vpdpbusd` for `madd(maddubs(u, s), 1)` (+ add) and `vpdpwssd` for `madd` + add
+    //! ([`dpbusd`], [`dpwssd`]; a const generic `VNNI`, compiled twice by [`avx2_forms`]). The
+    //! loops never let `maddubs` saturate (each says why), so both forms give the same exact
+    //! integers and, with the same f32 arithmetic after them, the same bits.
+    //!
+    //! Memory is read through bounds-checked slices.
 
     use super::{q4k_scales_mins, ActQ80, ActQ8K, QK8_0, QK_K};
     use std::arch::x86_64::*;
 
+    /// Defines `unsafe fn $name(vnni: bool, rows: usize, args…)`, which runs the row kernel
+    /// `$kernel::<VNNI, R>(args…)` (an `#[inline(always)]` body) with `R = rows`: the kernel is
+    /// compiled once for AVX2 + FMA + F16C and once more with AVX-VNNI, and `vnni` picks one.
+    /// The generated function's contract: the CPU has AVX2, FMA and F16C, and AVX-VNNI when
+    /// `vnni`; `rows` is in 1..=8; the arguments meet the kernel's contract.
+    macro_rules! avx2_forms {
+        ($(#[$doc:meta])* $vis:vis fn $name:ident => $kernel:ident($($arg:ident: $ty:ty),* $(,)?)) => {
+            $(#[$doc])*
+            ///
+            /// # Safety
+            /// The CPU has AVX2, FMA and F16C, and AVX-VNNI when `vnni`; `rows` is in 1..=8; the
+            /// arguments meet the row kernel's contract.
+            #[allow(clippy::too_many_arguments)]
+            $vis unsafe fn $name(vnni: bool, rows: usize, $($arg: $ty),*) {
+                #[target_feature(enable = "avx2,fma,f16c")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn plain(rows: usize, $($arg: $ty),*) {
+                    // SAFETY: the features are enabled here; the rest is the caller's contract.
+                    unsafe { by_rows!(rows, $kernel::<false>($($arg),*)) }
+                }
+                #[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+                #[allow(clippy::too_many_arguments)]
+                unsafe fn with_vnni(rows: usize, $($arg: $ty),*) {
+                    // SAFETY: as for `plain`.
+                    unsafe { by_rows!(rows, $kernel::<true>($($arg),*)) }
+                }
+                // SAFETY: the caller's contract (the features `vnni` names, and the arguments).
+                unsafe {
+                    if vnni {
+                        with_vnni(rows, $($arg),*)
+                    } else {
+                        plain(rows, $($arg),*)
+                    }
+                }
+            }
+        };
+    }
+    pub(crate) use avx2_forms;
+
+    /// `acc + Σ u · s` over the 4 bytes of each 32-bit lane (`u` unsigned, `s` signed): AVX-VNNI
+    /// `vpdpbusd`, else `maddubs` (adjacent pairs to i16, saturating) then `madd` with ones.
+    /// Both are exact where no pair sum `u₀s₀ + u₁s₁` leaves the i16 range (the callers' bound).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, and AVX-VNNI when `VNNI`.
+    #[inline(always)]
+    pub(crate) unsafe fn dpbusd<const VNNI: bool>(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if VNNI {
+                _mm256_dpbusd_avx_epi32(acc, u, s)
+            } else {
+                _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)))
+            }
+        }
+    }
+
+    /// `acc + a₀b₀ + a₁b₁` per 32-bit lane (i16 pairs): AVX-VNNI `vpdpwssd`, else `madd` then add
+    /// (the same exact integers: a pair's sum only leaves i32 for `a = b = -32768`).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, and AVX-VNNI when `VNNI`.
+    #[inline(always)]
+    unsafe fn dpwssd<const VNNI: bool>(acc: __m256i, a: __m256i, b: __m256i) -> __m256i {
+        // SAFETY: the caller's contract.
+        unsafe {
+            if VNNI {
+                _mm256_dpwssd_avx_epi32(acc, a, b)
+            } else {
+                _mm256_add_epi32(acc, _mm256_madd_epi16(a, b))
+            }
+        }
+    }
+
     /// Q4K rows; lengths are checked here.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn q4k(w: &[u8], nw: usize, rows: usize, act: &ActQ8K, out_t: &mut [f32]) {
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C, and AVX-VNNI when `vnni`.
+    pub(super) unsafe fn q4k(vnni: bool, w: &[u8], nw: usize, rows: usize, act: &ActQ8K, out_t: &mut [f32]) {
+        assert!((1..=8).contains(&rows), "q4k: rows");
         assert_eq!(w.len(), nw * act.nb * 144, "q4k: weight chunk size");
         assert_eq!(out_t.len(), nw * rows, "q4k: output chunk size");
         assert_eq!(act.qs.len(), rows * act.nb * QK_K, "q4k: activation size");
-        by_rows!(rows, q4k_r(w, nw, act, out_t))
+        // SAFETY: the caller's contract; the lengths the kernel relies on are checked above.
+        unsafe { q4k_rows(vnni, rows, w, nw, act, out_t) }
     }
 
     /// Q6K rows; lengths are checked here.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn q6k(w: &[u8], nw: usize, rows: usize, act: &ActQ8K, out_t: &mut [f32]) {
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C, and AVX-VNNI when `vnni`.
+    pub(super) unsafe fn q6k(vnni: bool, w: &[u8], nw: usize, rows: usize, act: &ActQ8K, out_t: &mut [f32]) {
+        assert!((1..=8).contains(&rows), "q6k: rows");
         assert_eq!(w.len(), nw * act.nb * 210, "q6k: weight chunk size");
         assert_eq!(out_t.len(), nw * rows, "q6k: output chunk size");
         assert_eq!(act.qs.len(), rows * act.nb * QK_K, "q6k: activation size");
-        by_rows!(rows, q6k_r(w, nw, act, out_t))
+        // SAFETY: as for `q4k`.
+        unsafe { q6k_rows(vnni, rows, w, nw, act, out_t) }
     }
 
     /// Q8_0 rows; lengths are checked here.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) fn q8_0(w: &[u8], nw: usize, rows: usize, act: &ActQ80, out_t: &mut [f32]) {
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C, and AVX-VNNI when `vnni`.
+    pub(super) unsafe fn q8_0(vnni: bool, w: &[u8], nw: usize, rows: usize, act: &ActQ80, out_t: &mut [f32]) {
         assert_eq!(w.len(), nw * act.nb * 34, "q8_0: weight chunk size");
-        assert_eq!(out_t.len(), nw * rows, "q8_0: output chunk size");
-        assert_eq!(act.qs.len(), rows * act.nb_pad * QK8_0, "q8_0: activation size");
-        assert_eq!(act.dvec.len(), rows * act.nb_pad * 8, "q8_0: activation scale size");
-        q8_0_slices(w, nw, rows, &act.qs, &act.dvec, act.nb_pad, out_t)
+        // SAFETY: the caller's contract; `q8_0_slices` checks the rest.
+        unsafe { q8_0_slices(vnni, w, nw, rows, &act.qs, &act.dvec, act.nb_pad, out_t) }
     }
 
     /// [`q8_0`] over borrowed activation rows: `qs` `[rows, nb_pad, 32]`, `dvec` `[rows, nb_pad,
     /// 8]` (an [`ActQ80`]'s fields, or a range of its rows); `nb = w.len() / (nw * 34)`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub(crate) fn q8_0_slices(
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C, and AVX-VNNI when `vnni`.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn q8_0_slices(
+        vnni: bool,
         w: &[u8],
         nw: usize,
         rows: usize,
@@ -976,14 +1082,37 @@ pub(crate) mod avx2 {
         nb_pad: usize,
         out_t: &mut [f32],
     ) {
+        assert!((1..=8).contains(&rows), "q8_0: rows");
         assert!(nw > 0 && w.len().is_multiple_of(nw * 34), "q8_0: weight chunk size");
         let nb = w.len() / (nw * 34);
         assert!(nb <= nb_pad, "q8_0: activation stride");
         assert_eq!(out_t.len(), nw * rows, "q8_0: output chunk size");
         assert_eq!(qs.len(), rows * nb_pad * QK8_0, "q8_0: activation size");
         assert_eq!(dvec.len(), rows * nb_pad * 8, "q8_0: activation scale size");
-        by_rows!(rows, q8_0_r(w, nw, nb, nb_pad, qs, dvec, out_t))
+        // SAFETY: the caller's contract; the lengths the kernel relies on are checked above.
+        unsafe { q8_0_rows(vnni, rows, w, nw, nb, nb_pad, qs, dvec, out_t) }
     }
+
+    avx2_forms!(
+        /// [`q4k_r`] for `rows` activation rows.
+        fn q4k_rows => q4k_r(w: &[u8], nw: usize, act: &ActQ8K, out_t: &mut [f32])
+    );
+    avx2_forms!(
+        /// [`q6k_r`] for `rows` activation rows.
+        fn q6k_rows => q6k_r(w: &[u8], nw: usize, act: &ActQ8K, out_t: &mut [f32])
+    );
+    avx2_forms!(
+        /// [`q8_0_r`] for `rows` activation rows.
+        fn q8_0_rows => q8_0_r(
+            w: &[u8],
+            nw: usize,
+            nb: usize,
+            nb_pad: usize,
+            qs: &[i8],
+            dvec: &[f32],
+            out_t: &mut [f32],
+        )
+    );
 
     /// The first 32 bytes of `s` (panics when shorter).
     #[target_feature(enable = "avx2")]
@@ -1070,110 +1199,132 @@ pub(crate) mod avx2 {
 
     /// Q4K: the 128 `qs` bytes give eight 32-lane u8 operands (low / high nibbles of each 32
     /// bytes: sub-blocks 2c and 2c + 1), `maddubs` against the activation (at most 2 · 15 · 128
-    /// per i16, no saturation), `madd` with the sub-block scale; the min term is one `madd` of
-    /// the 16 activation sums with the mins (each repeated for its two 16-value halves).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn q4k_r<const R: usize>(w: &[u8], nw: usize, act: &ActQ8K, out_t: &mut [f32]) {
-        let nb = act.nb;
-        let row_bytes = nb * 144;
-        let m4 = _mm256_set1_epi8(0x0F);
-        let dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-        for (j, row) in w.chunks_exact(row_bytes).take(nw).enumerate() {
-            let mut acc = [0f32; R];
-            for (b, blk) in row.chunks_exact(144).enumerate() {
-                let (dw, dminw) = (f16_at(&blk[0..2]), f16_at(&blk[2..4]));
-                let (sc, mn) = q4k_scales_mins(&blk[4..16]);
-                let sc = sc.to_le_bytes();
-                let mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(_mm_cvtsi64_si128(mn as i64), dup));
-                let qs = &blk[16..144];
-                let mut v = [_mm256_setzero_si256(); 8];
-                for c in 0..4 {
-                    let q = load_u8(&qs[32 * c..]);
-                    v[2 * c] = _mm256_and_si256(q, m4);
-                    v[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
-                }
-                let mut s = [_mm256_setzero_si256(); 8];
-                for (s, &b) in s.iter_mut().zip(&sc) {
-                    *s = _mm256_set1_epi16(b as i16);
-                }
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let ab = r * nb + b;
-                    let q8 = &act.qs[ab * QK_K..(ab + 1) * QK_K];
-                    let mut si = _mm256_setzero_si256();
-                    for z in 0..8 {
-                        let p = _mm256_maddubs_epi16(v[z], load_i8(&q8[32 * z..]));
-                        si = _mm256_add_epi32(si, _mm256_madd_epi16(p, s[z]));
+    /// per i16, no saturation), `madd` with the sub-block scale (fused with the sum as
+    /// [`dpwssd`]; two sums, for a shorter dependency chain); the min term is one `madd` of the
+    /// 16 activation sums with the mins (each repeated for its two 16-value halves).
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C, and AVX-VNNI when `VNNI` (it runs inlined into a
+    /// function compiled for them: [`avx2_forms`]).
+    #[inline(always)]
+    unsafe fn q4k_r<const VNNI: bool, const R: usize>(w: &[u8], nw: usize, act: &ActQ8K, out_t: &mut [f32]) {
+        // SAFETY: the features are the caller's contract (this body runs inlined into a
+        // function compiled for them); memory is read through bounds-checked slices.
+        unsafe {
+            let nb = act.nb;
+            let row_bytes = nb * 144;
+            let m4 = _mm256_set1_epi8(0x0F);
+            let dup = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+            for (j, row) in w.chunks_exact(row_bytes).take(nw).enumerate() {
+                let mut acc = [0f32; R];
+                for (b, blk) in row.chunks_exact(144).enumerate() {
+                    let (dw, dminw) = (f16_at(&blk[0..2]), f16_at(&blk[2..4]));
+                    let (sc, mn) = q4k_scales_mins(&blk[4..16]);
+                    let sc = sc.to_le_bytes();
+                    let mins = _mm256_cvtepu8_epi16(_mm_shuffle_epi8(_mm_cvtsi64_si128(mn as i64), dup));
+                    let qs = &blk[16..144];
+                    let mut v = [_mm256_setzero_si256(); 8];
+                    for c in 0..4 {
+                        let q = load_u8(&qs[32 * c..]);
+                        v[2 * c] = _mm256_and_si256(q, m4);
+                        v[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
                     }
-                    let sm = _mm256_madd_epi16(mins, load_i16(&act.bsums[ab * 16..]));
-                    // The scalar loop's f32 arithmetic on the same exact integers.
-                    let yd = act.d[ab];
-                    let (d, dmin) = (yd * dw, yd * dminw);
-                    *acc += d * hsum_i32(si) as f32 - dmin * hsum_i32(sm) as f32;
+                    let mut s = [_mm256_setzero_si256(); 8];
+                    for (s, &b) in s.iter_mut().zip(&sc) {
+                        *s = _mm256_set1_epi16(b as i16);
+                    }
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let ab = r * nb + b;
+                        let q8 = &act.qs[ab * QK_K..(ab + 1) * QK_K];
+                        let mut si = [_mm256_setzero_si256(); 2];
+                        for z in 0..8 {
+                            let p = _mm256_maddubs_epi16(v[z], load_i8(&q8[32 * z..]));
+                            si[z % 2] = dpwssd::<VNNI>(si[z % 2], p, s[z]);
+                        }
+                        let si = _mm256_add_epi32(si[0], si[1]);
+                        let sm = _mm256_madd_epi16(mins, load_i16(&act.bsums[ab * 16..]));
+                        // The scalar loop's f32 arithmetic on the same exact integers.
+                        let yd = act.d[ab];
+                        let (d, dmin) = (yd * dw, yd * dminw);
+                        *acc += d * hsum_i32(si) as f32 - dmin * hsum_i32(sm) as f32;
+                    }
                 }
+                out_t[j * R..(j + 1) * R].copy_from_slice(&acc);
             }
-            out_t[j * R..(j + 1) * R].copy_from_slice(&acc);
         }
     }
 
     /// Q6K: values rebuilt as unsigned `q + 32` (0..63) in natural order, eight 32-lane
     /// operands; `maddubs` (at most 2 · 63 · 128 per i16) and `madd` with the 16-value scales
-    /// give exact i32 sums, and the `+32` is removed with `madd(-32 · scales, bsums)`.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    fn q6k_r<const R: usize>(w: &[u8], nw: usize, act: &ActQ8K, out_t: &mut [f32]) {
-        let nb = act.nb;
-        let row_bytes = nb * 210;
-        let m4 = _mm256_set1_epi8(0x0F);
-        let m3 = _mm256_set1_epi8(0x03);
-        for (j, row) in w.chunks_exact(row_bytes).take(nw).enumerate() {
-            let mut acc = [0f32; R];
-            for (b, blk) in row.chunks_exact(210).enumerate() {
-                let dw = f16_at(&blk[208..210]);
-                let mut v = [_mm256_setzero_si256(); 8];
-                for h in 0..2 {
-                    let l0 = load_u8(&blk[64 * h..]);
-                    let l1 = load_u8(&blk[64 * h + 32..]);
-                    let hb = load_u8(&blk[128 + 32 * h..]);
-                    // Bits 4 and 5 of each value: 2 bits of `qh` moved up (at most 0x30 per byte).
-                    let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(hb, m3));
-                    let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(hb, _mm256_slli_epi16::<2>(m3)));
-                    let h2 = _mm256_and_si256(hb, _mm256_slli_epi16::<4>(m3));
-                    let h3 = _mm256_and_si256(_mm256_srli_epi16::<2>(hb), _mm256_slli_epi16::<4>(m3));
-                    v[4 * h] = _mm256_or_si256(_mm256_and_si256(l0, m4), h0);
-                    v[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), h1);
-                    v[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4), h2);
-                    v[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4), h3);
-                }
-                let scales = &blk[192..208];
-                let mut s = [_mm256_setzero_si256(); 8];
-                for (z, s) in s.iter_mut().enumerate() {
-                    let (lo, hi) = (scales[2 * z] as i8 as i16, scales[2 * z + 1] as i8 as i16);
-                    *s = _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo));
-                }
-                let sc16: [i16; 16] = std::array::from_fn(|g| -32 * scales[g] as i8 as i16);
-                let scn = load_i16(&sc16);
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let ab = r * nb + b;
-                    let q8 = &act.qs[ab * QK_K..(ab + 1) * QK_K];
-                    let mut si = _mm256_madd_epi16(scn, load_i16(&act.bsums[ab * 16..]));
-                    for z in 0..8 {
-                        let p = _mm256_maddubs_epi16(v[z], load_i8(&q8[32 * z..]));
-                        si = _mm256_add_epi32(si, _mm256_madd_epi16(p, s[z]));
+    /// (fused with the sum as [`dpwssd`]; two sums) give exact i32 sums, and the `+32` is
+    /// removed with `madd(-32 · scales, bsums)`.
+    ///
+    /// # Safety
+    /// As for [`q4k_r`].
+    #[inline(always)]
+    unsafe fn q6k_r<const VNNI: bool, const R: usize>(w: &[u8], nw: usize, act: &ActQ8K, out_t: &mut [f32]) {
+        // SAFETY: the features are the caller's contract (this body runs inlined into a
+        // function compiled for them); memory is read through bounds-checked slices.
+        unsafe {
+            let nb = act.nb;
+            let row_bytes = nb * 210;
+            let m4 = _mm256_set1_epi8(0x0F);
+            let m3 = _mm256_set1_epi8(0x03);
+            for (j, row) in w.chunks_exact(row_bytes).take(nw).enumerate() {
+                let mut acc = [0f32; R];
+                for (b, blk) in row.chunks_exact(210).enumerate() {
+                    let dw = f16_at(&blk[208..210]);
+                    let mut v = [_mm256_setzero_si256(); 8];
+                    for h in 0..2 {
+                        let l0 = load_u8(&blk[64 * h..]);
+                        let l1 = load_u8(&blk[64 * h + 32..]);
+                        let hb = load_u8(&blk[128 + 32 * h..]);
+                        // Bits 4 and 5 of each value: 2 bits of `qh` moved up (at most 0x30 per byte).
+                        let h0 = _mm256_slli_epi16::<4>(_mm256_and_si256(hb, m3));
+                        let h1 = _mm256_slli_epi16::<2>(_mm256_and_si256(hb, _mm256_slli_epi16::<2>(m3)));
+                        let h2 = _mm256_and_si256(hb, _mm256_slli_epi16::<4>(m3));
+                        let h3 = _mm256_and_si256(_mm256_srli_epi16::<2>(hb), _mm256_slli_epi16::<4>(m3));
+                        v[4 * h] = _mm256_or_si256(_mm256_and_si256(l0, m4), h0);
+                        v[4 * h + 1] = _mm256_or_si256(_mm256_and_si256(l1, m4), h1);
+                        v[4 * h + 2] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l0), m4), h2);
+                        v[4 * h + 3] = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(l1), m4), h3);
                     }
-                    // The scalar loop's f32 arithmetic on the same exact integer.
-                    *acc += dw * act.d[ab] * hsum_i32(si) as f32;
+                    let scales = &blk[192..208];
+                    let mut s = [_mm256_setzero_si256(); 8];
+                    for (z, s) in s.iter_mut().enumerate() {
+                        let (lo, hi) = (scales[2 * z] as i8 as i16, scales[2 * z + 1] as i8 as i16);
+                        *s = _mm256_set_m128i(_mm_set1_epi16(hi), _mm_set1_epi16(lo));
+                    }
+                    let sc16: [i16; 16] = std::array::from_fn(|g| -32 * scales[g] as i8 as i16);
+                    let scn = load_i16(&sc16);
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let ab = r * nb + b;
+                        let q8 = &act.qs[ab * QK_K..(ab + 1) * QK_K];
+                        let mut si = [_mm256_madd_epi16(scn, load_i16(&act.bsums[ab * 16..])), _mm256_setzero_si256()];
+                        for z in 0..8 {
+                            let p = _mm256_maddubs_epi16(v[z], load_i8(&q8[32 * z..]));
+                            si[z % 2] = dpwssd::<VNNI>(si[z % 2], p, s[z]);
+                        }
+                        let si = _mm256_add_epi32(si[0], si[1]);
+                        // The scalar loop's f32 arithmetic on the same exact integer.
+                        *acc += dw * act.d[ab] * hsum_i32(si) as f32;
+                    }
                 }
+                out_t[j * R..(j + 1) * R].copy_from_slice(&acc);
             }
-            out_t[j * R..(j + 1) * R].copy_from_slice(&acc);
         }
     }
 
     /// Q8_0: signed × signed products as `maddubs(|w|, sign(w) · a)` (`|w|` exact as u8 even
     /// for -128; activations lie in -127..=127, so at most 2 · 128 · 127 per i16), then `madd`
-    /// with ones; eight blocks' sums are reduced together into one vector of exact block sums
+    /// with ones (together one [`dpbusd`]); eight blocks' sums are reduced together into one vector of exact block sums
     /// (lane = block), scaled by `d_w · d_a` lane-wise.
-    #[target_feature(enable = "avx2,fma,f16c")]
+    ///
+    /// # Safety
+    /// As for [`q4k_r`].
+    #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    fn q8_0_r<const R: usize>(
+    unsafe fn q8_0_r<const VNNI: bool, const R: usize>(
         w: &[u8],
         nw: usize,
         nb: usize,
@@ -1182,37 +1333,40 @@ pub(crate) mod avx2 {
         dvec: &[f32],
         out_t: &mut [f32],
     ) {
-        let row_bytes = nb * 34;
-        let ones = _mm256_set1_epi16(1);
-        let zero = _mm256_setzero_si256();
-        for (j, row) in w.chunks_exact(row_bytes).take(nw).enumerate() {
-            let mut acc = [_mm256_setzero_ps(); R];
-            // Eight blocks at a time: each block's integer sum lands exact in one lane.
-            for b0 in (0..nb).step_by(8) {
-                let cnt = 8.min(nb - b0);
-                let (mut wv, mut absw, mut dbits) = ([zero; 8], [zero; 8], [0u16; 8]);
-                for t in 0..cnt {
-                    let blk = &row[(b0 + t) * 34..(b0 + t + 1) * 34];
-                    dbits[t] = u16::from_le_bytes([blk[0], blk[1]]);
-                    wv[t] = load_u8(&blk[2..]);
-                    absw[t] = _mm256_sign_epi8(wv[t], wv[t]);
-                }
-                let dw = f16x8(&dbits);
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let mut p = [zero; 8];
-                    let mut da = [0f32; 8];
+        // SAFETY: the features are the caller's contract (this body runs inlined into a
+        // function compiled for them); memory is read through bounds-checked slices.
+        unsafe {
+            let row_bytes = nb * 34;
+            let zero = _mm256_setzero_si256();
+            for (j, row) in w.chunks_exact(row_bytes).take(nw).enumerate() {
+                let mut acc = [_mm256_setzero_ps(); R];
+                // Eight blocks at a time: each block's integer sum lands exact in one lane.
+                for b0 in (0..nb).step_by(8) {
+                    let cnt = 8.min(nb - b0);
+                    let (mut wv, mut absw, mut dbits) = ([zero; 8], [zero; 8], [0u16; 8]);
                     for t in 0..cnt {
-                        let o = r * nb_pad + b0 + t;
-                        let sa = _mm256_sign_epi8(load_i8(&qs[o * QK8_0..]), wv[t]);
-                        p[t] = _mm256_madd_epi16(_mm256_maddubs_epi16(absw[t], sa), ones);
-                        da[t] = dvec[o * 8];
+                        let blk = &row[(b0 + t) * 34..(b0 + t + 1) * 34];
+                        dbits[t] = u16::from_le_bytes([blk[0], blk[1]]);
+                        wv[t] = load_u8(&blk[2..]);
+                        absw[t] = _mm256_sign_epi8(wv[t], wv[t]);
                     }
-                    let isum = _mm256_cvtepi32_ps(reduce8(&p));
-                    *acc = _mm256_fmadd_ps(isum, _mm256_mul_ps(dw, load_f32(&da)), *acc);
+                    let dw = f16x8(&dbits);
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let mut p = [zero; 8];
+                        let mut da = [0f32; 8];
+                        for t in 0..cnt {
+                            let o = r * nb_pad + b0 + t;
+                            let sa = _mm256_sign_epi8(load_i8(&qs[o * QK8_0..]), wv[t]);
+                            p[t] = dpbusd::<VNNI>(zero, absw[t], sa);
+                            da[t] = dvec[o * 8];
+                        }
+                        let isum = _mm256_cvtepi32_ps(reduce8(&p));
+                        *acc = _mm256_fmadd_ps(isum, _mm256_mul_ps(dw, load_f32(&da)), *acc);
+                    }
                 }
-            }
-            for (r, acc) in acc.iter().enumerate() {
-                out_t[j * R + r] = hsum(*acc);
+                for (r, acc) in acc.iter().enumerate() {
+                    out_t[j * R + r] = hsum(*acc);
+                }
             }
         }
     }
@@ -1419,8 +1573,9 @@ mod tests {
         }
     }
 
-    /// The AVX2 Q4K and Q6K kernels do the scalar loop's f32 arithmetic on the same exact
-    /// integers, block by block: their results equal the scalar path's bit for bit.
+    /// The AVX2 Q4K and Q6K kernels, in both forms (`maddubs` + `madd`, AVX-VNNI), do the
+    /// scalar loop's f32 arithmetic on the same exact integers, block by block: their results
+    /// equal the scalar path's bit for bit.
     #[test]
     fn avx2_k_quants_equal_scalar_bitwise() {
         if !cpu::available_sets().contains(&cpu::KernelSet::Avx2) {
@@ -1432,17 +1587,64 @@ mod tests {
                 let w = Tensor::from_vec(values(n * k, 11 + n as u64), (n, k), &Device::Cpu).unwrap();
                 let bytes = QTensor::quantize(&w, gdtype(format)).unwrap().data().unwrap().into_owned();
                 let x = values(rows * k, 5 + k as u64);
-                let run = |set| {
-                    let _g = cpu::force(set);
-                    let mut out = vec![f32::NAN; rows * n];
-                    qgemv(format, &x, rows, &bytes, n, k, &mut out);
-                    out.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
-                };
-                assert_eq!(
-                    run(cpu::KernelSet::Avx2),
-                    run(cpu::KernelSet::Portable),
-                    "{format:?} rows={rows} n={n} k={k}"
-                );
+                let portable = run_bits(cpu::KernelSet::Portable, format, &x, rows, &bytes, n, k);
+                for set in [cpu::KernelSet::Avx2, cpu::KernelSet::AvxVnni] {
+                    let got = run_bits(set, format, &x, rows, &bytes, n, k);
+                    assert_eq!(got, portable, "{format:?} {set} rows={rows} n={n} k={k}");
+                }
+            }
+        }
+    }
+
+    /// `qgemv` with the kernel set forced to `set`, as output bits (with `AvxVnni`, checked to
+    /// run the AVX-VNNI forms where they are reachable).
+    fn run_bits(
+        set: cpu::KernelSet,
+        format: QFormat,
+        x: &[f32],
+        rows: usize,
+        w: &[u8],
+        n: usize,
+        k: usize,
+    ) -> Vec<u32> {
+        let _g = cpu::force(set);
+        #[cfg(target_arch = "x86_64")]
+        if set == cpu::KernelSet::AvxVnni && crate::kernels::testing::avx_vnni_reachable() {
+            assert_eq!(Kernel::detect(), Kernel::AvxVnni);
+        }
+        let mut out = vec![f32::NAN; rows * n];
+        qgemv(format, x, rows, w, n, k, &mut out);
+        out.iter().map(|v| v.to_bits()).collect()
+    }
+
+    /// The AVX-VNNI forms (`vpdpbusd`, `vpdpwssd`) give the same exact integers as `maddubs` +
+    /// `madd`, and the same f32 arithmetic follows: the same bits as the AVX2 path for every
+    /// format, also at the extremes of the i16 pair sums (Q8_0 weights of -128 and 127 against
+    /// activations quantized to ±127; Q4K/Q6K activations of ±1 that quantize to -128..127).
+    #[test]
+    fn avx_vnni_equals_avx2_bitwise() {
+        if !crate::kernels::testing::avx_vnni_reachable() {
+            eprintln!("no AVX-VNNI on this CPU (or VIDEOLLAVA_KERNELS caps it): nothing to compare");
+            return;
+        }
+        for format in [QFormat::Q8_0, QFormat::Q4K, QFormat::Q6K] {
+            for (rows, n, k) in [(1, 37, 768), (3, 64, 256), (8, 19, 4096), (5, 33, 512)] {
+                let w = Tensor::from_vec(values(n * k, 3 + n as u64), (n, k), &Device::Cpu).unwrap();
+                let mut bytes = QTensor::quantize(&w, gdtype(format)).unwrap().data().unwrap().into_owned();
+                if format == QFormat::Q8_0 {
+                    // Every other block: bytes of -128 and 127 only.
+                    for blk in bytes.chunks_exact_mut(34).step_by(2) {
+                        for (l, q) in blk[2..].iter_mut().enumerate() {
+                            *q = if l % 3 == 0 { 0x7f } else { 0x80 };
+                        }
+                    }
+                }
+                let signs: Vec<f32> = (0..rows * k).map(|t| if (t / 3) % 2 == 0 { 1.0 } else { -1.0 }).collect();
+                for x in [values(rows * k, 9 + k as u64), signs] {
+                    let avx2 = run_bits(cpu::KernelSet::Avx2, format, &x, rows, &bytes, n, k);
+                    let vnni = run_bits(cpu::KernelSet::AvxVnni, format, &x, rows, &bytes, n, k);
+                    assert_eq!(vnni, avx2, "{format:?} rows={rows} n={n} k={k}");
+                }
             }
         }
     }

@@ -30,6 +30,39 @@ pub(crate) fn values_with_outliers(len: usize, seed: u64, outlier: f32) -> Vec<f
     (0..len).map(|i| if i % 97 == 13 { outlier * r.unit() } else { r.unit() }).collect()
 }
 
+/// Checks a matrix product `out` (`[m, n]`, row-major) against an f64 reference:
+/// `reference(i, j)` gives the exact element and the sum of the magnitudes of its terms, and
+/// each element must lie within `1e-5 · Σ |terms| + floor` of it (written so that a NaN fails).
+/// `Err` holds the first violation `(i, j, got, want)`.
+pub(crate) fn check_gemm(
+    out: &[f32],
+    m: usize,
+    n: usize,
+    floor: f64,
+    reference: impl Fn(usize, usize) -> (f64, f64),
+) -> Result<(), (usize, usize, f32, f64)> {
+    assert_eq!(out.len(), m * n, "check_gemm: out is not m * n");
+    for i in 0..m {
+        for j in 0..n {
+            let (want, abs) = reference(i, j);
+            let got = out[i * n + j];
+            if (got as f64 - want).abs() <= 1e-5 * abs + floor {
+                continue;
+            }
+            return Err((i, j, got, want));
+        }
+    }
+    Ok(())
+}
+
+/// Whether forcing [`KernelSet::AvxVnni`] runs the AVX-VNNI forms of the AVX2 kernels on this
+/// thread: the CPU has AVX-VNNI and `VIDEOLLAVA_KERNELS` leaves it.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn avx_vnni_reachable() -> bool {
+    let _g = cpu::force(KernelSet::AvxVnni);
+    cpu::features().avx_vnni
+}
+
 /// The kernel sets of this CPU above the portable one (the SIMD paths a test must prove).
 pub(crate) fn simd_sets() -> Vec<KernelSet> {
     cpu::available_sets().into_iter().filter(|&s| s > KernelSet::Portable).collect()
@@ -38,6 +71,18 @@ pub(crate) fn simd_sets() -> Vec<KernelSet> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_gemm_rejects_wrong_and_nan_elements() {
+        // out = 1 · 1 + 2 · 2 per element: the terms' magnitudes sum to 5.
+        let reference = |_: usize, _: usize| (5.0, 5.0);
+        let mut out = vec![5f32; 6];
+        assert_eq!(check_gemm(&out, 2, 3, 1e-30, reference), Ok(()));
+        out[4] = 5.0 + 1e-4;
+        assert_eq!(check_gemm(&out, 2, 3, 1e-30, reference), Err((1, 1, out[4], 5.0)));
+        out[4] = f32::NAN;
+        assert!(check_gemm(&out, 2, 3, 1e-30, reference).is_err());
+    }
 
     #[test]
     fn streams_are_deterministic_and_bounded() {
