@@ -218,6 +218,8 @@ impl Strides {
 
 /// Query rows (per key/value head) a task handles: `rep * chunk` rows of scores per task.
 const TASK_ROWS: usize = 64;
+/// The same on AMX tiles: more rows per task share the packing of the head's keys and values.
+const TASK_ROWS_AMX: usize = 256;
 /// From this many rows a task converts key/value tiles to f32 and uses the blocked kernels.
 const TILE_ROWS: usize = 8;
 /// Keys per tile.
@@ -252,7 +254,8 @@ fn run<T: Elem>(q: &Tensor, k: &Tensor, v: &Tensor, scale: f32, rules: &MaskRule
         return Ok(Tensor::zeros((b, l, h * d), T::DTYPE, &Device::Cpu)?);
     }
     // Tasks: (batch row, kv head, first query, query count), in output order.
-    let chunk = (TASK_ROWS / rep).clamp(1, l);
+    let task_rows = if params.amx { TASK_ROWS_AMX } else { TASK_ROWS };
+    let chunk = (task_rows / rep).clamp(1, l);
     let n_chunks = l.div_ceil(chunk);
     let mut tasks = Vec::with_capacity(b * hkv * n_chunks);
     for bi in 0..b {
@@ -1692,7 +1695,11 @@ mod tests {
             let rules = MaskRules { key_valid: &valid, past: 0, causal, sliding_window: None };
             let pairs = if causal { (t * t) as f64 / 2.0 } else { (t * t) as f64 };
             let flop = 2.0 * 2.0 * pairs * d as f64 * (b * h) as f64;
+            let only = std::env::var("BENCH_SET").ok();
             for set in cpu::available_sets().into_iter().filter(|&s| s >= KernelSet::Avx2) {
+                if only.as_deref().is_some_and(|o| o != set.name()) {
+                    continue;
+                }
                 let _g = cpu::force(set);
                 let mut best = f64::MAX;
                 for _ in 0..3 {
