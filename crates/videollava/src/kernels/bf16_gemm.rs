@@ -866,6 +866,7 @@ mod tests {
     /// Prefill (m = 512: one prefill chunk) and vision (m = 2056: 8 frames of 257 patches) shapes
     /// of Llama-7B and CLIP-L, each kernel set this CPU has forced in turn, interleaved.
     /// `cargo test --release -p videollava --lib bf16_gemm::tests::bench -- --ignored --nocapture`
+    /// (`BENCH_SET=amx`, say, for one set only).
     #[test]
     #[ignore]
     fn bench_prefill_shapes() {
@@ -885,7 +886,11 @@ mod tests {
             let w = values(n * k, 2);
             let mut out = vec![0f32; m * n];
             let mut line = format!("m={m:4} n={n:5} k={k:5}:");
+            let only = std::env::var("BENCH_SET").ok();
             for set in cpu::available_sets().into_iter().filter(|&s| s >= KernelSet::Avx2) {
+                if only.as_deref().is_some_and(|o| o != set.name()) {
+                    continue;
+                }
                 let _g = cpu::force(set);
                 matmul_bf16(&a, m, &w, n, k, &mut out);
                 let mut t: Vec<f64> = (0..iters)
