@@ -839,8 +839,18 @@ mod tests {
     /// paths see them too), and the AMX kernel called directly from 16 rows up.
     #[test]
     fn amx_shapes_match_reference() {
-        let shapes =
-            [(49, 17, 32), (300, 300, 1056), (257, 129, 544), (64, 16, 64), (530, 40, 96), (16, 1, 32), (33, 250, 64)];
+        let shapes = [
+            (49, 17, 32),
+            (300, 300, 1056),
+            (257, 129, 544),
+            (64, 16, 64),
+            (530, 40, 96),
+            (16, 1, 32),
+            (33, 250, 64),
+            // Several `k` blocks (partial sums carried over), the last one a single step.
+            (49, 40, 4128),
+            (130, 33, 2080),
+        ];
         for &(m, n, k) in &shapes {
             cpu::for_each_set(|set| run(m, n, k, set));
         }
