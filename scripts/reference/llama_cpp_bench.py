@@ -21,8 +21,9 @@ Nothing here runs at test time; every venv and GGUF lives outside the repository
     # 4. one markdown table
     python3 scripts/reference/llama_cpp_bench.py report OUT/*.json
 
-`build --flavor`: `native` = -DGGML_NATIVE=ON (the machine's own kernels: AVX-512, VNNI, BF16, AMX where
-present); `avx2` = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
+`build --flavor`: `native` = -DGGML_NATIVE=ON with AMX compiled out (the machine's own kernels: AVX-512, VNNI,
+BF16 where present; llama.cpp's AMX path crashes here, see NO_AMX below), `native-amx` = plain -DGGML_NATIVE=ON;
+`avx2` = -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
 -DGGML_AVX512=OFF (and AVX-VNNI / AVX512-* / AMX off), the build an AVX2-only CPU user gets, to compare with our
 AVX2 path forced by VIDEOLLAVA_KERNELS=avx2. Both: no BLAS, no multimodal library (LLAVA_BUILD=OFF), OpenMP on
 (ggml's default). pip's wheel cache is bypassed so each flavour is really compiled.
@@ -31,13 +32,14 @@ AVX2 path forced by VIDEOLLAVA_KERNELS=avx2. Both: no BLAS, no multimodal librar
 flash attention `auto`, KV cache F16, weights memory-mapped (with the CPU backend's own repacking of quantized
 weights, which llama.cpp does by default), no warm-up run (as ours: one request after load). The prompt is a BOS
 followed by seeded random ids (the ids do not change the work); the first generated token comes from the prefill's
-logits, then --new-tokens single-token decode steps are timed (argmax fed back, EOS not special), which is what
-`videollava bench --max-new-tokens N` times after its first token. Prints and writes JSON: wall-clock prefill and
+logits, then --new-tokens - 1 single-token decode steps are timed (argmax fed back, EOS not special): the same
+count as `videollava bench --max-new-tokens N`, which generates N tokens and times the N - 1 steps after the first. Prints and writes JSON: wall-clock prefill and
 decode seconds and tokens/s, llama.cpp's own perf counters, peak RSS (VmHWM), load averages, system_info.
 
 `ours`: `videollava bench --dtype bf16 --threads T --video VIDEO --max-new-tokens N [--quantize q8_0|q4k]`, with
 VIDEOLLAVA_KERNELS=avx2 when --kernels avx2; its prefill figure is the language model's alone (vision towers
-excluded, reported separately), the same positions llama.cpp prefills.
+excluded, reported separately), the same positions llama.cpp prefills. With --quantize it first loads once with a
+two-token text request so the timed run reads the saved quantized weights (--no-warm: time the first load).
 
 Precision pairs: BF16 GGUF vs our BF16; Q8_0 vs our q8_0; Q4_K_M vs our q4k (llama.cpp's Q4_K_M keeps
 attn_v / ffn_down of half the layers and the output matrix in Q6_K).
@@ -63,8 +65,15 @@ DEFAULT_VIDEO = os.path.join(SHARED, "fixtures", "media", "bigbuckbunny.mp4")
 LLAMA_CPP_PYTHON = "0.3.36"
 
 COMMON_CMAKE = ["-DLLAVA_BUILD=OFF", "-DGGML_BLAS=OFF"]
+# llama.cpp's AMX path (ggml_backend_amx_mul_mat, taken for Q4_0/Q4_1/Q8_0/Q4_K/Q5_K/Q6_K weights where -march=native
+# has AMX-INT8) segfaults on this project's Sapphire Rapids-class KVM machine at the first prefill, Q8_0 and Q4_K_M
+# alike (upstream ggml-org/llama.cpp#20824, closed unfixed). `native` therefore compiles AMX out (GCC honours
+# -mno-amx-* whatever their order against -march=native; system_info then shows no AMX_INT8); `native-amx` is the
+# plain -march=native build, for machines where that path works. BF16 weights never take the AMX path.
+NO_AMX = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
 FLAVORS = {
-    "native": ["-DGGML_NATIVE=ON"],
+    "native": ["-DGGML_NATIVE=ON", f"-DCMAKE_C_FLAGS='{NO_AMX}'", f"-DCMAKE_CXX_FLAGS='{NO_AMX}'"],
+    "native-amx": ["-DGGML_NATIVE=ON"],
     "avx2": [
         "-DGGML_NATIVE=OFF",
         "-DGGML_AVX=ON",
@@ -359,11 +368,14 @@ def cmd_time(args):
 
     import llama_cpp as L
 
+    if args.new_tokens < 2 or args.prompt_tokens < 1:
+        raise SystemExit("--new-tokens must be at least 2 and --prompt-tokens at least 1")
     load1 = os.getloadavg()
     L.llama_backend_init()
     system_info = L.llama_print_system_info().decode()
     info = build_info()
-    flavor = info.get("flavor") or ("native" if "AVX512 = 1" in system_info else "avx2")
+    flavor = info.get("flavor") or (
+        "native-amx" if "AMX_INT8 = 1" in system_info else "native" if "AVX512 = 1" in system_info else "avx2")
 
     t0 = time.time()
     mp = L.llama_model_default_params()
@@ -418,7 +430,7 @@ def cmd_time(args):
     prefill_s = time.time() - t0
     generated = [tok]
     steps = []
-    for _ in range(args.new_tokens):
+    for _ in range(args.new_tokens - 1):
         t = time.time()
         decode([tok])
         tok = argmax_last()
@@ -487,6 +499,14 @@ def cmd_ours(args):
     env.pop("VIDEOLLAVA_KERNELS", None)
     if args.kernels != "native":
         env["VIDEOLLAVA_KERNELS"] = args.kernels
+    if args.quantize != "none" and not args.no_warm:
+        # Quantizing happens at the first load and is saved; warm that cache with a short text-only request so the
+        # timed run loads the saved weights, as every later run of a user does.
+        warm = [binary, "bench", "--model", args.model, "--dtype", "bf16", "--threads", str(args.threads),
+                "--quantize", args.quantize, "--max-new-tokens", "2", "--bandwidth-mib", "0", "--prompt", "Hi"]
+        warm += args.extra or []
+        log("warming the quantized cache: " + " ".join(warm))
+        subprocess.run(warm, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log(("VIDEOLLAVA_KERNELS=" + args.kernels + " " if args.kernels != "native" else "") + " ".join(cmd))
     load1 = os.getloadavg()
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
@@ -615,7 +635,7 @@ def main():
     t.add_argument("--gguf", required=True)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--prompt-tokens", type=int, default=2074)
-    t.add_argument("--new-tokens", type=int, default=16)
+    t.add_argument("--new-tokens", type=int, default=16, help="tokens generated (the first from the prefill)")
     t.add_argument("--n-batch", type=int, default=2048)
     t.add_argument("--n-ubatch", type=int, default=512)
     t.add_argument("--flash-attn", default="auto", choices=["auto", "on", "off"])
@@ -632,6 +652,7 @@ def main():
     o.add_argument("--new-tokens", type=int, default=16, help="--max-new-tokens")
     o.add_argument("--video", default=DEFAULT_VIDEO)
     o.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "videollava"))
+    o.add_argument("--no-warm", action="store_true", help="do not load once first to save the quantized weights")
     o.add_argument("--label")
     o.add_argument("--json")
     o.add_argument("extra", nargs="*", help="after --: more `videollava bench` options")
