@@ -20,6 +20,9 @@ Nothing here runs at test time; every venv and GGUF lives outside the repository
     python3 scripts/reference/llama_cpp_bench.py ours --model CKPT --quantize q4k [--kernels avx2] --json OUT/ours-q4.json
     # 4. one markdown table
     python3 scripts/reference/llama_cpp_bench.py report OUT/*.json
+    # or 3 + 4 in one go: ours (none, q8_0, q4k) and llama.cpp (BF16, Q8_0, Q4_K_M) per flavour, one process each
+    python3 scripts/reference/llama_cpp_bench.py sitting --model CKPT --gguf GGUF_DIR --out OUT \
+        --llama-venv native=/work/venvs/llamacpp-native --llama-venv avx2=/work/venvs/llamacpp-avx2 [--flash-attn auto off]
 
 `build --flavor`: `native` = -DGGML_NATIVE=ON with AMX compiled out (the machine's own kernels: AVX-512, VNNI,
 BF16 where present; llama.cpp's AMX path crashes here, see NO_AMX below), `native-amx` = plain -DGGML_NATIVE=ON;
@@ -371,6 +374,15 @@ def cmd_time(args):
     if args.new_tokens < 2 or args.prompt_tokens < 1:
         raise SystemExit("--new-tokens must be at least 2 and --prompt-tokens at least 1")
     load1 = os.getloadavg()
+    # llama.cpp's log (thousands of lines at load) goes to --log FILE, or is dropped; kept in memory to read back
+    # what it resolved (flash attention under `auto`, buffer types).
+    lines = []
+
+    def on_log(level, text, user_data):
+        lines.append(text.decode(errors="replace"))
+
+    log_cb = L.llama_log_callback(on_log)
+    L.llama_log_set(log_cb, ctypes.c_void_p(0))
     L.llama_backend_init()
     system_info = L.llama_print_system_info().decode()
     info = build_info()
@@ -383,7 +395,7 @@ def cmd_time(args):
     mp.use_mmap = not args.no_mmap
     model = L.llama_model_load_from_file(args.gguf.encode(), mp)
     if not model:
-        raise SystemExit(f"{args.gguf}: llama.cpp could not load it")
+        raise SystemExit(f"{args.gguf}: llama.cpp could not load it:\n" + "".join(lines[-20:]))
     n_ctx = args.prompt_tokens + args.new_tokens + 16
     cp = L.llama_context_default_params()
     cp.n_ctx = n_ctx
@@ -439,6 +451,12 @@ def cmd_time(args):
     decode_s = sum(steps)
     perf = L.llama_perf_context(ctx)
     load2 = os.getloadavg()
+    text_log = "".join(lines)
+    if args.log:
+        with open(args.log, "w") as f:
+            f.write(text_log)
+    fa_resolved = re.findall(r"Flash Attention (?:was auto, set to )?(enabled|disabled)", text_log)
+    buffers = sorted(set(re.findall(r"load_tensors: +(\S+) model buffer size = +([0-9.]+ MiB)", text_log)))
     ftype = next((p for k, p in PRECISION_OF_FTYPE.items() if k in desc), "?")
     report = {
         "engine": "llama.cpp",
@@ -453,7 +471,8 @@ def cmd_time(args):
         "threads": args.threads,
         "n_batch": args.n_batch,
         "n_ubatch": args.n_ubatch,
-        "flash_attn": args.flash_attn,
+        "flash_attn": args.flash_attn + (f" ({fa_resolved[-1]})" if fa_resolved else ""),
+        "model_buffers": [f"{name} {size}" for name, size in buffers],
         "mmap": not args.no_mmap,
         "load_s": load_s,
         "prompt_tokens": len(ids),
@@ -577,34 +596,81 @@ def cmd_report(args):
     def load(r):
         return f"{r['loadavg_start'][0]:.2f}/{r['loadavg_end'][0]:.2f}"
 
-    out.append("| kernels | precision | prompt tokens (ours / llama.cpp) | prefill tok/s ours | prefill tok/s llama.cpp | ratio | "
-               "decode tok/s ours | decode tok/s llama.cpp | ratio | peak RSS MiB ours / llama.cpp | load avg 1 min (start/end) ours; llama.cpp |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    out.append("| kernels | precision | llama.cpp options | prompt tokens (ours / llama.cpp) | prefill tok/s ours | "
+               "prefill tok/s llama.cpp | ratio | decode tok/s ours | decode tok/s llama.cpp | ratio | "
+               "peak RSS MiB ours / llama.cpp | load avg 1 min start/end: ours; llama.cpp |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     order = {"bf16": 0, "8-bit": 1, "4-bit": 2}
-    keys = sorted({(r["kernels"], r["precision"]) for r in runs}, key=lambda k: (k[0] != "native", order.get(k[1], 9)))
+    keys = sorted({(r["kernels"], r["precision"]) for r in runs}, key=lambda k: (k[0] != "native", k[0], order.get(k[1], 9)))
+
+    def get(r, k):
+        return r.get(k) if r else None
+
+    def ratio(a, b):
+        return f"{a / b:.2f}" if a and b else "-"
+
     for kern, prec in keys:
-        ours = next((r for r in runs if r["engine"] == "videollava" and (r["kernels"], r["precision"]) == (kern, prec)), None)
-        ll = next((r for r in runs if r["engine"] == "llama.cpp" and (r["kernels"], r["precision"]) == (kern, prec)), None)
-
-        def get(r, k):
-            return r.get(k) if r else None
-
-        def ratio(a, b):
-            return f"{a / b:.2f}" if a and b else "-"
-
-        out.append(
-            f"| {kern} | {prec} | {get(ours, 'prompt_tokens') or '-'} / {get(ll, 'prompt_tokens') or '-'} | "
-            f"{fmt(get(ours, 'prefill_tokens_per_s'))} | {fmt(get(ll, 'prefill_tokens_per_s'))} | "
-            f"{ratio(get(ours, 'prefill_tokens_per_s'), get(ll, 'prefill_tokens_per_s'))} | "
-            f"{fmt(get(ours, 'decode_tokens_per_s'))} | {fmt(get(ll, 'decode_tokens_per_s'))} | "
-            f"{ratio(get(ours, 'decode_tokens_per_s'), get(ll, 'decode_tokens_per_s'))} | "
-            f"{fmt(get(ours, 'peak_rss_mib'), 0)} / {fmt(get(ll, 'peak_rss_mib'), 0)} | "
-            f"{load(ours) if ours else '-'}; {load(ll) if ll else '-'} |"
-        )
+        # videollava's `--kernels native` pairs with both llama.cpp native builds
+        mine = [r for r in runs if (r["kernels"], r["precision"]) == (kern, prec)]
+        ours = next((r for r in mine if r["engine"] == "videollava"), None)
+        if ours is None and kern.startswith("native"):
+            ours = next((r for r in runs if r["engine"] == "videollava" and (r["kernels"], r["precision"]) == ("native", prec)), None)
+        lls = [r for r in mine if r["engine"] == "llama.cpp"] or [None]
+        if ours is None and kern.startswith("native") and kern != "native" and lls == [None]:
+            continue
+        for ll in lls:
+            opts = f"fa {ll['flash_attn']}, batch {ll['n_batch']}/{ll['n_ubatch']}" if ll else "-"
+            out.append(
+                f"| {kern} | {prec} | {opts} | {get(ours, 'prompt_tokens') or '-'} / {get(ll, 'prompt_tokens') or '-'} | "
+                f"{fmt(get(ours, 'prefill_tokens_per_s'))} | {fmt(get(ll, 'prefill_tokens_per_s'))} | "
+                f"{ratio(get(ours, 'prefill_tokens_per_s'), get(ll, 'prefill_tokens_per_s'))} | "
+                f"{fmt(get(ours, 'decode_tokens_per_s'))} | {fmt(get(ll, 'decode_tokens_per_s'))} | "
+                f"{ratio(get(ours, 'decode_tokens_per_s'), get(ll, 'decode_tokens_per_s'))} | "
+                f"{fmt(get(ours, 'peak_rss_mib'), 0)} / {fmt(get(ll, 'peak_rss_mib'), 0)} | "
+                f"{load(ours) if ours else '-'}; {load(ll) if ll else '-'} |"
+            )
     out.append("")
     out.append("ratio = ours / llama.cpp (> 1: ours faster). Prefill: the language model's positions only "
                "(ours excludes the vision towers); decode: single-token steps after the first token.")
     print("\n".join(out))
+
+
+# ---------------------------------------------------------------- sitting
+
+
+def cmd_sitting(args):
+    """Every run of the comparison, one process each, in a fixed order, then the report."""
+    os.makedirs(args.out, exist_ok=True)
+    me = os.path.abspath(__file__)
+    venvs = dict(v.split("=", 1) for v in args.llama_venv)
+    runs = []
+    for flavor in args.flavors:
+        kernels = "native" if flavor.startswith("native") else flavor
+        if flavor in ("native", "avx2"):
+            for q in ("none", "q8_0", "q4k"):
+                name = f"ours-{kernels}-{q}"
+                runs.append((name, [sys.executable, me, "ours", "--model", args.model, "--kernels", kernels, "--quantize", q,
+                                    "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
+                                    "--video", args.video, "--binary", args.binary, "--json", os.path.join(args.out, name + ".json")]))
+        py = os.path.join(venvs[flavor], "bin", "python")
+        for g in args.gguf_types:
+            for fa in args.flash_attn:
+                name = f"llama-{flavor}-{g}-fa_{fa}"
+                runs.append((name, [py, me, "time", "--gguf", os.path.join(args.gguf, f"lm-{g}.gguf"),
+                                    "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
+                                    "--new-tokens", str(args.new_tokens), "--flash-attn", fa,
+                                    "--json", os.path.join(args.out, name + ".json"), "--log", os.path.join(args.out, name + ".llama.log")]))
+    for name, cmd in runs:
+        log(f"== {name}: {' '.join(cmd)}")
+        with open(os.path.join(args.out, name + ".log"), "w") as f:
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+        if rc != 0:
+            log(f"   {name} failed (exit {rc}); see {os.path.join(args.out, name + '.log')}")
+    files = sorted(os.path.join(args.out, f) for f in os.listdir(args.out) if f.endswith(".json") and not f.endswith(".raw"))
+    report = subprocess.run([sys.executable, me, "report", *files], capture_output=True, text=True, check=True).stdout
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write(report)
+    print(report)
 
 
 def main():
@@ -643,6 +709,7 @@ def main():
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--label")
     t.add_argument("--json")
+    t.add_argument("--log", help="write llama.cpp's own log here")
 
     o = sub.add_parser("ours", help="videollava bench on the same workload, JSON out")
     o.add_argument("--model", required=True)
@@ -657,12 +724,26 @@ def main():
     o.add_argument("--json")
     o.add_argument("extra", nargs="*", help="after --: more `videollava bench` options")
 
+    st = sub.add_parser("sitting", help="all runs (ours and llama.cpp per flavour and precision), then the report")
+    st.add_argument("--model", required=True)
+    st.add_argument("--gguf", required=True, help="the directory `convert` wrote")
+    st.add_argument("--out", required=True)
+    st.add_argument("--llama-venv", action="append", required=True, help="FLAVOR=VENV (repeatable)")
+    st.add_argument("--flavors", nargs="+", default=["native", "avx2"])
+    st.add_argument("--gguf-types", nargs="+", default=["bf16", "q8_0", "q4_k_m"])
+    st.add_argument("--flash-attn", nargs="+", default=["auto"], choices=["auto", "on", "off"])
+    st.add_argument("--threads", type=int, default=2)
+    st.add_argument("--prompt-tokens", type=int, default=2074)
+    st.add_argument("--new-tokens", type=int, default=16)
+    st.add_argument("--video", default=DEFAULT_VIDEO)
+    st.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "videollava"))
+
     r = sub.add_parser("report", help="markdown table from `time` / `ours` JSON files")
     r.add_argument("files", nargs="+")
 
     args = p.parse_args()
     {"build": cmd_build, "convert": cmd_convert, "quantize": cmd_quantize, "time": cmd_time, "ours": cmd_ours,
-     "report": cmd_report}[args.cmd](args)
+     "report": cmd_report, "sitting": cmd_sitting}[args.cmd](args)
 
 
 if __name__ == "__main__":
