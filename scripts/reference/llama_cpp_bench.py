@@ -142,9 +142,25 @@ def cpu_flags():
     return []
 
 
+def cpu_model_number():
+    """'family F model M stepping S' from /proc/cpuinfo (a VM's model name is often generic)."""
+    fields = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break
+                k, _, v = line.partition(":")
+                fields[k.strip()] = v.strip()
+    except OSError:
+        return None
+    return f"family {fields.get('cpu family')} model {fields.get('model')} stepping {fields.get('stepping')}"
+
+
 def machine():
     return {
         "cpu": cpu_name(),
+        "cpu_id": cpu_model_number(),
         "cpu_flags": cpu_flags(),
         "cpus": os.cpu_count(),
         "hypervisor": "hypervisor" in open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else None,
@@ -371,8 +387,8 @@ def cmd_time(args):
 
     import llama_cpp as L
 
-    if args.new_tokens < 2 or args.prompt_tokens < 1:
-        raise SystemExit("--new-tokens must be at least 2 and --prompt-tokens at least 1")
+    if args.new_tokens < 2 or args.prompt_tokens < 1 or args.repeat < 1:
+        raise SystemExit("--new-tokens must be at least 2, --prompt-tokens and --repeat at least 1")
     load1 = os.getloadavg()
     # llama.cpp's log (thousands of lines at load) goes to --log FILE, or is dropped; kept in memory to read back
     # what it resolved (flash attention under `auto`, buffer types).
@@ -434,21 +450,30 @@ def cmd_time(args):
         ptr = L.llama_get_logits_ith(ctx, -1)
         return int(np.ctypeslib.as_array(ptr, shape=(n_vocab,)).argmax())
 
-    L.llama_perf_context_reset(ctx)
-    t0 = time.time()
-    for i in range(0, len(ids), args.n_batch):
-        decode(ids[i:i + args.n_batch])
-    tok = argmax_last()
-    prefill_s = time.time() - t0
-    generated = [tok]
-    steps = []
-    for _ in range(args.new_tokens - 1):
-        t = time.time()
-        decode([tok])
+    def one_run():
+        L.llama_memory_clear(L.llama_get_memory(ctx), True)
+        t0 = time.time()
+        for i in range(0, len(ids), args.n_batch):
+            decode(ids[i:i + args.n_batch])
         tok = argmax_last()
-        steps.append(time.time() - t)
-        generated.append(tok)
-    decode_s = sum(steps)
+        prefill_s = time.time() - t0
+        generated, steps = [tok], []
+        for _ in range(args.new_tokens - 1):
+            t = time.time()
+            decode([tok])
+            tok = argmax_last()
+            steps.append(time.time() - t)
+            generated.append(tok)
+        return prefill_s, steps, generated
+
+    # --repeat N: N prefill + decode runs from an empty KV cache; the median run by prefill time (the lower one of an even count) is reported (and
+    # every run listed), as llama-bench repeats; the first run also pays the page faults of the mapped weights.
+    reps = []
+    for _ in range(args.repeat):
+        L.llama_perf_context_reset(ctx)
+        reps.append(one_run())
+    prefill_s, steps, generated = sorted(reps, key=lambda r: r[0])[(len(reps) - 1) // 2]
+    decode_s = sorted(sum(r[1]) for r in reps)[(len(reps) - 1) // 2]
     perf = L.llama_perf_context(ctx)
     load2 = os.getloadavg()
     text_log = "".join(lines)
@@ -482,6 +507,7 @@ def cmd_time(args):
         "decode_s": decode_s,
         "decode_tokens_per_s": len(steps) / decode_s,
         "decode_median_token_s": sorted(steps)[len(steps) // 2],
+        "runs": [{"prefill_s": r[0], "decode_s": sum(r[1])} for r in reps],
         "llama_perf": {"t_p_eval_ms": perf.t_p_eval_ms, "n_p_eval": perf.n_p_eval,
                        "t_eval_ms": perf.t_eval_ms, "n_eval": perf.n_eval},
         "generated_ids": generated,
@@ -528,10 +554,17 @@ def cmd_ours(args):
         subprocess.run(warm, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log(("VIDEOLLAVA_KERNELS=" + args.kernels + " " if args.kernels != "native" else "") + " ".join(cmd))
     load1 = os.getloadavg()
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    reps = []
+    for _ in range(args.repeat):
+        subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+        with open(raw) as f:
+            reps.append(json.load(f))
     load2 = os.getloadavg()
-    with open(raw) as f:
-        r = json.load(f)
+    # --repeat N: N processes; the median run by prefill time is reported, decode by its own median
+    r = dict(sorted(reps, key=lambda x: x["prefill_s"])[(len(reps) - 1) // 2])
+    by_decode = sorted(reps, key=lambda x: x["decode_s"])[(len(reps) - 1) // 2]
+    for k in ("decode_s", "decode_tokens_per_s", "decode_median_token_s"):
+        r[k] = by_decode[k]
     precision = PRECISION_OF_OURS[args.quantize]
     report = {
         "engine": "videollava",
@@ -555,6 +588,7 @@ def cmd_ours(args):
         "loadavg_end": load2,
         "machine": machine(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "runs": [{"prefill_s": x["prefill_s"], "decode_s": x["decode_s"]} for x in reps],
         "bench": r,
     }
     text = json.dumps(report, indent=2)
@@ -577,7 +611,8 @@ def cmd_report(args):
     if not runs:
         raise SystemExit("no run JSON files (from `time` / `ours`) given")
     m = runs[0]["machine"]
-    out = [f"CPU: {m['cpu']} ({', '.join(m['cpu_flags'])}; {m['cpus']} CPUs{', VM' if m.get('hypervisor') else ''})", ""]
+    out = [f"CPU: {m['cpu']}, {m.get('cpu_id')} ({', '.join(m['cpu_flags'])}; {m['cpus']} CPUs"
+           f"{', under a hypervisor' if m.get('hypervisor') else ''})", ""]
     builds = {r["kernels"]: r.get("build", {}) for r in runs if r["engine"] == "llama.cpp"}
     for flavor, b in sorted(builds.items()):
         if b:
@@ -651,14 +686,14 @@ def cmd_sitting(args):
                 name = f"ours-{kernels}-{q}"
                 runs.append((name, [sys.executable, me, "ours", "--model", args.model, "--kernels", kernels, "--quantize", q,
                                     "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
-                                    "--video", args.video, "--binary", args.binary, "--json", os.path.join(args.out, name + ".json")]))
+                                    "--video", args.video, "--binary", args.binary, "--repeat", str(args.repeat), "--json", os.path.join(args.out, name + ".json")]))
         py = os.path.join(venvs[flavor], "bin", "python")
         for g in args.gguf_types:
             for fa in args.flash_attn:
                 name = f"llama-{flavor}-{g}-fa_{fa}"
                 runs.append((name, [py, me, "time", "--gguf", os.path.join(args.gguf, f"lm-{g}.gguf"),
                                     "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
-                                    "--new-tokens", str(args.new_tokens), "--flash-attn", fa,
+                                    "--new-tokens", str(args.new_tokens), "--flash-attn", fa, "--repeat", str(args.repeat),
                                     "--json", os.path.join(args.out, name + ".json"), "--log", os.path.join(args.out, name + ".llama.log")]))
     for name, cmd in runs:
         log(f"== {name}: {' '.join(cmd)}")
@@ -707,6 +742,7 @@ def main():
     t.add_argument("--flash-attn", default="auto", choices=["auto", "on", "off"])
     t.add_argument("--no-mmap", action="store_true")
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--repeat", type=int, default=1, help="runs from an empty KV cache; medians reported")
     t.add_argument("--label")
     t.add_argument("--json")
     t.add_argument("--log", help="write llama.cpp's own log here")
@@ -719,6 +755,7 @@ def main():
     o.add_argument("--new-tokens", type=int, default=16, help="--max-new-tokens")
     o.add_argument("--video", default=DEFAULT_VIDEO)
     o.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "videollava"))
+    o.add_argument("--repeat", type=int, default=1, help="timed runs (processes); medians reported")
     o.add_argument("--no-warm", action="store_true", help="do not load once first to save the quantized weights")
     o.add_argument("--label")
     o.add_argument("--json")
@@ -732,6 +769,7 @@ def main():
     st.add_argument("--flavors", nargs="+", default=["native", "avx2"])
     st.add_argument("--gguf-types", nargs="+", default=["bf16", "q8_0", "q4_k_m"])
     st.add_argument("--flash-attn", nargs="+", default=["auto"], choices=["auto", "on", "off"])
+    st.add_argument("--repeat", type=int, default=1, help="timed runs per configuration (medians reported)")
     st.add_argument("--threads", type=int, default=2)
     st.add_argument("--prompt-tokens", type=int, default=2074)
     st.add_argument("--new-tokens", type=int, default=16)
