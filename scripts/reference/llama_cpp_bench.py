@@ -20,9 +20,11 @@ Nothing here runs at test time; every venv and GGUF lives outside the repository
     python3 scripts/reference/llama_cpp_bench.py ours --model CKPT --quantize q4k [--kernels avx2] --json OUT/ours-q4.json
     # 4. one markdown table
     python3 scripts/reference/llama_cpp_bench.py report OUT/*.json
-    # or 3 + 4 in one go: ours (none, q8_0, q4k) and llama.cpp (BF16, Q8_0, Q4_K_M) per flavour, one process each
+    # or 3 + 4 in one go: ours (none, q8_0, q4k) and llama.cpp (BF16, Q8_0, Q4_K_M) per flavour, one process each,
+    # each run's weight files read through once before it (page cache), OUT/report.md at the end
     python3 scripts/reference/llama_cpp_bench.py sitting --model CKPT --gguf GGUF_DIR --out OUT \
-        --llama-venv native=/work/venvs/llamacpp-native --llama-venv avx2=/work/venvs/llamacpp-avx2 [--flash-attn auto off]
+        --llama-venv native=/work/venvs/llamacpp-native --llama-venv avx2=/work/venvs/llamacpp-avx2 \
+        [--flash-attn auto off] [--repeat 2]
 
 `build --flavor`: `native` = -DGGML_NATIVE=ON with AMX compiled out (the machine's own kernels: AVX-512, VNNI,
 BF16 where present; llama.cpp's AMX path crashes here, see NO_AMX below), `native-amx` = plain -DGGML_NATIVE=ON;
@@ -33,14 +35,18 @@ AVX2 path forced by VIDEOLLAVA_KERNELS=avx2. Both: no BLAS, no multimodal librar
 
 `time`: llama.cpp's defaults as its own tools use them: n_batch 2048, n_ubatch 512 (llama-cli / llama-bench),
 flash attention `auto`, KV cache F16, weights memory-mapped (with the CPU backend's own repacking of quantized
-weights, which llama.cpp does by default), no warm-up run (as ours: one request after load). The prompt is a BOS
-followed by seeded random ids (the ids do not change the work); the first generated token comes from the prefill's
-logits, then --new-tokens - 1 single-token decode steps are timed (argmax fed back, EOS not special): the same
-count as `videollava bench --max-new-tokens N`, which generates N tokens and times the N - 1 steps after the first. Prints and writes JSON: wall-clock prefill and
-decode seconds and tokens/s, llama.cpp's own perf counters, peak RSS (VmHWM), load averages, system_info.
+weights, which llama.cpp does by default), no warm-up run (as ours: one request after load; --repeat N runs N
+times from an empty KV cache and reports the median). The prompt is a BOS followed by seeded random ids (the ids
+do not change the work); the first generated token comes from the prefill's logits, then --new-tokens - 1
+single-token decode steps are timed (argmax fed back, EOS not special): the same count as `videollava bench
+--max-new-tokens N`, which generates N tokens and times the N - 1 steps after the first. Prints and writes JSON:
+wall-clock prefill and decode seconds and tokens/s, llama.cpp's own perf counters (last run), what `auto` flash
+attention resolved to, the weight buffers (mapped / repacked), peak RSS (VmHWM), load averages, system_info.
+On 2 threads llama.cpp's timings collapse when anything else runs (its threads meet at a barrier after every op,
+so one preempted thread stalls both): time in a quiet sitting and look at the load averages in the report.
 
 `ours`: `videollava bench --dtype bf16 --threads T --video VIDEO --max-new-tokens N [--quantize q8_0|q4k]`, with
-VIDEOLLAVA_KERNELS=avx2 when --kernels avx2; its prefill figure is the language model's alone (vision towers
+VIDEOLLAVA_KERNELS=avx2 when --kernels avx2 (--repeat N: N processes, medians); its prefill figure is the language model's alone (vision towers
 excluded, reported separately), the same positions llama.cpp prefills. With --quantize it first loads once with a
 two-token text request so the timed run reads the saved quantized weights (--no-warm: time the first load).
 
@@ -664,6 +670,13 @@ def cmd_report(args):
                 f"{fmt(get(ours, 'peak_rss_mib'), 0)} / {fmt(get(ll, 'peak_rss_mib'), 0)} | "
                 f"{load(ours) if ours else '-'}; {load(ll) if ll else '-'} |"
             )
+    spread = [r for r in runs if len(r.get("runs", [])) > 1]
+    if spread:
+        out.append("")
+        out.append("Every timed run, prefill s / decode s (the table has the median):")
+        for r in spread:
+            out.append(f"- {r['label']}{' fa ' + r['flash_attn'] if r['engine'] == 'llama.cpp' else ''}: "
+                       + ", ".join(f"{x['prefill_s']:.2f}/{x['decode_s']:.2f}" for x in r["runs"]))
     out.append("")
     out.append("ratio = ours / llama.cpp (> 1: ours faster). Prefill: the language model's positions only "
                "(ours excludes the vision towers); decode: single-token steps after the first token.")
@@ -671,6 +684,15 @@ def cmd_report(args):
 
 
 # ---------------------------------------------------------------- sitting
+
+
+def page_in(paths):
+    """Read files through once so the timed run finds them in the page cache: a 7B BF16 checkpoint and a BF16 GGUF
+    (13.5 GB each) do not both stay cached in 24 GB, and each run maps its weights."""
+    for path in paths:
+        with open(path, "rb", buffering=0) as f:
+            while f.read(64 << 20):
+                pass
 
 
 def cmd_sitting(args):
@@ -684,18 +706,21 @@ def cmd_sitting(args):
         if flavor in ("native", "avx2"):
             for q in ("none", "q8_0", "q4k"):
                 name = f"ours-{kernels}-{q}"
-                runs.append((name, [sys.executable, me, "ours", "--model", args.model, "--kernels", kernels, "--quantize", q,
+                shards = [os.path.join(args.model, f) for f in sorted(os.listdir(args.model)) if f.endswith(".safetensors")]
+                runs.append((name, shards, [sys.executable, me, "ours", "--model", args.model, "--kernels", kernels, "--quantize", q,
                                     "--threads", str(args.threads), "--new-tokens", str(args.new_tokens),
                                     "--video", args.video, "--binary", args.binary, "--repeat", str(args.repeat), "--json", os.path.join(args.out, name + ".json")]))
         py = os.path.join(venvs[flavor], "bin", "python")
         for g in args.gguf_types:
             for fa in args.flash_attn:
                 name = f"llama-{flavor}-{g}-fa_{fa}"
-                runs.append((name, [py, me, "time", "--gguf", os.path.join(args.gguf, f"lm-{g}.gguf"),
+                runs.append((name, [os.path.join(args.gguf, f"lm-{g}.gguf")], [py, me, "time", "--gguf", os.path.join(args.gguf, f"lm-{g}.gguf"),
                                     "--threads", str(args.threads), "--prompt-tokens", str(args.prompt_tokens),
                                     "--new-tokens", str(args.new_tokens), "--flash-attn", fa, "--repeat", str(args.repeat),
                                     "--json", os.path.join(args.out, name + ".json"), "--log", os.path.join(args.out, name + ".llama.log")]))
-    for name, cmd in runs:
+    for name, files, cmd in runs:
+        if not args.no_page_in:
+            page_in(files)
         log(f"== {name}: {' '.join(cmd)}")
         with open(os.path.join(args.out, name + ".log"), "w") as f:
             rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -770,6 +795,7 @@ def main():
     st.add_argument("--gguf-types", nargs="+", default=["bf16", "q8_0", "q4_k_m"])
     st.add_argument("--flash-attn", nargs="+", default=["auto"], choices=["auto", "on", "off"])
     st.add_argument("--repeat", type=int, default=1, help="timed runs per configuration (medians reported)")
+    st.add_argument("--no-page-in", action="store_true", help="do not read each run's weight files once before it")
     st.add_argument("--threads", type=int, default=2)
     st.add_argument("--prompt-tokens", type=int, default=2074)
     st.add_argument("--new-tokens", type=int, default=16)
