@@ -92,6 +92,13 @@ pub struct ModelArgs {
     /// first after each save). The default holds about fourteen 7B video prefixes in BF16.
     #[arg(long, default_value_t = videollava::model::prefix_cache::DEFAULT_DIR_BYTES >> 20, value_name = "MIB")]
     pub prefix_cache_dir_mib: u64,
+    /// Reuse a cached prefix of any length, not only whole prefill chunks: the next turn of a
+    /// conversation prefills only its new tokens, so its first token comes sooner. The
+    /// positions after the reused prefix may then go through kernels for fewer rows than
+    /// without the cache, which can change the last bits of the numbers (by default a prompt's
+    /// numbers are the same bit for bit whatever was cached before it).
+    #[arg(long)]
+    pub prefix_any_length: bool,
     /// Copy the BF16 weights into memory at load instead of reading them in place from the
     /// memory-mapped checkpoint files (the default where the CPU has AVX-512 BF16).
     #[arg(long)]
@@ -135,6 +142,7 @@ impl ModelArgs {
         engine.model().set_feature_cache_capacity(self.feature_cache_mib << 20);
         engine.model_mut().set_kv_cache_format(self.kv_cache);
         engine.model_mut().set_prefill_chunk(self.prefill_chunk);
+        engine.model_mut().set_prefix_any_length(self.prefix_any_length);
         engine.model().set_prefix_cache_capacity(self.prefix_cache_mib << 20);
         engine
             .set_prefix_cache_dir_bounded(self.prefix_cache_dir.as_deref(), self.prefix_cache_dir_mib << 20)

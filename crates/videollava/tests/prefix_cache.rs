@@ -156,6 +156,45 @@ fn a_cache_hit_gives_the_same_greedy_tokens_mistral() {
     check("model-mistral-full", DTypeChoice::BF16, KvCacheFormat::Q8_0);
 }
 
+/// With prefixes of any length reused: the same greedy tokens as with the cache off, and every
+/// shared position reused (not only whole chunks).
+fn check_any_length(name: &str, dtype: DTypeChoice, kv: KvCacheFormat) {
+    let tag = format!("{name} {dtype:?} {kv} any length");
+    let off = engine(name, dtype, kv, 0);
+    let r0 = requests(&off, None).remove(0);
+    let turn1 =
+        off.generate(&[r0.prompt.as_str()], &[], &r0.videos, &r0.options, &mut |_| {}).unwrap().0.remove(0).text;
+    let reqs = requests(&off, Some(&turn1));
+    let ids: Vec<Vec<i64>> =
+        reqs.iter().map(|r| off.preprocess(&[r.prompt.as_str()], &r.images, &r.videos).unwrap().0.input_ids).collect();
+    let config = SchedulerConfig { max_batch_size: 1, max_queue: 8, ..Default::default() };
+    let without = Scheduler::start(off, config);
+    let want: Vec<GeneratedSequence> = reqs.iter().map(|r| run(&without, r).0).collect();
+    without.shutdown();
+    let mut e = engine(name, dtype, kv, 64 << 20);
+    e.model_mut().set_prefix_any_length(true);
+    let with = Scheduler::start(e, config);
+    let got: Vec<(GeneratedSequence, RequestTimings)> = reqs.iter().map(|r| run(&with, r)).collect();
+    for (i, ((g, _), w)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(g.token_ids, w.token_ids, "{tag}: request {i}: greedy ids differ with the prefix cache");
+    }
+    let cached: Vec<usize> = got.iter().map(|(_, t)| t.cached_prompt_tokens).collect();
+    let shared = |a: &[i64], b: &[i64]| a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    // The same prompt again: all but its last position; the second turn: everything it shares
+    // with the first (the first turn's prompt), whatever the chunks.
+    assert_eq!(cached[1], ids[1].len() - 1, "{tag}");
+    assert_eq!(cached[2], shared(&ids[2], &ids[0]), "{tag}");
+    assert!(cached[2] % CHUNK != 0 || cached[1] % CHUNK != 0, "{tag}: {cached:?} all whole chunks");
+    with.shutdown();
+}
+
+#[test]
+fn any_length_reuse_gives_the_same_greedy_tokens() {
+    check_any_length("model-llama", DTypeChoice::F32, KvCacheFormat::Model);
+    check_any_length("model-llama", DTypeChoice::BF16, KvCacheFormat::Model);
+    check_any_length("model-llama", DTypeChoice::BF16, KvCacheFormat::Q8_0);
+}
+
 fn temp_dir(tag: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("videollava-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);

@@ -120,6 +120,8 @@ pub struct VideoLlava {
     /// [`Self::prefill`] runs the decoder over at most this many prompt positions at a time (0:
     /// all at once).
     prefill_chunk: usize,
+    /// [`Self::cached_prefix`] reuses prefixes of any length, not only whole prefill chunks.
+    prefix_any_length: bool,
 }
 
 /// Default of [`VideoLlava::set_prefill_chunk`].
@@ -293,6 +295,7 @@ impl VideoLlava {
                 crate::model::prefix_cache::DEFAULT_CAPACITY_BYTES,
             ))),
             prefill_chunk: DEFAULT_PREFILL_CHUNK,
+            prefix_any_length: false,
             config,
         })
     }
@@ -520,6 +523,17 @@ impl VideoLlava {
         self.prefill_chunk = positions;
     }
 
+    /// Whether a cached prefix of any length is reused (`true`), or only whole prefill chunks
+    /// (`false`, the default). Whole chunks keep the numbers of a prompt the same bit for bit
+    /// whatever was cached before it (the rest of the prompt runs through the same kernels with
+    /// the same row counts); any length prefills only what is new (the next turn of a
+    /// conversation: its new question), where the positions after the reused prefix may go
+    /// through kernels for fewer rows, which sum in another order (greedy tokens agree in the
+    /// tests; the last bits of the numbers may not).
+    pub fn set_prefix_any_length(&mut self, any: bool) {
+        self.prefix_any_length = any;
+    }
+
     /// Projected features of every item of `p` (pixels `[N, ...]`), as [`Self::image_features`] or
     /// [`Self::video_features`] return them, taking items seen before from the feature cache and
     /// running the tower once over the others.
@@ -608,15 +622,16 @@ impl VideoLlava {
 
     /// The longest cached prefix of `key`, at most `key.len() - 1` positions (the last one must
     /// be computed for its logits) and cut down to a multiple of the prefill chunk (see
-    /// `prefix_cache`), from memory or a saved prefix: its length and a one-row
-    /// cache holding it, to prefill the rest into ([`Self::prefill_part`] from that position).
+    /// `prefix_cache`; not cut with [`Self::set_prefix_any_length`]), from memory or a saved
+    /// prefix: its length and a one-row cache holding it, to prefill the rest into
+    /// ([`Self::prefill_part`] from that position).
     pub fn cached_prefix(&self, key: &PrefixKey) -> Result<Option<(usize, KvCache)>> {
         if key.len() < 2 {
             return Ok(None);
         }
         let layers = self.config.text_config.num_hidden_layers;
         // Cut at a chunk boundary: the rest is then prefilled exactly as without the cache.
-        let align = self.prefill_chunk;
+        let align = if self.prefix_any_length { 0 } else { self.prefill_chunk };
         let max = key.len() - 1;
         self.prefix_lock()?.lookup(key, max, align, self.kv_cache_format(), self.dtype, &self.device, layers)
     }
