@@ -652,7 +652,7 @@ mod bf16dot {
     use half::bf16;
 
     use super::{axpy, Elem, Params, Shape};
-    use crate::kernels::bf16_gemm::avx512::transpose16;
+    use crate::kernels::transpose::transpose16;
 
     /// Keys per score tile (two zmm of scores per row).
     const KS: usize = 64;

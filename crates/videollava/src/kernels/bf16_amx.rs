@@ -33,7 +33,8 @@
 //! before it returns, so nothing is left configured on a pool thread. The process asked Linux for
 //! the tile-data permission when the CPU was detected ([`super::cpu`]).
 
-use super::bf16_gemm::avx512::transpose16;
+use super::out_ptr::OutPtr;
+use super::transpose::transpose16;
 use core::arch::asm;
 use core::arch::x86_64::*;
 use rayon::prelude::*;
@@ -121,7 +122,7 @@ pub(crate) unsafe fn matmul(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, 
     let mut wtail = vec![0u16; (n_tiles * T - tail0) * k];
     wtail[..(n - tail0) * k].copy_from_slice(&w[tail0 * k..]);
     let stripes = n_tiles.div_ceil(NS / T);
-    let outp = super::bf16_gemm::OutPtr::new(out);
+    let outp = OutPtr::new(out);
     let ctx = Ctx { apack, m, m_tiles, steps, w, wtail: &wtail, tail0, n, k };
     (0..stripes).into_par_iter().for_each(|s| {
         let (t0, t1) = (s * NS / T, n_tiles.min((s + 1) * NS / T));
@@ -190,7 +191,7 @@ unsafe fn pack_a(a: &[u16], m: usize, k: usize, mt: usize, dst: &mut [u32]) {
 /// # Safety
 /// As [`matmul`]; no other task writes these columns of `out`.
 #[target_feature(enable = "avx512f")]
-unsafe fn task(c: &Ctx, t0: usize, t1: usize, out: super::bf16_gemm::OutPtr, cbuf: &mut Vec<f32>) {
+unsafe fn task(c: &Ctx, t0: usize, t1: usize, out: OutPtr, cbuf: &mut Vec<f32>) {
     let nt = t1 - t0;
     let tiles_per_block = MB / T;
     let steps_per_block = KC / KS;

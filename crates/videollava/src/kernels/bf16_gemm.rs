@@ -229,25 +229,6 @@ fn dot_bf16w(x: &[f32], w: &[u16]) -> f32 {
     sum
 }
 
-/// The output pointer shared by tasks that write disjoint elements.
-#[derive(Clone, Copy)]
-pub(super) struct OutPtr(*mut f32);
-// SAFETY: every task writes a set of elements no other task touches, and the pointer outlives the
-// parallel loop (the loops end before the functions that made it return).
-unsafe impl Send for OutPtr {}
-// SAFETY: as for `Send`: shared use only writes disjoint elements.
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    pub(super) fn new(out: &mut [f32]) -> Self {
-        Self(out.as_mut_ptr())
-    }
-
-    // A method, so that closures capture the whole (Send) struct, not its raw-pointer field.
-    pub(super) fn get(self) -> *mut f32 {
-        self.0
-    }
-}
-
 #[inline]
 fn widen(bits: u16) -> f32 {
     f32::from_bits((bits as u32) << 16)
@@ -257,7 +238,8 @@ fn widen(bits: u16) -> f32 {
 // Register-blocked kernels index their accumulator arrays by loop counters on purpose.
 #[allow(clippy::needless_range_loop)]
 pub(crate) mod avx512 {
-    use super::OutPtr;
+    use crate::kernels::out_ptr::OutPtr;
+    pub(crate) use crate::kernels::transpose::transpose16;
     use core::arch::x86_64::*;
     use core::mem::transmute;
     use rayon::prelude::*;
@@ -332,7 +314,7 @@ pub(crate) mod avx512 {
         let m_split = if n_split >= want { 1 } else { want.div_ceil(n_split).min(m_tiles) };
         let tiles_per_task = m_tiles.div_ceil(m_split);
         let m_split = m_tiles.div_ceil(tiles_per_task);
-        let outp = OutPtr(out.as_mut_ptr());
+        let outp = OutPtr::new(out);
         let apack = &apack[..];
         (0..n_split * m_split).into_par_iter().for_each(|t| {
             let (js, ms) = (t / m_split, t % m_split);
@@ -469,45 +451,6 @@ pub(crate) mod avx512 {
         }
     }
 
-    /// Transpose of a 16×16 matrix of 32-bit values (`v[r]` = row `r`); also used by the
-    /// fused attention's BF16 path.
-    #[inline]
-    #[target_feature(enable = "avx512f")]
-    pub(crate) fn transpose16(v: [__m512i; 16]) -> [__m512i; 16] {
-        let mut t = [_mm512_setzero_si512(); 16];
-        for i in 0..8 {
-            t[2 * i] = _mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
-            t[2 * i + 1] = _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
-        }
-        // t[2i]: in each 128-bit lane l: (r2i c4l, r2i+1 c4l, r2i c4l+1, r2i+1 c4l+1); t[2i+1]: c4l+2, c4l+3.
-        let mut u = [_mm512_setzero_si512(); 16];
-        for i in 0..4 {
-            for h in 0..2 {
-                let (x, y) = (t[4 * i + h], t[4 * i + 2 + h]);
-                u[4 * i + 2 * h] = _mm512_unpacklo_epi64(x, y);
-                u[4 * i + 2 * h + 1] = _mm512_unpackhi_epi64(x, y);
-            }
-        }
-        // u[4i + j], lane l: rows 4i..4i+4 of column 4l + j.
-        let mut x = [_mm512_setzero_si512(); 16];
-        for i in 0..2 {
-            for j in 0..4 {
-                let (p, q) = (u[8 * i + j], u[8 * i + 4 + j]);
-                x[8 * i + j] = _mm512_shuffle_i32x4::<0x88>(p, q);
-                x[8 * i + 4 + j] = _mm512_shuffle_i32x4::<0xdd>(p, q);
-            }
-        }
-        // x[8i + j]: lanes (rows 8i..8i+4 of col j, same of col 8 + j, rows 8i+4..8i+8 of col j,
-        // same of col 8 + j); x[8i + 4 + j]: the same for columns 4 + j and 12 + j.
-        let mut o = [_mm512_setzero_si512(); 16];
-        for j in 0..8 {
-            let (p, q) = (x[j], x[8 + j]);
-            o[j] = _mm512_shuffle_i32x4::<0x88>(p, q);
-            o[j + 8] = _mm512_shuffle_i32x4::<0xdd>(p, q);
-        }
-        o
-    }
-
     #[inline(always)]
     fn bh(v: __m512i) -> __m512bh {
         // SAFETY: same size, plain bits.
@@ -587,7 +530,7 @@ pub(crate) mod avx512 {
             }
         }
         let apack = &apack[..];
-        let outp = OutPtr(out.as_mut_ptr());
+        let outp = OutPtr::new(out);
         (0..n.div_ceil(GEMV_NB)).into_par_iter().for_each(|t| {
             let j0 = t * GEMV_NB;
             let j1 = n.min(j0 + GEMV_NB);

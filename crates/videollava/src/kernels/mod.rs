@@ -63,6 +63,8 @@ pub(crate) mod bf16_gemm;
 pub mod cpu;
 pub(crate) mod fused;
 pub(crate) mod kv_quant;
+#[cfg(target_arch = "x86_64")]
+mod out_ptr;
 pub(crate) mod q4k_gemm;
 pub(crate) mod q8_gemm;
 mod qgemm;
@@ -71,6 +73,8 @@ mod qgemm_avx2;
 #[cfg(target_arch = "x86_64")]
 mod qgemm_avx512;
 pub(crate) mod qgemv;
+#[cfg(target_arch = "x86_64")]
+mod transpose;
 
 #[cfg(test)]
 mod testing;

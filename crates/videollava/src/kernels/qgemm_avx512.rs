@@ -28,6 +28,7 @@
 // Register-blocked kernels index their arrays by loop counters on purpose.
 #![allow(clippy::needless_range_loop)]
 
+use super::out_ptr::OutPtr;
 use super::qgemv::avx512::q8_0_block;
 use core::arch::x86_64::*;
 use rayon::prelude::*;
@@ -101,21 +102,6 @@ pub(crate) trait Format {
         masks: [u16; NV],
         accumulate: bool,
     );
-}
-
-/// The output pointer shared by tasks that write disjoint elements.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: every task writes a set of elements no other task touches, and the pointer outlives the
-// parallel loop (the loop ends before the function that made it returns).
-unsafe impl Send for OutPtr {}
-// SAFETY: as for `Send`: shared use only writes disjoint elements.
-unsafe impl Sync for OutPtr {}
-impl OutPtr {
-    // A method, so that closures capture the whole (Send) struct, not its raw-pointer field.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// 64-byte aligned storage for the packed operands.
@@ -209,7 +195,7 @@ pub(crate) unsafe fn gemm<F: Format>(x: &[f32], m: usize, w: &[u8], n: usize, k:
     let m_split = if n_split >= want { 1 } else { want.div_ceil(n_split).min(m_tiles) };
     let tiles_per_task = m_tiles.div_ceil(m_split);
     let m_split = m_tiles.div_ceil(tiles_per_task);
-    let outp = OutPtr(out.as_mut_ptr());
+    let outp = OutPtr::new(out);
     let apack = &apack[..];
     (0..n_split * m_split).into_par_iter().for_each(|t| {
         let (js, ms) = (t / m_split, t % m_split);
