@@ -913,7 +913,7 @@ mod bf16dot {
                     // of 64 bytes); key tiles: 16 pair rows of 256 bytes per step within block `b`;
                     // score tiles: rows g..g + 32, columns of block `b` of `s`.
                     unsafe {
-                        bf16_amx::run_2x2(
+                        bf16_amx::run_2x2::<0>(
                             [qa.cast(), qb.cast()],
                             dp * 4,
                             [kb.cast(), kb.wrapping_add(16).cast()],
@@ -957,7 +957,7 @@ mod bf16dot {
                 // value tiles: pair rows s0 * 16..s1 * 16 <= wp of `vp`, columns c0..c0 + 32 <= d;
                 // output tiles: rows g..g + 32, columns c0..c0 + 32 of `o`.
                 unsafe {
-                    bf16_amx::run_2x2(
+                    bf16_amx::run_2x2::<0>(
                         [pa.cast(), pb.cast()],
                         wp * 4,
                         [vb.cast(), vb.wrapping_add(16).cast()],

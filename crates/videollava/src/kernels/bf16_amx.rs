@@ -231,7 +231,7 @@ unsafe fn task(c: &Ctx, t0: usize, t1: usize, out: OutPtr, cbuf: &mut Vec<f32>) 
                     // steps of 1 KiB), every tile stored inside `cbuf` (1 KiB each); the tiles are
                     // configured above.
                     unsafe {
-                        run_2x2_pf::<2>(
+                        run_2x2::<2>(
                             [wt(0).cast(), wt(1).cast()],
                             ws * 2,
                             [at(0).cast(), at(1).cast()],
@@ -281,85 +281,16 @@ unsafe fn task(c: &Ctx, t0: usize, t1: usize, out: OutPtr, cbuf: &mut Vec<f32>) 
 /// advancing 64 bytes a step) times two pair-interleaved tiles `b0`, `b1` (16 rows of 16 pairs,
 /// `b_stride` bytes apart; advancing `b_step` bytes a step), summed over `steps` steps into
 /// `c = [C00, C01, C10, C11]` (`C_ji += A_j · B_i`: 16 rows of 16 f32, `c_stride` bytes apart),
-/// loaded first (or zeroed when `fresh`) and stored back.
+/// loaded first (or zeroed when `fresh`) and stored back. With `PD > 0` the four tiles `PD`
+/// steps ahead are prefetched into L1 (16 lines each): a tile load that misses L1 costs several
+/// times one that hits, and the GEMM's tiles stream from L2.
 ///
 /// # Safety
 /// Tiles configured as [`CONFIG`] on this thread; every tile read and written lies in memory the
-/// caller may read (write, for `c`); `steps >= 1`.
+/// caller may read (write, for `c`); `steps >= 1` (prefetches past the operands never fault).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn run_2x2(
-    a: [*const u8; 2],
-    a_stride: usize,
-    b: [*const u8; 2],
-    b_stride: usize,
-    b_step: usize,
-    c: [*mut f32; 4],
-    c_stride: usize,
-    steps: usize,
-    fresh: bool,
-) {
-    // SAFETY: the caller's contract (every address below lies in the buffers it names).
-    unsafe {
-        if fresh {
-            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
-        } else {
-            asm!(
-                "tileloadd tmm0, [{c0} + {s}]",
-                "tileloadd tmm1, [{c1} + {s}]",
-                "tileloadd tmm2, [{c2} + {s}]",
-                "tileloadd tmm3, [{c3} + {s}]",
-                c0 = in(reg) c[0], c1 = in(reg) c[1], c2 = in(reg) c[2], c3 = in(reg) c[3],
-                s = in(reg) c_stride,
-                options(nostack, readonly),
-            );
-        }
-        asm!(
-            "2:",
-            "tileloadd tmm4, [{a0} + {as_}]",
-            "tileloadd tmm6, [{b0} + {bs}]",
-            "tdpbf16ps tmm0, tmm4, tmm6",
-            "tileloadd tmm7, [{b1} + {bs}]",
-            "tdpbf16ps tmm1, tmm4, tmm7",
-            "tileloadd tmm5, [{a1} + {as_}]",
-            "tdpbf16ps tmm2, tmm5, tmm6",
-            "tdpbf16ps tmm3, tmm5, tmm7",
-            "add {a0}, 64",
-            "add {a1}, 64",
-            "add {b0}, {bstep}",
-            "add {b1}, {bstep}",
-            "dec {n}",
-            "jnz 2b",
-            a0 = inout(reg) a[0] => _,
-            a1 = inout(reg) a[1] => _,
-            b0 = inout(reg) b[0] => _,
-            b1 = inout(reg) b[1] => _,
-            n = inout(reg) steps => _,
-            as_ = in(reg) a_stride,
-            bs = in(reg) b_stride,
-            bstep = in(reg) b_step,
-            options(nostack, readonly),
-        );
-        asm!(
-            "tilestored [{c0} + {s}], tmm0",
-            "tilestored [{c1} + {s}], tmm1",
-            "tilestored [{c2} + {s}], tmm2",
-            "tilestored [{c3} + {s}], tmm3",
-            c0 = in(reg) c[0], c1 = in(reg) c[1], c2 = in(reg) c[2], c3 = in(reg) c[3],
-            s = in(reg) c_stride,
-            options(nostack),
-        );
-    }
-}
-
-/// [`run_2x2`] with the four tiles `PD` steps ahead prefetched into L1 (16 lines each): a tile
-/// load that misses L1 costs several times one that hits, and the tiles stream from L2.
-///
-/// # Safety
-/// As [`run_2x2`] (prefetches of addresses past the operands never fault).
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn run_2x2_pf<const PD: usize>(
+pub(crate) unsafe fn run_2x2<const PD: usize>(
     a: [*const u8; 2],
     a_stride: usize,
     b: [*const u8; 2],
@@ -386,7 +317,7 @@ pub(crate) unsafe fn run_2x2_pf<const PD: usize>(
             );
         }
         for st in 0..steps {
-            if st + PD < steps {
+            if PD > 0 && st + PD < steps {
                 let ahead = st + PD;
                 for r in 0..16 {
                     _mm_prefetch::<_MM_HINT_T0>(a[0].wrapping_add(ahead * 64 + r * a_stride).cast());
