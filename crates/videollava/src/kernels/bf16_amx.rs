@@ -135,6 +135,148 @@ pub(crate) unsafe fn matmul(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, 
     });
 }
 
+/// Rows of `W` per task of [`matmul_few_rows`].
+const NS_FEW: usize = 128;
+
+/// Fewest rows of `A` for [`matmul_few_rows`].
+const FEW_ROWS_MIN: usize = 2;
+
+/// Whether [`matmul_few_rows`] takes this product: AMX BF16, `k % 32 == 0` and `2..=16` rows of
+/// `A` (a decode step of several running requests, a short chunk). One row stays on the AVX-512
+/// streaming kernel, which reads `W` at the memory's speed already.
+pub(crate) fn applies_few_rows(m: usize, k: usize) -> bool {
+    super::cpu::features().amx_bf16 && k % KS == 0 && k > 0 && (FEW_ROWS_MIN..=T).contains(&m)
+}
+
+/// `out = A · Wᵀ` for at most 16 rows of `A`: `W` streamed once from memory straight into the
+/// tiles (each tile of `W` meets the single, zero-padded tile row of `A` once, so a copy of `W`
+/// would only add traffic), one tile of `W` (16 rows) at a time over the whole of `k`, even and
+/// odd steps into two accumulators. Why: several rows of `A` on the AVX-512 streaming kernel are
+/// bound by its `vdpbf16ps` arithmetic (8 rows: twice the time of one), the tiles do it at 16x
+/// the rate, so a decode step of 8 requests reads `W` as fast as one request's does. Why one
+/// tile at a time: 16 rows read side by side are streams the hardware prefetcher follows; four
+/// tiles (64 streams a core) read `W` at 20-23 GB/s instead of 27-28 on the Xeon this was
+/// written on.
+///
+/// # Safety
+/// [`applies_few_rows`] held for `m` and `k` on the calling thread; `a.len() == m * k`,
+/// `w.len() == n * k`, `out.len() == m * n`.
+pub(crate) unsafe fn matmul_few_rows(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, out: &mut [f32]) {
+    let steps = k / KS;
+    let mut apack = vec![0u32; steps * T * T];
+    // SAFETY: the CPU has AVX-512 (caller's contract); `apack` holds `steps` tiles.
+    unsafe { pack_a(a, m, k, 0, &mut apack) };
+    // Rows of `W` from the last whole tile on, zero-padded to one.
+    let tail0 = (n / T) * T;
+    let n_tiles = n.div_ceil(T);
+    let mut wtail = vec![0u16; (n_tiles * T - tail0) * k];
+    wtail[..(n - tail0) * k].copy_from_slice(&w[tail0 * k..]);
+    let outp = OutPtr::new(out);
+    let ctx = Ctx { apack: &apack, m, m_tiles: 1, steps, w, wtail: &wtail, tail0, n, k };
+    let tiles_per_task = NS_FEW / T;
+    (0..n_tiles.div_ceil(tiles_per_task)).into_par_iter().for_each(|t| {
+        let (t0, t1) = (t * tiles_per_task, n_tiles.min((t + 1) * tiles_per_task));
+        // SAFETY: as for `matmul_few_rows`; the task writes the columns of tiles t0..t1 only.
+        unsafe { task_few_rows(&ctx, t0, t1, outp) };
+    });
+}
+
+/// One task of [`matmul_few_rows`]: tiles `t0..t1` of `W`.
+///
+/// # Safety
+/// As [`matmul_few_rows`]; no other task writes these columns of `out`.
+#[target_feature(enable = "avx512f")]
+unsafe fn task_few_rows(c: &Ctx, t0: usize, t1: usize, out: OutPtr) {
+    #[repr(C, align(64))]
+    struct Tiles([f32; 2 * T * T]);
+    let mut acc = Tiles([0.0; 2 * T * T]);
+    let (ws, ap) = (c.k * 2, c.apack.as_ptr().cast::<u8>());
+    let tile_step = |st: usize| ap.wrapping_add(st * T * T * 4);
+    // SAFETY: the CPU has AMX (caller's contract); released at the end of the task.
+    unsafe { configure() };
+    for j in t0..t1 {
+        let w = c.w_tile(j, 0).cast::<u8>();
+        // SAFETY: tiles configured above; every tile read lies inside `w`/`wtail` (16 rows of
+        // `k` values from the tile's first row) or `apack` (`steps` tiles of 1 KiB), the two
+        // stored inside `acc`.
+        unsafe {
+            asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
+            let mut st = 0;
+            while st + 1 < c.steps {
+                asm!(
+                    "tileloadd tmm6, [{a0} + {s64}]",
+                    "tileloadd tmm4, [{w0} + {ws}]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{a1} + {s64}]",
+                    "tileloadd tmm5, [{w1} + {ws}]",
+                    "tdpbf16ps tmm1, tmm5, tmm7",
+                    a0 = in(reg) tile_step(st),
+                    a1 = in(reg) tile_step(st + 1),
+                    w0 = in(reg) w.wrapping_add(st * 64),
+                    w1 = in(reg) w.wrapping_add(st * 64 + 64),
+                    s64 = in(reg) 64usize,
+                    ws = in(reg) ws,
+                    options(nostack, readonly),
+                );
+                st += 2;
+            }
+            if st < c.steps {
+                asm!(
+                    "tileloadd tmm6, [{a0} + {s64}]",
+                    "tileloadd tmm4, [{w0} + {ws}]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    a0 = in(reg) tile_step(st),
+                    w0 = in(reg) w.wrapping_add(st * 64),
+                    s64 = in(reg) 64usize,
+                    ws = in(reg) ws,
+                    options(nostack, readonly),
+                );
+            }
+            let p = acc.0.as_mut_ptr();
+            asm!(
+                "tilestored [{c0} + {s64}], tmm0",
+                "tilestored [{c1} + {s64}], tmm1",
+                c0 = in(reg) p, c1 = in(reg) p.add(T * T),
+                s64 = in(reg) 64usize,
+                options(nostack),
+            );
+        }
+        let (even, odd) = acc.0.split_at_mut(T * T);
+        for (e, o) in even.iter_mut().zip(odd.iter()) {
+            *e += *o;
+        }
+        let col0 = j * T;
+        if col0 < c.n {
+            // SAFETY: `even` holds a tile; columns `col0..` (< n) of the rows `< m` of `out`,
+            // which only this task writes (caller's contract).
+            unsafe { store_transposed(even, out, c.m, c.n, 0, col0) };
+        }
+    }
+    // SAFETY: the CPU has AMX; no tile is used after this.
+    unsafe { release() };
+}
+
+/// Writes the `Cᵀ` tile `tile` (16 rows of `W` by 16 rows of `A`) transposed into `out[row0..,
+/// col0..]` (rows `< m`, columns `< n`; `out` row-major `[m, n]`).
+///
+/// # Safety
+/// The CPU has AVX-512 F; `out` points to `m * n` f32 and nothing else writes those elements.
+#[target_feature(enable = "avx512f")]
+unsafe fn store_transposed(tile: &[f32], out: OutPtr, m: usize, n: usize, row0: usize, col0: usize) {
+    let cols = T.min(n - col0);
+    let mask: __mmask16 = if cols == T { !0 } else { (1u16 << cols) - 1 };
+    let mut v = [_mm512_setzero_si512(); T];
+    for (r, x) in v.iter_mut().enumerate() {
+        // SAFETY: `tile` holds 16 rows of 16 f32.
+        *x = unsafe { _mm512_loadu_si512(tile[r * T..].as_ptr().cast()) };
+    }
+    for (r, x) in transpose16(v).into_iter().enumerate().take(T.min(m - row0)) {
+        // SAFETY: row `row0 + r < m`, columns `col0..col0 + cols <= n` (caller's contract);
+        // masked store.
+        unsafe { _mm512_mask_storeu_epi32(out.get().add((row0 + r) * n + col0).cast(), mask, x) };
+    }
+}
+
 /// What every task reads.
 struct Ctx<'a> {
     /// Packed `A`: `[m_tiles][steps][16 pairs][16 rows]` pairs.
@@ -253,24 +395,14 @@ unsafe fn task(c: &Ctx, t0: usize, t1: usize, out: OutPtr, cbuf: &mut Vec<f32>) 
         if col0 >= c.n {
             break;
         }
-        let cols = T.min(c.n - col0);
-        let mask: __mmask16 = if cols == T { !0 } else { (1u16 << cols) - 1 };
         for i in 0..mt {
             let row0 = i * T;
             if row0 >= c.m {
                 break;
             }
-            let tile = &cpart[(j * mt + i) * T * T..][..T * T];
-            let mut v = [_mm512_setzero_si512(); T];
-            for (r, x) in v.iter_mut().enumerate() {
-                // SAFETY: `tile` holds 16 rows of 16 f32.
-                *x = unsafe { _mm512_loadu_si512(tile[r * T..].as_ptr().cast()) };
-            }
-            for (r, x) in transpose16(v).into_iter().enumerate().take(T.min(c.m - row0)) {
-                // SAFETY: row `row0 + r < m`, columns `col0..col0 + cols <= n` of `out`,
-                // which only this task writes (caller's contract); masked store.
-                unsafe { _mm512_mask_storeu_epi32(out.get().add((row0 + r) * c.n + col0).cast(), mask, x) };
-            }
+            // SAFETY: the tile lies in `cpart`; rows `< m`, columns `< n` of `out`, which only
+            // this task writes (caller's contract).
+            unsafe { store_transposed(&cpart[(j * mt + i) * T * T..][..T * T], out, c.m, c.n, row0, col0) };
         }
     }
     // SAFETY: the CPU has AMX; no tile is used after this.

@@ -11,7 +11,8 @@
 //! accumulator, 16 lanes), twice the multiply-adds per instruction of an f32 FMA on 512 bits.
 //!
 //! Paths, picked at run time:
-//! - AMX BF16 (Sapphire Rapids and later), `m >= 16` and `k % 32 == 0`: [`super::bf16_amx`];
+//! - AMX BF16 (Sapphire Rapids and later), `k % 32 == 0`: [`super::bf16_amx`] (`2..=16` rows:
+//!   `W` streamed once through the tiles; more: the blocked tile GEMM);
 //! - AVX-512 BF16 (`avx512f` + `avx512bw` + `avx512bf16`; needs Rust 1.89+ for the intrinsics):
 //!   - `m <= 48` (decoding, short chunks): a streaming kernel that reads `W` from memory once
 //!     (dot products along `k`, several rows of `W` at a time, the rows two groups ahead
@@ -62,9 +63,16 @@ pub fn matmul_bf16(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, out: &mut
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    // From 16 rows (one tile) AMX beats the streaming kernel, which is bound by its arithmetic
-    // there (a follow-up turn's 46 new positions through the 7B: time to first token 4.3 s with
-    // the streaming kernel, 2.3 s with AMX).
+    // From 2 rows AMX beats the streaming kernel, which is bound by its arithmetic there (one
+    // layer of the 7B, 8 rows: 14.5 ms through the tiles, 29 ms streaming; 16 rows: 14.3 and 38;
+    // a follow-up turn's 46 new positions: time to first token 4.3 s streaming, 2.3 s on tiles).
+    if super::bf16_amx::applies_few_rows(m, k) {
+        // SAFETY: `applies_few_rows` checked the CPU, `k` and `m`; the slice lengths match the
+        // shapes (asserted above).
+        unsafe { super::bf16_amx::matmul_few_rows(a, m, w, n, k, out) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
     if super::bf16_amx::applies(m, k) {
         // SAFETY: `applies` checked the CPU and `k`; the slice lengths match the shapes (asserted
         // above).
@@ -796,6 +804,12 @@ mod tests {
             // Several `k` blocks (partial sums carried over), the last one a single step.
             (49, 40, 4128),
             (130, 33, 2080),
+            // Up to 16 rows (`matmul_few_rows`): one tile of `W` at a time, odd step counts.
+            (2, 17, 32),
+            (8, 40, 96),
+            (16, 33, 4128),
+            (5, 16, 64),
+            (13, 1, 32),
         ];
         for &(m, n, k) in &shapes {
             cpu::for_each_set(|set| run(m, n, k, set));
@@ -806,14 +820,20 @@ mod tests {
                 eprintln!("no AMX BF16 on this CPU (or not permitted): the direct AMX calls skipped");
                 return;
             }
-            for &(m, n, k) in &shapes {
-                let a = values(m * k, (m * 3 + k) as u64);
-                let w = values(n * k, (n * 5 + k) as u64);
-                let mut out = vec![f32::NAN; m * n];
-                // SAFETY: `applies` held (AMX, k % 32 == 0, m >= 16); the lengths match.
-                unsafe { crate::kernels::bf16_amx::matmul(&a, m, &w, n, k, &mut out) };
-                if let Err((i, j, got, want)) = check(&a, m, &w, n, k, &out) {
-                    panic!("amx m={m} n={n} k={k}: out[{i}, {j}] = {got}, want {want}");
+            use crate::kernels::bf16_amx::{applies, applies_few_rows, matmul, matmul_few_rows};
+            type Kernel = unsafe fn(&[u16], usize, &[u16], usize, usize, &mut [f32]);
+            let kernels: [(&str, Kernel, fn(usize, usize) -> bool); 2] =
+                [("amx", matmul, applies), ("amx few rows", matmul_few_rows, applies_few_rows)];
+            for (name, kernel, applies) in kernels {
+                for &(m, n, k) in shapes.iter().filter(|&&(m, _, k)| applies(m, k)) {
+                    let a = values(m * k, (m * 3 + k) as u64);
+                    let w = values(n * k, (n * 5 + k) as u64);
+                    let mut out = vec![f32::NAN; m * n];
+                    // SAFETY: `applies` held (AMX, k % 32 == 0, the kernel's rows); the lengths match.
+                    unsafe { kernel(&a, m, &w, n, k, &mut out) };
+                    if let Err((i, j, got, want)) = check(&a, m, &w, n, k, &out) {
+                        panic!("{name} m={m} n={n} k={k}: out[{i}, {j}] = {got}, want {want}");
+                    }
                 }
             }
         }
@@ -860,6 +880,46 @@ mod tests {
                 line += &format!(" {set} {:7.1}", 2.0 * (m * n * k) as f64 / t[iters / 2] / 1e9);
             }
             eprintln!("{line} GFLOP/s");
+        }
+    }
+
+    /// Decode shapes: the seven projections of one Llama-7B layer (404 MB of BF16, more than the
+    /// caches) for 1..16 rows of `A` (one decode step of that many running requests), each
+    /// kernel set from AVX-512 up forced in turn; prints the milliseconds per layer and the
+    /// weight bytes read per second.
+    /// `cargo test --release -p videollava --lib bf16_gemm::tests::bench_decode -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn bench_decode_shapes() {
+        use std::time::Instant;
+        let (h, f) = (4096, 11008);
+        let layer = [(h, h), (h, h), (h, h), (h, h), (f, h), (f, h), (h, f)];
+        let ws: Vec<Vec<u16>> = layer.iter().enumerate().map(|(i, &(n, k))| values(n * k, i as u64 + 9)).collect();
+        let bytes: usize = layer.iter().map(|&(n, k)| n * k * 2).sum();
+        let only = std::env::var("BENCH_SET").ok();
+        for m in [1, 2, 4, 8, 12, 16] {
+            let a = values(m * f, 5);
+            let mut out = vec![0f32; m * f];
+            let mut line = format!("m={m:2}:");
+            for set in cpu::available_sets().into_iter().filter(|&s| s >= KernelSet::Avx512) {
+                if only.as_deref().is_some_and(|o| o != set.name()) {
+                    continue;
+                }
+                let _g = cpu::force(set);
+                let mut t: Vec<f64> = (0..6)
+                    .map(|_| {
+                        let t = Instant::now();
+                        for (w, &(n, k)) in ws.iter().zip(&layer) {
+                            matmul_bf16(&a[..m * k], m, w, n, k, &mut out[..m * n]);
+                        }
+                        t.elapsed().as_secs_f64()
+                    })
+                    .collect();
+                t.sort_by(f64::total_cmp);
+                let s = t[3];
+                line += &format!("  {set} {:6.2} ms {:5.1} GB/s", s * 1e3, bytes as f64 / s / 1e9);
+            }
+            eprintln!("{line}");
         }
     }
 
