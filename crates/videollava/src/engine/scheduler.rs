@@ -406,7 +406,11 @@ fn start_decoder(engine: &Engine, p: &mut Prefilling) -> Result<()> {
 /// Runs the next chunk of `p`'s prompt. After the last one, chooses the first token and returns
 /// the request's running state and its cache row.
 fn prefill_step(engine: &Engine, p: &mut Prefilling) -> Result<Option<(Active, KvCache)>> {
-    start_decoder(engine, p)?;
+    if p.inputs.is_some() {
+        let t = Instant::now();
+        start_decoder(engine, p)?;
+        log::debug!("prefix lookup and vision towers: {:.0} ms, {} positions reused", ms(t), p.done);
+    }
     let model = &engine.model();
     let prompt = p.prompt.as_ref().ok_or_else(|| Error::Model("prefill without a prepared prompt".into()))?;
     let t = Instant::now();
@@ -416,9 +420,11 @@ fn prefill_step(engine: &Engine, p: &mut Prefilling) -> Result<Option<(Active, K
     p.decoder_ms += ms(t);
     let Some(logits) = logits else { return Ok(None) };
     if let Some(key) = p.prefix_key.take() {
+        let t = Instant::now();
         if let Err(e) = model.cache_prefix(&key, &p.cache) {
             log::warn!("prefix not cached: {e}");
         }
+        log::debug!("prefix cached: {:.0} ms", ms(t));
     }
     let mut timings = p.timings;
     let vision_ms = prompt.vision_ms;
@@ -486,14 +492,19 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
             } else if !fits && !rows.is_empty() {
                 // Waits (preprocessed) until running rows finish.
             } else {
-                match isolate("prefill", || prefill_step(&engine, p)) {
+                let t = Instant::now();
+                let step = isolate("prefill", || prefill_step(&engine, p));
+                log::debug!("prefill chunk: {:.0} ms", ms(t));
+                match step {
                     Ok(None) => {}
                     Ok(Some((active, row_cache))) => {
                         pending.pop_front();
-                        match cache.append_rows(row_cache) {
+                        let t = Instant::now();
+                        match cache.append_rows(row_cache, shared.config.max_batch_size) {
                             Ok(()) => rows.push(active),
                             Err(e) => failed(&active.tx, &e),
                         }
+                        log::debug!("row joined the batch ({} rows): {:.0} ms", rows.len(), ms(t));
                     }
                     Err(e) => {
                         if let Some(p) = pending.pop_front() {
@@ -521,6 +532,7 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
                 }
             }
             rows = kept;
+            let t = Instant::now();
             let ok = if rows.is_empty() {
                 cache = KvCache::default();
                 Ok(())
@@ -530,6 +542,7 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
             if let Err(e) = ok {
                 fail_all(&mut rows, &mut cache, &e);
             }
+            log::debug!("rows left the batch ({} rows): {:.0} ms", rows.len(), ms(t));
             shared.running.store(rows.len() + pending.len(), Ordering::SeqCst);
             if rows.is_empty() {
                 continue;
@@ -537,10 +550,12 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
         }
 
         // One decode step for the whole batch.
+        let t = Instant::now();
         if let Err(e) = isolate("a decode step", || decode_step(&engine, &mut rows, &mut cache, max_ctx)) {
             fail_all(&mut rows, &mut cache, &e);
             shared.running.store(pending.len(), Ordering::SeqCst);
         }
+        log::debug!("decode step ({} rows): {:.0} ms", rows.len(), ms(t));
     }
 }
 

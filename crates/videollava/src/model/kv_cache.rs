@@ -13,13 +13,16 @@ use crate::kernels::kv_quant::{self, KvCacheFormat};
 /// filled: in the compute dtype ([`KvCacheFormat::Model`]), or as 8-bit codes plus f32 block
 /// scales ([`KvCacheFormat::Q8_0`], see [`crate::kernels::kv_quant`]). Appending writes in place and grows
 /// the capacity geometrically (by at least 256 positions or an eighth, in multiples of 256), so a
-/// decode step copies only the new token. Clones share the buffers until one of them appends
-/// (copy on write).
+/// decode step copies only the new token. The buffers may also hold room for more batch rows
+/// than the `B` in use ([`Self::append_rows`]), so a request joining a running batch copies only
+/// its own row. Clones share the buffers until one of them appends (copy on write).
 #[derive(Debug, Clone)]
 pub struct KvBuffer {
     /// `[k, v]` in the compute dtype, or `[key codes, value codes, key scales, value scales]`;
     /// all `[B, kv_heads, capacity, _]`.
     parts: Vec<Tensor>,
+    /// Batch rows in use: the first `rows` of the buffers' first dimension.
+    rows: usize,
     format: KvCacheFormat,
     /// The dtype keys and values are read back in ([`Self::keys`]).
     dtype: DType,
@@ -35,6 +38,24 @@ const CAPACITY_STEP: usize = 256;
 /// in multiples of 256 (at most ~12.5% + 256 positions of spare room).
 fn grown_capacity(cap: usize, needed: usize) -> usize {
     needed.max(cap + (cap / 8).max(CAPACITY_STEP)).next_multiple_of(CAPACITY_STEP)
+}
+
+/// Copies `src` (`[r, h, l, d]`, any strides along the positions) into rows `row0..row0 + r`,
+/// positions `col..col + l` of the contiguous `dst` (`[R, h, capacity, d]`), one `(row, head)`
+/// run of `l * d` values at a time (no intermediate copy of `src`).
+fn copy_positions(dst: &Tensor, row0: usize, col: usize, src: &Tensor) -> Result<()> {
+    let (r, h, l, _) = src.dims4()?;
+    if l == 0 {
+        return Ok(());
+    }
+    for row in 0..r {
+        let (d_row, s_row) = (dst.narrow(0, row0 + row, 1)?, src.narrow(0, row, 1)?);
+        for head in 0..h {
+            // `[1, 1, l, d]` views: contiguous whatever the capacity of `src`.
+            d_row.narrow(1, head, 1)?.slice_set(&s_row.narrow(1, head, 1)?, 2, col)?;
+        }
+    }
+    Ok(())
 }
 
 impl KvBuffer {
@@ -62,8 +83,8 @@ impl KvBuffer {
 
     fn from_filled_parts(parts: Vec<Tensor>, format: KvCacheFormat, dtype: DType) -> Result<Self> {
         let parts = parts.into_iter().map(|p| p.contiguous()).collect::<candle_core::Result<Vec<_>>>()?;
-        let len = parts[0].dim(2)?;
-        Ok(Self { parts, format, dtype, len, owner: Arc::new(()) })
+        let (rows, _, len, _) = parts[0].dims4()?;
+        Ok(Self { parts, rows, format, dtype, len, owner: Arc::new(()) })
     }
 
     /// A buffer filled with `k`, `v` `[B, kv_heads, L, head_dim]` in the compute dtype, with spare
@@ -84,7 +105,8 @@ impl KvBuffer {
                 Ok(Tensor::zeros((b, h, cap, d), p.dtype(), p.device())?)
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut buf = Self { parts, format, dtype: k.dtype(), len: 0, owner: Arc::new(()) };
+        let rows = k.dim(0)?;
+        let mut buf = Self { parts, rows, format, dtype: k.dtype(), len: 0, owner: Arc::new(()) };
         buf.append_parts(&encoded)?;
         Ok(buf)
     }
@@ -113,8 +135,19 @@ impl KvBuffer {
         self.parts.iter().map(|p| p.elem_count() * p.dtype().size_in_bytes()).sum()
     }
 
+    /// Batch rows in use.
+    pub fn batch_rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Part `i`'s rows in use, all allocated positions (contiguous: the rows come first).
+    fn live(&self, i: usize) -> Result<Tensor> {
+        let p = &self.parts[i];
+        Ok(if p.dim(0)? == self.rows { p.clone() } else { p.narrow(0, 0, self.rows)? })
+    }
+
     fn filled(&self, i: usize) -> Result<Tensor> {
-        Ok(self.parts[i].narrow(2, 0, self.len)?)
+        Ok(self.live(i)?.narrow(2, 0, self.len)?)
     }
 
     /// The filled keys `[B, kv_heads, len, head_dim]` in the compute dtype: a strided view of
@@ -147,7 +180,8 @@ impl KvBuffer {
     /// Appends `k`, `v` `[B, kv_heads, L, head_dim]` (compute dtype) after the filled positions.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<()> {
         let (b, h, _, d) = k.dims4()?;
-        let (bb, hb, _, _) = self.parts[0].dims4()?;
+        let (_, hb, _, _) = self.parts[0].dims4()?;
+        let bb = self.rows;
         let db = self.parts[0].dim(3)?;
         if v.dims4()? != k.dims4()? || (b, h, d) != (bb, hb, db) || k.dtype() != self.dtype {
             return Err(Error::Model(format!(
@@ -171,50 +205,68 @@ impl KvBuffer {
         let cap = self.capacity();
         if needed > cap || Arc::strong_count(&self.owner) > 1 {
             let new_cap = if needed > cap { grown_capacity(cap, needed) } else { cap };
-            for i in 0..self.parts.len() {
-                let p = &self.parts[i];
-                let (b, h, _, d) = p.dims4()?;
-                let grown = Tensor::zeros((b, h, new_cap, d), p.dtype(), p.device())?;
-                if self.len > 0 {
-                    grown.slice_set(&self.filled(i)?.contiguous()?, 2, 0)?;
-                }
-                self.parts[i] = grown;
-            }
-            self.owner = Arc::new(());
+            self.regrow(self.parts[0].dim(0)?, new_cap, 0)?;
         }
         if l > 0 {
-            for (p, n) in self.parts.iter().zip(new) {
-                p.slice_set(n, 2, self.len)?;
+            for (i, n) in new.iter().enumerate() {
+                self.live(i)?.slice_set(n, 2, self.len)?;
             }
         }
         self.len = needed;
         Ok(())
     }
 
+    /// Moves the buffers to new ones of `row_capacity` rows and `capacity` positions, the filled
+    /// positions of the rows in use starting at position `shift` (zeros before them): one copy,
+    /// straight from the old buffers.
+    fn regrow(&mut self, row_capacity: usize, capacity: usize, shift: usize) -> Result<()> {
+        for i in 0..self.parts.len() {
+            let p = &self.parts[i];
+            let (_, h, _, d) = p.dims4()?;
+            let grown = Tensor::zeros((row_capacity.max(self.rows), h, capacity, d), p.dtype(), p.device())?;
+            copy_positions(&grown, 0, shift, &self.filled(i)?)?;
+            self.parts[i] = grown;
+        }
+        self.len += shift;
+        self.owner = Arc::new(());
+        Ok(())
+    }
+
+    /// Adds the rows of `other` after this buffer's rows, both left-padded (zeros) to `t`
+    /// positions (`t` at least both lengths). When the buffers have room for the rows and the
+    /// positions (see `room_for_rows`), and no rows need shifting (`t` is this buffer's length),
+    /// only `other` is copied; otherwise everything moves to new buffers with room for
+    /// `room_for_rows` rows and spare positions.
+    pub fn append_rows(&mut self, other: &Self, t: usize, room_for_rows: usize) -> Result<()> {
+        if self.format != other.format || self.dtype != other.dtype || self.parts.len() != other.parts.len() {
+            return Err(Error::Model("cannot merge caches of different formats".into()));
+        }
+        if t < self.len || t < other.len {
+            return Err(Error::Model(format!("cannot pad caches of {} and {} positions to {t}", self.len, other.len)));
+        }
+        let rows = self.rows + other.rows;
+        let in_place = t == self.len
+            && rows <= self.parts[0].dim(0)?
+            && t <= self.capacity()
+            && Arc::strong_count(&self.owner) == 1;
+        if !in_place {
+            let cap = grown_capacity(0, t).max(self.capacity());
+            self.regrow(room_for_rows.max(rows), cap, t - self.len)?;
+        }
+        // Rows past `rows` were never written (buffers start as zeros and only shrink in rows by
+        // moving), so the padding before `other`'s positions is zeros already.
+        for i in 0..self.parts.len() {
+            copy_positions(&self.parts[i], self.rows, t - other.len, &other.filled(i)?)?;
+        }
+        self.rows = rows;
+        Ok(())
+    }
+
     /// Keeps batch rows `idx` (u32 `[n]`), keeping the capacity.
     pub fn index_rows(&self, idx: &Tensor) -> Result<Self> {
         let parts = self.parts.iter().map(|p| p.index_select(idx, 0)).collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(Self { parts, format: self.format, dtype: self.dtype, len: self.len, owner: Arc::new(()) })
-    }
-
-    /// The rows of `a` then those of `b`, each left-padded (zeros) to `t` positions (`t` at
-    /// least both lengths), without spare capacity.
-    pub fn stack_left_padded(a: &Self, b: &Self, t: usize) -> Result<Self> {
-        if a.format != b.format || a.dtype != b.dtype || a.parts.len() != b.parts.len() {
-            return Err(Error::Model("cannot merge caches of different formats".into()));
-        }
-        let pad = |x: Tensor, len: usize| -> Result<Tensor> {
-            if len == t {
-                return Ok(x);
-            }
-            let (bb, h, _, d) = x.dims4()?;
-            let z = Tensor::zeros((bb, h, t - len, d), x.dtype(), x.device())?;
-            Ok(Tensor::cat(&[&z, &x], 2)?)
-        };
-        let parts = (0..a.parts.len())
-            .map(|i| Ok(Tensor::cat(&[&pad(a.filled(i)?, a.len)?, &pad(b.filled(i)?, b.len)?], 0)?))
-            .collect::<Result<Vec<_>>>()?;
-        Self::from_filled_parts(parts, a.format, a.dtype)
+        let rows = idx.dim(0)?;
+        Ok(Self { parts, rows, format: self.format, dtype: self.dtype, len: self.len, owner: Arc::new(()) })
     }
 
     /// Positions `start..start + len` as a buffer of their own (copied, no spare capacity).
@@ -223,9 +275,9 @@ impl KvBuffer {
             return Err(Error::Model(format!("positions {start}..{} of a {}-position cache", start + len, self.len)));
         }
         let parts = (0..self.parts.len())
-            .map(|i| Ok(self.parts[i].narrow(2, start, len)?.contiguous()?))
+            .map(|i| Ok(self.live(i)?.narrow(2, start, len)?.contiguous()?))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { parts, format: self.format, dtype: self.dtype, len, owner: Arc::new(()) })
+        Ok(Self { parts, rows: self.rows, format: self.format, dtype: self.dtype, len, owner: Arc::new(()) })
     }
 
     /// The positions of `pieces` one after another (same rows, format and dtype), with spare
@@ -237,11 +289,12 @@ impl KvBuffer {
             .parts
             .iter()
             .map(|p| {
-                let (b, h, _, d) = p.dims4()?;
-                Ok(Tensor::zeros((b, h, cap, d), p.dtype(), p.device())?)
+                let (_, h, _, d) = p.dims4()?;
+                Ok(Tensor::zeros((first.rows, h, cap, d), p.dtype(), p.device())?)
             })
             .collect::<Result<Vec<_>>>()?;
-        let mut joined = Self { parts, format: first.format, dtype: first.dtype, len: 0, owner: Arc::new(()) };
+        let mut joined =
+            Self { parts, rows: first.rows, format: first.format, dtype: first.dtype, len: 0, owner: Arc::new(()) };
         for piece in pieces {
             if piece.format != joined.format || piece.dtype != joined.dtype || piece.parts.len() != joined.parts.len() {
                 return Err(Error::Model("cannot join caches of different formats".into()));
@@ -365,18 +418,46 @@ mod tests {
         assert_eq!(flat(&snapshot.keys().unwrap()), flat(&round_trip(&k1)));
         // 56% of the bytes of BF16 per position (here f32 input: codes + one f32 per 32 values).
         assert_eq!(q.bytes(), 2 * (2 * q.capacity() * 32 + 2 * q.capacity() * 4));
-        // Merge with left padding, then drop the common padding.
-        let merged = KvBuffer::stack_left_padded(&q, &snapshot, 6).unwrap();
-        let dense_merged =
-            KvBuffer::stack_left_padded(&dense, &KvBuffer::new(&round_trip(&k1), &round_trip(&v1)).unwrap(), 6)
-                .unwrap();
-        assert_eq!(merged.len(), 6);
+        // Merge with left padding (the first time into new buffers with room for 3 rows, then in
+        // place), then drop the common padding.
+        let mut merged = q.clone();
+        merged.append_rows(&snapshot, 6, 3).unwrap();
+        let dense1 = KvBuffer::new(&round_trip(&k1), &round_trip(&v1)).unwrap();
+        let mut dense_merged = dense.clone();
+        dense_merged.append_rows(&dense1, 6, 3).unwrap();
+        assert_eq!((merged.len(), merged.batch_rows()), (6, 2));
         assert_eq!(flat(&merged.keys().unwrap()), flat(&dense_merged.keys().unwrap()));
         assert_eq!(flat(&merged.values().unwrap()), flat(&dense_merged.values().unwrap()));
+        let before = merged.bytes();
+        merged.append_rows(&snapshot, 6, 3).unwrap();
+        dense_merged.append_rows(&dense1, 6, 3).unwrap();
+        assert_eq!((merged.batch_rows(), merged.bytes()), (3, before), "the third row went in place");
+        assert_eq!(flat(&merged.keys().unwrap()), flat(&dense_merged.keys().unwrap()));
+        // Row 0 is the 6-position `q`, rows 1 and 2 the 5-position snapshot after one zero.
+        let row = |b: &KvBuffer, r: usize| flat(&b.keys().unwrap().get(r).unwrap());
+        assert_eq!(row(&merged, 0), flat(&q.keys().unwrap()));
+        let padded = Tensor::cat(&[&Tensor::zeros((1, 2, 1, 32), DType::F32, &dev).unwrap(), &snapshot.keys().unwrap()], 2).unwrap();
+        assert_eq!(row(&merged, 1), flat(&padded));
+        assert_eq!(row(&merged, 2), flat(&padded));
+        // A longer row moves the others right.
+        let mut longer = KvBuffer::with_format(&x(8, 4.0), &x(8, 5.0), KvCacheFormat::Q8_0).unwrap();
+        longer.append_rows(&merged, 8, 0).unwrap();
+        let mut shifted = merged.clone();
+        shifted.append_rows(&KvBuffer::with_format(&x(8, 4.0), &x(8, 5.0), KvCacheFormat::Q8_0).unwrap(), 8, 0).unwrap();
+        assert_eq!((shifted.len(), shifted.batch_rows()), (8, 4));
+        assert_eq!(row(&shifted, 0)[..2 * 32], vec![0.0; 2 * 32][..]);
+        assert_eq!(row(&shifted, 3), row(&longer, 0));
+        assert_eq!(row(&shifted, 1), row(&longer, 2));
+        // Appending after an in-place merge writes the rows in use only.
+        let (k3, v3) = (Tensor::cat(&[&k2, &k2, &k2], 0).unwrap(), Tensor::cat(&[&v2, &v2, &v2], 0).unwrap());
+        merged.append(&k3, &v3).unwrap();
+        dense_merged.append(&round_trip(&k3), &round_trip(&v3)).unwrap();
+        assert_eq!(flat(&merged.values().unwrap()), flat(&dense_merged.values().unwrap()));
+        assert!(merged.append(&k2, &v2).is_err(), "one row appended to three");
         let dropped = merged.drop_front(1).unwrap();
         assert_eq!(flat(&dropped.values().unwrap()), flat(&dense_merged.drop_front(1).unwrap().values().unwrap()));
         // Formats do not mix.
-        assert!(KvBuffer::stack_left_padded(&q, &dense, 6).is_err());
+        assert!(q.clone().append_rows(&dense, 6, 2).is_err());
         let idx = Tensor::new(&[1u32, 0], &dev).unwrap();
         let swapped = merged.index_rows(&idx).unwrap();
         assert_eq!(flat(&swapped.keys().unwrap().get(1).unwrap()), flat(&merged.keys().unwrap().get(0).unwrap()));

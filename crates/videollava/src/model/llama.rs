@@ -242,8 +242,10 @@ impl KvCache {
     }
 
     /// Appends the rows of `other` after this cache's rows. The shorter cache is left-padded
-    /// (masked positions), so each row keeps its keys' distances to the next query.
-    pub fn append_rows(&mut self, other: KvCache) -> Result<()> {
+    /// (masked positions), so each row keeps its keys' distances to the next query. Where the
+    /// buffers must move, they get room for `room_for_rows` rows (a running batch's largest
+    /// size), so that later rows, if not longer than the batch, are copied alone.
+    pub fn append_rows(&mut self, other: KvCache, room_for_rows: usize) -> Result<()> {
         let (Some(mask_a), Some(mask_b)) = (self.mask.take(), other.mask.clone()) else {
             if self.mask.is_none() {
                 *self = other;
@@ -269,7 +271,7 @@ impl KvCache {
                     if (a.len(), b.len()) != (ta, tb) {
                         return Err(Error::Model("cache layers and mask disagree in length".into()));
                     }
-                    *a = KvBuffer::stack_left_padded(a, &b, t)?;
+                    a.append_rows(&b, t, room_for_rows)?;
                 }
                 _ => return Err(Error::Model("cannot merge an unfilled cache".into())),
             }
