@@ -34,6 +34,7 @@
 //! the tile-data permission when the CPU was detected ([`super::cpu`]).
 
 use super::out_ptr::OutPtr;
+use super::pack_cache::PackCache;
 use super::transpose::transpose16;
 use core::arch::asm;
 use core::arch::x86_64::*;
@@ -54,9 +55,8 @@ const KC: usize = 2048;
 const T: usize = 16;
 const KS: usize = 32;
 
-/// Packed `A`, kept between calls, and the largest kept (u32 elements: 256 MiB).
-static A_PACK: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
-const A_CACHE_MAX: usize = 64 << 20;
+/// Packed `A`, kept between calls (at most 64 Mi u32 elements: 256 MiB).
+static A_PACK: PackCache = PackCache::new(64 << 20);
 
 thread_local! {
     /// A task's partial `Cᵀ` tiles, reused by the tasks run on this thread.
@@ -99,40 +99,29 @@ pub(crate) unsafe fn matmul(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, 
     // Even tile counts, so that every pair of tiles exists (the extra ones are zeros).
     let m_tiles = m.div_ceil(T).next_multiple_of(2);
     let n_tiles = n.div_ceil(T).next_multiple_of(2);
-    // The buffer is kept between calls (fresh pages cost more than the packing, which writes
-    // every element); a concurrent call, or a very large one, gets a buffer of its own.
-    let len = m_tiles * steps * T * T;
-    let mut cached = if len <= A_CACHE_MAX { A_PACK.try_lock().ok() } else { None };
-    let mut own = Vec::new();
-    let apack: &mut Vec<u32> = match cached.as_deref_mut() {
-        Some(v) => v,
-        None => &mut own,
-    };
-    if apack.len() < len {
-        apack.resize(len, 0);
-    }
-    let apack = &mut apack[..len];
-    apack.par_chunks_mut(steps * T * T).enumerate().for_each(|(mt, dst)| {
-        // SAFETY: the CPU has AVX-512 (caller's contract).
-        unsafe { pack_a(a, m, k, mt, dst) };
-    });
-    // Rows of `W` from the last whole tile on, zero-padded to two tiles (the tail tiles read
-    // here instead of past the end of `w`).
-    let tail0 = (n / T) * T;
-    let mut wtail = vec![0u16; (n_tiles * T - tail0) * k];
-    wtail[..(n - tail0) * k].copy_from_slice(&w[tail0 * k..]);
-    let stripes = n_tiles.div_ceil(NS / T);
-    let outp = OutPtr::new(out);
-    let ctx = Ctx { apack, m, m_tiles, steps, w, wtail: &wtail, tail0, n, k };
-    (0..stripes).into_par_iter().for_each(|s| {
-        let (t0, t1) = (s * NS / T, n_tiles.min((s + 1) * NS / T));
-        CBUF.with(|cell| match cell.try_borrow_mut() {
-            // SAFETY: as for `matmul`; the task writes the columns of tiles t0..t1 only.
-            Ok(mut buf) => unsafe { task(&ctx, t0, t1, outp, &mut buf) },
-            // SAFETY: as above, with a fresh buffer.
-            Err(_) => unsafe { task(&ctx, t0, t1, outp, &mut Vec::new()) },
+    A_PACK.with(m_tiles * steps * T * T, |apack| {
+        apack.par_chunks_mut(steps * T * T).enumerate().for_each(|(mt, dst)| {
+            // SAFETY: the CPU has AVX-512 (caller's contract).
+            unsafe { pack_a(a, m, k, mt, dst) };
         });
-    });
+        // Rows of `W` from the last whole tile on, zero-padded to two tiles (the tail tiles read
+        // here instead of past the end of `w`).
+        let tail0 = (n / T) * T;
+        let mut wtail = vec![0u16; (n_tiles * T - tail0) * k];
+        wtail[..(n - tail0) * k].copy_from_slice(&w[tail0 * k..]);
+        let stripes = n_tiles.div_ceil(NS / T);
+        let outp = OutPtr::new(out);
+        let ctx = Ctx { apack, m, m_tiles, steps, w, wtail: &wtail, tail0, n, k };
+        (0..stripes).into_par_iter().for_each(|s| {
+            let (t0, t1) = (s * NS / T, n_tiles.min((s + 1) * NS / T));
+            CBUF.with(|cell| match cell.try_borrow_mut() {
+                // SAFETY: as for `matmul`; the task writes the columns of tiles t0..t1 only.
+                Ok(mut buf) => unsafe { task(&ctx, t0, t1, outp, &mut buf) },
+                // SAFETY: as above, with a fresh buffer.
+                Err(_) => unsafe { task(&ctx, t0, t1, outp, &mut Vec::new()) },
+            });
+        });
+    })
 }
 
 /// Rows of `W` per task of [`matmul_few_rows`].

@@ -247,12 +247,12 @@ fn widen(bits: u16) -> f32 {
 #[allow(clippy::needless_range_loop)]
 pub(crate) mod avx512 {
     use crate::kernels::out_ptr::OutPtr;
+    use crate::kernels::pack_cache::PackCache;
     pub(crate) use crate::kernels::transpose::transpose16;
     use core::arch::x86_64::*;
     use core::mem::transmute;
     use rayon::prelude::*;
     use std::cell::RefCell;
-    use std::sync::Mutex;
 
     /// Most rows of `A` for the streaming (matrix-vector) kernel: above, the GEMM (which packs
     /// all of `W` once per call) is faster (measured: ~48 rows is the crossover).
@@ -273,10 +273,8 @@ pub(crate) mod avx512 {
     /// Rows of `W` per block (kept in L2) in the streaming kernel for more than 4 rows of `A`.
     const GEMV_JB: usize = 16;
 
-    /// Packed `A`, kept between calls.
-    static A_PACK: Mutex<Vec<u32>> = Mutex::new(Vec::new());
-    /// Largest packed `A` kept between calls (u32 elements: 256 MiB).
-    const A_CACHE_MAX: usize = 64 << 20;
+    /// Packed `A`, kept between calls (at most 64 Mi u32 elements: 256 MiB).
+    static A_PACK: PackCache = PackCache::new(64 << 20);
 
     thread_local! {
         /// Packed stripe of `W`, reused by the tasks run on this thread.
@@ -293,50 +291,39 @@ pub(crate) mod avx512 {
         // `A` packed once, shared by all tasks: tiles of MR rows, `[kp][MR]` pairs each.
         let tile_len = kp * MR;
         let len = m_tiles * tile_len;
-        // The buffer is kept between calls (fresh pages cost more than the packing); a concurrent
-        // call, or a very large one, gets a buffer of its own.
-        let mut cached = if len <= A_CACHE_MAX { A_PACK.try_lock().ok() } else { None };
-        let mut own = Vec::new();
-        let apack: &mut Vec<u32> = match cached.as_deref_mut() {
-            Some(v) => v,
-            None => &mut own,
-        };
-        if apack.len() < len {
-            // Every element in use is overwritten by the packing below.
-            apack.resize(len, 0);
-        }
-        let apack = &mut apack[..len];
-        apack.par_chunks_mut(tile_len).enumerate().for_each(|(t, dst)| {
-            let r0 = t * MR;
-            let rows = MR.min(m - r0);
-            // SAFETY: the CPU has the features (caller's contract).
-            unsafe { pack_rows::<MR>(&a[r0 * k..(r0 + rows) * k], k, dst) };
-        });
-        // Column stripes of about `NC_PANELS` micro-panels, as many per thread; rows split too
-        // when there are too few stripes for every thread (and some balancing): each task packs
-        // its stripe of `W`.
-        let threads = rayon::current_num_threads().max(1);
-        let panels = n.div_ceil(NR);
-        let n_split = (panels.div_ceil(NC_PANELS).div_ceil(threads) * threads).min(panels);
-        let want = 4 * threads;
-        let m_split = if n_split >= want { 1 } else { want.div_ceil(n_split).min(m_tiles) };
-        let tiles_per_task = m_tiles.div_ceil(m_split);
-        let m_split = m_tiles.div_ceil(tiles_per_task);
-        let outp = OutPtr::new(out);
-        let apack = &apack[..];
-        (0..n_split * m_split).into_par_iter().for_each(|t| {
-            let (js, ms) = (t / m_split, t % m_split);
-            let j0 = js * panels / n_split * NR;
-            let j1 = n.min((js + 1) * panels / n_split * NR);
-            let t0 = ms * tiles_per_task;
-            let t1 = m_tiles.min(t0 + tiles_per_task);
-            PACK.with(|cell| match cell.try_borrow_mut() {
-                // SAFETY: as for `gemm`; the task writes the rows of tiles t0..t1, columns j0..j1 only.
-                Ok(mut buf) => unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut buf) },
-                // SAFETY: as above, with a fresh buffer.
-                Err(_) => unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut Vec::new()) },
+        A_PACK.with(len, |apack| {
+            apack.par_chunks_mut(tile_len).enumerate().for_each(|(t, dst)| {
+                let r0 = t * MR;
+                let rows = MR.min(m - r0);
+                // SAFETY: the CPU has the features (caller's contract).
+                unsafe { pack_rows::<MR>(&a[r0 * k..(r0 + rows) * k], k, dst) };
             });
-        });
+            // Column stripes of about `NC_PANELS` micro-panels, as many per thread; rows split too
+            // when there are too few stripes for every thread (and some balancing): each task packs
+            // its stripe of `W`.
+            let threads = rayon::current_num_threads().max(1);
+            let panels = n.div_ceil(NR);
+            let n_split = (panels.div_ceil(NC_PANELS).div_ceil(threads) * threads).min(panels);
+            let want = 4 * threads;
+            let m_split = if n_split >= want { 1 } else { want.div_ceil(n_split).min(m_tiles) };
+            let tiles_per_task = m_tiles.div_ceil(m_split);
+            let m_split = m_tiles.div_ceil(tiles_per_task);
+            let outp = OutPtr::new(out);
+            let apack = &apack[..];
+            (0..n_split * m_split).into_par_iter().for_each(|t| {
+                let (js, ms) = (t / m_split, t % m_split);
+                let j0 = js * panels / n_split * NR;
+                let j1 = n.min((js + 1) * panels / n_split * NR);
+                let t0 = ms * tiles_per_task;
+                let t1 = m_tiles.min(t0 + tiles_per_task);
+                PACK.with(|cell| match cell.try_borrow_mut() {
+                    // SAFETY: as for `gemm`; the task writes the rows of tiles t0..t1, columns j0..j1 only.
+                    Ok(mut buf) => unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut buf) },
+                    // SAFETY: as above, with a fresh buffer.
+                    Err(_) => unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut Vec::new()) },
+                });
+            });
+        })
     }
 
     /// One task of [`gemm`]: row tiles `t0..t1` (`apack`: packed `A`), columns `j0..j0 + cols`.
