@@ -127,41 +127,46 @@ pub(crate) unsafe fn matmul(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, 
 /// Rows of `W` per task of [`matmul_few_rows`].
 const NS_FEW: usize = 128;
 
-/// Fewest rows of `A` for [`matmul_few_rows`].
+/// Fewest and most rows of `A` for [`matmul_few_rows`].
 const FEW_ROWS_MIN: usize = 2;
+const FEW_ROWS_MAX: usize = 4 * T;
 
-/// Whether [`matmul_few_rows`] takes this product: AMX BF16, `k % 32 == 0` and `2..=16` rows of
-/// `A` (a decode step of several running requests, a short chunk). One row stays on the AVX-512
-/// streaming kernel, which reads `W` at the memory's speed already.
+/// Whether [`matmul_few_rows`] takes this product: AMX BF16, `k % 32 == 0` and `2..=64` rows of
+/// `A` (a decode step of several running requests, a conversation's next turn, a short chunk).
+/// One row stays on the AVX-512 streaming kernel, which reads `W` at the memory's speed already.
 pub(crate) fn applies_few_rows(m: usize, k: usize) -> bool {
-    super::cpu::features().amx_bf16 && k % KS == 0 && k > 0 && (FEW_ROWS_MIN..=T).contains(&m)
+    super::cpu::features().amx_bf16 && k % KS == 0 && k > 0 && (FEW_ROWS_MIN..=FEW_ROWS_MAX).contains(&m)
 }
 
-/// `out = A · Wᵀ` for at most 16 rows of `A`: `W` streamed once from memory straight into the
-/// tiles (each tile of `W` meets the single, zero-padded tile row of `A` once, so a copy of `W`
-/// would only add traffic), one tile of `W` (16 rows) at a time over the whole of `k`, even and
-/// odd steps into two accumulators. Why: several rows of `A` on the AVX-512 streaming kernel are
-/// bound by its `vdpbf16ps` arithmetic (8 rows: twice the time of one), the tiles do it at 16x
-/// the rate, so a decode step of 8 requests reads `W` as fast as one request's does. Why one
-/// tile at a time: 16 rows read side by side are streams the hardware prefetcher follows; four
-/// tiles (64 streams a core) read `W` at 20-23 GB/s instead of 27-28 on the Xeon this was
-/// written on.
+/// `out = A · Wᵀ` for at most 64 rows of `A` (1 to 4 tile rows, zero-padded): `W` streamed once
+/// from memory straight into the tiles, one tile of `W` (16 rows) at a time over the whole of
+/// `k`, each meeting every tile row of `A` (read from L2) as it passes; with one tile row, even
+/// and odd steps go to two accumulators. Why: a few rows of `A` on the AVX-512 streaming kernel
+/// are bound by its `vdpbf16ps` arithmetic (8 rows: twice the time of one), and the blocked tile
+/// GEMM copies its stripe of `W` for rows it meets only a few times; here `W` is read once, so a
+/// decode step of 8 requests, or a next turn's ~50 new positions, cost about what one row does.
+/// Why one tile of `W` at a time: 16 rows read side by side are streams the hardware prefetcher
+/// follows; four tiles (64 streams a core) read `W` at 20-23 GB/s instead of 27-28 on the Xeon
+/// this was written on.
 ///
 /// # Safety
 /// [`applies_few_rows`] held for `m` and `k` on the calling thread; `a.len() == m * k`,
 /// `w.len() == n * k`, `out.len() == m * n`.
 pub(crate) unsafe fn matmul_few_rows(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, out: &mut [f32]) {
     let steps = k / KS;
-    let mut apack = vec![0u32; steps * T * T];
-    // SAFETY: the CPU has AVX-512 (caller's contract); `apack` holds `steps` tiles.
-    unsafe { pack_a(a, m, k, 0, &mut apack) };
+    let m_tiles = m.div_ceil(T);
+    let mut apack = vec![0u32; m_tiles * steps * T * T];
+    for (mt, dst) in apack.chunks_exact_mut(steps * T * T).enumerate() {
+        // SAFETY: the CPU has AVX-512 (caller's contract); `dst` holds `steps` tiles.
+        unsafe { pack_a(a, m, k, mt, dst) };
+    }
     // Rows of `W` from the last whole tile on, zero-padded to one.
     let tail0 = (n / T) * T;
     let n_tiles = n.div_ceil(T);
     let mut wtail = vec![0u16; (n_tiles * T - tail0) * k];
     wtail[..(n - tail0) * k].copy_from_slice(&w[tail0 * k..]);
     let outp = OutPtr::new(out);
-    let ctx = Ctx { apack: &apack, m, m_tiles: 1, steps, w, wtail: &wtail, tail0, n, k };
+    let ctx = Ctx { apack: &apack, m, m_tiles, steps, w, wtail: &wtail, tail0, n, k };
     let tiles_per_task = NS_FEW / T;
     (0..n_tiles.div_ceil(tiles_per_task)).into_par_iter().for_each(|t| {
         let (t0, t1) = (t * tiles_per_task, n_tiles.min((t + 1) * tiles_per_task));
@@ -173,72 +178,130 @@ pub(crate) unsafe fn matmul_few_rows(a: &[u16], m: usize, w: &[u16], n: usize, k
 /// One task of [`matmul_few_rows`]: tiles `t0..t1` of `W`.
 ///
 /// # Safety
-/// As [`matmul_few_rows`]; no other task writes these columns of `out`.
+/// As [`matmul_few_rows`] (`1 <= m_tiles <= 4`); no other task writes these columns of `out`.
 #[target_feature(enable = "avx512f")]
 unsafe fn task_few_rows(c: &Ctx, t0: usize, t1: usize, out: OutPtr) {
     #[repr(C, align(64))]
-    struct Tiles([f32; 2 * T * T]);
-    let mut acc = Tiles([0.0; 2 * T * T]);
-    let (ws, ap) = (c.k * 2, c.apack.as_ptr().cast::<u8>());
-    let tile_step = |st: usize| ap.wrapping_add(st * T * T * 4);
+    struct Tiles([f32; 4 * T * T]);
+    let mut acc = Tiles([0.0; 4 * T * T]);
+    let (ws, s64) = (c.k * 2, 64usize);
+    // Tile row `i` of packed `A` at step `st`.
+    let at = |i: usize, st: usize| c.apack.as_ptr().cast::<u8>().wrapping_add((i * c.steps + st) * T * T * 4);
+    let p = acc.0.as_mut_ptr();
     // SAFETY: the CPU has AMX (caller's contract); released at the end of the task.
     unsafe { configure() };
     for j in t0..t1 {
         let w = c.w_tile(j, 0).cast::<u8>();
+        let wt = |st: usize| w.wrapping_add(st * 64);
         // SAFETY: tiles configured above; every tile read lies inside `w`/`wtail` (16 rows of
-        // `k` values from the tile's first row) or `apack` (`steps` tiles of 1 KiB), the two
-        // stored inside `acc`.
+        // `k` values from the tile's first row) or `apack` (`m_tiles * steps` tiles of 1 KiB),
+        // every tile stored inside `acc` (4 tiles).
         unsafe {
-            asm!("tilezero tmm0", "tilezero tmm1", options(nostack, nomem));
-            let mut st = 0;
-            while st + 1 < c.steps {
-                asm!(
-                    "tileloadd tmm6, [{a0} + {s64}]",
-                    "tileloadd tmm4, [{w0} + {ws}]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    "tileloadd tmm7, [{a1} + {s64}]",
-                    "tileloadd tmm5, [{w1} + {ws}]",
-                    "tdpbf16ps tmm1, tmm5, tmm7",
-                    a0 = in(reg) tile_step(st),
-                    a1 = in(reg) tile_step(st + 1),
-                    w0 = in(reg) w.wrapping_add(st * 64),
-                    w1 = in(reg) w.wrapping_add(st * 64 + 64),
-                    s64 = in(reg) 64usize,
-                    ws = in(reg) ws,
-                    options(nostack, readonly),
-                );
-                st += 2;
+            asm!("tilezero tmm0", "tilezero tmm1", "tilezero tmm2", "tilezero tmm3", options(nostack, nomem));
+            match c.m_tiles {
+                1 => {
+                    let mut st = 0;
+                    while st + 1 < c.steps {
+                        asm!(
+                            "tileloadd tmm6, [{a0} + {s64}]",
+                            "tileloadd tmm4, [{w0} + {ws}]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            "tileloadd tmm7, [{a1} + {s64}]",
+                            "tileloadd tmm5, [{w1} + {ws}]",
+                            "tdpbf16ps tmm1, tmm5, tmm7",
+                            a0 = in(reg) at(0, st), a1 = in(reg) at(0, st + 1),
+                            w0 = in(reg) wt(st), w1 = in(reg) wt(st + 1),
+                            s64 = in(reg) s64, ws = in(reg) ws,
+                            options(nostack, readonly),
+                        );
+                        st += 2;
+                    }
+                    if st < c.steps {
+                        asm!(
+                            "tileloadd tmm6, [{a0} + {s64}]",
+                            "tileloadd tmm4, [{w0} + {ws}]",
+                            "tdpbf16ps tmm0, tmm4, tmm6",
+                            a0 = in(reg) at(0, st), w0 = in(reg) wt(st),
+                            s64 = in(reg) s64, ws = in(reg) ws,
+                            options(nostack, readonly),
+                        );
+                    }
+                }
+                2 => {
+                    for st in 0..c.steps {
+                        asm!(
+                            "tileloadd tmm4, [{w0} + {ws}]",
+                            "tileloadd tmm5, [{a0} + {s64}]",
+                            "tdpbf16ps tmm0, tmm4, tmm5",
+                            "tileloadd tmm6, [{a1} + {s64}]",
+                            "tdpbf16ps tmm1, tmm4, tmm6",
+                            a0 = in(reg) at(0, st), a1 = in(reg) at(1, st), w0 = in(reg) wt(st),
+                            s64 = in(reg) s64, ws = in(reg) ws,
+                            options(nostack, readonly),
+                        );
+                    }
+                }
+                3 => {
+                    for st in 0..c.steps {
+                        asm!(
+                            "tileloadd tmm4, [{w0} + {ws}]",
+                            "tileloadd tmm5, [{a0} + {s64}]",
+                            "tdpbf16ps tmm0, tmm4, tmm5",
+                            "tileloadd tmm6, [{a1} + {s64}]",
+                            "tdpbf16ps tmm1, tmm4, tmm6",
+                            "tileloadd tmm7, [{a2} + {s64}]",
+                            "tdpbf16ps tmm2, tmm4, tmm7",
+                            a0 = in(reg) at(0, st), a1 = in(reg) at(1, st), a2 = in(reg) at(2, st),
+                            w0 = in(reg) wt(st),
+                            s64 = in(reg) s64, ws = in(reg) ws,
+                            options(nostack, readonly),
+                        );
+                    }
+                }
+                _ => {
+                    for st in 0..c.steps {
+                        asm!(
+                            "tileloadd tmm4, [{w0} + {ws}]",
+                            "tileloadd tmm5, [{a0} + {s64}]",
+                            "tdpbf16ps tmm0, tmm4, tmm5",
+                            "tileloadd tmm6, [{a1} + {s64}]",
+                            "tdpbf16ps tmm1, tmm4, tmm6",
+                            "tileloadd tmm7, [{a2} + {s64}]",
+                            "tdpbf16ps tmm2, tmm4, tmm7",
+                            "tileloadd tmm5, [{a3} + {s64}]",
+                            "tdpbf16ps tmm3, tmm4, tmm5",
+                            a0 = in(reg) at(0, st), a1 = in(reg) at(1, st), a2 = in(reg) at(2, st),
+                            a3 = in(reg) at(3, st), w0 = in(reg) wt(st),
+                            s64 = in(reg) s64, ws = in(reg) ws,
+                            options(nostack, readonly),
+                        );
+                    }
+                }
             }
-            if st < c.steps {
-                asm!(
-                    "tileloadd tmm6, [{a0} + {s64}]",
-                    "tileloadd tmm4, [{w0} + {ws}]",
-                    "tdpbf16ps tmm0, tmm4, tmm6",
-                    a0 = in(reg) tile_step(st),
-                    w0 = in(reg) w.wrapping_add(st * 64),
-                    s64 = in(reg) 64usize,
-                    ws = in(reg) ws,
-                    options(nostack, readonly),
-                );
-            }
-            let p = acc.0.as_mut_ptr();
             asm!(
                 "tilestored [{c0} + {s64}], tmm0",
                 "tilestored [{c1} + {s64}], tmm1",
-                c0 = in(reg) p, c1 = in(reg) p.add(T * T),
-                s64 = in(reg) 64usize,
+                "tilestored [{c2} + {s64}], tmm2",
+                "tilestored [{c3} + {s64}], tmm3",
+                c0 = in(reg) p, c1 = in(reg) p.add(T * T), c2 = in(reg) p.add(2 * T * T), c3 = in(reg) p.add(3 * T * T),
+                s64 = in(reg) s64,
                 options(nostack),
             );
         }
-        let (even, odd) = acc.0.split_at_mut(T * T);
-        for (e, o) in even.iter_mut().zip(odd.iter()) {
-            *e += *o;
+        if c.m_tiles == 1 {
+            // Odd steps were summed apart.
+            let (even, odd) = acc.0.split_at_mut(T * T);
+            for (e, o) in even.iter_mut().zip(odd.iter()) {
+                *e += *o;
+            }
         }
         let col0 = j * T;
         if col0 < c.n {
-            // SAFETY: `even` holds a tile; columns `col0..` (< n) of the rows `< m` of `out`,
-            // which only this task writes (caller's contract).
-            unsafe { store_transposed(even, out, c.m, c.n, 0, col0) };
+            for i in 0..c.m_tiles {
+                // SAFETY: tile `i` of `acc`; columns `col0..` (< n) of the rows `16 i..` (< m)
+                // of `out`, which only this task writes (caller's contract).
+                unsafe { store_transposed(&acc.0[i * T * T..][..T * T], out, c.m, c.n, i * T, col0) };
+            }
         }
     }
     // SAFETY: the CPU has AMX; no tile is used after this.

@@ -11,7 +11,7 @@
 //! accumulator, 16 lanes), twice the multiply-adds per instruction of an f32 FMA on 512 bits.
 //!
 //! Paths, picked at run time:
-//! - AMX BF16 (Sapphire Rapids and later), `k % 32 == 0`: [`super::bf16_amx`] (`2..=16` rows:
+//! - AMX BF16 (Sapphire Rapids and later), `k % 32 == 0`: [`super::bf16_amx`] (`2..=64` rows:
 //!   `W` streamed once through the tiles; more: the blocked tile GEMM);
 //! - AVX-512 BF16 (`avx512f` + `avx512bw` + `avx512bf16`; needs Rust 1.89+ for the intrinsics):
 //!   - `m <= 48` (decoding, short chunks): a streaming kernel that reads `W` from memory once
@@ -63,9 +63,10 @@ pub fn matmul_bf16(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, out: &mut
         return;
     }
     #[cfg(target_arch = "x86_64")]
-    // From 2 rows AMX beats the streaming kernel, which is bound by its arithmetic there (one
-    // layer of the 7B, 8 rows: 14.5 ms through the tiles, 29 ms streaming; 16 rows: 14.3 and 38;
-    // a follow-up turn's 46 new positions: time to first token 4.3 s streaming, 2.3 s on tiles).
+    // From 2 rows AMX beats the streaming kernel, which is bound by its arithmetic there, and
+    // up to 64 rows `W` read once beats the blocked tile GEMM's copies of it (one layer of the
+    // 7B: 8 rows 15 ms against 27 streaming; 46 rows, a conversation's next turn, 21 ms against
+    // 40 through the blocked tile GEMM).
     if super::bf16_amx::applies_few_rows(m, k) {
         // SAFETY: `applies_few_rows` checked the CPU, `k` and `m`; the slice lengths match the
         // shapes (asserted above).
@@ -791,8 +792,13 @@ mod tests {
             // Several `k` blocks (partial sums carried over), the last one a single step.
             (49, 40, 4128),
             (130, 33, 2080),
-            // Up to 16 rows (`matmul_few_rows`): one tile of `W` at a time, odd step counts.
+            // Up to 64 rows (`matmul_few_rows`): one tile of `W` at a time, odd step counts, 1-4
+            // tile rows of `A`.
             (2, 17, 32),
+            (20, 33, 96),
+            (40, 20, 64),
+            (64, 17, 4128),
+            (49, 48, 32),
             (8, 40, 96),
             (16, 33, 4128),
             (5, 16, 64),
@@ -884,10 +890,11 @@ mod tests {
         let ws: Vec<Vec<u16>> = layer.iter().enumerate().map(|(i, &(n, k))| values(n * k, i as u64 + 9)).collect();
         let bytes: usize = layer.iter().map(|&(n, k)| n * k * 2).sum();
         let only = std::env::var("BENCH_SET").ok();
-        for m in [1, 2, 4, 8, 12, 16] {
+        let ms: Vec<usize> = std::env::var("BENCH_ROWS").ok().map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect()).unwrap_or(vec![1, 2, 4, 8, 12, 16]);
+        for m in ms {
             let a = values(m * f, 5);
             let mut out = vec![0f32; m * f];
-            let mut line = format!("m={m:2}:");
+            let mut line = format!("m={m:3}:");
             for set in cpu::available_sets().into_iter().filter(|&s| s >= KernelSet::Avx512) {
                 if only.as_deref().is_some_and(|o| o != set.name()) {
                     continue;
