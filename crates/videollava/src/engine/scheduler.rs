@@ -419,13 +419,6 @@ fn prefill_step(engine: &Engine, p: &mut Prefilling) -> Result<Option<(Active, K
     p.done += n;
     p.decoder_ms += ms(t);
     let Some(logits) = logits else { return Ok(None) };
-    if let Some(key) = p.prefix_key.take() {
-        let t = Instant::now();
-        if let Err(e) = model.cache_prefix(&key, &p.cache) {
-            log::warn!("prefix not cached: {e}");
-        }
-        log::debug!("prefix cached: {:.0} ms", ms(t));
-    }
     let mut timings = p.timings;
     let vision_ms = prompt.vision_ms;
     timings.prefill_ms = vision_ms + p.decoder_ms;
@@ -444,6 +437,14 @@ fn prefill_step(engine: &Engine, p: &mut Prefilling) -> Result<Option<(Active, K
         decode_started: Instant::now(),
     };
     active.emit_step(out);
+    // After the first token went out: keeping the prefix copies the prompt's keys/values.
+    if let Some(key) = p.prefix_key.take() {
+        let t = Instant::now();
+        if let Err(e) = model.cache_prefix(&key, &p.cache) {
+            log::warn!("prefix not cached: {e}");
+        }
+        log::debug!("prefix cached: {:.0} ms", ms(t));
+    }
     Ok(Some((active, std::mem::take(&mut p.cache))))
 }
 

@@ -280,6 +280,14 @@ impl KvBuffer {
         Ok(Self { parts, rows: self.rows, format: self.format, dtype: self.dtype, len, owner: Arc::new(()) })
     }
 
+    /// The first `n` positions, sharing this buffer (no copy; an append to either copies first).
+    pub fn truncated(&self, n: usize) -> Result<Self> {
+        if n > self.len {
+            return Err(Error::Model(format!("the first {n} positions of a {}-position cache", self.len)));
+        }
+        Ok(Self { len: n, ..self.clone() })
+    }
+
     /// The positions of `pieces` one after another (same rows, format and dtype), with spare
     /// capacity for appending.
     pub fn concat_positions(pieces: &[&Self]) -> Result<Self> {
@@ -299,8 +307,13 @@ impl KvBuffer {
             if piece.format != joined.format || piece.dtype != joined.dtype || piece.parts.len() != joined.parts.len() {
                 return Err(Error::Model("cannot join caches of different formats".into()));
             }
-            let filled = (0..piece.parts.len()).map(|i| piece.filled(i)).collect::<Result<Vec<_>>>()?;
-            joined.append_parts(&filled)?;
+            if piece.rows != joined.rows {
+                return Err(Error::Model("cannot join caches of different batch sizes".into()));
+            }
+            for i in 0..piece.parts.len() {
+                copy_positions(&joined.parts[i], 0, joined.len, &piece.filled(i)?)?;
+            }
+            joined.len += piece.len;
         }
         Ok(joined)
     }

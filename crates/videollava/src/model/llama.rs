@@ -309,6 +309,21 @@ impl KvCache {
         Ok(KvCache { layers, mask: Some(mask.narrow(1, start, len)?.contiguous()?) })
     }
 
+    /// The first `n` positions of every row, sharing this cache's buffers (no copy; an append to
+    /// either copies first).
+    pub fn truncated(&self, n: usize) -> Result<KvCache> {
+        let Some(mask) = &self.mask else { return Err(Error::Model("truncating an empty cache".into())) };
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| match l {
+                Some(b) => Ok(Some(b.truncated(n)?)),
+                None => Err(Error::Model("truncating an unfilled cache".into())),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache { layers, mask: Some(mask.narrow(1, 0, n)?.contiguous()?) })
+    }
+
     /// The positions of `pieces` one after another (same rows and depth), with room to append.
     pub fn concat_positions(pieces: &[&KvCache]) -> Result<KvCache> {
         let first = pieces.first().ok_or_else(|| Error::Model("no cache pieces to join".into()))?;

@@ -344,7 +344,7 @@ impl PrefixCache {
         let mut partial = None;
         if let Some(&(id, n)) = path.last() {
             if n < self.nodes[&id].key.len() {
-                partial = Some(self.nodes[&id].kv.narrow_positions(0, n)?);
+                partial = Some(self.nodes[&id].kv.truncated(n)?);
             }
         }
         let mut pieces: Vec<&KvCache> = path.iter().map(|(id, _)| &self.nodes[id].kv).collect();
@@ -358,6 +358,24 @@ impl PrefixCache {
         self.stats.hits += 1;
         self.stats.reused_tokens += matched as u64;
         Ok(Some((matched, kv)))
+    }
+
+    /// The keys/values held for exactly `key` (all of it cached), sharing the held buffers when
+    /// one entry covers it (no copy), else joined; `None` when not all of `key` is held.
+    pub fn held(&self, key: &[u64]) -> Result<Option<KvCache>> {
+        let path = self.walk(key);
+        if path.iter().map(|x| x.1).sum::<usize>() < key.len() || key.is_empty() {
+            return Ok(None);
+        }
+        let mut pieces = Vec::with_capacity(path.len());
+        for &(id, n) in &path {
+            let kv = &self.nodes[&id].kv;
+            pieces.push(if n < kv.len() { kv.truncated(n)? } else { kv.clone() });
+        }
+        Ok(Some(match pieces.len() {
+            1 => pieces.remove(0),
+            _ => KvCache::concat_positions(&pieces.iter().collect::<Vec<_>>())?,
+        }))
     }
 
     /// Keeps positions `0..key.len()` of `kv` (one row, at least that long) under `key`.
@@ -407,7 +425,11 @@ impl PrefixCache {
     /// Cuts node `id` after `n` positions: the rest becomes its only child.
     fn split(&mut self, id: usize, n: usize) -> Result<()> {
         let node = self.nodes.get(&id).ok_or_else(|| Error::Model("prefix cache node missing".into()))?;
-        let (head, tail) = (node.kv.narrow_positions(0, n)?, node.kv.narrow_positions(n, node.key.len() - n)?);
+        // A head of most of the node keeps the node's buffer (no copy of the long part, at the
+        // cost of holding the tail's positions twice); a shorter one is copied.
+        let len = node.key.len();
+        let head = if 2 * n > len { node.kv.truncated(n)? } else { node.kv.narrow_positions(0, n)? };
+        let tail = node.kv.narrow_positions(n, len - n)?;
         let child_id = self.next_id;
         self.next_id += 1;
         let node = self.nodes.get_mut(&id).ok_or_else(|| Error::Model("prefix cache node missing".into()))?;
@@ -726,6 +748,13 @@ mod tests {
         assert_eq!(c.stats().bytes, (8 + 2) * per_position);
         assert_eq!(c.stats().entries, 3);
         // The longest match, capped one short of the prompt.
+        // What is held for a whole key: one entry's buffer shared, or several joined.
+        let held = c.held(&[1, 2, 3]).unwrap().unwrap();
+        assert_eq!(firsts(&held), vec![1000.0, 1001.0, 1002.0]);
+        let held = c.held(&[1, 2, 3, 4, 9, 9]).unwrap().unwrap();
+        assert_eq!(firsts(&held), vec![1000.0, 1001.0, 1002.0, 1003.0, 2004.0, 2005.0]);
+        assert!(c.held(&[1, 2, 3, 4, 9, 9, 9]).unwrap().is_none(), "longer than what is held");
+        assert!(c.held(&[1, 2, 7]).unwrap().is_none());
         let (n, kv) = lookup(&mut c, &[1, 2, 3, 4, 9, 9, 5]).unwrap();
         assert_eq!((n, kv.len()), (6, 6));
         // Positions 0..4 come from the first prompt, 4..6 from the second.

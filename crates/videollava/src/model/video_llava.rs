@@ -648,7 +648,9 @@ impl VideoLlava {
             // One save at a time (skipped while another is written: the next prompt with this
             // media saves it), so the copies waiting for the disk stay bounded.
             if media > 0 && !store.file_for(media_key).is_file() && store.begin_save() {
-                let kv = match cache.narrow_positions(0, media) {
+                // The media prefix as held by the cache just above (shared, no copy), else a copy.
+                let held = c.held(media_key).ok().flatten();
+                let kv = match held.map_or_else(|| cache.narrow_positions(0, media), Ok) {
                     Ok(kv) => kv,
                     Err(e) => {
                         store.end_save();
