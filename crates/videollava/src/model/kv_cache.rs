@@ -140,6 +140,11 @@ impl KvBuffer {
         self.rows
     }
 
+    /// Batch rows the buffers have room for.
+    pub fn row_capacity(&self) -> usize {
+        self.parts[0].dim(0).unwrap_or(0)
+    }
+
     /// Part `i`'s rows in use, all allocated positions (contiguous: the rows come first).
     fn live(&self, i: usize) -> Result<Tensor> {
         let p = &self.parts[i];

@@ -365,6 +365,12 @@ impl KvCache {
         self.layers.iter().flatten().map(|b| b.bytes()).sum()
     }
 
+    /// Whether every layer's buffers hold exactly the cached positions and rows (no spare room).
+    pub fn is_exact(&self) -> bool {
+        let (len, rows) = (self.len(), self.batch_size());
+        self.layers.iter().flatten().all(|b| b.capacity() == len && b.row_capacity() == rows)
+    }
+
     /// Number of rows (sequences) in the cache.
     pub fn batch_size(&self) -> usize {
         self.mask.as_ref().map(|m| m.dim(0).unwrap_or(0)).unwrap_or(0)

@@ -321,7 +321,7 @@ impl PrefixCache {
                         // Not kept in memory (no budget for it): use it once.
                         self.stats.hits += 1;
                         self.stats.reused_tokens += n as u64;
-                        return Ok(Some((n, KvCache::concat_positions(&[&kv.narrow_positions(0, n)?])?)));
+                        return Ok(Some((n, KvCache::concat_positions(&[&kv.truncated(n)?])?)));
                     }
                 }
                 Some(Err(why)) => {
@@ -399,7 +399,12 @@ impl PrefixCache {
         }
         let pos: usize = path.iter().map(|x| x.1).sum();
         if pos < key.len() {
-            let seg = kv.narrow_positions(pos, key.len() - pos)?;
+            // A cache of exactly the key (a saved prefix just loaded) is kept as it is.
+            let seg = if pos == 0 && kv.len() == key.len() && kv.is_exact() {
+                kv.clone()
+            } else {
+                kv.narrow_positions(pos, key.len() - pos)?
+            };
             let bytes = seg.bytes();
             if bytes > self.capacity {
                 self.touch(&path);
