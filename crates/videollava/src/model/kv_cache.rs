@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 use crate::error::{Error, Result};
 use crate::kernels::kv_quant::{self, KvCacheFormat};
@@ -38,6 +38,19 @@ const CAPACITY_STEP: usize = 256;
 /// in multiples of 256 (at most ~12.5% + 256 positions of spare room).
 fn grown_capacity(cap: usize, needed: usize) -> usize {
     needed.max(cap + (cap / 8).max(CAPACITY_STEP)).next_multiple_of(CAPACITY_STEP)
+}
+
+/// Zeros of `shape`, left to the OS to provide on first touch: the room a buffer keeps for
+/// positions and rows costs no memory until written (candle's `Tensor::zeros` writes every BF16
+/// and F16 element, which would make a batch's room for 8 rows of 7B keys/values resident at once).
+fn lazy_zeros(shape: (usize, usize, usize, usize), dtype: DType, device: &Device) -> Result<Tensor> {
+    let n = shape.0 * shape.1 * shape.2 * shape.3;
+    Ok(match (dtype, device) {
+        (DType::BF16, Device::Cpu) => Tensor::from_vec(bytemuck::zeroed_vec::<half::bf16>(n), shape, device)?,
+        (DType::F16, Device::Cpu) => Tensor::from_vec(bytemuck::zeroed_vec::<half::f16>(n), shape, device)?,
+        // `vec![0; n]` of these is already a zeroed allocation.
+        _ => Tensor::zeros(shape, dtype, device)?,
+    })
 }
 
 /// Copies `src` (`[r, h, l, d]`, any strides along the positions) into rows `row0..row0 + r`,
@@ -102,7 +115,7 @@ impl KvBuffer {
             .iter()
             .map(|p| {
                 let (b, h, _, d) = p.dims4()?;
-                Ok(Tensor::zeros((b, h, cap, d), p.dtype(), p.device())?)
+                lazy_zeros((b, h, cap, d), p.dtype(), p.device())
             })
             .collect::<Result<Vec<_>>>()?;
         let rows = k.dim(0)?;
@@ -228,7 +241,7 @@ impl KvBuffer {
         for i in 0..self.parts.len() {
             let p = &self.parts[i];
             let (_, h, _, d) = p.dims4()?;
-            let grown = Tensor::zeros((row_capacity.max(self.rows), h, capacity, d), p.dtype(), p.device())?;
+            let grown = lazy_zeros((row_capacity.max(self.rows), h, capacity, d), p.dtype(), p.device())?;
             copy_positions(&grown, 0, shift, &self.filled(i)?)?;
             self.parts[i] = grown;
         }
@@ -303,7 +316,7 @@ impl KvBuffer {
             .iter()
             .map(|p| {
                 let (_, h, _, d) = p.dims4()?;
-                Ok(Tensor::zeros((first.rows, h, cap, d), p.dtype(), p.device())?)
+                lazy_zeros((first.rows, h, cap, d), p.dtype(), p.device())
             })
             .collect::<Result<Vec<_>>>()?;
         let mut joined =

@@ -673,7 +673,11 @@ impl PrefixStore {
         device: &Device,
         layers: usize,
     ) -> std::result::Result<KvCache, String> {
-        let bytes = std::fs::read(file).map_err(|e| e.to_string())?;
+        // Mapped, not read into memory: the tensors below are the one copy. Saved prefixes are
+        // written under a temporary name and renamed, never modified in place
+        // (`crate::mapped::map_read_only`'s contract).
+        let opened = std::fs::File::open(file).map_err(|e| e.to_string())?;
+        let bytes = crate::mapped::map_read_only(&opened).map_err(|e| e.to_string())?;
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).map_err(|e| e.to_string())?;
         let header = meta.metadata().clone().unwrap_or_default();
         let expect = [
