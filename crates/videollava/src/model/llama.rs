@@ -297,31 +297,27 @@ impl KvCache {
 
     /// Positions `start..start + len` of every row, copied (what a prefix cache keeps).
     pub fn narrow_positions(&self, start: usize, len: usize) -> Result<KvCache> {
-        let Some(mask) = &self.mask else { return Err(Error::Model("narrowing an empty cache".into())) };
-        let layers = self
-            .layers
-            .iter()
-            .map(|l| match l {
-                Some(b) => Ok(Some(b.narrow_positions(start, len)?)),
-                None => Err(Error::Model("narrowing an unfilled cache".into())),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(KvCache { layers, mask: Some(mask.narrow(1, start, len)?.contiguous()?) })
+        self.positions(start, len, |b| b.narrow_positions(start, len))
     }
 
     /// The first `n` positions of every row, sharing this cache's buffers (no copy; an append to
     /// either copies first).
     pub fn truncated(&self, n: usize) -> Result<KvCache> {
-        let Some(mask) = &self.mask else { return Err(Error::Model("truncating an empty cache".into())) };
+        self.positions(0, n, |b| b.truncated(n))
+    }
+
+    /// Positions `start..start + len`: each layer's buffer through `layer`, the mask narrowed.
+    fn positions(&self, start: usize, len: usize, layer: impl Fn(&KvBuffer) -> Result<KvBuffer>) -> Result<KvCache> {
+        let Some(mask) = &self.mask else { return Err(Error::Model("taking positions of an empty cache".into())) };
         let layers = self
             .layers
             .iter()
             .map(|l| match l {
-                Some(b) => Ok(Some(b.truncated(n)?)),
-                None => Err(Error::Model("truncating an unfilled cache".into())),
+                Some(b) => Ok(Some(layer(b)?)),
+                None => Err(Error::Model("taking positions of an unfilled cache".into())),
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(KvCache { layers, mask: Some(mask.narrow(1, 0, n)?.contiguous()?) })
+        Ok(KvCache { layers, mask: Some(mask.narrow(1, start, len)?.contiguous()?) })
     }
 
     /// The positions of `pieces` one after another (same rows and depth), with room to append.
