@@ -56,7 +56,7 @@ const T: usize = 16;
 const KS: usize = 32;
 
 /// Packed `A`, kept between calls (at most 64 Mi u32 elements: 256 MiB).
-static A_PACK: PackCache = PackCache::new(64 << 20);
+static A_PACK: PackCache<u32> = PackCache::new(64 << 20);
 
 thread_local! {
     /// A task's partial `Cᵀ` tiles, reused by the tasks run on this thread.
@@ -99,7 +99,7 @@ pub(crate) unsafe fn matmul(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, 
     // Even tile counts, so that every pair of tiles exists (the extra ones are zeros).
     let m_tiles = m.div_ceil(T).next_multiple_of(2);
     let n_tiles = n.div_ceil(T).next_multiple_of(2);
-    A_PACK.with(m_tiles * steps * T * T, |apack| {
+    A_PACK.with(m_tiles * steps * T * T, 0, |apack| {
         apack.par_chunks_mut(steps * T * T).enumerate().for_each(|(mt, dst)| {
             // SAFETY: the CPU has AVX-512 (caller's contract).
             unsafe { pack_a(a, m, k, mt, dst) };

@@ -249,6 +249,7 @@ fn widen(bits: u16) -> f32 {
 pub(crate) mod avx512 {
     use crate::kernels::out_ptr::OutPtr;
     use crate::kernels::pack_cache::PackCache;
+    use crate::kernels::task_grid::TaskGrid;
     pub(crate) use crate::kernels::transpose::transpose16;
     use core::arch::x86_64::*;
     use core::mem::transmute;
@@ -275,7 +276,7 @@ pub(crate) mod avx512 {
     const GEMV_JB: usize = 16;
 
     /// Packed `A`, kept between calls (at most 64 Mi u32 elements: 256 MiB).
-    static A_PACK: PackCache = PackCache::new(64 << 20);
+    static A_PACK: PackCache<u32> = PackCache::new(64 << 20);
 
     thread_local! {
         /// Packed stripe of `W`, reused by the tasks run on this thread.
@@ -292,31 +293,18 @@ pub(crate) mod avx512 {
         // `A` packed once, shared by all tasks: tiles of MR rows, `[kp][MR]` pairs each.
         let tile_len = kp * MR;
         let len = m_tiles * tile_len;
-        A_PACK.with(len, |apack| {
+        A_PACK.with(len, 0, |apack| {
             apack.par_chunks_mut(tile_len).enumerate().for_each(|(t, dst)| {
                 let r0 = t * MR;
                 let rows = MR.min(m - r0);
                 // SAFETY: the CPU has the features (caller's contract).
                 unsafe { pack_rows::<MR>(&a[r0 * k..(r0 + rows) * k], k, dst) };
             });
-            // Column stripes of about `NC_PANELS` micro-panels, as many per thread; rows split too
-            // when there are too few stripes for every thread (and some balancing): each task packs
-            // its stripe of `W`.
-            let threads = rayon::current_num_threads().max(1);
-            let panels = n.div_ceil(NR);
-            let n_split = (panels.div_ceil(NC_PANELS).div_ceil(threads) * threads).min(panels);
-            let want = 4 * threads;
-            let m_split = if n_split >= want { 1 } else { want.div_ceil(n_split).min(m_tiles) };
-            let tiles_per_task = m_tiles.div_ceil(m_split);
-            let m_split = m_tiles.div_ceil(tiles_per_task);
+            let grid = TaskGrid::new(n, NR, NC_PANELS, m_tiles);
             let outp = OutPtr::new(out);
             let apack = &apack[..];
-            (0..n_split * m_split).into_par_iter().for_each(|t| {
-                let (js, ms) = (t / m_split, t % m_split);
-                let j0 = js * panels / n_split * NR;
-                let j1 = n.min((js + 1) * panels / n_split * NR);
-                let t0 = ms * tiles_per_task;
-                let t1 = m_tiles.min(t0 + tiles_per_task);
+            (0..grid.tasks()).into_par_iter().for_each(|t| {
+                let (j0, j1, t0, t1) = grid.task(t);
                 PACK.with(|cell| match cell.try_borrow_mut() {
                     // SAFETY: as for `gemm`; the task writes the rows of tiles t0..t1, columns j0..j1 only.
                     Ok(mut buf) => unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut buf) },
@@ -890,7 +878,10 @@ mod tests {
         let ws: Vec<Vec<u16>> = layer.iter().enumerate().map(|(i, &(n, k))| values(n * k, i as u64 + 9)).collect();
         let bytes: usize = layer.iter().map(|&(n, k)| n * k * 2).sum();
         let only = std::env::var("BENCH_SET").ok();
-        let ms: Vec<usize> = std::env::var("BENCH_ROWS").ok().map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect()).unwrap_or(vec![1, 2, 4, 8, 12, 16]);
+        let ms: Vec<usize> = std::env::var("BENCH_ROWS")
+            .ok()
+            .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
+            .unwrap_or(vec![1, 2, 4, 8, 12, 16]);
         for m in ms {
             let a = values(m * f, 5);
             let mut out = vec![0f32; m * f];

@@ -74,6 +74,7 @@ mod qgemm_avx2;
 #[cfg(target_arch = "x86_64")]
 mod qgemm_avx512;
 pub(crate) mod qgemv;
+mod task_grid;
 #[cfg(target_arch = "x86_64")]
 mod transpose;
 

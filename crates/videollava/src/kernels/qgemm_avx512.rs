@@ -29,11 +29,12 @@
 #![allow(clippy::needless_range_loop)]
 
 use super::out_ptr::OutPtr;
+use super::pack_cache::PackCache;
 use super::qgemv::avx512::q8_0_block;
+use super::task_grid::TaskGrid;
 use core::arch::x86_64::*;
 use rayon::prelude::*;
 use std::cell::RefCell;
-use std::sync::Mutex;
 
 /// Values per activation block (Q8_0).
 const QK: usize = 32;
@@ -109,10 +110,8 @@ pub(crate) trait Format {
 #[derive(Clone, Copy)]
 struct Line([u8; 64]);
 
-/// Packed activations, kept between calls.
-static A_PACK: Mutex<Vec<Line>> = Mutex::new(Vec::new());
-/// Largest packed activation buffer kept between calls (lines: 256 MiB).
-const A_CACHE_MAX: usize = 4 << 20;
+/// Packed activations, kept between calls (at most 4 Mi lines: 256 MiB).
+static A_PACK: PackCache<Line> = PackCache::new(4 << 20);
 
 thread_local! {
     /// Packed stripe of `W`, reused by the tasks run on this thread.
@@ -126,8 +125,14 @@ fn bytes_of(buf: &mut Vec<Line>, bytes: usize) -> &mut [u8] {
         // Every byte in use is overwritten by the packing.
         buf.resize(lines, Line([0; 64]));
     }
-    // SAFETY: `Line` is 64 plain bytes; the buffer holds at least `bytes` bytes.
-    unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr() as *mut u8, bytes) }
+    line_bytes(buf, bytes)
+}
+
+/// The first `bytes` bytes of `lines` (at least that many).
+fn line_bytes(lines: &mut [Line], bytes: usize) -> &mut [u8] {
+    assert!(lines.len() * 64 >= bytes, "{} lines hold fewer than {bytes} bytes", lines.len());
+    // SAFETY: `Line` is 64 plain bytes; the slice holds at least `bytes` bytes (asserted).
+    unsafe { std::slice::from_raw_parts_mut(lines.as_mut_ptr() as *mut u8, bytes) }
 }
 
 /// Blocked GEMM (any `m >= 1`, `n >= 1`): `out[i, j] = Σ_p x[i, p] · W[j, p]`.
@@ -141,75 +146,57 @@ pub(crate) unsafe fn gemm<F: Format>(x: &[f32], m: usize, w: &[u8], n: usize, k:
     let nb = k / QK;
     let m_tiles = m.div_ceil(MR);
     let len = m_tiles * nb * a_blk;
-    // The buffer is kept between calls (fresh pages cost more than the packing); a concurrent
-    // call, or a very large one, gets a buffer of its own.
-    let mut cached = if len.div_ceil(64) <= A_CACHE_MAX { A_PACK.try_lock().ok() } else { None };
-    let mut own = Vec::new();
-    let abuf: &mut Vec<Line> = match cached.as_deref_mut() {
-        Some(v) => v,
-        None => &mut own,
-    };
-    let apack = bytes_of(abuf, len);
-    // Packing tasks: (first block of the k-chunk, first tile, region). Within a k-chunk of
-    // `kcb` blocks starting at block `pc`, tile `t` is at `pc * m_tiles * A_BLK +
-    // t * kcb * A_BLK`.
-    let mut jobs = Vec::new();
-    let mut rest = &mut apack[..];
-    let mut pc = 0;
-    while pc < nb {
-        let kcb = KCB.min(nb - pc);
-        let mut t = 0;
-        while t < m_tiles {
-            let tiles = PACK_TILES.min(m_tiles - t);
-            let (head, tail) = rest.split_at_mut(tiles * kcb * a_blk);
-            jobs.push((pc, kcb, t, tiles, head));
-            rest = tail;
-            t += tiles;
-        }
-        pc += kcb;
-    }
-    jobs.into_par_iter().for_each(|(pc, kcb, t0, tiles, dst)| {
-        for t in 0..tiles {
-            let r0 = (t0 + t) * MR;
-            let rows = MR.min(m - r0);
-            let dst = &mut dst[t * kcb * a_blk..(t + 1) * kcb * a_blk];
-            // The row count as a constant: the full tiles' 6 row quantizations are unrolled.
-            macro_rules! pack {
-                ($($r:literal)*) => {
-                    match rows {
-                        // SAFETY: the CPU has the features (caller's contract).
-                        $($r => unsafe { pack_a::<F, $r>(x, k, r0, pc, kcb, dst) },)*
-                        _ => unreachable!("rows in 1..=MR"),
-                    }
-                };
+    A_PACK.with(len.div_ceil(64), Line([0; 64]), |lines| {
+        let apack = line_bytes(lines, len);
+        // Packing tasks: (first block of the k-chunk, first tile, region). Within a k-chunk of
+        // `kcb` blocks starting at block `pc`, tile `t` is at `pc * m_tiles * A_BLK +
+        // t * kcb * A_BLK`.
+        let mut jobs = Vec::new();
+        let mut rest = &mut apack[..];
+        let mut pc = 0;
+        while pc < nb {
+            let kcb = KCB.min(nb - pc);
+            let mut t = 0;
+            while t < m_tiles {
+                let tiles = PACK_TILES.min(m_tiles - t);
+                let (head, tail) = rest.split_at_mut(tiles * kcb * a_blk);
+                jobs.push((pc, kcb, t, tiles, head));
+                rest = tail;
+                t += tiles;
             }
-            pack!(1 2 3 4 5 6);
+            pc += kcb;
         }
-    });
-    // Column stripes of about `NC_PANELS` micro-panels, as many per thread; rows split too
-    // when there are too few stripes for every thread (and some balancing).
-    let threads = rayon::current_num_threads().max(1);
-    let panels = n.div_ceil(NR);
-    let n_split = (panels.div_ceil(NC_PANELS).div_ceil(threads) * threads).min(panels);
-    let want = 4 * threads;
-    let m_split = if n_split >= want { 1 } else { want.div_ceil(n_split).min(m_tiles) };
-    let tiles_per_task = m_tiles.div_ceil(m_split);
-    let m_split = m_tiles.div_ceil(tiles_per_task);
-    let outp = OutPtr::new(out);
-    let apack = &apack[..];
-    (0..n_split * m_split).into_par_iter().for_each(|t| {
-        let (js, ms) = (t / m_split, t % m_split);
-        let j0 = js * panels / n_split * NR;
-        let j1 = n.min((js + 1) * panels / n_split * NR);
-        let t0 = ms * tiles_per_task;
-        let t1 = m_tiles.min(t0 + tiles_per_task);
-        PACK.with(|cell| match cell.try_borrow_mut() {
-            // SAFETY: as for `gemm`; the task writes the rows of tiles t0..t1, columns j0..j1 only.
-            Ok(mut buf) => unsafe { gemm_task::<F>(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut buf) },
-            // SAFETY: as above, with a fresh buffer.
-            Err(_) => unsafe { gemm_task::<F>(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut Vec::new()) },
+        jobs.into_par_iter().for_each(|(pc, kcb, t0, tiles, dst)| {
+            for t in 0..tiles {
+                let r0 = (t0 + t) * MR;
+                let rows = MR.min(m - r0);
+                let dst = &mut dst[t * kcb * a_blk..(t + 1) * kcb * a_blk];
+                // The row count as a constant: the full tiles' 6 row quantizations are unrolled.
+                macro_rules! pack {
+                    ($($r:literal)*) => {
+                        match rows {
+                            // SAFETY: the CPU has the features (caller's contract).
+                            $($r => unsafe { pack_a::<F, $r>(x, k, r0, pc, kcb, dst) },)*
+                            _ => unreachable!("rows in 1..=MR"),
+                        }
+                    };
+                }
+                pack!(1 2 3 4 5 6);
+            }
         });
-    });
+        let grid = TaskGrid::new(n, NR, NC_PANELS, m_tiles);
+        let outp = OutPtr::new(out);
+        let apack = &apack[..];
+        (0..grid.tasks()).into_par_iter().for_each(|t| {
+            let (j0, j1, t0, t1) = grid.task(t);
+            PACK.with(|cell| match cell.try_borrow_mut() {
+                // SAFETY: as for `gemm`; the task writes the rows of tiles t0..t1, columns j0..j1 only.
+                Ok(mut buf) => unsafe { gemm_task::<F>(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut buf) },
+                // SAFETY: as above, with a fresh buffer.
+                Err(_) => unsafe { gemm_task::<F>(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut Vec::new()) },
+            });
+        });
+    })
 }
 
 /// Quantizes rows `r0..r0 + ROWS` (`ROWS <= MR`) of `x` (`[m, k]`), blocks `pc..pc + kcb`,

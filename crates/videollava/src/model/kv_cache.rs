@@ -467,14 +467,18 @@ mod tests {
         // Row 0 is the 6-position `q`, rows 1 and 2 the 5-position snapshot after one zero.
         let row = |b: &KvBuffer, r: usize| flat(&b.keys().unwrap().get(r).unwrap());
         assert_eq!(row(&merged, 0), flat(&q.keys().unwrap()));
-        let padded = Tensor::cat(&[&Tensor::zeros((1, 2, 1, 32), DType::F32, &dev).unwrap(), &snapshot.keys().unwrap()], 2).unwrap();
+        let padded =
+            Tensor::cat(&[&Tensor::zeros((1, 2, 1, 32), DType::F32, &dev).unwrap(), &snapshot.keys().unwrap()], 2)
+                .unwrap();
         assert_eq!(row(&merged, 1), flat(&padded));
         assert_eq!(row(&merged, 2), flat(&padded));
         // A longer row moves the others right.
         let mut longer = KvBuffer::with_format(&x(8, 4.0), &x(8, 5.0), KvCacheFormat::Q8_0).unwrap();
         longer.append_rows(&merged, 8, 0).unwrap();
         let mut shifted = merged.clone();
-        shifted.append_rows(&KvBuffer::with_format(&x(8, 4.0), &x(8, 5.0), KvCacheFormat::Q8_0).unwrap(), 8, 0).unwrap();
+        shifted
+            .append_rows(&KvBuffer::with_format(&x(8, 4.0), &x(8, 5.0), KvCacheFormat::Q8_0).unwrap(), 8, 0)
+            .unwrap();
         assert_eq!((shifted.len(), shifted.batch_rows()), (8, 4));
         assert_eq!(row(&shifted, 0)[..2 * 32], vec![0.0; 2 * 32][..]);
         assert_eq!(row(&shifted, 3), row(&longer, 0));
