@@ -251,6 +251,7 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
     let s = state.scheduler.stats();
     let mut body = state.metrics.render(s.queue_depth, s.running, s.max_batch_size);
     body.push_str(&metrics::render_prefix_cache(&state.scheduler.prefix_cache_stats()));
+    body.push_str(&metrics::render_media_cache(&videollava::media::recent::stats()));
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 

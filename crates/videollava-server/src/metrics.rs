@@ -145,6 +145,20 @@ impl Metrics {
     }
 }
 
+/// Videos decoded from request bytes and kept by content ([`videollava::media::recent`]).
+pub fn render_media_cache(s: &videollava::media::recent::RecentStats) -> String {
+    let mut out = String::new();
+    for (name, kind, help, v) in [
+        ("videollava_media_cache_hits_total", "counter", "Videos taken decoded from memory (same bytes).", s.hits),
+        ("videollava_media_cache_misses_total", "counter", "Videos decoded.", s.misses),
+        ("videollava_media_cache_bytes", "gauge", "Bytes of decoded frames held.", s.bytes as u64),
+        ("videollava_media_cache_entries", "gauge", "Decoded videos held.", s.entries as u64),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+    out
+}
+
 /// The engine's prefix cache (computed prompt prefixes reused by later prompts) in the
 /// exposition format.
 pub fn render_prefix_cache(s: &videollava::model::prefix_cache::PrefixCacheStats) -> String {

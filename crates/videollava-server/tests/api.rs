@@ -634,6 +634,7 @@ fn a_second_turn_about_the_same_video_reuses_the_first_turns_prefix() {
     let (hits1, reused1) =
         (metric(&m1, "videollava_prefix_cache_hits_total"), metric(&m1, "videollava_prefix_cache_reused_tokens_total"));
     assert!(metric(&m1, "videollava_prefix_cache_bytes") > 0, "the first turn is kept: {m1}");
+    let media_hits1 = metric(&m1, "videollava_media_cache_hits_total");
 
     let messages = json!([
         {"role": "user", "content": turn1},
@@ -656,6 +657,10 @@ fn a_second_turn_about_the_same_video_reuses_the_first_turns_prefix() {
     assert_eq!(second["choices"][0]["message"]["content"].as_str().unwrap(), want.text);
     let (_, m2) = get(&server.base, "/metrics");
     assert_eq!(metric(&m2, "videollava_prefix_cache_hits_total"), hits1 + 1, "{m2}");
+    assert!(
+        metric(&m2, "videollava_media_cache_hits_total") > media_hits1,
+        "the resent video is not decoded again: {m2}"
+    );
     let reused = metric(&m2, "videollava_prefix_cache_reused_tokens_total") - reused1;
     // At least the whole chunks the first turn's video fills are reused.
     let video_positions = engine.processor().process(&["<video>"], &[], std::slice::from_ref(&video)).unwrap().seq_len;

@@ -7,7 +7,9 @@ use crate::common;
 use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
-use videollava::media::video::{decode_video_file, sample_indices, FrameSampling, VideoOptions};
+use videollava::media::limits::Budget;
+use videollava::media::video::{decode_video_bytes, decode_video_file, sample_indices, FrameSampling, VideoOptions};
+use videollava::media::{recent, Cancel, MediaLimits};
 
 /// Videos the fixture script makes; each has `<name>.<sampling>.expected.safetensors` for both samplings.
 const VIDEOS: &[&str] = &["h264_bframes.mp4", "vp9.webm", "h264.mkv", "mjpeg.avi", "anim.gif", "short5.mp4"];
@@ -116,6 +118,52 @@ fn bigbuckbunny_matches_pyav() {
 }
 
 /// A fresh folder under the system temp dir for files made at run time.
+/// Limits whose budget records every reservation.
+fn counting_limits() -> (MediaLimits, std::sync::Arc<std::sync::Mutex<Vec<u64>>>) {
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let log = seen.clone();
+    let limits = MediaLimits {
+        budget: Budget::new(move |n| {
+            log.lock().unwrap().push(n);
+            Ok(())
+        }),
+        ..MediaLimits::default()
+    };
+    (limits, seen)
+}
+
+#[test]
+fn bytes_decoded_again_come_from_memory_under_the_same_checks() {
+    let path = videos_dir().join("h264_bframes.mp4");
+    let bytes: std::sync::Arc<[u8]> = std::fs::read(&path).unwrap().into();
+    // Seven linspace frames: no other test decodes these bytes with these options.
+    let options = VideoOptions { num_frames: 7, sampling: FrameSampling::Linspace };
+    let (limits, seen) = counting_limits();
+    assert!(!recent::holds(&bytes, &options, &limits), "nothing decoded yet");
+    let first = decode_video_bytes(bytes.clone(), "clip", &options, &limits, &Cancel::new()).unwrap();
+    assert_eq!(first, decode_video_file(&path, &options).unwrap(), "bytes and file decode alike");
+    assert!(recent::holds(&bytes, &options, &limits), "kept after the first decode");
+    let reserved = seen.lock().unwrap().clone();
+    assert!(!reserved.is_empty());
+
+    let again = decode_video_bytes(bytes.clone(), "clip", &options, &limits, &Cancel::new()).unwrap();
+    assert_eq!(again, first);
+    let pixels: u64 = first.frames.iter().map(|f| (f.width * f.height) as u64).sum();
+    assert_eq!(seen.lock().unwrap()[reserved.len()..], [pixels], "a hit reserves the frames' pixels once");
+
+    let cancel = Cancel::new();
+    cancel.cancel();
+    assert!(decode_video_bytes(bytes.clone(), "clip", &options, &limits, &cancel).is_err(), "cancelled");
+    let refusing = MediaLimits { budget: Budget::new(|_| Err("no room".into())), ..MediaLimits::default() };
+    let err = decode_video_bytes(bytes.clone(), "clip", &options, &refusing, &Cancel::new()).unwrap_err();
+    assert!(err.to_string().contains("no room"), "{err}");
+    // Other limits are checked by a decode of their own: this clip has more than 3 frames.
+    let strict = MediaLimits { max_video_frames: 3, ..MediaLimits::default() };
+    assert!(!recent::holds(&bytes, &options, &strict));
+    let err = decode_video_bytes(bytes, "clip", &options, &strict, &Cancel::new()).unwrap_err();
+    assert!(err.to_string().contains("frames"), "{err}");
+}
+
 fn scratch_dir(test: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("videollava-{test}-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -4,11 +4,13 @@
 //! - [`video`]: videos decoded with FFmpeg in stream order, `N` frames picked, converted to RGB
 //!   as PyAV's `frame.to_ndarray(format="rgb24")` does.
 
-//! - [`limits`]: the bounds every decoder checks from headers and while decoding.
+//! - [`limits`]: the bounds every decoder checks from headers and while decoding;
+//! - [`recent`]: videos decoded from memory, kept by the digest of their bytes.
 
 mod frame;
 pub mod image;
 pub mod limits;
+pub mod recent;
 pub mod video;
 
 pub use frame::{RgbImage, Video};

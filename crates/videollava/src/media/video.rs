@@ -205,7 +205,8 @@ pub fn decode_video_file_with(
     decode(&Source::File(path.to_path_buf()), &path.display().to_string(), options, limits, cancel)
 }
 
-/// [`decode_video_file`] for bytes in memory; `source_name` names the input in errors.
+/// [`decode_video_file`] for bytes in memory; `source_name` names the input in errors. The same
+/// bytes decoded again with the same options and limits come from [`super::recent`] (no decode).
 pub fn decode_video_bytes(
     bytes: Arc<[u8]>,
     source_name: &str,
@@ -216,7 +217,16 @@ pub fn decode_video_bytes(
     if bytes.is_empty() {
         return Err(Error::media(source_name, "the file is empty (0 bytes), not a video"));
     }
-    decode(&Source::Bytes(bytes), source_name, options, limits, cancel)
+    let key = super::recent::key(&bytes, options, limits);
+    if let Some(video) = super::recent::get(&key) {
+        cancel.check(source_name)?;
+        let pixels = video.frames.iter().map(|f| (f.width * f.height) as u64).sum();
+        limits.reserve(source_name, pixels)?;
+        return Ok(Video::clone(&video));
+    }
+    let video = decode(&Source::Bytes(bytes), source_name, options, limits, cancel)?;
+    super::recent::put(key, &video);
+    Ok(video)
 }
 
 fn decode(source: &Source, name: &str, options: &VideoOptions, limits: &MediaLimits, cancel: &Cancel) -> Result<Video> {
