@@ -534,7 +534,7 @@ fn task<T: Elem, const FMA: bool>(p: &Params<T>, bi: usize, kvh: usize, i0: usiz
         let elem = std::mem::size_of::<T>();
         for j in lo..hi {
             let kr = key(j);
-            prefetch_ahead(kr.as_ptr() as *const u8, elem * p.k_at.pos, elem * d);
+            super::prefetch::prefetch_ahead(kr.as_ptr() as *const u8, elem * p.k_at.pos, elem * d);
             for (r, &(rlo, rhi)) in ranges.iter().enumerate() {
                 if rlo <= j && j < rhi {
                     s[r * w + j - lo] = dot::<T, FMA>(&qf[r * d..(r + 1) * d], kr);
@@ -608,7 +608,7 @@ fn task<T: Elem, const FMA: bool>(p: &Params<T>, bi: usize, kvh: usize, i0: usiz
         let elem = std::mem::size_of::<T>();
         for j in lo..hi {
             let vr = value(j);
-            prefetch_ahead(vr.as_ptr() as *const u8, elem * p.v_at.pos, elem * d);
+            super::prefetch::prefetch_ahead(vr.as_ptr() as *const u8, elem * p.v_at.pos, elem * d);
             for r in 0..rows {
                 let pj = s[r * w + j - lo];
                 if pj != 0.0 {
@@ -647,39 +647,6 @@ fn task<T: Elem, const FMA: bool>(p: &Params<T>, bi: usize, kvh: usize, i0: usiz
 /// output (16 zmm accumulators). Blocks skip the key tiles outside their rows' ranges.
 #[cfg(target_arch = "x86_64")]
 pub(crate) use bf16dot::{mask16, reduce16};
-
-/// Positions ahead that [`prefetch_ahead`] asks for: far enough to cover the memory latency, and
-/// across 4 KiB pages, where the hardware prefetchers stop.
-const AHEAD: usize = 32;
-
-/// Prefetches the `len` bytes of the cache row [`AHEAD`] positions after `row` (rows `stride`
-/// bytes apart); a no-op off x86-64. The address is only computed (wrapping), never
-/// dereferenced: a prefetch past the buffer is a hint the CPU drops.
-///
-/// Decode attention reads each head's cached keys and values once per step (0.3-0.5 MB per head
-/// at a 2,000-position context) from pages no earlier step left in cache. 32 layers of the 7B
-/// shapes, one row, interleaved A/B on this project's AVX-512 machine: the 8-bit cache's
-/// kernels 40-44 -> 36-38 ms (AVX-512) and 110-113 -> 65-68 ms (AVX2); the BF16 cache's
-/// `vdpbf16ps` kernel (`bf16dot::direct`) got slower with them (52-61 -> 58-66 ms) and has none.
-#[inline(always)]
-pub(crate) fn prefetch_ahead(row: *const u8, stride: usize, len: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let ahead = row.wrapping_add(AHEAD * stride);
-        let mut off = 0;
-        while off < len {
-            // SAFETY: `_mm_prefetch` never faults, whatever the address; SSE is part of x86-64.
-            unsafe {
-                std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                    ahead.wrapping_add(off) as *const i8
-                )
-            };
-            off += 64;
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (row, stride, len, AHEAD);
-}
 
 #[cfg(target_arch = "x86_64")]
 mod bf16dot {

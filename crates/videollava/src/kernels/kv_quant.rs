@@ -294,7 +294,8 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{Task, MAX_D};
-    use crate::kernels::attention::{mask16, prefetch_ahead, reduce16, softmax_probs};
+    use crate::kernels::attention::{mask16, reduce16, softmax_probs};
+    use crate::kernels::prefetch::prefetch_ahead;
 
     /// 16 codes at `c` as f32.
     #[inline(always)]
@@ -426,7 +427,8 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     use super::{Task, MAX_D};
-    use crate::kernels::attention::{prefetch_ahead, softmax_probs};
+    use crate::kernels::attention::softmax_probs;
+    use crate::kernels::prefetch::prefetch_ahead;
 
     /// 8 codes of `c` (the first 8 bytes) as f32.
     #[target_feature(enable = "avx2,fma")]

@@ -66,6 +66,7 @@ pub(crate) mod kv_quant;
 #[cfg(target_arch = "x86_64")]
 mod out_ptr;
 mod pack_cache;
+mod prefetch;
 pub(crate) mod q4k_gemm;
 pub(crate) mod q8_gemm;
 mod qgemm;

@@ -1218,6 +1218,7 @@ pub(crate) mod avx2 {
             for (j, row) in w.chunks_exact(row_bytes).take(nw).enumerate() {
                 let mut acc = [0f32; R];
                 for (b, blk) in row.chunks_exact(144).enumerate() {
+                    crate::kernels::prefetch::prefetch_ahead(blk.as_ptr(), 144, 144);
                     let (dw, dminw) = (f16_at(&blk[0..2]), f16_at(&blk[2..4]));
                     let (sc, mn) = q4k_scales_mins(&blk[4..16]);
                     let sc = sc.to_le_bytes();
@@ -1273,6 +1274,7 @@ pub(crate) mod avx2 {
             for (j, row) in w.chunks_exact(row_bytes).take(nw).enumerate() {
                 let mut acc = [0f32; R];
                 for (b, blk) in row.chunks_exact(210).enumerate() {
+                    crate::kernels::prefetch::prefetch_ahead(blk.as_ptr(), 210, 210);
                     let dw = f16_at(&blk[208..210]);
                     let mut v = [_mm256_setzero_si256(); 8];
                     for h in 0..2 {
@@ -1343,6 +1345,7 @@ pub(crate) mod avx2 {
                 // Eight blocks at a time: each block's integer sum lands exact in one lane.
                 for b0 in (0..nb).step_by(8) {
                     let cnt = 8.min(nb - b0);
+                    crate::kernels::prefetch::prefetch_ahead(row.as_ptr().wrapping_add(b0 * 34), 34, 8 * 34);
                     let (mut wv, mut absw, mut dbits) = ([zero; 8], [zero; 8], [0u16; 8]);
                     for t in 0..cnt {
                         let blk = &row[(b0 + t) * 34..(b0 + t + 1) * 34];
