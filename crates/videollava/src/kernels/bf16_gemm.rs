@@ -908,6 +908,30 @@ mod tests {
         }
     }
 
+    /// The matrix-vector path of CPUs without AVX-512 BF16 ([`gemv_f32`]) on one 7B layer:
+    /// `cargo test --release -p videollava --lib bf16_gemm::tests::bench_gemv -- --ignored
+    /// --nocapture` (`VIDEOLLAVA_KERNELS=avx2` or `portable` picks the set).
+    #[test]
+    #[ignore]
+    fn bench_gemv_f32_decode() {
+        let (h, f) = (4096, 11008);
+        let layer = [(h, h), (h, h), (h, h), (h, h), (f, h), (f, h), (h, f)];
+        let ws: Vec<Vec<u16>> = layer.iter().enumerate().map(|(i, &(n, k))| values(n * k, i as u64 + 9)).collect();
+        let bytes: usize = layer.iter().map(|&(n, k)| n * k * 2).sum();
+        let x: Vec<f32> = values(f, 5).into_iter().map(widen).collect();
+        let mut t: Vec<f64> = (0..8)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                for (w, &(n, k)) in ws.iter().zip(&layer) {
+                    std::hint::black_box(gemv_f32(&x[..k], 1, w, n, k));
+                }
+                t.elapsed().as_secs_f64()
+            })
+            .collect();
+        t.sort_by(f64::total_cmp);
+        eprintln!("gemv_f32 ({}): {:.2} ms, {:.1} GB/s", cpu::kernel_set(), t[4] * 1e3, bytes as f64 / t[4] / 1e9);
+    }
+
     #[test]
     fn public_entry_point_and_zero_k() {
         let (m, n, k) = (9, 17, 33);
