@@ -8,8 +8,10 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 use videollava::media::limits::Budget;
-use videollava::media::video::{decode_video_bytes, decode_video_file, sample_indices, FrameSampling, VideoOptions};
-use videollava::media::{recent, Cancel, MediaLimits};
+use videollava::media::video::{
+    decode_video_bytes, decode_video_file, decoded_bytes_are_kept, sample_indices, FrameSampling, VideoOptions,
+};
+use videollava::media::{Cancel, MediaLimits};
 
 /// Videos the fixture script makes; each has `<name>.<sampling>.expected.safetensors` for both samplings.
 const VIDEOS: &[&str] = &["h264_bframes.mp4", "vp9.webm", "h264.mkv", "mjpeg.avi", "anim.gif", "short5.mp4"];
@@ -139,10 +141,10 @@ fn bytes_decoded_again_come_from_memory_under_the_same_checks() {
     // Seven linspace frames: no other test decodes these bytes with these options.
     let options = VideoOptions { num_frames: 7, sampling: FrameSampling::Linspace };
     let (limits, seen) = counting_limits();
-    assert!(!recent::holds(&bytes, &options, &limits), "nothing decoded yet");
+    assert!(!decoded_bytes_are_kept(&bytes, &options, &limits), "nothing decoded yet");
     let first = decode_video_bytes(bytes.clone(), "clip", &options, &limits, &Cancel::new()).unwrap();
     assert_eq!(first, decode_video_file(&path, &options).unwrap(), "bytes and file decode alike");
-    assert!(recent::holds(&bytes, &options, &limits), "kept after the first decode");
+    assert!(decoded_bytes_are_kept(&bytes, &options, &limits), "kept after the first decode");
     let reserved = seen.lock().unwrap().clone();
     assert!(!reserved.is_empty());
 
@@ -159,7 +161,7 @@ fn bytes_decoded_again_come_from_memory_under_the_same_checks() {
     assert!(err.to_string().contains("no room"), "{err}");
     // Other limits are checked by a decode of their own: this clip has more than 3 frames.
     let strict = MediaLimits { max_video_frames: 3, ..MediaLimits::default() };
-    assert!(!recent::holds(&bytes, &options, &strict));
+    assert!(!decoded_bytes_are_kept(&bytes, &options, &strict));
     let err = decode_video_bytes(bytes, "clip", &options, &strict, &Cancel::new()).unwrap_err();
     assert!(err.to_string().contains("frames"), "{err}");
 }

@@ -13,7 +13,6 @@ use std::sync::{Arc, Mutex};
 
 use sha2::{Digest, Sha256};
 
-use super::video::VideoOptions;
 use super::{MediaLimits, Video};
 
 /// Default bound: 64 MiB of frames (eight 360p clips of 8 frames).
@@ -54,12 +53,14 @@ pub fn stats() -> RecentStats {
     recent().stats
 }
 
-/// The key of `bytes` decoded with `options` under `limits`.
-pub(super) fn key(bytes: &[u8], options: &VideoOptions, limits: &MediaLimits) -> [u8; 32] {
+/// The key of `bytes` decoded with the frame options `options` (as numbers) under `limits`.
+pub(super) fn key(bytes: &[u8], options: &[u64], limits: &MediaLimits) -> [u8; 32] {
     let mut h = Sha256::new();
     h.update(b"videollava decoded video v1\0");
-    h.update((options.num_frames as u64).to_le_bytes());
-    h.update([options.sampling as u8]);
+    h.update((options.len() as u64).to_le_bytes());
+    for x in options {
+        h.update(x.to_le_bytes());
+    }
     for x in [
         limits.max_side as u64,
         limits.max_pixels,
@@ -74,10 +75,9 @@ pub(super) fn key(bytes: &[u8], options: &VideoOptions, limits: &MediaLimits) ->
     h.finalize().into()
 }
 
-/// Whether decoding `bytes` with `options` under `limits` would be served from memory.
-pub fn holds(bytes: &[u8], options: &VideoOptions, limits: &MediaLimits) -> bool {
-    let key = key(bytes, options, limits);
-    recent().entries.iter().any(|e| e.0 == key)
+/// Whether a video is kept under `key`.
+pub(super) fn holds(key: &[u8; 32]) -> bool {
+    recent().entries.iter().any(|e| &e.0 == key)
 }
 
 /// The video kept under `key`, now the most recently used.

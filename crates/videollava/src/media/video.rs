@@ -217,7 +217,7 @@ pub fn decode_video_bytes(
     if bytes.is_empty() {
         return Err(Error::media(source_name, "the file is empty (0 bytes), not a video"));
     }
-    let key = super::recent::key(&bytes, options, limits);
+    let key = recent_key(&bytes, options, limits);
     if let Some(video) = super::recent::get(&key) {
         cancel.check(source_name)?;
         let pixels = video.frames.iter().map(|f| (f.width * f.height) as u64).sum();
@@ -227,6 +227,16 @@ pub fn decode_video_bytes(
     let video = decode(&Source::Bytes(bytes), source_name, options, limits, cancel)?;
     super::recent::put(key, &video);
     Ok(video)
+}
+
+/// Whether [`decode_video_bytes`] of `bytes` with `options` under `limits` would take the video
+/// from memory ([`super::recent`]) instead of decoding it.
+pub fn decoded_bytes_are_kept(bytes: &[u8], options: &VideoOptions, limits: &MediaLimits) -> bool {
+    super::recent::holds(&recent_key(bytes, options, limits))
+}
+
+fn recent_key(bytes: &[u8], options: &VideoOptions, limits: &MediaLimits) -> [u8; 32] {
+    super::recent::key(bytes, &[options.num_frames as u64, options.sampling as u64], limits)
 }
 
 fn decode(source: &Source, name: &str, options: &VideoOptions, limits: &MediaLimits, cancel: &Cancel) -> Result<Video> {
