@@ -901,6 +901,7 @@ pub(crate) mod avx512 {
                 let mut b = 0;
                 while b < nb {
                     let blk = row.add(b * 34);
+                    crate::kernels::prefetch::prefetch_ahead(blk, 34, 2 * 34);
                     let (wv, dbits) = if b + 1 < nb {
                         let lo = _mm256_loadu_si256(blk.add(2) as *const _);
                         let hi = _mm256_loadu_si256(blk.add(36) as *const _);
@@ -1690,11 +1691,17 @@ mod tests {
     #[test]
     #[ignore]
     fn bench_q4k_decode() {
+        // `BENCH_FORMAT=q8_0` or `q6k` for the other formats.
+        let (format, ggml) = match std::env::var("BENCH_FORMAT").as_deref() {
+            Ok("q8_0") => (QFormat::Q8_0, GgmlDType::Q8_0),
+            Ok("q6k") => (QFormat::Q6K, GgmlDType::Q6K),
+            _ => (QFormat::Q4K, GgmlDType::Q4K),
+        };
         for (n, k) in [(64, 4096), (4096, 4096), (11008, 4096), (4096, 11008)] {
             let mats: Vec<Vec<u8>> = (0..4)
                 .map(|m| {
                     let w = Tensor::from_vec(values(n * k, 7 + m), (n, k), &Device::Cpu).unwrap();
-                    QTensor::quantize(&w, GgmlDType::Q4K).unwrap().data().unwrap().to_vec()
+                    QTensor::quantize(&w, ggml).unwrap().data().unwrap().to_vec()
                 })
                 .collect();
             let x = values(k, 3);
@@ -1702,12 +1709,12 @@ mod tests {
             let mut times = Vec::new();
             for it in 0..40 {
                 let t0 = std::time::Instant::now();
-                qgemv(QFormat::Q4K, &x, 1, &mats[it % 4], n, k, &mut out);
+                qgemv(format, &x, 1, &mats[it % 4], n, k, &mut out);
                 times.push(t0.elapsed().as_secs_f64());
             }
             times.sort_by(|a, b| a.partial_cmp(b).unwrap());
             let med = times[times.len() / 2];
-            eprintln!("q4k {n}x{k}: {:.3} ms, {:.1} GB/s", med * 1e3, mats[0].len() as f64 / med / 1e9);
+            eprintln!("{format:?} {n}x{k}: {:.3} ms, {:.1} GB/s", med * 1e3, mats[0].len() as f64 / med / 1e9);
         }
     }
 }
