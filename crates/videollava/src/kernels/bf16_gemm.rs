@@ -303,14 +303,9 @@ pub(crate) mod avx512 {
             let grid = TaskGrid::new(n, NR, NC_PANELS, m_tiles);
             let outp = OutPtr::new(out);
             let apack = &apack[..];
-            (0..grid.tasks()).into_par_iter().for_each(|t| {
-                let (j0, j1, t0, t1) = grid.task(t);
-                PACK.with(|cell| match cell.try_borrow_mut() {
-                    // SAFETY: as for `gemm`; the task writes the rows of tiles t0..t1, columns j0..j1 only.
-                    Ok(mut buf) => unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut buf) },
-                    // SAFETY: as above, with a fresh buffer.
-                    Err(_) => unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut Vec::new()) },
-                });
+            grid.run(&PACK, |j0, j1, t0, t1, buf| {
+                // SAFETY: as for `gemm`; the task writes the rows of tiles t0..t1, columns j0..j1 only.
+                unsafe { gemm_task(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, buf) }
             });
         })
     }
@@ -869,14 +864,22 @@ mod tests {
     /// kernel set from AVX-512 up forced in turn; prints the milliseconds per layer and the
     /// weight bytes read per second.
     /// `cargo test --release -p videollava --lib bf16_gemm::tests::bench_decode -- --ignored --nocapture`
-    #[test]
-    #[ignore]
-    fn bench_decode_shapes() {
-        use std::time::Instant;
+    /// The seven projections of one 7B decoder layer (`(n, k)` each, random BF16 weights): the
+    /// MLP width, the shapes, the weights and their bytes.
+    #[allow(clippy::type_complexity)]
+    fn seven_b_layer() -> (usize, [(usize, usize); 7], Vec<Vec<u16>>, usize) {
         let (h, f) = (4096, 11008);
         let layer = [(h, h), (h, h), (h, h), (h, h), (f, h), (f, h), (h, f)];
         let ws: Vec<Vec<u16>> = layer.iter().enumerate().map(|(i, &(n, k))| values(n * k, i as u64 + 9)).collect();
         let bytes: usize = layer.iter().map(|&(n, k)| n * k * 2).sum();
+        (f, layer, ws, bytes)
+    }
+
+    #[test]
+    #[ignore]
+    fn bench_decode_shapes() {
+        use std::time::Instant;
+        let (f, layer, ws, bytes) = seven_b_layer();
         let only = std::env::var("BENCH_SET").ok();
         let ms: Vec<usize> = std::env::var("BENCH_ROWS")
             .ok()
@@ -914,10 +917,7 @@ mod tests {
     #[test]
     #[ignore]
     fn bench_gemv_f32_decode() {
-        let (h, f) = (4096, 11008);
-        let layer = [(h, h), (h, h), (h, h), (h, h), (f, h), (f, h), (h, f)];
-        let ws: Vec<Vec<u16>> = layer.iter().enumerate().map(|(i, &(n, k))| values(n * k, i as u64 + 9)).collect();
-        let bytes: usize = layer.iter().map(|&(n, k)| n * k * 2).sum();
+        let (f, layer, ws, bytes) = seven_b_layer();
         let x: Vec<f32> = values(f, 5).into_iter().map(widen).collect();
         let mut t: Vec<f64> = (0..8)
             .map(|_| {

@@ -187,14 +187,9 @@ pub(crate) unsafe fn gemm<F: Format>(x: &[f32], m: usize, w: &[u8], n: usize, k:
         let grid = TaskGrid::new(n, NR, NC_PANELS, m_tiles);
         let outp = OutPtr::new(out);
         let apack = &apack[..];
-        (0..grid.tasks()).into_par_iter().for_each(|t| {
-            let (j0, j1, t0, t1) = grid.task(t);
-            PACK.with(|cell| match cell.try_borrow_mut() {
-                // SAFETY: as for `gemm`; the task writes the rows of tiles t0..t1, columns j0..j1 only.
-                Ok(mut buf) => unsafe { gemm_task::<F>(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut buf) },
-                // SAFETY: as above, with a fresh buffer.
-                Err(_) => unsafe { gemm_task::<F>(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, &mut Vec::new()) },
-            });
+        grid.run(&PACK, |j0, j1, t0, t1, buf| {
+            // SAFETY: as for `gemm`; the task writes the rows of tiles t0..t1, columns j0..j1 only.
+            unsafe { gemm_task::<F>(apack, m, t0, t1, w, n, k, j0, j1 - j0, outp, buf) }
         });
     })
 }

@@ -1,5 +1,10 @@
 //! How the blocked GEMMs (BF16 and int8, AVX-512) cut `out` into parallel tasks.
 
+use std::cell::RefCell;
+use std::thread::LocalKey;
+
+use rayon::prelude::*;
+
 /// Column stripes of about `nc_panels` micro-panels of `nr` columns, as many per thread; the row
 /// tiles split too when there are too few stripes for every thread (and some balancing).
 pub(crate) struct TaskGrid {
@@ -27,6 +32,23 @@ impl TaskGrid {
     /// Number of tasks.
     pub(crate) fn tasks(&self) -> usize {
         self.n_split * self.m_split
+    }
+
+    /// Runs every task in parallel as `f(j0, j1, t0, t1, scratch)`, with this thread's buffer of
+    /// `scratch` (kept between calls), or a fresh one where that buffer is already borrowed (a
+    /// task that waits inside rayon may run another on the same thread).
+    pub(crate) fn run<T: 'static>(
+        &self,
+        scratch: &'static LocalKey<RefCell<Vec<T>>>,
+        f: impl Fn(usize, usize, usize, usize, &mut Vec<T>) + Sync,
+    ) {
+        (0..self.tasks()).into_par_iter().for_each(|t| {
+            let (j0, j1, t0, t1) = self.task(t);
+            scratch.with(|cell| match cell.try_borrow_mut() {
+                Ok(mut buf) => f(j0, j1, t0, t1, &mut buf),
+                Err(_) => f(j0, j1, t0, t1, &mut Vec::new()),
+            });
+        });
     }
 
     /// Task `t`'s output columns `j0..j1` and row tiles `t0..t1`.
