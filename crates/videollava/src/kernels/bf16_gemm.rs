@@ -102,6 +102,36 @@ pub fn matmul_bf16(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, out: &mut
     }
 }
 
+/// `act(A · Wᵀ + bias)` rounded to BF16 (`[m, n]`) within the product's own pass, where a
+/// kernel does that: the AMX blocked GEMM (more than 64 rows). `None` elsewhere: the caller then
+/// rounds [`matmul_bf16`]'s f32 product with [`super::fused::linear_output_bf16`], which gives the
+/// same numbers. Shapes as [`matmul_bf16`]; `bias` `[n]` f32.
+pub fn matmul_bf16_rounded(
+    a: &[u16],
+    m: usize,
+    w: &[u16],
+    n: usize,
+    k: usize,
+    bias: Option<&[f32]>,
+    act: super::fused::Activation,
+) -> Option<Vec<half::bf16>> {
+    assert!(m.checked_mul(k) == Some(a.len()), "matmul_bf16_rounded: `a` has {} elements, expected m*k", a.len());
+    assert!(n.checked_mul(k) == Some(w.len()), "matmul_bf16_rounded: `w` has {} elements, expected n*k", w.len());
+    let bias = bias.unwrap_or(&[]);
+    assert!(bias.is_empty() || bias.len() == n, "matmul_bf16_rounded: bias of {} values for n = {n}", bias.len());
+    #[cfg(target_arch = "x86_64")]
+    if n > 0 && !super::bf16_amx::applies_few_rows(m, k) && super::bf16_amx::applies(m, k) {
+        let mut out = vec![half::bf16::ZERO; m * n];
+        let set = super::cpu::kernel_set();
+        // SAFETY: `applies` checked the CPU, `k` and `m`; the lengths match the shapes (asserted
+        // above); `set` is this thread's.
+        unsafe { super::bf16_amx::matmul_bf16_out(a, m, w, n, k, bias, act, set, &mut out) };
+        return Some(out);
+    }
+    let _ = (m, n, k, bias, act);
+    None
+}
+
 /// Rows up to which the paths without AVX-512 BF16 stream `W` once per call with dot products
 /// ([`gemv_f32`]); more rows go through [`widened_gemm`].
 pub(crate) const GEMV_MAX_ROWS: usize = 8;
@@ -813,6 +843,43 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The AMX GEMM's BF16 output (bias added and activation applied in its pass) is bit for bit
+    /// the rounding of its f32 product by `linear_output_bf16`; the other sets decline.
+    #[test]
+    fn rounded_output_equals_rounding_the_f32_product() {
+        use crate::kernels::fused::{linear_output_bf16, Activation};
+        let mut fused_runs = 0;
+        for &(m, n, k) in &[(300, 300, 1056), (257, 129, 544), (65, 17, 32), (530, 40, 96), (130, 250, 2080)] {
+            let a = values(m * k, (m * 3 + k) as u64);
+            let w = values(n * k, (n * 5 + k) as u64);
+            let bias: Vec<f32> = (0..n).map(|j| (j as f32 - 50.0) / 7.0).collect();
+            cpu::for_each_set(|set| {
+                for bias in [Some(&bias[..]), None] {
+                    for act in [Activation::Identity, Activation::QuickGelu] {
+                        let Some(got) = matmul_bf16_rounded(&a, m, &w, n, k, bias, act) else { continue };
+                        fused_runs += 1;
+                        let mut f = vec![f32::NAN; m * n];
+                        matmul_bf16(&a, m, &w, n, k, &mut f);
+                        let want = linear_output_bf16(&f, n, bias, act);
+                        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                            assert_eq!(
+                                g.to_bits(),
+                                w.to_bits(),
+                                "{set} m={m} n={n} k={k} bias {} {act:?}: element [{}, {}]",
+                                bias.is_some(),
+                                i / n,
+                                i % n
+                            );
+                        }
+                    }
+                }
+            });
+        }
+        // AMX allowed here (this CPU, within VIDEOLLAVA_KERNELS): the fused output must have run.
+        let amx = cpu::kernel_set() >= cpu::KernelSet::Amx;
+        assert_eq!(fused_runs > 0, amx, "the rounded output ran {fused_runs} times; AMX allowed: {amx}");
     }
 
     /// Prefill (m = 512: one prefill chunk) and vision (m = 2056: 8 frames of 257 patches) shapes

@@ -69,7 +69,8 @@ fn from_bits(b: u16) -> bf16 {
 /// every set gives bit-identical results; the entry points read the set once (on the calling
 /// thread, where [`cpu::force`] applies) and hand it to their parallel tasks.
 macro_rules! multiversion {
-    ($vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident: $ty:ty),* $(,)?) $body:block) => {
+        $(#[$meta])*
         $vis fn $name(set: KernelSet, $($arg: $ty),*) {
             #[inline(always)]
             fn body($($arg: $ty),*) $body
@@ -93,32 +94,97 @@ macro_rules! multiversion {
     };
 }
 
-multiversion! {
-    fn convert_rows(y: &[f32], bias: &[f32], out: &mut [bf16]) {
-        if bias.is_empty() {
+/// The element-wise function a linear layer's output goes through in the same pass as its
+/// rounding ([`linear_output_bf16`], the AMX GEMM's store): the output never makes a second
+/// trip through memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    /// The rounded sum itself.
+    Identity,
+    /// CLIP's `quick_gelu` in BF16, as [`quick_gelu`] computes it.
+    QuickGelu,
+}
+
+impl Activation {
+    /// The fused form of a `hidden_act` name, where there is one.
+    pub fn fused(name: &str) -> Option<Self> {
+        match name {
+            "quick_gelu" => Some(Self::QuickGelu),
+            _ => None,
+        }
+    }
+}
+
+/// `quick_gelu` of a BF16 value `v` (widened), rounded to BF16 after each of PyTorch's three ops
+/// (`1.702 * x`, `sigmoid`, the product).
+#[inline(always)]
+fn quick_gelu_bf16(v: f32) -> u16 {
+    let round = |v: f32| widen(from_bits(to_bf16_bits(v)));
+    let t = round(1.702 * v);
+    let s = round(1.0 / (1.0 + exp_f32(-t)));
+    to_bf16_bits(v * s)
+}
+
+/// One row of a linear layer's output: `act(y + bias)` with the sum rounded once to BF16 (no
+/// bias: `y` itself, so that a `-0.0` stays one), `y`, `bias` (empty for none) and `out` of one
+/// length.
+#[inline(always)]
+fn finish(y: &[f32], bias: &[f32], act: Activation, out: &mut [bf16]) {
+    match (bias.is_empty(), act) {
+        (true, Activation::Identity) => {
             for (o, &v) in out.iter_mut().zip(y) {
                 *o = from_bits(to_bf16_bits(v));
             }
-        } else {
-            for (orow, yrow) in out.chunks_exact_mut(bias.len()).zip(y.chunks_exact(bias.len())) {
-                for ((o, &v), &b) in orow.iter_mut().zip(yrow).zip(bias) {
-                    *o = from_bits(to_bf16_bits(v + b));
-                }
+        }
+        (false, Activation::Identity) => {
+            for ((o, &v), &b) in out.iter_mut().zip(y).zip(bias) {
+                *o = from_bits(to_bf16_bits(v + b));
+            }
+        }
+        (true, Activation::QuickGelu) => {
+            for (o, &v) in out.iter_mut().zip(y) {
+                *o = from_bits(quick_gelu_bf16(widen(from_bits(to_bf16_bits(v)))));
+            }
+        }
+        (false, Activation::QuickGelu) => {
+            for ((o, &v), &b) in out.iter_mut().zip(y).zip(bias) {
+                *o = from_bits(quick_gelu_bf16(widen(from_bits(to_bf16_bits(v + b)))));
             }
         }
     }
 }
 
+multiversion! {
+    fn convert_rows(y: &[f32], bias: &[f32], act: Activation, out: &mut [bf16]) {
+        if bias.is_empty() {
+            finish(y, bias, act, out);
+        } else {
+            for (orow, yrow) in out.chunks_exact_mut(bias.len()).zip(y.chunks_exact(bias.len())) {
+                finish(yrow, bias, act, orow);
+            }
+        }
+    }
+}
+
+multiversion! {
+    /// One row of [`linear_output_bf16`] (`y`, `bias` (empty for none) and `out` of one length),
+    /// for the GEMMs that finish their output a block at a time.
+    pub(crate) fn finish_row(y: &[f32], bias: &[f32], act: Activation, out: &mut [bf16]) {
+        finish(y, bias, act, out);
+    }
+}
+
 /// The f32 output `y` `[rows, n]` of a matrix product as BF16, plus `bias` `[n]` (f32) when given,
-/// rounded once (PyTorch's BF16 `addmm` adds the bias to the f32 accumulator before rounding).
-pub fn linear_output_bf16(y: &[f32], n: usize, bias: Option<&[f32]>) -> Vec<bf16> {
+/// rounded once (PyTorch's BF16 `addmm` adds the bias to the f32 accumulator before rounding),
+/// then `act` (rounded as its unfused form).
+pub fn linear_output_bf16(y: &[f32], n: usize, bias: Option<&[f32]>, act: Activation) -> Vec<bf16> {
     let set = cpu::kernel_set();
     let mut out = vec![bf16::ZERO; y.len()];
     let bias = bias.unwrap_or(&[]);
     let rows_per_task = (CHUNK / n.max(1)).max(1);
     out.par_chunks_mut(rows_per_task * n.max(1))
         .zip(y.par_chunks(rows_per_task * n.max(1)))
-        .for_each(|(o, y)| convert_rows(set, y, bias, o));
+        .for_each(|(o, y)| convert_rows(set, y, bias, act, o));
     out
 }
 
@@ -318,12 +384,8 @@ fn zip_bf16(a: &Tensor, b: &Tensor, f: fn(KernelSet, &[bf16], &[bf16], &mut [bf1
 
 multiversion! {
     fn quick_gelu_bf16_chunk(x: &[bf16], out: &mut [bf16]) {
-        let round = |v: f32| widen(from_bits(to_bf16_bits(v)));
         for (o, &v) in out.iter_mut().zip(x) {
-            let v = widen(v);
-            let t = round(1.702 * v);
-            let s = round(1.0 / (1.0 + exp_f32(-t)));
-            *o = from_bits(to_bf16_bits(v * s));
+            *o = from_bits(quick_gelu_bf16(widen(v)));
         }
     }
 }
@@ -508,14 +570,34 @@ mod tests {
         let (rows, n) = (37, 300);
         let y: Vec<f32> = (0..rows * n).map(|i| ((i * 7919) % 1000) as f32 / 37.0 - 13.0).collect();
         let b: Vec<f32> = (0..n).map(|j| j as f32 / 301.0 - 0.5).collect();
-        let got = linear_output_bf16(&y, n, Some(&b));
+        let got = linear_output_bf16(&y, n, Some(&b), Activation::Identity);
         for (i, g) in got.iter().enumerate() {
             assert_eq!(g.to_bits(), bf16::from_f32(y[i] + b[i % n]).to_bits(), "element {i}");
         }
-        let got = linear_output_bf16(&y, n, None);
+        let got = linear_output_bf16(&y, n, None, Activation::Identity);
         for (i, g) in got.iter().enumerate() {
             assert_eq!(g.to_bits(), bf16::from_f32(y[i]).to_bits(), "element {i}");
         }
+    }
+
+    /// The activation fused into the rounding pass equals the rounded output through the
+    /// unfused activation, bit for bit, on every kernel set (with and without a bias).
+    #[test]
+    fn fused_activation_equals_the_separate_pass() {
+        let (rows, n) = (29, 333);
+        let y: Vec<f32> = (0..rows * n).map(|i| ((i * 7919) % 2001) as f32 / 97.0 - 10.0).collect();
+        let b: Vec<f32> = (0..n).map(|j| j as f32 / 301.0 - 0.5).collect();
+        cpu::for_each_set(|set| {
+            for bias in [Some(&b[..]), None] {
+                let plain = linear_output_bf16(&y, n, bias, Activation::Identity);
+                let x = Tensor::from_vec(plain, (rows, n), &candle_core::Device::Cpu).unwrap();
+                let want = quick_gelu(&x).unwrap().unwrap().flatten_all().unwrap().to_vec1::<bf16>().unwrap();
+                let got = linear_output_bf16(&y, n, bias, Activation::QuickGelu);
+                for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                    assert_eq!(g.to_bits(), w.to_bits(), "{set}, bias {}: element {i}", bias.is_some());
+                }
+            }
+        });
     }
 
     #[test]

@@ -97,9 +97,7 @@ impl EncoderLayer {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = residual_add(x, &self.self_attn.forward(&self.layer_norm1.forward(x)?)?)?;
-        let m = self
-            .fc2
-            .forward(&super::activation::activation(&self.act, &self.fc1.forward(&self.layer_norm2.forward(&h)?)?)?)?;
+        let m = self.fc2.forward(&self.fc1.forward_activated(&self.layer_norm2.forward(&h)?, &self.act)?)?;
         residual_add(&h, &m)
     }
 }
@@ -237,5 +235,75 @@ mod quick_gelu_tests {
             .unwrap();
         assert!(rel < 0.03, "bf16: max relative diff {rel}");
         assert_eq!(got.dims(), &[3, 70_000]);
+    }
+}
+
+#[cfg(test)]
+mod bench {
+    use super::*;
+    use candle_core::Device;
+    use std::collections::HashMap;
+
+    /// The video tower of the 7B checkpoint (CLIP ViT-L/14, random BF16 weights, the 23 layers
+    /// `vision_feature_layer = -2` needs) on 8 frames: milliseconds per run and GFLOP/s.
+    /// `cargo test --release -p videollava --lib clip::bench -- --ignored --nocapture`
+    #[test]
+    #[ignore = "benchmark"]
+    fn bench_video_tower() {
+        let cfg = VisionConfig::video_llava_default();
+        let (d, f, layers) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers - 1);
+        let dev = Device::Cpu;
+        let rand = |shape: &[usize], std: f64| {
+            Tensor::randn(0f32, std as f32, shape, &dev).unwrap().to_dtype(DType::BF16).unwrap()
+        };
+        let mut ts = HashMap::new();
+        let p = cfg.patch_size;
+        let positions = cfg.patches_per_side() * cfg.patches_per_side() + 1;
+        ts.insert("embeddings.patch_embedding.weight".to_string(), rand(&[d, 3, p, p], 0.02));
+        ts.insert("embeddings.class_embedding".to_string(), rand(&[d], 0.02));
+        ts.insert("embeddings.position_embedding.weight".to_string(), rand(&[positions, d], 0.02));
+        for n in ["pre_layrnorm"] {
+            ts.insert(format!("{n}.weight"), rand(&[d], 1.0));
+            ts.insert(format!("{n}.bias"), rand(&[d], 0.1));
+        }
+        for i in 0..layers {
+            let l = format!("encoder.layers.{i}");
+            for n in ["q_proj", "k_proj", "v_proj", "out_proj"] {
+                ts.insert(format!("{l}.self_attn.{n}.weight"), rand(&[d, d], 0.03));
+                ts.insert(format!("{l}.self_attn.{n}.bias"), rand(&[d], 0.02));
+            }
+            ts.insert(format!("{l}.mlp.fc1.weight"), rand(&[f, d], 0.03));
+            ts.insert(format!("{l}.mlp.fc1.bias"), rand(&[f], 0.02));
+            ts.insert(format!("{l}.mlp.fc2.weight"), rand(&[d, f], 0.015));
+            ts.insert(format!("{l}.mlp.fc2.bias"), rand(&[d], 0.02));
+            for n in ["layer_norm1", "layer_norm2"] {
+                ts.insert(format!("{l}.{n}.weight"), rand(&[d], 1.0));
+                ts.insert(format!("{l}.{n}.bias"), rand(&[d], 0.1));
+            }
+        }
+        let vb = VarBuilder::from_tensors(ts, DType::BF16, &dev);
+        let tower = ClipVisionTower::load(&cfg, layers, vb).unwrap();
+        let s = cfg.image_size;
+        let pixels = Tensor::randn(0f32, 1.0, (8, 3, s, s), &dev).unwrap();
+        let tokens = 8 * positions;
+        let gemm = 2.0 * (tokens * layers * (4 * d * d + 2 * d * f)) as f64;
+        let attn = 2.0 * 2.0 * (8 * positions * positions * d * layers) as f64;
+        let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
+        let mut t: Vec<f64> = (0..runs + 1)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                tower.select_features(&pixels, &[layers]).unwrap();
+                t.elapsed().as_secs_f64()
+            })
+            .skip(1)
+            .collect();
+        t.sort_by(f64::total_cmp);
+        let m = t[t.len() / 2];
+        eprintln!(
+            "video tower, 8 frames, {layers} layers: median {:.0} ms of {runs} ({:.1} TFLOP: {:.0} GFLOP/s)",
+            m * 1e3,
+            (gemm + attn) / 1e12,
+            (gemm + attn) / m / 1e9
+        );
     }
 }

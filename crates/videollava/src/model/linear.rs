@@ -23,7 +23,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use super::weights::{MappedBf16, MappedQuant};
 use crate::error::{Error, Result};
 use crate::kernels::bf16_gemm;
-use crate::kernels::fused;
+use crate::kernels::fused::{self, Activation};
 use crate::kernels::q4k_gemm;
 use crate::kernels::q8_gemm;
 use crate::kernels::qgemv::{qgemv, QFormat};
@@ -108,7 +108,7 @@ impl Linear {
             LinearWeight::Dense(w) => w,
             LinearWeight::Mapped(m) => {
                 if x.dtype() == DType::BF16 && x.device().is_cpu() {
-                    return self.bf16_product(x, m.bits(), m.dims());
+                    return self.bf16_product(x, m.bits(), m.dims(), Activation::Identity);
                 }
                 // No kernel reads the map here: a copy, then the dense path.
                 copied = m.to_tensor(x.device())?;
@@ -154,7 +154,7 @@ impl Linear {
         let last = dims.len() - 1;
         dims[last] = out_f;
         if cpu_bf16 && x.dtype() == DType::BF16 {
-            return with_bf16_bits(w, out_f * in_f, |wb| self.bf16_product(x, wb, (out_f, in_f)));
+            return with_bf16_bits(w, out_f * in_f, |wb| self.bf16_product(x, wb, (out_f, in_f), Activation::Identity));
         }
         if cpu_bf16 && rows <= bf16_gemm::GEMV_MAX_ROWS {
             // f32 activations against BF16 weights (a BF16 checkpoint run in f32 keeps its weights).
@@ -172,10 +172,28 @@ impl Linear {
 }
 
 impl Linear {
+    /// `act(self.forward(x))` for the activation named `act` (`hidden_act`): for BF16 on the
+    /// CPU, where the activation has a fused form ([`Activation::fused`]), in the pass that rounds
+    /// the product (the same numbers as the two steps, one trip through memory fewer).
+    pub fn forward_activated(&self, x: &Tensor, act: &str) -> Result<Tensor> {
+        if let Some(fused_act) = Activation::fused(act).filter(|_| x.dtype() == DType::BF16 && x.device().is_cpu()) {
+            match &self.weight {
+                LinearWeight::Mapped(m) => return self.bf16_product(x, m.bits(), m.dims(), fused_act),
+                LinearWeight::Dense(w) if w.dtype() == DType::BF16 && w.is_contiguous() => {
+                    let (out_f, in_f) = w.dims2()?;
+                    return with_bf16_bits(w, out_f * in_f, |wb| self.bf16_product(x, wb, (out_f, in_f), fused_act));
+                }
+                _ => {}
+            }
+        }
+        super::activation::activation(act, &self.forward(x)?)
+    }
+
     /// BF16 activations `x` `[..., in]` times the BF16 weight bits `w` `[out, in]` (row-major):
     /// our AVX-512 BF16 kernel, any number of rows; the f32 sums plus the bias rounded once to
     /// BF16, as PyTorch's BF16 `addmm` does. The caller checks the kernel's CPU features.
-    fn bf16_product(&self, x: &Tensor, w: &[u16], (out_f, in_f): (usize, usize)) -> Result<Tensor> {
+    /// `act` is applied in the same pass as the rounding.
+    fn bf16_product(&self, x: &Tensor, w: &[u16], (out_f, in_f): (usize, usize), act: Activation) -> Result<Tensor> {
         let rows = x.elem_count() / in_f.max(1);
         let mut dims = x.dims().to_vec();
         let last = dims.len() - 1;
@@ -188,12 +206,18 @@ impl Linear {
             Some(b) => Some(b.to_dtype(DType::F32)?.to_vec1::<f32>()?),
             None => None,
         };
-        let y = with_f32_scratch(rows * out_f, |out| {
-            with_bf16_bits(&xs, rows * in_f, |a| {
-                bf16_gemm::matmul_bf16(a, rows, w, out_f, in_f, out);
-                Ok(fused::linear_output_bf16(out, out_f, bias.as_deref()))
-            })
+        let rounded = with_bf16_bits(&xs, rows * in_f, |a| {
+            Ok(bf16_gemm::matmul_bf16_rounded(a, rows, w, out_f, in_f, bias.as_deref(), act))
         })?;
+        let y = match rounded {
+            Some(y) => y,
+            None => with_f32_scratch(rows * out_f, |out| {
+                with_bf16_bits(&xs, rows * in_f, |a| {
+                    bf16_gemm::matmul_bf16(a, rows, w, out_f, in_f, out);
+                    Ok(fused::linear_output_bf16(out, out_f, bias.as_deref(), act))
+                })
+            })?,
+        };
         Ok(Tensor::from_vec(y, dims, x.device())?)
     }
 
@@ -301,7 +325,7 @@ impl Linear {
                 Ok(())
             })?;
             if x.dtype() == DType::BF16 {
-                let y = fused::linear_output_bf16(out, out_f, bias.as_deref());
+                let y = fused::linear_output_bf16(out, out_f, bias.as_deref(), Activation::Identity);
                 return Ok(Tensor::from_vec(y, dims.as_slice(), x.device())?);
             }
             let y = Tensor::from_slice(out, dims.as_slice(), x.device())?;
@@ -333,6 +357,29 @@ fn with_bf16_bits<T>(t: &Tensor, len: usize, f: impl FnOnce(&[u16]) -> Result<T>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `forward_activated` gives `activation(forward(x))` bit for bit, fused or not, on every
+    /// kernel set (the AMX GEMM rounds and activates in its own pass from 65 rows).
+    #[test]
+    fn activation_fused_into_the_product_changes_no_bit() {
+        let dev = Device::Cpu;
+        for (rows, n, k) in [(100, 70, 64), (7, 33, 96), (300, 129, 128)] {
+            let x = Tensor::randn(0f32, 1.0, (rows, k), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+            let w = Tensor::randn(0f32, 0.2, (n, k), &dev).unwrap().to_dtype(DType::BF16).unwrap();
+            let b = Tensor::randn(0f32, 0.5, n, &dev).unwrap().to_dtype(DType::BF16).unwrap();
+            let lin = Linear::new(w, Some(b));
+            crate::kernels::cpu::for_each_set(|set| {
+                for act in ["quick_gelu", "gelu"] {
+                    let want = super::super::activation::activation(act, &lin.forward(&x).unwrap()).unwrap();
+                    let got = lin.forward_activated(&x, act).unwrap();
+                    let bits = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<half::bf16>().unwrap();
+                    let (g, w) = (bits(&got), bits(&want));
+                    let same = g.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(same && g.len() == w.len(), "{set} {act} rows={rows} n={n} k={k}");
+                }
+            });
+        }
+    }
 
     #[test]
     fn bf16_gemv_matches_candle_matmul() {
