@@ -857,7 +857,7 @@ mod tests {
             let bias: Vec<f32> = (0..n).map(|j| (j as f32 - 50.0) / 7.0).collect();
             cpu::for_each_set(|set| {
                 for bias in [Some(&bias[..]), None] {
-                    for act in [Activation::Identity, Activation::QuickGelu] {
+                    for act in [Activation::Identity, Activation::QuickGelu, Activation::Scale(0.3)] {
                         let Some(got) = matmul_bf16_rounded(&a, m, &w, n, k, bias, act) else { continue };
                         fused_runs += 1;
                         let mut f = vec![f32::NAN; m * n];

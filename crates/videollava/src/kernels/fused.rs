@@ -97,12 +97,14 @@ macro_rules! multiversion {
 /// The element-wise function a linear layer's output goes through in the same pass as its
 /// rounding ([`linear_output_bf16`], the AMX GEMM's store): the output never makes a second
 /// trip through memory.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Activation {
     /// The rounded sum itself.
     Identity,
     /// CLIP's `quick_gelu` in BF16, as [`quick_gelu`] computes it.
     QuickGelu,
+    /// The rounded sum times a factor, rounded again: PyTorch's BF16 `q_proj(x) * scale`.
+    Scale(f32),
 }
 
 impl Activation {
@@ -149,6 +151,16 @@ fn finish(y: &[f32], bias: &[f32], act: Activation, out: &mut [bf16]) {
         (false, Activation::QuickGelu) => {
             for ((o, &v), &b) in out.iter_mut().zip(y).zip(bias) {
                 *o = from_bits(quick_gelu_bf16(widen(from_bits(to_bf16_bits(v + b)))));
+            }
+        }
+        (true, Activation::Scale(f)) => {
+            for (o, &v) in out.iter_mut().zip(y) {
+                *o = from_bits(to_bf16_bits(widen(from_bits(to_bf16_bits(v))) * f));
+            }
+        }
+        (false, Activation::Scale(f)) => {
+            for ((o, &v), &b) in out.iter_mut().zip(y).zip(bias) {
+                *o = from_bits(to_bf16_bits(widen(from_bits(to_bf16_bits(v + b))) * f));
             }
         }
     }
@@ -323,7 +335,8 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     // Round to nearest by the 1.5 * 2^23 trick (exact for |v| < 2^22).
     const MAGIC: f32 = 12_582_912.0;
     let xc = x.clamp(-103.97, 88.722_83);
-    let n = (xc * LOG2E + MAGIC) - MAGIC;
+    let t = xc * LOG2E + MAGIC;
+    let n = t - MAGIC;
     let r = xc - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -333,7 +346,9 @@ pub(crate) fn exp_f32(x: f32) -> f32 {
     p = p * r + 0.5;
     let y = p * r * r + r + 1.0;
     // 2^n in two factors, so that n down to -150 (results below f32's normal range) works.
-    let n = n as i32;
+    // `n` as an integer from the low bits of `t` (`1.5 * 2^23 + n`): `n as i32` (a saturating
+    // conversion) would not vectorise.
+    let n = (t.to_bits() as i32).wrapping_sub(0x4B40_0000);
     let h = n / 2;
     let s1 = f32::from_bits(((h + 127) as u32) << 23);
     let s2 = f32::from_bits(((n - h + 127) as u32) << 23);
@@ -595,6 +610,18 @@ mod tests {
                 let got = linear_output_bf16(&y, n, bias, Activation::QuickGelu);
                 for (i, (g, w)) in got.iter().zip(&want).enumerate() {
                     assert_eq!(g.to_bits(), w.to_bits(), "{set}, bias {}: element {i}", bias.is_some());
+                }
+                // A scale, as PyTorch multiplies a BF16 tensor by a Python float (in f32, rounded).
+                let plain = x.flatten_all().unwrap().to_vec1::<bf16>().unwrap();
+                for f in [0.125f32, 0.3] {
+                    let got = linear_output_bf16(&y, n, bias, Activation::Scale(f));
+                    for (i, (g, p)) in got.iter().zip(&plain).enumerate() {
+                        assert_eq!(
+                            g.to_bits(),
+                            bf16::from_f32(p.to_f32() * f).to_bits(),
+                            "{set} scale {f}: element {i}"
+                        );
+                    }
                 }
             }
         });

@@ -64,7 +64,7 @@ impl Attention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let heads = |t: Tensor| ops::split_heads(&t, self.num_heads);
         let scale = (self.head_dim as f64).powf(-0.5);
-        let q = heads((self.q_proj.forward(x)? * scale)?)?;
+        let q = heads(self.q_proj.forward_scaled(x, scale)?)?;
         let k = heads(self.k_proj.forward(x)?)?;
         let v = heads(self.v_proj.forward(x)?)?;
         // q is already scaled, as transformers scales it before the product.
@@ -299,6 +299,36 @@ mod bench {
             .collect();
         t.sort_by(f64::total_cmp);
         let m = t[t.len() / 2];
+        // One layer's steps, each timed alone (the median of `runs`), summed over the layers.
+        let x = tower.pre_layrnorm.forward(&tower.embed(&pixels).unwrap()).unwrap();
+        let l = &tower.layers[0];
+        let a = &l.self_attn;
+        let time = |name: &str, f: &dyn Fn() -> Tensor| {
+            let mut t: Vec<f64> = (0..runs + 1)
+                .map(|_| {
+                    let t = std::time::Instant::now();
+                    std::hint::black_box(f());
+                    t.elapsed().as_secs_f64()
+                })
+                .collect();
+            t.sort_by(f64::total_cmp);
+            eprintln!("  {name:<28} {:7.1} ms x {layers} layers", t[t.len() / 2] * 1e3 * layers as f64);
+        };
+        let h = l.layer_norm1.forward(&x).unwrap();
+        let q = a.q_proj.forward(&h).unwrap();
+        let heads = |t: &Tensor| ops::split_heads(t, a.num_heads).unwrap();
+        let (qh, kh, vh) = (heads(&q), heads(&q), heads(&q));
+        let o = ops::full_attention(&qh, &kh, &vh).unwrap();
+        let m1 = l.fc1.forward_activated(&h, &l.act).unwrap();
+        time("layer_norm", &|| l.layer_norm1.forward(&x).unwrap());
+        time("q_proj (x3 for q, k, v)", &|| a.q_proj.forward(&h).unwrap());
+        time("q_proj scaled", &|| a.q_proj.forward_scaled(&h, 0.125).unwrap());
+        time("split_heads (x3)", &|| heads(&q));
+        time("attention", &|| ops::full_attention(&qh, &kh, &vh).unwrap());
+        time("out_proj", &|| a.out_proj.forward(&o).unwrap());
+        time("residual add (x2)", &|| residual_add(&x, &h).unwrap());
+        time("fc1 + quick_gelu", &|| l.fc1.forward_activated(&h, &l.act).unwrap());
+        time("fc2", &|| l.fc2.forward(&m1).unwrap());
         eprintln!(
             "video tower, 8 frames, {layers} layers: median {:.0} ms of {runs} ({:.1} TFLOP: {:.0} GFLOP/s)",
             m * 1e3,

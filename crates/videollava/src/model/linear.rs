@@ -176,17 +176,35 @@ impl Linear {
     /// CPU, where the activation has a fused form ([`Activation::fused`]), in the pass that rounds
     /// the product (the same numbers as the two steps, one trip through memory fewer).
     pub fn forward_activated(&self, x: &Tensor, act: &str) -> Result<Tensor> {
-        if let Some(fused_act) = Activation::fused(act).filter(|_| x.dtype() == DType::BF16 && x.device().is_cpu()) {
-            match &self.weight {
-                LinearWeight::Mapped(m) => return self.bf16_product(x, m.bits(), m.dims(), fused_act),
-                LinearWeight::Dense(w) if w.dtype() == DType::BF16 && w.is_contiguous() => {
-                    let (out_f, in_f) = w.dims2()?;
-                    return with_bf16_bits(w, out_f * in_f, |wb| self.bf16_product(x, wb, (out_f, in_f), fused_act));
-                }
-                _ => {}
-            }
+        if let Some(y) = Activation::fused(act).map(|a| self.fused_bf16(x, a)).transpose()?.flatten() {
+            return Ok(y);
         }
         super::activation::activation(act, &self.forward(x)?)
+    }
+
+    /// `self.forward(x) * scale` (the attention's scaled queries); for BF16 on the CPU the
+    /// product is rounded, then scaled and rounded again, in one pass, as PyTorch's two BF16 ops.
+    pub fn forward_scaled(&self, x: &Tensor, scale: f64) -> Result<Tensor> {
+        if let Some(y) = self.fused_bf16(x, Activation::Scale(scale as f32))? {
+            return Ok(y);
+        }
+        Ok((self.forward(x)? * scale)?)
+    }
+
+    /// The BF16 product with `act` in its rounding pass, where `x` is BF16 on the CPU and the
+    /// weight dense BF16 or mapped; `None` elsewhere.
+    fn fused_bf16(&self, x: &Tensor, act: Activation) -> Result<Option<Tensor>> {
+        if x.dtype() != DType::BF16 || !x.device().is_cpu() {
+            return Ok(None);
+        }
+        match &self.weight {
+            LinearWeight::Mapped(m) => self.bf16_product(x, m.bits(), m.dims(), act).map(Some),
+            LinearWeight::Dense(w) if w.dtype() == DType::BF16 && w.is_contiguous() => {
+                let (out_f, in_f) = w.dims2()?;
+                with_bf16_bits(w, out_f * in_f, |wb| self.bf16_product(x, wb, (out_f, in_f), act)).map(Some)
+            }
+            _ => Ok(None),
+        }
     }
 
     /// BF16 activations `x` `[..., in]` times the BF16 weight bits `w` `[out, in]` (row-major):
@@ -377,6 +395,11 @@ mod tests {
                     let same = g.iter().zip(&w).all(|(a, b)| a.to_bits() == b.to_bits());
                     assert!(same && g.len() == w.len(), "{set} {act} rows={rows} n={n} k={k}");
                 }
+                let want =
+                    (lin.forward(&x).unwrap() * 0.125).unwrap().flatten_all().unwrap().to_vec1::<half::bf16>().unwrap();
+                let got =
+                    lin.forward_scaled(&x, 0.125).unwrap().flatten_all().unwrap().to_vec1::<half::bf16>().unwrap();
+                assert!(got.iter().zip(&want).all(|(a, b)| a == b), "{set} scaled rows={rows} n={n} k={k}");
             });
         }
     }
