@@ -926,6 +926,39 @@ mod tests {
         }
     }
 
+    /// The AMX GEMM's BF16 output against its f32 output rounded in a second pass, at the 7B
+    /// prefill and CLIP-L shapes, interleaved: milliseconds per product.
+    /// `cargo test --release -p videollava --lib bf16_gemm::tests::bench_rounded -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn bench_rounded_output() {
+        use crate::kernels::fused::{linear_output_bf16, Activation};
+        use std::time::Instant;
+        let shapes =
+            [(512, 4096, 4096), (512, 11008, 4096), (512, 4096, 11008), (2056, 4096, 1024), (2056, 1024, 4096)];
+        for &(m, n, k) in &shapes {
+            let a = values(m * k, 1);
+            let w = values(n * k, 2);
+            let mut f = vec![0f32; m * n];
+            let (mut two, mut one) = (vec![], vec![]);
+            for _ in 0..7 {
+                let t = Instant::now();
+                matmul_bf16(&a, m, &w, n, k, &mut f);
+                std::hint::black_box(linear_output_bf16(&f, n, None, Activation::Identity));
+                two.push(t.elapsed().as_secs_f64() * 1e3);
+                let t = Instant::now();
+                std::hint::black_box(matmul_bf16_rounded(&a, m, &w, n, k, None, Activation::Identity));
+                one.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            two.sort_by(f64::total_cmp);
+            one.sort_by(f64::total_cmp);
+            eprintln!(
+                "m={m:4} n={n:5} k={k:5}: f32 + rounding pass {:7.2} ms, rounded in the GEMM {:7.2} ms",
+                two[3], one[3]
+            );
+        }
+    }
+
     /// Decode shapes: the seven projections of one Llama-7B layer (404 MB of BF16, more than the
     /// caches) for 1..16 rows of `A` (one decode step of that many running requests), each
     /// kernel set from AVX-512 up forced in turn; prints the milliseconds per layer and the

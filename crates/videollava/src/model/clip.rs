@@ -303,7 +303,11 @@ mod bench {
         let x = tower.pre_layrnorm.forward(&tower.embed(&pixels).unwrap()).unwrap();
         let l = &tower.layers[0];
         let a = &l.self_attn;
+        let only = std::env::var("BENCH_STEP").ok();
         let time = |name: &str, f: &dyn Fn() -> Tensor| {
+            if only.as_deref().is_some_and(|o| !name.starts_with(o)) {
+                return;
+            }
             let mut t: Vec<f64> = (0..runs + 1)
                 .map(|_| {
                     let t = std::time::Instant::now();
