@@ -62,7 +62,8 @@ impl Attention {
 
     /// `x`: `[N, L, D]`; full (unmasked) attention over the L tokens of each image.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let heads = |t: Tensor| ops::split_heads(&t, self.num_heads);
+        // Views: the fused attention reads each head's rows in place.
+        let heads = |t: Tensor| ops::heads_view(&t, self.num_heads);
         let scale = (self.head_dim as f64).powf(-0.5);
         let q = heads(self.q_proj.forward_scaled(x, scale)?)?;
         let k = heads(self.k_proj.forward(x)?)?;
@@ -320,14 +321,13 @@ mod bench {
         };
         let h = l.layer_norm1.forward(&x).unwrap();
         let q = a.q_proj.forward(&h).unwrap();
-        let heads = |t: &Tensor| ops::split_heads(t, a.num_heads).unwrap();
+        let heads = |t: &Tensor| ops::heads_view(t, a.num_heads).unwrap();
         let (qh, kh, vh) = (heads(&q), heads(&q), heads(&q));
         let o = ops::full_attention(&qh, &kh, &vh).unwrap();
         let m1 = l.fc1.forward_activated(&h, &l.act).unwrap();
         time("layer_norm", &|| l.layer_norm1.forward(&x).unwrap());
         time("q_proj (x3 for q, k, v)", &|| a.q_proj.forward(&h).unwrap());
         time("q_proj scaled", &|| a.q_proj.forward_scaled(&h, 0.125).unwrap());
-        time("split_heads (x3)", &|| heads(&q));
         time("attention", &|| ops::full_attention(&qh, &kh, &vh).unwrap());
         time("out_proj", &|| a.out_proj.forward(&o).unwrap());
         time("residual add (x2)", &|| residual_add(&x, &h).unwrap());

@@ -50,6 +50,13 @@ pub fn rope_heads(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Resul
     Ok(candle_nn::rotary_emb::rope(&split_heads(x, heads)?, cos, sin)?)
 }
 
+/// `x` `[B, L, heads * head_dim]` -> `[B, heads, L, head_dim]` as a strided view (no copy): for
+/// [`full_attention`], whose CPU kernel reads each head's rows in place.
+pub fn heads_view(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, l, width) = x.dims3()?;
+    Ok(x.reshape((b, l, heads, width / heads))?.transpose(1, 2)?)
+}
+
 /// `x` `[B, L, heads * head_dim]` -> `[B, heads, L, head_dim]`, contiguous.
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, l, width) = x.dims3()?;
@@ -77,9 +84,10 @@ pub fn full_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         return attention_kernel::attention(q, k, v, 1.0, &rules);
     }
     let (n, h, l, d) = q.dims4()?;
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let scores = q.matmul(&k.t()?)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-    Ok(probs.matmul(v)?.transpose(1, 2)?.reshape((n, l, h * d))?)
+    Ok(probs.matmul(&v)?.transpose(1, 2)?.reshape((n, l, h * d))?)
 }
 
 /// How the attention of `L` new positions after `P` cached ones is masked.
