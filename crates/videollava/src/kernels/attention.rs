@@ -898,24 +898,30 @@ mod bf16dot {
                 pack_values(value_row, j0, jn, d, d, vb);
             }
         }
-        let mut s = vec![0f32; rows_pad * wpad];
+        // One group of 32 rows at a time: its scores, their softmax and the weighted values,
+        // while the group's scores (32 x `wpad` f32) and probabilities are still in L1/L2.
+        let mut s = vec![0f32; 32 * wpad];
+        let mut pp = vec![0u32; 32 * wp];
         let mut o = vec![0f32; rows_pad * d];
+        let mut empty = vec![false; rows];
         let (sp, op) = (s.as_mut_ptr(), o.as_mut_ptr());
         // SAFETY: AMX usable (caller's contract); released below.
         unsafe { bf16_amx::configure() };
         for g in (0..rows_pad).step_by(32) {
             let (glo, ghi) = group(g);
             if ghi <= glo {
+                // No row of the group sees a key (uniform rows below).
+                empty[g.min(rows)..rows.min(g + 32)].fill(true);
                 continue;
             }
             let (qa, qb) = (qp[g * dp..].as_ptr(), qp[(g + 16) * dp..].as_ptr());
             for b in (glo - lo) / KS..(ghi - lo).div_ceil(KS) {
                 for kt in (0..KS).step_by(32) {
                     let kb = kp[b * dp * KS + kt..].as_ptr();
-                    let c = |rr: usize, kk: usize| sp.wrapping_add((g + 16 * rr) * wpad + b * KS + kt + 16 * kk);
+                    let c = |rr: usize, kk: usize| sp.wrapping_add(16 * rr * wpad + b * KS + kt + 16 * kk);
                     // SAFETY: query tiles: rows g..g + 32 of `qp`, `d` values each (dp / 16 steps
                     // of 64 bytes); key tiles: 16 pair rows of 256 bytes per step within block `b`;
-                    // score tiles: rows g..g + 32, columns of block `b` of `s`.
+                    // score tiles: the group's 32 rows, columns of block `b` of `s`.
                     unsafe {
                         bf16_amx::run_2x2::<0>(
                             [qa.cast(), qb.cast()],
@@ -931,35 +937,29 @@ mod bf16dot {
                     };
                 }
             }
-        }
-        // Probabilities (exactly as in `task`), then as bf16 pairs of consecutive keys.
-        let mut empty = vec![false; rows];
-        let mut pp = vec![0u32; rows_pad * wp];
-        for (r, &(rlo, rhi)) in ranges.iter().enumerate() {
-            let row = &mut s[r * wpad..(r + 1) * wpad];
-            row[..rlo - lo].fill(0.0);
-            row[rhi - lo..].fill(0.0);
-            // SAFETY: the CPU has AVX-512 (caller's contract).
-            empty[r] = !unsafe { softmax_row_bf16(&mut row[rlo - lo..rhi - lo], &valid[rlo..rhi], p.scale, rlo % 16) };
-            for (x, pr) in pp[r * wp..(r + 1) * wp].iter_mut().zip(row.chunks_exact(2)) {
-                *x = (pr[0].to_bits() >> 16) | (pr[1].to_bits() & 0xFFFF_0000);
+            // Probabilities (exactly as in `task`), then as bf16 pairs of consecutive keys. Blocks
+            // outside a row's keys hold another group's scores: zeroed here.
+            for (r, &(rlo, rhi)) in ranges.iter().enumerate().take(rows.min(g + 32)).skip(g) {
+                let row = &mut s[(r - g) * wpad..(r - g + 1) * wpad];
+                row[..rlo - lo].fill(0.0);
+                row[rhi - lo..].fill(0.0);
+                // SAFETY: the CPU has AVX-512 (caller's contract).
+                empty[r] =
+                    !unsafe { softmax_row_bf16(&mut row[rlo - lo..rhi - lo], &valid[rlo..rhi], p.scale, rlo % 16) };
+                for (x, pr) in pp[(r - g) * wp..(r - g + 1) * wp].iter_mut().zip(row.chunks_exact(2)) {
+                    *x = (pr[0].to_bits() >> 16) | (pr[1].to_bits() & 0xFFFF_0000);
+                }
             }
-        }
-        drop(s);
-        for g in (0..rows_pad).step_by(32) {
-            let (glo, ghi) = group(g);
-            if ghi <= glo {
-                continue;
-            }
-            // Steps of 32 keys (16 pairs) covering the group's keys.
+            // Steps of 32 keys (16 pairs) covering the group's keys. Rows past `rows` read stale
+            // probabilities; their results are dropped.
             let (s0, s1) = ((glo - lo) / 32, (ghi - lo).div_ceil(32));
-            let (pa, pb) = (pp[g * wp + s0 * 16..].as_ptr(), pp[(g + 16) * wp + s0 * 16..].as_ptr());
+            let (pa, pb) = (pp[s0 * 16..].as_ptr(), pp[16 * wp + s0 * 16..].as_ptr());
             for c0 in (0..d).step_by(32) {
                 let vb = vp[s0 * 16 * d + c0..].as_ptr();
                 let c = |rr: usize, cc: usize| op.wrapping_add((g + 16 * rr) * d + c0 + 16 * cc);
-                // SAFETY: probability tiles: rows g..g + 32 of `pp`, pairs s0 * 16..s1 * 16 <= wp;
-                // value tiles: pair rows s0 * 16..s1 * 16 <= wp of `vp`, columns c0..c0 + 32 <= d;
-                // output tiles: rows g..g + 32, columns c0..c0 + 32 of `o`.
+                // SAFETY: probability tiles: the group's 32 rows of `pp`, pairs s0 * 16..s1 * 16
+                // <= wp; value tiles: pair rows s0 * 16..s1 * 16 <= wp of `vp`, columns c0..c0 + 32
+                // <= d; output tiles: rows g..g + 32, columns c0..c0 + 32 of `o`.
                 unsafe {
                     bf16_amx::run_2x2::<0>(
                         [pa.cast(), pb.cast()],

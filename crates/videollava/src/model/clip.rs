@@ -290,7 +290,10 @@ mod bench {
         let gemm = 2.0 * (tokens * layers * (4 * d * d + 2 * d * f)) as f64;
         let attn = 2.0 * 2.0 * (8 * positions * positions * d * layers) as f64;
         let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
-        let mut t: Vec<f64> = (0..runs + 1)
+        // `BENCH_STEP=attention`, say: that step alone (the whole tower once).
+        let only = std::env::var("BENCH_STEP").ok();
+        let tower_runs = if only.is_some() { 1 } else { runs };
+        let mut t: Vec<f64> = (0..tower_runs + 1)
             .map(|_| {
                 let t = std::time::Instant::now();
                 tower.select_features(&pixels, &[layers]).unwrap();
@@ -304,7 +307,6 @@ mod bench {
         let x = tower.pre_layrnorm.forward(&tower.embed(&pixels).unwrap()).unwrap();
         let l = &tower.layers[0];
         let a = &l.self_attn;
-        let only = std::env::var("BENCH_STEP").ok();
         let time = |name: &str, f: &dyn Fn() -> Tensor| {
             if only.as_deref().is_some_and(|o| !name.starts_with(o)) {
                 return;
@@ -334,7 +336,7 @@ mod bench {
         time("fc1 + quick_gelu", &|| l.fc1.forward_activated(&h, &l.act).unwrap());
         time("fc2", &|| l.fc2.forward(&m1).unwrap());
         eprintln!(
-            "video tower, 8 frames, {layers} layers: median {:.0} ms of {runs} ({:.1} TFLOP: {:.0} GFLOP/s)",
+            "video tower, 8 frames, {layers} layers: median {:.0} ms of {tower_runs} ({:.1} TFLOP: {:.0} GFLOP/s)",
             m * 1e3,
             (gemm + attn) / 1e12,
             (gemm + attn) / m / 1e9
