@@ -5,6 +5,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-system-deps.sh
+# A clean build and its test binaries take ~4 GB here; say so early where the disk is short.
+free_kb=$(df -Pk . | awk 'NR == 2 { print $4 }')
+echo "free disk: $((free_kb / 1024 / 1024)) GiB"
+if [ "${free_kb:-0}" -lt $((5 * 1024 * 1024)) ]; then
+  echo "warning: less than 5 GiB free here; the build may run out of space (No space left on device)" >&2
+fi
 # A clean build needs no incremental cache (it only costs disk).
 export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 # The library's module graph: no import cycles, every edge in the data flow's direction.
