@@ -959,11 +959,6 @@ mod tests {
         }
     }
 
-    /// Decode shapes: the seven projections of one Llama-7B layer (404 MB of BF16, more than the
-    /// caches) for 1..16 rows of `A` (one decode step of that many running requests), each
-    /// kernel set from AVX-512 up forced in turn; prints the milliseconds per layer and the
-    /// weight bytes read per second.
-    /// `cargo test --release -p videollava --lib bf16_gemm::tests::bench_decode -- --ignored --nocapture`
     /// The seven projections of one 7B decoder layer (`(n, k)` each, random BF16 weights): the
     /// MLP width, the shapes, the weights and their bytes.
     #[allow(clippy::type_complexity)]
@@ -975,6 +970,11 @@ mod tests {
         (f, layer, ws, bytes)
     }
 
+    /// Decode shapes: the seven projections of one Llama-7B layer (404 MB of BF16, more than the
+    /// caches) for 1..16 rows of `A` (one decode step of that many running requests), each
+    /// kernel set from AVX-512 up forced in turn; prints the milliseconds per layer and the
+    /// weight bytes read per second.
+    /// `cargo test --release -p videollava --lib bf16_gemm::tests::bench_decode -- --ignored --nocapture`
     #[test]
     #[ignore]
     fn bench_decode_shapes() {

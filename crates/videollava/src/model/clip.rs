@@ -180,8 +180,6 @@ impl ClipVisionTower {
         Ok(states)
     }
 
-    /// The hidden states at `indices` (resolved, non-negative), concatenated on the feature axis:
-    /// `[N, 1 + (S/p)^2, D * indices.len()]`.
     /// Every linear layer of the encoder with its weight name under `prefix` (e.g.
     /// `video_tower.vision_model.`).
     pub fn linears_mut(&mut self, prefix: &str) -> Vec<(String, &mut Linear)> {
@@ -203,6 +201,8 @@ impl ClipVisionTower {
         out
     }
 
+    /// The hidden states at `indices` (resolved, non-negative), concatenated on the feature axis:
+    /// `[N, 1 + (S/p)^2, D * indices.len()]`.
     pub fn select_features(&self, pixels: &Tensor, indices: &[usize]) -> Result<Tensor> {
         let max = indices.iter().copied().max().unwrap_or(0);
         let states = self.hidden_states(pixels, max)?;
