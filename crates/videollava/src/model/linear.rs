@@ -103,13 +103,14 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        // BF16 activations against dense or mapped BF16 weights on the CPU: our kernels.
+        if let Some(y) = self.fused_bf16(x, Activation::Identity)? {
+            return Ok(y);
+        }
         let copied;
         let w = match &self.weight {
             LinearWeight::Dense(w) => w,
             LinearWeight::Mapped(m) => {
-                if x.dtype() == DType::BF16 && x.device().is_cpu() {
-                    return self.bf16_product(x, m.bits(), m.dims(), Activation::Identity);
-                }
                 // No kernel reads the map here: a copy, then the dense path.
                 copied = m.to_tensor(x.device())?;
                 &copied
@@ -153,9 +154,6 @@ impl Linear {
         let mut dims = x.dims().to_vec();
         let last = dims.len() - 1;
         dims[last] = out_f;
-        if cpu_bf16 && x.dtype() == DType::BF16 {
-            return with_bf16_bits(w, out_f * in_f, |wb| self.bf16_product(x, wb, (out_f, in_f), Activation::Identity));
-        }
         if cpu_bf16 && rows <= bf16_gemm::GEMV_MAX_ROWS {
             // f32 activations against BF16 weights (a BF16 checkpoint run in f32 keeps its weights).
             let xs = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
