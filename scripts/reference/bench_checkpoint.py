@@ -320,9 +320,7 @@ def run(args):
                 times.append(time.perf_counter() - t0)
             st["vision_warm"] = dict(seconds=sorted(times)[len(times) // 2], runs=times, peak_rss_mb=peak_rss_mb())
             print(json.dumps({k: v["seconds"] for k, v in st.items()}))
-            if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(res, f, indent=2)
+            write_json(args.json, res)
             return res
 
         # Prefill: the whole prompt, towers included, with the cache on; the first token is its argmax.
@@ -367,11 +365,15 @@ def run(args):
           f"{st['decode_steps']['tokens_per_s'] or 0:.2f} tokens/s; peak RSS {res['peak_rss_mb']:.0f} MB")
     if "generate_matches" in res:
         print("generate() gives the same tokens:", res["generate_matches"])
-    if args.json:
-        with open(args.json, "w") as f:
+    write_json(args.json, res)
+    return res
+
+
+def write_json(path, res):
+    if path:
+        with open(path, "w") as f:
             json.dump(res, f, indent=2)
             f.write("\n")
-    return res
 
 
 def main():

@@ -132,37 +132,24 @@ fn quick_gelu_bf16(v: f32) -> u16 {
 /// length.
 #[inline(always)]
 fn finish(y: &[f32], bias: &[f32], act: Activation, out: &mut [bf16]) {
-    match (bias.is_empty(), act) {
-        (true, Activation::Identity) => {
+    // One loop per activation (the `match` outside the loops, so that each vectorises): `post`
+    // gets the rounded sum, widened.
+    #[inline(always)]
+    fn rows(y: &[f32], bias: &[f32], out: &mut [bf16], post: impl Fn(f32) -> u16) {
+        if bias.is_empty() {
             for (o, &v) in out.iter_mut().zip(y) {
-                *o = from_bits(to_bf16_bits(v));
+                *o = from_bits(post(widen(from_bits(to_bf16_bits(v)))));
             }
-        }
-        (false, Activation::Identity) => {
+        } else {
             for ((o, &v), &b) in out.iter_mut().zip(y).zip(bias) {
-                *o = from_bits(to_bf16_bits(v + b));
+                *o = from_bits(post(widen(from_bits(to_bf16_bits(v + b)))));
             }
         }
-        (true, Activation::QuickGelu) => {
-            for (o, &v) in out.iter_mut().zip(y) {
-                *o = from_bits(quick_gelu_bf16(widen(from_bits(to_bf16_bits(v)))));
-            }
-        }
-        (false, Activation::QuickGelu) => {
-            for ((o, &v), &b) in out.iter_mut().zip(y).zip(bias) {
-                *o = from_bits(quick_gelu_bf16(widen(from_bits(to_bf16_bits(v + b)))));
-            }
-        }
-        (true, Activation::Scale(f)) => {
-            for (o, &v) in out.iter_mut().zip(y) {
-                *o = from_bits(to_bf16_bits(widen(from_bits(to_bf16_bits(v))) * f));
-            }
-        }
-        (false, Activation::Scale(f)) => {
-            for ((o, &v), &b) in out.iter_mut().zip(y).zip(bias) {
-                *o = from_bits(to_bf16_bits(widen(from_bits(to_bf16_bits(v + b))) * f));
-            }
-        }
+    }
+    match act {
+        Activation::Identity => rows(y, bias, out, to_bf16_bits),
+        Activation::QuickGelu => rows(y, bias, out, quick_gelu_bf16),
+        Activation::Scale(f) => rows(y, bias, out, |v| to_bf16_bits(v * f)),
     }
 }
 
