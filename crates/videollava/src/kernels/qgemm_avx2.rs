@@ -1,79 +1,103 @@
 //! The AVX2 paths of the int8 GEMMs ([`super::q8_gemm`], [`super::q4k_gemm`]) for CPUs without
 //! AVX-512 VNNI (AMD Zen 1-3, Intel Haswell to Comet Lake, and Alder Lake and later cores
-//! without AVX-512): one blocked driver over both block formats, monomorphised per row kernel.
-//! The row kernels' dot products are `maddubs` + `madd`, or where the CPU has AVX-VNNI its
-//! `vpdpbusd` (the same exact integers: see `qgemv::avx2`).
+//! without AVX-512): one blocked driver over both block formats, monomorphised per [`Format`]
+//! (the packing and the micro-kernel), with AVX-VNNI's fused forms where the CPU has them.
 //!
-//! Conventions as in those modules: `x` f32 `[m, k]`; `w` raw GGML blocks `[n, k]` (`row_bytes`
-//! per row); `out` f32 `[m, n]`, overwritten. Activations are quantized once per call to Q8_0
-//! (32 values, f16-rounded scale) by the scalar quantizer, exactly as the portable paths: the
-//! per-block integer dot products are exact and only the order of the f32 sums differs.
+//! Conventions as in those modules: `x` f32 `[m, k]`; `w` raw GGML blocks `[n, k]`
+//! ([`Format::row_bytes`] per row); `out` f32 `[m, n]`, overwritten. `k` is a positive multiple
+//! of 32 (of the format's block).
 //!
-//! Blocking: rayon tasks take a tile of up to [`ROW_BLOCK`] activation rows by a stripe of
-//! weight rows (output columns). A task walks its stripe in panels of [`PANEL`] weight rows (a
-//! few hundred KiB at most, which stay in L2) and runs each panel against its rows 8 at a time
-//! with the register-blocked row kernels (the weight block decoded once per 8 rows): the weight
-//! is read from memory about `m / ROW_BLOCK` times. Tiles are written to a task buffer, then
-//! copied into `out`.
+//! Blocking (`qgemm_avx512`'s, with 256-bit vectors): activations are quantized once per call
+//! to Q8_0 (32 values, f16-rounded scale `d_a`) by the scalar quantizer, exactly as the portable
+//! path, and packed into micro-panels of [`MR`] = 6 rows, ordered by k-chunk ([`KCB`] blocks),
+//! then row tile, then block. Tasks (rayon, [`TaskGrid`]) take a stripe of output columns, pack
+//! it as micro-panels of [`NR`] = 8 columns (one ymm: lane = column), and run a 6×8
+//! micro-kernel (6 integer and 6 f32 accumulators) over each micro-panel of `W` (in L1) against
+//! the row tiles; the micro-kernel broadcasts a 32-bit word of one activation row against the
+//! 8 columns, so no horizontal sums are needed and the results store straight into `out`.
+//!
+//! The products, per 32-value block an exact integer as on every path (only the order of the
+//! f32 sums differs):
+//! - Q8_0: weights and activations widened to i16 (pairs of `k`); `madd` of a column pair with
+//!   a broadcast activation pair (at most 2 · 128 · 127 per lane), added to the block sum
+//!   (`vpdpwssd` with AVX-VNNI). Two µops per 16 products and no sign trick: `maddubs` on
+//!   signed × signed bytes needs a `sign` per operand and a `madd` per step.
+//! - Q4K: the nibbles as `u8` quads against broadcast `i8` activation quads: `maddubs` (at most
+//!   2 · 15 · 128 per i16), the eight quads of a 32-value sub-block summed in i16 (at most
+//!   30,720: no overflow), then one `madd` with ones (`vpdpbusd` with AVX-VNNI: the same
+//!   integers); the min term is `(dmin · m) · (d_a · Σ qa)` per sub-block.
+//!
+//! Memory: the packed activations (Q8_0: `m · k · 2.2` bytes; Q4K: `m · k · 1.3`) are kept
+//! between calls, and each rayon thread keeps its packed stripe of `W` (`256 · k · 2.1` bytes
+//! for Q8_0, `256 · k · 1.25` for Q4K).
 
-use super::qgemv::avx2::{self as rows, avx2_forms, dpbusd};
-use super::qgemv::{ActQ80, Kernel};
+// Register-blocked kernels index their arrays by loop counters on purpose.
+#![allow(clippy::needless_range_loop)]
+
+use super::out_ptr::OutPtr;
+use super::pack_cache::PackCache;
+use super::qgemv::{q4k_scales_mins, q8_0_block_scalar};
+use super::task_grid::TaskGrid;
+use half::f16;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
+use std::cell::RefCell;
 
-/// Activation rows per task.
-const ROW_BLOCK: usize = 64;
-/// Weight rows per panel.
-const PANEL: usize = 32;
-/// Activation rows per row-kernel call (the most the row kernels take).
-const GROUP: usize = 8;
+/// Values per activation block (Q8_0).
+const QK: usize = 32;
+/// Rows of the micro-tile (each a 32-bit broadcast).
+const MR: usize = 6;
+/// Columns of the micro-tile (one ymm of f32 lanes).
+const NR: usize = 8;
+/// Blocks per k-chunk: the micro-panel of `W` for one chunk stays in L1 (Q8_0: 8.5 KiB).
+const KCB: usize = 16;
+/// Micro-panels (of `NR` columns) per column stripe (one task's packed `W`).
+const NC_PANELS: usize = 32;
+/// Row tiles per cache block of the packed activations (Q8_0: 204 KiB per k-chunk, in L2).
+const MC_TILES: usize = 32;
+/// Row tiles per activation packing task.
+const PACK_TILES: usize = 16;
 
-/// The driver. `kern(w_panel, nw, r0, rows, out_t)` computes the `[nw, rows]` (weight-row
-/// major) products of the `nw` weight rows `w_panel` with activation rows `r0..r0 + rows`
-/// (`rows <= 8`).
-fn blocked<F>(m: usize, w: &[u8], n: usize, row_bytes: usize, out: &mut [f32], kern: F)
-where
-    F: Fn(&[u8], usize, usize, usize, &mut [f32]) + Sync,
-{
-    let threads = rayon::current_num_threads().max(1);
-    let row_blocks = m.div_ceil(ROW_BLOCK);
-    // Enough tasks for every thread (4 each, for balance), stripes of at least one panel.
-    let stripes = (4 * threads).div_ceil(row_blocks).clamp(1, n.div_ceil(PANEL));
-    let stripe = n.div_ceil(stripes).div_ceil(PANEL) * PANEL;
-    let stripes = n.div_ceil(stripe);
-    let tiles: Vec<(usize, usize, Vec<f32>)> = (0..row_blocks * stripes)
-        .into_par_iter()
-        .map(|t| {
-            let (rb, cs) = (t / stripes, t % stripes);
-            let (r0, r1) = (rb * ROW_BLOCK, m.min((rb + 1) * ROW_BLOCK));
-            let (j0, j1) = (cs * stripe, n.min((cs + 1) * stripe));
-            let cols = j1 - j0;
-            let mut tile = vec![0f32; (r1 - r0) * cols];
-            let mut tmp = [0f32; PANEL * GROUP];
-            for p0 in (j0..j1).step_by(PANEL) {
-                let nw = PANEL.min(j1 - p0);
-                let wp = &w[p0 * row_bytes..(p0 + nw) * row_bytes];
-                for g0 in (r0..r1).step_by(GROUP) {
-                    let rows = GROUP.min(r1 - g0);
-                    let ot = &mut tmp[..nw * rows];
-                    kern(wp, nw, g0, rows, ot);
-                    for (jj, vals) in ot.chunks_exact(rows).enumerate() {
-                        for (r, &v) in vals.iter().enumerate() {
-                            tile[(g0 - r0 + r) * cols + p0 - j0 + jj] = v;
-                        }
-                    }
-                }
-            }
-            (rb, cs, tile)
-        })
-        .collect();
-    for (rb, cs, tile) in tiles {
-        let (r0, j0) = (rb * ROW_BLOCK, cs * stripe);
-        let cols = n.min(j0 + stripe) - j0;
-        for (r, vals) in tile.chunks_exact(cols).enumerate() {
-            out[(r0 + r) * n + j0..][..cols].copy_from_slice(vals);
-        }
-    }
+/// What one weight format brings to the driver.
+trait Format {
+    /// Bytes of one 32-value block of a packed activation micro-panel.
+    const A_BLK: usize;
+    /// Bytes of one 32-value block of a packed weight micro-panel.
+    const W_BLK: usize;
+    /// 32-value blocks per weight block: k-chunks start and end on whole weight blocks.
+    const SUBS: usize;
+
+    /// Bytes of one weight row of `k` values.
+    fn row_bytes(k: usize) -> usize;
+
+    /// Packs one 32-value block of a row tile: `q[r]` the quantized values of row `r`, `da[r]`
+    /// its f16-rounded scale (zeros for missing rows), into `dst` (`A_BLK` bytes).
+    fn pack_a(q: &[[i8; QK]; MR], da: &[f32; MR], dst: &mut [u8]);
+
+    /// Packs weight rows `j0..j0 + valid` (`valid <= NR`; `w` the whole weight, `row_bytes` per
+    /// row), 32-value blocks `pc..pc + kcb` (whole weight blocks), into `dst` (`kcb * W_BLK`
+    /// bytes); missing columns are zeros.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C (this runs inlined into a function compiled for them).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn pack_w(w: &[u8], row_bytes: usize, j0: usize, valid: usize, pc: usize, kcb: usize, dst: &mut [u8]);
+
+    /// The `R`×`NR` products over `nblk` blocks of the packed micro-panels `a` (`A_BLK` bytes per
+    /// block) and `b` (`W_BLK` bytes per block): `acc[r]` lane `c` = row `r` · column `c`.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C, and AVX-VNNI when `VNNI` (this runs inlined into a
+    /// function compiled for them); `a` and `b` hold `nblk` blocks.
+    unsafe fn micro<const VNNI: bool, const R: usize>(a: *const u8, b: *const u8, nblk: usize) -> [__m256; R];
+}
+
+/// Packed activations, kept between calls (at most 256 MiB).
+static A_PACK: PackCache<u8> = PackCache::new(256 << 20);
+
+thread_local! {
+    /// Packed stripe of `W`, reused by the tasks run on this thread.
+    static PACK: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
 /// [`super::q8_gemm::matmul_q8_0`] on AVX2, with AVX-VNNI when `vnni` (shapes checked by the
@@ -82,15 +106,8 @@ where
 /// # Safety
 /// The CPU has AVX2, FMA and F16C, and AVX-VNNI when `vnni`.
 pub(crate) unsafe fn q8_0(vnni: bool, x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
-    let nb = k / 32;
-    let act = ActQ80::quantize(Kernel::Scalar, x, m, nb);
-    let nb_pad = act.nb_pad;
-    blocked(m, w, n, nb * 34, out, |wp, nw, r0, rows, ot| {
-        let qs = &act.qs[r0 * nb_pad * 32..(r0 + rows) * nb_pad * 32];
-        let dvec = &act.dvec[r0 * nb_pad * 8..(r0 + rows) * nb_pad * 8];
-        // SAFETY: the CPU has the features `vnni` names (this function's contract).
-        unsafe { rows::q8_0_slices(vnni, wp, nw, rows, qs, dvec, nb_pad, ot) }
-    });
+    // SAFETY: the caller's contract.
+    unsafe { gemm::<Q80>(vnni, x, m, w, n, k, out) }
 }
 
 /// [`super::q4k_gemm::matmul_q4k`] on AVX2, with AVX-VNNI when `vnni` (shapes checked by the
@@ -99,113 +116,496 @@ pub(crate) unsafe fn q8_0(vnni: bool, x: &[f32], m: usize, w: &[u8], n: usize, k
 /// # Safety
 /// The CPU has AVX2, FMA and F16C, and AVX-VNNI when `vnni`.
 pub(crate) unsafe fn q4k(vnni: bool, x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
-    let nb = k / 32;
-    let act = ActQ80::quantize(Kernel::Scalar, x, m, nb);
-    let nb_pad = act.nb_pad;
-    // d_a, and d_a · Σ qa (the min term's activation factor), per row and 32-value block.
-    let da: Vec<f32> = act.dvec.iter().step_by(8).copied().collect();
-    let dasum: Vec<f32> = act
-        .qs
-        .chunks_exact(32)
-        .zip(act.dvec.chunks_exact(8))
-        .map(|(q, d)| d[0] * q.iter().map(|&v| v as i32).sum::<i32>() as f32)
-        .collect();
-    blocked(m, w, n, k / 256 * 144, out, |wp, nw, r0, rows, ot| {
-        let at = ActRows {
-            nb_pad,
-            qs: &act.qs[r0 * nb_pad * 32..(r0 + rows) * nb_pad * 32],
-            da: &da[r0 * nb_pad..(r0 + rows) * nb_pad],
-            dasum: &dasum[r0 * nb_pad..(r0 + rows) * nb_pad],
-        };
-        // SAFETY: the CPU has the features `vnni` names (this function's contract).
-        unsafe { q4k_rows(vnni, wp, nw, rows, &at, ot) }
-    });
+    // SAFETY: the caller's contract.
+    unsafe { gemm::<Q4K>(vnni, x, m, w, n, k, out) }
 }
 
-/// Q8_0-quantized activation rows, borrowed: `qs` `[rows, nb_pad, 32]`, the scales `da` and
-/// the products `dasum = d_a · Σ qa`, both `[rows, nb_pad]`.
-struct ActRows<'a> {
-    nb_pad: usize,
-    qs: &'a [i8],
-    da: &'a [f32],
-    dasum: &'a [f32],
-}
-
-/// Q4K weight rows against Q8_0 activation rows; lengths are checked here.
+/// The blocked GEMM (any `m >= 1`, `n >= 1`).
 ///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C, and AVX-VNNI when `vnni`.
-unsafe fn q4k_rows(vnni: bool, w: &[u8], nw: usize, rows: usize, act: &ActRows, out_t: &mut [f32]) {
-    assert!((1..=8).contains(&rows), "q4k: rows");
-    assert!(nw > 0 && w.len().is_multiple_of(nw * 144), "q4k: weight chunk size");
-    let nbk = w.len() / (nw * 144);
-    assert!(8 * nbk <= act.nb_pad, "q4k: activation stride");
-    assert_eq!(out_t.len(), nw * rows, "q4k: output chunk size");
-    assert_eq!(act.qs.len(), rows * act.nb_pad * 32, "q4k: activation size");
-    assert_eq!(act.da.len(), rows * act.nb_pad, "q4k: activation scale size");
-    assert_eq!(act.dasum.len(), rows * act.nb_pad, "q4k: activation sums size");
-    // SAFETY: the caller's contract; the lengths the kernel relies on are checked above.
-    unsafe { q4k_forms(vnni, rows, w, nw, nbk, act, out_t) }
-}
-
-avx2_forms!(
-    /// [`q4k_r`] for `rows` activation rows.
-    fn q4k_forms => q4k_r(w: &[u8], nw: usize, nbk: usize, act: &ActRows, out_t: &mut [f32])
-);
-
-/// Per weight block: the 8 sub-blocks' nibbles as u8 operands (sub-block `2c`: low nibbles of
-/// `qs[32c..32c + 32]`, `2c + 1`: high), then per activation row and sub-block
-/// `madd(maddubs(q, qa), 1)` (at most 2 · 15 · 127 per i16: no saturation; one [`dpbusd`]),
-/// the 8 sub-blocks' sums reduced into one vector of exact integers (lane = sub-block) and
-/// accumulated as `fma(isum, (d · sc) · d_a, acc)`; the min term of the 8 sub-blocks is one
-/// vector product `(dmin · mn) · (d_a · Σ qa)` subtracted from the accumulator.
-///
-/// # Safety
-/// The CPU has AVX2, FMA and F16C, and AVX-VNNI when `VNNI` (it runs inlined into a function
-/// compiled for them: [`avx2_forms`]).
-#[inline(always)]
-unsafe fn q4k_r<const VNNI: bool, const R: usize>(w: &[u8], nw: usize, nbk: usize, act: &ActRows, out_t: &mut [f32]) {
-    // SAFETY: the features are the caller's contract (this body runs inlined into a function
-    // compiled for them); memory is read through bounds-checked slices.
-    unsafe {
-        let row_bytes = nbk * 144;
-        let nb_pad = act.nb_pad;
-        let m4 = _mm256_set1_epi8(0x0F);
-        for (j, row) in w.chunks_exact(row_bytes).take(nw).enumerate() {
-            let mut acc = [_mm256_setzero_ps(); R];
-            for (bq, blk) in row.chunks_exact(144).enumerate() {
-                let (d, dmin) = (rows::f16_at(&blk[0..2]), rows::f16_at(&blk[2..4]));
-                let (sc, mn) = super::qgemv::q4k_scales_mins(&blk[4..16]);
-                let (sc, mn) = (sc.to_le_bytes(), mn.to_le_bytes());
-                // dmin · mn[s] by lane s, and d · sc[s] (both exact in f32: 11-bit × 6-bit).
-                let mn32 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(mn)));
-                let dmn = _mm256_mul_ps(_mm256_set1_ps(dmin), _mm256_cvtepi32_ps(mn32));
-                let sc32 = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(i64::from_le_bytes(sc)));
-                let dsc = _mm256_mul_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sc32));
-                let mut v = [_mm256_setzero_si256(); 8];
-                for c in 0..4 {
-                    let q = rows::load_u8(&blk[16 + 32 * c..]);
-                    v[2 * c] = _mm256_and_si256(q, m4);
-                    v[2 * c + 1] = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
-                }
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let o = r * nb_pad + 8 * bq;
-                    let mut p = [_mm256_setzero_si256(); 8];
-                    for (s, p) in p.iter_mut().enumerate() {
-                        let qa = rows::load_i8(&act.qs[(o + s) * 32..]);
-                        *p = dpbusd::<VNNI>(_mm256_setzero_si256(), v[s], qa);
+/// The CPU has AVX2, FMA and F16C, and AVX-VNNI when `vnni`; the slices match the shapes
+/// (`w.len() == n * F::row_bytes(k)`); `k` is a positive multiple of `32 * F::SUBS`.
+unsafe fn gemm<F: Format>(vnni: bool, x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
+    const { assert!(KCB.is_multiple_of(F::SUBS), "k-chunks hold whole weight blocks") };
+    let a_blk = F::A_BLK;
+    let nb = k / QK;
+    let m_tiles = m.div_ceil(MR);
+    A_PACK.with(m_tiles * nb * a_blk, 0, |apack| {
+        // Packing tasks: (first block of the k-chunk, first tile, region). Within a k-chunk of
+        // `kcb` blocks starting at block `pc`, tile `t` is at `pc * m_tiles * A_BLK +
+        // t * kcb * A_BLK`.
+        let mut jobs = Vec::new();
+        let mut rest = &mut apack[..];
+        let mut pc = 0;
+        while pc < nb {
+            let kcb = KCB.min(nb - pc);
+            let mut t = 0;
+            while t < m_tiles {
+                let tiles = PACK_TILES.min(m_tiles - t);
+                let (head, tail) = rest.split_at_mut(tiles * kcb * a_blk);
+                jobs.push((pc, kcb, t, tiles, head));
+                rest = tail;
+                t += tiles;
+            }
+            pc += kcb;
+        }
+        jobs.into_par_iter().for_each(|(pc, kcb, t0, tiles, dst)| {
+            for t in 0..tiles {
+                let r0 = (t0 + t) * MR;
+                let rows = MR.min(m - r0);
+                for b in 0..kcb {
+                    let (mut q, mut da) = ([[0i8; QK]; MR], [0f32; MR]);
+                    for r in 0..rows {
+                        let p = (r0 + r) * k + (pc + b) * QK;
+                        da[r] = f16::from_f32(q8_0_block_scalar(&x[p..p + QK], &mut q[r])).to_f32();
                     }
-                    // Lane s: the exact integer sum of sub-block s.
-                    let isum = _mm256_cvtepi32_ps(rows::reduce8(&p));
-                    let a = _mm256_fmadd_ps(isum, _mm256_mul_ps(dsc, rows::load_f32(&act.da[o..])), *acc);
-                    *acc = _mm256_fnmadd_ps(dmn, rows::load_f32(&act.dasum[o..]), a);
+                    F::pack_a(&q, &da, &mut dst[(t * kcb + b) * a_blk..(t * kcb + b + 1) * a_blk]);
                 }
             }
-            for (r, acc) in acc.iter().enumerate() {
-                out_t[j * R + r] = rows::hsum(*acc);
+        });
+        let grid = TaskGrid::new(n, NR, NC_PANELS, m_tiles);
+        let outp = OutPtr::new(out);
+        let apack = &apack[..];
+        grid.run(&PACK, |j0, j1, t0, t1, buf| {
+            let task = Task { apack, m, t0, t1, w, n, k, j0, cols: j1 - j0, out: outp };
+            // SAFETY: the features `vnni` names (this function's contract); the task writes the
+            // rows of tiles t0..t1, columns j0..j1 only.
+            unsafe {
+                if vnni {
+                    task_vnni::<F>(&task, buf)
+                } else {
+                    task_plain::<F>(&task, buf)
+                }
+            }
+        });
+    })
+}
+
+/// One task of [`gemm`]: row tiles `t0..t1` of the packed activations, columns `j0..j0 + cols`
+/// of `out` (`[m, n]`).
+struct Task<'a> {
+    apack: &'a [u8],
+    m: usize,
+    t0: usize,
+    t1: usize,
+    w: &'a [u8],
+    n: usize,
+    k: usize,
+    j0: usize,
+    cols: usize,
+    out: OutPtr,
+}
+
+/// [`task`] compiled for AVX2, FMA and F16C.
+///
+/// # Safety
+/// As for [`task`], without AVX-VNNI.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn task_plain<F: Format>(t: &Task, buf: &mut Vec<u8>) {
+    // SAFETY: the caller's contract; the features are enabled here.
+    unsafe { task::<F, false>(t, buf) }
+}
+
+/// [`task`] compiled for AVX2, FMA, F16C and AVX-VNNI.
+///
+/// # Safety
+/// As for [`task`], with AVX-VNNI.
+#[target_feature(enable = "avx2,fma,f16c,avxvnni")]
+unsafe fn task_vnni<F: Format>(t: &Task, buf: &mut Vec<u8>) {
+    // SAFETY: the caller's contract; the features are enabled here.
+    unsafe { task::<F, true>(t, buf) }
+}
+
+/// Packs the task's stripe of `W` into `buf`, then runs the micro-kernel over every micro-panel
+/// and row tile, by k-chunk, and stores into `out` (the first k-chunk overwrites, the others
+/// add).
+///
+/// # Safety
+/// The CPU has AVX2, FMA and F16C, and AVX-VNNI when `VNNI` (inlined into [`task_plain`] or
+/// [`task_vnni`]); `t.apack` holds the packed tiles of all `m` rows; no other task writes the
+/// task's elements of `out`.
+#[inline(always)]
+unsafe fn task<F: Format, const VNNI: bool>(t: &Task, buf: &mut Vec<u8>) {
+    // SAFETY: this `unsafe fn`'s contract, which its callers uphold; the packed operands are
+    // read within the blocks packed above and `out` within the task's rows and columns.
+    unsafe {
+        let (a_blk, w_blk) = (F::A_BLK, F::W_BLK);
+        let nb = t.k / QK;
+        let row_bytes = F::row_bytes(t.k);
+        let m_tiles = t.m.div_ceil(MR);
+        let panels = t.cols.div_ceil(NR);
+        // Packed stripe: by k-chunk, then panel (`kcb * W_BLK` bytes each).
+        let len = panels * nb * w_blk;
+        if buf.len() < len {
+            // Every byte in use is overwritten by the packing.
+            buf.resize(len, 0);
+        }
+        let wpack = &mut buf[..len];
+        let mut pc = 0;
+        while pc < nb {
+            let kcb = KCB.min(nb - pc);
+            for p in 0..panels {
+                let c0 = t.j0 + p * NR;
+                let valid = NR.min(t.j0 + t.cols - c0);
+                let o = (pc * panels + p * kcb) * w_blk;
+                F::pack_w(t.w, row_bytes, c0, valid, pc, kcb, &mut wpack[o..o + kcb * w_blk]);
+            }
+            pc += kcb;
+        }
+        let c = t.out.get();
+        let (ap, bp) = (t.apack.as_ptr(), wpack.as_ptr());
+        let mut tc = t.t0;
+        while tc < t.t1 {
+            let tc_end = t.t1.min(tc + MC_TILES);
+            let mut pc = 0;
+            while pc < nb {
+                let kcb = KCB.min(nb - pc);
+                let accumulate = pc > 0;
+                for p in 0..panels {
+                    let c0 = t.j0 + p * NR;
+                    let valid = NR.min(t.j0 + t.cols - c0);
+                    let b = bp.add((pc * panels + p * kcb) * w_blk);
+                    // The micro-panel of `W` stays in L1 while the row tiles stream from L2.
+                    for tile in tc..tc_end {
+                        let rows = MR.min(t.m - tile * MR);
+                        let a = ap.add((pc * m_tiles + tile * kcb) * a_blk);
+                        let ct = c.add(tile * MR * t.n + c0);
+                        macro_rules! call {
+                            ($($r:literal)*) => {
+                                match rows {
+                                    $($r => store_tile(&F::micro::<VNNI, $r>(a, b, kcb), ct, t.n, valid, accumulate),)*
+                                    _ => unreachable!("rows in 1..=MR"),
+                                }
+                            };
+                        }
+                        call!(1 2 3 4 5 6);
+                    }
+                }
+                pc += kcb;
+            }
+            tc = tc_end;
+        }
+    }
+}
+
+/// Stores the accumulators `acc` (`acc[r]` lane `c`) into rows `0..R`, columns `0..valid` of
+/// `c` (stride `ldc`), overwriting, or adding when `accumulate`.
+///
+/// # Safety
+/// The CPU has AVX2 (inlined into a function compiled for it); those elements of `c` are valid
+/// for reads and writes.
+#[inline(always)]
+unsafe fn store_tile<const R: usize>(acc: &[__m256; R], c: *mut f32, ldc: usize, valid: usize, accumulate: bool) {
+    // SAFETY: this `unsafe fn`'s contract; a masked-off lane is neither read nor written.
+    unsafe {
+        let mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(valid as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for r in 0..R {
+            let cr = c.add(r * ldc);
+            let mut v = acc[r];
+            if valid == NR {
+                if accumulate {
+                    v = _mm256_add_ps(v, _mm256_loadu_ps(cr));
+                }
+                _mm256_storeu_ps(cr, v);
+            } else {
+                if accumulate {
+                    v = _mm256_add_ps(v, _mm256_maskload_ps(cr, mask));
+                }
+                _mm256_maskstore_ps(cr, mask, v);
             }
         }
     }
+}
+
+/// Transpose of an 8×8 matrix of 32-bit words (`v[r]` = row `r`).
+///
+/// # Safety
+/// The CPU has AVX2 (inlined into a function compiled for it).
+#[inline(always)]
+unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
+    // SAFETY: the caller's contract (register operations only).
+    unsafe {
+        let mut t = [_mm256_setzero_si256(); 8];
+        for i in 0..4 {
+            t[2 * i] = _mm256_unpacklo_epi32(v[2 * i], v[2 * i + 1]);
+            t[2 * i + 1] = _mm256_unpackhi_epi32(v[2 * i], v[2 * i + 1]);
+        }
+        // t[2i], per 128-bit half l: (r2i c4l, r2i+1 c4l, r2i c4l+1, r2i+1 c4l+1); t[2i+1]: c4l+2, +3.
+        let mut u = [_mm256_setzero_si256(); 8];
+        for h in 0..2 {
+            let (p, q) = (4 * h, 4 * h + 2);
+            u[4 * h] = _mm256_unpacklo_epi64(t[p], t[q]);
+            u[4 * h + 1] = _mm256_unpackhi_epi64(t[p], t[q]);
+            u[4 * h + 2] = _mm256_unpacklo_epi64(t[p + 1], t[q + 1]);
+            u[4 * h + 3] = _mm256_unpackhi_epi64(t[p + 1], t[q + 1]);
+        }
+        // u[4h + j], half l: rows 4h..4h+4 of column 4l + j.
+        let mut o = [_mm256_setzero_si256(); 8];
+        for j in 0..4 {
+            o[j] = _mm256_permute2x128_si256::<0x20>(u[j], u[4 + j]);
+            o[4 + j] = _mm256_permute2x128_si256::<0x31>(u[j], u[4 + j]);
+        }
+        o
+    }
+}
+
+/// The 32 bytes at `p`.
+///
+/// # Safety
+/// The CPU has AVX2; 32 bytes at `p` are readable.
+#[inline(always)]
+unsafe fn load(p: *const u8) -> __m256i {
+    // SAFETY: the caller's contract; `loadu` has no alignment requirement.
+    unsafe { _mm256_loadu_si256(p.cast()) }
+}
+
+/// The 32-bit word at `p` in every lane.
+///
+/// # Safety
+/// The CPU has AVX2; 4 bytes at `p` are readable.
+#[inline(always)]
+unsafe fn broadcast(p: *const u8) -> __m256i {
+    // SAFETY: the caller's contract.
+    unsafe { _mm256_set1_epi32((p as *const i32).read_unaligned()) }
+}
+
+/// The f32 at `p` in every lane.
+///
+/// # Safety
+/// As for [`broadcast`].
+#[inline(always)]
+unsafe fn broadcast_f32(p: *const u8) -> __m256 {
+    // SAFETY: the caller's contract.
+    unsafe { _mm256_set1_ps((p as *const f32).read_unaligned()) }
+}
+
+/// Q8_0 weights (blocks of `{ d: f16, qs: [i8; 32] }`).
+struct Q80;
+
+/// Q8_0's packed activation block: 16 k-pairs × `MR` rows × 2 i16, then the `MR` scales `d_a`.
+const Q80_A_D: usize = 16 * MR * 4;
+/// Q8_0's packed weight block: 16 k-pairs × `NR` columns × 2 i16, then the `NR` scales `d_w`.
+const Q80_W_D: usize = 16 * NR * 4;
+
+impl Format for Q80 {
+    const A_BLK: usize = Q80_A_D + MR * 4;
+    const W_BLK: usize = Q80_W_D + NR * 4;
+    const SUBS: usize = 1;
+
+    fn row_bytes(k: usize) -> usize {
+        k / QK * 34
+    }
+
+    /// `dst[(p * MR + r) * 4..][..4]` = `(q[r][2p], q[r][2p + 1])` as little-endian i16.
+    fn pack_a(q: &[[i8; QK]; MR], da: &[f32; MR], dst: &mut [u8]) {
+        for p in 0..QK / 2 {
+            for r in 0..MR {
+                let o = (p * MR + r) * 4;
+                dst[o..o + 2].copy_from_slice(&(q[r][2 * p] as i16).to_le_bytes());
+                dst[o + 2..o + 4].copy_from_slice(&(q[r][2 * p + 1] as i16).to_le_bytes());
+            }
+        }
+        for r in 0..MR {
+            dst[Q80_A_D + 4 * r..Q80_A_D + 4 * r + 4].copy_from_slice(&da[r].to_le_bytes());
+        }
+    }
+
+    /// Per block: `dst[(p * NR + c) * 4..][..4]` = column `c`'s pair `p` as i16, then the `NR`
+    /// scales as f32.
+    #[inline(always)]
+    unsafe fn pack_w(w: &[u8], row_bytes: usize, j0: usize, valid: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
+        assert!(valid <= NR && (j0 + valid) * row_bytes <= w.len(), "pack_w: rows");
+        assert!((pc + kcb) * 34 <= row_bytes && dst.len() == kcb * Self::W_BLK, "pack_w: sizes");
+        // SAFETY: the caller's contract (the features); reads and writes through bounds-checked
+        // slices.
+        unsafe {
+            for b in 0..kcb {
+                let (mut lo, mut hi) = ([_mm256_setzero_si256(); NR], [_mm256_setzero_si256(); NR]);
+                let mut d = [0u16; NR];
+                for c in 0..valid {
+                    let blk = &w[(j0 + c) * row_bytes + (pc + b) * 34..][..34];
+                    d[c] = u16::from_le_bytes([blk[0], blk[1]]);
+                    let q = load(blk[2..34].as_ptr());
+                    lo[c] = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
+                    hi[c] = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q));
+                }
+                let dst = &mut dst[b * Self::W_BLK..(b + 1) * Self::W_BLK];
+                for (h, v) in [lo, hi].into_iter().enumerate() {
+                    for (p, v) in transpose8(v).into_iter().enumerate() {
+                        _mm256_storeu_si256(dst[(8 * h + p) * 32..][..32].as_mut_ptr().cast(), v);
+                    }
+                }
+                let scales = _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().cast()));
+                _mm256_storeu_ps(dst[Q80_W_D..Q80_W_D + 32].as_mut_ptr().cast(), scales);
+            }
+        }
+    }
+
+    /// Per block: `isum[r]` lane `c` = `Σ_p madd(pair p of column c, pair p of row r)` (exact),
+    /// then `acc[r] += isum · (d_w · d_a)`.
+    #[inline(always)]
+    unsafe fn micro<const VNNI: bool, const R: usize>(a: *const u8, b: *const u8, nblk: usize) -> [__m256; R] {
+        // SAFETY: the caller's contract: the features, and `nblk` blocks behind `a` and `b`.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for blk in 0..nblk {
+                let ab = a.add(blk * Self::A_BLK);
+                let bb = b.add(blk * Self::W_BLK);
+                let mut isum = [_mm256_setzero_si256(); R];
+                for p in 0..QK / 2 {
+                    let wv = load(bb.add(p * NR * 4));
+                    for r in 0..R {
+                        let av = broadcast(ab.add((p * MR + r) * 4));
+                        isum[r] = if VNNI {
+                            _mm256_dpwssd_avx_epi32(isum[r], wv, av)
+                        } else {
+                            _mm256_add_epi32(isum[r], _mm256_madd_epi16(wv, av))
+                        };
+                    }
+                }
+                let dw = _mm256_loadu_ps(bb.add(Q80_W_D).cast());
+                for r in 0..R {
+                    let da = broadcast_f32(ab.add(Q80_A_D + 4 * r));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(dw, da), acc[r]);
+                }
+            }
+            acc
+        }
+    }
+}
+
+/// Q4K weights (super-blocks of 256 values, 144 bytes: `d`, `dmin`, 12 bytes of six-bit
+/// scales and mins, 128 bytes of nibbles).
+struct Q4K;
+
+/// Q4K's packed activation block: 8 k-quads × `MR` rows × 4 i8, then the `MR` scales `d_a`, then
+/// the `MR` products `d_a · Σ qa` (exact: an 11-bit mantissa times at most 32 · 128).
+const Q4K_A_D: usize = 8 * MR * 4;
+const Q4K_A_DSUM: usize = Q4K_A_D + MR * 4;
+/// Q4K's packed weight block (one 32-value sub-block): 8 k-quads × `NR` columns × 4 nibbles as
+/// u8, then the `NR` scales `d · sc`, then the `NR` mins `dmin · m` (both exact in f32).
+const Q4K_W_D: usize = 8 * NR * 4;
+const Q4K_W_MIN: usize = Q4K_W_D + NR * 4;
+
+impl Format for Q4K {
+    const A_BLK: usize = Q4K_A_DSUM + MR * 4;
+    const W_BLK: usize = Q4K_W_MIN + NR * 4;
+    const SUBS: usize = 8;
+
+    fn row_bytes(k: usize) -> usize {
+        k / 256 * 144
+    }
+
+    /// `dst[(q * MR + r) * 4..][..4]` = `q[r][4q..4q + 4]`, then the scales, then the sums.
+    fn pack_a(q: &[[i8; QK]; MR], da: &[f32; MR], dst: &mut [u8]) {
+        for quad in 0..QK / 4 {
+            for r in 0..MR {
+                let o = (quad * MR + r) * 4;
+                for l in 0..4 {
+                    dst[o + l] = q[r][4 * quad + l] as u8;
+                }
+            }
+        }
+        for r in 0..MR {
+            let sum: i32 = q[r].iter().map(|&v| v as i32).sum();
+            dst[Q4K_A_D + 4 * r..Q4K_A_D + 4 * r + 4].copy_from_slice(&da[r].to_le_bytes());
+            dst[Q4K_A_DSUM + 4 * r..Q4K_A_DSUM + 4 * r + 4].copy_from_slice(&(da[r] * sum as f32).to_le_bytes());
+        }
+    }
+
+    /// Per 32-value sub-block `s` of a super-block: `dst[(q * NR + c) * 4..][..4]` = column
+    /// `c`'s nibbles `4q..4q + 4` of sub-block `s` (sub-block `2i`: the low nibbles of `qs[32i..32i
+    /// + 32]`, `2i + 1`: the high), then `d · sc[s]` and `dmin · m[s]` per column.
+    #[inline(always)]
+    unsafe fn pack_w(w: &[u8], row_bytes: usize, j0: usize, valid: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
+        assert!(valid <= NR && (j0 + valid) * row_bytes <= w.len(), "pack_w: rows");
+        assert!(pc.is_multiple_of(8) && kcb.is_multiple_of(8), "pack_w: whole super-blocks");
+        assert!((pc + kcb) / 8 * 144 <= row_bytes && dst.len() == kcb * Self::W_BLK, "pack_w: sizes");
+        // SAFETY: the caller's contract (the features); reads and writes through bounds-checked
+        // slices.
+        unsafe {
+            let m4 = _mm256_set1_epi8(0x0F);
+            for sb in 0..kcb / 8 {
+                // Per column: d · sc[s] and dmin · m[s] of the 8 sub-blocks.
+                let (mut dsc, mut dmn) = ([[0f32; NR]; 8], [[0f32; NR]; 8]);
+                for c in 0..valid {
+                    let blk = &w[(j0 + c) * row_bytes + (pc / 8 + sb) * 144..][..144];
+                    let (d, dmin) = (f16_le(&blk[0..2]), f16_le(&blk[2..4]));
+                    let (sc, mn) = q4k_scales_mins(&blk[4..16]);
+                    for s in 0..8 {
+                        dsc[s][c] = d * ((sc >> (8 * s)) & 0xFF) as f32;
+                        dmn[s][c] = dmin * ((mn >> (8 * s)) & 0xFF) as f32;
+                    }
+                }
+                for i in 0..4 {
+                    let (mut lo, mut hi) = ([_mm256_setzero_si256(); NR], [_mm256_setzero_si256(); NR]);
+                    for c in 0..valid {
+                        let qs = &w[(j0 + c) * row_bytes + (pc / 8 + sb) * 144 + 16 + 32 * i..][..32];
+                        let q = load(qs.as_ptr());
+                        lo[c] = _mm256_and_si256(q, m4);
+                        hi[c] = _mm256_and_si256(_mm256_srli_epi16::<4>(q), m4);
+                    }
+                    for (h, v) in [lo, hi].into_iter().enumerate() {
+                        let s = 2 * i + h;
+                        let dst = &mut dst[(8 * sb + s) * Self::W_BLK..(8 * sb + s + 1) * Self::W_BLK];
+                        for (quad, v) in transpose8(v).into_iter().enumerate() {
+                            _mm256_storeu_si256(dst[quad * 32..][..32].as_mut_ptr().cast(), v);
+                        }
+                        _mm256_storeu_ps(
+                            dst[Q4K_W_D..Q4K_W_D + 32].as_mut_ptr().cast(),
+                            _mm256_loadu_ps(dsc[s].as_ptr()),
+                        );
+                        _mm256_storeu_ps(
+                            dst[Q4K_W_MIN..Q4K_W_MIN + 32].as_mut_ptr().cast(),
+                            _mm256_loadu_ps(dmn[s].as_ptr()),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Per sub-block: `isum[r]` lane `c` = `Σ_q maddubs(quad q of column c, quad q of row r)`
+    /// (exact), then `acc[r] += isum · (d · sc · d_a) - (dmin · m) · (d_a · Σ qa)`.
+    #[inline(always)]
+    unsafe fn micro<const VNNI: bool, const R: usize>(a: *const u8, b: *const u8, nblk: usize) -> [__m256; R] {
+        // SAFETY: the caller's contract: the features, and `nblk` blocks behind `a` and `b`.
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [_mm256_setzero_ps(); R];
+            for blk in 0..nblk {
+                let ab = a.add(blk * Self::A_BLK);
+                let bb = b.add(blk * Self::W_BLK);
+                // i16 pair sums (without VNNI) or i32 sums (with).
+                let mut s = [_mm256_setzero_si256(); R];
+                for quad in 0..QK / 4 {
+                    let wv = load(bb.add(quad * NR * 4));
+                    for r in 0..R {
+                        let av = broadcast(ab.add((quad * MR + r) * 4));
+                        s[r] = if VNNI {
+                            _mm256_dpbusd_avx_epi32(s[r], wv, av)
+                        } else {
+                            _mm256_add_epi16(s[r], _mm256_maddubs_epi16(wv, av))
+                        };
+                    }
+                }
+                let dsc = _mm256_loadu_ps(bb.add(Q4K_W_D).cast());
+                let dmn = _mm256_loadu_ps(bb.add(Q4K_W_MIN).cast());
+                for r in 0..R {
+                    let isum = if VNNI { s[r] } else { _mm256_madd_epi16(s[r], ones) };
+                    let da = broadcast_f32(ab.add(Q4K_A_D + 4 * r));
+                    let a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dsc, da), acc[r]);
+                    acc[r] = _mm256_fnmadd_ps(dmn, broadcast_f32(ab.add(Q4K_A_DSUM + 4 * r)), a);
+                }
+            }
+            acc
+        }
+    }
+}
+
+/// The little-endian f16 in `b[0..2]` as f32.
+fn f16_le(b: &[u8]) -> f32 {
+    f16::from_le_bytes([b[0], b[1]]).to_f32()
 }
 
 #[cfg(test)]

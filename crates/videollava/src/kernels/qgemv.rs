@@ -359,7 +359,7 @@ fn q8k_block_scalar(xs: &[f32], q: &mut [i8; QK_K], bs: &mut [i16]) -> f32 {
 
 /// One 32-value block to Q8_0 as candle's `BlockQ8_0::from_float`; returns the f32 scale
 /// (before its rounding to f16).
-fn q8_0_block_scalar(xs: &[f32], q: &mut [i8]) -> f32 {
+pub(crate) fn q8_0_block_scalar(xs: &[f32], q: &mut [i8]) -> f32 {
     let amax = xs.iter().fold(0f32, |m, &v| m.max(v.abs()));
     let d = amax / 127.0;
     let id = if d != 0.0 { 1.0 / d } else { 0.0 };
@@ -994,7 +994,6 @@ pub(crate) mod avx2 {
             }
         };
     }
-    pub(crate) use avx2_forms;
 
     /// `acc + Σ u · s` over the 4 bytes of each 32-bit lane (`u` unsigned, `s` signed): AVX-VNNI
     /// `vpdpbusd`, else `maddubs` (adjacent pairs to i16, saturating) then `madd` with ones.
