@@ -26,10 +26,10 @@
 //!   widened to `u8`, then 32 f32 scales `d · sc` and 32 f32 mins `dmin · mn` (both exact in
 //!   f32). A 6×32 micro-kernel (this module; 12 zmm integer accumulators, 12 zmm f32
 //!   accumulators) then runs each micro-panel of `W` (in L1) against the row tiles.
-//! - AVX2 + FMA + F16C (no AVX-512 VNNI): `kernels::qgemm_avx2`'s blocked driver over the
-//!   matrix-vector kernels' register-blocked row loops (8 activation rows per weight block
-//!   decoded; with AVX-VNNI's 256-bit `vpdpbusd` where the CPU has it, the same bits), the same
-//!   quantized numbers (exact integer per 32-value block).
+//! - AVX2 + FMA + F16C (no AVX-512 VNNI): `kernels::qgemm_avx2`, the same blocking with a 6×8
+//!   micro-kernel (256-bit vectors, a broadcast activation word against 8 columns; the nibbles as
+//!   `u8` against `i8` activations, `maddubs` summed in i16 (`vpdpbusd` with AVX-VNNI); the same
+//!   bits with or without AVX-VNNI), the same quantized numbers (exact integer per 32-value block).
 //! - Portable (any CPU): the same quantized numbers, integer dot per sub-block, in plain Rust.
 //!
 //! Numerics: each activation row is quantized per 32-value block to Q8_0 exactly as candle's

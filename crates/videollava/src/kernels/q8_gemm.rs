@@ -20,10 +20,10 @@
 //!   corrections (`-128 · Σ qw` of the block, which undo the `+128` of the activations) and 32
 //!   f32 scales. A 6×32 micro-kernel (this module; 12 zmm integer accumulators, 12 zmm f32
 //!   accumulators) then runs each micro-panel of `W` (in L1) against the row tiles.
-//! - AVX2 + FMA + F16C (no AVX-512 VNNI): `kernels::qgemm_avx2`'s blocked driver over the
-//!   matrix-vector kernels' register-blocked row loops (8 activation rows per weight block
-//!   decoded; with AVX-VNNI's 256-bit `vpdpbusd` where the CPU has it, the same bits), the same
-//!   quantized numbers (exact integer per 32-value block).
+//! - AVX2 + FMA + F16C (no AVX-512 VNNI): `kernels::qgemm_avx2`, the same blocking with a 6×8
+//!   micro-kernel (256-bit vectors, a broadcast activation word against 8 columns; weights and
+//!   activations widened to i16, `madd` pairs (`vpdpwssd` with AVX-VNNI); the same bits with or
+//!   without AVX-VNNI), the same quantized numbers (exact integer per 32-value block).
 //! - Portable (any CPU): the same quantized numbers, integer dot per block, in plain Rust.
 //!
 //! Numerics: as candle's CPU quantized matmul for Q8_0 weights (ggml `vec_dot_q8_0_q8_0`):

@@ -18,18 +18,21 @@
 //!
 //! The products, per 32-value block an exact integer as on every path (only the order of the
 //! f32 sums differs):
-//! - Q8_0: weights and activations widened to i16 (pairs of `k`); `madd` of a column pair with
-//!   a broadcast activation pair (at most 2 · 128 · 127 per lane), added to the block sum
-//!   (`vpdpwssd` with AVX-VNNI). Two µops per 16 products and no sign trick: `maddubs` on
-//!   signed × signed bytes needs a `sign` per operand and a `madd` per step.
+//! - Q8_0 without AVX-VNNI: weights and activations widened to i16 (pairs of `k`); `madd` of a
+//!   column pair with a broadcast activation pair (at most 2 · 128 · 127 per lane), added to the
+//!   block sum. Two µops per 16 products and no sign trick: `maddubs` on signed × signed bytes
+//!   needs a `sign` per operand and a `madd` per step.
+//! - Q8_0 with AVX-VNNI (`qgemm_avx512`'s scheme): activations biased to `qa + 128` (`u8`)
+//!   against the `i8` weights, one `vpdpbusd` per 32 products (no saturation), the block sum
+//!   starting from `-128 · Σ qw` (packed with the weights) to undo the bias: the same integers.
 //! - Q4K: the nibbles as `u8` quads against broadcast `i8` activation quads: `maddubs` (at most
 //!   2 · 15 · 128 per i16), the eight quads of a 32-value sub-block summed in i16 (at most
 //!   30,720: no overflow), then one `madd` with ones (`vpdpbusd` with AVX-VNNI: the same
 //!   integers); the min term is `(dmin · m) · (d_a · Σ qa)` per sub-block.
 //!
-//! Memory: the packed activations (Q8_0: `m · k · 2.2` bytes; Q4K: `m · k · 1.3`) are kept
-//! between calls, and each rayon thread keeps its packed stripe of `W` (`256 · k · 2.1` bytes
-//! for Q8_0, `256 · k · 1.25` for Q4K).
+//! Memory: the packed activations (`m · k · 2.1` bytes for Q8_0 without AVX-VNNI, else about
+//! `m · k · 1.2`) are kept between calls, and each rayon thread keeps its packed stripe of `W`
+//! (`256 · k · 2.1` bytes for Q8_0 without AVX-VNNI, else `256 · k · 1.25`).
 
 // Register-blocked kernels index their arrays by loop counters on purpose.
 #![allow(clippy::needless_range_loop)]
@@ -106,8 +109,14 @@ thread_local! {
 /// # Safety
 /// The CPU has AVX2, FMA and F16C, and AVX-VNNI when `vnni`.
 pub(crate) unsafe fn q8_0(vnni: bool, x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
-    // SAFETY: the caller's contract.
-    unsafe { gemm::<Q80>(vnni, x, m, w, n, k, out) }
+    // SAFETY: the caller's contract (AVX-VNNI for `task_vnni`).
+    unsafe {
+        if vnni {
+            gemm::<Q80Vnni>(task_vnni::<Q80Vnni>, x, m, w, n, k, out)
+        } else {
+            gemm::<Q80>(task_plain::<Q80>, x, m, w, n, k, out)
+        }
+    }
 }
 
 /// [`super::q4k_gemm::matmul_q4k`] on AVX2, with AVX-VNNI when `vnni` (shapes checked by the
@@ -116,16 +125,26 @@ pub(crate) unsafe fn q8_0(vnni: bool, x: &[f32], m: usize, w: &[u8], n: usize, k
 /// # Safety
 /// The CPU has AVX2, FMA and F16C, and AVX-VNNI when `vnni`.
 pub(crate) unsafe fn q4k(vnni: bool, x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
-    // SAFETY: the caller's contract.
-    unsafe { gemm::<Q4K>(vnni, x, m, w, n, k, out) }
+    // SAFETY: the caller's contract (AVX-VNNI for `task_vnni`).
+    unsafe {
+        if vnni {
+            gemm::<Q4K>(task_vnni::<Q4K>, x, m, w, n, k, out)
+        } else {
+            gemm::<Q4K>(task_plain::<Q4K>, x, m, w, n, k, out)
+        }
+    }
 }
 
-/// The blocked GEMM (any `m >= 1`, `n >= 1`).
+/// [`task`] compiled for one set of CPU features ([`task_plain`] or [`task_vnni`]).
+type TaskFn = unsafe fn(&Task, &mut Vec<u8>);
+
+/// The blocked GEMM (any `m >= 1`, `n >= 1`), whose tasks `run` (`task_plain::<F>` or
+/// `task_vnni::<F>`).
 ///
 /// # Safety
-/// The CPU has AVX2, FMA and F16C, and AVX-VNNI when `vnni`; the slices match the shapes
+/// The CPU has the features `run` is compiled for; the slices match the shapes
 /// (`w.len() == n * F::row_bytes(k)`); `k` is a positive multiple of `32 * F::SUBS`.
-unsafe fn gemm<F: Format>(vnni: bool, x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
+unsafe fn gemm<F: Format>(run: TaskFn, x: &[f32], m: usize, w: &[u8], n: usize, k: usize, out: &mut [f32]) {
     const { assert!(KCB.is_multiple_of(F::SUBS), "k-chunks hold whole weight blocks") };
     let a_blk = F::A_BLK;
     let nb = k / QK;
@@ -168,15 +187,9 @@ unsafe fn gemm<F: Format>(vnni: bool, x: &[f32], m: usize, w: &[u8], n: usize, k
         let apack = &apack[..];
         grid.run(&PACK, |j0, j1, t0, t1, buf| {
             let task = Task { apack, m, t0, t1, w, n, k, j0, cols: j1 - j0, out: outp };
-            // SAFETY: the features `vnni` names (this function's contract); the task writes the
+            // SAFETY: the features `run` needs (this function's contract); the task writes the
             // rows of tiles t0..t1, columns j0..j1 only.
-            unsafe {
-                if vnni {
-                    task_vnni::<F>(&task, buf)
-                } else {
-                    task_plain::<F>(&task, buf)
-                }
-            }
+            unsafe { run(&task, buf) }
         });
     })
 }
@@ -442,9 +455,10 @@ impl Format for Q80 {
     }
 
     /// Per block: `isum[r]` lane `c` = `Σ_p madd(pair p of column c, pair p of row r)` (exact),
-    /// then `acc[r] += isum · (d_w · d_a)`.
+    /// then `acc[r] += isum · (d_w · d_a)`. Without AVX-VNNI only ([`Q80Vnni`] with it).
     #[inline(always)]
     unsafe fn micro<const VNNI: bool, const R: usize>(a: *const u8, b: *const u8, nblk: usize) -> [__m256; R] {
+        const { assert!(!VNNI, "Q8_0 with AVX-VNNI is Q80Vnni") };
         // SAFETY: the caller's contract: the features, and `nblk` blocks behind `a` and `b`.
         unsafe {
             let mut acc = [_mm256_setzero_ps(); R];
@@ -456,16 +470,108 @@ impl Format for Q80 {
                     let wv = load(bb.add(p * NR * 4));
                     for r in 0..R {
                         let av = broadcast(ab.add((p * MR + r) * 4));
-                        isum[r] = if VNNI {
-                            _mm256_dpwssd_avx_epi32(isum[r], wv, av)
-                        } else {
-                            _mm256_add_epi32(isum[r], _mm256_madd_epi16(wv, av))
-                        };
+                        isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(wv, av));
                     }
                 }
                 let dw = _mm256_loadu_ps(bb.add(Q80_W_D).cast());
                 for r in 0..R {
                     let da = broadcast_f32(ab.add(Q80_A_D + 4 * r));
+                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(dw, da), acc[r]);
+                }
+            }
+            acc
+        }
+    }
+}
+
+/// Q8_0 weights on AVX-VNNI.
+struct Q80Vnni;
+
+/// [`Q80Vnni`]'s packed activation block: 8 k-quads × `MR` rows × 4 `qa + 128` as u8, then the
+/// `MR` scales `d_a`.
+const Q80V_A_D: usize = 8 * MR * 4;
+/// [`Q80Vnni`]'s packed weight block: 8 k-quads × `NR` columns × 4 i8, then the `NR`
+/// corrections `-128 · Σ qw` (i32), then the `NR` scales `d_w`.
+const Q80V_W_CORR: usize = 8 * NR * 4;
+const Q80V_W_D: usize = Q80V_W_CORR + NR * 4;
+
+impl Format for Q80Vnni {
+    const A_BLK: usize = Q80V_A_D + MR * 4;
+    const W_BLK: usize = Q80V_W_D + NR * 4;
+    const SUBS: usize = 1;
+
+    fn row_bytes(k: usize) -> usize {
+        Q80::row_bytes(k)
+    }
+
+    /// `dst[(q * MR + r) * 4 + l]` = `q[r][4q + l] + 128` as u8, then the scales.
+    fn pack_a(q: &[[i8; QK]; MR], da: &[f32; MR], dst: &mut [u8]) {
+        for quad in 0..QK / 4 {
+            for r in 0..MR {
+                for l in 0..4 {
+                    dst[(quad * MR + r) * 4 + l] = (q[r][4 * quad + l] as u8) ^ 0x80;
+                }
+            }
+        }
+        for r in 0..MR {
+            dst[Q80V_A_D + 4 * r..Q80V_A_D + 4 * r + 4].copy_from_slice(&da[r].to_le_bytes());
+        }
+    }
+
+    /// Per block: `dst[(q * NR + c) * 4 + l]` = column `c`'s `qw[4q + l]`, then the
+    /// corrections, then the scales.
+    #[inline(always)]
+    unsafe fn pack_w(w: &[u8], row_bytes: usize, j0: usize, valid: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
+        assert!(valid <= NR && (j0 + valid) * row_bytes <= w.len(), "pack_w: rows");
+        assert!((pc + kcb) * 34 <= row_bytes && dst.len() == kcb * Self::W_BLK, "pack_w: sizes");
+        // SAFETY: the caller's contract (the features, AVX-VNNI included); reads and writes
+        // through bounds-checked slices.
+        unsafe {
+            let ones = _mm256_set1_epi8(1);
+            for b in 0..kcb {
+                let mut v = [_mm256_setzero_si256(); NR];
+                let mut d = [0u16; NR];
+                for c in 0..valid {
+                    let blk = &w[(j0 + c) * row_bytes + (pc + b) * 34..][..34];
+                    d[c] = u16::from_le_bytes([blk[0], blk[1]]);
+                    v[c] = load(blk[2..34].as_ptr());
+                }
+                let dst = &mut dst[b * Self::W_BLK..(b + 1) * Self::W_BLK];
+                let mut sum = _mm256_setzero_si256();
+                for (quad, v) in transpose8(v).into_iter().enumerate() {
+                    sum = _mm256_dpbusd_avx_epi32(sum, ones, v);
+                    _mm256_storeu_si256(dst[quad * 32..][..32].as_mut_ptr().cast(), v);
+                }
+                let corr = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_slli_epi32::<7>(sum));
+                _mm256_storeu_si256(dst[Q80V_W_CORR..Q80V_W_CORR + 32].as_mut_ptr().cast(), corr);
+                let scales = _mm256_cvtph_ps(_mm_loadu_si128(d.as_ptr().cast()));
+                _mm256_storeu_ps(dst[Q80V_W_D..Q80V_W_D + 32].as_mut_ptr().cast(), scales);
+            }
+        }
+    }
+
+    /// Per block: `isum[r]` lane `c` = `-128 · Σ qw + Σ_q dpbusd(quad q of row r + 128, quad q of
+    /// column c)` = `Σ qa · qw` (exact), then `acc[r] += isum · (d_w · d_a)` as [`Q80`]'s.
+    #[inline(always)]
+    unsafe fn micro<const VNNI: bool, const R: usize>(a: *const u8, b: *const u8, nblk: usize) -> [__m256; R] {
+        const { assert!(VNNI, "Q80Vnni needs AVX-VNNI") };
+        // SAFETY: the caller's contract: the features, and `nblk` blocks behind `a` and `b`.
+        unsafe {
+            let mut acc = [_mm256_setzero_ps(); R];
+            for blk in 0..nblk {
+                let ab = a.add(blk * Self::A_BLK);
+                let bb = b.add(blk * Self::W_BLK);
+                let corr = load(bb.add(Q80V_W_CORR));
+                let mut isum = [corr; R];
+                for quad in 0..QK / 4 {
+                    let wv = load(bb.add(quad * NR * 4));
+                    for r in 0..R {
+                        isum[r] = _mm256_dpbusd_avx_epi32(isum[r], broadcast(ab.add((quad * MR + r) * 4)), wv);
+                    }
+                }
+                let dw = _mm256_loadu_ps(bb.add(Q80V_W_D).cast());
+                for r in 0..R {
+                    let da = broadcast_f32(ab.add(Q80V_A_D + 4 * r));
                     acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(dw, da), acc[r]);
                 }
             }
