@@ -52,8 +52,9 @@ fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-pub fn run(args: BenchArgs) -> Result<()> {
+pub fn run(mut args: BenchArgs) -> Result<()> {
     let t_load = Instant::now();
+    args.model.one_shot();
     let engine = args.model.load()?;
     let load_s = t_load.elapsed().as_secs_f64();
     let rss_after_load = peak_rss_mib();
@@ -106,6 +107,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         "quantize": args.model.quantize.map(|q| q.name()),
         "kv_cache": args.model.kv_cache.to_string(),
         "prefill_chunk": args.model.prefill_chunk,
+        "prefix_cache_mib": args.model.prefix_cache_mib(),
         "threads": args.model.threads.unwrap_or_else(|| std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)),
         "prompt_tokens": prompt_tokens,
         "new_tokens": out[0].token_ids.len(),

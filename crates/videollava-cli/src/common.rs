@@ -80,9 +80,11 @@ pub struct ModelArgs {
     /// MiB of computed prompt prefixes' keys/values kept in memory (least recently used
     /// dropped first), so a prompt that starts like an earlier one (same tokens, same media: a
     /// follow-up question about a video, the next turn of a conversation) prefills only the
-    /// rest (0: off). The default holds two 7B video prefixes in BF16 (~1.1 GB each).
-    #[arg(long, default_value_t = videollava::model::prefix_cache::DEFAULT_CAPACITY_BYTES >> 20, value_name = "MIB")]
-    pub prefix_cache_mib: usize,
+    /// rest (0: off). Default: 2560 (two 7B video prefixes in BF16, ~1.1 GB each) for `serve`,
+    /// `chat`, `batch` and `quality`; 0 for `generate` and `bench`, which answer once and exit
+    /// (a kept copy would only add to their peak memory).
+    #[arg(long, value_name = "MIB")]
+    pub prefix_cache_mib: Option<usize>,
     /// Also save the keys/values of media prefixes (a prompt up to its last image or video) in
     /// this directory, so the same media after a restart, or in another process, skips their
     /// prefill. Files of another checkpoint, dtype or cache format are ignored.
@@ -121,6 +123,16 @@ impl ModelArgs {
     }
 
     /// Resolves and loads the checkpoint.
+    /// `--prefix-cache-mib`, or its default for a command that answers more than once.
+    pub fn prefix_cache_mib(&self) -> usize {
+        self.prefix_cache_mib.unwrap_or(videollava::model::prefix_cache::DEFAULT_CAPACITY_BYTES >> 20)
+    }
+
+    /// For a command that answers once and exits: no prefix cache unless asked for.
+    pub fn one_shot(&mut self) {
+        self.prefix_cache_mib.get_or_insert(0);
+    }
+
     pub fn load(&self) -> Result<Engine> {
         if let Some(n) = self.threads {
             // candle's CPU kernels read this before their first use.
@@ -143,7 +155,7 @@ impl ModelArgs {
         engine.model_mut().set_kv_cache_format(self.kv_cache);
         engine.model_mut().set_prefill_chunk(self.prefill_chunk);
         engine.model_mut().set_prefix_any_length(self.prefix_any_length);
-        engine.model().set_prefix_cache_capacity(self.prefix_cache_mib << 20);
+        engine.model().set_prefix_cache_capacity(self.prefix_cache_mib() << 20);
         engine
             .set_prefix_cache_dir_bounded(self.prefix_cache_dir.as_deref(), self.prefix_cache_dir_mib << 20)
             .with_context(|| format!("--prefix-cache-dir {:?}", self.prefix_cache_dir))?;
@@ -303,7 +315,7 @@ impl KvBudgetArgs {
                 let available = mem_available_bytes()?;
                 // Mapped weights sit in the page cache, which MemAvailable counts as free.
                 let weights = engine.model().decode_weight_bytes();
-                let claimed = weights + (model.prefix_cache_mib << 20) + (1 << 30);
+                let claimed = weights + (model.prefix_cache_mib() << 20) + (1 << 30);
                 // Halved: a row's keys/values exist twice while it joins the running batch (its
                 // own cache and the batch's grown copy). Measured: the whole difference on 7B BF16
                 // (5.5 GB budget, 24 GiB) thrashed the page cache holding the mapped weights.
@@ -319,4 +331,34 @@ fn mem_available_bytes() -> Option<usize> {
     let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: usize = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib << 10)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ModelArgs;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        model: ModelArgs,
+    }
+
+    fn model(args: &[&str]) -> ModelArgs {
+        Cli::try_parse_from([&["videollava"], args].concat()).expect("parses").model
+    }
+
+    /// The prefix cache is on by default for commands that answer more than once, off for the
+    /// one-shot ones unless asked for.
+    #[test]
+    fn one_shot_commands_keep_no_prefixes_unless_asked() {
+        let default = videollava::model::prefix_cache::DEFAULT_CAPACITY_BYTES >> 20;
+        assert_eq!(model(&["--model", "m"]).prefix_cache_mib(), default);
+        let mut once = model(&["--model", "m"]);
+        once.one_shot();
+        assert_eq!(once.prefix_cache_mib(), 0);
+        let mut asked = model(&["--model", "m", "--prefix-cache-mib", "100"]);
+        asked.one_shot();
+        assert_eq!(asked.prefix_cache_mib(), 100);
+    }
 }

@@ -71,7 +71,8 @@ fn build_prompts(engine: &Engine, args: &GenerateArgs, n_images: usize, n_videos
     args.prompts.iter().enumerate().map(|(i, q)| Ok(engine.question_prompt(q, images[i], videos[i])?)).collect()
 }
 
-pub fn run(args: GenerateArgs) -> Result<()> {
+pub fn run(mut args: GenerateArgs) -> Result<()> {
+    args.model.one_shot();
     let engine = args.model.load()?;
     let (images, videos, media_ms) = args.media.load(engine.processor().num_frames)?;
     let prompts = build_prompts(&engine, &args, images.len(), videos.len())?;
