@@ -231,10 +231,57 @@ fn gemv_block(set: super::cpu::KernelSet, x: &[f32], rows: usize, w: &[u16], nj:
     gemv_block_generic(x, rows, w, nj, k, out);
 }
 
+/// [`gemv_block_generic`] with four weight rows at a time (eight independent FMA chains, four
+/// weight streams), the same sums in the same order (so the same bits).
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn gemv_block_avx2(x: &[f32], rows: usize, w: &[u16], nj: usize, k: usize, out: &mut [f32]) {
-    gemv_block_generic(x, rows, w, nj, k, out);
+    use std::arch::x86_64::*;
+    const J: usize = 4;
+    let full = nj / J * J;
+    let chunks = k / 16;
+    // 16 BF16 bits from `s` widened to f32: the low and the high 8.
+    let widen16 = |s: &[u16]| {
+        let s: &[u16; 16] = s.try_into().expect("16 values");
+        // SAFETY: `s` is 32 readable bytes; `loadu` has no alignment requirement; AVX2 is
+        // enabled in this function.
+        let v = unsafe { _mm256_loadu_si256(s.as_ptr().cast()) };
+        let lo = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(v)));
+        let hi = _mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(_mm256_extracti128_si256::<1>(v)));
+        (_mm256_castsi256_ps(lo), _mm256_castsi256_ps(hi))
+    };
+    for j0 in (0..full).step_by(J) {
+        let wr: [&[u16]; J] = std::array::from_fn(|jj| &w[(j0 + jj) * k..(j0 + jj + 1) * k]);
+        for r in 0..rows {
+            let xr = &x[r * k..(r + 1) * k];
+            let mut acc = [[_mm256_setzero_ps(); 2]; J];
+            for c in 0..chunks {
+                let xs: &[f32; 16] = xr[c * 16..(c + 1) * 16].try_into().expect("16 values");
+                // SAFETY: `xs` is 64 readable bytes; `loadu` has no alignment requirement.
+                let (x0, x1) = unsafe { (_mm256_loadu_ps(xs.as_ptr()), _mm256_loadu_ps(xs.as_ptr().add(8))) };
+                for jj in 0..J {
+                    let (lo, hi) = widen16(&wr[jj][c * 16..(c + 1) * 16]);
+                    acc[jj][0] = _mm256_fmadd_ps(x0, lo, acc[jj][0]);
+                    acc[jj][1] = _mm256_fmadd_ps(x1, hi, acc[jj][1]);
+                }
+            }
+            for jj in 0..J {
+                // The 16 partial sums in lane order, then the tail: as `dot_bf16w`.
+                let mut lanes = [0f32; 16];
+                // SAFETY: `lanes` is 64 writable bytes.
+                unsafe {
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), acc[jj][0]);
+                    _mm256_storeu_ps(lanes.as_mut_ptr().add(8), acc[jj][1]);
+                }
+                let mut sum: f32 = lanes.iter().sum();
+                for i in chunks * 16..k {
+                    sum += xr[i] * widen(wr[jj][i]);
+                }
+                out[(j0 + jj) * rows + r] = sum;
+            }
+        }
+    }
+    gemv_block_generic(x, rows, &w[full * k..], nj - full, k, &mut out[full * rows..]);
 }
 
 #[inline(always)]
@@ -758,6 +805,33 @@ mod tests {
             (15, 33, 64),
         ] {
             cpu::for_each_set(|set| run(m, n, k, set));
+        }
+    }
+
+    /// The decode matrix-vector product (`gemv_f32`) gives the same bits on every kernel set
+    /// (the AVX2 kernel sums in the portable loop's order), and matches the f64 reference:
+    /// weight rows not a multiple of its 4 at a time, `k` not a multiple of 16, 1-8 rows.
+    #[test]
+    fn gemv_f32_same_bits_on_every_set() {
+        for &(rows, n, k) in &[(1, 7, 35), (1, 64, 256), (3, 13, 100), (8, 5, 48), (2, 130, 16)] {
+            let x: Vec<f32> = values(rows * k, 3).into_iter().map(widen).collect();
+            let w = values(n * k, 4);
+            let mut want = vec![0f32; rows * n];
+            gemv_f32_into(KernelSet::Portable, &x, rows, &w, n, k, &mut want);
+            for r in 0..rows {
+                for j in 0..n {
+                    let e: f64 = (0..k).map(|p| x[r * k + p] as f64 * widen64(w[j * k + p])).sum();
+                    let tol =
+                        1e-5 * (1.0 + (0..k).map(|p| (x[r * k + p] as f64 * widen64(w[j * k + p])).abs()).sum::<f64>());
+                    assert!((want[r * n + j] as f64 - e).abs() <= tol, "rows={rows} n={n} k={k}: [{r}, {j}]");
+                }
+            }
+            for set in cpu::available_sets() {
+                let mut got = vec![f32::NAN; rows * n];
+                gemv_f32_into(set, &x, rows, &w, n, k, &mut got);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{set}: rows={rows} n={n} k={k}");
+            }
         }
     }
 
