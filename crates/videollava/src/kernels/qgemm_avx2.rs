@@ -40,7 +40,7 @@
 use super::out_ptr::OutPtr;
 use super::pack_cache::PackCache;
 use super::qgemv::{q4k_scales_mins, q8_0_block_scalar};
-use super::task_grid::TaskGrid;
+use super::task_grid::{activation_jobs, TaskGrid};
 use half::f16;
 use rayon::prelude::*;
 use std::arch::x86_64::*;
@@ -150,24 +150,7 @@ unsafe fn gemm<F: Format>(run: TaskFn, x: &[f32], m: usize, w: &[u8], n: usize, 
     let nb = k / QK;
     let m_tiles = m.div_ceil(MR);
     A_PACK.with(m_tiles * nb * a_blk, 0, |apack| {
-        // Packing tasks: (first block of the k-chunk, first tile, region). Within a k-chunk of
-        // `kcb` blocks starting at block `pc`, tile `t` is at `pc * m_tiles * A_BLK +
-        // t * kcb * A_BLK`.
-        let mut jobs = Vec::new();
-        let mut rest = &mut apack[..];
-        let mut pc = 0;
-        while pc < nb {
-            let kcb = KCB.min(nb - pc);
-            let mut t = 0;
-            while t < m_tiles {
-                let tiles = PACK_TILES.min(m_tiles - t);
-                let (head, tail) = rest.split_at_mut(tiles * kcb * a_blk);
-                jobs.push((pc, kcb, t, tiles, head));
-                rest = tail;
-                t += tiles;
-            }
-            pc += kcb;
-        }
+        let jobs = activation_jobs(&mut apack[..], nb, m_tiles, KCB, PACK_TILES, a_blk);
         jobs.into_par_iter().for_each(|(pc, kcb, t0, tiles, dst)| {
             for t in 0..tiles {
                 let r0 = (t0 + t) * MR;
@@ -392,6 +375,24 @@ unsafe fn broadcast_f32(p: *const u8) -> __m256 {
     unsafe { _mm256_set1_ps((p as *const f32).read_unaligned()) }
 }
 
+/// `acc[r] += isum[r] · (dw · da[r])`: one block's exact sums scaled into the f32 accumulators
+/// (`dw`: the `NR` weight scales, `da`: the `MR` activation scales, both f32).
+///
+/// # Safety
+/// The CPU has AVX2 and FMA (inlined into a function compiled for them); 32 bytes at `dw` and
+/// `4 · R` at `da` are readable.
+#[inline(always)]
+unsafe fn add_scaled<const R: usize>(acc: &mut [__m256; R], isum: &[__m256i; R], dw: *const u8, da: *const u8) {
+    // SAFETY: the caller's contract.
+    unsafe {
+        let dw = _mm256_loadu_ps(dw.cast());
+        for r in 0..R {
+            let s = _mm256_mul_ps(dw, broadcast_f32(da.add(4 * r)));
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), s, acc[r]);
+        }
+    }
+}
+
 /// Q8_0 weights (blocks of `{ d: f16, qs: [i8; 32] }`).
 struct Q80;
 
@@ -473,11 +474,7 @@ impl Format for Q80 {
                         isum[r] = _mm256_add_epi32(isum[r], _mm256_madd_epi16(wv, av));
                     }
                 }
-                let dw = _mm256_loadu_ps(bb.add(Q80_W_D).cast());
-                for r in 0..R {
-                    let da = broadcast_f32(ab.add(Q80_A_D + 4 * r));
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(dw, da), acc[r]);
-                }
+                add_scaled(&mut acc, &isum, bb.add(Q80_W_D), ab.add(Q80_A_D));
             }
             acc
         }
@@ -569,11 +566,7 @@ impl Format for Q80Vnni {
                         isum[r] = _mm256_dpbusd_avx_epi32(isum[r], broadcast(ab.add((quad * MR + r) * 4)), wv);
                     }
                 }
-                let dw = _mm256_loadu_ps(bb.add(Q80V_W_D).cast());
-                for r in 0..R {
-                    let da = broadcast_f32(ab.add(Q80V_A_D + 4 * r));
-                    acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r]), _mm256_mul_ps(dw, da), acc[r]);
-                }
+                add_scaled(&mut acc, &isum, bb.add(Q80V_W_D), ab.add(Q80V_A_D));
             }
             acc
         }
@@ -695,13 +688,16 @@ impl Format for Q4K {
                         };
                     }
                 }
-                let dsc = _mm256_loadu_ps(bb.add(Q4K_W_D).cast());
+                if !VNNI {
+                    for v in s.iter_mut() {
+                        *v = _mm256_madd_epi16(*v, ones);
+                    }
+                }
+                let isum = s;
+                add_scaled(&mut acc, &isum, bb.add(Q4K_W_D), ab.add(Q4K_A_D));
                 let dmn = _mm256_loadu_ps(bb.add(Q4K_W_MIN).cast());
                 for r in 0..R {
-                    let isum = if VNNI { s[r] } else { _mm256_madd_epi16(s[r], ones) };
-                    let da = broadcast_f32(ab.add(Q4K_A_D + 4 * r));
-                    let a = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_mul_ps(dsc, da), acc[r]);
-                    acc[r] = _mm256_fnmadd_ps(dmn, broadcast_f32(ab.add(Q4K_A_DSUM + 4 * r)), a);
+                    acc[r] = _mm256_fnmadd_ps(dmn, broadcast_f32(ab.add(Q4K_A_DSUM + 4 * r)), acc[r]);
                 }
             }
             acc

@@ -31,7 +31,7 @@
 use super::out_ptr::OutPtr;
 use super::pack_cache::PackCache;
 use super::qgemv::avx512::q8_0_block;
-use super::task_grid::TaskGrid;
+use super::task_grid::{activation_jobs, TaskGrid};
 use core::arch::x86_64::*;
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -148,24 +148,7 @@ pub(crate) unsafe fn gemm<F: Format>(x: &[f32], m: usize, w: &[u8], n: usize, k:
     let len = m_tiles * nb * a_blk;
     A_PACK.with(len.div_ceil(64), Line([0; 64]), |lines| {
         let apack = line_bytes(lines, len);
-        // Packing tasks: (first block of the k-chunk, first tile, region). Within a k-chunk of
-        // `kcb` blocks starting at block `pc`, tile `t` is at `pc * m_tiles * A_BLK +
-        // t * kcb * A_BLK`.
-        let mut jobs = Vec::new();
-        let mut rest = &mut apack[..];
-        let mut pc = 0;
-        while pc < nb {
-            let kcb = KCB.min(nb - pc);
-            let mut t = 0;
-            while t < m_tiles {
-                let tiles = PACK_TILES.min(m_tiles - t);
-                let (head, tail) = rest.split_at_mut(tiles * kcb * a_blk);
-                jobs.push((pc, kcb, t, tiles, head));
-                rest = tail;
-                t += tiles;
-            }
-            pc += kcb;
-        }
+        let jobs = activation_jobs(&mut apack[..], nb, m_tiles, KCB, PACK_TILES, a_blk);
         jobs.into_par_iter().for_each(|(pc, kcb, t0, tiles, dst)| {
             for t in 0..tiles {
                 let r0 = (t0 + t) * MR;

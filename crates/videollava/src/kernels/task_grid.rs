@@ -1,4 +1,5 @@
-//! How the blocked GEMMs (BF16 and int8, AVX-512) cut `out` into parallel tasks.
+//! How the blocked GEMMs (BF16 and int8) cut `out` into parallel tasks, and the int8 GEMMs their
+//! activations into packing jobs.
 
 use std::cell::RefCell;
 use std::thread::LocalKey;
@@ -59,4 +60,35 @@ impl TaskGrid {
         let t0 = ms * self.tiles_per_task;
         (j0, j1, t0, self.m_tiles.min(t0 + self.tiles_per_task))
     }
+}
+
+/// The packing jobs of the int8 GEMMs' activations: `apack` (`m_tiles · nb · a_blk` bytes, `nb`
+/// blocks of `a_blk` bytes per row tile) cut by k-chunk of up to `kcb` blocks, then by up to
+/// `tiles` row tiles. Within the k-chunk of `kc` blocks starting at block `pc`, tile `t` is at
+/// `pc · m_tiles · a_blk + t · kc · a_blk`. A job: (`pc`, `kc`, its first tile, its tiles, its
+/// region).
+pub(crate) fn activation_jobs(
+    apack: &mut [u8],
+    nb: usize,
+    m_tiles: usize,
+    kcb: usize,
+    tiles: usize,
+    a_blk: usize,
+) -> Vec<(usize, usize, usize, usize, &mut [u8])> {
+    let mut jobs = Vec::new();
+    let mut rest = apack;
+    let mut pc = 0;
+    while pc < nb {
+        let kc = kcb.min(nb - pc);
+        let mut t = 0;
+        while t < m_tiles {
+            let n = tiles.min(m_tiles - t);
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(n * kc * a_blk);
+            jobs.push((pc, kc, t, n, head));
+            rest = tail;
+            t += n;
+        }
+        pc += kc;
+    }
+    jobs
 }
