@@ -393,6 +393,27 @@ unsafe fn add_scaled<const R: usize>(acc: &mut [__m256; R], isum: &[__m256i; R],
     }
 }
 
+/// Block `blk` of the Q8_0 weight rows `j0..j0 + valid` (`valid <= NR`; `w` the whole weight,
+/// `row_bytes` per row): the f16 scales' bits and the 32 codes of each column (zeros for missing
+/// columns).
+///
+/// # Safety
+/// The CPU has AVX2 (inlined into a function compiled for it).
+#[inline(always)]
+unsafe fn q8_0_columns(w: &[u8], row_bytes: usize, j0: usize, valid: usize, blk: usize) -> ([u16; NR], [__m256i; NR]) {
+    assert!(valid <= NR && (blk + 1) * 34 <= row_bytes, "q8_0_columns: range");
+    // SAFETY: the caller's contract (AVX2); `b[2..34]` is 32 readable bytes.
+    unsafe {
+        let (mut d, mut q) = ([0u16; NR], [_mm256_setzero_si256(); NR]);
+        for c in 0..valid {
+            let b = &w[(j0 + c) * row_bytes + blk * 34..][..34];
+            d[c] = u16::from_le_bytes([b[0], b[1]]);
+            q[c] = load(b[2..34].as_ptr());
+        }
+        (d, q)
+    }
+}
+
 /// Q8_0 weights (blocks of `{ d: f16, qs: [i8; 32] }`).
 struct Q80;
 
@@ -428,20 +449,16 @@ impl Format for Q80 {
     /// scales as f32.
     #[inline(always)]
     unsafe fn pack_w(w: &[u8], row_bytes: usize, j0: usize, valid: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
-        assert!(valid <= NR && (j0 + valid) * row_bytes <= w.len(), "pack_w: rows");
-        assert!((pc + kcb) * 34 <= row_bytes && dst.len() == kcb * Self::W_BLK, "pack_w: sizes");
+        assert!(dst.len() == kcb * Self::W_BLK, "pack_w: sizes");
         // SAFETY: the caller's contract (the features); reads and writes through bounds-checked
         // slices.
         unsafe {
             for b in 0..kcb {
+                let (d, q) = q8_0_columns(w, row_bytes, j0, valid, pc + b);
                 let (mut lo, mut hi) = ([_mm256_setzero_si256(); NR], [_mm256_setzero_si256(); NR]);
-                let mut d = [0u16; NR];
-                for c in 0..valid {
-                    let blk = &w[(j0 + c) * row_bytes + (pc + b) * 34..][..34];
-                    d[c] = u16::from_le_bytes([blk[0], blk[1]]);
-                    let q = load(blk[2..34].as_ptr());
-                    lo[c] = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q));
-                    hi[c] = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q));
+                for c in 0..NR {
+                    lo[c] = _mm256_cvtepi8_epi16(_mm256_castsi256_si128(q[c]));
+                    hi[c] = _mm256_cvtepi8_epi16(_mm256_extracti128_si256::<1>(q[c]));
                 }
                 let dst = &mut dst[b * Self::W_BLK..(b + 1) * Self::W_BLK];
                 for (h, v) in [lo, hi].into_iter().enumerate() {
@@ -519,20 +536,13 @@ impl Format for Q80Vnni {
     /// corrections, then the scales.
     #[inline(always)]
     unsafe fn pack_w(w: &[u8], row_bytes: usize, j0: usize, valid: usize, pc: usize, kcb: usize, dst: &mut [u8]) {
-        assert!(valid <= NR && (j0 + valid) * row_bytes <= w.len(), "pack_w: rows");
-        assert!((pc + kcb) * 34 <= row_bytes && dst.len() == kcb * Self::W_BLK, "pack_w: sizes");
+        assert!(dst.len() == kcb * Self::W_BLK, "pack_w: sizes");
         // SAFETY: the caller's contract (the features, AVX-VNNI included); reads and writes
         // through bounds-checked slices.
         unsafe {
             let ones = _mm256_set1_epi8(1);
             for b in 0..kcb {
-                let mut v = [_mm256_setzero_si256(); NR];
-                let mut d = [0u16; NR];
-                for c in 0..valid {
-                    let blk = &w[(j0 + c) * row_bytes + (pc + b) * 34..][..34];
-                    d[c] = u16::from_le_bytes([blk[0], blk[1]]);
-                    v[c] = load(blk[2..34].as_ptr());
-                }
+                let (d, v) = q8_0_columns(w, row_bytes, j0, valid, pc + b);
                 let dst = &mut dst[b * Self::W_BLK..(b + 1) * Self::W_BLK];
                 let mut sum = _mm256_setzero_si256();
                 for (quad, v) in transpose8(v).into_iter().enumerate() {
