@@ -201,6 +201,17 @@ pub struct PrefixCache {
     store: Option<PrefixStore>,
 }
 
+impl Drop for PrefixCache {
+    /// A saved prefix still being written (on its own thread) is finished first: a command that
+    /// answers once and exits (`generate`), or a server shutting down, leaves the file whole
+    /// for the next process instead of a temporary file.
+    fn drop(&mut self) {
+        if let Some(store) = &self.store {
+            store.wait_saved();
+        }
+    }
+}
+
 fn common_prefix(a: &[u64], b: &[u64]) -> usize {
     a.iter().zip(b).take_while(|(x, y)| x == y).count()
 }
@@ -581,6 +592,13 @@ impl PrefixStore {
         self.saving.store(false, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Returns once no save begun by [`Self::begin_save`] is in flight.
+    pub fn wait_saved(&self) {
+        while self.saving.load(std::sync::atomic::Ordering::SeqCst) {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }
@@ -834,6 +852,31 @@ mod tests {
         let k = PrefixKey { elems: vec![1, 2, 3, 4, 5], media_end: 4 };
         assert!(c.lookup(&k, 4, 0, KvCacheFormat::Model, DType::F32, &Device::Cpu, 2).unwrap().is_none());
         assert_eq!((c.stats().disk_rejected, c.stats().misses), (1, 1));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Dropping the cache (the end of a one-shot command, a shutdown) waits for the save in
+    /// flight, so the file is there, whole, when the process ends.
+    #[test]
+    fn dropping_the_cache_finishes_the_save_in_flight() {
+        let dir = std::env::temp_dir().join(format!("videollava-prefix-drop-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let store = PrefixStore::new(&dir, "model-a".into()).unwrap();
+        let key = [7u64, 8, 9];
+        let mut c = PrefixCache::new(1 << 20);
+        c.set_store(Some(store.clone()));
+        assert!(store.begin_save());
+        let kv = cache(1.0, 3);
+        let writer = std::thread::spawn(move || {
+            // Slower than the drop below would be without waiting.
+            std::thread::sleep(std::time::Duration::from_millis(300));
+            store.save(&key, &kv).unwrap();
+            store.end_save();
+        });
+        let file = c.store().unwrap().file_for(&key);
+        drop(c);
+        assert!(file.is_file(), "the cache was dropped before its save finished");
+        writer.join().unwrap();
         let _ = std::fs::remove_dir_all(&dir);
     }
 
