@@ -53,6 +53,13 @@ pub struct ServeArgs {
 pub fn run(args: ServeArgs) -> Result<()> {
     videollava_server::init_logging();
     let engine = args.model.load()?;
+    // The weights' pages mapped in while the server starts and waits, not by the first request.
+    let model = engine.model().clone();
+    std::thread::spawn(move || {
+        let t = std::time::Instant::now();
+        model.prefault_weights();
+        log::debug!("decode weights mapped in: {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+    });
     let is_hub_id = !std::path::Path::new(&args.model.model).exists();
     let kv_budget_bytes = args.kv_budget.bytes(&engine, &args.model);
     let config = SchedulerConfig { max_batch_size: args.max_batch_size, max_queue: args.max_queue, kv_budget_bytes };

@@ -55,6 +55,16 @@ impl LinearWeight {
     }
 
     /// Bytes of the weight as stored: dense elements times their size, or the GGML blocks.
+    /// Maps a memory-mapped weight's pages into the process now (a no-op for the others, which
+    /// are in memory already).
+    pub fn prefault(&self) {
+        match self {
+            LinearWeight::Mapped(m) => m.prefault(),
+            LinearWeight::MappedQuantized(m) => m.prefault(),
+            LinearWeight::Dense(_) | LinearWeight::Quantized(_) => {}
+        }
+    }
+
     pub fn bytes(&self) -> usize {
         match self {
             LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),

@@ -516,18 +516,25 @@ impl LanguageModel {
     /// Bytes of weights one decode step reads: every decoder layer's linear layers and the LM
     /// head (the embedding row and norms are negligible).
     pub fn decode_weight_bytes(&self) -> usize {
-        let layers: usize = self
-            .layers
+        self.decode_linears().map(|x| x.weight().bytes()).sum()
+    }
+
+    /// Maps the pages of the memory-mapped weights every decode step reads into the process now
+    /// ([`crate::mapped::populate`]): a server does this on a thread of its own after loading,
+    /// so that its first request does not take the page faults.
+    pub fn prefault_weights(&self) {
+        self.decode_linears().for_each(|x| x.weight().prefault());
+    }
+
+    /// The linear layers every decode step reads: each layer's projections, then `lm_head`.
+    fn decode_linears(&self) -> impl Iterator<Item = &Linear> {
+        self.layers
             .iter()
-            .map(|l| {
+            .flat_map(|l| {
                 let (a, m) = (&l.self_attn, &l.mlp);
                 [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj]
-                    .iter()
-                    .map(|x| x.weight().bytes())
-                    .sum::<usize>()
             })
-            .sum();
-        layers + self.lm_head.weight().bytes()
+            .chain(std::iter::once(&self.lm_head))
     }
 
     /// Every linear layer with its canonical weight name (`language_model.model.layers.{i}.…`,

@@ -32,7 +32,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::safetensors::Load;
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::batch_feature::{PixelTensor, ProcessorOutput};
@@ -713,7 +715,16 @@ impl PrefixStore {
                 return Err(format!("header `{field}` is `{got}`, this model needs `{want}`"));
             }
         }
-        let mut tensors = candle_core::safetensors::load_buffer(&bytes, device).map_err(|e| e.to_string())?;
+        // The tensors copied out of the map on every thread (one layer's keys or values each).
+        let file = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| e.to_string())?;
+        let names: Vec<&str> = file.names();
+        let mut tensors = names
+            .into_par_iter()
+            .map(|name| {
+                let view = file.tensor(name).map_err(|e| e.to_string())?;
+                Ok((name.to_string(), view.load(device).map_err(|e| e.to_string())?))
+            })
+            .collect::<std::result::Result<HashMap<String, Tensor>, String>>()?;
         let parts_per_layer = match format {
             KvCacheFormat::Model => 2,
             KvCacheFormat::Q8_0 => 4,

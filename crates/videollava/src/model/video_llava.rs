@@ -587,6 +587,11 @@ impl VideoLlava {
         self.language_model.decode_weight_bytes()
     }
 
+    /// See [`crate::model::llama::LanguageModel::prefault_weights`].
+    pub fn prefault_weights(&self) {
+        self.language_model.prefault_weights();
+    }
+
     pub fn set_kv_cache_format(&mut self, format: crate::kernels::kv_quant::KvCacheFormat) {
         self.language_model.set_kv_cache_format(format);
         // Cached prefixes in the other format could not be appended to.

@@ -217,6 +217,11 @@ impl std::fmt::Debug for MappedBf16 {
 }
 
 impl MappedBf16 {
+    /// Maps the values' pages into the process now ([`crate::mapped::populate`]).
+    pub fn prefault(&self) {
+        crate::mapped::populate(&self.map, self.offset, self.rows * self.cols * 2);
+    }
+
     /// `(rows, cols)`.
     pub fn dims(&self) -> (usize, usize) {
         (self.rows, self.cols)
@@ -443,6 +448,11 @@ impl std::fmt::Debug for MappedQuant {
 }
 
 impl MappedQuant {
+    /// Maps the blocks' pages into the process now ([`crate::mapped::populate`]).
+    pub fn prefault(&self) {
+        crate::mapped::populate(&self.map, self.offset, self.len);
+    }
+
     /// `len` bytes of `dtype` blocks at `offset` in `map`, shaped `dims` `(out, in)`; the caller
     /// checked that they lie inside the map.
     pub(crate) fn new(
