@@ -54,7 +54,6 @@ impl LinearWeight {
         })
     }
 
-    /// Bytes of the weight as stored: dense elements times their size, or the GGML blocks.
     /// Maps a memory-mapped weight's pages into the process now (a no-op for the others, which
     /// are in memory already).
     pub fn prefault(&self) {
@@ -65,6 +64,7 @@ impl LinearWeight {
         }
     }
 
+    /// Bytes of the weight as stored: dense elements times their size, or the GGML blocks.
     pub fn bytes(&self) -> usize {
         match self {
             LinearWeight::Dense(w) => w.elem_count() * w.dtype().size_in_bytes(),
