@@ -236,6 +236,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
             "queue_depth": s.queue_depth,
             "running": s.running,
             "max_batch_size": s.max_batch_size,
+            "shared_positions": s.shared_positions,
             "limits": {
                 "max_body_bytes": state.config.limits.max_body_bytes,
                 "max_media_bytes": state.config.limits.max_media_bytes,
@@ -250,6 +251,7 @@ async fn health(State(state): State<Arc<AppState>>) -> Response {
 async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
     let s = state.scheduler.stats();
     let mut body = state.metrics.render(s.queue_depth, s.running, s.max_batch_size);
+    body.push_str(&metrics::render_batch_sharing(&s));
     body.push_str(&metrics::render_prefix_cache(&state.scheduler.prefix_cache_stats()));
     body.push_str(&metrics::render_media_cache(&videollava::media::recent::stats()));
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()

@@ -145,6 +145,29 @@ impl Metrics {
     }
 }
 
+/// Running requests reading another one's keys and values (the same bits: questions about one
+/// video) instead of their own.
+pub fn render_batch_sharing(s: &videollava::engine::SchedulerStats) -> String {
+    let mut out = String::new();
+    for (name, kind, help, v) in [
+        (
+            "videollava_batch_shared_positions",
+            "gauge",
+            "Cached positions of running requests read from another request's keys and values.",
+            s.shared_positions as u64,
+        ),
+        (
+            "videollava_batch_shared_position_reads_total",
+            "counter",
+            "Positions decode steps read from another request's keys and values instead of their own.",
+            s.shared_position_reads,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+    }
+    out
+}
+
 /// Videos decoded from request bytes and kept by content ([`videollava::media::recent`]).
 pub fn render_media_cache(s: &videollava::media::recent::RecentStats) -> String {
     let mut out = String::new();

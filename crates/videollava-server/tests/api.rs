@@ -579,6 +579,8 @@ fn models_health_and_metrics() {
         "videollava_request_latency_seconds_count 1",
         "videollava_queue_depth 0",
         "videollava_running_requests 0",
+        "videollava_batch_shared_positions 0",
+        "videollava_batch_shared_position_reads_total 0",
     ] {
         assert!(m.contains(name), "{name} in {m}");
     }

@@ -316,3 +316,54 @@ fn questions_admitted_together_reuse_the_first_ones_prefix() {
     assert_eq!(got_b.0.token_ids, want[1].token_ids);
     together.shutdown();
 }
+
+/// Questions about one video decoding together with the 8-bit cache: their keys and values of
+/// the video come from one cached prefix (the same bits), so each decode step reads them once
+/// for all the rows (`shared_position_reads`), and every question gets its answer alone.
+#[test]
+fn questions_decoding_together_read_their_video_once() {
+    let name = "model-llama";
+    let m = fixtures_dir().join("media");
+    let clip = decode_video_file(&m.join("clip.mp4"), &VideoOptions { num_frames: 8, ..Default::default() }).unwrap();
+    for dtype in [DTypeChoice::F32, DTypeChoice::BF16] {
+        let alone = engine(name, dtype, KvCacheFormat::Q8_0, 0);
+        let questions = ["Why is this video funny?", "What happens next?", "Describe the video.", "Who is in it?"];
+        let reqs: Vec<GenerationRequest> = questions
+            .iter()
+            .enumerate()
+            .map(|(i, q)| GenerationRequest {
+                prompt: alone.question_prompt(q, 0, 1).unwrap(),
+                images: vec![],
+                videos: vec![clip.clone()],
+                options: GenerateOptions { max_new_tokens: 12 + 2 * i, ignore_eos: true, ..alone.default_options() },
+            })
+            .collect();
+        let solo = Scheduler::start(alone, SchedulerConfig { max_batch_size: 1, max_queue: 8, ..Default::default() });
+        let want: Vec<GeneratedSequence> = reqs.iter().map(|r| run(&solo, r).0).collect();
+        assert_eq!(solo.stats().shared_position_reads, 0, "one row at a time shares nothing");
+        solo.shutdown();
+
+        let config = SchedulerConfig { max_batch_size: 4, max_queue: 8, ..Default::default() };
+        let together = Scheduler::start(engine(name, dtype, KvCacheFormat::Q8_0, 64 << 20), config);
+        let handles: Vec<_> = reqs.iter().map(|r| together.submit(r.clone()).unwrap()).collect();
+        for (i, (h, w)) in handles.into_iter().zip(&want).enumerate() {
+            let (got, _) = collect(h);
+            assert_eq!(got.token_ids, w.token_ids, "{dtype:?}: question {i} answers otherwise beside the others");
+            // BF16: a batch's matrix products round elsewhere than one row's (6.2e-4 here with
+            // the rows reading their own keys and values too, measured); shared reads add nothing
+            // (the kernel gives each row its bits alone, `kv_quant`'s tests).
+            let max = got.logprobs.iter().zip(&w.logprobs).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            let tol = if dtype == DTypeChoice::BF16 { 2e-3 } else { 1e-4 };
+            assert!(max < tol, "{dtype:?}: question {i} logprobs differ by {max}");
+        }
+        let reads = together.stats().shared_position_reads;
+        // The 8-bit decode kernel runs with AVX2 (else each row is dequantized).
+        if videollava::kernels::cpu::features().avx2 {
+            // At least the video's positions (8 frames of 16 patches), for a few steps.
+            assert!(reads >= 10 * 128, "{dtype:?}: {reads} positions read from another row");
+        } else {
+            assert_eq!(reads, 0, "{dtype:?}: the dequantizing path reads every row");
+        }
+        together.shutdown();
+    }
+}

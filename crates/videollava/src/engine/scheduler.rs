@@ -13,7 +13,7 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -138,6 +138,12 @@ pub struct SchedulerStats {
     pub queue_depth: usize,
     pub running: usize,
     pub max_batch_size: usize,
+    /// Cached positions of running requests whose keys and values a decode step reads from
+    /// another request's (the same bits: e.g. questions about one video), not their own.
+    pub shared_positions: usize,
+    /// Positions decode steps have read from another request's keys and values so far (each
+    /// step adds `shared_positions`).
+    pub shared_position_reads: u64,
 }
 
 /// A submitted request. Dropping `events` cancels it.
@@ -158,6 +164,9 @@ struct Shared {
     /// False once the engine thread has ended (shut down, or died of a panic outside a request).
     alive: AtomicBool,
     running: AtomicUsize,
+    /// [`KvCache::shared_positions`] of the running batch.
+    shared_positions: AtomicUsize,
+    shared_position_reads: AtomicU64,
     config: SchedulerConfig,
 }
 
@@ -200,6 +209,8 @@ impl Scheduler {
             closing: AtomicBool::new(false),
             alive: AtomicBool::new(true),
             running: AtomicUsize::new(0),
+            shared_positions: AtomicUsize::new(0),
+            shared_position_reads: AtomicU64::new(0),
             config,
         });
         let worker = shared.clone();
@@ -257,6 +268,8 @@ impl Scheduler {
             queue_depth: self.shared.queue.lock().map(|q| q.len()).unwrap_or(0),
             running: self.shared.running.load(Ordering::SeqCst),
             max_batch_size: self.shared.config.max_batch_size,
+            shared_positions: self.shared.shared_positions.load(Ordering::SeqCst),
+            shared_position_reads: self.shared.shared_position_reads.load(Ordering::SeqCst),
         }
     }
 
@@ -505,7 +518,13 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
                             Ok(()) => rows.push(active),
                             Err(e) => failed(&active.tx, &e),
                         }
-                        log::debug!("row joined the batch ({} rows): {:.0} ms", rows.len(), ms(t));
+                        let sharing = cache.shared_positions();
+                        shared.shared_positions.store(sharing, Ordering::SeqCst);
+                        log::debug!(
+                            "row joined the batch ({} rows, {sharing} positions read from another row): {:.0} ms",
+                            rows.len(),
+                            ms(t)
+                        );
                     }
                     Err(e) => {
                         if let Some(p) = pending.pop_front() {
@@ -543,6 +562,7 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
             if let Err(e) = ok {
                 fail_all(&mut rows, &mut cache, &e);
             }
+            shared.shared_positions.store(cache.shared_positions(), Ordering::SeqCst);
             log::debug!("rows left the batch ({} rows): {:.0} ms", rows.len(), ms(t));
             shared.running.store(rows.len() + pending.len(), Ordering::SeqCst);
             if rows.is_empty() {
@@ -552,11 +572,15 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
 
         // One decode step for the whole batch.
         let t = Instant::now();
+        let sharing = cache.shared_positions();
         if let Err(e) = isolate("a decode step", || decode_step(&engine, &mut rows, &mut cache, max_ctx)) {
             fail_all(&mut rows, &mut cache, &e);
             shared.running.store(pending.len(), Ordering::SeqCst);
+        } else {
+            shared.shared_position_reads.fetch_add(sharing as u64, Ordering::SeqCst);
         }
         log::debug!("decode step ({} rows): {:.0} ms", rows.len(), ms(t));
+        shared.shared_positions.store(cache.shared_positions(), Ordering::SeqCst);
     }
 }
 

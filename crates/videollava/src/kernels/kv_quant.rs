@@ -27,7 +27,7 @@ use candle_core::{DType, Device, Storage, Tensor};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
-use super::attention::MaskRules;
+use super::attention::{softmax_probs, MaskRules};
 use crate::error::{Error, Result};
 
 /// How the decoder keeps its keys and values between forward passes.
@@ -169,6 +169,20 @@ pub fn dequantize(codes: &Tensor, scales: &Tensor, dtype: DType) -> Result<Tenso
 pub const MAX_ROWS: usize = 8;
 /// Largest head dimension [`attention`] handles.
 const MAX_D: usize = 256;
+/// Positions of a shared prefix whose keys (then values) are read for every row of its group
+/// before the next ones: 32 KiB of 8-bit keys of 128 values, which stay in L1/L2 meanwhile.
+const SHARED_BLOCK: usize = 256;
+
+/// Batch rows whose cached keys and values are the same bits over `len` positions: row
+/// `rows[i].0` from its cache index `rows[i].1` on (e.g. questions about one video, each after
+/// its own left padding). [`attention`] reads those positions once, from the first row, for
+/// all of them. The caller guarantees the equality; the kernel only checks the bounds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedPrefix {
+    /// `(batch row, cache index of its first shared position)`, the first row the one read.
+    pub rows: Vec<(usize, usize)>,
+    pub len: usize,
+}
 
 /// Decode attention over an 8-bit cache: `q` `[B, H, L, D]` (f32, bf16 or f16), keys and values
 /// as codes `[B, H_kv, T, D]` + scales `[B, H_kv, T, D / 32]` (views of the cache), the masking
@@ -176,12 +190,18 @@ const MAX_D: usize = 256;
 /// dtype, or `None` where this kernel does not apply (CPU without AVX2, `D` not a multiple
 /// of 16 or over 256, more than [`MAX_ROWS`] query rows per key/value head, or a non-CPU tensor):
 /// the caller then dequantizes.
+///
+/// The rows of each `shared` group read their shared positions from the group's first row, a
+/// block of positions for all of them at a time, so a batch of questions about one video reads
+/// that video's keys and values once per step instead of once per row. Every row gets the same
+/// bits as when read alone (the same operations in the same order on the same codes).
 pub fn attention(
     q: &Tensor,
     k: (&Tensor, &Tensor),
     v: (&Tensor, &Tensor),
     scale: f32,
     rules: &MaskRules,
+    shared: &[SharedPrefix],
 ) -> Result<Option<Tensor>> {
     let (b, h, l, d) = q.dims4()?;
     let (bk, hkv, t, dk) = k.0.dims4()?;
@@ -201,6 +221,7 @@ pub fn attention(
             rules.key_valid.len()
         )));
     }
+    let groups = row_groups(shared, b, t)?;
     let rep = h / hkv;
     let cpu = [q, k.0, k.1, v.0, v.1].iter().all(|x| x.device().is_cpu());
     if !cpu || !fast_available() || !d.is_multiple_of(16) || d > MAX_D || rep * l > MAX_ROWS || b * h * l * d == 0 {
@@ -224,10 +245,8 @@ pub fn attention(
         ks: cpu_view::<f32>(&ksg, ksl, "key scales")?,
         vc: cpu_view::<u8>(&vcg, vcl, "value codes")?,
         vs: cpu_view::<f32>(&vsg, vsl, "value scales")?,
-        b,
         h,
         l,
-        hkv,
         t,
         d,
         rep,
@@ -235,22 +254,33 @@ pub fn attention(
         rules: *rules,
         round,
     };
-    let tasks: Vec<(usize, usize)> = (0..b).flat_map(|bi| (0..hkv).map(move |kvh| (bi, kvh))).collect();
-    // SAFETY: `fast_available()` checked AVX-512 F/BW, AVX2 and FMA; `d` is a multiple of 16 up to
-    // MAX_D (so blocks are 16 or 32 values) and the views cover `[b, hkv, t, d]` (checked above
-    // and by candle's layouts).
-    let results: Vec<Vec<f32>> = if !super::cpu::features().avx512 {
-        // SAFETY: `fast_available()` without AVX-512 means AVX2, FMA and F16C.
-        tasks.par_iter().map(|&(bi, kvh)| unsafe { avx2::task(&p, bi, kvh) }).collect()
-    } else if block_len(d) == 32 {
-        // SAFETY: see above (blocks of 32 values).
-        tasks.par_iter().map(|&(bi, kvh)| unsafe { avx512::task::<2>(&p, bi, kvh) }).collect()
-    } else {
-        // SAFETY: see above (blocks of 16 values).
-        tasks.par_iter().map(|&(bi, kvh)| unsafe { avx512::task::<1>(&p, bi, kvh) }).collect()
+    let tasks: Vec<(&Group, usize)> = groups.iter().flat_map(|g| (0..hkv).map(move |kvh| (g, kvh))).collect();
+    #[cfg(not(target_arch = "x86_64"))]
+    let run = |_: &(&Group, usize)| -> Vec<Vec<f32>> { unreachable!("the 8-bit KV kernel is x86-64 only") };
+    #[cfg(target_arch = "x86_64")]
+    let run = |&(g, kvh): &(&Group, usize)| -> Vec<Vec<f32>> {
+        if !super::cpu::features().avx512 {
+            // SAFETY: `fast_available()` without AVX-512 means AVX2, FMA and F16C; `d` is a
+            // multiple of 16 up to MAX_D; `row_groups` kept every row and shared range inside
+            // `[b, t]`, which the views cover (checked above and by candle's layouts).
+            unsafe { group_task::<avx2::Kernel>(&p, g, kvh) }
+        } else if block_len(d) == 32 {
+            // SAFETY: as above, with AVX-512 F/BW (blocks of 32 values).
+            unsafe { group_task::<avx512::Kernel<2>>(&p, g, kvh) }
+        } else {
+            // SAFETY: as above (blocks of 16 values).
+            unsafe { group_task::<avx512::Kernel<1>>(&p, g, kvh) }
+        }
     };
+    let outputs: Vec<Vec<Vec<f32>>> = tasks.par_iter().map(run).collect();
     drop((kcg, ksg, vcg, vsg));
-    // Task rows are (group g, query i) -> head kvh * rep + g; output [B, L, H * D].
+    // `results[bi * hkv + kvh]`: that row's `rep * L` query rows (group g, query i) -> head kvh * rep + g.
+    let mut results = vec![Vec::new(); b * hkv];
+    for ((g, kvh), outs) in tasks.iter().zip(outputs) {
+        for (&(bi, _), o) in g.rows.iter().zip(outs) {
+            results[bi * hkv + kvh] = o;
+        }
+    }
     let mut out = vec![0f32; b * l * h * d];
     out.par_chunks_mut(h * d).enumerate().for_each(|(row, dst)| {
         let (bi, i) = (row / l, row % l);
@@ -268,6 +298,40 @@ fn fast_available() -> bool {
     super::cpu::features().avx2
 }
 
+/// Whether decode attention over an 8-bit cache reads [`SharedPrefix`]es once for their rows
+/// here (else it dequantizes each row).
+pub fn reads_shared_prefixes() -> bool {
+    fast_available()
+}
+
+/// Rows read together: `rows[0]` is the one whose keys and values cover the others' shared
+/// positions (`len` of them from each row's start); a lone row has `len` 0.
+struct Group {
+    rows: Vec<(usize, usize)>,
+    len: usize,
+}
+
+/// Every batch row once: the `shared` groups (checked: rows in `0..b`, each in one group, shared
+/// ranges inside the `t` positions), then the other rows alone.
+fn row_groups(shared: &[SharedPrefix], b: usize, t: usize) -> Result<Vec<Group>> {
+    let mut seen = vec![false; b];
+    let mut groups = Vec::with_capacity(b);
+    for g in shared.iter().filter(|g| g.len > 0 && !g.rows.is_empty()) {
+        for &(bi, start) in &g.rows {
+            if bi >= b || seen[bi] || start.checked_add(g.len).is_none_or(|end| end > t) {
+                return Err(Error::Model(format!(
+                    "8-bit KV attention: shared prefix {g:?} does not fit {b} rows of {t} positions \
+                     (or names a row twice)"
+                )));
+            }
+            seen[bi] = true;
+        }
+        groups.push(Group { rows: g.rows.clone(), len: g.len });
+    }
+    groups.extend((0..b).filter(|&bi| !seen[bi]).map(|bi| Group { rows: vec![(bi, 0)], len: 0 }));
+    Ok(groups)
+}
+
 /// What every task of [`attention`] reads.
 struct Task<'a> {
     /// Queries `[B, H, L, D]` f32, contiguous.
@@ -276,10 +340,8 @@ struct Task<'a> {
     ks: View<'a, f32>,
     vc: View<'a, u8>,
     vs: View<'a, f32>,
-    b: usize,
     h: usize,
     l: usize,
-    hkv: usize,
     t: usize,
     d: usize,
     rep: usize,
@@ -289,12 +351,190 @@ struct Task<'a> {
     round: fn(f32) -> f32,
 }
 
+/// Where a range of positions is read: batch row `row`, the position shifted by `shift`.
+#[derive(Clone, Copy)]
+struct Source {
+    row: usize,
+    shift: isize,
+}
+
+impl Source {
+    /// Cache index in `self.row` of position `j` of the row being computed.
+    #[inline(always)]
+    fn at(self, j: usize) -> usize {
+        j.wrapping_add_signed(self.shift)
+    }
+}
+
+/// One instruction set's inner loops, which [`group_task`] runs over ranges of positions.
+trait Kernel {
+    /// A query row prepared for the score loop.
+    type Query;
+    /// Prepares `qrow` (`D` f32).
+    ///
+    /// # Safety
+    /// The CPU has the kernel's features; `qrow.len() == p.d`.
+    unsafe fn query(p: &Task, qrow: &[f32]) -> Self::Query;
+    /// The factor of the raw scores that the softmax applies (`p.scale`, or with the query's
+    /// integer step).
+    fn score_scale(q: &Self::Query) -> f32;
+    /// Raw scores `s[j]` for `j` in `from..to`, the keys of head `kvh` read from `src`;
+    /// kernels that score keys in blocks start them at `align + 16 m`, whatever the range.
+    ///
+    /// # Safety
+    /// The CPU has the kernel's features; `src.at(j)` for `j` in `from..to` inside the views.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn scores(
+        p: &Task,
+        q: &Self::Query,
+        kvh: usize,
+        src: Source,
+        s: &mut [f32],
+        from: usize,
+        to: usize,
+        align: usize,
+    );
+    /// `acc += Σ_j w_j · v_j` for `j` in `from..to` in order (`w_j = uniform` or else `probs[j]`,
+    /// zeros skipped), the values of head `kvh` read from `src`; `acc` holds `D` f32.
+    ///
+    /// # Safety
+    /// As [`Self::scores`].
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn values(
+        p: &Task,
+        kvh: usize,
+        src: Source,
+        probs: &[f32],
+        uniform: Option<f32>,
+        from: usize,
+        to: usize,
+        acc: &mut [f32],
+    );
+}
+
+/// Head `kvh` for the rows of `g`: each row's `rep * L` query rows, `rep * L * D` f32 outputs
+/// per row. Per query row, scores over `[lo, hi)` (its causal and window limits), the softmax,
+/// then the weighted values in position order; the shared positions are read from `g.rows[0]`,
+/// a block for every row at a time, the others from the row itself. A row alone (`g.len` 0)
+/// is the plain kernel.
+///
+/// # Safety
+/// The CPU has `K`'s features; `p.d` a multiple of 16 up to `MAX_D` with `K`'s block size; every
+/// row and shared range of `g` inside the views (as [`row_groups`] checks).
+unsafe fn group_task<K: Kernel>(p: &Task, g: &Group, kvh: usize) -> Vec<Vec<f32>> {
+    let (t, d, l) = (p.t, p.d, p.l);
+    let nq = p.rep * l;
+    let rules = &p.rules;
+    let (lead, lead_start) = g.rows[0];
+    // Per (row m, query row r) at index m * nq + r: its limits, query and scores.
+    let mut limits = Vec::with_capacity(g.rows.len() * nq);
+    let mut queries = Vec::with_capacity(g.rows.len() * nq);
+    for &(bi, _) in &g.rows {
+        for r in 0..nq {
+            let (head, i) = (kvh * p.rep + r / l, r % l);
+            let qa = rules.past + i;
+            let hi = if rules.causal { (qa + 1).min(t) } else { t };
+            let lo = rules.sliding_window.map_or(0, |w| (qa + 1).saturating_sub(w)).min(hi);
+            limits.push((lo, hi));
+            // SAFETY: this function's contract; the row is `d` values of `p.q`.
+            queries.push(unsafe { K::query(p, &p.q[((bi * p.h + head) * l + i) * d..][..d]) });
+        }
+    }
+    let mut s = vec![0f32; g.rows.len() * nq * t];
+    // The three ranges of row `m`'s positions in `lo..hi`: before, inside and after its shared
+    // ones, each with where it is read.
+    let ranges = |m: usize, lo: usize, hi: usize| {
+        let (bi, start) = g.rows[m];
+        let (a, b) = (start.clamp(lo, hi), (start + g.len).clamp(lo, hi));
+        let own = Source { row: bi, shift: 0 };
+        let shared = Source { row: lead, shift: lead_start as isize - start as isize };
+        [(lo, a, own), (a, b, shared), (b, hi, own)]
+    };
+    let each = |f: &mut dyn FnMut(usize, usize)| {
+        for m in 0..g.rows.len() {
+            for r in 0..nq {
+                f(m, r)
+            }
+        }
+    };
+    // Scores: the own positions before the shared ones, the shared ones a block of every row
+    // at a time, then the own ones after.
+    let score = |s: &mut [f32], m: usize, r: usize, range: (usize, usize, Source)| {
+        let x = m * nq + r;
+        let (from, to, src) = range;
+        if from < to {
+            // SAFETY: this function's contract: `src` maps `from..to` inside the views.
+            unsafe { K::scores(p, &queries[x], kvh, src, &mut s[x * t..(x + 1) * t], from, to, limits[x].0) };
+        }
+    };
+    each(&mut |m, r| {
+        let (lo, hi) = limits[m * nq + r];
+        score(&mut s, m, r, ranges(m, lo, hi)[0]);
+    });
+    for u in (0..g.len).step_by(SHARED_BLOCK) {
+        each(&mut |m, r| {
+            let (lo, hi) = limits[m * nq + r];
+            let (a, b, src) = ranges(m, lo, hi)[1];
+            let start = g.rows[m].1;
+            score(&mut s, m, r, ((start + u).clamp(a, b), (start + u + SHARED_BLOCK).clamp(a, b), src));
+        });
+    }
+    each(&mut |m, r| {
+        let (lo, hi) = limits[m * nq + r];
+        score(&mut s, m, r, ranges(m, lo, hi)[2]);
+    });
+    // Softmax; a row that sees no key averages all T values (see `MaskRules`).
+    let mut uniform = vec![None; g.rows.len() * nq];
+    each(&mut |m, r| {
+        let x = m * nq + r;
+        let (lo, hi) = limits[x];
+        let valid = &rules.key_valid[g.rows[m].0 * t..][lo..hi];
+        if !softmax_probs(&mut s[x * t..][lo..hi], valid, K::score_scale(&queries[x]), p.round) {
+            (limits[x], uniform[x]) = ((0, t), Some((p.round)(1.0 / t as f32)));
+        }
+    });
+    // Weighted values in position order, the same three parts.
+    let mut out: Vec<Vec<f32>> = g.rows.iter().map(|_| vec![0f32; nq * d]).collect();
+    let mut value = |m: usize, r: usize, range: (usize, usize, Source)| {
+        let x = m * nq + r;
+        let (from, to, src) = range;
+        if from < to {
+            let acc = &mut out[m][r * d..(r + 1) * d];
+            // SAFETY: as for the scores.
+            unsafe { K::values(p, kvh, src, &s[x * t..(x + 1) * t], uniform[x], from, to, acc) };
+        }
+    };
+    for m in 0..g.rows.len() {
+        for r in 0..nq {
+            let (lo, hi) = limits[m * nq + r];
+            value(m, r, ranges(m, lo, hi)[0]);
+        }
+    }
+    for u in (0..g.len).step_by(SHARED_BLOCK) {
+        for m in 0..g.rows.len() {
+            for r in 0..nq {
+                let (lo, hi) = limits[m * nq + r];
+                let (a, b, src) = ranges(m, lo, hi)[1];
+                let start = g.rows[m].1;
+                value(m, r, ((start + u).clamp(a, b), (start + u + SHARED_BLOCK).clamp(a, b), src));
+            }
+        }
+    }
+    for m in 0..g.rows.len() {
+        for r in 0..nq {
+            let (lo, hi) = limits[m * nq + r];
+            value(m, r, ranges(m, lo, hi)[2]);
+        }
+    }
+    out
+}
+
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use std::arch::x86_64::*;
 
-    use super::{Task, MAX_D};
-    use crate::kernels::attention::{mask16, reduce16, softmax_probs};
+    use super::{Source, Task, MAX_D};
+    use crate::kernels::attention::{mask16, reduce16};
     use crate::kernels::prefetch::prefetch_ahead;
 
     /// 16 codes at `c` as f32.
@@ -305,100 +545,135 @@ mod avx512 {
         unsafe { _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(c as *const __m128i))) }
     }
 
-    /// One (batch row, key/value head): its `rep * L` query rows, `rep * L * D` f32 outputs.
-    /// Blocks of `16 * C` values (`C` = 1 or 2 vectors per scale).
-    ///
-    /// # Safety
-    /// AVX-512 F/BW, AVX2 and FMA; `p.d` a multiple of `16 * C`, at most `MAX_D`, with blocks of
-    /// `16 * C` values; views covering the shape.
-    #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
-    pub(super) unsafe fn task<const C: usize>(p: &Task, bi: usize, kvh: usize) -> Vec<f32> {
-        // SAFETY: this `unsafe fn`'s contract, which its callers uphold: the CPU has the
-        // features it is compiled for, and the pointers and lengths it gets are valid as documented.
-        unsafe {
-            let (t, d, l) = (p.t, p.d, p.l);
-            let (rows, nb, nf) = (p.rep * l, d / (16 * C), d / 16);
-            let rules = &p.rules;
-            let valid = &rules.key_valid[bi * t..(bi + 1) * t];
-            let mut out = vec![0f32; rows * d];
-            let mut s = vec![0f32; t];
-            for r in 0..rows {
-                let (head, i) = (kvh * p.rep + r / l, r % l);
-                let qa = rules.past + i;
-                let hi = if rules.causal { (qa + 1).min(t) } else { t };
-                let lo = rules.sliding_window.map_or(0, |w| (qa + 1).saturating_sub(w)).min(hi);
-                let qrow = &p.q[((bi * p.h + head) * l + i) * d..][..d];
-                let mut qv = [_mm512_setzero_ps(); MAX_D / 16];
-                for (f, x) in qv.iter_mut().enumerate().take(nf) {
+    /// AVX-512 F/BW, blocks of `16 * C` values (`C` = 1 or 2 vectors per scale); keys scored 16
+    /// at a time and reduced together.
+    pub(super) struct Kernel<const C: usize>;
+
+    pub(super) struct Query {
+        qv: [__m512; MAX_D / 16],
+        /// Blocks of 32: the query as i16 (step = its largest |q| / 32767, 2^-15 relative), so
+        /// that each block's products are one `vpmaddwd` (exact i32: at most 2 * 127 * 32767 per
+        /// lane, also exact in f32).
+        q16: [__m512i; MAX_D / 32],
+        score_scale: f32,
+    }
+
+    impl<const C: usize> super::Kernel for Kernel<C> {
+        type Query = Query;
+
+        #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+        unsafe fn query(p: &Task, qrow: &[f32]) -> Query {
+            // SAFETY: the trait's contract: AVX-512, `qrow` holds `p.d` (a multiple of 16) values.
+            unsafe {
+                let (nb, nf) = (p.d / (16 * C), p.d / 16);
+                let mut q = Query {
+                    qv: [_mm512_setzero_ps(); MAX_D / 16],
+                    q16: [_mm512_setzero_si512(); MAX_D / 32],
+                    score_scale: p.scale,
+                };
+                for (f, x) in q.qv.iter_mut().enumerate().take(nf) {
                     *x = _mm512_loadu_ps(qrow.as_ptr().add(16 * f));
                 }
-                // Scores: Σ_blocks scale_b · Σ_i q_i · code_i, 16 keys reduced together.
-                let mut score_scale = p.scale;
-                let mut j0 = lo;
                 if C == 2 {
-                    // Blocks of 32: the query as i16 (step = its largest |q| / 32767, 2^-15
-                    // relative) so that each block's products are one `vpmaddwd` (exact i32: at most
-                    // 2 * 127 * 32767 per lane, also exact in f32).
                     let qmax = qrow.iter().fold(0f32, |m, x| m.max(x.abs()));
                     let qstep = if qmax > 0.0 { qmax / 32767.0 } else { 0.0 };
                     let inv = _mm512_set1_ps(if qmax > 0.0 { 1.0 / qstep } else { 0.0 });
-                    score_scale *= qstep;
-                    let mut q16 = [_mm512_setzero_si512(); MAX_D / 32];
-                    for (blk, x) in q16.iter_mut().enumerate().take(nb) {
-                        let lo16 = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(qv[2 * blk], inv)));
-                        let hi16 = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(qv[2 * blk + 1], inv)));
+                    q.score_scale *= qstep;
+                    for (blk, x) in q.q16.iter_mut().enumerate().take(nb) {
+                        let lo16 = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(q.qv[2 * blk], inv)));
+                        let hi16 = _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(q.qv[2 * blk + 1], inv)));
                         *x = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo16), hi16);
                     }
-                    while j0 < hi {
-                        let jn = (hi - j0).min(16);
-                        let mut acc = [_mm512_setzero_ps(); 16];
-                        for (kk, a) in acc.iter_mut().enumerate().take(jn) {
-                            let c = p.kc.data.as_ptr().add(p.kc.at(bi, kvh, j0 + kk));
-                            let sc = p.ks.data.as_ptr().add(p.ks.at(bi, kvh, j0 + kk));
-                            prefetch_ahead(c, p.kc.stride[2], d);
-                            prefetch_ahead(sc as *const u8, 4 * p.ks.stride[2], 4 * nb);
+                }
+                q
+            }
+        }
+
+        fn score_scale(q: &Query) -> f32 {
+            q.score_scale
+        }
+
+        /// Scores: Σ_blocks scale_b · Σ_i q_i · code_i.
+        #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+        unsafe fn scores(
+            p: &Task,
+            q: &Query,
+            kvh: usize,
+            src: Source,
+            s: &mut [f32],
+            from: usize,
+            to: usize,
+            align: usize,
+        ) {
+            // SAFETY: the trait's contract: AVX-512; `src` maps `from..to` inside the views, `s`
+            // holds `to` scores (a masked store does not touch the lanes it leaves out).
+            unsafe {
+                let (d, nb) = (p.d, p.d / (16 * C));
+                // In registers rather than read through `q` for every key.
+                let (qv, q16) = (q.qv, q.q16);
+                let mut j0 = from;
+                while j0 < to {
+                    // Blocks of 16 keys start at `align + 16 m` whatever the range, so that each
+                    // key's lanes are reduced in the same order as when scored with its neighbours.
+                    let cs = j0 - (j0 - align) % 16;
+                    let ce = (cs + 16).min(to);
+                    let mut acc = [_mm512_setzero_ps(); 16];
+                    for (kk, a) in acc.iter_mut().enumerate().take(ce - cs).skip(j0 - cs) {
+                        let j = cs + kk;
+                        let c = p.kc.data.as_ptr().add(p.kc.at(src.row, kvh, src.at(j)));
+                        let sc = p.ks.data.as_ptr().add(p.ks.at(src.row, kvh, src.at(j)));
+                        prefetch_ahead(c, p.kc.stride[2], d);
+                        prefetch_ahead(sc as *const u8, 4 * p.ks.stride[2], 4 * nb);
+                        if C == 2 {
                             for (blk, qb) in q16.iter().enumerate().take(nb) {
                                 let k16 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(c.add(32 * blk) as *const __m256i));
                                 let dot = _mm512_cvtepi32_ps(_mm512_madd_epi16(k16, *qb));
                                 *a = _mm512_fmadd_ps(dot, _mm512_set1_ps(*sc.add(blk)), *a);
                             }
-                        }
-                        _mm512_mask_storeu_ps(s.as_mut_ptr().add(j0), mask16(jn), reduce16(acc));
-                        j0 += jn;
-                    }
-                }
-                while j0 < hi {
-                    let jn = (hi - j0).min(16);
-                    let mut acc = [_mm512_setzero_ps(); 16];
-                    for (kk, a) in acc.iter_mut().enumerate().take(jn) {
-                        let c = p.kc.data.as_ptr().add(p.kc.at(bi, kvh, j0 + kk));
-                        let sc = p.ks.data.as_ptr().add(p.ks.at(bi, kvh, j0 + kk));
-                        prefetch_ahead(c, p.kc.stride[2], d);
-                        prefetch_ahead(sc as *const u8, 4 * p.ks.stride[2], 4 * nb);
-                        for blk in 0..nb {
-                            let f = C * blk;
-                            let mut dot = _mm512_mul_ps(qv[f], widen16(c.add(16 * f)));
-                            for x in 1..C {
-                                dot = _mm512_fmadd_ps(qv[f + x], widen16(c.add(16 * (f + x))), dot);
+                        } else {
+                            for blk in 0..nb {
+                                let f = C * blk;
+                                let mut dot = _mm512_mul_ps(qv[f], widen16(c.add(16 * f)));
+                                for x in 1..C {
+                                    dot = _mm512_fmadd_ps(qv[f + x], widen16(c.add(16 * (f + x))), dot);
+                                }
+                                *a = _mm512_fmadd_ps(dot, _mm512_set1_ps(*sc.add(blk)), *a);
                             }
-                            *a = _mm512_fmadd_ps(dot, _mm512_set1_ps(*sc.add(blk)), *a);
                         }
                     }
-                    _mm512_mask_storeu_ps(s.as_mut_ptr().add(j0), mask16(jn), reduce16(acc));
-                    j0 += jn;
+                    let lanes = mask16(ce - cs) & !mask16(j0 - cs);
+                    _mm512_mask_storeu_ps(s.as_mut_ptr().add(cs), lanes, reduce16(acc));
+                    j0 = ce;
                 }
-                let dst = &mut out[r * d..(r + 1) * d];
-                let seen = softmax_probs(&mut s[lo..hi], &valid[lo..hi], score_scale, p.round);
-                // A row that sees no key averages all T values (see `MaskRules`).
-                let (lo, hi, uniform) = if seen { (lo, hi, None) } else { (0, t, Some((p.round)(1.0 / t as f32))) };
+            }
+        }
+
+        #[target_feature(enable = "avx512f,avx512bw,avx2,fma")]
+        unsafe fn values(
+            p: &Task,
+            kvh: usize,
+            src: Source,
+            probs: &[f32],
+            uniform: Option<f32>,
+            from: usize,
+            to: usize,
+            out: &mut [f32],
+        ) {
+            // SAFETY: the trait's contract: AVX-512; `src` maps `from..to` inside the views;
+            // `out` holds `p.d` f32.
+            unsafe {
+                let (d, nb, nf) = (p.d, p.d / (16 * C), p.d / 16);
                 let mut acc = [_mm512_setzero_ps(); MAX_D / 16];
-                for j in lo..hi {
-                    let pj = uniform.unwrap_or(s[j]);
+                for (f, a) in acc.iter_mut().enumerate().take(nf) {
+                    *a = _mm512_loadu_ps(out.as_ptr().add(16 * f));
+                }
+                for j in from..to {
+                    let pj = uniform.unwrap_or(probs[j]);
                     if pj == 0.0 {
                         continue;
                     }
-                    let c = p.vc.data.as_ptr().add(p.vc.at(bi, kvh, j));
-                    let sc = p.vs.data.as_ptr().add(p.vs.at(bi, kvh, j));
+                    let c = p.vc.data.as_ptr().add(p.vc.at(src.row, kvh, src.at(j)));
+                    let sc = p.vs.data.as_ptr().add(p.vs.at(src.row, kvh, src.at(j)));
                     prefetch_ahead(c, p.vc.stride[2], d);
                     prefetch_ahead(sc as *const u8, 4 * p.vs.stride[2], 4 * nb);
                     for blk in 0..nb {
@@ -410,11 +685,9 @@ mod avx512 {
                     }
                 }
                 for (f, a) in acc.iter().enumerate().take(nf) {
-                    _mm512_storeu_ps(dst.as_mut_ptr().add(16 * f), *a);
+                    _mm512_storeu_ps(out.as_mut_ptr().add(16 * f), *a);
                 }
             }
-            let _ = (p.b, p.hkv);
-            out
         }
     }
 }
@@ -426,8 +699,7 @@ mod avx2 {
     //! order.
     use std::arch::x86_64::*;
 
-    use super::{Task, MAX_D};
-    use crate::kernels::attention::softmax_probs;
+    use super::{Source, Task, MAX_D};
     use crate::kernels::prefetch::prefetch_ahead;
 
     /// 8 codes of `c` (the first 8 bytes) as f32.
@@ -447,59 +719,85 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
     }
 
-    /// One (batch row, key/value head) as [`super::avx512::task`]: `rep * L` query rows,
-    /// `rep * L * D` f32 outputs; `p.d` a multiple of 16 up to `MAX_D` (checked by the caller:
-    /// a short view panics).
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn task(p: &Task, bi: usize, kvh: usize) -> Vec<f32> {
-        let (t, d, l) = (p.t, p.d, p.l);
-        assert!(d.is_multiple_of(16) && d <= MAX_D, "kv_quant avx2: head size {d}");
-        let (rows, bl) = (p.rep * l, super::block_len(d));
-        let (nf, nb) = (d / 8, d / bl);
-        let rules = &p.rules;
-        let valid = &rules.key_valid[bi * t..(bi + 1) * t];
-        let mut out = vec![0f32; rows * d];
-        let mut s = vec![0f32; t];
-        for r in 0..rows {
-            let (head, i) = (kvh * p.rep + r / l, r % l);
-            let qa = rules.past + i;
-            let hi = if rules.causal { (qa + 1).min(t) } else { t };
-            let lo = rules.sliding_window.map_or(0, |w| (qa + 1).saturating_sub(w)).min(hi);
-            let qrow = &p.q[((bi * p.h + head) * l + i) * d..][..d];
+    /// AVX2 + FMA, any block size (a short view panics).
+    pub(super) struct Kernel;
+
+    impl super::Kernel for Kernel {
+        type Query = ([__m256; MAX_D / 8], f32);
+
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn query(p: &Task, qrow: &[f32]) -> Self::Query {
             let mut qv = [_mm256_setzero_ps(); MAX_D / 8];
             for (x, q) in qv.iter_mut().zip(qrow.chunks_exact(8)) {
                 let q: &[f32; 8] = q.try_into().expect("8 values");
                 // SAFETY: `q` is 8 readable f32; `loadu` has no alignment requirement.
                 *x = unsafe { _mm256_loadu_ps(q.as_ptr()) };
             }
-            // Scores: Σ_blocks scale_b · Σ_i q_i · code_i.
-            for (j, sj) in s.iter_mut().enumerate().take(hi).skip(lo) {
-                let c = &p.kc.data[p.kc.at(bi, kvh, j)..][..d];
-                let sc = &p.ks.data[p.ks.at(bi, kvh, j)..][..nb];
+            (qv, p.scale)
+        }
+
+        fn score_scale(q: &Self::Query) -> f32 {
+            q.1
+        }
+
+        /// Scores: Σ_blocks scale_b · Σ_i q_i · code_i, a key at a time (`align` unused).
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn scores(
+            p: &Task,
+            q: &Self::Query,
+            kvh: usize,
+            src: Source,
+            s: &mut [f32],
+            from: usize,
+            to: usize,
+            _align: usize,
+        ) {
+            let (d, bl) = (p.d, super::block_len(p.d));
+            let nb = d / bl;
+            for (j, sj) in s.iter_mut().enumerate().take(to).skip(from) {
+                let c = &p.kc.data[p.kc.at(src.row, kvh, src.at(j))..][..d];
+                let sc = &p.ks.data[p.ks.at(src.row, kvh, src.at(j))..][..nb];
                 prefetch_ahead(c.as_ptr(), p.kc.stride[2], d);
                 prefetch_ahead(sc.as_ptr() as *const u8, 4 * p.ks.stride[2], 4 * nb);
                 let mut acc = _mm256_setzero_ps();
                 for (blk, &scale) in sc.iter().enumerate() {
                     let f0 = blk * bl / 8;
-                    let mut dot = _mm256_mul_ps(qv[f0], widen8(&c[8 * f0..]));
+                    let mut dot = _mm256_mul_ps(q.0[f0], widen8(&c[8 * f0..]));
                     for f in f0 + 1..f0 + bl / 8 {
-                        dot = _mm256_fmadd_ps(qv[f], widen8(&c[8 * f..]), dot);
+                        dot = _mm256_fmadd_ps(q.0[f], widen8(&c[8 * f..]), dot);
                     }
                     acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(scale), acc);
                 }
                 *sj = hsum(acc);
             }
-            let seen = softmax_probs(&mut s[lo..hi], &valid[lo..hi], p.scale, p.round);
-            // A row that sees no key averages all T values (see `MaskRules`).
-            let (lo, hi, uniform) = if seen { (lo, hi, None) } else { (0, t, Some((p.round)(1.0 / t as f32))) };
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn values(
+            p: &Task,
+            kvh: usize,
+            src: Source,
+            probs: &[f32],
+            uniform: Option<f32>,
+            from: usize,
+            to: usize,
+            out: &mut [f32],
+        ) {
+            let (d, bl) = (p.d, super::block_len(p.d));
+            let (nf, nb) = (d / 8, d / bl);
             let mut acc = [_mm256_setzero_ps(); MAX_D / 8];
-            for (j, &sj) in s.iter().enumerate().take(hi).skip(lo) {
-                let pj = uniform.unwrap_or(sj);
+            for (a, o) in acc.iter_mut().zip(out.chunks_exact(8)) {
+                let o: &[f32; 8] = o.try_into().expect("8 values");
+                // SAFETY: `o` is 8 readable f32; `loadu` has no alignment requirement.
+                *a = unsafe { _mm256_loadu_ps(o.as_ptr()) };
+            }
+            for j in from..to {
+                let pj = uniform.unwrap_or(probs[j]);
                 if pj == 0.0 {
                     continue;
                 }
-                let c = &p.vc.data[p.vc.at(bi, kvh, j)..][..d];
-                let sc = &p.vs.data[p.vs.at(bi, kvh, j)..][..nb];
+                let c = &p.vc.data[p.vc.at(src.row, kvh, src.at(j))..][..d];
+                let sc = &p.vs.data[p.vs.at(src.row, kvh, src.at(j))..][..nb];
                 prefetch_ahead(c.as_ptr(), p.vc.stride[2], d);
                 prefetch_ahead(sc.as_ptr() as *const u8, 4 * p.vs.stride[2], 4 * nb);
                 for (f, a) in acc.iter_mut().enumerate().take(nf) {
@@ -507,31 +805,12 @@ mod avx2 {
                     *a = _mm256_fmadd_ps(w, widen8(&c[8 * f..]), *a);
                 }
             }
-            for (a, dst) in acc.iter().zip(out[r * d..(r + 1) * d].chunks_exact_mut(8)) {
+            for (a, dst) in acc.iter().zip(out.chunks_exact_mut(8)) {
                 let dst: &mut [f32; 8] = dst.try_into().expect("8 values");
                 // SAFETY: `dst` is 8 writable f32; `storeu` has no alignment requirement.
                 unsafe { _mm256_storeu_ps(dst.as_mut_ptr(), *a) };
             }
         }
-        out
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-mod avx2 {
-    use super::Task;
-    /// Never called: `fast_available()` is false off x86-64.
-    pub(super) unsafe fn task(_p: &Task, _bi: usize, _kvh: usize) -> Vec<f32> {
-        unreachable!("the 8-bit KV kernel is x86-64 only")
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-mod avx512 {
-    use super::Task;
-    /// Never called: `fast_available()` is false off x86-64.
-    pub(super) unsafe fn task<const C: usize>(_p: &Task, _bi: usize, _kvh: usize) -> Vec<f32> {
-        unreachable!("the 8-bit KV kernel is x86-64 only")
     }
 }
 
@@ -616,7 +895,7 @@ mod tests {
         }
         let rules = MaskRules { key_valid: &key_valid, past, causal: true, sliding_window: window };
         let scale = 1.0 / (d as f32).sqrt();
-        let fast = attention(&q, (&kc, &ks), (&vc, &vs), scale, &rules).unwrap();
+        let fast = attention(&q, (&kc, &ks), (&vc, &vs), scale, &rules, &[]).unwrap();
         // Reference: the dequantized cache in f32 through the dense kernel, queries in their dtype
         // widened to f32 (so only the rounding of the probabilities depends on the dtype).
         let (kd, vd) = (dequantize(&kc, &ks, DType::F32).unwrap(), dequantize(&vc, &vs, DType::F32).unwrap());
@@ -649,6 +928,90 @@ mod tests {
         }
     }
 
+    /// `[B, H_kv, T, D]` keys or values where every row in `rows` (row, start) holds row
+    /// `rows[0]`'s positions `start0..start0 + len` at `start..start + len`.
+    fn with_shared(x: &Tensor, rows: &[(usize, usize)], len: usize) -> Tensor {
+        let (b, h, t, d) = x.dims4().unwrap();
+        let mut v = x.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let (lead, s0) = rows[0];
+        for &(bi, start) in &rows[1..] {
+            for hh in 0..h {
+                for j in 0..len {
+                    let (from, to) = (((lead * h + hh) * t + s0 + j) * d, ((bi * h + hh) * t + start + j) * d);
+                    let row: Vec<f32> = v[from..from + d].to_vec();
+                    v[to..to + d].copy_from_slice(&row);
+                }
+            }
+        }
+        Tensor::from_vec(v, (b, h, t, d), &Device::Cpu).unwrap()
+    }
+
+    /// Rows reading their shared positions from another row give the bits they get alone, with
+    /// padding of every length before them (blocks of 16 keys cut anywhere), both block sizes,
+    /// grouped query heads, two queries per row with a window, and a row outside the group.
+    #[test]
+    fn shared_prefixes_give_the_bits_of_each_row_alone() {
+        if !fast_available() {
+            eprintln!("skipped: this CPU has no AVX2 (the dequantizing path is tested elsewhere)");
+            return;
+        }
+        // (H, H_kv, L, T, D, window, groups of (row, start), shared length)
+        type SharedCase = (usize, usize, usize, usize, usize, Option<usize>, Vec<Vec<(usize, usize)>>, usize);
+        let cases: Vec<SharedCase> = vec![
+            (4, 4, 1, 600, 128, None, vec![vec![(0, 0), (1, 3), (2, 17), (4, 40)]], 530),
+            (8, 2, 1, 300, 64, None, vec![vec![(3, 5), (0, 0)], vec![(1, 2), (2, 33)]], 257),
+            (4, 2, 2, 90, 48, Some(30), vec![vec![(1, 9), (0, 1), (2, 0)]], 70),
+            (2, 2, 1, 40, 256, None, vec![vec![(0, 0), (1, 1)]], 39),
+        ];
+        for set in crate::kernels::testing::simd_sets() {
+            let _forced = crate::kernels::cpu::force(set);
+            for (h, hkv, l, t, d, window, groups, len) in &cases {
+                let (h, hkv, l, t, d, len) = (*h, *hkv, *l, *t, *d, *len);
+                let b = 5;
+                let shared: Vec<SharedPrefix> =
+                    groups.iter().map(|rows| SharedPrefix { rows: rows.clone(), len }).collect();
+                let (mut k, mut v) =
+                    (rand_tensor((b, hkv, t, d), 7, DType::F32), rand_tensor((b, hkv, t, d), 8, DType::F32));
+                for g in &shared {
+                    (k, v) = (with_shared(&k, &g.rows, len), with_shared(&v, &g.rows, len));
+                }
+                let (kc, ks) = quantize(&k).unwrap();
+                let (vc, vs) = quantize(&v).unwrap();
+                // Each row's padding is everything before its start in the groups (row 3: 11).
+                let mut key_valid = vec![1u32; b * t];
+                for bi in 0..b {
+                    let start = shared.iter().flat_map(|g| &g.rows).find(|r| r.0 == bi).map_or(11, |r| r.1);
+                    key_valid[bi * t..bi * t + start].fill(0);
+                }
+                let rules = MaskRules { key_valid: &key_valid, past: t - l, causal: true, sliding_window: *window };
+                for dtype in [DType::F32, DType::BF16] {
+                    let q = rand_tensor((b, h, l, d), 9, dtype);
+                    let bits = |shared: &[SharedPrefix]| {
+                        let out = attention(&q, (&kc, &ks), (&vc, &vs), 0.1, &rules, shared).unwrap().unwrap();
+                        out.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
+                    };
+                    let (alone, together) = (bits(&[]), bits(&shared));
+                    let differ = alone.iter().zip(&together).filter(|(a, b)| a.to_bits() != b.to_bits()).count();
+                    assert_eq!(differ, 0, "{set} {dtype:?} H {h} L {l} D {d}: {differ} values differ");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shared_prefixes_out_of_range_are_refused() {
+        let (t, d) = (20, 32);
+        let q = rand_tensor((2, 1, 1, d), 5, DType::F32);
+        let (kc, ks) = quantize(&rand_tensor((2, 1, t, d), 6, DType::F32)).unwrap();
+        let key_valid = vec![1u32; 2 * t];
+        let rules = MaskRules { key_valid: &key_valid, past: t - 1, causal: true, sliding_window: None };
+        for rows in [vec![(0, 0), (2, 0)], vec![(0, 0), (0, 1)], vec![(0, 0), (1, 11)]] {
+            let shared = [SharedPrefix { rows: rows.clone(), len: 10 }];
+            let e = attention(&q, (&kc, &ks), (&kc, &ks), 0.1, &rules, &shared).unwrap_err().to_string();
+            assert!(e.contains("shared prefix"), "{rows:?}: {e}");
+        }
+    }
+
     #[test]
     fn kernel_declines_what_it_does_not_handle() {
         // More query rows than MAX_ROWS (a prefill) and an odd head size: the caller dequantizes.
@@ -658,7 +1021,7 @@ mod tests {
             let (kc, ks) = quantize(&rand_tensor((1, 1, t, d), 6, DType::F32)).unwrap();
             let key_valid = vec![1u32; t];
             let rules = MaskRules { key_valid: &key_valid, past: t - l, causal: true, sliding_window: None };
-            assert!(attention(&q, (&kc, &ks), (&kc, &ks), 0.1, &rules).unwrap().is_none());
+            assert!(attention(&q, (&kc, &ks), (&kc, &ks), 0.1, &rules, &[]).unwrap().is_none());
         }
     }
 
@@ -691,10 +1054,41 @@ mod tests {
             let t0 = std::time::Instant::now();
             for ((kc, ks), (vc, vs)) in &quant {
                 // `None` (portable set): callers dequantize; then only the BF16 figure means anything.
-                attention(&q, (kc, ks), (vc, vs), 0.088, &rules).unwrap();
+                attention(&q, (kc, ks), (vc, vs), 0.088, &rules, &[]).unwrap();
             }
             let q8 = t0.elapsed().as_secs_f64() * 1e3;
             eprintln!("round {round}: {layers} layers, bf16 cache {bf:.1} ms, 8-bit cache {q8:.1} ms");
+        }
+    }
+
+    #[test]
+    #[ignore = "benchmark: cargo test --release -p videollava --lib kv_quant::tests::bench_decode_shared -- --ignored --nocapture"]
+    fn bench_decode_shared() {
+        // 8 rows about one video (the 7B shapes, 2,074 positions, the first 2,060 shared), 32
+        // layers: each row read alone against the shared positions read once for all.
+        let (b, h, t, d, layers, len) = (8, 32, 2074, 128, 32, 2060);
+        let key_valid = vec![1u32; b * t];
+        let rules = MaskRules { key_valid: &key_valid, past: t - 1, causal: true, sliding_window: None };
+        let q = rand_tensor((b, h, 1, d), 9, DType::BF16);
+        let rows = |x: Tensor| Tensor::cat(&vec![&x; b], 0).unwrap();
+        let cache: Vec<_> = (0..layers)
+            .map(|i| {
+                let (kc, ks) = quantize(&rand_tensor((1, h, t, d), 10 + i, DType::BF16)).unwrap();
+                let (vc, vs) = quantize(&rand_tensor((1, h, t, d), 100 + i, DType::BF16)).unwrap();
+                ((rows(kc), rows(ks)), (rows(vc), rows(vs)))
+            })
+            .collect();
+        let shared = [SharedPrefix { rows: (0..b).map(|bi| (bi, 0)).collect(), len }];
+        for round in 0..5 {
+            let mut ms = [0f64; 2];
+            for (x, groups) in [&[][..], &shared[..]].into_iter().enumerate() {
+                let t0 = std::time::Instant::now();
+                for ((kc, ks), (vc, vs)) in &cache {
+                    attention(&q, (kc, ks), (vc, vs), 0.088, &rules, groups).unwrap().expect("kernel applies");
+                }
+                ms[x] = t0.elapsed().as_secs_f64() * 1e3;
+            }
+            eprintln!("round {round}: {b} rows, {layers} layers, alone {:.1} ms, shared {:.1} ms", ms[0], ms[1]);
         }
     }
 }

@@ -71,6 +71,21 @@ fn copy_positions(dst: &Tensor, row0: usize, col: usize, src: &Tensor) -> Result
     Ok(())
 }
 
+/// How many leading rows of `run` bytes `x` and `y` (of equal length) have in common.
+fn equal_rows(x: &[u8], y: &[u8], run: usize) -> usize {
+    // Whole chunks by `memcmp` first; the row that differs is found inside the first unequal one.
+    const CHUNK_ROWS: usize = 64;
+    let mut n = 0;
+    for (cx, cy) in x.chunks(CHUNK_ROWS * run).zip(y.chunks(CHUNK_ROWS * run)) {
+        if cx == cy {
+            n += cx.len() / run;
+            continue;
+        }
+        return n + cx.chunks(run).zip(cy.chunks(run)).take_while(|(a, b)| a == b).count();
+    }
+    n
+}
+
 impl KvBuffer {
     /// `k`, `v` `[B, kv_heads, L, head_dim]` as stored in `format`.
     fn encode(k: &Tensor, v: &Tensor, format: KvCacheFormat) -> Result<Vec<Tensor>> {
@@ -278,6 +293,43 @@ impl KvBuffer {
         }
         self.rows = rows;
         Ok(())
+    }
+
+    /// How many positions, from cache index `a.1` of row `a.0` and `b.1` of row `b.0` on (at
+    /// most `max`), both rows hold the same bits in every part: keys and values (and scales)
+    /// computed from the same tokens and media, e.g. copied from one cached prefix. 0 for
+    /// buffers off the CPU.
+    pub fn common_positions(&self, a: (usize, usize), b: (usize, usize), max: usize) -> Result<usize> {
+        if a.0 >= self.rows || b.0 >= self.rows {
+            return Err(Error::Model(format!("rows {} and {} of a {}-row cache", a.0, b.0, self.rows)));
+        }
+        let mut n = max.min(self.len.saturating_sub(a.1.max(b.1)));
+        for part in &self.parts {
+            let (_, heads, cap, width) = part.dims4()?;
+            let (guard, layout) = part.storage_and_layout();
+            let candle_core::Storage::Cpu(cpu) = &*guard else { return Ok(0) };
+            if !layout.is_contiguous() {
+                return Ok(0);
+            }
+            let bytes: &[u8] = match cpu {
+                candle_core::CpuStorage::U8(v) => v,
+                candle_core::CpuStorage::F32(v) => bytemuck::cast_slice(v),
+                candle_core::CpuStorage::BF16(v) => bytemuck::cast_slice(v),
+                candle_core::CpuStorage::F16(v) => bytemuck::cast_slice(v),
+                _ => return Ok(0),
+            };
+            let run = width * part.dtype().size_in_bytes();
+            let bytes = &bytes[layout.start_offset() * part.dtype().size_in_bytes()..];
+            for head in 0..heads {
+                if n == 0 {
+                    return Ok(0);
+                }
+                let at = |(row, pos): (usize, usize)| ((row * heads + head) * cap + pos) * run;
+                let (x, y) = (&bytes[at(a)..][..n * run], &bytes[at(b)..][..n * run]);
+                n = equal_rows(x, y, run);
+            }
+        }
+        Ok(n)
     }
 
     /// Keeps batch rows `idx` (u32 `[n]`), keeping the capacity.

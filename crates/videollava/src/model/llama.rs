@@ -16,7 +16,7 @@ use candle_nn::{linear_b, VarBuilder};
 use super::kv_cache::KvBuffer;
 use super::linear::Linear;
 use super::ops::{self, residual_add, AttentionMask};
-use crate::kernels::kv_quant::KvCacheFormat;
+use crate::kernels::kv_quant::{self, KvCacheFormat, SharedPrefix};
 
 use crate::config::{RopeScaling, TextConfig, TextModelType};
 use crate::error::{Error, Result};
@@ -222,7 +222,21 @@ pub struct KvCache {
     layers: Vec<Option<KvBuffer>>,
     /// `[B, P]` u32: which cached positions are real tokens.
     mask: Option<Tensor>,
+    /// Rows whose keys and values are the same bits in every layer over their first real
+    /// positions (found as rows join, [`Self::append_rows`]).
+    shared: Vec<SharedRows>,
 }
+
+/// Batch rows (the first one read for all) holding the same keys and values over `len`
+/// positions from each row's first real one.
+#[derive(Debug, Clone)]
+struct SharedRows {
+    rows: Vec<usize>,
+    len: usize,
+}
+
+/// Fewest common positions worth reading once for several rows.
+const MIN_SHARED: usize = 64;
 
 impl KvCache {
     /// Number of cached positions.
@@ -246,10 +260,12 @@ impl KvCache {
     /// buffers must move, they get room for `room_for_rows` rows (a running batch's largest
     /// size), so that later rows, if not longer than the batch, are copied alone.
     pub fn append_rows(&mut self, other: KvCache, room_for_rows: usize) -> Result<()> {
+        if other.mask.is_none() {
+            return Ok(());
+        }
+        let first_new = self.batch_size();
         let (Some(mask_a), Some(mask_b)) = (self.mask.take(), other.mask.clone()) else {
-            if self.mask.is_none() {
-                *self = other;
-            }
+            *self = other;
             return Ok(());
         };
         let (ta, tb) = (mask_a.dim(1)?, mask_b.dim(1)?);
@@ -276,7 +292,72 @@ impl KvCache {
                 _ => return Err(Error::Model("cannot merge an unfilled cache".into())),
             }
         }
+        self.find_shared(first_new)
+    }
+
+    /// Groups each row from `first` on with the earlier row (a group's first, or a row in no
+    /// group) whose keys and values are the same bits as its own over the most positions, from
+    /// each row's first real one, if at least [`MIN_SHARED`] (a group keeps the positions all of
+    /// its rows share). Questions about one video find each other so: their prompts' keys and
+    /// values come from one cached prefix.
+    fn find_shared(&mut self, first: usize) -> Result<()> {
+        let Some(mask) = &self.mask else { return Ok(()) };
+        // Only the 8-bit cache's decode kernel reads shared positions once.
+        let q8 = self.layers.iter().flatten().all(|b| b.format() == KvCacheFormat::Q8_0);
+        if !q8 || !kv_quant::reads_shared_prefixes() {
+            return Ok(());
+        }
+        let t = mask.dim(1)?;
+        let starts: Vec<usize> =
+            mask.to_vec2::<u32>()?.iter().map(|r| r.iter().take_while(|&&m| m == 0).count()).collect();
+        for r in first..starts.len() {
+            let followers: Vec<usize> = self.shared.iter().flat_map(|g| g.rows[1..].to_vec()).collect();
+            let mut best: Option<(usize, usize)> = None;
+            for c in (0..r).filter(|c| !followers.contains(c)) {
+                let max = (t - starts[r]).min(t - starts[c]);
+                let n = self.common_positions((r, starts[r]), (c, starts[c]), max)?;
+                if n >= MIN_SHARED && best.is_none_or(|(_, m)| n > m) {
+                    best = Some((c, n));
+                }
+            }
+            let Some((c, n)) = best else { continue };
+            match self.shared.iter_mut().find(|g| g.rows[0] == c) {
+                Some(g) => {
+                    g.rows.push(r);
+                    g.len = g.len.min(n);
+                }
+                None => self.shared.push(SharedRows { rows: vec![c, r], len: n }),
+            }
+        }
         Ok(())
+    }
+
+    /// Positions (from index `a.1` of row `a.0` and `b.1` of row `b.0`, at most `max`) over
+    /// which both rows hold the same bits in every layer; 0 if fewer than [`MIN_SHARED`].
+    fn common_positions(&self, a: (usize, usize), b: (usize, usize), max: usize) -> Result<usize> {
+        let mut n = max;
+        for layer in self.layers.iter().flatten() {
+            n = layer.common_positions(a, b, n)?;
+            if n < MIN_SHARED {
+                return Ok(0);
+            }
+        }
+        Ok(n)
+    }
+
+    /// The shared groups for the attention kernels, each row with the cache index of its first
+    /// real position (`key_valid` `[B, T]` row-major).
+    fn shared_prefixes(&self, key_valid: &[u32], t: usize) -> Vec<SharedPrefix> {
+        let start = |r: usize| key_valid[r * t..(r + 1) * t].iter().take_while(|&&m| m == 0).count();
+        self.shared
+            .iter()
+            .map(|g| SharedPrefix { rows: g.rows.iter().map(|&r| (r, start(r))).collect(), len: g.len })
+            .collect()
+    }
+
+    /// Positions each row reads from another row's keys and values (0 for a group's first row).
+    pub fn shared_positions(&self) -> usize {
+        self.shared.iter().map(|g| (g.rows.len() - 1) * g.len).sum()
     }
 
     /// Drops leading positions that are padding in every row (left behind by removed rows).
@@ -317,7 +398,7 @@ impl KvCache {
                 None => Err(Error::Model("taking positions of an unfilled cache".into())),
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(KvCache { layers, mask: Some(mask.narrow(1, start, len)?.contiguous()?) })
+        Ok(KvCache { layers, mask: Some(mask.narrow(1, start, len)?.contiguous()?), shared: Vec::new() })
     }
 
     /// The positions of `pieces` one after another (same rows and depth), with room to append.
@@ -337,7 +418,7 @@ impl KvCache {
             .map(|p| p.mask.as_ref())
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| Error::Model("cannot join an empty cache".into()))?;
-        Ok(KvCache { layers, mask: Some(Tensor::cat(&masks, 1)?) })
+        Ok(KvCache { layers, mask: Some(Tensor::cat(&masks, 1)?), shared: Vec::new() })
     }
 
     /// One row's cache from its layers' buffers (all of one length, every position real).
@@ -348,7 +429,7 @@ impl KvCache {
         }
         let dev = layers[0].stored_parts()?[0].device().clone();
         let mask = Tensor::ones((1, len), DType::U32, &dev)?;
-        Ok(KvCache { layers: layers.into_iter().map(Some).collect(), mask: Some(mask) })
+        Ok(KvCache { layers: layers.into_iter().map(Some).collect(), mask: Some(mask), shared: Vec::new() })
     }
 
     /// Each layer's buffer (`None` for a layer never filled).
@@ -380,6 +461,14 @@ impl KvCache {
         for layer in self.layers.iter_mut().flatten() {
             *layer = layer.index_rows(&idx)?;
         }
+        // Each group's rows that stay, renumbered; any of them can be the one read.
+        self.shared = std::mem::take(&mut self.shared)
+            .into_iter()
+            .filter_map(|g| {
+                let kept: Vec<usize> = g.rows.iter().filter_map(|&r| rows.iter().position(|&k| k == r)).collect();
+                (kept.len() >= 2).then_some(SharedRows { rows: kept, len: g.len })
+            })
+            .collect();
         Ok(())
     }
 }
@@ -487,7 +576,10 @@ impl LanguageModel {
             Some(m) => Tensor::cat(&[m, attention_mask], 1)?,
             None => attention_mask.clone(),
         };
-        let mask = AttentionMask::causal(&full_mask, l, self.sliding_window())?;
+        let mut mask = AttentionMask::causal(&full_mask, l, self.sliding_window())?;
+        if let AttentionMask::Rules { key_valid, shared, .. } = &mut mask {
+            *shared = cache.shared_prefixes(key_valid, full_mask.dim(1)?);
+        }
         let (cos, sin) = rope_tables(&self.inv_freq, position_ids, embeds.dtype())?;
 
         let mut x = embeds.clone();
@@ -579,6 +671,55 @@ mod tests {
     use crate::model::ops::additive_mask;
     use candle_core::Device;
 
+    /// Rows joining a batch are grouped with the earlier row whose 8-bit keys and values are the
+    /// same bits over at least `MIN_SHARED` positions from their first real ones; groups follow
+    /// rows leaving, and the kernel gets each row's first real position.
+    #[test]
+    fn rows_with_the_same_keys_and_values_are_grouped() {
+        if !kv_quant::reads_shared_prefixes() {
+            eprintln!("skipped: the 8-bit decode kernel does not run on this kernel set");
+            return;
+        }
+        let dev = Device::Cpu;
+        let rand = |l: usize| Tensor::randn(0f32, 1.0, (1, 2, l, 32), &dev).unwrap();
+        let row = |kv: &[(Tensor, Tensor)]| {
+            let layers = kv.iter().map(|(k, v)| KvBuffer::with_format(k, v, KvCacheFormat::Q8_0).unwrap()).collect();
+            KvCache::from_layers(layers).unwrap()
+        };
+        let a: Vec<(Tensor, Tensor)> = (0..3).map(|_| (rand(100), rand(100))).collect();
+        // `a`'s first 90 positions, then 30 of its own (in the last layer's values only).
+        let mut b = a.clone();
+        for (i, (k, v)) in b.iter_mut().enumerate() {
+            let n = if i == 2 { 90 } else { 100 };
+            *k = Tensor::cat(&[&k.narrow(2, 0, 100).unwrap(), &rand(20)], 2).unwrap();
+            *v = Tensor::cat(&[&v.narrow(2, 0, n).unwrap(), &rand(120 - n)], 2).unwrap();
+        }
+        let c: Vec<(Tensor, Tensor)> = (0..3).map(|_| (rand(80), rand(80))).collect();
+        let mut cache = row(&a);
+        cache.append_rows(row(&b), 8).unwrap();
+        assert_eq!(cache.shared_positions(), 90, "b shares 90 positions with a");
+        cache.append_rows(row(&c), 8).unwrap();
+        assert_eq!(cache.shared_positions(), 90, "c shares nothing");
+        cache.append_rows(row(&a), 8).unwrap();
+        assert_eq!(cache.shared_positions(), 180, "a again joins the group, which keeps 90");
+        let t = cache.len();
+        let key_valid = cache.mask.as_ref().unwrap().flatten_all().unwrap().to_vec1::<u32>().unwrap();
+        let want = SharedPrefix { rows: vec![(0, 20), (1, 0), (3, 20)], len: 90 };
+        assert_eq!(cache.shared_prefixes(&key_valid, t), vec![want]);
+        cache.retain_rows(&[1, 2, 3]).unwrap();
+        assert_eq!(cache.shared_positions(), 90, "the first row left: the other two still share");
+        cache.compact().unwrap();
+        cache.retain_rows(&[0, 1]).unwrap();
+        assert_eq!(cache.shared_positions(), 0, "b and c share nothing");
+        // Dense caches are not grouped (their kernel reads every row).
+        let dense = |kv: &[(Tensor, Tensor)]| {
+            KvCache::from_layers(kv.iter().map(|(k, v)| KvBuffer::new(k, v).unwrap()).collect()).unwrap()
+        };
+        let mut cache = dense(&a);
+        cache.append_rows(dense(&a), 8).unwrap();
+        assert_eq!(cache.shared_positions(), 0);
+    }
+
     /// The CPU kernel (mask rules) and the candle path (additive mask) agree through a prefill
     /// with left padding, a chunked continuation and a decode step, with and without a window.
     #[test]
@@ -617,7 +758,7 @@ mod tests {
                     let pos = Tensor::from_vec(pos, (b, l), &dev).unwrap();
                     let (cos, sin) = rope_tables(&inv_freq, &pos, dtype).unwrap();
                     let mask = Tensor::from_vec(full.concat(), (b, total), &dev).unwrap();
-                    let rules = AttentionMask::Rules { key_valid: full.concat(), past, window };
+                    let rules = AttentionMask::Rules { key_valid: full.concat(), past, window, shared: Vec::new() };
                     let additive = AttentionMask::Additive(additive_mask(&mask, l, window, &dev).unwrap());
                     let a = attn.forward(&x, &cos, &sin, &rules, &mut fused).unwrap();
                     let c = attn.forward(&x, &cos, &sin, &additive, &mut candle).unwrap();

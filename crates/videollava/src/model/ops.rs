@@ -11,7 +11,8 @@ use candle_core::{DType, Device, Tensor, D};
 use super::kv_cache::KvBuffer;
 use crate::error::Result;
 use crate::kernels::attention::{self as attention_kernel, MaskRules};
-use crate::kernels::{fused, kv_quant};
+use crate::kernels::fused;
+use crate::kernels::kv_quant::{self, SharedPrefix};
 
 pub use crate::kernels::fused::residual_add;
 
@@ -94,8 +95,9 @@ pub fn full_attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
 #[derive(Debug)]
 pub enum AttentionMask {
     /// CPU: the rules, applied inside the fused kernel. `key_valid` `[B, P + L]` row-major (1 =
-    /// real token), `past` = `P`, `window` Mistral's sliding window.
-    Rules { key_valid: Vec<u32>, past: usize, window: Option<usize> },
+    /// real token), `past` = `P`, `window` Mistral's sliding window; `shared` rows whose cached
+    /// keys and values are the same bits over a prefix (read once by the 8-bit decode kernel).
+    Rules { key_valid: Vec<u32>, past: usize, window: Option<usize>, shared: Vec<SharedPrefix> },
     /// Other devices: the additive f32 mask `[B, 1, L, P + L]` of [`additive_mask`].
     Additive(Tensor),
 }
@@ -107,7 +109,7 @@ impl AttentionMask {
         if full_mask.device().is_cpu() {
             let (_, total) = full_mask.dims2()?;
             let key_valid = full_mask.flatten_all()?.to_vec1::<u32>()?;
-            Ok(Self::Rules { key_valid, past: total - l, window })
+            Ok(Self::Rules { key_valid, past: total - l, window, shared: Vec::new() })
         } else {
             Ok(Self::Additive(additive_mask(full_mask, l, window, full_mask.device())?))
         }
@@ -141,13 +143,14 @@ pub fn additive_mask(full_mask: &Tensor, l: usize, window: Option<usize>, device
 /// Attention of `q` `[B, heads, L, d]` over everything in `cache` (keys and values `[B, kv_heads,
 /// P + L, d]`, each kv head serving `heads / kv_heads` query heads in a row), masked by `mask`,
 /// scores scaled by `scale`. Returns `[B, L, heads * d]`. An 8-bit cache is read in place when
-/// decoding; otherwise (and for prefill) dequantized for the dense kernel.
+/// decoding (the mask's shared prefixes once for all their rows); otherwise (and for prefill)
+/// dequantized for the dense kernel.
 pub fn cached_attention(q: &Tensor, cache: &KvBuffer, mask: &AttentionMask, scale: f64) -> Result<Tensor> {
     match mask {
-        AttentionMask::Rules { key_valid, past, window } => {
+        AttentionMask::Rules { key_valid, past, window, shared } => {
             let rules = MaskRules { key_valid, past: *past, causal: true, sliding_window: *window };
             let in_place = match cache.q8_views()? {
-                Some((k, v)) => kv_quant::attention(q, (&k.0, &k.1), (&v.0, &v.1), scale as f32, &rules)?,
+                Some((k, v)) => kv_quant::attention(q, (&k.0, &k.1), (&v.0, &v.1), scale as f32, &rules, shared)?,
                 None => None,
             };
             match in_place {
