@@ -335,7 +335,7 @@ fn fma<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
 }
 
 #[inline(always)]
-fn hsum(acc: &[f32; 16]) -> f32 {
+pub(crate) fn hsum(acc: &[f32; 16]) -> f32 {
     let mut s = [0f32; 4];
     for i in 0..4 {
         s[i] = (acc[i] + acc[i + 4]) + (acc[i + 8] + acc[i + 12]);
@@ -646,7 +646,7 @@ fn task<T: Elem, const FMA: bool>(p: &Params<T>, bi: usize, kvh: usize, i0: usiz
 /// Register tiles: blocks of 8 (4, 2, 1) rows × 32 keys for the scores and × 32 columns for the
 /// output (16 zmm accumulators). Blocks skip the key tiles outside their rows' ranges.
 #[cfg(target_arch = "x86_64")]
-pub(crate) use bf16dot::{mask16, reduce16, softmax_probs16};
+pub(crate) use bf16dot::{exp16, mask16, reduce16};
 
 #[cfg(target_arch = "x86_64")]
 mod bf16dot {
@@ -1024,7 +1024,7 @@ mod bf16dot {
     /// (no fused multiply-adds), so the same bits for every input but NaN.
     #[inline]
     #[target_feature(enable = "avx512f")]
-    pub(super) unsafe fn exp16(x: __m512) -> __m512 {
+    pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
         let xc = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-103.97)), _mm512_set1_ps(88.722_83));
         let magic = _mm512_set1_ps(12_582_912.0);
         let n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(xc, _mm512_set1_ps(std::f32::consts::LOG2_E)), magic), magic);
@@ -1048,89 +1048,6 @@ mod bf16dot {
         let under = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, _mm512_set1_ps(-103.97));
         let v = _mm512_mask_blend_ps(under, v, _mm512_setzero_ps());
         _mm512_mask_blend_ps(over, v, _mm512_set1_ps(f32::INFINITY))
-    }
-
-    /// [`super::softmax_probs`] on 16 lanes, the same operations in the same order, so the same
-    /// bits: lane `i` of the sum takes entries `16 m + i` of the whole chunks of 16, the rest
-    /// is summed in order after them, then [`super::hsum`]; each probability is `x / sum`
-    /// rounded to `dtype` (F32: as is; BF16 and F16: to nearest even, as `half` rounds finite
-    /// values). Other dtypes are refused by the callers.
-    ///
-    /// # Safety
-    /// AVX-512 F/BW; `valid.len() == row.len()`.
-    #[target_feature(enable = "avx512f,avx512bw")]
-    pub(crate) unsafe fn softmax_probs16(
-        row: &mut [f32],
-        valid: &[u32],
-        scale: f32,
-        dtype: candle_core::DType,
-    ) -> bool {
-        // SAFETY: this `unsafe fn`'s contract: AVX-512 F/BW; the whole chunks and the rest are
-        // inside `row` and `valid` (of one length).
-        unsafe {
-            let n = row.len();
-            let full = n / 16 * 16;
-            let (rp, vp) = (row.as_mut_ptr(), valid.as_ptr());
-            let vs = _mm512_set1_ps(scale);
-            let ninf = _mm512_set1_ps(f32::NEG_INFINITY);
-            let mut m = ninf;
-            for i in (0..full).step_by(16) {
-                let ok = _mm512_cmpneq_epi32_mask(_mm512_loadu_si512(vp.add(i) as *const _), _mm512_setzero_si512());
-                let x = _mm512_mask_blend_ps(ok, ninf, _mm512_mul_ps(_mm512_loadu_ps(rp.add(i)), vs));
-                _mm512_storeu_ps(rp.add(i), x);
-                m = _mm512_max_ps(m, x);
-            }
-            let mut max = f32::NEG_INFINITY;
-            for j in full..n {
-                let x = if valid[j] != 0 { row[j] * scale } else { f32::NEG_INFINITY };
-                row[j] = x;
-                max = max.max(x);
-            }
-            let mut lanes = [0f32; 16];
-            _mm512_storeu_ps(lanes.as_mut_ptr(), m);
-            for x in lanes {
-                max = max.max(x);
-            }
-            if max == f32::NEG_INFINITY {
-                row.fill(0.0);
-                return false;
-            }
-            let vmax = _mm512_set1_ps(max);
-            let mut acc = _mm512_setzero_ps();
-            for i in (0..full).step_by(16) {
-                let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(rp.add(i)), vmax));
-                _mm512_storeu_ps(rp.add(i), e);
-                acc = _mm512_add_ps(acc, e);
-            }
-            let mut sum = 0f32;
-            for x in &mut row[full..] {
-                *x = crate::kernels::fused::exp_f32(*x - max);
-                sum += *x;
-            }
-            _mm512_storeu_ps(lanes.as_mut_ptr(), acc);
-            sum += super::hsum(&lanes);
-            let vsum = _mm512_set1_ps(sum);
-            // Round to nearest even on the upper 16 bits (finite, non-negative values).
-            let (half, one) = (_mm512_set1_epi32(0x7FFF), _mm512_set1_epi32(1));
-            let keep = _mm512_set1_epi32(0xFFFF_0000u32 as i32);
-            for i in (0..n).step_by(16) {
-                let k = mask16(n - i);
-                let p = _mm512_div_ps(_mm512_maskz_loadu_ps(k, rp.add(i)), vsum);
-                let p = match dtype {
-                    candle_core::DType::BF16 => {
-                        let bits = _mm512_castps_si512(p);
-                        let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(bits), one);
-                        _mm512_castsi512_ps(_mm512_and_si512(_mm512_add_epi32(bits, _mm512_add_epi32(half, lsb)), keep))
-                    }
-                    candle_core::DType::F16 => {
-                        _mm512_cvtph_ps(_mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(p))
-                    }
-                    _ => p,
-                };
-                _mm512_mask_storeu_ps(rp.add(i), k, p);
-            }
-            true
-        }
     }
 
     /// [`super::softmax_row`] for bf16 on 16 lanes (masked tails, no scalar loop): scores
@@ -1764,42 +1681,6 @@ mod tests {
         // SAFETY: as above.
         assert!(!unsafe { bf16dot::softmax_row_bf16(&mut none, &valid, 1.0, 3) });
         assert!(none.iter().all(|&x| x == 0.0));
-    }
-
-    /// The 16-lane softmax of the 8-bit cache's kernel gives the scalar one's bits: every length
-    /// of tail, masked keys, all three probability dtypes, and a row that sees nothing.
-    #[test]
-    fn vector_softmax_probs_give_the_scalar_bits() {
-        if !crate::kernels::cpu::features().avx512 {
-            eprintln!("skipped: no AVX-512 on this CPU");
-            return;
-        }
-        let mut state = 11u64;
-        let rounds: [(DType, fn(f32) -> f32); 3] = [
-            (DType::F32, |x| x),
-            (DType::BF16, |x| half::bf16::from_f32(x).to_f32()),
-            (DType::F16, |x| half::f16::from_f32(x).to_f32()),
-        ];
-        for n in (1usize..70).chain([517, 2074]) {
-            let row: Vec<f32> = (0..n)
-                .map(|_| {
-                    state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                    ((state >> 40) as f32 / (1u64 << 24) as f32) * 60.0 - 30.0
-                })
-                .collect();
-            let valid: Vec<u32> = (0..n).map(|i| u32::from(i % 5 != 2)).collect();
-            for (dtype, round) in rounds {
-                for valid in [valid.clone(), vec![0; n]] {
-                    let (mut a, mut b) = (row.clone(), row.clone());
-                    let sa = softmax_probs(&mut a, &valid, 0.7, round);
-                    // SAFETY: AVX-512 F/BW detected above (the `avx512` set has both).
-                    let sb = unsafe { softmax_probs16(&mut b, &valid, 0.7, dtype) };
-                    assert_eq!(sa, sb);
-                    let differ = a.iter().zip(&b).filter(|(x, y)| x.to_bits() != y.to_bits()).count();
-                    assert_eq!(differ, 0, "n {n} {dtype:?}: {differ} probabilities differ");
-                }
-            }
-        }
     }
 
     /// One layer's prefill attention at the 7B shapes (32 heads, a 2,074-token prompt, causal):

@@ -546,8 +546,9 @@ mod avx512 {
     use std::arch::x86_64::*;
 
     use super::{Source, Task, MAX_D};
-    use crate::kernels::attention::{mask16, reduce16, softmax_probs16};
+    use crate::kernels::attention::{mask16, reduce16};
     use crate::kernels::prefetch::prefetch_ahead;
+    use crate::kernels::softmax::softmax_probs16;
 
     /// 16 codes at `c` as f32.
     #[inline(always)]
@@ -720,6 +721,7 @@ mod avx2 {
 
     use super::{Source, Task, MAX_D};
     use crate::kernels::prefetch::prefetch_ahead;
+    use crate::kernels::softmax::softmax_probs8;
 
     /// 8 codes of `c` (the first 8 bytes) as f32.
     #[target_feature(enable = "avx2,fma")]
@@ -757,6 +759,14 @@ mod avx2 {
 
         fn score_scale(q: &Self::Query) -> f32 {
             q.1
+        }
+
+        /// The softmax on two vectors of 8: the same bits as the scalar one.
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn softmax(p: &Task, row: &mut [f32], valid: &[u32], scale: f32) -> bool {
+            // SAFETY: the trait's contract: AVX2 + FMA (the set also has F16C: `cpu::features`),
+            // `row` and `valid` of one length.
+            unsafe { softmax_probs8(row, valid, scale, p.dtype) }
         }
 
         /// Scores: Σ_blocks scale_b · Σ_i q_i · code_i, a key at a time (`align` unused).

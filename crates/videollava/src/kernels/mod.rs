@@ -13,7 +13,8 @@
 //!   and for AVX2 / AVX-VNNI in `qgemm_avx2`);
 //! - [`fused`]: one-pass BF16 element-wise ops (norms, SiLU·up, RoPE, residual adds, linear outputs);
 //! - [`attention`]: fused attention with the masking rules applied while scoring;
-//! - [`kv_quant`]: the 8-bit key/value format and its decode attention.
+//! - [`kv_quant`]: the 8-bit key/value format and its decode attention (its softmax on 16 or
+//!   8 + 8 lanes in [`softmax`]).
 //!
 //! Every kernel is checked against a plain reference with each kernel set this CPU has forced in
 //! turn ([`cpu::for_each_set`]), so one machine with AVX-512 also proves the lower paths.
@@ -75,6 +76,7 @@ mod qgemm_avx2;
 #[cfg(target_arch = "x86_64")]
 mod qgemm_avx512;
 pub(crate) mod qgemv;
+pub(crate) mod softmax;
 mod task_grid;
 #[cfg(target_arch = "x86_64")]
 mod transpose;
