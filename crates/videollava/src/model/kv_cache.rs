@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::kernels::kv_quant::{self, KvCacheFormat};
@@ -253,13 +254,17 @@ impl KvBuffer {
     /// positions of the rows in use starting at position `shift` (zeros before them): one copy,
     /// straight from the old buffers.
     fn regrow(&mut self, row_capacity: usize, capacity: usize, shift: usize) -> Result<()> {
-        for i in 0..self.parts.len() {
-            let p = &self.parts[i];
-            let (_, h, _, d) = p.dims4()?;
-            let grown = lazy_zeros((row_capacity.max(self.rows), h, capacity, d), p.dtype(), p.device())?;
-            copy_positions(&grown, 0, shift, &self.filled(i)?)?;
-            self.parts[i] = grown;
-        }
+        // The parts on every thread: the copy into fresh pages is mostly the kernel clearing them.
+        self.parts = (0..self.parts.len())
+            .into_par_iter()
+            .map(|i| {
+                let p = &self.parts[i];
+                let (_, h, _, d) = p.dims4()?;
+                let grown = lazy_zeros((row_capacity.max(self.rows), h, capacity, d), p.dtype(), p.device())?;
+                copy_positions(&grown, 0, shift, &self.filled(i)?)?;
+                Ok(grown)
+            })
+            .collect::<Result<Vec<_>>>()?;
         self.len += shift;
         self.owner = Arc::new(());
         Ok(())
