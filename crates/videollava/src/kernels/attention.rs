@@ -385,8 +385,10 @@ fn softmax_row<T: Elem>(row: &mut [f32], valid: &[u32], scale: f32) -> bool {
     softmax_row_with(row, valid, scale, T::round)
 }
 
-/// [`softmax_row`] with the probabilities rounded by `round` (the 8-bit KV cache's decode kernel,
-/// [`super::kv_quant`], rounds to its query's dtype).
+/// [`softmax_row`] with the probabilities rounded by `round`: the reference of the vector forms
+/// that the 8-bit KV cache's decode kernel runs ([`super::softmax`], which round to its query's
+/// dtype).
+#[cfg(test)]
 pub(crate) fn softmax_probs(row: &mut [f32], valid: &[u32], scale: f32, round: fn(f32) -> f32) -> bool {
     softmax_row_with(row, valid, scale, round)
 }

@@ -19,7 +19,9 @@
 //! rounded to the query's dtype in both. It needs AVX-512 F/BW, or
 //! AVX2 + FMA (f32 products of the widened codes for every block size, no i16 query), on x86-64,
 //! and `D` a multiple of 16 up to 256; otherwise callers dequantize ([`dequantize`]) and run the
-//! dense kernel.
+//! dense kernel. Batch rows holding the same bits over their first positions (questions about one
+//! video: [`SharedPrefix`]) read those positions once, from one row, for all of them; the softmax
+//! runs on vectors ([`super::softmax`]). Both keep each row's bits.
 
 use std::str::FromStr;
 
@@ -378,7 +380,7 @@ trait Kernel {
     /// # Safety
     /// The CPU has the kernel's features; `qrow.len() == p.d`.
     unsafe fn query(p: &Task, qrow: &[f32]) -> Self::Query;
-    /// [`super::attention::softmax_probs`] of `row` (raw scores) in place, probabilities rounded
+    /// `attention::softmax_probs` (the scalar softmax) of `row` (raw scores) in place, probabilities rounded
     /// to the query's dtype (the same bits, on vectors: [`super::softmax`]); false when no key is
     /// visible.
     ///

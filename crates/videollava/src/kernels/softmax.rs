@@ -1,5 +1,5 @@
 //! The softmax of one row of attention scores for the 8-bit cache's decode kernel
-//! ([`super::kv_quant`]): [`super::attention::softmax_probs`] (scalar: scores scaled, invisible
+//! ([`super::kv_quant`]): `attention::softmax_probs` (scalar: scores scaled, invisible
 //! keys excluded, `exp(x - max)`, each probability `x / sum` rounded to the query's dtype) on
 //! 16 lanes (AVX-512) and on two vectors of 8 (AVX2), with the same operations in the same order,
 //! so the same bits: lane `i` of the sum takes entries `16 m + i` of the whole chunks of 16, the

@@ -376,10 +376,10 @@ impl KvCache {
             return Ok(());
         }
         self.mask = Some(mask.narrow(1, lead, t - lead)?);
-        for layer in self.layers.iter_mut().flatten() {
+        self.layers.par_iter_mut().flatten().try_for_each(|layer| -> Result<()> {
             *layer = layer.drop_front(lead)?;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Positions `start..start + len` of every row, copied (what a prefix cache keeps).
@@ -464,9 +464,11 @@ impl KvCache {
         let Some(mask) = &self.mask else { return Ok(()) };
         let idx = Tensor::from_vec(rows.iter().map(|&r| r as u32).collect::<Vec<_>>(), rows.len(), mask.device())?;
         self.mask = Some(mask.index_select(&idx, 0)?);
-        for layer in self.layers.iter_mut().flatten() {
+        // Layers on every thread, as when rows join.
+        self.layers.par_iter_mut().flatten().try_for_each(|layer| -> Result<()> {
             *layer = layer.index_rows(&idx)?;
-        }
+            Ok(())
+        })?;
         // Each group's rows that stay, renumbered; any of them can be the one read.
         self.shared = std::mem::take(&mut self.shared)
             .into_iter()
