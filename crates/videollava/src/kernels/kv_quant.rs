@@ -17,7 +17,7 @@
 //! summation order and, for blocks of 32, the query taken as i16 (one `vpmaddwd` per block of
 //! keys; a step of 2^-15 of the row's largest |q|, far below bf16's 2^-8); probabilities are
 //! rounded to the query's dtype in both. It needs AVX-512 F/BW, or
-//! AVX2 + FMA (f32 products of the widened codes for every block size, no i16 query), on x86-64,
+//! AVX2 + FMA (the i16 query for every block size), on x86-64,
 //! and `D` a multiple of 16 up to 256; otherwise callers dequantize ([`dequantize`]) and run the
 //! dense kernel. Batch rows holding the same bits over their first positions (questions about one
 //! video: [`SharedPrefix`]) read those positions once, from one row, for all of them; the softmax
@@ -716,9 +716,9 @@ mod avx512 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    //! The AVX2 path: f32 arithmetic on the widened codes for every block size (no i16 query),
-    //! one key at a time; the same numbers as the dequantized dense path up to f32 summation
-    //! order.
+    //! The AVX2 path, one key at a time: scores as the AVX-512 path takes them for blocks of 32
+    //! (the query as i16, `madd` against the codes widened to i16), for every block size; the
+    //! weighted values in f32 on the widened codes.
     use std::arch::x86_64::*;
 
     use super::{Source, Task, MAX_D};
@@ -746,17 +746,25 @@ mod avx2 {
     pub(super) struct Kernel;
 
     impl super::Kernel for Kernel {
-        type Query = ([__m256; MAX_D / 8], f32);
+        /// The query as i16 in chunks of 16 (step = its largest |q| / 32767, as the AVX-512
+        /// path takes it), and the softmax's factor with that step.
+        type Query = ([__m256i; MAX_D / 16], f32);
 
         #[target_feature(enable = "avx2,fma")]
         unsafe fn query(p: &Task, qrow: &[f32]) -> Self::Query {
-            let mut qv = [_mm256_setzero_ps(); MAX_D / 8];
-            for (x, q) in qv.iter_mut().zip(qrow.chunks_exact(8)) {
-                let q: &[f32; 8] = q.try_into().expect("8 values");
-                // SAFETY: `q` is 8 readable f32; `loadu` has no alignment requirement.
-                *x = unsafe { _mm256_loadu_ps(q.as_ptr()) };
+            let qmax = qrow.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let qstep = if qmax > 0.0 { qmax / 32767.0 } else { 0.0 };
+            let inv = _mm256_set1_ps(if qmax > 0.0 { 1.0 / qstep } else { 0.0 });
+            let mut q16 = [_mm256_setzero_si256(); MAX_D / 16];
+            for (x, q) in q16.iter_mut().zip(qrow.chunks_exact(16)) {
+                let q: &[f32; 16] = q.try_into().expect("16 values");
+                // SAFETY: `q` is 16 readable f32; `loadu` has no alignment requirement.
+                let (a, b) = unsafe { (_mm256_loadu_ps(q.as_ptr()), _mm256_loadu_ps(q.as_ptr().add(8))) };
+                let (a, b) = (_mm256_cvtps_epi32(_mm256_mul_ps(a, inv)), _mm256_cvtps_epi32(_mm256_mul_ps(b, inv)));
+                // `packs` interleaves the 128-bit halves: [a0-3, b0-3, a4-7, b4-7] -> in order.
+                *x = _mm256_permute4x64_epi64::<0xD8>(_mm256_packs_epi32(a, b));
             }
-            (qv, p.scale)
+            (q16, p.scale * qstep)
         }
 
         fn score_scale(q: &Self::Query) -> f32 {
@@ -771,7 +779,9 @@ mod avx2 {
             unsafe { softmax_probs8(row, valid, scale, p.dtype) }
         }
 
-        /// Scores: Σ_blocks scale_b · Σ_i q_i · code_i, a key at a time (`align` unused).
+        /// Scores: Σ_blocks scale_b · Σ_i q_i · code_i, a key at a time (`align` unused), each
+        /// 16 codes widened to i16 and multiplied with `madd` (exact i32: at most 2 * 2 * 127 *
+        /// 32767 per lane for a block of 32, also exact in f32).
         #[target_feature(enable = "avx2,fma")]
         unsafe fn scores(
             p: &Task,
@@ -785,6 +795,8 @@ mod avx2 {
         ) {
             let (d, bl) = (p.d, super::block_len(p.d));
             let nb = d / bl;
+            // In registers rather than read through `q` for every key.
+            let q16 = q.0;
             for (j, sj) in s.iter_mut().enumerate().take(to).skip(from) {
                 let c = &p.kc.data[p.kc.at(src.row, kvh, src.at(j))..][..d];
                 let sc = &p.ks.data[p.ks.at(src.row, kvh, src.at(j))..][..nb];
@@ -792,12 +804,14 @@ mod avx2 {
                 prefetch_ahead(sc.as_ptr() as *const u8, 4 * p.ks.stride[2], 4 * nb);
                 let mut acc = _mm256_setzero_ps();
                 for (blk, &scale) in sc.iter().enumerate() {
-                    let f0 = blk * bl / 8;
-                    let mut dot = _mm256_mul_ps(q.0[f0], widen8(&c[8 * f0..]));
-                    for f in f0 + 1..f0 + bl / 8 {
-                        dot = _mm256_fmadd_ps(q.0[f], widen8(&c[8 * f..]), dot);
+                    let mut dot = _mm256_setzero_si256();
+                    for f in blk * bl / 16..(blk + 1) * bl / 16 {
+                        let codes: &[u8; 16] = c[16 * f..][..16].try_into().expect("16 codes");
+                        // SAFETY: `codes` is 16 readable bytes; `loadu` has no alignment requirement.
+                        let k16 = _mm256_cvtepi8_epi16(unsafe { _mm_loadu_si128(codes.as_ptr() as *const __m128i) });
+                        dot = _mm256_add_epi32(dot, _mm256_madd_epi16(k16, q16[f]));
                     }
-                    acc = _mm256_fmadd_ps(dot, _mm256_set1_ps(scale), acc);
+                    acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), _mm256_set1_ps(scale), acc);
                 }
                 *sj = hsum(acc);
             }
@@ -831,9 +845,11 @@ mod avx2 {
                 let sc = &p.vs.data[p.vs.at(src.row, kvh, src.at(j))..][..nb];
                 prefetch_ahead(c.as_ptr(), p.vc.stride[2], d);
                 prefetch_ahead(sc.as_ptr() as *const u8, 4 * p.vs.stride[2], 4 * nb);
-                for (f, a) in acc.iter_mut().enumerate().take(nf) {
-                    let w = _mm256_set1_ps(pj * sc[8 * f / bl]);
-                    *a = _mm256_fmadd_ps(w, widen8(&c[8 * f..]), *a);
+                for (blk, (a, c)) in acc[..nf].chunks_exact_mut(bl / 8).zip(c.chunks_exact(bl)).enumerate() {
+                    let w = _mm256_set1_ps(pj * sc[blk]);
+                    for (a, c) in a.iter_mut().zip(c.chunks_exact(8)) {
+                        *a = _mm256_fmadd_ps(w, widen8(c), *a);
+                    }
                 }
             }
             for (a, dst) in acc.iter().zip(out.chunks_exact_mut(8)) {
