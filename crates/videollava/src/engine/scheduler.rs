@@ -518,11 +518,10 @@ fn run_loop(engine: Engine, shared: Arc<Shared>) {
                             Ok(()) => rows.push(active),
                             Err(e) => failed(&active.tx, &e),
                         }
-                        let sharing = cache.shared_positions();
-                        shared.shared_positions.store(sharing, Ordering::SeqCst);
                         log::debug!(
-                            "row joined the batch ({} rows, {sharing} positions read from another row): {:.0} ms",
+                            "row joined the batch ({} rows, {} positions read from another row): {:.0} ms",
                             rows.len(),
+                            cache.shared_positions(),
                             ms(t)
                         );
                     }

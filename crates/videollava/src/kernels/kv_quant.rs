@@ -26,10 +26,10 @@
 use std::str::FromStr;
 
 use candle_core::{DType, Device, Storage, Tensor};
-use half::{bf16, f16};
 use rayon::prelude::*;
 
 use super::attention::MaskRules;
+use super::softmax::round_prob;
 use crate::error::{Error, Result};
 
 /// How the decoder keeps its keys and values between forward passes.
@@ -231,12 +231,9 @@ pub fn attention(
     }
     let dtype = q.dtype();
     let qf = q.to_dtype(DType::F32)?.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let round: fn(f32) -> f32 = match dtype {
-        DType::F32 => |x| x,
-        DType::BF16 => |x| bf16::from_f32(x).to_f32(),
-        DType::F16 => |x| f16::from_f32(x).to_f32(),
-        other => return Err(Error::Model(format!("8-bit KV attention: unsupported query dtype {other:?}"))),
-    };
+    if !matches!(dtype, DType::F32 | DType::BF16 | DType::F16) {
+        return Err(Error::Model(format!("8-bit KV attention: unsupported query dtype {dtype:?}")));
+    }
     let (kcg, kcl) = k.0.storage_and_layout();
     let (ksg, ksl) = k.1.storage_and_layout();
     let (vcg, vcl) = v.0.storage_and_layout();
@@ -254,7 +251,6 @@ pub fn attention(
         rep,
         scale,
         rules: *rules,
-        round,
         dtype,
     };
     let tasks: Vec<(&Group, usize)> = groups.iter().flat_map(|g| (0..hkv).map(move |kvh| (g, kvh))).collect();
@@ -350,9 +346,7 @@ struct Task<'a> {
     rep: usize,
     scale: f32,
     rules: MaskRules<'a>,
-    /// Rounds a probability to the query's dtype.
-    round: fn(f32) -> f32,
-    /// The query's dtype (F32, BF16 or F16).
+    /// The query's dtype (F32, BF16 or F16), which probabilities are rounded to.
     dtype: DType,
 }
 
@@ -462,83 +456,57 @@ unsafe fn group_task<K: Kernel>(p: &Task, g: &Group, kvh: usize) -> Vec<Vec<f32>
         let shared = Source { row: lead, shift: lead_start as isize - start as isize };
         [(lo, a, own), (a, b, shared), (b, hi, own)]
     };
-    let each = |f: &mut dyn FnMut(usize, usize)| {
-        for m in 0..g.rows.len() {
-            for r in 0..nq {
-                f(m, r)
+    // Every (row, query row)'s positions in `limits`, in the order both passes take them: the
+    // own ones before the shared ones, the shared ones a block of every row at a time (so the
+    // block stays in cache), then the own ones after; each piece with where it is read. A row
+    // visits its own positions in increasing order.
+    let pieces = |limits: &[(usize, usize)], f: &mut dyn FnMut(usize, usize, (usize, usize, Source))| {
+        let rows = 0..g.rows.len();
+        let all = || rows.clone().flat_map(|m| (0..nq).map(move |r| (m, r)));
+        for (m, r) in all() {
+            let (lo, hi) = limits[m * nq + r];
+            f(m, r, ranges(m, lo, hi)[0]);
+        }
+        for u in (0..g.len).step_by(SHARED_BLOCK) {
+            for (m, r) in all() {
+                let (lo, hi) = limits[m * nq + r];
+                let (a, b, src) = ranges(m, lo, hi)[1];
+                let start = g.rows[m].1;
+                f(m, r, ((start + u).clamp(a, b), (start + u + SHARED_BLOCK).clamp(a, b), src));
             }
         }
+        for (m, r) in all() {
+            let (lo, hi) = limits[m * nq + r];
+            f(m, r, ranges(m, lo, hi)[2]);
+        }
     };
-    // Scores: the own positions before the shared ones, the shared ones a block of every row
-    // at a time, then the own ones after.
-    let score = |s: &mut [f32], m: usize, r: usize, range: (usize, usize, Source)| {
+    pieces(&limits, &mut |m, r, (from, to, src)| {
         let x = m * nq + r;
-        let (from, to, src) = range;
         if from < to {
             // SAFETY: this function's contract: `src` maps `from..to` inside the views.
             unsafe { K::scores(p, &queries[x], kvh, src, &mut s[x * t..(x + 1) * t], from, to, limits[x].0) };
         }
-    };
-    each(&mut |m, r| {
-        let (lo, hi) = limits[m * nq + r];
-        score(&mut s, m, r, ranges(m, lo, hi)[0]);
-    });
-    for u in (0..g.len).step_by(SHARED_BLOCK) {
-        each(&mut |m, r| {
-            let (lo, hi) = limits[m * nq + r];
-            let (a, b, src) = ranges(m, lo, hi)[1];
-            let start = g.rows[m].1;
-            score(&mut s, m, r, ((start + u).clamp(a, b), (start + u + SHARED_BLOCK).clamp(a, b), src));
-        });
-    }
-    each(&mut |m, r| {
-        let (lo, hi) = limits[m * nq + r];
-        score(&mut s, m, r, ranges(m, lo, hi)[2]);
     });
     // Softmax; a row that sees no key averages all T values (see `MaskRules`).
     let mut uniform = vec![None; g.rows.len() * nq];
-    each(&mut |m, r| {
-        let x = m * nq + r;
+    for x in 0..g.rows.len() * nq {
         let (lo, hi) = limits[x];
-        let valid = &rules.key_valid[g.rows[m].0 * t..][lo..hi];
+        let valid = &rules.key_valid[g.rows[x / nq].0 * t..][lo..hi];
         // SAFETY: this function's contract (the CPU has `K`'s features); one length each.
         if !unsafe { K::softmax(p, &mut s[x * t..][lo..hi], valid, K::score_scale(&queries[x])) } {
-            (limits[x], uniform[x]) = ((0, t), Some((p.round)(1.0 / t as f32)));
+            (limits[x], uniform[x]) = ((0, t), Some(round_prob(1.0 / t as f32, p.dtype)));
         }
-    });
-    // Weighted values in position order, the same three parts.
+    }
+    // Weighted values in position order.
     let mut out: Vec<Vec<f32>> = g.rows.iter().map(|_| vec![0f32; nq * d]).collect();
-    let value = |out: &mut [Vec<f32>], m: usize, r: usize, range: (usize, usize, Source)| {
+    pieces(&limits, &mut |m, r, (from, to, src)| {
         let x = m * nq + r;
-        let (from, to, src) = range;
         if from < to {
             let acc = &mut out[m][r * d..(r + 1) * d];
             // SAFETY: as for the scores.
             unsafe { K::values(p, kvh, src, &s[x * t..(x + 1) * t], uniform[x], from, to, acc) };
         }
-    };
-    for m in 0..g.rows.len() {
-        for r in 0..nq {
-            let (lo, hi) = limits[m * nq + r];
-            value(&mut out, m, r, ranges(m, lo, hi)[0]);
-        }
-    }
-    for u in (0..g.len).step_by(SHARED_BLOCK) {
-        for m in 0..g.rows.len() {
-            for r in 0..nq {
-                let (lo, hi) = limits[m * nq + r];
-                let (a, b, src) = ranges(m, lo, hi)[1];
-                let start = g.rows[m].1;
-                value(&mut out, m, r, ((start + u).clamp(a, b), (start + u + SHARED_BLOCK).clamp(a, b), src));
-            }
-        }
-    }
-    for m in 0..g.rows.len() {
-        for r in 0..nq {
-            let (lo, hi) = limits[m * nq + r];
-            value(&mut out, m, r, ranges(m, lo, hi)[2]);
-        }
-    }
+    });
     out
 }
 

@@ -13,6 +13,16 @@
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::{softmax_probs16, softmax_probs8};
 
+/// A probability rounded to `dtype` (BF16, F16: to nearest even; anything else: as is), as the
+/// scalar softmax rounds it.
+pub(crate) fn round_prob(x: f32, dtype: candle_core::DType) -> f32 {
+    match dtype {
+        candle_core::DType::BF16 => half::bf16::from_f32(x).to_f32(),
+        candle_core::DType::F16 => half::f16::from_f32(x).to_f32(),
+        _ => x,
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
@@ -21,16 +31,6 @@ mod x86 {
 
     use crate::kernels::attention::{exp16, hsum, mask16};
     use crate::kernels::fused::exp_f32;
-
-    /// The rounding of the scalar softmax's probabilities, for the entries past the last whole
-    /// vector.
-    fn round(x: f32, dtype: DType) -> f32 {
-        match dtype {
-            DType::BF16 => half::bf16::from_f32(x).to_f32(),
-            DType::F16 => half::f16::from_f32(x).to_f32(),
-            _ => x,
-        }
-    }
 
     /// The 16-lane form (AVX-512), see the module documentation.
     ///
@@ -209,7 +209,7 @@ mod x86 {
                 _mm256_storeu_ps(rp.add(i), p);
             }
             for x in &mut row[whole..] {
-                *x = round(*x / sum, dtype);
+                *x = super::round_prob(*x / sum, dtype);
             }
             true
         }
