@@ -658,6 +658,7 @@ mod bf16dot {
     use half::bf16;
 
     use super::{axpy, Elem, Params, Shape};
+    use crate::kernels::pack_cache::Aligned;
     use crate::kernels::transpose::transpose16;
 
     /// Keys per score tile (two zmm of scores per row).
@@ -880,7 +881,7 @@ mod bf16dot {
             let rs = &ranges[g..rows.min(g + 32)];
             (rs.iter().map(|r| r.0).min().unwrap_or(lo), rs.iter().map(|r| r.1).max().unwrap_or(lo))
         };
-        let mut qp = vec![0u32; rows_pad * dp];
+        let mut qp = Aligned::new(rows_pad * dp, 0u32);
         for (r, dst) in qp.chunks_exact_mut(dp).take(rows).enumerate() {
             let at = p.q_at.at(bi, kvh * p.rep + r / cl, i0 + r % cl);
             for (x, pr) in dst.iter_mut().zip(p.q[at..at + d].chunks_exact(2)) {
@@ -888,8 +889,8 @@ mod bf16dot {
             }
         }
         let nb = wpad / KS;
-        let mut kp = vec![0u32; nb * dp * KS];
-        let mut vp = vec![0u32; wp * d];
+        let mut kp = Aligned::new(nb * dp * KS, 0u32);
+        let mut vp = Aligned::new(wp * d, 0u32);
         for (b, (kb, vb)) in kp.chunks_exact_mut(dp * KS).zip(vp.chunks_exact_mut(KS / 2 * d)).enumerate() {
             let j0 = lo + b * KS;
             let jn = (hi - j0).min(KS);
@@ -902,9 +903,9 @@ mod bf16dot {
         }
         // One group of 32 rows at a time: its scores, their softmax and the weighted values,
         // while the group's scores (32 x `wpad` f32) and probabilities are still in L1/L2.
-        let mut s = vec![0f32; 32 * wpad];
-        let mut pp = vec![0u32; 32 * wp];
-        let mut o = vec![0f32; rows_pad * d];
+        let mut s = Aligned::new(32 * wpad, 0f32);
+        let mut pp = Aligned::new(32 * wp, 0u32);
+        let mut o = Aligned::new(rows_pad * d, 0f32);
         let mut empty = vec![false; rows];
         let (sp, op) = (s.as_mut_ptr(), o.as_mut_ptr());
         // SAFETY: AMX usable (caller's contract); released below.
@@ -979,7 +980,7 @@ mod bf16dot {
         }
         // SAFETY: AMX usable; no tile is used after this.
         unsafe { bf16_amx::release() };
-        o.truncate(rows * d);
+        let mut o = o[..rows * d].to_vec();
         uniform_rows(p, bi, kvh, &empty, &mut o);
         o
     }

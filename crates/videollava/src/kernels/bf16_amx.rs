@@ -39,7 +39,7 @@
 use super::cpu::KernelSet;
 use super::fused::{finish_row, Activation};
 use super::out_ptr::OutPtr;
-use super::pack_cache::PackCache;
+use super::pack_cache::{aligned_mut, Aligned, PackCache};
 use super::transpose::transpose16;
 use core::arch::asm;
 use core::arch::x86_64::*;
@@ -154,7 +154,7 @@ unsafe fn blocked(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, out: Out) 
         // Rows of `W` from the last whole tile on, zero-padded to two tiles (the tail tiles read
         // here instead of past the end of `w`).
         let tail0 = (n / T) * T;
-        let mut wtail = vec![0u16; (n_tiles * T - tail0) * k];
+        let mut wtail = Aligned::new((n_tiles * T - tail0) * k, 0u16);
         wtail[..(n - tail0) * k].copy_from_slice(&w[tail0 * k..]);
         let stripes = n_tiles.div_ceil(NS / T);
         let ctx = Ctx { apack, m, m_tiles, steps, w, wtail: &wtail, tail0, n, k };
@@ -201,7 +201,7 @@ pub(crate) fn applies_few_rows(m: usize, k: usize) -> bool {
 pub(crate) unsafe fn matmul_few_rows(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, out: &mut [f32]) {
     let steps = k / KS;
     let m_tiles = m.div_ceil(T);
-    let mut apack = vec![0u32; m_tiles * steps * T * T];
+    let mut apack = Aligned::new(m_tiles * steps * T * T, 0u32);
     for (mt, dst) in apack.chunks_exact_mut(steps * T * T).enumerate() {
         // SAFETY: the CPU has AVX-512 (caller's contract); `dst` holds `steps` tiles.
         unsafe { pack_a(a, m, k, mt, dst) };
@@ -209,7 +209,7 @@ pub(crate) unsafe fn matmul_few_rows(a: &[u16], m: usize, w: &[u16], n: usize, k
     // Rows of `W` from the last whole tile on, zero-padded to one.
     let tail0 = (n / T) * T;
     let n_tiles = n.div_ceil(T);
-    let mut wtail = vec![0u16; (n_tiles * T - tail0) * k];
+    let mut wtail = Aligned::new((n_tiles * T - tail0) * k, 0u16);
     wtail[..(n - tail0) * k].copy_from_slice(&w[tail0 * k..]);
     let outp = OutPtr::new(out);
     let ctx = Ctx { apack: &apack, m, m_tiles, steps, w, wtail: &wtail, tail0, n, k };
@@ -437,7 +437,7 @@ unsafe fn task(c: &Ctx, t0: usize, t1: usize, out: Out, cbuf: &mut Vec<f32>) {
     let steps_per_block = KC / KS;
     let mt = c.m_tiles;
     // Partial `Cᵀ` tiles of every row tile, then this stripe of `W` packed per `k` block.
-    cbuf.resize(nt * mt * T * T + nt * T * (steps_per_block + 1) * KS / 2, 0.0);
+    let cbuf = aligned_mut(cbuf, nt * mt * T * T + nt * T * (steps_per_block + 1) * KS / 2, 0.0);
     let (cpart, wpart) = cbuf.split_at_mut(nt * mt * T * T);
     let cb = cpart.as_mut_ptr();
     // The `k` block of this stripe of `W`, row-major, each row padded by 64 bytes (so that the

@@ -1000,6 +1000,40 @@ mod tests {
         }
     }
 
+    /// The vision tower's four products (8 frames of CLIP-L: 2,056 rows) with their BF16 output
+    /// rounded in the GEMM (`fc1` with `quick_gelu`), as the tower runs them: GFLOP/s, medians of 7.
+    /// `cargo test --release -p videollava --lib bf16_gemm::tests::bench_clip -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn bench_clip_shapes() {
+        use crate::kernels::fused::Activation;
+        use std::time::Instant;
+        let shapes = [
+            (2056, 1024, 1024, Activation::Identity),
+            (2056, 4096, 1024, Activation::QuickGelu),
+            (2056, 1024, 4096, Activation::Identity),
+        ];
+        for &(m, n, k, act) in &shapes {
+            let m = std::env::var("BENCH_M").ok().and_then(|v| v.parse().ok()).unwrap_or(m);
+            let a = values(m * k, 1);
+            let w = values(n * k, 2);
+            let mut t: Vec<f64> = (0..8)
+                .map(|_| {
+                    let t = Instant::now();
+                    std::hint::black_box(matmul_bf16_rounded(&a, m, &w, n, k, None, act));
+                    t.elapsed().as_secs_f64()
+                })
+                .skip(1)
+                .collect();
+            t.sort_by(f64::total_cmp);
+            eprintln!(
+                "m={m:4} n={n:5} k={k:5} {act:?}: {:6.2} ms {:6.0} GFLOP/s",
+                t[3] * 1e3,
+                2.0 * (m * n * k) as f64 / t[3] / 1e9
+            );
+        }
+    }
+
     /// The AMX GEMM's BF16 output against its f32 output rounded in a second pass, at the 7B
     /// prefill and CLIP-L shapes, interleaved: milliseconds per product.
     /// `cargo test --release -p videollava --lib bf16_gemm::tests::bench_rounded -- --ignored --nocapture`
