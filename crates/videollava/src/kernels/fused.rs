@@ -153,22 +153,32 @@ fn finish(y: &[f32], bias: &[f32], act: Activation, out: &mut [bf16]) {
     }
 }
 
-multiversion! {
-    fn convert_rows(y: &[f32], bias: &[f32], act: Activation, out: &mut [bf16]) {
-        if bias.is_empty() {
-            finish(y, bias, act, out);
-        } else {
-            for (orow, yrow) in out.chunks_exact_mut(bias.len()).zip(y.chunks_exact(bias.len())) {
-                finish(yrow, bias, act, orow);
-            }
+fn convert_rows(set: KernelSet, y: &[f32], bias: &[f32], act: Activation, out: &mut [bf16]) {
+    if bias.is_empty() {
+        finish_row(set, y, bias, act, out);
+    } else {
+        for (orow, yrow) in out.chunks_exact_mut(bias.len()).zip(y.chunks_exact(bias.len())) {
+            finish_row(set, yrow, bias, act, orow);
         }
     }
 }
 
+/// One row of [`linear_output_bf16`] (`y`, `bias` (empty for none) and `out` of one length),
+/// for the GEMMs that finish their output a block at a time: on 16 lanes where AVX-512 is allowed
+/// ([`super::finish16`], the same bits), else the scalar form compiled for the set.
+pub(crate) fn finish_row(set: KernelSet, y: &[f32], bias: &[f32], act: Activation, out: &mut [bf16]) {
+    #[cfg(target_arch = "x86_64")]
+    if set >= KernelSet::Avx512 {
+        // SAFETY: `set` allows AVX-512 (F and BW) only where the CPU has it; the lengths are the
+        // caller's (`finish`'s) contract, checked in debug builds.
+        unsafe { super::finish16::finish(y, bias, act, out) };
+        return;
+    }
+    finish_scalar(set, y, bias, act, out);
+}
+
 multiversion! {
-    /// One row of [`linear_output_bf16`] (`y`, `bias` (empty for none) and `out` of one length),
-    /// for the GEMMs that finish their output a block at a time.
-    pub(crate) fn finish_row(y: &[f32], bias: &[f32], act: Activation, out: &mut [bf16]) {
+    fn finish_scalar(y: &[f32], bias: &[f32], act: Activation, out: &mut [bf16]) {
         finish(y, bias, act, out);
     }
 }
