@@ -12,13 +12,36 @@
 #[cfg(target_arch = "x86_64")]
 pub(crate) use x86::finish;
 
+/// The element-wise function a linear layer's output goes through in the same pass as its
+/// rounding ([`super::fused::linear_output_bf16`], the AMX GEMM's store): the output never
+/// makes a second trip through memory.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    /// The rounded sum itself.
+    Identity,
+    /// CLIP's `quick_gelu` in BF16, as [`super::fused::quick_gelu`] computes it.
+    QuickGelu,
+    /// The rounded sum times a factor, rounded again: PyTorch's BF16 `q_proj(x) * scale`.
+    Scale(f32),
+}
+
+impl Activation {
+    /// The fused form of a `hidden_act` name, where there is one.
+    pub fn fused(name: &str) -> Option<Self> {
+        match name {
+            "quick_gelu" => Some(Self::QuickGelu),
+            _ => None,
+        }
+    }
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use core::arch::x86_64::*;
     use half::bf16;
 
-    use crate::kernels::attention::exp16;
-    use crate::kernels::fused::Activation;
+    use super::Activation;
+    use crate::kernels::vexp::exp16;
 
     /// f32 lanes -> BF16 bits in the low half of each 32-bit lane: round to nearest even, a NaN
     /// kept quiet (as `fused::to_bf16_bits`).
@@ -97,7 +120,8 @@ mod x86 {
     }
 }
 
-#[cfg(all(test, target_arch = "x86_64"))]
+#[cfg(target_arch = "x86_64")]
+#[cfg(test)]
 mod tests {
     use crate::kernels::cpu::{self, KernelSet};
     use crate::kernels::fused::{finish_row, Activation};

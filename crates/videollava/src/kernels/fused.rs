@@ -94,28 +94,7 @@ macro_rules! multiversion {
     };
 }
 
-/// The element-wise function a linear layer's output goes through in the same pass as its
-/// rounding ([`linear_output_bf16`], the AMX GEMM's store): the output never makes a second
-/// trip through memory.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Activation {
-    /// The rounded sum itself.
-    Identity,
-    /// CLIP's `quick_gelu` in BF16, as [`quick_gelu`] computes it.
-    QuickGelu,
-    /// The rounded sum times a factor, rounded again: PyTorch's BF16 `q_proj(x) * scale`.
-    Scale(f32),
-}
-
-impl Activation {
-    /// The fused form of a `hidden_act` name, where there is one.
-    pub fn fused(name: &str) -> Option<Self> {
-        match name {
-            "quick_gelu" => Some(Self::QuickGelu),
-            _ => None,
-        }
-    }
-}
+pub use super::finish16::Activation;
 
 /// `quick_gelu` of a BF16 value `v` (widened), rounded to BF16 after each of PyTorch's three ops
 /// (`1.702 * x`, `sigmoid`, the product).

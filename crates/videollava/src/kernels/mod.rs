@@ -81,6 +81,7 @@ pub(crate) mod softmax;
 mod task_grid;
 #[cfg(target_arch = "x86_64")]
 mod transpose;
+pub(crate) mod vexp;
 
 #[cfg(test)]
 mod testing;

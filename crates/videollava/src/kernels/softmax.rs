@@ -29,8 +29,9 @@ mod x86 {
 
     use candle_core::DType;
 
-    use crate::kernels::attention::{exp16, hsum, mask16};
+    use crate::kernels::attention::{hsum, mask16};
     use crate::kernels::fused::exp_f32;
+    use crate::kernels::vexp::exp16;
 
     /// The 16-lane form (AVX-512), see the module documentation.
     ///
