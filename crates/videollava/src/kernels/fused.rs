@@ -94,7 +94,28 @@ macro_rules! multiversion {
     };
 }
 
-pub use super::finish16::Activation;
+/// The element-wise function a linear layer's output goes through in the same pass as its
+/// rounding ([`linear_output_bf16`], the AMX GEMM's store): the output never makes a second
+/// trip through memory.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    /// The rounded sum itself.
+    Identity,
+    /// CLIP's `quick_gelu` in BF16, as [`quick_gelu`] computes it.
+    QuickGelu,
+    /// The rounded sum times a factor, rounded again: PyTorch's BF16 `q_proj(x) * scale`.
+    Scale(f32),
+}
+
+impl Activation {
+    /// The fused form of a `hidden_act` name, where there is one.
+    pub fn fused(name: &str) -> Option<Self> {
+        match name {
+            "quick_gelu" => Some(Self::QuickGelu),
+            _ => None,
+        }
+    }
+}
 
 /// `quick_gelu` of a BF16 value `v` (widened), rounded to BF16 after each of PyTorch's three ops
 /// (`1.702 * x`, `sigmoid`, the product).
@@ -132,32 +153,22 @@ fn finish(y: &[f32], bias: &[f32], act: Activation, out: &mut [bf16]) {
     }
 }
 
-fn convert_rows(set: KernelSet, y: &[f32], bias: &[f32], act: Activation, out: &mut [bf16]) {
-    if bias.is_empty() {
-        finish_row(set, y, bias, act, out);
-    } else {
-        for (orow, yrow) in out.chunks_exact_mut(bias.len()).zip(y.chunks_exact(bias.len())) {
-            finish_row(set, yrow, bias, act, orow);
+multiversion! {
+    fn convert_rows(y: &[f32], bias: &[f32], act: Activation, out: &mut [bf16]) {
+        if bias.is_empty() {
+            finish(y, bias, act, out);
+        } else {
+            for (orow, yrow) in out.chunks_exact_mut(bias.len()).zip(y.chunks_exact(bias.len())) {
+                finish(yrow, bias, act, orow);
+            }
         }
     }
 }
 
-/// One row of [`linear_output_bf16`] (`y`, `bias` (empty for none) and `out` of one length),
-/// for the GEMMs that finish their output a block at a time: on 16 lanes where AVX-512 is allowed
-/// ([`super::finish16`], the same bits), else the scalar form compiled for the set.
-pub(crate) fn finish_row(set: KernelSet, y: &[f32], bias: &[f32], act: Activation, out: &mut [bf16]) {
-    #[cfg(target_arch = "x86_64")]
-    if set >= KernelSet::Avx512 {
-        // SAFETY: `set` allows AVX-512 (F and BW) only where the CPU has it; the lengths are the
-        // caller's (`finish`'s) contract, checked in debug builds.
-        unsafe { super::finish16::finish(y, bias, act, out) };
-        return;
-    }
-    finish_scalar(set, y, bias, act, out);
-}
-
 multiversion! {
-    fn finish_scalar(y: &[f32], bias: &[f32], act: Activation, out: &mut [bf16]) {
+    /// One row of [`linear_output_bf16`] (`y`, `bias` (empty for none) and `out` of one length),
+    /// for the GEMMs that finish their output a block at a time.
+    pub(crate) fn finish_row(y: &[f32], bias: &[f32], act: Activation, out: &mut [bf16]) {
         finish(y, bias, act, out);
     }
 }

@@ -62,7 +62,6 @@ pub mod bandwidth;
 pub(crate) mod bf16_amx;
 pub(crate) mod bf16_gemm;
 pub mod cpu;
-pub(crate) mod finish16;
 pub(crate) mod fused;
 pub(crate) mod kv_quant;
 #[cfg(target_arch = "x86_64")]

@@ -1,5 +1,5 @@
 //! `exp` on 16 f32 lanes (AVX-512), the vector form of the scalar [`super::fused::exp_f32`]
-//! that the softmaxes and `quick_gelu` use: the same bits, so every path agrees.
+//! that the softmaxes use: the same bits, so every path agrees.
 
 #[cfg(target_arch = "x86_64")]
 use core::arch::x86_64::*;
