@@ -2,7 +2,7 @@
 
 Edges: file A imports file B when A names `crate::x::y` or `super::y` resolving to B's module
 (`use` lines and paths in code). Reported at two levels: top-level modules (config, media, ...)
-and files. The flow (README's layout): the floor (error, batch_feature, mapped, kernels, hub) under
+and files. The flow (README's layout): the floor (error, batch_feature, huge_pages, mapped, kernels, hub) under
 config -> media -> processor -> model -> generate -> engine -> batch; a module may import only modules
 before it in that order, and the model takes tensors (it imports neither media nor processor).
 Usage: python3 scripts/dev/module_graph.py [crates/videollava/src]
@@ -91,7 +91,7 @@ bad = cycles(top) + cycles(edges)
 for c in bad:
     print("CYCLE:", " -> ".join(x if isinstance(x, str) else "::".join(x) for x in c))
 
-ORDER = ["error", "batch_feature", "mapped", "kernels", "hub",
+ORDER = ["error", "batch_feature", "huge_pages", "mapped", "kernels", "hub",
          "config", "media", "processor", "model", "generate", "engine", "batch"]
 FORBIDDEN = {("model", "media"), ("model", "processor")}
 against = []

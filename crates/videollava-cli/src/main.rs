@@ -41,6 +41,10 @@ enum Command {
     Preprocess(preprocess::PreprocessArgs),
 }
 
+/// Large blocks on transparent huge pages (see [`videollava::huge_pages`]).
+#[global_allocator]
+static ALLOC: videollava::huge_pages::HugePages = videollava::huge_pages::HugePages;
+
 /// Keeps freed memory in the process for reuse: every layer allocates and frees activation
 /// tensors of the same sizes, and by default glibc returns large blocks to the kernel, which must
 /// then fault in and zero fresh pages on the next allocation (measured on the 7B shapes: vision

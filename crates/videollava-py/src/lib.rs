@@ -12,6 +12,11 @@
 
 mod backend;
 
+/// Large blocks on transparent huge pages, as the CLI (see [`videollava::huge_pages`]): the
+/// engine's own allocations go through it, Python's do not.
+#[global_allocator]
+static ALLOC: videollava::huge_pages::HugePages = videollava::huge_pages::HugePages;
+
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};

@@ -22,6 +22,7 @@ pub mod engine;
 pub mod error;
 pub mod generate;
 pub mod hub;
+pub mod huge_pages;
 pub mod kernels;
 pub mod mapped;
 pub mod media;
