@@ -23,10 +23,13 @@
 //! f32 product never goes through memory. Rows of `W` past `n` in the last tile come from a
 //! zero-padded copy.
 //!
-//! Speed (2 threads, the Xeon with AMX this was written on, other work running): 0.55-0.72
-//! TFLOP/s on the 7B and CLIP-L shapes against 0.07-0.11 for the AVX-512 BF16 kernel; PyTorch's
-//! oneDNN reached 0.75-1.1 in the same conditions, and a tile load that misses L1 is what bounds
-//! this kernel (a 2×2 step's four loads take several times its four products).
+//! Speed (2 threads, the Xeon with AMX this was written on): 1.1-1.9 TFLOP/s on the 7B and
+//! CLIP-L shapes (`bf16_gemm::tests::bench_prefill_shapes`), against 0.07-0.11 for the AVX-512
+//! BF16 kernel and 1.3-1.8 for PyTorch's oneDNN. Every buffer a tile is loaded from starts on a
+//! cache line ([`super::pack_cache`]): a tile row straddling two lines halved the tile loads'
+//! speed (1.0-1.3 TFLOP/s before). The products themselves run at 3.4 TFLOP/s a core with the
+//! operands in tile registers and 1.7-1.9 with them streaming from L2, so what bounds this kernel
+//! is feeding the tiles, and then packing `A`, copying `W` and writing the output.
 //!
 //! Numerics: `tdpbf16ps` sums BF16 products into f32 (BF16 denormal inputs read as zero, f32
 //! results flushed to zero, round-to-nearest-even), as `vdpbf16ps` does; the order of the sums
