@@ -1000,8 +1000,10 @@ mod tests {
         }
     }
 
-    /// The vision tower's four products (8 frames of CLIP-L: 2,056 rows) with their BF16 output
-    /// rounded in the GEMM (`fc1` with `quick_gelu`), as the tower runs them: GFLOP/s, medians of 7.
+    /// The vision tower's product shapes (8 frames of CLIP-L: 2,056 rows; `q`, `k`, `v` and
+    /// `out_proj` share the first) with their BF16 output rounded in the GEMM (`fc1` with
+    /// `quick_gelu`), as the tower runs them: milliseconds and GFLOP/s, medians of 7 (`BENCH_M`
+    /// for another row count).
     /// `cargo test --release -p videollava --lib bf16_gemm::tests::bench_clip -- --ignored --nocapture`
     #[test]
     #[ignore]
