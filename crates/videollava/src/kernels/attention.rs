@@ -906,7 +906,7 @@ mod bf16dot {
         // while the group's scores (32 x `wpad` f32) and probabilities are still in L1/L2.
         let mut s = Aligned::new(32 * wpad, 0f32);
         let mut pp = Aligned::new(32 * wp, 0u32);
-        let mut o = Aligned::new(rows_pad * d, 0f32);
+        let mut o = vec![0f32; rows_pad * d];
         let mut empty = vec![false; rows];
         let (sp, op) = (s.as_mut_ptr(), o.as_mut_ptr());
         // SAFETY: AMX usable (caller's contract); released below.
@@ -981,7 +981,7 @@ mod bf16dot {
         }
         // SAFETY: AMX usable; no tile is used after this.
         unsafe { bf16_amx::release() };
-        let mut o = o[..rows * d].to_vec();
+        o.truncate(rows * d);
         uniform_rows(p, bi, kvh, &empty, &mut o);
         o
     }
