@@ -25,9 +25,11 @@
 //!     stripe of `W` into a thread-local buffer as `[k/2][32]` pairs per 32-column micro-panel,
 //!     then run a 14×32 micro-kernel (28 zmm accumulators) over blocks of 256 `k` pairs: the
 //!     micro-panel of `A` stays in L1 while the micro-panels of `W` stream from L2.
-//! - Otherwise (AVX2 + FMA, or any CPU and architecture): `m <= 8` rows stream `W` once with f32
-//!   dot products ([`gemv_f32`], AVX2 + FMA where allowed); more rows widen `A` once and `W` a
-//!   stripe at a time to f32 (exact) for the `gemm` crate's f32 GEMM (AVX2/FMA, AVX-512 or NEON).
+//! - Otherwise: `m <= 8` rows stream `W` once with f32 dot products ([`gemv_f32`], AVX2 + FMA
+//!   where allowed); more rows: on x86-64 with AVX2 + FMA or AVX-512F our f32-FMA GEMM that widens
+//!   the operands as it packs them ([`super::bf16_fma`]); on other CPUs and architectures `A` once
+//!   and `W` a stripe at a time widened to f32 (exact) for the `gemm` crate's f32 GEMM (NEON, or
+//!   x86 SSE/AVX2 as the `gemm` crate is built here).
 //!
 //! Numerics: the AVX-512 path follows `vdpbf16ps` (BF16 denormal inputs read as zero, f32
 //! denormal results flushed, round-to-nearest-even); the portable path uses plain f32
@@ -97,13 +99,16 @@ pub fn matmul_bf16(a: &[u16], m: usize, w: &[u16], n: usize, k: usize, out: &mut
     if m <= GEMV_MAX_ROWS {
         let x: Vec<f32> = a.iter().map(|&b| widen(b)).collect();
         gemv_f32_into(set, &x, m, w, n, k, out);
+    } else if super::bf16_fma::applies(set) {
+        super::bf16_fma::matmul(set, a, m, w, n, k, out);
     } else {
         widened_gemm(a, m, w, n, k, out);
     }
 }
 
 /// `act(A · Wᵀ + bias)` rounded to BF16 (`[m, n]`) within the product's own pass, where a
-/// kernel does that: the AMX blocked GEMM (more than 64 rows). `None` elsewhere: the caller then
+/// kernel does that: the AMX blocked GEMM (more than 64 rows), the f32-FMA GEMM of CPUs without
+/// AVX-512 BF16 (more than [`GEMV_MAX_ROWS`] rows, AVX2 or AVX-512F). `None` elsewhere: the caller then
 /// rounds [`matmul_bf16`]'s f32 product with [`super::fused::linear_output_bf16`], which gives the
 /// same numbers. Shapes as [`matmul_bf16`]; `bias` `[n]` f32.
 pub fn matmul_bf16_rounded(
@@ -126,6 +131,12 @@ pub fn matmul_bf16_rounded(
         // SAFETY: `applies` checked the CPU, `k` and `m`; the lengths match the shapes (asserted
         // above); `set` is this thread's.
         unsafe { super::bf16_amx::matmul_bf16_out(a, m, w, n, k, bias, act, set, &mut out) };
+        return Some(out);
+    }
+    let set = super::cpu::kernel_set();
+    if m > GEMV_MAX_ROWS && !has_fast_path() && super::bf16_fma::applies(set) {
+        let mut out = vec![half::bf16::ZERO; m * n];
+        super::bf16_fma::matmul_bf16_out(set, a, m, w, n, k, bias, act, &mut out);
         return Some(out);
     }
     let _ = (m, n, k, bias, act);
@@ -951,9 +962,10 @@ mod tests {
                 }
             });
         }
-        // AMX allowed here (this CPU, within VIDEOLLAVA_KERNELS): the fused output must have run.
-        let amx = cpu::kernel_set() >= cpu::KernelSet::Amx;
-        assert_eq!(fused_runs > 0, amx, "the rounded output ran {fused_runs} times; AMX allowed: {amx}");
+        // AVX2 allowed here (this CPU, within VIDEOLLAVA_KERNELS): the fused output must have run
+        // (the f32-FMA GEMM with AVX2 forced, the AMX GEMM where the CPU has it).
+        let avx2 = cpu::kernel_set() >= cpu::KernelSet::Avx2;
+        assert_eq!(fused_runs > 0, avx2, "the rounded output ran {fused_runs} times; AVX2 allowed: {avx2}");
     }
 
     /// Prefill (m = 512: one prefill chunk) and vision (m = 2056: 8 frames of 257 patches) shapes
@@ -1001,9 +1013,10 @@ mod tests {
     }
 
     /// The vision tower's product shapes (8 frames of CLIP-L: 2,056 rows; `q`, `k`, `v` and
-    /// `out_proj` share the first) with their BF16 output rounded in the GEMM (`fc1` with
-    /// `quick_gelu`), as the tower runs them: milliseconds and GFLOP/s, medians of 7 (`BENCH_M`
-    /// for another row count).
+    /// `out_proj` share the first) with their BF16 output as the tower's linear layers make it
+    /// (rounded in the GEMM where a kernel does that, else the f32 product then its rounding
+    /// pass; `fc1` with `quick_gelu`), each kernel set from AVX2 up forced in turn: milliseconds
+    /// and GFLOP/s, medians of 7 (`BENCH_M` for another row count, `BENCH_SET` for one set).
     /// `cargo test --release -p videollava --lib bf16_gemm::tests::bench_clip -- --ignored --nocapture`
     #[test]
     #[ignore]
@@ -1015,6 +1028,7 @@ mod tests {
             (2056, 4096, 1024, Activation::QuickGelu),
             (2056, 1024, 4096, Activation::Identity),
         ];
+        let only = std::env::var("BENCH_SET").ok();
         for &(m, n, k, act) in &shapes {
             let m = std::env::var("BENCH_M").ok().and_then(|v| v.parse().ok()).unwrap_or(m);
             let a = values(m * k, 1);
@@ -1024,20 +1038,30 @@ mod tests {
                 .into_iter()
                 .map(|b| ((f32::from_bits((b as u32) << 16) * 0.01).to_bits() >> 16) as u16)
                 .collect();
-            let mut t: Vec<f64> = (0..8)
-                .map(|_| {
-                    let t = Instant::now();
-                    std::hint::black_box(matmul_bf16_rounded(&a, m, &w, n, k, None, act));
-                    t.elapsed().as_secs_f64()
-                })
-                .skip(1)
-                .collect();
-            t.sort_by(f64::total_cmp);
-            eprintln!(
-                "m={m:4} n={n:5} k={k:5} {act:?}: {:6.2} ms {:6.0} GFLOP/s",
-                t[3] * 1e3,
-                2.0 * (m * n * k) as f64 / t[3] / 1e9
-            );
+            for set in cpu::available_sets().into_iter().filter(|&s| s >= KernelSet::Avx2) {
+                if only.as_deref().is_some_and(|o| o != set.name()) {
+                    continue;
+                }
+                let _g = cpu::force(set);
+                let mut t: Vec<f64> = (0..8)
+                    .map(|_| {
+                        let t = Instant::now();
+                        std::hint::black_box(matmul_bf16_rounded(&a, m, &w, n, k, None, act).unwrap_or_else(|| {
+                            let mut out = vec![0f32; m * n];
+                            matmul_bf16(&a, m, &w, n, k, &mut out);
+                            crate::kernels::fused::linear_output_bf16(&out, n, None, act)
+                        }));
+                        t.elapsed().as_secs_f64()
+                    })
+                    .skip(1)
+                    .collect();
+                t.sort_by(f64::total_cmp);
+                eprintln!(
+                    "m={m:4} n={n:5} k={k:5} {act:?} {set}: {:6.2} ms {:6.0} GFLOP/s",
+                    t[3] * 1e3,
+                    2.0 * (m * n * k) as f64 / t[3] / 1e9
+                );
+            }
         }
     }
 

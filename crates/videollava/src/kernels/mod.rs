@@ -60,6 +60,7 @@ pub(crate) mod attention;
 pub mod bandwidth;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod bf16_amx;
+pub(crate) mod bf16_fma;
 pub(crate) mod bf16_gemm;
 pub mod cpu;
 pub(crate) mod fused;
