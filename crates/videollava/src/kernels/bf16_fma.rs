@@ -287,10 +287,69 @@ fn pack(set: KernelSet, src: &[u16], k: usize, s: usize, dst: &mut [f32]) {
             g0 += 16;
         }
     }
+    /// `body` by 8×8 transposes on 256-bit registers (8 values of `k` from each of 8 rows); the
+    /// last `k % 8` values as `body` does them.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
     fn avx2(src: &[u16], k: usize, s: usize, dst: &mut [f32]) {
-        body(src, k, s, dst)
+        use core::arch::x86_64::*;
+        let rows = src.len() / k;
+        assert!(rows <= s && dst.len() >= k * s);
+        let d = dst.as_mut_ptr();
+        let lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        let full = k - k % 8;
+        let mut g0 = 0;
+        while g0 < s {
+            let lanes = 8.min(s - g0);
+            let lane_mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(lanes as i32), lane);
+            for p0 in (0..full).step_by(8) {
+                let mut v = [_mm256_setzero_ps(); 8];
+                for (r, x) in v.iter_mut().enumerate().take(rows.saturating_sub(g0).min(8)) {
+                    // SAFETY: row `g0 + r < rows`, values `p0..p0 + 8 <= k` of it.
+                    let h = unsafe { _mm_loadu_si128(src.as_ptr().add((g0 + r) * k + p0) as *const __m128i) };
+                    *x = _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)));
+                }
+                let t = [
+                    _mm256_unpacklo_ps(v[0], v[1]),
+                    _mm256_unpackhi_ps(v[0], v[1]),
+                    _mm256_unpacklo_ps(v[2], v[3]),
+                    _mm256_unpackhi_ps(v[2], v[3]),
+                    _mm256_unpacklo_ps(v[4], v[5]),
+                    _mm256_unpackhi_ps(v[4], v[5]),
+                    _mm256_unpacklo_ps(v[6], v[7]),
+                    _mm256_unpackhi_ps(v[6], v[7]),
+                ];
+                let u = [
+                    _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+                    _mm256_shuffle_ps::<0xee>(t[0], t[2]),
+                    _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+                    _mm256_shuffle_ps::<0xee>(t[1], t[3]),
+                    _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+                    _mm256_shuffle_ps::<0xee>(t[4], t[6]),
+                    _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+                    _mm256_shuffle_ps::<0xee>(t[5], t[7]),
+                ];
+                // Column q of the 8 rows: the low 128-bit halves give q = 0..4, the high 4..8.
+                for q in 0..4 {
+                    let lo = _mm256_permute2f128_ps::<0x20>(u[q], u[q + 4]);
+                    let hi = _mm256_permute2f128_ps::<0x31>(u[q], u[q + 4]);
+                    // SAFETY: `(p0 + q + 4) * s + g0 + lanes <= k * s <= dst.len()` (asserted);
+                    // the lanes past `lanes` are masked off.
+                    unsafe {
+                        _mm256_maskstore_ps(d.add((p0 + q) * s + g0), lane_mask, lo);
+                        _mm256_maskstore_ps(d.add((p0 + q + 4) * s + g0), lane_mask, hi);
+                    }
+                }
+            }
+            g0 += 8;
+        }
+        for p in full..k {
+            let drow = &mut dst[p * s..(p + 1) * s];
+            for (r, row) in src.chunks_exact(k).enumerate() {
+                drow[r] = f32::from_bits((row[p] as u32) << 16);
+            }
+            drow[rows..].fill(0.0);
+        }
     }
     match set {
         #[cfg(target_arch = "x86_64")]
