@@ -197,14 +197,15 @@ unsafe fn task(
                 for p in 0..panels {
                     let b = &wp[p * panel_len + pc * nr..][..kc * nr];
                     let c0 = p * nr;
-                    // SAFETY (both arms): the tile's `rows` rows and `valid` columns lie inside
-                    // `out` (rows < m, columns < n, this task's) or inside `cblk` (rows of this
-                    // block, columns < width); `set` is on this CPU.
                     match out {
+                        // SAFETY: the tile's `rows` rows and `nr.min(cols - c0)` columns lie inside
+                        // `out` (rows < m, columns < n, this task's); `set` is on this CPU.
                         Out::F32(o) => unsafe {
                             let ct = o.get().add(t * mr * n + j0 + c0);
                             micro(set, rows, at, b, kc, ct, n, nr.min(cols - c0), pc > 0);
                         },
+                        // SAFETY: the tile's rows and `nr` columns lie inside `cblk` (rows of this
+                        // block, columns < width); `set` is on this CPU.
                         Out::Bf16 { .. } => unsafe {
                             let ct = cblk.as_mut_ptr().add((t - tc) * mr * width + c0);
                             micro(set, rows, at, b, kc, ct, width, nr, pc > 0);
@@ -514,22 +515,7 @@ mod x86 {
 mod tests {
     use super::*;
     use crate::kernels::fused::linear_output_bf16;
-    use crate::kernels::testing::{check_gemm, Rng};
-
-    /// BF16 values in about ±4, a few exact zeros (as the other GEMMs' tests).
-    fn values(len: usize, seed: u64) -> Vec<u16> {
-        let mut rng = Rng::new(seed);
-        (0..len)
-            .map(|_| {
-                let s = rng.next();
-                if s % 17 == 0 {
-                    return 0;
-                }
-                let f = ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0;
-                (f.to_bits() >> 16) as u16
-            })
-            .collect()
-    }
+    use crate::kernels::testing::{bf16_values as values, check_gemm};
 
     fn widen64(b: u16) -> f64 {
         f32::from_bits((b as u32) << 16) as f64

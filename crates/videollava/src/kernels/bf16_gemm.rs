@@ -743,20 +743,7 @@ mod tests {
     use super::*;
     use crate::kernels::cpu::{self, KernelSet};
 
-    /// Deterministic BF16 values in about ±4 (a few exact zeros, no denormals).
-    fn values(len: usize, seed: u64) -> Vec<u16> {
-        let mut rng = crate::kernels::testing::Rng::new(seed);
-        (0..len)
-            .map(|_| {
-                let s = rng.next();
-                if s % 17 == 0 {
-                    return 0;
-                }
-                let f = ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0;
-                (f.to_bits() >> 16) as u16
-            })
-            .collect()
-    }
+    use crate::kernels::testing::bf16_values as values;
 
     fn widen64(b: u16) -> f64 {
         widen(b) as f64

@@ -24,6 +24,22 @@ impl Rng {
     }
 }
 
+/// Deterministic BF16 bit patterns of values in about ±4 (a few exact zeros, no denormals), for
+/// the BF16 GEMMs' tests.
+pub(crate) fn bf16_values(len: usize, seed: u64) -> Vec<u16> {
+    let mut rng = Rng::new(seed);
+    (0..len)
+        .map(|_| {
+            let s = rng.next();
+            if s.is_multiple_of(17) {
+                return 0;
+            }
+            let f = ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 8.0;
+            (f.to_bits() >> 16) as u16
+        })
+        .collect()
+}
+
 /// Deterministic f32 values in about ±1, with every 97th value (from the 13th) scaled by `outlier`.
 pub(crate) fn values_with_outliers(len: usize, seed: u64, outlier: f32) -> Vec<f32> {
     let mut r = Rng::new(seed);
