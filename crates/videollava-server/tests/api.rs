@@ -569,6 +569,9 @@ fn models_health_and_metrics() {
     assert!(resp.headers().get("x-request-id").is_some());
     let (status, _) = post(&server.base, &chat_body(json!("Hi"), 3));
     assert_eq!(status, 200);
+    // The scheduler drops the finished row from its batch just after it sends the last event, so
+    // the gauge can still read 1 when the response has arrived: it must settle to 0, and soon.
+    wait_until("an idle scheduler", Duration::from_secs(10), || running(&server.base) == (0, 0));
     let (status, m) = get(&server.base, "/metrics");
     assert_eq!(status, 200);
     for name in [
